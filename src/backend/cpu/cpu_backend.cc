@@ -1,0 +1,494 @@
+// The CPU reference backend: plain fp32 loops, multithreaded over independent outputs.
+// Batch invariance: every output element is computed by one thread with a reduction order that
+// depends only on that row's own data (never on the batch size, the other rows or the thread
+// count), so a row's bits are the same whether it runs alone or in any batch or pipeline split.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <list>
+
+#include "backend/backend.h"
+#include "core/thread_pool.h"
+
+namespace sp {
+
+RopeTable RopeTable::build(const RopeParams& p, int rope_dim) {
+  RopeTable t;
+  t.rope_dim = rope_dim;
+  const int half = rope_dim / 2;
+  t.inv_freq.resize(half);
+  std::vector<double> extrap(half), interp(half);
+  for (int i = 0; i < half; ++i) {
+    double pos_freq = std::pow(p.theta, static_cast<double>(2 * i) / rope_dim);
+    extrap[i] = 1.0 / pos_freq;
+    interp[i] = 1.0 / (p.factor * pos_freq);
+  }
+  if (!p.yarn) {
+    for (int i = 0; i < half; ++i) t.inv_freq[i] = static_cast<float>(extrap[i]);
+    return t;
+  }
+  // YaRN ramp (floor/ceil-truncated correction range), no attention scaling.
+  auto corr = [&](double rotations) {
+    return rope_dim * std::log(p.original_max_position / (rotations * 2 * M_PI)) / (2 * std::log(p.theta));
+  };
+  double lo = std::max(std::floor(corr(p.beta_fast)), 0.0);
+  double hi = std::min(std::ceil(corr(p.beta_slow)), static_cast<double>(rope_dim - 1));
+  if (lo == hi) hi += 0.001;
+  for (int i = 0; i < half; ++i) {
+    double ramp = std::clamp((i - lo) / (hi - lo), 0.0, 1.0);
+    double keep = 1.0 - ramp;
+    t.inv_freq[i] = static_cast<float>(interp[i] * (1 - keep) + extrap[i] * keep);
+  }
+  return t;
+}
+
+namespace {
+
+// Dot product with eight fixed partial sums: vectorisable, and its order depends only on n.
+inline float dot(const float* a, const float* b, int64_t n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += a[k + j] * b[k + j];
+  float tail = 0;
+  for (; k < n; ++k) tail += a[k] * b[k];
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
+}
+
+inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+// torch.nn.functional.softplus (beta 1, threshold 20)
+inline float softplus(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }
+
+// Indices of the k largest values, ties to the lower index, in selection order.
+void topk_lower_index(const float* v, int n, int k, std::vector<int>& idx) {
+  idx.resize(n);
+  for (int i = 0; i < n; ++i) idx[i] = i;
+  std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), [&](int a, int b) {
+    return v[a] > v[b] || (v[a] == v[b] && a < b);
+  });
+  idx.resize(k);
+}
+
+class CpuBackend final : public Backend {
+ public:
+  explicit CpuBackend(int threads) : pool_(threads) {}
+  std::string name() const override { return "cpu"; }
+  int num_threads() const override { return pool_.num_threads(); }
+
+  Tensor alloc(int64_t rows, int64_t cols) override {
+    storage_.emplace_back(static_cast<size_t>(std::max<int64_t>(rows * cols, 1)), 0.0f);
+    return {storage_.back().data(), rows, cols};
+  }
+
+  void embed(const Linear& table, const BatchView& b, Tensor out) override {
+    pool_.parallel_for(b.num_tokens, [&](int64_t lo, int64_t hi) {
+      for (int64_t t = lo; t < hi; ++t) table.decode_row(b.token_ids[t], out.row(t));
+    });
+  }
+
+  void expand_streams(Tensor e, int hc, Tensor X) override {
+    for (int64_t t = 0; t < e.rows; ++t)
+      for (int j = 0; j < hc; ++j) std::memcpy(X.row(t) + j * e.cols, e.row(t), e.cols * sizeof(float));
+  }
+
+  void linear(Tensor x, const Linear& w, Tensor y) override {
+    SP_CHECK(x.cols == w.in && y.cols == w.out && x.rows == y.rows, w.name, ": x ", x.rows, "x", x.cols,
+             " y ", y.rows, "x", y.cols, " W ", w.out, "x", w.in);
+    const int64_t M = x.rows, K = w.in;
+    if (M == 0) return;
+    pool_.parallel_for(w.out, [&](int64_t lo, int64_t hi) {
+      std::vector<float> row(static_cast<size_t>(K));
+      for (int64_t n = lo; n < hi; ++n) {
+        w.decode_row(n, row.data());
+        for (int64_t m = 0; m < M; ++m) y.row(m)[n] = dot(x.row(m), row.data(), K);
+      }
+    }, 8);
+  }
+
+  void grouped_linear(Tensor x, const Linear& w, int groups, Tensor y) override {
+    const int64_t kin = x.cols / groups, nout = w.out / groups;
+    SP_CHECK(w.in == kin && y.cols == w.out, w.name);
+    const int64_t M = x.rows;
+    pool_.parallel_for(w.out, [&](int64_t lo, int64_t hi) {
+      std::vector<float> row(static_cast<size_t>(kin));
+      for (int64_t n = lo; n < hi; ++n) {
+        w.decode_row(n, row.data());
+        const int64_t g = n / nout;
+        for (int64_t m = 0; m < M; ++m) y.row(m)[n] = dot(x.row(m) + g * kin, row.data(), kin);
+      }
+    }, 8);
+  }
+
+  void rms_norm(Tensor x, const float* weight, int group, float eps, Tensor y) override {
+    const int64_t groups = x.cols / group;
+    pool_.parallel_for(x.rows * groups, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) {
+        const float* src = x.row(i / groups) + (i % groups) * group;
+        float* dst = y.row(i / groups) + (i % groups) * group;
+        float ss = dot(src, src, group);
+        float r = 1.0f / std::sqrt(ss / static_cast<float>(group) + eps);
+        for (int k = 0; k < group; ++k) dst[k] = weight ? weight[k] * (src[k] * r) : src[k] * r;
+      }
+    }, 16);
+  }
+
+  void rope(Tensor x, int head_dim, const RopeTable& t, const BatchView& b, bool inverse) override {
+    const int heads = static_cast<int>(x.cols / head_dim), half = t.rope_dim / 2;
+    pool_.parallel_for(x.rows, [&](int64_t lo, int64_t hi) {
+      std::vector<float> cs(half), sn(half);
+      for (int64_t r = lo; r < hi; ++r) {
+        const float pos = static_cast<float>(b.positions[r]);
+        for (int i = 0; i < half; ++i) {
+          float ang = t.inv_freq[i] * pos;
+          cs[i] = static_cast<float>(std::cos(static_cast<double>(ang)));
+          sn[i] = static_cast<float>(std::sin(static_cast<double>(ang)));
+          if (inverse) sn[i] = -sn[i];
+        }
+        for (int h = 0; h < heads; ++h) {
+          float* v = x.row(r) + h * head_dim + (head_dim - t.rope_dim);
+          for (int i = 0; i < half; ++i) {
+            float a = v[2 * i], c = v[2 * i + 1];
+            v[2 * i] = a * cs[i] - c * sn[i];
+            v[2 * i + 1] = c * cs[i] + a * sn[i];
+          }
+        }
+      }
+    }, 4);
+  }
+
+  void hc_pre(Tensor X, const HcParams& p, int hc, int iters, float hc_eps, float norm_eps, Tensor x,
+              Tensor post, Tensor comb) override {
+    const int64_t W = X.cols, D = W / hc;
+    const int mix = (2 + hc) * hc;
+    pool_.parallel_for(X.rows, [&](int64_t lo, int64_t hi) {
+      std::vector<float> flat(static_cast<size_t>(W)), m(mix), c(hc * hc);
+      for (int64_t t = lo; t < hi; ++t) {
+        const float* u = X.row(t);
+        float r = 1.0f / std::sqrt(dot(u, u, W) / static_cast<float>(W) + norm_eps);
+        for (int64_t k = 0; k < W; ++k) flat[k] = u[k] * r;
+        for (int j = 0; j < mix; ++j) m[j] = dot(flat.data(), p.fn.data() + j * W, W);
+        float pre[16];
+        for (int j = 0; j < hc; ++j) {
+          pre[j] = sigmoid(m[j] * p.scale[0] + p.base[j]) + hc_eps;
+          post.row(t)[j] = 2.0f * sigmoid(m[hc + j] * p.scale[1] + p.base[hc + j]);
+        }
+        for (int j = 0; j < hc; ++j) {  // row softmax over the last index, then Sinkhorn
+          float* row = c.data() + j * hc;
+          float mx = -std::numeric_limits<float>::infinity();
+          for (int k = 0; k < hc; ++k) {
+            row[k] = m[2 * hc + j * hc + k] * p.scale[2] + p.base[2 * hc + j * hc + k];
+            mx = std::max(mx, row[k]);
+          }
+          float s = 0;
+          for (int k = 0; k < hc; ++k) s += (row[k] = std::exp(row[k] - mx));
+          for (int k = 0; k < hc; ++k) row[k] = row[k] / s + hc_eps;
+        }
+        auto col_norm = [&] {
+          for (int k = 0; k < hc; ++k) {
+            float s = 0;
+            for (int j = 0; j < hc; ++j) s += c[j * hc + k];
+            for (int j = 0; j < hc; ++j) c[j * hc + k] /= s + hc_eps;
+          }
+        };
+        auto row_norm = [&] {
+          for (int j = 0; j < hc; ++j) {
+            float s = 0;
+            for (int k = 0; k < hc; ++k) s += c[j * hc + k];
+            for (int k = 0; k < hc; ++k) c[j * hc + k] /= s + hc_eps;
+          }
+        };
+        col_norm();
+        for (int it = 0; it < iters - 1; ++it) {
+          row_norm();
+          col_norm();
+        }
+        std::memcpy(comb.row(t), c.data(), hc * hc * sizeof(float));
+        float* out = x.row(t);
+        for (int64_t d = 0; d < D; ++d) {
+          float s = 0;
+          for (int j = 0; j < hc; ++j) s += pre[j] * u[j * D + d];
+          out[d] = s;
+        }
+      }
+    });
+  }
+
+  void hc_post(Tensor f, Tensor post, Tensor comb, int hc, Tensor X) override {
+    const int64_t D = f.cols;
+    pool_.parallel_for(X.rows, [&](int64_t lo, int64_t hi) {
+      std::vector<float> res(static_cast<size_t>(hc * D));
+      for (int64_t t = lo; t < hi; ++t) {
+        float* x = X.row(t);
+        const float* c = comb.row(t);
+        for (int k = 0; k < hc; ++k)
+          for (int64_t d = 0; d < D; ++d) {
+            float s = 0;
+            for (int j = 0; j < hc; ++j) s += c[j * hc + k] * x[j * D + d];
+            res[k * D + d] = post.row(t)[k] * f.row(t)[d] + s;
+          }
+        std::memcpy(x, res.data(), res.size() * sizeof(float));
+      }
+    });
+  }
+
+  void hc_head(Tensor X, const HcParams& p, int hc, float hc_eps, float norm_eps, Tensor h) override {
+    const int64_t W = X.cols, D = W / hc;
+    pool_.parallel_for(X.rows, [&](int64_t lo, int64_t hi) {
+      std::vector<float> flat(static_cast<size_t>(W));
+      for (int64_t t = lo; t < hi; ++t) {
+        const float* u = X.row(t);
+        float r = 1.0f / std::sqrt(dot(u, u, W) / static_cast<float>(W) + norm_eps);
+        for (int64_t k = 0; k < W; ++k) flat[k] = u[k] * r;
+        float pre[16];
+        for (int j = 0; j < hc; ++j)
+          pre[j] = sigmoid(dot(flat.data(), p.fn.data() + j * W, W) * p.scale[0] + p.base[j]) + hc_eps;
+        for (int64_t d = 0; d < D; ++d) {
+          float s = 0;
+          for (int j = 0; j < hc; ++j) s += pre[j] * u[j * D + d];
+          h.row(t)[d] = s;
+        }
+      }
+    });
+  }
+
+  void compress(Tensor a, Tensor g, const CompressorArgs& args, const BatchView& b, Tensor buf,
+                Tensor prev, Tensor cache, int64_t max_entries) override {
+    const int r = args.ratio, k = args.overlap, d = args.dim;
+    const int64_t kd = static_cast<int64_t>(k) * d;
+    // Sequences are independent: one task per chunk; tokens of a chunk go in order.
+    pool_.parallel_for(static_cast<int64_t>(b.chunks.size()), [&](int64_t lo, int64_t hi) {
+      std::vector<float> pooled(static_cast<size_t>(d)), wts(2 * r);
+      for (int64_t ci = lo; ci < hi; ++ci) {
+        const SeqChunk& ch = b.chunks[ci];
+        float* bv = buf.row(static_cast<int64_t>(ch.slot) * 2 * r);  // [r, kd] values then [r, kd] gates
+        float* bg = bv + r * kd;
+        float* pv = k == 2 ? prev.row(static_cast<int64_t>(ch.slot) * 2 * r) : nullptr;  // [r, d] + [r, d]
+        float* pg = k == 2 ? pv + r * d : nullptr;
+        if (ch.start_pos == 0 && k == 2) {  // new sequence: no previous window
+          std::fill(pv, pv + r * d, 0.0f);
+          std::fill(pg, pg + r * d, -std::numeric_limits<float>::infinity());
+        }
+        for (int i = 0; i < ch.n_tokens; ++i) {
+          const int64_t t = ch.offset + i, p = ch.start_pos + i, s = p % r;
+          std::memcpy(bv + s * kd, a.row(t), kd * sizeof(float));
+          for (int64_t c = 0; c < kd; ++c) bg[s * kd + c] = g.row(t)[c] + args.w->ape[s * kd + c];
+          if (s != r - 1) continue;
+          const int64_t w = p / r;
+          SP_CHECK(w < max_entries, "compressed cache overflow: entry ", w, " of ", max_entries);
+          // Per channel: softmax over the window's slots (CSA: previous A-halves then current B-halves).
+          for (int c = 0; c < d; ++c) {
+            const int n = k == 2 ? 2 * r : r;
+            float mx = -std::numeric_limits<float>::infinity();
+            for (int j = 0; j < n; ++j) {
+              float gv = k == 2 ? (j < r ? pg[j * d + c] : bg[(j - r) * kd + d + c]) : bg[j * kd + c];
+              wts[j] = gv;
+              mx = std::max(mx, gv);
+            }
+            float sum = 0;
+            for (int j = 0; j < n; ++j) sum += (wts[j] = std::exp(wts[j] - mx));
+            float acc = 0;
+            for (int j = 0; j < n; ++j) {
+              float v = k == 2 ? (j < r ? pv[j * d + c] : bv[(j - r) * kd + d + c]) : bv[j * kd + c];
+              acc += v * (wts[j] / sum);
+            }
+            pooled[c] = acc;
+          }
+          float* e = cache.row(static_cast<int64_t>(ch.slot) * max_entries + w);
+          float ss = dot(pooled.data(), pooled.data(), d);
+          float rn = 1.0f / std::sqrt(ss / static_cast<float>(d) + args.eps);
+          for (int c = 0; c < d; ++c) e[c] = args.w->norm[c] * (pooled[c] * rn);
+          rotate(e, d, *args.rope, static_cast<float>(w * r));
+          if (k == 2) {  // this window's A-halves overlap into the next entry
+            for (int j = 0; j < r; ++j) {
+              std::memcpy(pv + j * d, bv + j * kd, d * sizeof(float));
+              std::memcpy(pg + j * d, bg + j * kd, d * sizeof(float));
+            }
+          }
+        }
+      }
+    });
+  }
+
+  void indexer_topk(Tensor q, Tensor weights, int heads, int dim, int ratio, int topk, const BatchView& b,
+                    Tensor keys, int64_t max_entries, std::vector<int32_t>& out) override {
+    out.assign(static_cast<size_t>(b.num_tokens) * topk, -1);
+    const float qscale = 1.0f / std::sqrt(static_cast<float>(dim));
+    const float wscale = 1.0f / std::sqrt(static_cast<float>(heads));
+    pool_.parallel_for(b.num_tokens, [&](int64_t lo, int64_t hi) {
+      std::vector<float> score;
+      std::vector<int> idx;
+      for (int64_t t = lo; t < hi; ++t) {
+        const SeqChunk& ch = b.chunks[b.chunk_of[t]];
+        const int n = (b.positions[t] + 1) / ratio;
+        if (n == 0) continue;
+        score.assign(n, 0.0f);
+        for (int w = 0; w < n; ++w) {
+          const float* kw = keys.row(static_cast<int64_t>(ch.slot) * max_entries + w);
+          float s = 0;
+          for (int h = 0; h < heads; ++h) {
+            float z = std::max(dot(q.row(t) + h * dim, kw, dim), 0.0f) * qscale;
+            s += z * (weights.row(t)[h] * wscale);
+          }
+          score[w] = s;
+        }
+        const int k = std::min(topk, n);
+        topk_lower_index(score.data(), n, k, idx);
+        std::sort(idx.begin(), idx.end());
+        for (int i = 0; i < k; ++i) out[t * topk + i] = idx[i];
+      }
+    });
+  }
+
+  void attention(Tensor q, Tensor kv, const AttentionArgs& a, const BatchView& b, const LayerState& st,
+                 const std::vector<int32_t>* selected, int topk, Tensor o) override {
+    const int H = a.num_heads, dh = a.head_dim, W = a.window;
+    pool_.parallel_for(static_cast<int64_t>(b.num_tokens) * H, [&](int64_t lo, int64_t hi) {
+      std::vector<const float*> rows;
+      std::vector<float> z;
+      for (int64_t i = lo; i < hi; ++i) {
+        const int64_t t = i / H;
+        const int h = static_cast<int>(i % H);
+        const SeqChunk& ch = b.chunks[b.chunk_of[t]];
+        const int64_t p = b.positions[t];
+        rows.clear();
+        for (int64_t pp = std::max<int64_t>(0, p - W + 1); pp <= p; ++pp)
+          rows.push_back(pp < ch.start_pos ? st.window.row(static_cast<int64_t>(ch.slot) * W + pp % W)
+                                           : kv.row(ch.offset + (pp - ch.start_pos)));
+        const int64_t cbase = static_cast<int64_t>(ch.slot) * st.max_entries;
+        if (a.kind == AttnKind::kHCA) {
+          for (int64_t w = 0; w < (p + 1) / a.ratio; ++w) rows.push_back(st.cmp.row(cbase + w));
+        } else if (a.kind == AttnKind::kCSA) {
+          for (int j = 0; j < topk; ++j) {
+            int32_t w = (*selected)[t * topk + j];
+            if (w >= 0) rows.push_back(st.cmp.row(cbase + w));
+          }
+        }
+        const float* qh = q.row(t) + h * dh;
+        z.resize(rows.size());
+        float mx = a.sink[h];
+        for (size_t j = 0; j < rows.size(); ++j) {
+          z[j] = dot(qh, rows[j], dh) * a.scale;
+          mx = std::max(mx, z[j]);
+        }
+        float denom = std::exp(a.sink[h] - mx);
+        for (size_t j = 0; j < rows.size(); ++j) denom += (z[j] = std::exp(z[j] - mx));
+        float* oh = o.row(t) + h * dh;
+        std::fill(oh, oh + dh, 0.0f);
+        for (size_t j = 0; j < rows.size(); ++j) {
+          const float pj = z[j] / denom;
+          for (int c = 0; c < dh; ++c) oh[c] += pj * rows[j][c];
+        }
+      }
+    }, 4);
+  }
+
+  void window_update(Tensor kv, int window, const BatchView& b, Tensor ring) override {
+    for (const SeqChunk& ch : b.chunks) {
+      for (int i = std::max(0, ch.n_tokens - window); i < ch.n_tokens; ++i) {
+        const int64_t p = ch.start_pos + i;
+        std::memcpy(ring.row(static_cast<int64_t>(ch.slot) * window + p % window), kv.row(ch.offset + i),
+                    kv.cols * sizeof(float));
+      }
+    }
+  }
+
+  void moe(Tensor x, const MoeArgs& a, const BatchView& b, Tensor y) override {
+    const LayerWeights& L = *a.w;
+    const int64_t T = x.rows, D = x.cols, E = L.gate.out, K = a.experts_per_tok, I = L.w1[0].out;
+    std::vector<float> logits(static_cast<size_t>(T * E));
+    linear(x, L.gate, {logits.data(), T, E});
+    // Routing: per token, independent of the batch.
+    std::vector<int32_t> eidx(static_cast<size_t>(T * K));
+    std::vector<float> ew(static_cast<size_t>(T * K));
+    pool_.parallel_for(T, [&](int64_t lo, int64_t hi) {
+      std::vector<float> s(E), biased(E);
+      std::vector<int> idx;
+      for (int64_t t = lo; t < hi; ++t) {
+        for (int64_t e = 0; e < E; ++e) s[e] = std::sqrt(softplus(logits[t * E + e]));
+        if (L.mlp == MlpKind::kHashMoe) {
+          idx.assign(L.tid2eid.begin() + b.token_ids[t] * K, L.tid2eid.begin() + (b.token_ids[t] + 1) * K);
+        } else {
+          for (int64_t e = 0; e < E; ++e) biased[e] = s[e] + L.gate_bias[e];
+          topk_lower_index(biased.data(), static_cast<int>(E), static_cast<int>(K), idx);
+        }
+        float sum = 0;
+        for (int j = 0; j < K; ++j) sum += s[idx[j]];
+        for (int j = 0; j < K; ++j) {
+          eidx[t * K + j] = idx[j];
+          ew[t * K + j] = s[idx[j]] / (sum + 1e-20f) * a.routed_scale;
+        }
+      }
+    });
+    // Tokens per expert; each token's contributions are added in ascending expert order.
+    std::vector<std::vector<std::pair<int64_t, float>>> by_expert(E);
+    for (int64_t t = 0; t < T; ++t)
+      for (int j = 0; j < K; ++j) by_expert[eidx[t * K + j]].push_back({t, ew[t * K + j]});
+    std::vector<float> acc(static_cast<size_t>(T * D), 0.0f);
+    std::vector<float> xs, h1, h3, out;
+    auto expert = [&](const Linear& w1, const Linear& w2, const Linear& w3, const std::vector<int64_t>& toks,
+                      std::vector<float>& result) {
+      const int64_t n = static_cast<int64_t>(toks.size());
+      xs.resize(n * D);
+      for (int64_t i = 0; i < n; ++i) std::memcpy(&xs[i * D], x.row(toks[i]), D * sizeof(float));
+      h1.resize(n * I);
+      h3.resize(n * I);
+      linear({xs.data(), n, D}, w1, {h1.data(), n, I});
+      linear({xs.data(), n, D}, w3, {h3.data(), n, I});
+      for (int64_t i = 0; i < n * I; ++i) {
+        float gt = std::min(h1[i], a.swiglu_limit);
+        float up = std::clamp(h3[i], -a.swiglu_limit, a.swiglu_limit);
+        h1[i] = gt * sigmoid(gt) * up;
+      }
+      result.resize(n * D);
+      linear({h1.data(), n, I}, w2, {result.data(), n, D});
+    };
+    std::vector<int64_t> toks;
+    for (int64_t e = 0; e < E; ++e) {
+      if (by_expert[e].empty()) continue;
+      toks.clear();
+      for (auto& [t, wt] : by_expert[e]) toks.push_back(t);
+      expert(L.w1[e], L.w2[e], L.w3[e], toks, out);
+      for (size_t i = 0; i < toks.size(); ++i) {
+        const float wt = by_expert[e][i].second;
+        float* dst = &acc[toks[i] * D];
+        for (int64_t d = 0; d < D; ++d) dst[d] += out[i * D + d] * wt;
+      }
+    }
+    toks.resize(T);
+    for (int64_t t = 0; t < T; ++t) toks[t] = t;
+    expert(L.sw1, L.sw2, L.sw3, toks, out);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t d = 0; d < D; ++d) y.row(t)[d] = acc[t * D + d] + out[t * D + d];
+  }
+
+  void gather_rows(Tensor x, const std::vector<int32_t>& rows, Tensor out) override {
+    for (size_t i = 0; i < rows.size(); ++i) std::memcpy(out.row(i), x.row(rows[i]), x.cols * sizeof(float));
+  }
+  void to_host(Tensor src, float* dst) override { std::memcpy(dst, src.data, src.rows * src.cols * sizeof(float)); }
+  void from_host(const float* src, Tensor dst) override {
+    std::memcpy(dst.data, src, dst.rows * dst.cols * sizeof(float));
+  }
+
+ private:
+  static void rotate(float* v, int dim, const RopeTable& t, float pos) {
+    float* r = v + (dim - t.rope_dim);
+    for (int i = 0; i < t.rope_dim / 2; ++i) {
+      float ang = t.inv_freq[i] * pos;
+      float cs = static_cast<float>(std::cos(static_cast<double>(ang)));
+      float sn = static_cast<float>(std::sin(static_cast<double>(ang)));
+      float a = r[2 * i], c = r[2 * i + 1];
+      r[2 * i] = a * cs - c * sn;
+      r[2 * i + 1] = c * cs + a * sn;
+    }
+  }
+
+  ThreadPool pool_;
+  std::list<std::vector<float>> storage_;
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cpu_backend(int num_threads) { return std::make_unique<CpuBackend>(num_threads); }
+
+}  // namespace sp

@@ -1,0 +1,146 @@
+#include "engine/scheduler.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+namespace sp {
+
+int32_t argmax(const float* v, int64_t n) {
+  int64_t best = 0;
+  for (int64_t i = 1; i < n; ++i)
+    if (v[i] > v[best]) best = i;
+  return static_cast<int32_t>(best);
+}
+
+Scheduler::Scheduler(const SchedulerLimits& lim) : lim_(lim) {
+  for (int s = lim.max_num_seqs - 1; s >= 0; --s) free_slots_.push_back(s);
+}
+
+Status Scheduler::add(Request r) {
+  if (r.prompt.empty()) return Status::error(str("request ", r.id, ": the prompt is empty; expected at least one token id"));
+  for (size_t i = 0; i < r.prompt.size(); ++i)
+    if (r.prompt[i] < 0 || r.prompt[i] >= lim_.vocab_size)
+      return Status::error(str("request ", r.id, ": prompt token id ", r.prompt[i], " at index ", i,
+                               " is outside the vocabulary; expected 0 <= id < ", lim_.vocab_size));
+  for (size_t i = 0; i < r.forced.size(); ++i)
+    if (r.forced[i] < 0 || r.forced[i] >= lim_.vocab_size)
+      return Status::error(str("request ", r.id, ": forced token id ", r.forced[i], " is outside the vocabulary"));
+  const int64_t need = static_cast<int64_t>(r.prompt.size() + r.forced.size());
+  if (need > lim_.max_model_len)
+    return Status::error(str("request ", r.id, ": ", need, " tokens (prompt ", r.prompt.size(), (r.forced.empty() ? std::string() : str(" + forced ", r.forced.size())),
+                             ") exceed --max-model-len ", lim_.max_model_len));
+  if (r.max_new_tokens < 0) return Status::error(str("request ", r.id, ": max_new_tokens must be >= 0"));
+  auto s = std::make_unique<Sequence>();
+  s->tokens = r.prompt;
+  s->tokens.insert(s->tokens.end(), r.forced.begin(), r.forced.end());
+  s->rng.seed(r.sampling.seed ^ (static_cast<uint64_t>(r.id) * 0x9e3779b97f4a7c15ull));
+  s->req = std::move(r);
+  waiting_.push_back(std::move(s));
+  return Status::ok();
+}
+
+StepPlan Scheduler::schedule(int token_cap) {
+  while (!waiting_.empty() && !free_slots_.empty()) {
+    waiting_.front()->slot = free_slots_.back();
+    free_slots_.pop_back();
+    running_.push_back(std::move(waiting_.front()));
+    waiting_.pop_front();
+  }
+  StepPlan plan;
+  int budget = lim_.max_num_batched_tokens;
+  if (token_cap > 0) budget = std::min(budget, token_cap);
+  auto add_chunk = [&](Sequence* s, int n) {
+    BatchView& b = plan.batch;
+    SeqChunk ch{s->slot, s->num_computed, n, b.num_tokens};
+    for (int i = 0; i < n; ++i) {
+      const int64_t p = s->num_computed + i;
+      b.token_ids.push_back(s->tokens[p]);
+      b.positions.push_back(static_cast<int32_t>(p));
+      b.chunk_of.push_back(static_cast<int32_t>(b.chunks.size()));
+      // Logits wanted: every position (all_logits) or the positions whose next token is sampled.
+      if (s->req.all_logits || p >= s->prompt_len() - 1) {
+        plan.logit_rows.push_back(b.num_tokens + i);
+        plan.logit_owner.push_back({s, p});
+      }
+    }
+    b.chunks.push_back(ch);
+    b.num_tokens += n;
+    plan.seqs.push_back(s);
+    s->in_flight = true;
+    budget -= n;
+  };
+  for (auto& s : running_)  // decodes first
+    if (!s->in_flight && !s->prefilling() && s->num_computed < static_cast<int64_t>(s->tokens.size()) && budget > 0)
+      add_chunk(s.get(), 1);
+  for (auto& s : running_)
+    if (!s->in_flight && s->prefilling() && budget > 0)
+      add_chunk(s.get(), static_cast<int>(std::min<int64_t>(s->prompt_len() - s->num_computed, budget)));
+  return plan;
+}
+
+int32_t Scheduler::sample(Sequence& s, const float* logits, int64_t vocab) {
+  const SamplingParams& sp = s.req.sampling;
+  if (sp.temperature <= 0.0f) return argmax(logits, vocab);
+  std::vector<int32_t> idx(vocab);
+  std::iota(idx.begin(), idx.end(), 0);
+  std::stable_sort(idx.begin(), idx.end(), [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
+  int64_t n = sp.top_k > 0 ? std::min<int64_t>(sp.top_k, vocab) : vocab;
+  std::vector<double> p(n);
+  double mx = logits[idx[0]], sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += (p[i] = std::exp((logits[idx[i]] - mx) / sp.temperature));
+  double cum = 0;
+  int64_t keep = n;
+  for (int64_t i = 0; i < n; ++i) {
+    cum += p[i] / sum;
+    if (cum >= sp.top_p) {
+      keep = i + 1;
+      break;
+    }
+  }
+  double total = 0;
+  for (int64_t i = 0; i < keep; ++i) total += p[i];
+  double u = std::uniform_real_distribution<double>(0.0, total)(s.rng);
+  for (int64_t i = 0; i < keep; ++i) {
+    if (u < p[i]) return idx[i];
+    u -= p[i];
+  }
+  return idx[keep - 1];
+}
+
+void Scheduler::finish_step(StepPlan& plan, const float* logits, int64_t vocab) {
+  for (size_t ci = 0; ci < plan.seqs.size(); ++ci) {
+    Sequence* s = plan.seqs[ci];
+    s->num_computed += plan.batch.chunks[ci].n_tokens;
+    s->in_flight = false;
+  }
+  // The last logit row of a sequence in this step decides its next token.
+  for (size_t i = 0; i < plan.logit_owner.size(); ++i) {
+    auto [s, pos] = plan.logit_owner[i];
+    if (pos != s->num_computed - 1 || s->prefilling()) continue;
+    if (!s->req.forced.empty()) continue;  // teacher forcing: tokens are given
+    if (s->generated >= s->req.max_new_tokens) continue;
+    int32_t tok = sample(*s, logits + i * vocab, vocab);
+    s->tokens.push_back(tok);
+    s->generated++;
+    if (!s->req.sampling.ignore_eos && eos_ >= 0 && tok == eos_) s->finish = FinishReason::kStop;
+    else if (s->generated >= s->req.max_new_tokens) s->finish = FinishReason::kLength;
+    else if (static_cast<int64_t>(s->tokens.size()) >= lim_.max_model_len) s->finish = FinishReason::kLength;
+  }
+  for (auto& s : running_)
+    if (!s->req.forced.empty() && !s->in_flight && s->num_computed == static_cast<int64_t>(s->tokens.size()))
+      s->finish = FinishReason::kForcedDone;
+    else if (s->req.forced.empty() && s->req.max_new_tokens == 0 && !s->prefilling())
+      s->finish = FinishReason::kLength;
+  for (size_t i = 0; i < running_.size();) {
+    if (running_[i]->finish != FinishReason::kNone && !running_[i]->in_flight) {
+      free_slots_.push_back(running_[i]->slot);
+      finished_.push_back(std::move(running_[i]));
+      running_.erase(running_.begin() + static_cast<long>(i));
+    } else {
+      ++i;
+    }
+  }
+}
+
+}  // namespace sp

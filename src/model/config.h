@@ -1,0 +1,87 @@
+// config.json -> immutable Config. Both styles that exist are parsed:
+//  * Hugging Face style (as transformers writes it): layer_types, mlp_layer_types, compress_rates,
+//    partial_rotary_factor, rope_parameters.{main,compress};
+//  * upstream style (as the released checkpoints ship): compress_ratios (layers + 1 entries),
+//    num_hash_layers, qk_rope_head_dim, rope_scaling (YaRN, compressed rope only).
+// docs/config.md lists the fields each style requires.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "core/status.h"
+
+namespace sp {
+
+enum class AttnKind { kSliding, kCSA, kHCA };
+enum class MlpKind { kHashMoe, kMoe };
+enum class ConfigStyle { kHuggingFace, kUpstream };
+// How a family of weights is stored: plain float (F32/BF16/F16), FP8 e4m3 with 128x128 ue8m0
+// block scales, or FP4 e2m1 with ue8m0 scales per 32 inputs.
+enum class WeightFormat { kFloat, kFP8, kFP4 };
+
+const char* attn_kind_name(AttnKind k);
+const char* weight_format_name(WeightFormat f);
+
+struct RopeParams {
+  double theta = 10000.0;
+  bool yarn = false;
+  double factor = 1.0;
+  double original_max_position = 0.0;
+  double beta_fast = 32.0;
+  double beta_slow = 1.0;
+};
+
+struct Config {
+  ConfigStyle style = ConfigStyle::kHuggingFace;
+  int64_t vocab_size = 0;
+  int64_t hidden_size = 0;
+  int num_layers = 0;
+  int num_heads = 0;
+  int head_dim = 0;
+  int rope_dim = 0;  // qk_rope_head_dim: rotated trailing dims of every head / entry
+  int q_lora_rank = 0;
+  int o_groups = 0;
+  int o_lora_rank = 0;
+  int sliding_window = 0;  // window length counted including the query token
+  std::vector<AttnKind> attn_kinds;  // [num_layers]
+  std::vector<int> compress_ratio;   // [num_layers]; 0 for sliding-only layers
+  std::vector<MlpKind> mlp_kinds;    // [num_layers]
+  int index_n_heads = 0;
+  int index_head_dim = 0;
+  int index_topk = 0;
+  int n_routed_experts = 0;
+  int n_shared_experts = 0;
+  int experts_per_tok = 0;
+  int moe_inter = 0;
+  double routed_scaling_factor = 1.0;
+  float swiglu_limit = 0.0f;
+  int hc_mult = 0;
+  int hc_sinkhorn_iters = 0;
+  float hc_eps = 0.0f;
+  float rms_norm_eps = 0.0f;
+  RopeParams rope_main;      // sliding-only layers (and MTP): never YaRN
+  RopeParams rope_compress;  // CSA / HCA layers
+  int num_mtp_layers = 0;
+  WeightFormat linear_format = WeightFormat::kFloat;  // attention / shared-expert / mtp projections
+  WeightFormat expert_format = WeightFormat::kFloat;  // routed experts
+  int64_t bos_token_id = -1;
+  int64_t eos_token_id = -1;
+  int64_t max_position_embeddings = 0;
+  std::vector<std::string> ignored_keys;  // keys present in config.json that the model does not use
+
+  int hc_dim() const { return hc_mult * static_cast<int>(hidden_size); }
+  int hc_mix() const { return (2 + hc_mult) * hc_mult; }
+  // Compressor overlap factor k: 2 for CSA (overlapping windows), 1 for HCA.
+  int compressor_overlap(int layer) const { return attn_kinds[layer] == AttnKind::kCSA ? 2 : 1; }
+  int num_layers_of(AttnKind k) const;
+};
+
+// Parses config.json text; `source` names the file in error messages.
+Result<Config> parse_config(const std::string& text, const std::string& source);
+Result<Config> load_config(const std::string& model_dir);
+// Multi-line human summary (inspect).
+std::string describe_config(const Config& c);
+
+}  // namespace sp

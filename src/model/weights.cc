@@ -1,0 +1,573 @@
+#include "model/weights.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <map>
+
+namespace sp {
+
+namespace {
+
+const float* e4m3_table() {
+  static float t[256];
+  static bool init = [] {
+    for (int i = 0; i < 256; ++i) t[i] = e4m3_to_f32(static_cast<uint8_t>(i));
+    return true;
+  }();
+  (void)init;
+  return t;
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace
+
+void Linear::decode_row(int64_t n, float* dst) const {
+  switch (format) {
+    case WeightFormat::kFloat:
+      to_f32(dtype, data + n * in * dtype_size(dtype), dst, in);
+      return;
+    case WeightFormat::kFP8: {
+      const float* lut = e4m3_table();
+      const uint8_t* row = data + n * in;
+      for (int64_t kb = 0; kb * 128 < in; ++kb) {
+        int64_t si = (n / 128) * scale_cols + kb;
+        float s;
+        if (scale_dtype == DType::kE8M0) s = e8m0_to_f32(scale[si]);
+        else std::memcpy(&s, scale + si * 4, 4);
+        int64_t end = std::min(in, (kb + 1) * 128);
+        for (int64_t k = kb * 128; k < end; ++k) dst[k] = lut[row[k]] * s;
+      }
+      return;
+    }
+    case WeightFormat::kFP4: {
+      const uint8_t* row = data + n * (in / 2);
+      for (int64_t g = 0; g < in / 32; ++g) {
+        int64_t si = n * scale_cols + g;
+        float s;
+        if (scale_dtype == DType::kE8M0) s = e8m0_to_f32(scale[si]);
+        else std::memcpy(&s, scale + si * 4, 4);
+        for (int64_t c = g * 16; c < g * 16 + 16; ++c) {
+          uint8_t b = row[c];
+          dst[2 * c] = e2m1_to_f32(b & 0xf) * s;
+          dst[2 * c + 1] = e2m1_to_f32(b >> 4) * s;
+        }
+      }
+      return;
+    }
+  }
+}
+
+int64_t Linear::nbytes() const {
+  switch (format) {
+    case WeightFormat::kFloat: return out * in * dtype_size(dtype);
+    case WeightFormat::kFP8: return out * in + ceil_div(out, 128) * scale_cols * dtype_size(scale_dtype);
+    case WeightFormat::kFP4: return out * in / 2 + out * scale_cols * dtype_size(scale_dtype);
+  }
+  return 0;
+}
+
+std::vector<ExpectedTensor> expected_tensors(const Config& c) {
+  std::vector<ExpectedTensor> v;
+  const int64_t D = c.hidden_size, hcD = c.hc_dim(), mix = c.hc_mix();
+  auto param = [&](std::string n, std::vector<int64_t> s, Part p, int l = -1) {
+    v.push_back({std::move(n), TensorRole::kParam, WeightFormat::kFloat, std::move(s), p, l});
+  };
+  auto matrix = [&](std::string n, WeightFormat f, int64_t out, int64_t in, Part p, int l = -1) {
+    v.push_back({std::move(n), TensorRole::kMatrix, f, {out, in}, p, l});
+  };
+  matrix("embed.weight", WeightFormat::kFloat, c.vocab_size, D, Part::kEmbed);
+  for (int l = 0; l < c.num_layers; ++l) {
+    std::string p = str("layers.", l, ".");
+    auto lp = [&](const std::string& n, std::vector<int64_t> s) { param(p + n, std::move(s), Part::kLayer, l); };
+    auto lm = [&](const std::string& n, WeightFormat f, int64_t out, int64_t in) {
+      matrix(p + n, f, out, in, Part::kLayer, l);
+    };
+    const WeightFormat lf = c.linear_format;
+    lp("attn_norm.weight", {D});
+    lp("ffn_norm.weight", {D});
+    for (const char* site : {"attn", "ffn"}) {
+      lp(str("hc_", site, "_fn"), {mix, hcD});
+      lp(str("hc_", site, "_base"), {mix});
+      lp(str("hc_", site, "_scale"), {3});
+    }
+    const int64_t H = c.num_heads, dh = c.head_dim;
+    lm("attn.wq_a.weight", lf, c.q_lora_rank, D);
+    lp("attn.q_norm.weight", {c.q_lora_rank});
+    lm("attn.wq_b.weight", lf, H * dh, c.q_lora_rank);
+    lm("attn.wkv.weight", lf, dh, D);
+    lp("attn.kv_norm.weight", {dh});
+    lm("attn.wo_a.weight", lf, c.o_groups * c.o_lora_rank, H * dh / c.o_groups);
+    lm("attn.wo_b.weight", lf, D, c.o_groups * c.o_lora_rank);
+    lp("attn.attn_sink", {H});
+    const int ratio = c.compress_ratio[l];
+    if (ratio > 0) {
+      const int64_t k = c.compressor_overlap(l);
+      lm("attn.compressor.wkv.weight", WeightFormat::kFloat, k * dh, D);
+      lm("attn.compressor.wgate.weight", WeightFormat::kFloat, k * dh, D);
+      lp("attn.compressor.ape", {ratio, k * dh});
+      lp("attn.compressor.norm.weight", {dh});
+    }
+    if (c.attn_kinds[l] == AttnKind::kCSA) {
+      const int64_t ih = c.index_n_heads, id = c.index_head_dim;
+      lm("attn.indexer.wq_b.weight", lf, ih * id, c.q_lora_rank);
+      lm("attn.indexer.weights_proj.weight", WeightFormat::kFloat, ih, D);
+      lm("attn.indexer.compressor.wkv.weight", WeightFormat::kFloat, 2 * id, D);
+      lm("attn.indexer.compressor.wgate.weight", WeightFormat::kFloat, 2 * id, D);
+      lp("attn.indexer.compressor.ape", {ratio, 2 * id});
+      lp("attn.indexer.compressor.norm.weight", {id});
+    }
+    const int64_t E = c.n_routed_experts, I = c.moe_inter;
+    lm("ffn.gate.weight", WeightFormat::kFloat, E, D);
+    if (c.mlp_kinds[l] == MlpKind::kHashMoe) {
+      v.push_back({p + "ffn.gate.tid2eid", TensorRole::kIndex, WeightFormat::kFloat,
+                   {c.vocab_size, c.experts_per_tok}, Part::kLayer, l});
+    } else {
+      lp("ffn.gate.bias", {E});
+    }
+    for (int64_t e = 0; e < E; ++e) {
+      lm(str("ffn.experts.", e, ".w1.weight"), c.expert_format, I, D);
+      lm(str("ffn.experts.", e, ".w2.weight"), c.expert_format, D, I);
+      lm(str("ffn.experts.", e, ".w3.weight"), c.expert_format, I, D);
+    }
+    lm("ffn.shared_experts.w1.weight", lf, I, D);
+    lm("ffn.shared_experts.w2.weight", lf, D, I);
+    lm("ffn.shared_experts.w3.weight", lf, I, D);
+  }
+  param("hc_head_fn", {c.hc_mult, hcD}, Part::kHcHead);
+  param("hc_head_base", {c.hc_mult}, Part::kHcHead);
+  param("hc_head_scale", {1}, Part::kHcHead);
+  param("norm.weight", {D}, Part::kFinalNorm);
+  matrix("head.weight", WeightFormat::kFloat, c.vocab_size, D, Part::kHead);
+  return v;
+}
+
+namespace {
+
+// Stored shape of a matrix's values and of its scales in a given format.
+std::vector<int64_t> stored_shape(const ExpectedTensor& t) {
+  if (t.role == TensorRole::kMatrix && t.format == WeightFormat::kFP4) return {t.shape[0], t.shape[1] / 2};
+  return t.shape;
+}
+std::vector<int64_t> scale_shape(const ExpectedTensor& t) {
+  if (t.format == WeightFormat::kFP8) return {ceil_div(t.shape[0], 128), ceil_div(t.shape[1], 128)};
+  return {t.shape[0], t.shape[1] / 32};
+}
+int64_t numel(const std::vector<int64_t>& s) {
+  int64_t n = 1;
+  for (auto d : s) n *= d;
+  return n;
+}
+
+}  // namespace
+
+int64_t expected_bytes(const ExpectedTensor& t) {
+  switch (t.role) {
+    case TensorRole::kParam: return numel(t.shape) * 4;
+    case TensorRole::kIndex: return numel(t.shape) * 4;
+    case TensorRole::kMatrix:
+      switch (t.format) {
+        case WeightFormat::kFloat: return numel(t.shape) * 2;
+        case WeightFormat::kFP8: return numel(t.shape) + numel(scale_shape(t));
+        case WeightFormat::kFP4: return numel(t.shape) / 2 + numel(scale_shape(t));
+      }
+  }
+  return 0;
+}
+
+bool LoadPlan::owns(const ExpectedTensor& t) const {
+  switch (t.part) {
+    case Part::kEmbed: return embed;
+    case Part::kLayer: return t.layer >= first_layer && t.layer < end_layer;
+    case Part::kHcHead:
+    case Part::kFinalNorm:
+    case Part::kHead: return head;
+    case Part::kMtp: return false;
+  }
+  return false;
+}
+
+namespace {
+
+// Where each expected tensor's storage lives once bound (checkpoint or generated).
+struct Bound {
+  const uint8_t* data = nullptr;
+  DType dtype = DType::kF32;
+  WeightFormat format = WeightFormat::kFloat;
+  const uint8_t* scale = nullptr;
+  DType scale_dtype = DType::kE8M0;
+};
+
+// Builds the ModelWeights structure from bound storage; `get` returns the storage of a name.
+class Assembler {
+ public:
+  Assembler(const Config& c, ModelWeights& w, const std::map<std::string, Bound>& bound)
+      : c_(c), w_(w), bound_(bound) {}
+
+  std::vector<float> param(const std::string& name) {
+    const Bound& b = at(name);
+    int64_t n = numel(shape_of(name));
+    std::vector<float> out(static_cast<size_t>(n));
+    to_f32(b.dtype, b.data, out.data(), n);
+    return out;
+  }
+  Linear matrix(const std::string& name) {
+    const Bound& b = at(name);
+    const auto& s = shape_of(name);
+    Linear m;
+    m.name = name;
+    m.format = b.format;
+    m.dtype = b.dtype;
+    m.out = s[0];
+    m.in = s[1];
+    m.data = b.data;
+    m.scale = b.scale;
+    m.scale_dtype = b.scale_dtype;
+    m.scale_cols = b.format == WeightFormat::kFP8 ? ceil_div(m.in, 128) : m.in / 32;
+    return m;
+  }
+  std::vector<int32_t> index(const std::string& name) {
+    const Bound& b = at(name);
+    int64_t n = numel(shape_of(name));
+    std::vector<int32_t> out(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) {
+      int64_t v;
+      if (b.dtype == DType::kI64) std::memcpy(&v, b.data + i * 8, 8);
+      else { int32_t x; std::memcpy(&x, b.data + i * 4, 4); v = x; }
+      out[i] = static_cast<int32_t>(v);
+    }
+    return out;
+  }
+  void set_shapes(const std::vector<ExpectedTensor>& ex) {
+    for (auto& t : ex) shapes_[t.name] = t.shape;
+  }
+
+  void build(const LoadPlan& plan) {
+    if (plan.embed) w_.embed = matrix("embed.weight");
+    if (plan.head) {
+      w_.head = matrix("head.weight");
+      w_.final_norm = param("norm.weight");
+      w_.hc_head = {param("hc_head_fn"), param("hc_head_base"), param("hc_head_scale")};
+    }
+    for (int l = plan.first_layer; l < plan.end_layer; ++l) w_.layers.push_back(layer(l));
+  }
+
+ private:
+  LayerWeights layer(int l) {
+    std::string p = str("layers.", l, ".");
+    LayerWeights L;
+    L.index = l;
+    L.kind = c_.attn_kinds[l];
+    L.ratio = c_.compress_ratio[l];
+    L.mlp = c_.mlp_kinds[l];
+    L.attn_norm = param(p + "attn_norm.weight");
+    L.ffn_norm = param(p + "ffn_norm.weight");
+    L.hc_attn = {param(p + "hc_attn_fn"), param(p + "hc_attn_base"), param(p + "hc_attn_scale")};
+    L.hc_ffn = {param(p + "hc_ffn_fn"), param(p + "hc_ffn_base"), param(p + "hc_ffn_scale")};
+    L.wq_a = matrix(p + "attn.wq_a.weight");
+    L.q_norm = param(p + "attn.q_norm.weight");
+    L.wq_b = matrix(p + "attn.wq_b.weight");
+    L.wkv = matrix(p + "attn.wkv.weight");
+    L.kv_norm = param(p + "attn.kv_norm.weight");
+    L.wo_a = matrix(p + "attn.wo_a.weight");
+    L.wo_b = matrix(p + "attn.wo_b.weight");
+    L.attn_sink = param(p + "attn.attn_sink");
+    if (L.ratio > 0) L.compressor = compressor(p + "attn.compressor.");
+    if (L.kind == AttnKind::kCSA) {
+      L.idx_wq_b = matrix(p + "attn.indexer.wq_b.weight");
+      L.idx_weights_proj = matrix(p + "attn.indexer.weights_proj.weight");
+      L.idx_compressor = compressor(p + "attn.indexer.compressor.");
+    }
+    L.gate = matrix(p + "ffn.gate.weight");
+    if (L.mlp == MlpKind::kHashMoe) L.tid2eid = index(p + "ffn.gate.tid2eid");
+    else L.gate_bias = param(p + "ffn.gate.bias");
+    for (int e = 0; e < c_.n_routed_experts; ++e) {
+      L.w1.push_back(matrix(str(p, "ffn.experts.", e, ".w1.weight")));
+      L.w2.push_back(matrix(str(p, "ffn.experts.", e, ".w2.weight")));
+      L.w3.push_back(matrix(str(p, "ffn.experts.", e, ".w3.weight")));
+    }
+    L.sw1 = matrix(p + "ffn.shared_experts.w1.weight");
+    L.sw2 = matrix(p + "ffn.shared_experts.w2.weight");
+    L.sw3 = matrix(p + "ffn.shared_experts.w3.weight");
+    return L;
+  }
+  CompressorWeights compressor(const std::string& p) {
+    return {matrix(p + "wkv.weight"), matrix(p + "wgate.weight"), param(p + "ape"), param(p + "norm.weight")};
+  }
+  const Bound& at(const std::string& name) {
+    auto it = bound_.find(name);
+    SP_CHECK(it != bound_.end(), "tensor not bound: ", name);
+    return it->second;
+  }
+  const std::vector<int64_t>& shape_of(const std::string& name) { return shapes_.at(name); }
+
+  const Config& c_;
+  ModelWeights& w_;
+  const std::map<std::string, Bound>& bound_;
+  std::map<std::string, std::vector<int64_t>> shapes_;
+};
+
+std::string list_names(const std::vector<std::string>& names, size_t limit = 20) {
+  std::string s;
+  for (size_t i = 0; i < names.size() && i < limit; ++i) s += str("\n  ", names[i]);
+  if (names.size() > limit) s += str("\n  ... and ", names.size() - limit, " more");
+  return s;
+}
+
+// Reads each page once so the load really brings the plan's bytes in (and times it).
+uint64_t touch(const uint8_t* p, int64_t n) {
+  uint64_t acc = 0;
+  for (int64_t i = 0; i < n; i += 4096) acc += p[i];
+  if (n > 0) acc += p[n - 1];
+  return acc;
+}
+
+}  // namespace
+
+Result<std::unique_ptr<ModelWeights>> load_weights(const Config& c, const std::string& dir,
+                                                   const LoadPlan& plan, const ProgressFn& progress) {
+  auto t0 = std::chrono::steady_clock::now();
+  SP_ASSIGN_OR_RETURN(std::unique_ptr<Checkpoint> ck, Checkpoint::open(dir));
+  auto w = std::make_unique<ModelWeights>();
+  w->plan = plan;
+  const auto ex = expected_tensors(c);
+  std::set<std::string> known;
+  std::vector<std::string> missing, wrong;
+  std::map<std::string, Bound> bound;
+  int64_t total = 0, done = 0;
+  for (auto& t : ex)
+    if (plan.owns(t)) total += expected_bytes(t);
+  uint64_t sink = 0;
+  for (auto& t : ex) {
+    known.insert(t.name);
+    const TensorInfo* ti = ck->find(t.name);
+    if (!ti) {
+      missing.push_back(t.name);
+      continue;
+    }
+    Bound b;
+    b.dtype = ti->dtype;
+    b.data = ti->data;
+    const TensorInfo* sc = nullptr;
+    std::string problem;
+    if (t.role == TensorRole::kParam) {
+      if (!dtype_is_float(ti->dtype)) problem = "expected a float dtype (F32, BF16 or F16)";
+      else if (ti->shape != t.shape) problem = str("expected shape ", shape_str(t.shape));
+    } else if (t.role == TensorRole::kIndex) {
+      if (ti->dtype != DType::kI32 && ti->dtype != DType::kI64) problem = "expected I32 or I64";
+      else if (ti->shape != t.shape) problem = str("expected shape ", shape_str(t.shape));
+    } else {
+      // A quantised matrix may also come as plain floats (exact); a float matrix may not come quantised.
+      WeightFormat f = t.format;
+      if (f != WeightFormat::kFloat && dtype_is_float(ti->dtype)) f = WeightFormat::kFloat;
+      ExpectedTensor as = t;
+      as.format = f;
+      b.format = f;
+      DType want = f == WeightFormat::kFP8 ? DType::kE4M3 : DType::kI8;
+      if (f == WeightFormat::kFloat && !dtype_is_float(ti->dtype)) {
+        problem = t.format == WeightFormat::kFloat
+                      ? "expected a float dtype (F32, BF16 or F16): the config declares this weight unquantised"
+                      : str("expected ", t.format == WeightFormat::kFP8 ? "F8_E4M3" : "I8 (packed FP4)", " or a float dtype");
+      } else if (f != WeightFormat::kFloat && ti->dtype != want) {
+        problem = str("expected ", dtype_name(want), " (", weight_format_name(f), ")");
+      } else if (ti->shape != stored_shape(as)) {
+        problem = str("expected shape ", shape_str(stored_shape(as)), " for logical [", t.shape[0], ", ", t.shape[1], "]");
+      } else if (f != WeightFormat::kFloat) {
+        known.insert(t.name.substr(0, t.name.size() - 6) + "scale");
+        sc = ck->find(t.name.substr(0, t.name.size() - 6) + "scale");
+        if (!sc) {
+          missing.push_back(t.name.substr(0, t.name.size() - 6) + "scale");
+          continue;
+        }
+        if (sc->dtype != DType::kE8M0 && sc->dtype != DType::kF32)
+          problem = str("scale ", sc->name, ": expected F8_E8M0 (or F32), got ", dtype_name(sc->dtype));
+        else if (sc->shape != scale_shape(as))
+          problem = str("scale ", sc->name, ": expected shape ", shape_str(scale_shape(as)), ", got ", shape_str(sc->shape));
+        else {
+          b.scale = sc->data;
+          b.scale_dtype = sc->dtype;
+        }
+      }
+    }
+    if (!problem.empty()) {
+      wrong.push_back(str(t.name, ": ", dtype_name(ti->dtype), " ", shape_str(ti->shape), "; ", problem));
+      continue;
+    }
+    if (!plan.owns(t)) continue;
+    // Unaligned storage is copied so decoders can load whole elements.
+    if (reinterpret_cast<uintptr_t>(b.data) % dtype_size(b.dtype) != 0) {
+      w->owned.emplace_back(ti->data, ti->data + ti->nbytes);
+      b.data = w->owned.back().data();
+    }
+    bound[t.name] = b;
+    w->stats.accessed.insert(t.name);
+    sink += touch(ti->data, ti->nbytes);
+    if (sc) {
+      w->stats.accessed.insert(sc->name);
+      sink += touch(sc->data, sc->nbytes);
+    }
+    w->stats.tensors += 1 + (sc ? 1 : 0);
+    w->stats.bytes += ti->nbytes + (sc ? sc->nbytes : 0);
+    done += expected_bytes(t);
+    if (progress) progress(done, total);
+  }
+  std::vector<std::string> unexpected;
+  for (auto& [name, info] : ck->all()) {
+    if (known.count(name)) continue;
+    if (name.rfind("mtp.", 0) == 0) w->stats.mtp_tensors.push_back(name);
+    else unexpected.push_back(str(name, " (", dtype_name(info->dtype), " ", shape_str(info->shape), ")"));
+  }
+  w->stats.checkpoint_tensors = static_cast<int64_t>(ck->all().size());
+  std::string err;
+  if (!missing.empty()) err += str("\nmissing tensors (", missing.size(), "):", list_names(missing));
+  if (!wrong.empty()) err += str("\ntensors with the wrong shape or dtype (", wrong.size(), "):", list_names(wrong));
+  if (!unexpected.empty())
+    err += str("\nunexpected tensors the config does not describe (", unexpected.size(), "):", list_names(unexpected));
+  if (!err.empty()) return Status::error(str("checkpoint ", dir, " does not match its config.json:", err));
+  // tid2eid entries must name experts that exist.
+  Assembler as(c, *w, bound);
+  as.set_shapes(ex);
+  as.build(plan);
+  for (auto& L : w->layers)
+    for (size_t i = 0; i < L.tid2eid.size(); ++i)
+      if (L.tid2eid[i] < 0 || L.tid2eid[i] >= c.n_routed_experts)
+        return Status::error(str("layers.", L.index, ".ffn.gate.tid2eid[", i / c.experts_per_tok, "][", i % c.experts_per_tok,
+                                 "] = ", L.tid2eid[i], ": expected an expert index in [0, ", c.n_routed_experts, ")"));
+  w->checkpoint_owner = std::shared_ptr<Checkpoint>(std::move(ck));
+  w->stats.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() + (sink == 1 ? 1e-12 : 0);
+  return w;
+}
+
+namespace {
+
+uint64_t splitmix(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+uint64_t name_hash(const std::string& s) {
+  uint64_t h = 1469598103934665603ull;
+  for (char ch : s) h = (h ^ static_cast<uint8_t>(ch)) * 1099511628211ull;
+  return h;
+}
+// Uniform in [-1, 1).
+inline float uniform(uint64_t key, int64_t i) {
+  return static_cast<float>(splitmix(key + static_cast<uint64_t>(i)) >> 40) * (2.0f / 16777216.0f) - 1.0f;
+}
+bool ends_with(const std::string& s, const std::string& suf) {
+  return s.size() >= suf.size() && s.compare(s.size() - suf.size(), suf.size(), suf) == 0;
+}
+
+// e4m3 code of every bf16 bit pattern: a fast, approximate (bf16-truncated) encoder for dummy data.
+const uint8_t* bf16_to_e4m3_table() {
+  static std::vector<uint8_t> t = [] {
+    std::vector<uint8_t> v(65536);
+    for (int i = 0; i < 65536; ++i) v[i] = f32_to_e4m3(bf16_to_f32(static_cast<uint16_t>(i)));
+    return v;
+  }();
+  return t.data();
+}
+
+}  // namespace
+
+Result<std::unique_ptr<ModelWeights>> dummy_weights(const Config& c, const LoadPlan& plan, uint64_t seed,
+                                                    const ProgressFn& progress) {
+  auto t0 = std::chrono::steady_clock::now();
+  auto w = std::make_unique<ModelWeights>();
+  w->plan = plan;
+  const auto ex = expected_tensors(c);
+  std::map<std::string, Bound> bound;
+  int64_t total = 0, done = 0;
+  for (auto& t : ex)
+    if (plan.owns(t)) total += expected_bytes(t);
+  w->owned.reserve(ex.size() * 2);
+  const uint8_t* enc8 = bf16_to_e4m3_table();
+  for (auto& t : ex) {
+    if (!plan.owns(t)) continue;
+    const uint64_t key = splitmix(seed ^ name_hash(t.name));
+    const int64_t n = numel(t.shape);
+    Bound b;
+    if (t.role == TensorRole::kParam) {
+      std::vector<uint8_t> buf(static_cast<size_t>(n) * 4);
+      float* f = reinterpret_cast<float*>(buf.data());
+      const std::string& nm = t.name;
+      for (int64_t i = 0; i < n; ++i) {
+        float u = uniform(key, i);
+        float v;
+        if (ends_with(nm, "_fn")) v = u * std::sqrt(3.0f / static_cast<float>(t.shape[1]));
+        else if (ends_with(nm, "_base")) v = 0.5f * u;
+        else if (ends_with(nm, "_scale")) v = 1.0f + 0.25f * u;
+        else if (ends_with(nm, "norm.weight")) v = 1.0f + 0.05f * u;
+        else v = 0.1f * u;  // attn_sink, ape, gate.bias
+        f[i] = v;
+      }
+      b.dtype = DType::kF32;
+      w->owned.push_back(std::move(buf));
+      b.data = w->owned.back().data();
+    } else if (t.role == TensorRole::kIndex) {
+      std::vector<uint8_t> buf(static_cast<size_t>(n) * 4);
+      int32_t* p = reinterpret_cast<int32_t*>(buf.data());
+      const int64_t k = t.shape[1];
+      for (int64_t r = 0; r < t.shape[0]; ++r) {
+        int64_t start = static_cast<int64_t>(splitmix(key + r) % static_cast<uint64_t>(c.n_routed_experts));
+        for (int64_t j = 0; j < k; ++j) p[r * k + j] = static_cast<int32_t>((start + j) % c.n_routed_experts);
+      }
+      b.dtype = DType::kI32;
+      w->owned.push_back(std::move(buf));
+      b.data = w->owned.back().data();
+    } else {
+      const int64_t out = t.shape[0], in = t.shape[1];
+      // std 1/sqrt(in) keeps every projection's output O(1); the embedding rows have std 1.
+      const float amp = t.part == Part::kEmbed ? std::sqrt(3.0f) : std::sqrt(3.0f / static_cast<float>(in));
+      b.format = t.format;
+      if (t.format == WeightFormat::kFloat) {
+        std::vector<uint8_t> buf(static_cast<size_t>(n) * 2);
+        uint16_t* p = reinterpret_cast<uint16_t*>(buf.data());
+        for (int64_t i = 0; i < n; ++i) p[i] = f32_to_bf16(amp * uniform(key, i));
+        b.dtype = DType::kBF16;
+        w->owned.push_back(std::move(buf));
+        b.data = w->owned.back().data();
+      } else if (t.format == WeightFormat::kFP8) {
+        const int sexp = static_cast<int>(std::ceil(std::log2(amp / 448.0f)));
+        const float inv = std::ldexp(1.0f, -sexp);
+        std::vector<uint8_t> buf(static_cast<size_t>(n));
+        for (int64_t i = 0; i < n; ++i) buf[i] = enc8[f32_to_bf16(amp * inv * uniform(key, i))];
+        std::vector<uint8_t> sbuf(static_cast<size_t>(ceil_div(out, 128) * ceil_div(in, 128)),
+                                  static_cast<uint8_t>(sexp + 127));
+        b.dtype = DType::kE4M3;
+        w->owned.push_back(std::move(buf));
+        b.data = w->owned.back().data();
+        w->owned.push_back(std::move(sbuf));
+        b.scale = w->owned.back().data();
+      } else {
+        // Uniform e2m1 codes have rms ~2.93; pick the power-of-two scale that gives std ~1/sqrt(in).
+        const int sexp = static_cast<int>(std::lround(std::log2(1.0f / (std::sqrt(static_cast<float>(in)) * 2.93f))));
+        std::vector<uint8_t> buf(static_cast<size_t>(n / 2));
+        for (int64_t i = 0; i < n / 2; ++i) buf[i] = static_cast<uint8_t>(splitmix(key + i) >> 56);
+        std::vector<uint8_t> sbuf(static_cast<size_t>(out * (in / 32)), static_cast<uint8_t>(sexp + 127));
+        b.dtype = DType::kI8;
+        w->owned.push_back(std::move(buf));
+        b.data = w->owned.back().data();
+        w->owned.push_back(std::move(sbuf));
+        b.scale = w->owned.back().data();
+      }
+      b.scale_dtype = DType::kE8M0;
+    }
+    bound[t.name] = b;
+    w->stats.tensors += 1 + (b.scale ? 1 : 0);
+    w->stats.bytes += expected_bytes(t);
+    w->stats.accessed.insert(t.name);
+    done += expected_bytes(t);
+    if (progress) progress(done, total);
+  }
+  Assembler as(c, *w, bound);
+  as.set_shapes(ex);
+  as.build(plan);
+  w->stats.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return w;
+}
+
+}  // namespace sp
