@@ -1,0 +1,209 @@
+// Hostile safetensors headers and checkpoints that do not match their config.
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+
+#include "model/safetensors.h"
+#include "model/weights.h"
+
+namespace sp {
+namespace {
+
+namespace fs = std::filesystem;
+
+class TempDir {
+ public:
+  TempDir() {
+    path_ = fs::temp_directory_path() / ("seekpipe_test_" + std::to_string(::getpid()) + "_" + std::to_string(counter_++));
+    fs::remove_all(path_);
+    fs::create_directories(path_);
+  }
+  ~TempDir() { fs::remove_all(path_); }
+  std::string str() const { return path_.string(); }
+
+ private:
+  fs::path path_;
+  static inline int counter_ = 0;
+};
+
+void write_raw(const std::string& path, uint64_t header_len, const std::string& header, size_t data_bytes) {
+  std::ofstream f(path, std::ios::binary);
+  f.write(reinterpret_cast<const char*>(&header_len), 8);
+  f << header;
+  std::string data(data_bytes, '\0');
+  f << data;
+}
+
+std::string open_error(const std::string& path) {
+  auto r = SafetensorsFile::open(path);
+  EXPECT_FALSE(r.is_ok());
+  return r.is_ok() ? "" : r.status().message();
+}
+
+TEST(Safetensors, ParsesGoodFile) {
+  TempDir d;
+  std::string h = R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"BF16","shape":[2,2],"data_offsets":[8,16]}})";
+  write_raw(d.str() + "/m.safetensors", h.size(), h, 16);
+  auto r = SafetensorsFile::open(d.str() + "/m.safetensors");
+  ASSERT_TRUE(r.is_ok()) << r.status().message();
+  EXPECT_EQ((*r)->tensors().size(), 2u);
+  EXPECT_EQ((*r)->tensors().at("b").shape, (std::vector<int64_t>{2, 2}));
+}
+
+TEST(Safetensors, TruncatedFile) {
+  TempDir d;
+  std::string src = std::string(SP_TEST_DATA) + "/tiny/model.safetensors";
+  std::ifstream in(src, std::ios::binary);
+  std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::string p = d.str() + "/t.safetensors";
+  std::ofstream(p, std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size() / 2));
+  EXPECT_NE(open_error(p).find("past the end of the data area"), std::string::npos);
+  std::ofstream(p, std::ios::binary).write(bytes.data(), 100);  // cut inside the header
+  EXPECT_NE(open_error(p).find("truncated"), std::string::npos);
+  std::ofstream(p, std::ios::binary).write(bytes.data(), 5);  // not even the length
+  EXPECT_NE(open_error(p).find("truncated"), std::string::npos);
+}
+
+TEST(Safetensors, OffsetsPastTheEnd) {
+  TempDir d;
+  std::string h = R"({"a":{"dtype":"F32","shape":[250],"data_offsets":[0,1000]}})";
+  write_raw(d.str() + "/m.safetensors", h.size(), h, 16);
+  std::string e = open_error(d.str() + "/m.safetensors");
+  EXPECT_NE(e.find("'a'"), std::string::npos) << e;
+  EXPECT_NE(e.find("past the end"), std::string::npos) << e;
+}
+
+TEST(Safetensors, OverlappingTensors) {
+  TempDir d;
+  std::string h = R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})";
+  write_raw(d.str() + "/m.safetensors", h.size(), h, 16);
+  std::string e = open_error(d.str() + "/m.safetensors");
+  EXPECT_NE(e.find("overlap"), std::string::npos) << e;
+}
+
+TEST(Safetensors, HugeHeaderSize) {
+  TempDir d;
+  write_raw(d.str() + "/m.safetensors", uint64_t{1} << 40, "{}", 0);
+  std::string e = open_error(d.str() + "/m.safetensors");
+  EXPECT_NE(e.find("header declares"), std::string::npos) << e;
+}
+
+TEST(Safetensors, SizeMustMatchDtypeTimesShape) {
+  TempDir d;
+  std::string h = R"({"a":{"dtype":"BF16","shape":[3],"data_offsets":[0,8]}})";
+  write_raw(d.str() + "/m.safetensors", h.size(), h, 8);
+  EXPECT_NE(open_error(d.str() + "/m.safetensors").find("needs 6"), std::string::npos);
+  h = R"({"a":{"dtype":"F64","shape":[1],"data_offsets":[0,8]}})";
+  write_raw(d.str() + "/m.safetensors", h.size(), h, 8);
+  EXPECT_NE(open_error(d.str() + "/m.safetensors").find("unsupported dtype"), std::string::npos);
+  h = R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]})";  // broken JSON
+  write_raw(d.str() + "/m.safetensors", h.size(), h, 8);
+  EXPECT_NE(open_error(d.str() + "/m.safetensors").find("not valid JSON"), std::string::npos);
+}
+
+// Copies the tiny fixture with `edit` applied to its tensor list.
+std::string edited_tiny(const TempDir& d, const std::function<void(std::vector<TensorInfo>&, std::vector<std::vector<uint8_t>>&)>& edit) {
+  fs::copy_file(std::string(SP_TEST_DATA) + "/tiny/config.json", d.str() + "/config.json");
+  auto f = SafetensorsFile::open(std::string(SP_TEST_DATA) + "/tiny/model.safetensors");
+  EXPECT_TRUE(f.is_ok());
+  std::vector<TensorInfo> ts;
+  for (auto& [n, t] : (*f)->tensors()) ts.push_back(t);
+  std::vector<std::vector<uint8_t>> extra;
+  extra.reserve(8);
+  edit(ts, extra);
+  EXPECT_TRUE(write_safetensors(d.str() + "/model.safetensors", ts).is_ok());
+  return d.str();
+}
+
+std::string load_error(const std::string& dir) {
+  auto c = load_config(dir);
+  EXPECT_TRUE(c.is_ok());
+  auto w = load_weights(*c, dir, LoadPlan::whole(*c), nullptr);
+  EXPECT_FALSE(w.is_ok());
+  return w.is_ok() ? "" : w.status().message();
+}
+
+TEST(Checkpoint, MissingTensorIsListed) {
+  TempDir d;
+  auto dir = edited_tiny(d, [](auto& ts, auto&) {
+    std::erase_if(ts, [](const TensorInfo& t) { return t.name == "layers.3.attn.wq_b.weight"; });
+  });
+  std::string e = load_error(dir);
+  EXPECT_NE(e.find("missing tensors (1)"), std::string::npos) << e;
+  EXPECT_NE(e.find("layers.3.attn.wq_b.weight"), std::string::npos) << e;
+}
+
+TEST(Checkpoint, WrongShapeIsListed) {
+  TempDir d;
+  auto dir = edited_tiny(d, [](auto& ts, auto&) {
+    for (auto& t : ts)
+      if (t.name == "layers.1.attn.wkv.weight") t.shape = {64, 32};  // transposed
+  });
+  std::string e = load_error(dir);
+  EXPECT_NE(e.find("layers.1.attn.wkv.weight"), std::string::npos) << e;
+  EXPECT_NE(e.find("expected shape [32, 64]"), std::string::npos) << e;
+}
+
+TEST(Checkpoint, UnexpectedTensorIsListed) {
+  TempDir d;
+  auto dir = edited_tiny(d, [](auto& ts, auto& extra) {
+    extra.push_back(std::vector<uint8_t>(16));
+    TensorInfo t;
+    t.name = "layers.9.attn.wq_a.weight";
+    t.dtype = DType::kF32;
+    t.shape = {4};
+    t.data = extra.back().data();
+    t.nbytes = 16;
+    ts.push_back(t);
+  });
+  std::string e = load_error(dir);
+  EXPECT_NE(e.find("unexpected tensors"), std::string::npos) << e;
+  EXPECT_NE(e.find("layers.9.attn.wq_a.weight"), std::string::npos) << e;
+}
+
+TEST(Checkpoint, IndexNamesMissingShard) {
+  TempDir d;
+  for (auto& e : fs::directory_iterator(std::string(SP_TEST_DATA) + "/small"))
+    fs::copy_file(e.path(), d.str() + "/" + e.path().filename().string());
+  fs::remove(d.str() + "/model-00002-of-00003.safetensors");
+  auto c = load_config(d.str());
+  ASSERT_TRUE(c.is_ok());
+  auto w = load_weights(*c, d.str(), LoadPlan::whole(*c), nullptr);
+  ASSERT_FALSE(w.is_ok());
+  EXPECT_NE(w.status().message().find("model-00002-of-00003.safetensors"), std::string::npos) << w.status().message();
+  EXPECT_NE(w.status().message().find("does not exist"), std::string::npos) << w.status().message();
+}
+
+TEST(Checkpoint, Tid2eidOutOfRange) {
+  TempDir d;
+  std::vector<uint8_t> bad;
+  auto dir = edited_tiny(d, [&](auto& ts, auto& extra) {
+    for (auto& t : ts)
+      if (t.name == "layers.0.ffn.gate.tid2eid") {
+        extra.emplace_back(t.data, t.data + t.nbytes);
+        int64_t v = 99;
+        std::memcpy(extra.back().data(), &v, 8);  // I64 in the fixture
+        t.data = extra.back().data();
+      }
+  });
+  std::string e = load_error(dir);
+  EXPECT_NE(e.find("tid2eid"), std::string::npos) << e;
+}
+
+TEST(Checkpoint, QuantisedFixtureKeepsFormats) {
+  std::string dir = std::string(SP_TEST_DATA) + "/tinyq";
+  auto c = load_config(dir);
+  ASSERT_TRUE(c.is_ok());
+  auto w = load_weights(*c, dir, LoadPlan::whole(*c), nullptr);
+  ASSERT_TRUE(w.is_ok()) << w.status().message();
+  const LayerWeights& L = (*w)->layer(1);
+  EXPECT_EQ(L.wq_a.format, WeightFormat::kFP8);
+  EXPECT_EQ(L.w1[0].format, WeightFormat::kFP4);
+  EXPECT_EQ(L.wq_a.nbytes(), 192 * 256 + 2 * 2);
+  EXPECT_EQ((*w)->stats.mtp_tensors.size(), 87u);
+}
+
+}  // namespace
+}  // namespace sp
