@@ -1,38 +1,43 @@
 #include "engine/engine.h"
 
+#include "engine/pipeline.h"
+
 #include <chrono>
 
 namespace sp {
+
+std::vector<Sampled> finish_step_on_head(Model& model, const StepPlan& plan, Tensor X, Sampler& sampler,
+                                         std::vector<float>& host_logits, const LogitsFn& on_logits) {
+  std::vector<Sampled> out;
+  if (plan.logit_rows.empty()) return out;
+  const int64_t V = model.config().vocab_size;
+  Tensor logits = model.head(X, plan.logit_rows);
+  host_logits.resize(static_cast<size_t>(logits.rows * logits.cols));
+  model.backend().to_host(logits, host_logits.data());
+  if (on_logits)
+    for (size_t i = 0; i < plan.logit_rows.size(); ++i)
+      on_logits(plan.logit_request[i], plan.logit_position[i], host_logits.data() + i * V);
+  for (const SampleRow& s : plan.samples)
+    out.push_back({s.request, sampler.sample(s.request, s.params, host_logits.data() + s.logit_index * V, V)});
+  return out;
+}
 
 Engine::Engine(Model& model, const SchedulerLimits& lim) : model_(model), sched_(lim) {
   sched_.set_eos(model.config().eos_token_id);
 }
 
 RunStats Engine::run(const LogitsFn& on_logits, const StepLayerHook& hook) {
-  RunStats st;
+  Topology topo{1, 0, {model_.config().num_layers}};
+  auto tr = make_local_transports(1);
+  std::vector<StageReport> reports;
   auto t0 = std::chrono::steady_clock::now();
-  const int64_t V = model_.config().vocab_size;
-  while (!sched_.idle()) {
-    StepPlan plan = sched_.schedule();
-    SP_CHECK(!plan.empty(), "scheduler produced an empty step with work pending");
-    Tensor X = model_.residual(plan.batch.num_tokens);
-    model_.embed(plan.batch, X);
-    LayerHook lh;
-    if (hook) lh = [&](int layer, Tensor x) { hook(plan, layer, x); };
-    model_.run_layers(plan.batch, X, lh);
-    const float* lp = nullptr;
-    if (!plan.logit_rows.empty()) {
-      Tensor logits = model_.head(X, plan.logit_rows);
-      host_logits_.resize(static_cast<size_t>(logits.rows * logits.cols));
-      model_.backend().to_host(logits, host_logits_.data());
-      lp = host_logits_.data();
-    }
-    sched_.complete(plan, lp, V, [&](const Sequence& s, int64_t pos, const float* l) { on_logits(s, pos, l); });
-    st.steps++;
-    st.tokens += plan.batch.num_tokens;
-  }
-  st.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  return st;
+  Status st = run_stage(model_, topo, *tr[0], &sched_, StageHooks{on_logits, nullptr, hook}, PipelineOptions{}, &reports);
+  SP_CHECK(st.is_ok(), st.message());
+  RunStats rs;
+  rs.steps = reports[0].steps;
+  rs.tokens = reports[0].tokens;
+  rs.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return rs;
 }
 
 }  // namespace sp

@@ -1,4 +1,5 @@
-// Single-stage executor: schedule a step, run the whole model on it, hand back logits.
+// Executors. The single-stage Engine runs the whole model in one process; the pipeline executor
+// (engine/pipeline.h) runs one stage per thread or process. Both share the last-stage work below.
 #pragma once
 
 #include <functional>
@@ -8,7 +9,8 @@
 
 namespace sp {
 
-using LogitsFn = std::function<void(const Sequence&, int64_t position, const float* logits)>;
+// Logits of one position of one request (on the stage that owns the head).
+using LogitsFn = std::function<void(int64_t request, int64_t position, const float* logits)>;
 // Called after each layer with the step's plan and the residual X [T, hc * hidden].
 using StepLayerHook = std::function<void(const StepPlan&, int layer, Tensor X)>;
 
@@ -18,6 +20,11 @@ struct RunStats {
   double seconds = 0;
 };
 
+// Last-stage work of a step: head on the wanted rows, report their logits, sample where asked.
+std::vector<Sampled> finish_step_on_head(Model& model, const StepPlan& plan, Tensor X, Sampler& sampler,
+                                         std::vector<float>& host_logits, const LogitsFn& on_logits);
+
+// The whole model in this thread: the pipeline executor with one stage.
 class Engine {
  public:
   Engine(Model& model, const SchedulerLimits& lim);
@@ -28,7 +35,6 @@ class Engine {
  private:
   Model& model_;
   Scheduler sched_;
-  std::vector<float> host_logits_;
 };
 
 }  // namespace sp

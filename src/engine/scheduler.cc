@@ -28,16 +28,26 @@ Status Scheduler::add(Request r) {
       return Status::error(str("request ", r.id, ": forced token id ", r.forced[i], " is outside the vocabulary"));
   const int64_t need = static_cast<int64_t>(r.prompt.size() + r.forced.size());
   if (need > lim_.max_model_len)
-    return Status::error(str("request ", r.id, ": ", need, " tokens (prompt ", r.prompt.size(), (r.forced.empty() ? std::string() : str(" + forced ", r.forced.size())),
+    return Status::error(str("request ", r.id, ": ", need, " tokens (prompt ", r.prompt.size(),
+                             (r.forced.empty() ? std::string() : str(" + forced ", r.forced.size())),
                              ") exceed --max-model-len ", lim_.max_model_len));
   if (r.max_new_tokens < 0) return Status::error(str("request ", r.id, ": max_new_tokens must be >= 0"));
   auto s = std::make_unique<Sequence>();
   s->tokens = r.prompt;
   s->tokens.insert(s->tokens.end(), r.forced.begin(), r.forced.end());
-  s->rng.seed(r.sampling.seed ^ (static_cast<uint64_t>(r.id) * 0x9e3779b97f4a7c15ull));
   s->req = std::move(r);
   waiting_.push_back(std::move(s));
   return Status::ok();
+}
+
+int64_t Scheduler::ready_tokens() const {
+  int64_t n = 0;
+  for (auto& s : running_) {
+    if (s->num_scheduled < s->prompt_len()) n += s->prompt_len() - s->num_scheduled;
+    else if (s->num_scheduled < static_cast<int64_t>(s->tokens.size())) n += 1;
+  }
+  for (auto& s : waiting_) n += s->prompt_len();
+  return n;
 }
 
 StepPlan Scheduler::schedule(int token_cap) {
@@ -52,40 +62,87 @@ StepPlan Scheduler::schedule(int token_cap) {
   if (token_cap > 0) budget = std::min(budget, token_cap);
   auto add_chunk = [&](Sequence* s, int n) {
     BatchView& b = plan.batch;
-    SeqChunk ch{s->slot, s->num_computed, n, b.num_tokens};
+    b.chunks.push_back(SeqChunk{s->slot, s->num_scheduled, n, b.num_tokens});
     for (int i = 0; i < n; ++i) {
-      const int64_t p = s->num_computed + i;
+      const int64_t p = s->num_scheduled + i;
       b.token_ids.push_back(s->tokens[p]);
       b.positions.push_back(static_cast<int32_t>(p));
-      b.chunk_of.push_back(static_cast<int32_t>(b.chunks.size()));
-      // Logits wanted: every position (all_logits) or the positions whose next token is sampled.
+      b.chunk_of.push_back(static_cast<int32_t>(b.chunks.size() - 1));
+      // Logits wanted at every position (all_logits) or where a next token is chosen.
       if (s->req.all_logits || p >= s->prompt_len() - 1) {
         plan.logit_rows.push_back(b.num_tokens + i);
-        plan.logit_owner.push_back({s, p});
+        plan.logit_request.push_back(s->req.id);
+        plan.logit_position.push_back(p);
       }
     }
-    b.chunks.push_back(ch);
+    const int64_t last = s->num_scheduled + n - 1;
+    // The chunk's last row samples the next token if that token is not given and still wanted.
+    if (s->req.forced.empty() && last == static_cast<int64_t>(s->tokens.size()) - 1 && last >= s->prompt_len() - 1 &&
+        s->generated < s->req.max_new_tokens && static_cast<int64_t>(s->tokens.size()) < lim_.max_model_len) {
+      plan.samples.push_back(SampleRow{static_cast<int32_t>(plan.logit_rows.size() - 1), s->req.id, s->req.sampling});
+    }
     b.num_tokens += n;
     plan.seqs.push_back(s);
-    s->in_flight = true;
+    plan.chunk_request.push_back(s->req.id);
+    s->num_scheduled += n;
+    s->in_flight++;
     budget -= n;
   };
-  for (auto& s : running_)  // decodes first
-    if (!s->in_flight && !s->prefilling() && s->num_computed < static_cast<int64_t>(s->tokens.size()) && budget > 0)
+  for (auto& s : running_)  // decodes first: one known, unscheduled token past the prompt
+    if (budget > 0 && s->finish == FinishReason::kNone && s->num_scheduled >= s->prompt_len() &&
+        s->num_scheduled < static_cast<int64_t>(s->tokens.size()))
       add_chunk(s.get(), 1);
   for (auto& s : running_)
-    if (!s->in_flight && s->prefilling() && budget > 0)
-      add_chunk(s.get(), static_cast<int>(std::min<int64_t>(s->prompt_len() - s->num_computed, budget)));
+    if (budget > 0 && s->num_scheduled < s->prompt_len())
+      add_chunk(s.get(), static_cast<int>(std::min<int64_t>(s->prompt_len() - s->num_scheduled, budget)));
+  if (!plan.empty()) plan.id = next_step_++;
   return plan;
 }
 
-int32_t Scheduler::sample(Sequence& s, const float* logits, int64_t vocab) {
-  const SamplingParams& sp = s.req.sampling;
+void Scheduler::complete(const StepPlan& plan, const std::vector<Sampled>& sampled) {
+  for (size_t ci = 0; ci < plan.seqs.size(); ++ci) {
+    Sequence* s = plan.seqs[ci];
+    s->num_computed += plan.batch.chunks[ci].n_tokens;
+    s->in_flight--;
+  }
+  for (const Sampled& t : sampled) {
+    Sequence* s = nullptr;
+    for (auto* q : plan.seqs)
+      if (q->req.id == t.request) s = q;
+    SP_CHECK(s != nullptr, "sampled token for request ", t.request, " not in step ", plan.id);
+    s->tokens.push_back(t.token);
+    s->generated++;
+    if (!s->req.sampling.ignore_eos && eos_ >= 0 && t.token == eos_) s->finish = FinishReason::kStop;
+    else if (s->generated >= s->req.max_new_tokens) s->finish = FinishReason::kLength;
+    else if (static_cast<int64_t>(s->tokens.size()) >= lim_.max_model_len) s->finish = FinishReason::kLength;
+  }
+  for (auto* s : plan.seqs) {
+    if (s->finish != FinishReason::kNone || s->num_computed < static_cast<int64_t>(s->tokens.size())) continue;
+    // Everything known has run and nothing more will be sampled.
+    if (!s->req.forced.empty()) s->finish = FinishReason::kForcedDone;
+    else if (s->generated >= s->req.max_new_tokens || static_cast<int64_t>(s->tokens.size()) >= lim_.max_model_len)
+      s->finish = FinishReason::kLength;
+  }
+  for (size_t i = 0; i < running_.size();) {
+    if (running_[i]->finish != FinishReason::kNone && running_[i]->in_flight == 0) {
+      free_slots_.push_back(running_[i]->slot);
+      finished_.push_back(std::move(running_[i]));
+      running_.erase(running_.begin() + static_cast<long>(i));
+    } else {
+      ++i;
+    }
+  }
+}
+
+int32_t Sampler::sample(int64_t request, const SamplingParams& sp, const float* logits, int64_t vocab) {
   if (sp.temperature <= 0.0f) return argmax(logits, vocab);
+  auto it = rngs_.find(request);
+  if (it == rngs_.end())
+    it = rngs_.emplace(request, std::mt19937_64(sp.seed ^ (static_cast<uint64_t>(request) * 0x9e3779b97f4a7c15ull))).first;
   std::vector<int32_t> idx(vocab);
   std::iota(idx.begin(), idx.end(), 0);
   std::stable_sort(idx.begin(), idx.end(), [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
-  int64_t n = sp.top_k > 0 ? std::min<int64_t>(sp.top_k, vocab) : vocab;
+  const int64_t n = sp.top_k > 0 ? std::min<int64_t>(sp.top_k, vocab) : vocab;
   std::vector<double> p(n);
   double mx = logits[idx[0]], sum = 0;
   for (int64_t i = 0; i < n; ++i) sum += (p[i] = std::exp((logits[idx[i]] - mx) / sp.temperature));
@@ -100,47 +157,12 @@ int32_t Scheduler::sample(Sequence& s, const float* logits, int64_t vocab) {
   }
   double total = 0;
   for (int64_t i = 0; i < keep; ++i) total += p[i];
-  double u = std::uniform_real_distribution<double>(0.0, total)(s.rng);
+  double u = std::uniform_real_distribution<double>(0.0, total)(it->second);
   for (int64_t i = 0; i < keep; ++i) {
     if (u < p[i]) return idx[i];
     u -= p[i];
   }
   return idx[keep - 1];
-}
-
-void Scheduler::finish_step(StepPlan& plan, const float* logits, int64_t vocab) {
-  for (size_t ci = 0; ci < plan.seqs.size(); ++ci) {
-    Sequence* s = plan.seqs[ci];
-    s->num_computed += plan.batch.chunks[ci].n_tokens;
-    s->in_flight = false;
-  }
-  // The last logit row of a sequence in this step decides its next token.
-  for (size_t i = 0; i < plan.logit_owner.size(); ++i) {
-    auto [s, pos] = plan.logit_owner[i];
-    if (pos != s->num_computed - 1 || s->prefilling()) continue;
-    if (!s->req.forced.empty()) continue;  // teacher forcing: tokens are given
-    if (s->generated >= s->req.max_new_tokens) continue;
-    int32_t tok = sample(*s, logits + i * vocab, vocab);
-    s->tokens.push_back(tok);
-    s->generated++;
-    if (!s->req.sampling.ignore_eos && eos_ >= 0 && tok == eos_) s->finish = FinishReason::kStop;
-    else if (s->generated >= s->req.max_new_tokens) s->finish = FinishReason::kLength;
-    else if (static_cast<int64_t>(s->tokens.size()) >= lim_.max_model_len) s->finish = FinishReason::kLength;
-  }
-  for (auto& s : running_)
-    if (!s->req.forced.empty() && !s->in_flight && s->num_computed == static_cast<int64_t>(s->tokens.size()))
-      s->finish = FinishReason::kForcedDone;
-    else if (s->req.forced.empty() && s->req.max_new_tokens == 0 && !s->prefilling())
-      s->finish = FinishReason::kLength;
-  for (size_t i = 0; i < running_.size();) {
-    if (running_[i]->finish != FinishReason::kNone && !running_[i]->in_flight) {
-      free_slots_.push_back(running_[i]->slot);
-      finished_.push_back(std::move(running_[i]));
-      running_.erase(running_.begin() + static_cast<long>(i));
-    } else {
-      ++i;
-    }
-  }
 }
 
 }  // namespace sp

@@ -1,12 +1,15 @@
-// Requests, sequences and the step scheduler (pure host code, no backend types beyond BatchView).
+// Requests, sequences and the step scheduler (pure host code).
 // A step holds decodes first (one token each), then prefill chunks within the token budget, as
 // vLLM's chunked-prefill scheduler does; a prompt longer than the budget is prefilled in chunks.
+// With a pipeline, several steps (micro-batches) are in flight at once: a sequence's next prefill
+// chunk (or next teacher-forced token) may be scheduled while its previous chunk is still in the
+// pipeline, because every stage runs micro-batches in order; a sampled decode waits for its token.
 #pragma once
 
 #include <cstdint>
 #include <deque>
+#include <map>
 #include <memory>
-#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -41,13 +44,12 @@ struct Sequence {
   Request req;
   int slot = -1;
   std::vector<int32_t> tokens;  // prompt, then generated or forced tokens
-  int64_t num_computed = 0;     // positions already through the model
+  int64_t num_scheduled = 0;    // positions sent into the model
+  int64_t num_computed = 0;     // positions whose step has completed
   int generated = 0;
-  bool in_flight = false;       // scheduled, result not back yet (pipeline)
+  int in_flight = 0;            // steps holding this sequence that have not completed
   FinishReason finish = FinishReason::kNone;
-  std::mt19937_64 rng;
   int prompt_len() const { return static_cast<int>(req.prompt.size()); }
-  bool prefilling() const { return num_computed < prompt_len(); }
 };
 
 struct SchedulerLimits {
@@ -57,54 +59,68 @@ struct SchedulerLimits {
   int64_t vocab_size = 1;
 };
 
-// One scheduled step: the batch every stage sees, and which rows' logits the last stage returns.
+// A row whose logits choose the sequence's next token.
+struct SampleRow {
+  int32_t logit_index = 0;  // index into the step's logit rows
+  int64_t request = 0;
+  SamplingParams params;
+};
+
+// One scheduled step: the batch every stage sees, and which rows' logits the last stage computes.
 struct StepPlan {
+  int64_t id = 0;
   BatchView batch;
-  std::vector<Sequence*> seqs;      // per chunk
-  std::vector<int32_t> logit_rows;  // batch rows whose logits are needed
-  std::vector<std::pair<Sequence*, int64_t>> logit_owner;  // (sequence, position) per logit row
+  std::vector<Sequence*> seqs;          // per chunk (scheduling rank only)
+  std::vector<int64_t> chunk_request;   // request id per chunk
+  std::vector<int32_t> logit_rows;      // batch rows whose logits are needed
+  std::vector<int64_t> logit_request;   // request id per logit row
+  std::vector<int64_t> logit_position;  // position per logit row
+  std::vector<SampleRow> samples;
   bool empty() const { return batch.num_tokens == 0; }
+};
+
+// Sampled token of a request, sent back from the last stage.
+struct Sampled {
+  int64_t request;
+  int32_t token;
 };
 
 class Scheduler {
  public:
   explicit Scheduler(const SchedulerLimits& lim);
+  void set_eos(int64_t eos) { eos_ = eos; }
   // Validates and queues a request (ids in the vocabulary, fits max_model_len).
   Status add(Request r);
-  // Next step within the limits, from sequences not in flight. `token_cap` can lower the budget
-  // (pipeline micro-batches split it).
+  // Next step from the work that can run now, within the limits and `token_cap` (> 0 lowers the
+  // budget: the pipeline spreads load over micro-batches). May be empty.
   StepPlan schedule(int token_cap = 0);
-  // Applies a finished step: advances positions and, for each logit row, hands the logits to
-  // `on_logits` and samples (or takes the forced token). Finished sequences free their slots.
-  template <typename F>
-  void complete(StepPlan& plan, const float* logits, int64_t vocab, F&& on_logits);
+  // Applies a completed step and the tokens sampled from it. Finished sequences free their slots.
+  void complete(const StepPlan& plan, const std::vector<Sampled>& sampled);
   bool idle() const { return waiting_.empty() && running_.empty(); }
-  int num_running() const { return static_cast<int>(running_.size()); }
+  // Tokens that could be scheduled right now (for spreading load over micro-batches).
+  int64_t ready_tokens() const;
   const std::vector<std::unique_ptr<Sequence>>& finished() const { return finished_; }
 
  private:
-  void finish_step(StepPlan& plan, const float* logits, int64_t vocab);
-  int32_t sample(Sequence& s, const float* logits, int64_t vocab);
-
   SchedulerLimits lim_;
   std::deque<std::unique_ptr<Sequence>> waiting_;
   std::vector<std::unique_ptr<Sequence>> running_;
   std::vector<std::unique_ptr<Sequence>> finished_;
   std::vector<int> free_slots_;
   int64_t eos_ = -1;
-
- public:
-  void set_eos(int64_t eos) { eos_ = eos; }
+  int64_t next_step_ = 0;
 };
 
-// Greedy argmax, ties to the lower token id.
-int32_t argmax(const float* v, int64_t n);
+// Token choice from logits: greedy (ties to the lower id) or temperature / top-k / top-p with a
+// per-request random stream, so the same request samples the same tokens wherever it runs.
+class Sampler {
+ public:
+  int32_t sample(int64_t request, const SamplingParams& p, const float* logits, int64_t vocab);
 
-template <typename F>
-void Scheduler::complete(StepPlan& plan, const float* logits, int64_t vocab, F&& on_logits) {
-  for (size_t i = 0; i < plan.logit_owner.size(); ++i)
-    on_logits(*plan.logit_owner[i].first, plan.logit_owner[i].second, logits + i * vocab);
-  finish_step(plan, logits, vocab);
-}
+ private:
+  std::map<int64_t, std::mt19937_64> rngs_;
+};
+
+int32_t argmax(const float* v, int64_t n);
 
 }  // namespace sp

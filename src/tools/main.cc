@@ -13,6 +13,7 @@
 #include "engine/engine.h"
 #include "model/model.h"
 #include "model/safetensors.h"
+#include "tools/driver.h"
 #include "tools/flags.h"
 
 namespace sp {
@@ -27,85 +28,6 @@ constexpr const char* kUsage =
     "  inspect    print the parsed config, the tensor table and the memory each part needs\n"
     "run 'seekpipe COMMAND --help' for the flags of a command\n";
 
-std::vector<FlagSpec> common_flags() {
-  int hw = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  return {
-      {"model", FlagKind::kString, "", "model directory: config.json plus safetensors weights (required)"},
-      {"load-format", FlagKind::kString, "auto", "auto/safetensors: read the checkpoint; dummy: generate weights of the config's shapes and formats from --seed",
-       -1e300, 1e300, {"auto", "safetensors", "dummy"}},
-      {"seed", FlagKind::kInt, "0", "seed for --load-format dummy weights and for sampling", 0, 9.2e18},
-      {"threads", FlagKind::kInt, std::to_string(hw), "CPU threads", 1, 1024},
-      {"max-num-seqs", FlagKind::kInt, "16", "most sequences in a step (state is sized for this many)", 1, 65536},
-      {"max-num-batched-tokens", FlagKind::kInt, "2048", "most tokens in a step; longer prompts are prefilled in chunks", 1, 1 << 24},
-      {"max-model-len", FlagKind::kInt, "4096", "longest sequence (prompt + output) in tokens; state is sized for it", 1, 1 << 30},
-      {"verbose", FlagKind::kBool, "", "also print config keys the model does not use"},
-  };
-}
-
-struct Setup {
-  Config config;
-  std::unique_ptr<ModelWeights> weights;
-  std::unique_ptr<Backend> backend;
-  std::unique_ptr<Model> model;
-};
-
-ProgressFn progress_printer() {
-  auto last = std::make_shared<int>(-1);
-  return [last](int64_t done, int64_t total) {
-    if (total < (int64_t{256} << 20)) return;  // small checkpoints load instantly
-    int pct = static_cast<int>(100 * done / std::max<int64_t>(total, 1));
-    if (pct / 10 != *last / 10 || done == total) {
-      *last = pct;
-      std::fprintf(stderr, "loading weights: %3d%% (%.2f / %.2f GB)\n", pct, done / 1e9, total / 1e9);
-    }
-  };
-}
-
-Result<Config> read_config(const Flags& f) {
-  if (!f.given("model")) return Status::error("--model is required: a DeepSeek-V4 model directory with config.json");
-  SP_ASSIGN_OR_RETURN(Config c, load_config(f.str("model")));
-  if (f.boolean("verbose") && !c.ignored_keys.empty()) {
-    std::string keys;
-    for (auto& k : c.ignored_keys) keys += " " + k;
-    std::printf("config keys not used by the model:%s\n", keys.c_str());
-  }
-  return c;
-}
-
-Result<std::unique_ptr<ModelWeights>> read_weights(const Flags& f, const Config& c, const LoadPlan& plan) {
-  if (f.str("load-format") == "dummy")
-    return dummy_weights(c, plan, static_cast<uint64_t>(f.i64("seed")), progress_printer());
-  return load_weights(c, f.str("model"), plan, progress_printer());
-}
-
-void print_load_summary(const ModelWeights& w, const Flags& f) {
-  const LoadStats& s = w.stats;
-  std::printf("loaded %" PRId64 " tensors, %.3f GB (%s) in %.2f s\n", s.tensors, s.bytes / 1e9,
-              f.str("load-format") == "dummy" ? "dummy weights" : f.str("model").c_str(), s.seconds);
-  if (!s.mtp_tensors.empty())
-    std::printf("checkpoint has %zu mtp.* tensors (MTP draft layer): accepted, not used yet\n", s.mtp_tensors.size());
-}
-
-Result<Setup> build(const Flags& f, int max_logit_rows) {
-  Setup s;
-  SP_ASSIGN_OR_RETURN(s.config, read_config(f));
-  SP_ASSIGN_OR_RETURN(s.weights, read_weights(f, s.config, LoadPlan::whole(s.config)));
-  print_load_summary(*s.weights, f);
-  s.backend = make_cpu_backend(static_cast<int>(f.i64("threads")));
-  StateLimits lim;
-  lim.max_num_seqs = static_cast<int>(f.i64("max-num-seqs"));
-  lim.max_model_len = f.i64("max-model-len");
-  lim.max_num_batched_tokens = static_cast<int>(f.i64("max-num-batched-tokens"));
-  lim.max_logit_rows = max_logit_rows > 0 ? max_logit_rows : lim.max_num_seqs;
-  s.model = std::make_unique<Model>(s.config, *s.weights, *s.backend, lim);
-  return s;
-}
-
-SchedulerLimits scheduler_limits(const Flags& f, const Config& c) {
-  return {static_cast<int>(f.i64("max-num-seqs")), static_cast<int>(f.i64("max-num-batched-tokens")),
-          f.i64("max-model-len"), c.vocab_size};
-}
-
 // FNV-1a over the bits of every logit, in request and position order.
 struct LogitsHash {
   uint64_t h = 1469598103934665603ull;
@@ -118,61 +40,103 @@ struct LogitsHash {
   }
 };
 
-int fail(const Status& s) {
-  std::fprintf(stderr, "error: %s\n", s.message().c_str());
-  return 2;
+bool wants_help(const std::vector<std::string>& args) {
+  for (auto& a : args)
+    if (a == "--help" || a == "-h") return true;
+  return false;
+}
+
+// Busy fraction of each stage and the pipeline bubble, from the stages' reports.
+void print_pipeline_summary(const std::vector<StageReport>& reports) {
+  if (reports.size() < 2) return;
+  double busy_sum = 0;
+  std::printf("pipeline:");
+  for (const StageReport& r : reports) {
+    double busy = r.wall_s > 0 ? r.busy_s / r.wall_s : 0;
+    busy_sum += busy;
+    std::printf(" stage %d busy %.1f%% (%" PRId64 " steps)%s", r.stage, 100 * busy, r.steps,
+                &r == &reports.back() ? "" : ",");
+  }
+  std::printf("; bubble %.1f%%\n", 100 * (1 - busy_sum / static_cast<double>(reports.size())));
+}
+
+Status maybe_write_trace(const Flags& f, const std::vector<StageReport>& reports) {
+  if (!f.given("trace")) return Status::ok();
+  SP_RETURN_IF_ERROR(write_chrome_trace(f.str("trace"), reports));
+  std::printf("trace written to %s\n", f.str("trace").c_str());
+  return Status::ok();
 }
 
 int cmd_generate(const std::vector<std::string>& args) {
   auto specs = common_flags();
-  specs.push_back({"prompt-ids", FlagKind::kIntList, "", "prompt as comma-separated token ids; repeat for several prompts (required)",
-                   -1e300, 1e300, {}, true});
+  for (auto& p : pipeline_flags()) specs.push_back(p);
+  specs.push_back({"prompt-ids", FlagKind::kIntList, "",
+                   "prompt as comma-separated token ids; repeat for several prompts (required)", -1e300, 1e300, {}, true});
   specs.push_back({"max-tokens", FlagKind::kInt, "16", "new tokens to generate per prompt", 0, 1 << 30});
   specs.push_back({"temperature", FlagKind::kFloat, "0", "sampling temperature; 0 is greedy", 0, 100});
   specs.push_back({"top-k", FlagKind::kInt, "0", "sample from the k most likely tokens; 0 for all", 0, 1 << 30});
   specs.push_back({"top-p", FlagKind::kFloat, "1", "sample from the smallest set with this much probability", 1e-9, 1});
   specs.push_back({"ignore-eos", FlagKind::kBool, "", "keep generating after the end-of-sequence token"});
   Flags f(specs);
-  for (auto& a : args)
-    if (a == "--help" || a == "-h") {
-      std::printf("usage: seekpipe generate --model DIR --prompt-ids 1,2,3 [flags]\n%s", f.help().c_str());
-      return 0;
-    }
+  if (wants_help(args)) {
+    std::printf("usage: seekpipe generate --model DIR --prompt-ids 1,2,3 [flags]\n%s", f.help().c_str());
+    return 0;
+  }
   if (Status st = f.parse(args); !st) return fail(st);
-  if (!f.given("prompt-ids")) return fail(Status::error("--prompt-ids is required: comma-separated token ids, e.g. --prompt-ids 1,2,3"));
-  auto setup = build(f, 0);
-  if (!setup) return fail(setup.status());
-  Engine engine(*setup->model, scheduler_limits(f, setup->config));
-  auto prompts = f.int_lists("prompt-ids");
-  for (size_t i = 0; i < prompts.size(); ++i) {
-    Request r;
-    r.id = static_cast<int64_t>(i);
-    r.prompt = prompts[i];
-    r.max_new_tokens = static_cast<int>(f.i64("max-tokens"));
-    r.sampling = {static_cast<float>(f.f64("temperature")), static_cast<int>(f.i64("top-k")),
-                  static_cast<float>(f.f64("top-p")), static_cast<uint64_t>(f.i64("seed")), f.boolean("ignore-eos")};
-    if (Status st = engine.scheduler().add(std::move(r)); !st) return fail(st);
-  }
+  if (!f.given("prompt-ids"))
+    return fail(Status::error("--prompt-ids is required: comma-separated token ids, e.g. --prompt-ids 1,2,3"));
+  auto cfg = read_config(f);
+  if (!cfg) return fail(cfg.status());
+  const auto prompts = f.int_lists("prompt-ids");
+  const int64_t V = cfg->vocab_size, eos = cfg->eos_token_id;
+  // Last stage: every computed logit row (for the hash) and the sampled tokens.
   std::map<int64_t, std::map<int64_t, std::vector<float>>> logits;
-  const int64_t V = setup->config.vocab_size;
-  RunStats rs = engine.run([&](const Sequence& s, int64_t pos, const float* l) {
-    logits[s.req.id][pos].assign(l, l + V);
-  });
-  LogitsHash hash;
-  std::map<int64_t, const Sequence*> done;
-  for (auto& s : engine.scheduler().finished()) done[s->req.id] = s.get();
-  int64_t generated = 0;
-  for (auto& [id, s] : done) {
-    std::printf("prompt %" PRId64 " output ids:", id);
-    for (size_t i = s->prompt_len(); i < s->tokens.size(); ++i) std::printf(" %d", s->tokens[i]);
-    std::printf("  (%s)\n", s->finish == FinishReason::kStop ? "stop: eos" : "length");
-    generated += s->generated;
-    for (auto& [pos, v] : logits[id]) hash.add(v.data(), V);
-  }
-  std::printf("generated %" PRId64 " tokens in %" PRId64 " steps, %.3f s (%.1f tokens/s incl. prefill of %" PRId64 ")\n",
-              generated, rs.steps, rs.seconds, rs.tokens / std::max(rs.seconds, 1e-9), rs.tokens);
-  std::printf("logits_hash=%016" PRIx64 "\n", hash.h);
-  return 0;
+  std::map<int64_t, std::vector<int32_t>> sampled;
+  Job job;
+  job.add_requests = [&](Scheduler& sched) -> Status {
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      Request r;
+      r.id = static_cast<int64_t>(i);
+      r.prompt = prompts[i];
+      r.max_new_tokens = static_cast<int>(f.i64("max-tokens"));
+      r.sampling = {static_cast<float>(f.f64("temperature")), static_cast<int>(f.i64("top-k")),
+                    static_cast<float>(f.f64("top-p")), static_cast<uint64_t>(f.i64("seed")), f.boolean("ignore-eos")};
+      SP_RETURN_IF_ERROR(sched.add(std::move(r)));
+    }
+    return Status::ok();
+  };
+  job.hooks = [&](const StageEnv& env) {
+    StageHooks h;
+    if (env.topo.is_last(env.stage)) {
+      h.on_logits = [&](int64_t req, int64_t pos, const float* l) { logits[req][pos].assign(l, l + V); };
+      h.on_sampled = [&](const Sampled& t) { sampled[t.request].push_back(t.token); };
+    }
+    return h;
+  };
+  job.finish = [&](const StageEnv& env, const std::vector<StageReport>& reports) -> int {
+    if (!env.topo.is_last(env.stage)) return 0;
+    LogitsHash hash;
+    int64_t generated = 0, tokens = 0;
+    for (auto& r : reports) tokens = std::max(tokens, r.tokens);
+    double wall = 0;
+    for (auto& r : reports) wall = std::max(wall, r.wall_s);
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      const auto& out = sampled[static_cast<int64_t>(i)];
+      std::printf("prompt %zu output ids:", i);
+      for (int32_t t : out) std::printf(" %d", t);
+      bool stop = !out.empty() && !f.boolean("ignore-eos") && eos >= 0 && out.back() == eos;
+      std::printf("  (%s)\n", stop ? "stop: eos" : "length");
+      generated += static_cast<int64_t>(out.size());
+      for (auto& [pos, v] : logits[static_cast<int64_t>(i)]) hash.add(v.data(), V);
+    }
+    std::printf("generated %" PRId64 " tokens in %" PRId64 " steps, %.3f s (%.1f tokens/s incl. prefill of %" PRId64 ")\n",
+                generated, reports.back().steps, wall, tokens / std::max(wall, 1e-9), tokens);
+    print_pipeline_summary(reports);
+    if (Status st = maybe_write_trace(f, reports); !st) return fail(st);
+    std::printf("logits_hash=%016" PRIx64 "\n", hash.h);
+    return 0;
+  };
+  return run_job(f, job);
 }
 
 struct GoldenPrompt {
@@ -201,8 +165,7 @@ Result<std::vector<GoldenPrompt>> read_golden(const SafetensorsFile& g, const Co
     auto need = [&](const std::string& name, std::vector<int64_t> shape) -> Result<const TensorInfo*> {
       auto jt = g.tensors().find(name);
       if (jt == g.tensors().end()) return Status::error(str("golden file: missing tensor ", name));
-      if (jt->second.dtype != DType::kF32 && shape.size() == 2)
-        return Status::error(str("golden file: ", name, ": expected F32"));
+      if (jt->second.dtype != DType::kF32 && shape.size() == 2) return Status::error(str("golden file: ", name, ": expected F32"));
       if (!shape.empty() && jt->second.shape != shape)
         return Status::error(str("golden file: ", name, ": expected shape ", shape_str(shape), ", got ", shape_str(jt->second.shape)));
       return &jt->second;
@@ -211,7 +174,8 @@ Result<std::vector<GoldenPrompt>> read_golden(const SafetensorsFile& g, const Co
     SP_ASSIGN_OR_RETURN(const TensorInfo* pl, need(str("p", i, ".prefill_logits"), {L, c.vocab_size}));
     SP_ASSIGN_OR_RETURN(const TensorInfo* gt, need(str("p", i, ".greedy_tokens"), {}));
     p.greedy = ints(*gt);
-    SP_ASSIGN_OR_RETURN(const TensorInfo* dl, need(str("p", i, ".decode_logits"), {static_cast<int64_t>(p.greedy.size()), c.vocab_size}));
+    SP_ASSIGN_OR_RETURN(const TensorInfo* dl,
+                        need(str("p", i, ".decode_logits"), {static_cast<int64_t>(p.greedy.size()), c.vocab_size}));
     p.prefill = reinterpret_cast<const float*>(pl->data);
     p.decode = reinterpret_cast<const float*>(dl->data);
     out.push_back(std::move(p));
@@ -222,39 +186,25 @@ Result<std::vector<GoldenPrompt>> read_golden(const SafetensorsFile& g, const Co
 
 int cmd_verify(const std::vector<std::string>& args) {
   auto specs = common_flags();
+  for (auto& p : pipeline_flags()) specs.push_back(p);
   specs.push_back({"golden", FlagKind::kString, "", "golden file in the fixtures' format (required)"});
   specs.push_back({"atol", FlagKind::kFloat, "5e-5", "largest allowed absolute error of any logit or hidden value", 0, 1e30});
   Flags f(specs);
-  for (auto& a : args)
-    if (a == "--help" || a == "-h") {
-      std::printf("usage: seekpipe verify --model DIR --golden FILE [flags]\n%s", f.help().c_str());
-      return 0;
-    }
+  if (wants_help(args)) {
+    std::printf("usage: seekpipe verify --model DIR --golden FILE [flags]\n%s", f.help().c_str());
+    return 0;
+  }
   if (Status st = f.parse(args); !st) return fail(st);
   if (!f.given("golden")) return fail(Status::error("--golden is required: a golden.safetensors file"));
   auto gfile = SafetensorsFile::open(f.str("golden"));
   if (!gfile) return fail(gfile.status());
   auto cfg = read_config(f);
   if (!cfg) return fail(cfg.status());
-  auto golden = read_golden(**gfile, *cfg);
+  const Config& c = *cfg;
+  auto golden = read_golden(**gfile, c);
   if (!golden) return fail(golden.status());
-  auto setup = build(f, static_cast<int>(f.i64("max-num-batched-tokens")));
-  if (!setup) return fail(setup.status());
-  const Config& c = setup->config;
   const int64_t V = c.vocab_size, hcD = c.hc_dim();
-  Engine engine(*setup->model, scheduler_limits(f, c));
   std::vector<std::vector<float>> logits(golden->size());
-  for (size_t i = 0; i < golden->size(); ++i) {
-    const GoldenPrompt& g = (*golden)[i];
-    Request r;
-    r.id = static_cast<int64_t>(i);
-    r.prompt = g.ids;
-    r.forced.assign(g.greedy.begin(), g.greedy.end() - (g.greedy.empty() ? 0 : 1));
-    r.all_logits = true;
-    r.max_new_tokens = 0;
-    logits[i].assign((g.ids.size() + r.forced.size()) * V, 0.0f);
-    if (Status st = engine.scheduler().add(std::move(r)); !st) return fail(st);
-  }
   // Per-layer hidden states of prompt 0, where the golden file has them.
   std::vector<const float*> hidden(c.num_layers, nullptr);
   for (int l = 0; l < c.num_layers; ++l) {
@@ -263,51 +213,83 @@ int cmd_verify(const std::vector<std::string>& args) {
         it->second.shape == std::vector<int64_t>{static_cast<int64_t>((*golden)[0].ids.size()), c.hc_mult, c.hidden_size})
       hidden[l] = reinterpret_cast<const float*>(it->second.data);
   }
-  double hidden_err = 0;
   int hidden_layers = 0;
   for (auto* h : hidden) hidden_layers += h != nullptr;
-  std::vector<float> row(static_cast<size_t>(hcD));
-  auto hook = [&](const StepPlan& plan, int layer, Tensor X) {
-    if (!hidden[layer]) return;
-    for (size_t ci = 0; ci < plan.seqs.size(); ++ci) {
-      if (plan.seqs[ci]->req.id != 0) continue;
-      const SeqChunk& ch = plan.batch.chunks[ci];
-      for (int i = 0; i < ch.n_tokens; ++i) {
-        const int64_t pos = ch.start_pos + i;
-        if (pos >= static_cast<int64_t>((*golden)[0].ids.size())) continue;
-        setup->backend->to_host(X.slice_rows(ch.offset + i, 1), row.data());
-        for (int64_t k = 0; k < hcD; ++k)
-          hidden_err = std::max(hidden_err, static_cast<double>(std::fabs(row[k] - hidden[layer][pos * hcD + k])));
-      }
+  std::vector<double> hidden_err(4096, 0.0);  // per stage
+  Job job;
+  job.max_logit_rows = static_cast<int>(f.i64("max-num-batched-tokens"));
+  job.add_requests = [&](Scheduler& sched) -> Status {
+    for (size_t i = 0; i < golden->size(); ++i) {
+      const GoldenPrompt& g = (*golden)[i];
+      Request r;
+      r.id = static_cast<int64_t>(i);
+      r.prompt = g.ids;
+      r.forced.assign(g.greedy.begin(), g.greedy.end() - (g.greedy.empty() ? 0 : 1));
+      r.all_logits = true;
+      r.max_new_tokens = 0;
+      SP_RETURN_IF_ERROR(sched.add(std::move(r)));
     }
+    return Status::ok();
   };
-  RunStats rs = engine.run(
-      [&](const Sequence& s, int64_t pos, const float* l) {
-        std::memcpy(&logits[s.req.id][pos * V], l, V * sizeof(float));
-      },
-      hook);
-  const double atol = f.f64("atol");
-  bool ok = true;
-  LogitsHash hash;
-  for (size_t i = 0; i < golden->size(); ++i) {
-    const GoldenPrompt& g = (*golden)[i];
-    const int64_t L = static_cast<int64_t>(g.ids.size()), G = static_cast<int64_t>(g.greedy.size());
-    double pe = 0, de = 0;
-    for (int64_t k = 0; k < L * V; ++k) pe = std::max(pe, static_cast<double>(std::fabs(logits[i][k] - g.prefill[k])));
-    for (int64_t j = 0; j < G; ++j)
-      for (int64_t v = 0; v < V; ++v)
-        de = std::max(de, static_cast<double>(std::fabs(logits[i][(L - 1 + j) * V + v] - g.decode[j * V + v])));
-    std::printf("prompt %zu (%" PRId64 " tokens, %" PRId64 " teacher-forced decode steps): prefill_logits max_abs_err %.3e, decode_logits max_abs_err %.3e",
-                i, L, G, pe, de);
-    if (i == 0 && hidden_layers) std::printf(", hidden (%d layers) max_abs_err %.3e", hidden_layers, hidden_err);
-    std::printf("\n");
-    ok &= pe <= atol && de <= atol && (i != 0 || hidden_err <= atol);
-    hash.add(logits[i].data(), static_cast<int64_t>(logits[i].size()));
-  }
-  std::printf("%" PRId64 " steps, %" PRId64 " tokens, %.3f s\n", rs.steps, rs.tokens, rs.seconds);
-  std::printf("logits_hash=%016" PRIx64 "\n", hash.h);
-  std::printf("verify: %s (atol %.1e)\n", ok ? "PASS" : "FAIL", atol);
-  return ok ? 0 : 1;
+  job.hooks = [&](const StageEnv& env) {
+    StageHooks h;
+    const int stage = env.stage;
+    Backend* be = &env.model->backend();
+    if (env.topo.is_last(stage)) {
+      for (size_t i = 0; i < golden->size(); ++i)
+        logits[i].assign(((*golden)[i].ids.size() + std::max<size_t>((*golden)[i].greedy.size(), 1) - 1) * V, 0.0f);
+      h.on_logits = [&](int64_t req, int64_t pos, const float* l) { std::memcpy(&logits[req][pos * V], l, V * sizeof(float)); };
+    }
+    h.hook = [&, stage, be](const StepPlan& plan, int layer, Tensor X) {
+      if (!hidden[layer]) return;
+      std::vector<float> row(static_cast<size_t>(hcD));
+      for (size_t ci = 0; ci < plan.chunk_request.size(); ++ci) {
+        if (plan.chunk_request[ci] != 0) continue;
+        const SeqChunk& ch = plan.batch.chunks[ci];
+        for (int i = 0; i < ch.n_tokens; ++i) {
+          const int64_t pos = ch.start_pos + i;
+          if (pos >= static_cast<int64_t>((*golden)[0].ids.size())) continue;
+          be->to_host(X.slice_rows(ch.offset + i, 1), row.data());
+          for (int64_t k = 0; k < hcD; ++k)
+            hidden_err[stage] = std::max(hidden_err[stage], static_cast<double>(std::fabs(row[k] - hidden[layer][pos * hcD + k])));
+        }
+      }
+    };
+    return h;
+  };
+  job.finish = [&](const StageEnv& env, const std::vector<StageReport>& reports) -> int {
+    auto herr = env.transport->allreduce_max(hidden_err[env.stage]);
+    if (!herr) return fail(herr.status());
+    if (!env.topo.is_last(env.stage)) return 0;
+    const double atol = f.f64("atol");
+    bool ok = true;
+    LogitsHash hash;
+    for (size_t i = 0; i < golden->size(); ++i) {
+      const GoldenPrompt& g = (*golden)[i];
+      const int64_t L = static_cast<int64_t>(g.ids.size()), G = static_cast<int64_t>(g.greedy.size());
+      double pe = 0, de = 0;
+      for (int64_t k = 0; k < L * V; ++k) pe = std::max(pe, static_cast<double>(std::fabs(logits[i][k] - g.prefill[k])));
+      for (int64_t j = 0; j < G; ++j)
+        for (int64_t v = 0; v < V; ++v)
+          de = std::max(de, static_cast<double>(std::fabs(logits[i][(L - 1 + j) * V + v] - g.decode[j * V + v])));
+      std::printf("prompt %zu (%" PRId64 " tokens, %" PRId64
+                  " teacher-forced decode steps): prefill_logits max_abs_err %.3e, decode_logits max_abs_err %.3e",
+                  i, L, G, pe, de);
+      if (i == 0 && hidden_layers) std::printf(", hidden (%d layers) max_abs_err %.3e", hidden_layers, herr.value());
+      std::printf("\n");
+      ok &= pe <= atol && de <= atol && (i != 0 || herr.value() <= atol);
+      hash.add(logits[i].data(), static_cast<int64_t>(logits[i].size()));
+    }
+    double wall = 0;
+    for (auto& r : reports) wall = std::max(wall, r.wall_s);
+    std::printf("%" PRId64 " steps, %" PRId64 " tokens, %.3f s\n", reports.back().steps, reports.back().tokens, wall);
+    print_pipeline_summary(reports);
+    if (Status st = maybe_write_trace(f, reports); !st) return fail(st);
+    std::printf("logits_hash=%016" PRIx64 "\n", hash.h);
+    std::printf("verify: %s (atol %.1e)\n", ok ? "PASS" : "FAIL", atol);
+    return ok ? 0 : 1;
+  };
+  return run_job(f, job);
 }
 
 std::string human(int64_t b) {
@@ -318,8 +300,48 @@ std::string human(int64_t b) {
   return buf;
 }
 
+void print_pipeline_plan(const Flags& f, const Config& c) {
+  const int pp = static_cast<int>(f.i64("pp"));
+  const std::string part = f.str("pp-partition") == "vllm" ? "" : f.str("pp-partition");
+  CostModelOptions co{static_cast<int>(f.i64("max-num-seqs")), f.i64("max-model-len"), false};
+  auto topo = make_topology(c, pp, 0, part, co);
+  if (!topo) {
+    fail(topo.status());
+    return;
+  }
+  auto costs = stage_costs(c, topo->layers, co);
+  double total = 0;
+  for (auto& s : costs) total += s.time;
+  std::printf("\npipeline plan: %d stages, partition %s (%s)\n", pp, topo->partition_string().c_str(),
+              part.empty() ? "vLLM's split" : part == "auto" ? "cost model" : "explicit");
+  std::printf("  predicted time: decode step of %d sequences at %" PRId64
+              " tokens of context, memory-bound (bytes read)\n",
+              co.batch, co.context);
+  std::printf("  %-6s %-9s %-22s %12s %14s %12s %10s\n", "stage", "layers", "kinds", "weights", "state/seq",
+              "state/token", "time share");
+  for (size_t i = 0; i < costs.size(); ++i) {
+    const StageCost& s = costs[i];
+    int swa = 0, csa = 0, hca = 0, hash = 0;
+    for (int l = s.first_layer; l < s.end_layer; ++l) {
+      swa += c.attn_kinds[l] == AttnKind::kSliding;
+      csa += c.attn_kinds[l] == AttnKind::kCSA;
+      hca += c.attn_kinds[l] == AttnKind::kHCA;
+      hash += c.mlp_kinds[l] == MlpKind::kHashMoe;
+    }
+    std::string kinds = str(csa, " CSA ", hca, " HCA ", swa, " SWA");
+    if (hash) kinds += str(" (", hash, " hash)");
+    std::string extras = std::string(i == 0 ? "+embed" : "") + (i + 1 == costs.size() ? "+head" : "");
+    std::printf("  %-6zu %-9s %-22s %12s %14s %10" PRId64 " B %9.1f%% %s\n", i,
+                str(s.first_layer, "-", s.end_layer - 1).c_str(), kinds.c_str(), human(s.weight_bytes).c_str(),
+                human(s.state_per_seq).c_str(), s.state_per_token, 100 * s.time / total, extras.c_str());
+  }
+}
+
 int cmd_inspect(const std::vector<std::string>& args) {
-  Flags f(common_flags());
+  auto specs = common_flags();
+  for (auto& p : pipeline_flags())
+    if (p.name == "pp" || p.name == "pp-partition") specs.push_back(p);
+  Flags f(specs);
   for (auto& a : args)
     if (a == "--help" || a == "-h") {
       std::printf("usage: seekpipe inspect --model DIR [flags]\n%s", f.help().c_str());
@@ -375,6 +397,7 @@ int cmd_inspect(const std::vector<std::string>& args) {
   std::printf("sequence state (fp32 reference layout): %s per sequence + %" PRId64 " B per token; at --max-num-seqs %" PRId64
               " and --max-model-len %" PRId64 ": %s\n",
               human(per_seq).c_str(), per_tok, S, Lm, human(S * (per_seq + per_tok * Lm)).c_str());
+  if (f.given("pp") || f.given("pp-partition")) print_pipeline_plan(f, c);
   return 0;
 }
 

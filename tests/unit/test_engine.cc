@@ -76,7 +76,7 @@ AllLogits run(const Fixture& f, int threads, int max_seqs, int budget, std::vect
   }
   AllLogits out;
   const int64_t V = f.config.vocab_size;
-  engine.run([&](const Sequence& s, int64_t pos, const float* l) { out[{s.req.id, pos}].assign(l, l + V); },
+  engine.run([&](int64_t req, int64_t pos, const float* l) { out[{req, pos}].assign(l, l + V); },
              [&](const StepPlan& plan, int layer, Tensor) {
                if (step_tokens && layer == f.config.num_layers - 1) step_tokens->push_back(plan.batch.num_tokens);
              });
@@ -158,7 +158,6 @@ TEST(Scheduler, RandomTrafficKeepsInvariants) {
       want[i] = static_cast<int>(r.prompt.size()) + r.max_new_tokens;
     }
     std::map<int64_t, int64_t> next_pos;
-    std::vector<float> logits(100 * 4096, 0.0f);
     int guard = 0;
     while (!s.idle()) {
       ASSERT_LT(++guard, 10000);
@@ -173,8 +172,9 @@ TEST(Scheduler, RandomTrafficKeepsInvariants) {
         EXPECT_EQ(ch.start_pos, next_pos[p.seqs[c]->req.id]) << "positions must be contiguous";
         next_pos[p.seqs[c]->req.id] += ch.n_tokens;
       }
-      for (size_t r = 0; r < p.logit_rows.size(); ++r) logits[r * 100 + (r % 100)] = 1.0f;
-      s.complete(p, logits.data(), 100, [](const Sequence&, int64_t, const float*) {});
+      std::vector<Sampled> sampled;
+      for (const SampleRow& r : p.samples) sampled.push_back({r.request, static_cast<int32_t>(rng() % 100)});
+      s.complete(p, sampled);
     }
     ASSERT_EQ(static_cast<int>(s.finished().size()), n);
     for (auto& q : s.finished()) EXPECT_EQ(static_cast<int>(q->tokens.size()), want[q->req.id]);

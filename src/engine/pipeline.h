@@ -1,0 +1,64 @@
+// The pipeline executor: one stage of a pipeline-parallel run, over any Transport.
+//
+// Stage 0 owns the scheduler. It keeps up to `micro_batches` steps in flight (default: the number
+// of stages), spreading the ready tokens over the free micro-batch slots so a burst does not land
+// in one; a sampled decode re-enters only after its token is back from the last stage, while a
+// long prefill's chunks follow each other through the stages. Every stage runs its layers on the
+// boundary tensor [tokens, hc_mult * hidden] and passes it on with the step descriptor; the last
+// stage applies the head, reports logits, samples and sends the tokens back to stage 0.
+// With one stage the same loop runs the whole model in place.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "engine/engine.h"
+#include "parallel/topology.h"
+#include "parallel/transport.h"
+
+namespace sp {
+
+struct TraceEvent {
+  std::string name;  // compute, send, receive, wait
+  int64_t step = -1;
+  double start_us = 0, dur_us = 0;
+};
+
+struct StageReport {
+  int stage = 0;
+  double busy_s = 0;  // computing
+  double wall_s = 0;  // from the stage's start to its end
+  int64_t steps = 0;
+  int64_t tokens = 0;
+  std::vector<TraceEvent> events;
+};
+
+// Reproducible failures for tests: stage `stage` fails when it reaches step `step` (kill: the
+// process dies at once, as if killed; error: it reports an error and brings the pipeline down).
+struct FaultInjection {
+  int stage = -1;
+  int64_t step = -1;
+  bool kill = false;
+};
+
+struct PipelineOptions {
+  int micro_batches = 0;  // 0: one per stage
+  bool trace = false;     // keep per-event timings
+  FaultInjection fault;
+};
+
+struct StageHooks {
+  LogitsFn on_logits;    // last stage
+  std::function<void(const Sampled&)> on_sampled;  // last stage, each token it samples
+  StepLayerHook hook;    // every stage, after each of its layers
+};
+
+// Runs this transport's stage to the end of the work. `sched` is stage 0's (null elsewhere).
+// On the last stage `all` receives every stage's report (for the run summary and the trace).
+Status run_stage(Model& model, const Topology& topo, Transport& tr, Scheduler* sched, const StageHooks& hooks,
+                 const PipelineOptions& opt, std::vector<StageReport>* all);
+
+// Chrome trace (chrome://tracing, Perfetto): one track per stage.
+Status write_chrome_trace(const std::string& path, const std::vector<StageReport>& reports);
+
+}  // namespace sp

@@ -1,0 +1,106 @@
+#include "engine/step_codec.h"
+
+#include <cstring>
+
+namespace sp {
+
+namespace {
+
+class Writer {
+ public:
+  template <typename T>
+  void put(const T& v) {
+    const auto* p = reinterpret_cast<const uint8_t*>(&v);
+    out.insert(out.end(), p, p + sizeof(T));
+  }
+  template <typename T>
+  void vec(const std::vector<T>& v) {
+    put<uint32_t>(static_cast<uint32_t>(v.size()));
+    const auto* p = reinterpret_cast<const uint8_t*>(v.data());
+    out.insert(out.end(), p, p + v.size() * sizeof(T));
+  }
+  std::vector<uint8_t> out;
+};
+
+class Reader {
+ public:
+  explicit Reader(const std::vector<uint8_t>& b) : b_(b) {}
+  template <typename T>
+  bool get(T& v) {
+    if (pos_ + sizeof(T) > b_.size()) return false;
+    std::memcpy(&v, b_.data() + pos_, sizeof(T));
+    pos_ += sizeof(T);
+    return true;
+  }
+  template <typename T>
+  bool vec(std::vector<T>& v) {
+    uint32_t n;
+    if (!get(n) || pos_ + static_cast<size_t>(n) * sizeof(T) > b_.size()) return false;
+    v.resize(n);
+    std::memcpy(v.data(), b_.data() + pos_, n * sizeof(T));
+    pos_ += n * sizeof(T);
+    return true;
+  }
+  bool done() const { return pos_ == b_.size(); }
+
+ private:
+  const std::vector<uint8_t>& b_;
+  size_t pos_ = 0;
+};
+
+}  // namespace
+
+std::vector<uint8_t> encode_step(const StepPlan& p) {
+  Writer w;
+  w.put(StepKind::kStep);
+  w.put(p.id);
+  w.put<int32_t>(p.batch.num_tokens);
+  w.vec(p.batch.token_ids);
+  w.vec(p.batch.positions);
+  w.vec(p.batch.chunk_of);
+  w.vec(p.batch.chunks);
+  w.vec(p.chunk_request);
+  w.vec(p.logit_rows);
+  w.vec(p.logit_request);
+  w.vec(p.logit_position);
+  w.vec(p.samples);
+  return std::move(w.out);
+}
+
+std::vector<uint8_t> encode_stop() {
+  Writer w;
+  w.put(StepKind::kStop);
+  return std::move(w.out);
+}
+
+Result<StepPlan> decode_step(const std::vector<uint8_t>& bytes, StepKind* kind) {
+  Reader r(bytes);
+  StepPlan p;
+  if (!r.get(*kind)) return Status::error("step descriptor: empty message");
+  if (*kind == StepKind::kStop) return p;
+  if (*kind != StepKind::kStep) return Status::error("step descriptor: unknown kind");
+  int32_t n = 0;
+  bool ok = r.get(p.id) && r.get(n) && r.vec(p.batch.token_ids) && r.vec(p.batch.positions) &&
+            r.vec(p.batch.chunk_of) && r.vec(p.batch.chunks) && r.vec(p.chunk_request) && r.vec(p.logit_rows) &&
+            r.vec(p.logit_request) && r.vec(p.logit_position) && r.vec(p.samples) && r.done();
+  p.batch.num_tokens = n;
+  if (!ok || static_cast<int32_t>(p.batch.token_ids.size()) != n || p.batch.positions.size() != p.batch.token_ids.size())
+    return Status::error("step descriptor: malformed message");
+  return p;
+}
+
+std::vector<uint8_t> encode_sampled(int64_t step, const std::vector<Sampled>& s) {
+  Writer w;
+  w.put(step);
+  w.vec(s);
+  return std::move(w.out);
+}
+
+Result<std::vector<Sampled>> decode_sampled(const std::vector<uint8_t>& bytes, int64_t* step) {
+  Reader r(bytes);
+  std::vector<Sampled> s;
+  if (!r.get(*step) || !r.vec(s) || !r.done()) return Status::error("sampled-token message: malformed");
+  return s;
+}
+
+}  // namespace sp

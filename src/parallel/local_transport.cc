@@ -1,0 +1,148 @@
+#include <condition_variable>
+#include <cstdlib>
+#include <deque>
+#include <map>
+#include <mutex>
+#include <stdexcept>
+
+#include "parallel/transport.h"
+
+namespace sp {
+
+namespace {
+
+struct Message {
+  std::vector<uint8_t> header;
+  std::vector<float> data;
+};
+
+// Shared by the stage threads of one process.
+class Hub {
+ public:
+  explicit Hub(int world) : world_(world), slots_(world), done_(0) {}
+
+  void push(int src, int dst, Channel ch, Message m) {
+    std::lock_guard<std::mutex> lk(mu_);
+    queues_[{src, dst, static_cast<int>(ch)}].push_back(std::move(m));
+    cv_.notify_all();
+  }
+  Status pop(int src, int dst, Channel ch, Message* out) {
+    std::unique_lock<std::mutex> lk(mu_);
+    auto& q = queues_[{src, dst, static_cast<int>(ch)}];
+    cv_.wait(lk, [&] { return !q.empty() || failed_; });
+    if (failed_) return Status::error(failure_);
+    *out = std::move(q.front());
+    q.pop_front();
+    return Status::ok();
+  }
+  bool ready(int src, int dst, Channel ch) {
+    std::lock_guard<std::mutex> lk(mu_);
+    auto it = queues_.find({src, dst, static_cast<int>(ch)});
+    return failed_ || (it != queues_.end() && !it->second.empty());
+  }
+  // All ranks deposit a string; returns everyone's once all have.
+  Status exchange(int rank, const std::string& mine, std::vector<std::string>* all) {
+    std::unique_lock<std::mutex> lk(mu_);
+    const uint64_t gen = generation_;
+    slots_[rank] = mine;
+    if (++done_ == world_) {
+      done_ = 0;
+      result_ = slots_;
+      ++generation_;
+      cv_.notify_all();
+    } else {
+      cv_.wait(lk, [&] { return generation_ != gen || failed_; });
+      if (failed_) return Status::error(failure_);
+    }
+    *all = result_;
+    return Status::ok();
+  }
+  // Records the first failure; returns it (later failures are consequences of the first).
+  std::pair<std::string, int> fail(const std::string& msg, int code) {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (!failed_) {
+      failed_ = true;
+      failure_ = msg;
+      code_ = code;
+    }
+    cv_.notify_all();
+    return {failure_, code_};
+  }
+
+ private:
+  int world_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::map<std::tuple<int, int, int>, std::deque<Message>> queues_;
+  std::vector<std::string> slots_, result_;
+  int done_;
+  uint64_t generation_ = 0;
+  bool failed_ = false;
+  std::string failure_;
+  int code_ = 0;
+};
+
+class LocalTransport final : public Transport {
+ public:
+  LocalTransport(std::shared_ptr<Hub> hub, int rank, int world) : hub_(std::move(hub)), rank_(rank), world_(world) {}
+  std::string name() const override { return "threads"; }
+  int rank() const override { return rank_; }
+  int world() const override { return world_; }
+
+  Status send(int dst, Channel ch, std::vector<uint8_t> header, const float* data, int64_t n) override {
+    Message m;
+    m.header = std::move(header);
+    if (n > 0) m.data.assign(data, data + n);
+    hub_->push(rank_, dst, ch, std::move(m));
+    return Status::ok();
+  }
+  Status recv(int src, Channel ch, std::vector<uint8_t>& header, const PayloadSize& payload_size,
+              std::vector<float>& data) override {
+    Message m;
+    SP_RETURN_IF_ERROR(hub_->pop(src, rank_, ch, &m));
+    const int64_t n = payload_size ? payload_size(m.header) : 0;
+    if (static_cast<int64_t>(m.data.size()) != n)
+      return Status::error(str("stage ", rank_, ": payload from stage ", src, " has ", m.data.size(),
+                               " values, the descriptor implies ", n));
+    header = std::move(m.header);
+    data = std::move(m.data);
+    return Status::ok();
+  }
+  bool ready(int src, Channel ch) override { return hub_->ready(src, rank_, ch); }
+  Status allgather(const std::string& mine, std::vector<std::string>* all) override {
+    return hub_->exchange(rank_, mine, all);
+  }
+  Result<double> allreduce_max(double v) override {
+    std::vector<std::string> all;
+    SP_RETURN_IF_ERROR(hub_->exchange(rank_, std::to_string(v), &all));
+    double m = v;
+    for (auto& s : all) m = std::max(m, std::stod(s));
+    return m;
+  }
+  // Threads cannot exit alone: mark the pipeline failed (every blocked stage wakes with the
+  // message) and unwind this stage's thread.
+  [[noreturn]] void fail(const std::string& message, int exit_code) override {
+    auto [first, code] = hub_->fail(message, exit_code);
+    throw StageFailure{first, code};
+  }
+
+ private:
+  std::shared_ptr<Hub> hub_;
+  int rank_, world_;
+};
+
+}  // namespace
+
+std::vector<std::unique_ptr<Transport>> make_local_transports(int world) {
+  auto hub = std::make_shared<Hub>(world);
+  std::vector<std::unique_ptr<Transport>> out;
+  for (int r = 0; r < world; ++r) out.push_back(std::make_unique<LocalTransport>(hub, r, world));
+  return out;
+}
+
+bool launched_by_mpi() {
+  return std::getenv("OMPI_COMM_WORLD_SIZE") || std::getenv("PMI_SIZE") || std::getenv("PMIX_RANK") ||
+         std::getenv("MPI_LOCALNRANKS");
+}
+
+}  // namespace sp

@@ -1,0 +1,57 @@
+// How pipeline stages talk: one interface, an in-process implementation (one thread per stage) and
+// an MPI one (one process per stage, any number of machines). A NCCL transport for GPU stages will
+// plug in here with the CUDA backend.
+//
+// A message is a header (the step descriptor, or the sampled tokens) plus an optional fp32 payload
+// (the stage-boundary tensor [tokens, hc_mult, hidden]) whose length the receiver derives from the
+// header. Sends are buffered and never wait for the receiver; receives block until the message
+// arrives or the pipeline fails, in which case they return an error that names the failed stage.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/status.h"
+
+namespace sp {
+
+enum class Channel : int { kStep = 1, kSampled = 2, kReport = 3 };
+
+// Thrown by an in-process stage that fails, so its thread unwinds; carries the exit code.
+struct StageFailure {
+  std::string message;
+  int exit_code;
+};
+
+using PayloadSize = std::function<int64_t(const std::vector<uint8_t>& header)>;
+
+class Transport {
+ public:
+  virtual ~Transport() = default;
+  virtual std::string name() const = 0;
+  virtual int rank() const = 0;
+  virtual int world() const = 0;
+  virtual Status send(int dst, Channel ch, std::vector<uint8_t> header, const float* data, int64_t n) = 0;
+  virtual Status recv(int src, Channel ch, std::vector<uint8_t>& header, const PayloadSize& payload_size,
+                      std::vector<float>& data) = 0;
+  // Whether a message from `src` on `ch` is waiting.
+  virtual bool ready(int src, Channel ch) = 0;
+  // Every rank's string, by rank (start-up agreement checks).
+  virtual Status allgather(const std::string& mine, std::vector<std::string>* all) = 0;
+  virtual Result<double> allreduce_max(double v) = 0;
+  // Brings every stage down promptly; `message` names this stage and what went wrong.
+  [[noreturn]] virtual void fail(const std::string& message, int exit_code) = 0;
+};
+
+// In-process pipeline: world threads share one hub; make_local_transports gives one end per stage.
+std::vector<std::unique_ptr<Transport>> make_local_transports(int world);
+
+// True when this process was started by mpirun / mpiexec (an MPI launcher's environment is set).
+bool launched_by_mpi();
+// MPI transport (nullptr with a message if seekpipe was built without MPI).
+Result<std::unique_ptr<Transport>> make_mpi_transport(int* argc, char*** argv);
+
+}  // namespace sp

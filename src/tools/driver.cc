@@ -1,0 +1,248 @@
+#include "tools/driver.h"
+
+#include <cinttypes>
+#include <cstdio>
+#include <fstream>
+#include <mutex>
+#include <sstream>
+#include <thread>
+
+namespace sp {
+
+std::vector<FlagSpec> common_flags() {
+  int hw = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  return {
+      {"model", FlagKind::kString, "", "model directory: config.json plus safetensors weights (required)"},
+      {"load-format", FlagKind::kString, "auto",
+       "auto/safetensors: read the checkpoint; dummy: generate weights of the config's shapes and formats from --seed",
+       -1e300, 1e300, {"auto", "safetensors", "dummy"}},
+      {"seed", FlagKind::kInt, "0", "seed for --load-format dummy weights and for sampling", 0, 9.2e18},
+      {"threads", FlagKind::kInt, std::to_string(hw), "CPU threads per stage", 1, 1024},
+      {"max-num-seqs", FlagKind::kInt, "16", "most sequences in flight (state is sized for this many)", 1, 65536},
+      {"max-num-batched-tokens", FlagKind::kInt, "2048", "most tokens in a step; longer prompts are prefilled in chunks", 1,
+       1 << 24},
+      {"max-model-len", FlagKind::kInt, "4096", "longest sequence (prompt + output) in tokens; state is sized for it", 1,
+       1 << 30},
+      {"verbose", FlagKind::kBool, "", "also print config keys the model does not use"},
+  };
+}
+
+std::vector<FlagSpec> pipeline_flags() {
+  return {
+      {"pp", FlagKind::kInt, "1", "pipeline stages: threads of this process, or under mpirun the number of ranks", 1, 4096},
+      {"pp-partition", FlagKind::kString, "vllm",
+       "layers per stage: vllm (vLLM's split), auto (cost model of layer kinds, time and memory), or a list like 11,11,11,10"},
+      {"micro-batches", FlagKind::kInt, "0", "steps in flight in the pipeline; 0 means one per stage", 0, 4096},
+      {"trace", FlagKind::kString, "", "write a Chrome trace (Perfetto / chrome://tracing) of every stage to this file"},
+      {"fault-inject", FlagKind::kString, "",
+       "STAGE:STEP[:kill|error] makes a stage fail at a step (tests): kill ends the process at once (mpirun), error "
+       "reports and brings the pipeline down"},
+  };
+}
+
+int fail(const Status& s) {
+  std::fprintf(stderr, "error: %s\n", s.message().c_str());
+  return 2;
+}
+
+Result<Config> read_config(const Flags& f) {
+  if (!f.given("model")) return Status::error("--model is required: a DeepSeek-V4 model directory with config.json");
+  SP_ASSIGN_OR_RETURN(Config c, load_config(f.str("model")));
+  if (f.boolean("verbose") && !c.ignored_keys.empty()) {
+    std::string keys;
+    for (auto& k : c.ignored_keys) keys += " " + k;
+    std::printf("config keys not used by the model:%s\n", keys.c_str());
+  }
+  return c;
+}
+
+namespace {
+
+ProgressFn progress_printer(int stage) {
+  auto last = std::make_shared<int>(-1);
+  return [last, stage](int64_t done, int64_t total) {
+    if (total < (int64_t{256} << 20)) return;  // small checkpoints load instantly
+    int pct = static_cast<int>(100 * done / std::max<int64_t>(total, 1));
+    if (pct / 10 != *last / 10 || done == total) {
+      *last = pct;
+      std::fprintf(stderr, "stage %d: loading weights %3d%% (%.2f / %.2f GB)\n", stage, pct, done / 1e9, total / 1e9);
+    }
+  };
+}
+
+Result<FaultInjection> parse_fault(const std::string& text) {
+  FaultInjection f;
+  if (text.empty()) return f;
+  int stage = -1;
+  long long step = -1;
+  char mode[16] = "error";
+  int n = std::sscanf(text.c_str(), "%d:%lld:%15s", &stage, &step, mode);
+  std::string m = mode;
+  if (n < 2 || stage < 0 || step < 0 || (m != "kill" && m != "error"))
+    return Status::error(str("--fault-inject '", text, "': expected STAGE:STEP or STAGE:STEP:kill|error, e.g. 1:3:kill"));
+  f.stage = stage;
+  f.step = step;
+  f.kill = m == "kill";
+  return f;
+}
+
+// Identity of what a rank was started with; every rank must agree.
+std::string fingerprint(const Flags& f, const Config& c, const Topology& t) {
+  std::ifstream in(f.str("model") + "/config.json");
+  std::stringstream ss;
+  ss << in.rdbuf();
+  uint64_t h = 1469598103934665603ull;
+  for (char ch : ss.str()) h = (h ^ static_cast<uint8_t>(ch)) * 1099511628211ull;
+  char hex[17];
+  std::snprintf(hex, sizeof hex, "%016" PRIx64, h);
+  return str("partition=", t.partition_string(), ";config=", hex, ";layers=", c.num_layers,
+             ";load-format=", f.str("load-format"), ";seed=", f.i64("seed"), ";max-num-seqs=", f.i64("max-num-seqs"),
+             ";max-num-batched-tokens=", f.i64("max-num-batched-tokens"), ";max-model-len=", f.i64("max-model-len"),
+             ";micro-batches=", f.i64("micro-batches"));
+}
+
+// The fields two fingerprints disagree on, as "name: a vs b".
+std::string differences(const std::string& a, const std::string& b) {
+  auto split = [](const std::string& s) {
+    std::vector<std::string> v;
+    std::stringstream ss(s);
+    std::string item;
+    while (std::getline(ss, item, ';')) v.push_back(item);
+    return v;
+  };
+  auto va = split(a), vb = split(b);
+  std::string out;
+  for (size_t i = 0; i < std::min(va.size(), vb.size()); ++i)
+    if (va[i] != vb[i]) {
+      auto eq = va[i].find('=');
+      out += str(out.empty() ? "" : ", ", va[i].substr(0, eq), " ", vb[i].substr(eq + 1), " (rank 0 has ",
+                 va[i].substr(eq + 1), ")");
+    }
+  return out;
+}
+
+// One stage's whole life: load its part, run, finish. Returns its exit code.
+int run_one_stage(const Flags& f, const Config& c, const Topology& topo, Transport& tr, const Job& job,
+                  const PipelineOptions& popt) {
+  const int s = topo.rank;
+  LoadPlan plan{topo.first_layer(s), topo.end_layer(s), topo.is_first(s), topo.is_last(s)};
+  auto weights = f.str("load-format") == "dummy"
+                     ? dummy_weights(c, plan, static_cast<uint64_t>(f.i64("seed")), progress_printer(s))
+                     : load_weights(c, f.str("model"), plan, progress_printer(s));
+  if (!weights) tr.fail(str("stage ", s, " (rank ", tr.rank(), "): ", weights.status().message()), 2);
+  const LoadStats& ls = (*weights)->stats;
+  std::string who = topo.world > 1 ? str("stage ", s, "/", topo.world, " (layers ", plan.first_layer, "-",
+                                         plan.end_layer - 1, (plan.embed ? ", embedding" : ""),
+                                         (plan.head ? ", head" : ""), "): ")
+                                   : std::string();
+  std::printf("%sloaded %" PRId64 " tensors, %.3f GB (%s) in %.2f s\n", who.c_str(), ls.tensors, ls.bytes / 1e9,
+              f.str("load-format") == "dummy" ? "dummy weights" : f.str("model").c_str(), ls.seconds);
+  if (!ls.mtp_tensors.empty() && topo.is_last(s))
+    std::printf("checkpoint has %zu mtp.* tensors (MTP draft layer): accepted, not used yet\n", ls.mtp_tensors.size());
+  std::fflush(stdout);
+  auto backend = make_cpu_backend(static_cast<int>(f.i64("threads")));
+  StateLimits lim;
+  lim.max_num_seqs = static_cast<int>(f.i64("max-num-seqs"));
+  lim.max_model_len = f.i64("max-model-len");
+  lim.max_num_batched_tokens = static_cast<int>(f.i64("max-num-batched-tokens"));
+  lim.max_logit_rows = job.max_logit_rows > 0 ? job.max_logit_rows : lim.max_num_seqs;
+  Model model(c, **weights, *backend, lim);
+  StageEnv env{s, topo, &tr, &model, weights->get()};
+  std::unique_ptr<Scheduler> sched;
+  if (topo.is_first(s)) {
+    sched = std::make_unique<Scheduler>(SchedulerLimits{lim.max_num_seqs, lim.max_num_batched_tokens, lim.max_model_len,
+                                                        c.vocab_size});
+    sched->set_eos(c.eos_token_id);
+    Status st = job.add_requests(*sched);
+    if (!st) tr.fail(st.message(), 2);
+  }
+  std::vector<StageReport> reports;
+  Status st = run_stage(model, topo, tr, sched.get(), job.hooks(env), popt, &reports);
+  if (!st) tr.fail(st.message(), 4);
+  int code = job.finish(env, reports);
+  auto agreed = tr.allreduce_max(code);
+  if (!agreed) tr.fail(agreed.status().message(), 4);
+  return static_cast<int>(agreed.value());
+}
+
+}  // namespace
+
+int run_job(const Flags& f, const Job& job) {
+  auto cfg = read_config(f);
+  if (!cfg) return fail(cfg.status());
+  const Config& c = *cfg;
+  auto fault = parse_fault(f.str("fault-inject"));
+  if (!fault) return fail(fault.status());
+  PipelineOptions popt;
+  popt.micro_batches = static_cast<int>(f.i64("micro-batches"));
+  popt.trace = f.given("trace");
+  popt.fault = *fault;
+  const std::string part = f.str("pp-partition") == "vllm" ? "" : f.str("pp-partition");
+  CostModelOptions co{static_cast<int>(f.i64("max-num-seqs")), f.i64("max-model-len"), false};
+
+  if (launched_by_mpi()) {
+    auto tr = make_mpi_transport(nullptr, nullptr);
+    if (!tr) return fail(tr.status());
+    Transport& t = **tr;
+    const int world = t.world();
+    if (f.given("pp") && f.i64("pp") != world) {
+      if (t.rank() == 0)
+        fail(Status::error(str("--pp ", f.i64("pp"), " but mpirun started ", world,
+                               " ranks; under mpirun the number of ranks is the number of stages")));
+      return 2;
+    }
+    auto topo = make_topology(c, world, t.rank(), part, co);
+    if (!topo) {
+      if (t.rank() == 0) fail(topo.status());
+      return 2;
+    }
+    std::vector<std::string> all;
+    std::string mine = fingerprint(f, c, *topo);
+    if (Status st = t.allgather(mine, &all); !st) return fail(st);
+    for (int r = 1; r < world; ++r)
+      if (all[r] != all[0]) {
+        if (t.rank() == 0)
+          fail(Status::error(str("rank ", r, " was started differently from rank 0: ", differences(all[0], all[r]),
+                                 "; every rank must run the same model, config and partition")));
+        return 2;
+      }
+    if (fault->stage >= world) {
+      if (t.rank() == 0) fail(Status::error(str("--fault-inject: stage ", fault->stage, " does not exist (", world, " stages)")));
+      return 2;
+    }
+    return run_one_stage(f, c, *topo, t, job, popt);
+  }
+
+  const int pp = static_cast<int>(f.i64("pp"));
+  auto topo = make_topology(c, pp, 0, part, co);
+  if (!topo) return fail(topo.status());
+  if (fault->stage >= pp)
+    return fail(Status::error(str("--fault-inject: stage ", fault->stage, " does not exist (", pp, " stages)")));
+  auto transports = make_local_transports(pp);
+  std::vector<int> codes(pp, 0);
+  std::vector<std::string> errors(pp);
+  std::vector<std::thread> threads;
+  for (int s = 0; s < pp; ++s) {
+    threads.emplace_back([&, s] {
+      Topology t = *topo;
+      t.rank = s;
+      try {
+        codes[s] = run_one_stage(f, c, t, *transports[s], job, popt);
+      } catch (const StageFailure& e) {
+        codes[s] = e.exit_code;
+        errors[s] = e.message;
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  int code = 0;
+  std::string first_error;
+  for (int s = 0; s < pp; ++s) {
+    code = std::max(code, codes[s]);
+    if (!errors[s].empty() && first_error.empty()) first_error = errors[s];
+  }
+  if (!first_error.empty()) std::fprintf(stderr, "error: %s\n", first_error.c_str());
+  return code;
+}
+
+}  // namespace sp

@@ -1,0 +1,44 @@
+// Runs a job (generate, verify, bench) on one stage or a pipeline: in-process threads
+// (`--pp N`) or one MPI process per stage (started by mpirun). Each stage loads only its own
+// weights and allocates only its own state.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "engine/pipeline.h"
+#include "model/model.h"
+#include "tools/flags.h"
+
+namespace sp {
+
+std::vector<FlagSpec> common_flags();
+std::vector<FlagSpec> pipeline_flags();
+
+struct StageEnv {
+  int stage = 0;
+  Topology topo;
+  Transport* transport = nullptr;
+  Model* model = nullptr;
+  const ModelWeights* weights = nullptr;
+};
+
+struct Job {
+  int max_logit_rows = 0;  // 0: --max-num-seqs
+  // Stage 0: queue the requests.
+  std::function<Status(Scheduler&)> add_requests;
+  // Per stage: hooks (logits on the last stage, layer outputs on every stage).
+  std::function<StageHooks(const StageEnv&)> hooks;
+  // Per stage, after the run: reductions and (on the last stage) the report. Returns the exit code
+  // this stage proposes; every stage exits with the largest.
+  std::function<int(const StageEnv&, const std::vector<StageReport>& reports)> finish;
+};
+
+Result<Config> read_config(const Flags& f);
+// Runs the job; returns the process exit code (errors are printed and give 2).
+int run_job(const Flags& f, const Job& job);
+int fail(const Status& s);
+
+}  // namespace sp
