@@ -300,15 +300,12 @@ std::string human(int64_t b) {
   return buf;
 }
 
-void print_pipeline_plan(const Flags& f, const Config& c) {
+int print_pipeline_plan(const Flags& f, const Config& c) {
   const int pp = static_cast<int>(f.i64("pp"));
   const std::string part = f.str("pp-partition") == "vllm" ? "" : f.str("pp-partition");
   CostModelOptions co{static_cast<int>(f.i64("max-num-seqs")), f.i64("max-model-len"), false};
   auto topo = make_topology(c, pp, 0, part, co);
-  if (!topo) {
-    fail(topo.status());
-    return;
-  }
+  if (!topo) return fail(topo.status());
   auto costs = stage_costs(c, topo->layers, co);
   double total = 0;
   for (auto& s : costs) total += s.time;
@@ -317,7 +314,7 @@ void print_pipeline_plan(const Flags& f, const Config& c) {
   std::printf("  predicted time: decode step of %d sequences at %" PRId64
               " tokens of context, memory-bound (bytes read)\n",
               co.batch, co.context);
-  std::printf("  %-6s %-9s %-22s %12s %14s %12s %10s\n", "stage", "layers", "kinds", "weights", "state/seq",
+  std::printf("  %-6s %-9s %-26s %12s %14s %12s %10s\n", "stage", "layers", "kinds", "weights", "state/seq",
               "state/token", "time share");
   for (size_t i = 0; i < costs.size(); ++i) {
     const StageCost& s = costs[i];
@@ -331,10 +328,11 @@ void print_pipeline_plan(const Flags& f, const Config& c) {
     std::string kinds = str(csa, " CSA ", hca, " HCA ", swa, " SWA");
     if (hash) kinds += str(" (", hash, " hash)");
     std::string extras = std::string(i == 0 ? "+embed" : "") + (i + 1 == costs.size() ? "+head" : "");
-    std::printf("  %-6zu %-9s %-22s %12s %14s %10" PRId64 " B %9.1f%% %s\n", i,
+    std::printf("  %-6zu %-9s %-26s %12s %14s %10" PRId64 " B %9.1f%% %s\n", i,
                 str(s.first_layer, "-", s.end_layer - 1).c_str(), kinds.c_str(), human(s.weight_bytes).c_str(),
                 human(s.state_per_seq).c_str(), s.state_per_token, 100 * s.time / total, extras.c_str());
   }
+  return 0;
 }
 
 int cmd_inspect(const std::vector<std::string>& args) {
@@ -397,7 +395,7 @@ int cmd_inspect(const std::vector<std::string>& args) {
   std::printf("sequence state (fp32 reference layout): %s per sequence + %" PRId64 " B per token; at --max-num-seqs %" PRId64
               " and --max-model-len %" PRId64 ": %s\n",
               human(per_seq).c_str(), per_tok, S, Lm, human(S * (per_seq + per_tok * Lm)).c_str());
-  if (f.given("pp") || f.given("pp-partition")) print_pipeline_plan(f, c);
+  if (f.given("pp") || f.given("pp-partition")) return print_pipeline_plan(f, c);
   return 0;
 }
 

@@ -11,3 +11,8 @@ expect_error() {
   echo "ok: $re"
 }
 hash_of() { grep -o 'logits_hash=[0-9a-f]*' <<<"$1"; }
+# OpenMPI as root (CI runs as root) and with more ranks than cores.
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+export OMPI_MCA_rmaps_base_oversubscribe=1
+MPIRUN="mpirun --oversubscribe"
+num_layers() { python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['num_hidden_layers'])" "$1/config.json"; }

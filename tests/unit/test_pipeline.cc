@@ -1,0 +1,169 @@
+// Topology, stage loading and the step descriptor.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <set>
+
+#include "engine/pipeline.h"
+#include "engine/step_codec.h"
+#include "model/model.h"
+#include "parallel/topology.h"
+
+namespace sp {
+namespace {
+
+Config flash() { return load_config(std::string(SP_TEST_DATA) + "/configs/deepseek-v4-flash").value(); }
+
+TEST(Topology, DefaultSplitIsVllms) {
+  EXPECT_EQ(vllm_partition(43, 4), (std::vector<int>{11, 11, 11, 10}));
+  EXPECT_EQ(vllm_partition(6, 4), (std::vector<int>{1, 2, 2, 1}));
+  EXPECT_EQ(vllm_partition(61, 8), (std::vector<int>{7, 7, 8, 8, 8, 8, 8, 7}));
+  EXPECT_EQ(vllm_partition(5, 5), (std::vector<int>{1, 1, 1, 1, 1}));
+  EXPECT_EQ(vllm_partition(5, 1), (std::vector<int>{5}));
+  Config c = flash();
+  auto t = make_topology(c, 4, 2, "", {});
+  ASSERT_TRUE(t.is_ok());
+  EXPECT_EQ(t->first_layer(2), 22);
+  EXPECT_EQ(t->end_layer(2), 33);
+  EXPECT_EQ(t->partition_string(), "11,11,11,10");
+}
+
+TEST(Topology, ExplicitPartitionIsValidated) {
+  EXPECT_EQ(parse_partition("11,11,11,10", 43, 4).value(), (std::vector<int>{11, 11, 11, 10}));
+  EXPECT_NE(parse_partition("11,11,11,11", 43, 4).status().message().find("covers 44 layers"), std::string::npos);
+  EXPECT_NE(parse_partition("22,21", 43, 4).status().message().find("expected --pp = 4"), std::string::npos);
+  EXPECT_NE(parse_partition("43,0", 43, 2).status().message().find("'0'"), std::string::npos);
+  EXPECT_NE(parse_partition("a,b", 43, 2).status().message().find("'a'"), std::string::npos);
+  Config c = flash();
+  EXPECT_NE(make_topology(c, 44, 0, "", {}).status().message().find("more stages than"), std::string::npos);
+}
+
+TEST(Topology, AutoPartitionBalancesTheCostModel) {
+  Config c = flash();
+  CostModelOptions o{16, 4096, false};
+  for (int pp : {2, 3, 4, 8}) {
+    auto p = auto_partition(c, pp, o);
+    ASSERT_EQ(static_cast<int>(p.size()), pp);
+    int sum = 0;
+    for (int v : p) {
+      EXPECT_GE(v, 1);
+      sum += v;
+    }
+    EXPECT_EQ(sum, 43);
+    // No worse than vLLM's split on the largest stage share of predicted time.
+    auto share = [&](const std::vector<int>& part) {
+      auto costs = stage_costs(c, part, o);
+      double total = 0, worst = 0;
+      for (auto& s : costs) total += s.time;
+      for (auto& s : costs) worst = std::max(worst, s.time / total);
+      return worst;
+    };
+    EXPECT_LE(share(p), share(vllm_partition(43, pp)) + 1e-9) << pp;
+  }
+  // At batch 1 the head reads about four layers' worth of bytes per step for Flash, so the cost
+  // model gives the last stage fewer layers than vLLM's 10.
+  auto p4 = auto_partition(c, 4, CostModelOptions{1, 8192, false});
+  EXPECT_LT(p4[3], 10);
+}
+
+TEST(Topology, LayerKindsCostDifferently) {
+  Config c = flash();
+  CostModelOptions o{1, 65536, false};
+  // CSA (indexer) > HCA > sliding-only at long context.
+  EXPECT_GT(layer_time_cost(c, 2, o), layer_time_cost(c, 3, o));
+  EXPECT_GT(layer_time_cost(c, 3, o), layer_time_cost(c, 0, o));
+}
+
+TEST(StageLoading, EachStageReadsOnlyItsOwnTensors) {
+  const std::string dir = std::string(SP_TEST_DATA) + "/small";
+  Config c = load_config(dir).value();
+  auto ck = std::move(Checkpoint::open(dir).value());
+  for (int pp : {2, 3, 6}) {
+    Topology t{pp, 0, vllm_partition(c.num_layers, pp)};
+    std::set<std::string> seen;
+    int64_t total_bytes = 0;
+    for (int s = 0; s < pp; ++s) {
+      LoadPlan plan{t.first_layer(s), t.end_layer(s), s == 0, s == pp - 1};
+      auto w = load_weights(c, dir, plan, nullptr);
+      ASSERT_TRUE(w.is_ok()) << w.status().message();
+      const LoadStats& st = (*w)->stats;
+      int64_t bytes = 0;
+      for (const std::string& name : st.accessed) {
+        // Every tensor read belongs to this stage: its layers, or the embedding / head it owns.
+        bool own = false;
+        if (name.rfind("layers.", 0) == 0) {
+          int layer = std::stoi(name.substr(7));
+          own = layer >= plan.first_layer && layer < plan.end_layer;
+        } else if (name == "embed.weight") {
+          own = plan.embed;
+        } else {
+          own = plan.head;
+        }
+        EXPECT_TRUE(own) << "stage " << s << " read " << name;
+        EXPECT_TRUE(seen.insert(name).second) << name << " read by two stages";
+        bytes += ck->find(name)->nbytes;
+      }
+      EXPECT_EQ(st.bytes, bytes);  // holds exactly what it read
+      EXPECT_EQ(static_cast<int>((*w)->layers.size()), plan.end_layer - plan.first_layer);
+      EXPECT_EQ((*w)->embed.valid(), plan.embed);
+      EXPECT_EQ((*w)->head.valid(), plan.head);
+      total_bytes += bytes;
+      // Sequence state only for its own layers.
+      auto be = make_cpu_backend(1);
+      Model m(c, **w, *be, StateLimits{2, 256, 16, 2});
+      int64_t want = 0;
+      for (int l = plan.first_layer; l < plan.end_layer; ++l) {
+        const int64_t dh = c.head_dim, r = c.compress_ratio[l];
+        want += 2 * c.sliding_window * dh * 4;
+        if (r > 0) {
+          const int64_t k = c.compressor_overlap(l), entries = 256 / r + 1;
+          want += 2 * (entries * dh + 2 * r * k * dh + (k == 2 ? 2 * r * dh : 0)) * 4;
+          if (c.attn_kinds[l] == AttnKind::kCSA)
+            want += 2 * (entries * c.index_head_dim + 2 * r * 2 * c.index_head_dim + 2 * r * c.index_head_dim) * 4;
+        }
+      }
+      EXPECT_EQ(m.state_bytes(), want) << "stage " << s;
+    }
+    // Together the stages read every main-model tensor exactly once.
+    size_t main = 0;
+    for (auto& [name, info] : ck->all()) main += name.rfind("mtp.", 0) != 0;
+    EXPECT_EQ(seen.size(), main);
+  }
+}
+
+TEST(StepCodec, RoundTrip) {
+  StepPlan p;
+  p.id = 42;
+  p.batch.num_tokens = 3;
+  p.batch.token_ids = {5, 6, 7};
+  p.batch.positions = {0, 1, 9};
+  p.batch.chunk_of = {0, 0, 1};
+  p.batch.chunks = {SeqChunk{0, 0, 2, 0}, SeqChunk{3, 9, 1, 2}};
+  p.chunk_request = {10, 11};
+  p.logit_rows = {1, 2};
+  p.logit_request = {10, 11};
+  p.logit_position = {1, 9};
+  p.samples = {SampleRow{1, 11, SamplingParams{0.7f, 5, 0.9f, 3, true}}};
+  StepKind kind;
+  auto q = decode_step(encode_step(p), &kind);
+  ASSERT_TRUE(q.is_ok());
+  EXPECT_EQ(kind, StepKind::kStep);
+  EXPECT_EQ(q->id, 42);
+  EXPECT_EQ(q->batch.positions, p.batch.positions);
+  EXPECT_EQ(q->batch.chunks[1].slot, 3);
+  EXPECT_EQ(q->samples[0].params.top_k, 5);
+  EXPECT_TRUE(q->samples[0].params.ignore_eos);
+  auto bytes = encode_step(p);
+  bytes.pop_back();
+  EXPECT_FALSE(decode_step(bytes, &kind).is_ok());
+  decode_step(encode_stop(), &kind);
+  EXPECT_EQ(kind, StepKind::kStop);
+  int64_t step;
+  auto s = decode_sampled(encode_sampled(7, {{1, 2}, {3, 4}}), &step);
+  ASSERT_TRUE(s.is_ok());
+  EXPECT_EQ(step, 7);
+  EXPECT_EQ(s->at(1).token, 4);
+}
+
+}  // namespace
+}  // namespace sp
