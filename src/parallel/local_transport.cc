@@ -1,5 +1,6 @@
 #include <condition_variable>
 #include <cstdlib>
+#include <cstring>
 #include <deque>
 #include <map>
 #include <mutex>
@@ -113,10 +114,15 @@ class LocalTransport final : public Transport {
     return hub_->exchange(rank_, mine, all);
   }
   Result<double> allreduce_max(double v) override {
+    // The exact bits travel, not a decimal rendering.
     std::vector<std::string> all;
-    SP_RETURN_IF_ERROR(hub_->exchange(rank_, std::to_string(v), &all));
+    SP_RETURN_IF_ERROR(hub_->exchange(rank_, std::string(reinterpret_cast<const char*>(&v), sizeof v), &all));
     double m = v;
-    for (auto& s : all) m = std::max(m, std::stod(s));
+    for (auto& s : all) {
+      double x;
+      std::memcpy(&x, s.data(), sizeof x);
+      m = std::max(m, x);
+    }
     return m;
   }
   // Threads cannot exit alone: mark the pipeline failed (every blocked stage wakes with the

@@ -45,15 +45,53 @@ RopeTable RopeTable::build(const RopeParams& p, int rope_dim) {
 
 namespace {
 
-// Dot product with eight fixed partial sums: vectorisable, and its order depends only on n.
+// Dot product with eight fixed partial sums (one 8-lane vector): its order depends only on n, so
+// a row's result never depends on what else is computed, and every ISA gives the same bits (lane
+// j always accumulates elements j, j + 8, ... with a separate multiply and add; no FMA contraction
+// in ISO C++ mode).
+typedef float v8f __attribute__((vector_size(32)));
+
+inline float reduce8(v8f a, float tail) {
+  return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7])) + tail;
+}
+
+inline v8f load8(const float* p) {
+  v8f v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+
 inline float dot(const float* a, const float* b, int64_t n) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  v8f acc = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t k = 0;
-  for (; k + 8 <= n; k += 8)
-    for (int j = 0; j < 8; ++j) acc[j] += a[k + j] * b[k + j];
+  for (; k + 8 <= n; k += 8) acc += load8(a + k) * load8(b + k);
   float tail = 0;
   for (; k < n; ++k) tail += a[k] * b[k];
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
+  return reduce8(acc, tail);
+}
+
+// y[m, j] = dot(x[m], w[j]) for up to 4 weight rows at once, each with exactly dot()'s arithmetic.
+__attribute__((target_clones("avx2", "default"))) void dot4_rows(const float* x, int64_t ldx, int64_t M,
+                                                                 const float* w, int64_t K, int nw, float* y,
+                                                                 int64_t ldy) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = x + m * ldx;
+    v8f a0 = {0, 0, 0, 0, 0, 0, 0, 0}, a1 = a0, a2 = a0, a3 = a0;
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+      v8f xv = load8(xm + k);
+      a0 += xv * load8(w + k);
+      if (nw > 1) a1 += xv * load8(w + K + k);
+      if (nw > 2) a2 += xv * load8(w + 2 * K + k);
+      if (nw > 3) a3 += xv * load8(w + 3 * K + k);
+    }
+    v8f acc[4] = {a0, a1, a2, a3};
+    for (int j = 0; j < nw; ++j) {
+      float tail = 0;
+      for (int64_t kk = k; kk < K; ++kk) tail += xm[kk] * w[j * K + kk];
+      y[m * ldy + j] = reduce8(acc[j], tail);
+    }
+  }
 }
 
 inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
@@ -95,29 +133,13 @@ class CpuBackend final : public Backend {
   void linear(Tensor x, const Linear& w, Tensor y) override {
     SP_CHECK(x.cols == w.in && y.cols == w.out && x.rows == y.rows, w.name, ": x ", x.rows, "x", x.cols,
              " y ", y.rows, "x", y.cols, " W ", w.out, "x", w.in);
-    const int64_t M = x.rows, K = w.in;
-    if (M == 0) return;
-    pool_.parallel_for(w.out, [&](int64_t lo, int64_t hi) {
-      std::vector<float> row(static_cast<size_t>(K));
-      for (int64_t n = lo; n < hi; ++n) {
-        w.decode_row(n, row.data());
-        for (int64_t m = 0; m < M; ++m) y.row(m)[n] = dot(x.row(m), row.data(), K);
-      }
-    }, 8);
+    matmul(x.data, x.cols, x.rows, w, 0, w.in, w.out, y.data, y.cols);
   }
 
   void grouped_linear(Tensor x, const Linear& w, int groups, Tensor y) override {
-    const int64_t kin = x.cols / groups, nout = w.out / groups;
-    SP_CHECK(w.in == kin && y.cols == w.out, w.name);
-    const int64_t M = x.rows;
-    pool_.parallel_for(w.out, [&](int64_t lo, int64_t hi) {
-      std::vector<float> row(static_cast<size_t>(kin));
-      for (int64_t n = lo; n < hi; ++n) {
-        w.decode_row(n, row.data());
-        const int64_t g = n / nout;
-        for (int64_t m = 0; m < M; ++m) y.row(m)[n] = dot(x.row(m) + g * kin, row.data(), kin);
-      }
-    }, 8);
+    const int64_t kin = x.cols / groups;
+    SP_CHECK(w.in == kin && y.cols == w.out && x.rows == y.rows, w.name);
+    matmul(x.data, x.cols, x.rows, w, kin, kin, w.out / groups, y.data, y.cols);
   }
 
   void rms_norm(Tensor x, const float* weight, int group, float eps, Tensor y) override {
@@ -471,6 +493,30 @@ class CpuBackend final : public Backend {
   }
 
  private:
+  // y[m, n] = x[m, g(n) * group_stride : + K] . W[n] for every m, n, where g(n) = n / rows_per_group.
+  // Threads split the weight rows; each is decoded once per call, four at a time.
+  void matmul(const float* x, int64_t ldx, int64_t M, const Linear& w, int64_t group_stride, int64_t K,
+              int64_t rows_per_group, float* y, int64_t ldy) {
+    if (M == 0) return;
+    const int64_t N = w.out, blocks = (N + 3) / 4;
+    pool_.parallel_for(blocks, [&](int64_t lo, int64_t hi) {
+      std::vector<float> rows(static_cast<size_t>(4 * K));
+      for (int64_t b = lo; b < hi; ++b) {
+        const int64_t n0 = b * 4;
+        const int nw = static_cast<int>(std::min<int64_t>(4, N - n0));
+        // A block may straddle two groups: split it at the boundary.
+        for (int j0 = 0; j0 < nw;) {
+          const int64_t g = (n0 + j0) / rows_per_group;
+          int j1 = j0;
+          while (j1 < nw && (n0 + j1) / rows_per_group == g) ++j1;
+          for (int j = j0; j < j1; ++j) w.decode_row(n0 + j, rows.data() + (j - j0) * K);
+          dot4_rows(x + g * group_stride, ldx, M, rows.data(), K, j1 - j0, y + n0 + j0, ldy);
+          j0 = j1;
+        }
+      }
+    }, 2);
+  }
+
   static void rotate(float* v, int dim, const RopeTable& t, float pos) {
     float* r = v + (dim - t.rope_dim);
     for (int i = 0; i < t.rope_dim / 2; ++i) {
