@@ -134,6 +134,8 @@ class Backend {
   virtual void from_host(const float* src, Tensor dst) = 0;
 };
 
-std::unique_ptr<Backend> make_cpu_backend(int num_threads);
+// min_work_per_thread: the least work (multiply-adds) worth handing to another thread; tests set 1
+// to split every op.
+std::unique_ptr<Backend> make_cpu_backend(int num_threads, int64_t min_work_per_thread = int64_t{1} << 16);
 
 }  // namespace sp

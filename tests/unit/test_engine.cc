@@ -61,7 +61,7 @@ const Fixture& fixture(const std::string& name) {
 using AllLogits = std::map<std::pair<int64_t, int64_t>, std::vector<float>>;
 
 AllLogits run(const Fixture& f, int threads, int max_seqs, int budget, std::vector<int64_t>* step_tokens = nullptr) {
-  auto be = make_cpu_backend(threads);
+  auto be = make_cpu_backend(threads, 1);  // split every op across the threads
   StateLimits lim{max_seqs, 512, budget, budget};
   Model model(f.config, *f.weights, *be, lim);
   Engine engine(model, {max_seqs, budget, 512, f.config.vocab_size});

@@ -110,7 +110,7 @@ void topk_lower_index(const float* v, int n, int k, std::vector<int>& idx) {
 
 class CpuBackend final : public Backend {
  public:
-  explicit CpuBackend(int threads) : pool_(threads) {}
+  CpuBackend(int threads, int64_t min_work) : pool_(threads), min_work_(min_work) {}
   std::string name() const override { return "cpu"; }
   int num_threads() const override { return pool_.num_threads(); }
 
@@ -122,7 +122,7 @@ class CpuBackend final : public Backend {
   void embed(const Linear& table, const BatchView& b, Tensor out) override {
     pool_.parallel_for(b.num_tokens, [&](int64_t lo, int64_t hi) {
       for (int64_t t = lo; t < hi; ++t) table.decode_row(b.token_ids[t], out.row(t));
-    });
+    }, grain(table.in));
   }
 
   void expand_streams(Tensor e, int hc, Tensor X) override {
@@ -152,7 +152,7 @@ class CpuBackend final : public Backend {
         float r = 1.0f / std::sqrt(ss / static_cast<float>(group) + eps);
         for (int k = 0; k < group; ++k) dst[k] = weight ? weight[k] * (src[k] * r) : src[k] * r;
       }
-    }, 16);
+    }, grain(2 * group));
   }
 
   void rope(Tensor x, int head_dim, const RopeTable& t, const BatchView& b, bool inverse) override {
@@ -176,7 +176,7 @@ class CpuBackend final : public Backend {
           }
         }
       }
-    }, 4);
+    }, grain(heads * t.rope_dim * 4));
   }
 
   void hc_pre(Tensor X, const HcParams& p, int hc, int iters, float hc_eps, float norm_eps, Tensor x,
@@ -233,7 +233,7 @@ class CpuBackend final : public Backend {
           out[d] = s;
         }
       }
-    });
+    }, grain(W * (mix + 2)));
   }
 
   void hc_post(Tensor f, Tensor post, Tensor comb, int hc, Tensor X) override {
@@ -251,7 +251,7 @@ class CpuBackend final : public Backend {
           }
         std::memcpy(x, res.data(), res.size() * sizeof(float));
       }
-    });
+    }, grain(hc * D * (hc + 1)));
   }
 
   void hc_head(Tensor X, const HcParams& p, int hc, float hc_eps, float norm_eps, Tensor h) override {
@@ -271,7 +271,7 @@ class CpuBackend final : public Backend {
           h.row(t)[d] = s;
         }
       }
-    });
+    }, grain(W * (hc + 2)));
   }
 
   void compress(Tensor a, Tensor g, const CompressorArgs& args, const BatchView& b, Tensor buf,
@@ -359,7 +359,7 @@ class CpuBackend final : public Backend {
         std::sort(idx.begin(), idx.end());
         for (int i = 0; i < k; ++i) out[t * topk + i] = idx[i];
       }
-    });
+    }, grain(static_cast<int64_t>(heads) * dim * std::max<int64_t>(1, max_entries)));
   }
 
   void attention(Tensor q, Tensor kv, const AttentionArgs& a, const BatchView& b, const LayerState& st,
@@ -402,7 +402,7 @@ class CpuBackend final : public Backend {
           for (int c = 0; c < dh; ++c) oh[c] += pj * rows[j][c];
         }
       }
-    }, 4);
+    }, grain(static_cast<int64_t>(2) * (W + topk) * dh));
   }
 
   void window_update(Tensor kv, int window, const BatchView& b, Tensor ring) override {
@@ -441,7 +441,7 @@ class CpuBackend final : public Backend {
           ew[t * K + j] = s[idx[j]] / (sum + 1e-20f) * a.routed_scale;
         }
       }
-    });
+    }, grain(E * 4));
     // Tokens per expert; each token's contributions are added in ascending expert order.
     std::vector<std::vector<std::pair<int64_t, float>>> by_expert(E);
     for (int64_t t = 0; t < T; ++t)
@@ -493,6 +493,12 @@ class CpuBackend final : public Backend {
   }
 
  private:
+  // Items per thread so that each thread gets at least min_work_ multiply-adds: small ops stay on
+  // one thread (waking the pool costs more than they do). Results do not depend on the split.
+  int64_t grain(int64_t work_per_item) const {
+    return std::max<int64_t>(1, min_work_ / std::max<int64_t>(1, work_per_item));
+  }
+
   // y[m, n] = x[m, g(n) * group_stride : + K] . W[n] for every m, n, where g(n) = n / rows_per_group.
   // Threads split the weight rows; each is decoded once per call, four at a time.
   void matmul(const float* x, int64_t ldx, int64_t M, const Linear& w, int64_t group_stride, int64_t K,
@@ -514,7 +520,7 @@ class CpuBackend final : public Backend {
           j0 = j1;
         }
       }
-    }, 2);
+    }, grain(4 * M * K));
   }
 
   static void rotate(float* v, int dim, const RopeTable& t, float pos) {
@@ -530,11 +536,14 @@ class CpuBackend final : public Backend {
   }
 
   ThreadPool pool_;
+  int64_t min_work_;
   std::list<std::vector<float>> storage_;
 };
 
 }  // namespace
 
-std::unique_ptr<Backend> make_cpu_backend(int num_threads) { return std::make_unique<CpuBackend>(num_threads); }
+std::unique_ptr<Backend> make_cpu_backend(int num_threads, int64_t min_work_per_thread) {
+  return std::make_unique<CpuBackend>(num_threads, min_work_per_thread);
+}
 
 }  // namespace sp
