@@ -23,3 +23,8 @@ out=$("$bin" generate --model "$data/configs/flash-mini" --load-format dummy --p
 n=$(grep -o 'output ids:[0-9 ]*' <<<"$out" | wc -w)
 [ "$n" = 6 ] || fail "dummy generate printed '$out'"
 echo "ok: dummy flash-mini generates"
+# Base-model formats: FP8 experts with 128x128 block scales, from a config alone.
+out=$("$bin" generate --model "$data/configs/flash-mini-base" --load-format dummy --prompt-ids 5,6,7 --max-tokens 3 \
+      --ignore-eos --max-model-len 64) || fail "dummy fp8-expert generate failed: $out"
+[ "$(grep -o 'output ids:[0-9 ]*' <<<"$out" | wc -w)" = 5 ] || fail "dummy fp8-expert generate printed '$out'"
+echo "ok: dummy flash-mini-base (FP8 experts) generates"
