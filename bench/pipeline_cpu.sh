@@ -14,10 +14,16 @@ n, l, v = map(int, sys.argv[1:])
 print(" ".join("--prompt-ids " + ",".join(str((i * 7919 + j * 104729 + 17) % (v - 2) + 2) for j in range(l)) for i in range(n)))
 PY
 }
-row() {  # label, then the command
+REPEATS=${REPEATS:-3}
+row() {  # label, then the command; the run with the median run time of REPEATS is reported
   local label=$1; shift
-  local out
-  out=$("$@" 2>/dev/null)
+  local out runs=() i
+  for i in $(seq 1 "$REPEATS"); do
+    runs+=("$("$@" 2>/dev/null)")
+  done
+  out=$(for r in "${runs[@]}"; do
+          printf '%s\t%s\n' "$(grep '^generated' <<<"$r" | awk '{print $7}')" "$(base64 -w0 <<<"$r")"
+        done | sort -g | sed -n "$(( (REPEATS + 1) / 2 ))p" | cut -f2 | base64 -d)
   local line gen steps secs toks pipe
   line=$(grep '^generated' <<<"$out")
   gen=$(awk '{print $2}' <<<"$line"); steps=$(awk '{print $5}' <<<"$line"); secs=$(awk '{print $7}' <<<"$line")
@@ -42,7 +48,9 @@ run_case() {  # name model extra-flags prompts-args
 }
 echo "machine: $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p'), $(free -g | awk '/Mem:/{print $2}') GiB"
 echo "commit: $(git rev-parse --short HEAD), date: $(date -u +%Y-%m-%d)"
-run_case "small fixture (6 layers, hidden 128): 16 prompts x 64 tokens, 32 new tokens each" \
-  tests/data/small "--max-tokens 32 --max-num-seqs 16 --max-model-len 128" $(prompts 16 64 512)
-run_case "dummy V4-Flash layer kinds at hidden 1024 (43 layers, FP8/FP4, 2.7 GiB): 8 prompts x 32 tokens, 8 new tokens each" \
-  bench/configs/flash-1k "--load-format dummy --max-tokens 8 --max-num-seqs 8 --max-model-len 64" $(prompts 8 32 32768)
+echo "each row: the median of $REPEATS runs (small fixture) by run time; the dummy model runs once"
+run_case "small fixture (6 layers, hidden 128): 16 prompts x 64 tokens, 64 new tokens each" \
+  tests/data/small "--max-tokens 64 --max-num-seqs 16 --max-model-len 160" $(prompts 16 64 512)
+REPEATS=1
+run_case "dummy V4-Flash layer kinds at hidden 1024 (43 layers, FP8/FP4, 2.7 GiB): 8 prompts x 16 tokens, 12 new tokens each" \
+  bench/configs/flash-1k "--load-format dummy --max-tokens 12 --max-num-seqs 8 --max-model-len 64" $(prompts 8 16 32768)

@@ -1,5 +1,6 @@
 #include "model/model.h"
 
+#include <algorithm>
 #include <cmath>
 
 namespace sp {
@@ -73,6 +74,7 @@ Model::Model(const Config& c, const ModelWeights& w, Backend& be, const StateLim
     ws_h_ = be_.alloc(lim.max_logit_rows, D);
     ws_hsel_ = be_.alloc(lim.max_logit_rows, c.hc_dim());
     ws_logits_ = be_.alloc(lim.max_logit_rows, c.vocab_size);
+    if (lim.mtp) ws_mtp_hidden_ = be_.alloc(T, c.hc_dim());
   }
 }
 
@@ -157,6 +159,9 @@ void Model::run_layers(const BatchView& b, Tensor X, const LayerHook& hook) {
     be_.hc_post(f, post, comb, hc, X);
     if (hook) hook(L.index, X);
   }
+  // The MTP layer reads the pre-hc_head streams: keep them where the draft can find them.
+  if (ws_mtp_hidden_.data && w_.plan.end_layer == c_.num_layers)
+    std::copy(X.data, X.data + X.rows * X.cols, ws_mtp_hidden_.data);
 }
 
 Tensor Model::head(Tensor X, const std::vector<int32_t>& rows) {

@@ -20,6 +20,9 @@ struct StateLimits {
   int64_t max_model_len = 0;
   int max_num_batched_tokens = 0;
   int max_logit_rows = 0;
+  // Reserve the MTP hidden-state buffer on the stage that owns the head (only when MTP is on; MTP
+  // itself is not built yet, nothing turns this on).
+  bool mtp = false;
 };
 
 // Per-layer bytes of sequence state: fixed per sequence and growing per token.
@@ -44,6 +47,9 @@ class Model {
   // Residual workspace for up to max_num_batched_tokens rows.
   Tensor residual(int rows) { return ws_X_.slice_rows(0, rows); }
   int64_t state_bytes() const { return state_bytes_; }
+  // The last layer's output streams, kept for the MTP draft layer: [tokens, hc * hidden]
+  // (allocated for max_num_batched_tokens rows; empty unless limits.mtp on the head's stage).
+  Tensor mtp_hidden() const { return ws_mtp_hidden_; }
 
   // X = the token embeddings expanded to hc_mult streams (first stage only).
   void embed(const BatchView& b, Tensor X);
@@ -64,7 +70,7 @@ class Model {
   int64_t state_bytes_ = 0;
   // Workspace, sized at start-up for max_num_batched_tokens rows.
   Tensor ws_X_, ws_x_, ws_xn_, ws_f_, ws_post_, ws_comb_, ws_qlat_, ws_q_, ws_kv_, ws_a_, ws_g_, ws_o_,
-      ws_z_, ws_iq_, ws_iw_, ws_ia_, ws_ig_, ws_h_, ws_hsel_, ws_logits_;
+      ws_z_, ws_iq_, ws_iw_, ws_ia_, ws_ig_, ws_h_, ws_hsel_, ws_logits_, ws_mtp_hidden_;
   std::vector<int32_t> selected_;
 };
 

@@ -195,6 +195,16 @@ int64_t expected_bytes(const ExpectedTensor& t) {
   return 0;
 }
 
+LoadPlan LoadPlan::stage(const std::vector<int>& partition, int stage, bool mtp) {
+  LoadPlan p;
+  for (int s = 0; s < stage; ++s) p.first_layer += partition[s];
+  p.end_layer = p.first_layer + partition[stage];
+  const bool last = stage + 1 == static_cast<int>(partition.size());
+  p.embed = stage == 0 || (last && mtp);
+  p.head = last;
+  return p;
+}
+
 bool LoadPlan::owns(const ExpectedTensor& t) const {
   switch (t.part) {
     case Part::kEmbed: return embed;

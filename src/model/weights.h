@@ -94,10 +94,12 @@ struct LayerWeights {
 struct LoadPlan {
   int first_layer = 0;
   int end_layer = 0;  // exclusive
-  bool embed = true;
+  bool embed = true;  // the first stage; with MTP on, the last stage too (the draft embeds tokens)
   bool head = true;   // hc_head, final norm, head
   bool owns(const ExpectedTensor& t) const;
   static LoadPlan whole(const Config& c) { return LoadPlan{0, c.num_layers, true, true}; }
+  // Stage `stage` of `partition`'s pipeline.
+  static LoadPlan stage(const std::vector<int>& partition, int stage, bool mtp);
 };
 
 struct LoadStats {

@@ -125,7 +125,7 @@ std::string differences(const std::string& a, const std::string& b) {
 int run_one_stage(const Flags& f, const Config& c, const Topology& topo, Transport& tr, const Job& job,
                   const PipelineOptions& popt) {
   const int s = topo.rank;
-  LoadPlan plan{topo.first_layer(s), topo.end_layer(s), topo.is_first(s), topo.is_last(s)};
+  LoadPlan plan = LoadPlan::stage(topo.layers, s, /*mtp=*/false);
   auto weights = f.str("load-format") == "dummy"
                      ? dummy_weights(c, plan, static_cast<uint64_t>(f.i64("seed")), progress_printer(s))
                      : load_weights(c, f.str("model"), plan, progress_printer(s));

@@ -131,6 +131,31 @@ TEST(StageLoading, EachStageReadsOnlyItsOwnTensors) {
   }
 }
 
+TEST(StageLoading, MtpRoomOnTheLastStageOnly) {
+  const std::string dir = std::string(SP_TEST_DATA) + "/tiny";
+  Config c = load_config(dir).value();
+  std::vector<int> part = vllm_partition(c.num_layers, 2);
+  EXPECT_FALSE(LoadPlan::stage(part, 1, false).embed);
+  EXPECT_TRUE(LoadPlan::stage(part, 1, true).embed);  // the draft layer embeds the next tokens
+  EXPECT_TRUE(LoadPlan::stage(part, 0, true).embed);
+  for (bool mtp : {false, true}) {
+    for (int s = 0; s < 2; ++s) {
+      auto w = load_weights(c, dir, LoadPlan::stage(part, s, mtp), nullptr);
+      ASSERT_TRUE(w.is_ok());
+      auto be = make_cpu_backend(1);
+      StateLimits lim{2, 64, 16, 2};
+      lim.mtp = mtp;
+      Model m(c, **w, *be, lim);
+      const bool want = mtp && s == 1;
+      EXPECT_EQ(m.mtp_hidden().data != nullptr, want) << "stage " << s << " mtp " << mtp;
+      if (want) {
+        EXPECT_EQ(m.mtp_hidden().rows, 16);
+        EXPECT_EQ(m.mtp_hidden().cols, c.hc_dim());
+      }
+    }
+  }
+}
+
 TEST(StepCodec, RoundTrip) {
   StepPlan p;
   p.id = 42;
