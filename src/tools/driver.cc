@@ -231,6 +231,13 @@ int run_job(const Flags& f, const Job& job) {
       } catch (const StageFailure& e) {
         codes[s] = e.exit_code;
         errors[s] = e.message;
+      } catch (const std::exception& e) {  // anything else still brings the pipeline down
+        try {
+          transports[s]->fail(str("stage ", s, ": ", e.what()), 4);
+        } catch (const StageFailure& f) {
+          codes[s] = f.exit_code;
+          errors[s] = f.message;
+        }
       }
     });
   }
