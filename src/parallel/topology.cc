@@ -37,7 +37,8 @@ Result<std::vector<int>> parse_partition(const std::string& text, int num_layers
     char* end = nullptr;
     long v = std::strtol(item.c_str(), &end, 10);
     if (item.empty() || *end || v < 1)
-      return Status::error(str("--pp-partition: '", item, "' is not a layer count; expected positive integers like 11,11,11,10"));
+      return Status::error(str("--pp-partition: '", item,
+                               "' is not a layer count; expected vllm, auto, or positive integers like 11,11,11,10"));
     p.push_back(static_cast<int>(v));
   }
   if (static_cast<int>(p.size()) != pp)

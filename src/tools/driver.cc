@@ -173,6 +173,8 @@ int run_job(const Flags& f, const Job& job) {
   const Config& c = *cfg;
   auto fault = parse_fault(f.str("fault-inject"));
   if (!fault) return fail(fault.status());
+  if (f.given("trace") && !std::ofstream(f.str("trace")))  // fail now, not after the run
+    return fail(Status::error(str("--trace: cannot write ", f.str("trace"))));
   PipelineOptions popt;
   popt.micro_batches = static_cast<int>(f.i64("micro-batches"));
   popt.trace = f.given("trace");

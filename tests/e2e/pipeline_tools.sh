@@ -30,4 +30,6 @@ plan=$("$bin" inspect --model "$data/configs/deepseek-v4-flash" --load-format du
 grep -q "(cost model)" <<<"$plan" || fail "auto plan: $plan"
 echo "ok: inspect plans the full-size model from its config"
 expect_error 2 "covers 44 layers" -- "$bin" inspect --model "$data/configs/deepseek-v4-flash" --load-format dummy --pp 4 --pp-partition 11,11,11,11
+expect_error 2 "--trace: cannot write /nonexistent/t.json" -- "$bin" generate --model "$data/tiny" --prompt-ids 1 --trace /nonexistent/t.json
+expect_error 2 "expected vllm, auto, or positive integers" -- "$bin" generate --model "$data/tiny" --prompt-ids 1 --pp 2 --pp-partition balanced
 expect_error 2 "--fault-inject '1:x'" -- "$bin" generate --model "$data/tiny" --prompt-ids 1 --pp 2 --fault-inject 1:x
