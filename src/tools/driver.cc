@@ -7,6 +7,8 @@
 #include <sstream>
 #include <thread>
 
+#include <unistd.h>
+
 namespace sp {
 
 std::vector<FlagSpec> common_flags() {
@@ -121,11 +123,42 @@ std::string differences(const std::string& a, const std::string& b) {
   return out;
 }
 
+std::string gib(double b) { return str(static_cast<double>(static_cast<int64_t>(b / 1073741824.0 * 100)) / 100, " GiB"); }
+
+// Refuses, before allocating, a stage whose sequence state (and generated weights) cannot fit
+// in this machine's memory.
+Status check_memory(const Flags& f, const Config& c, const LoadPlan& plan, int stage, int max_logit_rows) {
+  const double S = static_cast<double>(f.i64("max-num-seqs")), L = static_cast<double>(f.i64("max-model-len"));
+  const double T = static_cast<double>(f.i64("max-num-batched-tokens"));
+  double state = 0;
+  for (int l = plan.first_layer; l < plan.end_layer; ++l) {
+    StateBytes b = layer_state_bytes(c, l);
+    state += S * (static_cast<double>(b.per_sequence) + static_cast<double>(b.per_token) * L);
+  }
+  // Residual, sublayer activations and logits: a generous bound of the workspace.
+  double work = T * 4.0 * (2.0 * c.hc_dim() + 2.0 * c.num_heads * c.head_dim + 8.0 * c.hidden_size) +
+                (plan.head ? max_logit_rows * 4.0 * static_cast<double>(c.vocab_size) : 0.0);
+  double weights = 0;
+  if (f.str("load-format") == "dummy")
+    for (const ExpectedTensor& t : expected_tensors(c))
+      if (plan.owns(t)) weights += static_cast<double>(expected_bytes(t));
+  const double have = static_cast<double>(sysconf(_SC_PHYS_PAGES)) * static_cast<double>(sysconf(_SC_PAGESIZE));
+  if (have > 0 && state + work + weights > have)
+    return Status::error(str("stage ", stage, " needs ", gib(state + work + weights), " (sequence state for --max-num-seqs ",
+                             f.i64("max-num-seqs"), " x --max-model-len ", f.i64("max-model-len"), ": ", gib(state),
+                             weights > 0 ? str("; dummy weights: ", gib(weights)) : std::string(),
+                             ") but this machine has ", gib(have),
+                             " of memory; lower --max-model-len or --max-num-seqs, or use more stages"));
+  return Status::ok();
+}
+
 // One stage's whole life: load its part, run, finish. Returns its exit code.
 int run_one_stage(const Flags& f, const Config& c, const Topology& topo, Transport& tr, const Job& job,
                   const PipelineOptions& popt) {
   const int s = topo.rank;
   LoadPlan plan = LoadPlan::stage(topo.layers, s, /*mtp=*/false);
+  const int logit_rows = job.max_logit_rows > 0 ? job.max_logit_rows : static_cast<int>(f.i64("max-num-seqs"));
+  if (Status st = check_memory(f, c, plan, s, logit_rows); !st) tr.fail(st.message(), 2);
   auto weights = f.str("load-format") == "dummy"
                      ? dummy_weights(c, plan, static_cast<uint64_t>(f.i64("seed")), progress_printer(s))
                      : load_weights(c, f.str("model"), plan, progress_printer(s));
@@ -145,7 +178,7 @@ int run_one_stage(const Flags& f, const Config& c, const Topology& topo, Transpo
   lim.max_num_seqs = static_cast<int>(f.i64("max-num-seqs"));
   lim.max_model_len = f.i64("max-model-len");
   lim.max_num_batched_tokens = static_cast<int>(f.i64("max-num-batched-tokens"));
-  lim.max_logit_rows = job.max_logit_rows > 0 ? job.max_logit_rows : lim.max_num_seqs;
+  lim.max_logit_rows = logit_rows;
   Model model(c, **weights, *backend, lim);
   StageEnv env{s, topo, &tr, &model, weights->get()};
   std::unique_ptr<Scheduler> sched;
@@ -212,7 +245,11 @@ int run_job(const Flags& f, const Job& job) {
       if (t.rank() == 0) fail(Status::error(str("--fault-inject: stage ", fault->stage, " does not exist (", world, " stages)")));
       return 2;
     }
-    return run_one_stage(f, c, *topo, t, job, popt);
+    try {
+      return run_one_stage(f, c, *topo, t, job, popt);
+    } catch (const std::exception& e) {
+      t.fail(str("stage ", t.rank(), " (rank ", t.rank(), "): ", e.what()), 4);
+    }
   }
 
   const int pp = static_cast<int>(f.i64("pp"));

@@ -3,8 +3,10 @@
 # Ranks started with a different partition are refused.
 . "$(dirname "$0")/lib.sh"
 bin=$1 data=$2
-model=$data/tiny
-gen=(generate --model "$model" --prompt-ids 3,4,5,6 --prompt-ids 7,8 --max-tokens 3000 --ignore-eos --threads 1 --max-model-len 4096)
+# A dummy model big enough that generating 3000 tokens takes far longer than the kill takes to land.
+model=$data/configs/flash-mini
+gen=(generate --model "$model" --load-format dummy --prompt-ids 3,4,5,6 --prompt-ids 7,8 --max-tokens 3000 --ignore-eos
+     --threads 1 --max-model-len 4096)
 elapsed_ok() { # start_ns limit_s
   local ms=$(( ($(date +%s%N) - $1) / 1000000 ))
   [ $ms -lt $(( $2 * 1000 )) ] || fail "took ${ms} ms (limit $2 s)"
@@ -60,6 +62,7 @@ echo "ok: mpirun, rank 1 killed from outside: exit $rc"; elapsed_ok $t1 10; no_l
 rm -f "$log"
 
 # 5. Mismatched partitions are refused at start-up.
+model=$data/tiny
 out=$(timeout 30 $MPIRUN -np 1 "$bin" generate --model "$model" --prompt-ids 1,2 --pp-partition 2,3 : \
       -np 1 "$bin" generate --model "$model" --prompt-ids 1,2 --pp-partition 3,2 2>&1); rc=$?
 [ $rc = 2 ] || fail "mismatch: exit $rc: $out"

@@ -23,6 +23,11 @@ b=$("$bin" generate --model "$data/tiny" --prompt-ids 10,20,30 --prompt-ids 5 --
 [ "$(grep 'output ids' <<<"$a")" = "$(grep 'output ids' <<<"$b")" ] || fail "pp 4 output differs: $a / $b"
 [ "$(hash_of "$a")" = "$(hash_of "$b")" ] || fail "pp 4 logits differ"
 echo "ok: generate --pp 4 equals --pp 1"
+# The stages' loads add up to the whole model: each read only its own tensors, none twice.
+whole=$(grep -o 'loaded [0-9]* tensors' <<<"$a" | awk '{s += $2} END {print s}')
+parts=$(grep -o 'loaded [0-9]* tensors' <<<"$b" | awk '{s += $2} END {print s}')
+[ "$(grep -c 'loaded' <<<"$b")" = 4 ] && [ "$whole" = "$parts" ] || fail "stage loads $parts tensors, whole model $whole"
+echo "ok: 4 stages loaded $parts tensors together, as the whole model"
 plan=$("$bin" inspect --model "$data/configs/deepseek-v4-flash" --load-format dummy --pp 4) || fail "inspect --pp: $plan"
 grep -q "partition 11,11,11,10 (vLLM's split)" <<<"$plan" || fail "inspect plan: $plan"
 grep -q "+head" <<<"$plan" || fail "inspect plan lacks the head: $plan"
