@@ -13,7 +13,7 @@ expect_error 2 "cannot open .*config.json" -- "$bin" inspect --model "$data/does
 expect_error 2 "unknown command 'serve'" -- "$bin" serve
 expect_error 2 "golden file has no prompts|cannot open" -- "$bin" verify --model "$data/tiny" --golden "$data/tiny/model.safetensors"
 expect_error 2 "stage 0 needs .* of sequence state|stage 0 needs .*--max-model-len 1000000000" -- "$bin" generate --model "$data/tiny" --prompt-ids 1,2 --max-model-len 1000000000 --max-num-seqs 64
-expect_error 2 "stage 1 needs .*dummy weights" -- "$bin" generate --model "$data/configs/deepseek-v4-flash" --load-format dummy --prompt-ids 1,2 --max-model-len 1024 --pp 2
+expect_error 2 "stage [01] needs .*dummy weights" -- "$bin" generate --model "$data/configs/deepseek-v4-flash" --load-format dummy --prompt-ids 1,2 --max-model-len 1024 --pp 2
 # A verify that misses the tolerance fails with exit 1.
 expect_error 1 "" -- "$bin" verify --model "$data/tiny" --golden "$data/tiny/golden.safetensors" --atol 1e-9
 "$bin" generate --help | grep -q -- "--max-num-batched-tokens" || fail "--help lacks flags"
