@@ -6,21 +6,22 @@
 namespace sp {
 
 StateBytes layer_state_bytes(const Config& c, int l) {
-  // fp32 reference layout: window ring rows, compressed entries, indexer keys, compressor windows.
+  // fp32 reference layout: window ring rows, then per compressed entry (one per `ratio` tokens) a
+  // head_dim row and, for CSA, an index_head_dim key; the compressors' windows are per sequence.
   StateBytes s;
   const int64_t dh = c.head_dim, r = c.compress_ratio[l];
   s.per_sequence = int64_t{c.sliding_window} * dh * 4;
   if (r > 0) {
     const int64_t k = c.compressor_overlap(l);
-    s.per_token += dh * 4 * 1000 / r;  // per 1000 tokens, see below
+    int64_t entry = dh * 4;
     s.per_sequence += 2 * r * k * dh * 4 + (k == 2 ? 2 * r * dh * 4 : 0);
+    if (c.attn_kinds[l] == AttnKind::kCSA) {
+      const int64_t id = c.index_head_dim;
+      entry += id * 4;
+      s.per_sequence += 2 * r * 2 * id * 4 + 2 * r * id * 4;
+    }
+    s.per_token = (entry + r - 1) / r;  // rounded up
   }
-  if (c.attn_kinds[l] == AttnKind::kCSA) {
-    const int64_t id = c.index_head_dim;
-    s.per_token += id * 4 * 1000 / r;
-    s.per_sequence += 2 * r * 2 * id * 4 + 2 * r * id * 4;
-  }
-  s.per_token = (s.per_token + 999) / 1000;  // bytes per token, rounded up
   return s;
 }
 

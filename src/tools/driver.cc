@@ -213,6 +213,10 @@ int run_job(const Flags& f, const Job& job) {
   popt.trace = f.given("trace");
   popt.fault = *fault;
   const std::string part = f.str("pp-partition") == "vllm" ? "" : f.str("pp-partition");
+  // Requests are checked before any weight is read (a bad prompt should not cost a long load).
+  Scheduler probe(SchedulerLimits{static_cast<int>(f.i64("max-num-seqs")), static_cast<int>(f.i64("max-num-batched-tokens")),
+                                  f.i64("max-model-len"), c.vocab_size});
+  const Status requests_ok = job.add_requests(probe);
   CostModelOptions co{static_cast<int>(f.i64("max-num-seqs")), f.i64("max-model-len"), false};
 
   if (launched_by_mpi()) {
@@ -220,6 +224,10 @@ int run_job(const Flags& f, const Job& job) {
     if (!tr) return fail(tr.status());
     Transport& t = **tr;
     const int world = t.world();
+    if (!requests_ok) {
+      if (t.rank() == 0) fail(requests_ok);
+      return 2;
+    }
     if (f.given("pp") && f.i64("pp") != world) {
       if (t.rank() == 0)
         fail(Status::error(str("--pp ", f.i64("pp"), " but mpirun started ", world,
@@ -252,6 +260,7 @@ int run_job(const Flags& f, const Job& job) {
     }
   }
 
+  if (!requests_ok) return fail(requests_ok);
   const int pp = static_cast<int>(f.i64("pp"));
   auto topo = make_topology(c, pp, 0, part, co);
   if (!topo) return fail(topo.status());
