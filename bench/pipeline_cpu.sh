@@ -2,7 +2,7 @@
 # CPU pipeline benchmark: pp 1 vs pp 2 with one thread per stage (no oversubscription on a
 # 2-core machine), several micro-batches, over threads and over mpirun; pp 1 with 2 threads is the
 # peer on the same cores. Prints a markdown table for docs/benchmarks.md.
-# usage: bench/pipeline_cpu.sh [BUILD_DIR]   (after `make build`)
+# usage: bench/pipeline_cpu.sh [BUILD_DIR]   (after `make build`; also needs bc and lscpu)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${1:-build}/seekpipe

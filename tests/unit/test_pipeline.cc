@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <set>
+#include <thread>
 
 #include "engine/pipeline.h"
 #include "engine/step_codec.h"
@@ -154,6 +155,82 @@ TEST(StageLoading, MtpRoomOnTheLastStageOnly) {
       }
     }
   }
+}
+
+// Runs tiny as a 2-stage threads pipeline and returns stage 0's step sizes in scheduling order.
+std::vector<int> pipeline_step_tokens(const std::vector<Request>& reqs, int budget, int micro_batches) {
+  const std::string dir = std::string(SP_TEST_DATA) + "/tiny";
+  Config c = load_config(dir).value();
+  Topology topo{2, 0, vllm_partition(c.num_layers, 2)};
+  auto tr = make_local_transports(2);
+  std::vector<int> tokens;
+  std::vector<std::thread> threads;
+  for (int s = 0; s < 2; ++s) {
+    threads.emplace_back([&, s] {
+      auto w = load_weights(c, dir, LoadPlan::stage(topo.layers, s, false), nullptr);
+      auto be = make_cpu_backend(1);
+      Model m(c, **w, *be, StateLimits{16, 256, budget, budget});
+      Topology t = topo;
+      t.rank = s;
+      Scheduler sched(SchedulerLimits{16, budget, 256, c.vocab_size});
+      for (auto& r : reqs) EXPECT_TRUE(sched.add(r).is_ok());
+      StageHooks hooks;
+      int64_t last_step = -1;
+      if (s == 0)
+        hooks.hook = [&](const StepPlan& plan, int layer, Tensor) {
+          if (layer == t.first_layer(0) && plan.id != last_step) {
+            tokens.push_back(plan.batch.num_tokens);
+            last_step = plan.id;
+          }
+        };
+      PipelineOptions opt;
+      opt.micro_batches = micro_batches;
+      std::vector<StageReport> reports;
+      EXPECT_TRUE(run_stage(m, t, *tr[s], s == 0 ? &sched : nullptr, hooks, opt, &reports).is_ok());
+    });
+  }
+  for (auto& th : threads) th.join();
+  return tokens;
+}
+
+TEST(Pipeline, BurstIsSpreadOverMicroBatchesByTokenLoad) {
+  std::vector<Request> reqs;
+  for (int i = 0; i < 8; ++i) {
+    Request r;
+    r.id = i;
+    r.prompt.assign(20, 3 + i);
+    r.max_new_tokens = 2;
+    r.sampling.ignore_eos = true;
+    reqs.push_back(r);
+  }
+  // 160 prompt tokens, a budget that would take them all in one step, two micro-batches: the burst
+  // is split 80 / 80 instead of 160 / 0.
+  auto steps = pipeline_step_tokens(reqs, 512, 2);
+  ASSERT_GE(steps.size(), 2u);
+  EXPECT_EQ(steps[0], 80);
+  EXPECT_EQ(steps[1], 80);
+}
+
+TEST(Scheduler, LongPrefillChunksFollowEachOtherWithoutWaiting) {
+  Scheduler s(SchedulerLimits{4, 16, 256, 100});
+  Request r;
+  r.id = 1;
+  r.prompt.assign(50, 7);
+  r.max_new_tokens = 1;
+  ASSERT_TRUE(s.add(r).is_ok());
+  // Nothing has completed, yet each step takes the next chunk of the same prompt.
+  for (int k = 0; k < 3; ++k) {
+    StepPlan p = s.schedule();
+    ASSERT_EQ(p.batch.chunks.size(), 1u);
+    EXPECT_EQ(p.batch.chunks[0].start_pos, 16 * k);
+    EXPECT_EQ(p.batch.chunks[0].n_tokens, 16);
+    EXPECT_TRUE(p.samples.empty());
+  }
+  StepPlan last = s.schedule();
+  EXPECT_EQ(last.batch.chunks[0].n_tokens, 2);
+  ASSERT_EQ(last.samples.size(), 1u);  // the prompt's last chunk samples the first new token
+  // A decode cannot start before that token is back.
+  EXPECT_TRUE(s.schedule().empty());
 }
 
 TEST(StepCodec, RoundTrip) {
