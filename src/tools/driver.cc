@@ -58,6 +58,14 @@ Result<Config> read_config(const Flags& f) {
   return c;
 }
 
+std::string human_bytes(double b) {
+  char buf[64];
+  if (b >= 1073741824.0) std::snprintf(buf, sizeof buf, "%.2f GiB", b / 1073741824.0);
+  else if (b >= 1048576.0) std::snprintf(buf, sizeof buf, "%.2f MiB", b / 1048576.0);
+  else std::snprintf(buf, sizeof buf, "%.1f KiB", b / 1024.0);
+  return buf;
+}
+
 namespace {
 
 ProgressFn progress_printer(int stage) {
@@ -123,7 +131,6 @@ std::string differences(const std::string& a, const std::string& b) {
   return out;
 }
 
-std::string gib(double b) { return str(static_cast<double>(static_cast<int64_t>(b / 1073741824.0 * 100)) / 100, " GiB"); }
 
 // Refuses, before allocating, a stage whose sequence state (and generated weights) cannot fit
 // in this machine's memory.
@@ -144,10 +151,10 @@ Status check_memory(const Flags& f, const Config& c, const LoadPlan& plan, int s
       if (plan.owns(t)) weights += static_cast<double>(expected_bytes(t));
   const double have = static_cast<double>(sysconf(_SC_PHYS_PAGES)) * static_cast<double>(sysconf(_SC_PAGESIZE));
   if (have > 0 && state + work + weights > have)
-    return Status::error(str("stage ", stage, " needs ", gib(state + work + weights), " (sequence state for --max-num-seqs ",
-                             f.i64("max-num-seqs"), " x --max-model-len ", f.i64("max-model-len"), ": ", gib(state),
-                             weights > 0 ? str("; dummy weights: ", gib(weights)) : std::string(),
-                             ") but this machine has ", gib(have),
+    return Status::error(str("stage ", stage, " needs ", human_bytes(state + work + weights), " (sequence state for --max-num-seqs ",
+                             f.i64("max-num-seqs"), " x --max-model-len ", f.i64("max-model-len"), ": ", human_bytes(state),
+                             weights > 0 ? str("; dummy weights: ", human_bytes(weights)) : std::string(),
+                             ") but this machine has ", human_bytes(have),
                              " of memory; lower --max-model-len or --max-num-seqs, or use more stages"));
   return Status::ok();
 }

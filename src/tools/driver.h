@@ -37,6 +37,8 @@ struct Job {
 };
 
 Result<Config> read_config(const Flags& f);
+// "1.23 GiB", "4.56 MiB", "7.8 KiB".
+std::string human_bytes(double bytes);
 // Runs the job; returns the process exit code (errors are printed and give 2).
 int run_job(const Flags& f, const Job& job);
 int fail(const Status& s);

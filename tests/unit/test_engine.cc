@@ -10,32 +10,17 @@
 #include "engine/engine.h"
 #include "model/model.h"
 #include "model/safetensors.h"
+#include "tools/golden.h"
 
 namespace sp {
 namespace {
-
-struct Prompt {
-  std::vector<int32_t> ids, greedy;
-  const float* prefill;
-  const float* decode;
-};
 
 struct Fixture {
   Config config;
   std::unique_ptr<ModelWeights> weights;
   std::unique_ptr<SafetensorsFile> golden;
-  std::vector<Prompt> prompts;
+  std::vector<GoldenPrompt> prompts;
 };
-
-std::vector<int32_t> ints(const TensorInfo& t) {
-  std::vector<int32_t> v(static_cast<size_t>(t.numel()));
-  for (int64_t i = 0; i < t.numel(); ++i) {
-    int64_t x;
-    std::memcpy(&x, t.data + 8 * i, 8);
-    v[i] = static_cast<int32_t>(x);
-  }
-  return v;
-}
 
 const Fixture& fixture(const std::string& name) {
   static std::map<std::string, Fixture> cache;
@@ -46,14 +31,7 @@ const Fixture& fixture(const std::string& name) {
   f.config = load_config(dir).value();
   f.weights = std::move(load_weights(f.config, dir, LoadPlan::whole(f.config), nullptr).value());
   f.golden = std::move(SafetensorsFile::open(dir + "/golden.safetensors").value());
-  for (int i = 0;; ++i) {
-    auto& ts = f.golden->tensors();
-    auto in = ts.find(str("p", i, ".input_ids"));
-    if (in == ts.end()) break;
-    f.prompts.push_back({ints(in->second), ints(ts.at(str("p", i, ".greedy_tokens"))),
-                         reinterpret_cast<const float*>(ts.at(str("p", i, ".prefill_logits")).data),
-                         reinterpret_cast<const float*>(ts.at(str("p", i, ".decode_logits")).data)});
-  }
+  f.prompts = read_golden(*f.golden, f.config).value();
   return cache.emplace(name, std::move(f)).first->second;
 }
 
@@ -87,7 +65,7 @@ double max_err_vs_golden(const Fixture& f, const AllLogits& got) {
   const int64_t V = f.config.vocab_size;
   double err = 0;
   for (size_t i = 0; i < f.prompts.size(); ++i) {
-    const Prompt& p = f.prompts[i];
+    const GoldenPrompt& p = f.prompts[i];
     const int64_t L = static_cast<int64_t>(p.ids.size());
     for (int64_t pos = 0; pos < L; ++pos)
       for (int64_t v = 0; v < V; ++v)
