@@ -107,6 +107,7 @@ Status run_stage(Model& model, const Topology& topo, Transport& tr, Scheduler* s
   };
   auto compute = [&](const StepPlan& plan, Tensor X) {
     double t = tl.now_us();
+    if (first) model.embed(plan.batch, X);
     LayerHook lh;
     if (hooks.hook) lh = [&](int layer, Tensor x) { hooks.hook(plan, layer, x); };
     model.run_layers(plan.batch, X, lh);
@@ -160,9 +161,6 @@ Status run_stage(Model& model, const Topology& topo, Transport& tr, Scheduler* s
         if (!plan.empty()) {
           maybe_fault(opt, tr, s, plan.id);
           Tensor X = model.residual(plan.batch.num_tokens);
-          double t = tl.now_us();
-          model.embed(plan.batch, X);
-          tl.add("compute", plan.id, t);
           auto sampled = compute(plan, X);
           if (P == 1) {
             sched->complete(plan, sampled);
