@@ -4,6 +4,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <random>
 
 #include "model/safetensors.h"
 #include "model/weights.h"
@@ -203,6 +204,44 @@ TEST(Checkpoint, QuantisedFixtureKeepsFormats) {
   EXPECT_EQ(L.w1[0].format, WeightFormat::kFP4);
   EXPECT_EQ(L.wq_a.nbytes(), 192 * 256 + 2 * 2);
   EXPECT_EQ((*w)->stats.mtp_tensors.size(), 87u);
+}
+
+}  // namespace
+}  // namespace sp
+
+namespace sp {
+namespace {
+
+// Random corruptions of a real header and of a config: every one is an error or a valid parse,
+// never a crash (run under the test's own process, so a crash fails the suite).
+TEST(Hostile, MutatedHeadersAndConfigsNeverCrash) {
+  std::ifstream in(std::string(SP_TEST_DATA) + "/tiny/model.safetensors", std::ios::binary);
+  std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  uint64_t header_len;
+  std::memcpy(&header_len, bytes.data(), 8);
+  std::ifstream cin_(std::string(SP_TEST_DATA) + "/small/config.json");
+  std::string config((std::istreambuf_iterator<char>(cin_)), std::istreambuf_iterator<char>());
+  TempDir d;
+  const std::string path = d.str() + "/m.safetensors";
+  std::mt19937 rng(12345);
+  const char alphabet[] = "0123456789-.,:[]{}\"eE tfnuaFIB8_";
+  int errors = 0;
+  for (int trial = 0; trial < 300; ++trial) {
+    std::string b = bytes;
+    const int edits = 1 + static_cast<int>(rng() % 4);
+    for (int e = 0; e < edits; ++e) {
+      size_t pos = 8 + rng() % header_len;
+      b[pos] = alphabet[rng() % (sizeof(alphabet) - 1)];
+    }
+    std::ofstream(path, std::ios::binary).write(b.data(), static_cast<std::streamsize>(b.size()));
+    auto r = SafetensorsFile::open(path);
+    errors += !r.is_ok();
+    std::string c = config;
+    for (int e = 0; e < edits; ++e) c[rng() % c.size()] = alphabet[rng() % (sizeof(alphabet) - 1)];
+    auto pc = parse_config(c, "config.json");
+    errors += !pc.is_ok();
+  }
+  EXPECT_GT(errors, 100);  // most corruptions are caught (some land in harmless places)
 }
 
 }  // namespace
