@@ -16,6 +16,7 @@ class Writer {
   template <typename T>
   void vec(const std::vector<T>& v) {
     put<uint32_t>(static_cast<uint32_t>(v.size()));
+    if (v.empty()) return;
     const auto* p = reinterpret_cast<const uint8_t*>(v.data());
     out.insert(out.end(), p, p + v.size() * sizeof(T));
   }
@@ -37,7 +38,7 @@ class Reader {
     uint32_t n;
     if (!get(n) || pos_ + static_cast<size_t>(n) * sizeof(T) > b_.size()) return false;
     v.resize(n);
-    std::memcpy(v.data(), b_.data() + pos_, n * sizeof(T));
+    if (n > 0) std::memcpy(v.data(), b_.data() + pos_, n * sizeof(T));
     pos_ += n * sizeof(T);
     return true;
   }
