@@ -70,8 +70,16 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return reduce8(acc, tail);
 }
 
+// Runtime ISA dispatch (an ifunc). ThreadSanitizer cannot run an ifunc resolver before it starts,
+// so a TSan build uses the baseline code (same results: same arithmetic per lane).
+#if defined(__SANITIZE_THREAD__)
+#define SP_TARGET_CLONES
+#else
+#define SP_TARGET_CLONES __attribute__((target_clones("avx2", "default")))
+#endif
+
 // y[m, j] = dot(x[m], w[j]) for up to 4 weight rows at once, each with exactly dot()'s arithmetic.
-__attribute__((target_clones("avx2", "default"))) void dot4_rows(const float* x, int64_t ldx, int64_t M,
+SP_TARGET_CLONES void dot4_rows(const float* x, int64_t ldx, int64_t M,
                                                                  const float* w, int64_t K, int nw, float* y,
                                                                  int64_t ldy) {
   for (int64_t m = 0; m < M; ++m) {
