@@ -6,7 +6,7 @@ JOBS ?= $(shell nproc)
 # Debian packages the build and the tests use.
 APT_PACKAGES := cmake ninja-build g++ make nlohmann-json3-dev libgtest-dev python3 openmpi-bin libopenmpi-dev procps
 
-.PHONY: all deps build demo test clean
+.PHONY: all deps build demo test sanitize clean
 
 all: build
 
@@ -29,5 +29,13 @@ demo: build
 test: build
 	cd $(BUILD) && ctest --output-on-failure -j $(JOBS) --timeout 1800
 
+# AddressSanitizer + UndefinedBehaviorSanitizer build; every test except the mpirun ones (OpenMPI's
+# own allocations would be reported as leaks).
+sanitize: deps
+	cmake -S . -B $(BUILD)-sanitize -G Ninja -DCMAKE_BUILD_TYPE=Debug \
+	  -DCMAKE_CXX_FLAGS="-O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all"
+	cmake --build $(BUILD)-sanitize -j $(JOBS)
+	cd $(BUILD)-sanitize && ctest --output-on-failure -j $(JOBS) --timeout 1800 -E "mpi|pipeline_failure"
+
 clean:
-	rm -rf $(BUILD)
+	rm -rf $(BUILD) $(BUILD)-sanitize
