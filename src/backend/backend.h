@@ -50,12 +50,12 @@ struct RopeTable {
 
 // One attention layer's per-sequence state, [slots, ...] each.
 struct LayerState {
-  Tensor window;   // [slots * W, head_dim]       ring: position p at row slot*W + p % W
-  Tensor cmp;      // [slots * max_entries, head_dim] compressed entries (ratio > 0)
-  Tensor cmp_buf;  // [slots * 2 * ratio, k * head_dim] compressor: rows [0, ratio) pending window
-                   // values, rows [ratio, 2 ratio) their gates (ape included)
-  Tensor cmp_prev; // [slots * 2 * ratio, head_dim] CSA: previous window's A-halves (values, gates)
-  Tensor idx;      // [slots * max_entries, index_head_dim] indexer keys (CSA)
+  Tensor window;    // [slots * W, head_dim]       ring: position p at row slot*W + p % W
+  Tensor cmp;       // [slots * max_entries, head_dim] compressed entries (ratio > 0)
+  Tensor cmp_buf;   // [slots * 2 * ratio, k * head_dim] compressor: rows [0, ratio) pending window
+                    // values, rows [ratio, 2 ratio) their gates (ape included)
+  Tensor cmp_prev;  // [slots * 2 * ratio, head_dim] CSA: previous window's A-halves (values, gates)
+  Tensor idx;       // [slots * max_entries, index_head_dim] indexer keys (CSA)
   Tensor idx_buf, idx_prev;  // the indexer compressor's windows, as above at index_head_dim
   int64_t max_entries = 0;
 };
@@ -98,15 +98,18 @@ class Backend {
   virtual void grouped_linear(Tensor x, const Linear& w, int groups, Tensor y) = 0;
   // RMS norm over each group of `group` columns; weight [group] or null (unweighted). In place OK.
   virtual void rms_norm(Tensor x, const float* weight, int group, float eps, Tensor y) = 0;
-  // Rotates the trailing rope dims of each `head_dim` group at the row's position (inverse: -theta).
-  virtual void rope(Tensor x, int head_dim, const RopeTable& t, const BatchView& b, bool inverse) = 0;
+  // Rotates the trailing rope dims of each `head_dim` group at the row's position (inverse:
+  // -theta).
+  virtual void rope(Tensor x, int head_dim, const RopeTable& t, const BatchView& b,
+                    bool inverse) = 0;
   // mHC: collapse before a sublayer. X: [T, hc*D] -> x: [T, D], post: [T, hc], comb: [T, hc*hc]
   virtual void hc_pre(Tensor X, const HcParams& p, int hc, int sinkhorn_iters, float hc_eps,
                       float norm_eps, Tensor x, Tensor post, Tensor comb) = 0;
   // mHC: expand after a sublayer. X[k] = post_k f + sum_j comb[j,k] X[j] (in place on X)
   virtual void hc_post(Tensor f, Tensor post, Tensor comb, int hc, Tensor X) = 0;
   // Final collapse: h = sum_j (sigmoid(mix_j scale + base_j) + eps) X[j]     h: [T, D]
-  virtual void hc_head(Tensor X, const HcParams& p, int hc, float hc_eps, float norm_eps, Tensor h) = 0;
+  virtual void hc_head(Tensor X, const HcParams& p, int hc, float hc_eps, float norm_eps,
+                       Tensor h) = 0;
   // Compressor: feeds projected values a and gates g ([T, k*dim]) of every chunk's tokens into
   // the slot's window state and appends an entry (norm + rope at the window's first position)
   // to `cache` for every window that completes. buf/prev: the slot's compressor state.
@@ -114,7 +117,8 @@ class Backend {
                         Tensor buf, Tensor prev, Tensor cache, int64_t max_entries) = 0;
   // Lightning indexer: for each token the top-k visible compressed entries by
   // sum_h relu(q_h . k_w) * scale_q * weights_h, ties to the lower index; sorted ascending,
-  // padded with -1.    q: [T, ih*id]  weights: [T, ih]  out: [T, topk] (int32 stored in floats' bits)
+  // padded with -1.    q: [T, ih*id]  weights: [T, ih]  out: [T, topk] (int32 stored in floats'
+  // bits)
   virtual void indexer_topk(Tensor q, Tensor weights, int heads, int dim, int ratio, int topk,
                             const BatchView& b, Tensor keys, int64_t max_entries,
                             std::vector<int32_t>& out) = 0;
@@ -136,6 +140,7 @@ class Backend {
 
 // min_work_per_thread: the least work (multiply-adds) worth handing to another thread; tests set 1
 // to split every op.
-std::unique_ptr<Backend> make_cpu_backend(int num_threads, int64_t min_work_per_thread = int64_t{1} << 16);
+std::unique_ptr<Backend> make_cpu_backend(int num_threads,
+                                          int64_t min_work_per_thread = int64_t{1} << 16);
 
 }  // namespace sp

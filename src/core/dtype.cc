@@ -7,28 +7,44 @@ namespace sp {
 
 int dtype_size(DType t) {
   switch (t) {
-    case DType::kF32: return 4;
-    case DType::kBF16: return 2;
-    case DType::kF16: return 2;
-    case DType::kE4M3: return 1;
-    case DType::kE8M0: return 1;
-    case DType::kI8: return 1;
-    case DType::kI32: return 4;
-    case DType::kI64: return 8;
+    case DType::kF32:
+      return 4;
+    case DType::kBF16:
+      return 2;
+    case DType::kF16:
+      return 2;
+    case DType::kE4M3:
+      return 1;
+    case DType::kE8M0:
+      return 1;
+    case DType::kI8:
+      return 1;
+    case DType::kI32:
+      return 4;
+    case DType::kI64:
+      return 8;
   }
   return 0;
 }
 
 const char* dtype_name(DType t) {
   switch (t) {
-    case DType::kF32: return "F32";
-    case DType::kBF16: return "BF16";
-    case DType::kF16: return "F16";
-    case DType::kE4M3: return "F8_E4M3";
-    case DType::kE8M0: return "F8_E8M0";
-    case DType::kI8: return "I8";
-    case DType::kI32: return "I32";
-    case DType::kI64: return "I64";
+    case DType::kF32:
+      return "F32";
+    case DType::kBF16:
+      return "BF16";
+    case DType::kF16:
+      return "F16";
+    case DType::kE4M3:
+      return "F8_E4M3";
+    case DType::kE8M0:
+      return "F8_E8M0";
+    case DType::kI8:
+      return "I8";
+    case DType::kI32:
+      return "I32";
+    case DType::kI64:
+      return "I64";
   }
   return "?";
 }
@@ -45,7 +61,9 @@ std::optional<DType> dtype_from_name(const std::string& n) {
   return std::nullopt;
 }
 
-bool dtype_is_float(DType t) { return t == DType::kF32 || t == DType::kBF16 || t == DType::kF16; }
+bool dtype_is_float(DType t) {
+  return t == DType::kF32 || t == DType::kBF16 || t == DType::kF16;
+}
 
 uint16_t f32_to_bf16(float f) {
   uint32_t bits;
@@ -87,13 +105,19 @@ uint8_t f32_to_e4m3(float f) {
   int lo = 0, hi = 0x7e;
   while (hi - lo > 1) {
     int mid = (lo + hi) / 2;
-    if (e4m3_to_f32(static_cast<uint8_t>(mid)) <= a) lo = mid; else hi = mid;
+    if (e4m3_to_f32(static_cast<uint8_t>(mid)) <= a)
+      lo = mid;
+    else
+      hi = mid;
   }
   float vlo = e4m3_to_f32(static_cast<uint8_t>(lo)), vhi = e4m3_to_f32(static_cast<uint8_t>(hi));
   int code;
-  if (a - vlo < vhi - a) code = lo;
-  else if (a - vlo > vhi - a) code = hi;
-  else code = (lo % 2 == 0) ? lo : hi;
+  if (a - vlo < vhi - a)
+    code = lo;
+  else if (a - vlo > vhi - a)
+    code = hi;
+  else
+    code = (lo % 2 == 0) ? lo : hi;
   if (a <= vlo) code = lo;
   return sign | static_cast<uint8_t>(code);
 }

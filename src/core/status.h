@@ -66,20 +66,21 @@ std::string str(const Args&... args) {
 
 }  // namespace sp
 
-#define SP_CHECK(cond, ...)                                                  \
-  do {                                                                       \
+#define SP_CHECK(cond, ...)                                                             \
+  do {                                                                                  \
     if (!(cond)) ::sp::check_failed(__FILE__, __LINE__, #cond, ::sp::str(__VA_ARGS__)); \
   } while (0)
 
-#define SP_RETURN_IF_ERROR(expr)          \
-  do {                                    \
-    ::sp::Status _st = (expr);            \
-    if (!_st.is_ok()) return _st;         \
+#define SP_RETURN_IF_ERROR(expr)  \
+  do {                            \
+    ::sp::Status _st = (expr);    \
+    if (!_st.is_ok()) return _st; \
   } while (0)
 
 #define SP_CONCAT_INNER(a, b) a##b
 #define SP_CONCAT(a, b) SP_CONCAT_INNER(a, b)
-#define SP_ASSIGN_OR_RETURN(lhs, expr) SP_ASSIGN_OR_RETURN_IMPL(SP_CONCAT(_res_, __LINE__), lhs, expr)
+#define SP_ASSIGN_OR_RETURN(lhs, expr) \
+  SP_ASSIGN_OR_RETURN_IMPL(SP_CONCAT(_res_, __LINE__), lhs, expr)
 #define SP_ASSIGN_OR_RETURN_IMPL(tmp, lhs, expr) \
   auto tmp = (expr);                             \
   if (!tmp.is_ok()) return tmp.status();         \

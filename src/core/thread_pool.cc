@@ -35,10 +35,13 @@ ThreadPool::~ThreadPool() {
 void ThreadPool::worker(int index) {
   uint64_t seen = 0;
   while (true) {
-    for (int i = 0; i < kSpins && generation_.load(std::memory_order_acquire) == seen && !stop_; ++i) cpu_relax();
+    for (int i = 0; i < kSpins && generation_.load(std::memory_order_acquire) == seen && !stop_;
+         ++i)
+      cpu_relax();
     if (generation_.load(std::memory_order_acquire) == seen) {
       std::unique_lock<std::mutex> lk(mu_);
-      cv_work_.wait(lk, [&] { return stop_ || generation_.load(std::memory_order_acquire) != seen; });
+      cv_work_.wait(lk,
+                    [&] { return stop_ || generation_.load(std::memory_order_acquire) != seen; });
     }
     if (stop_) return;
     seen = generation_.load(std::memory_order_acquire);
@@ -51,7 +54,8 @@ void ThreadPool::worker(int index) {
   }
 }
 
-void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn, int64_t min_chunk) {
+void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn,
+                              int64_t min_chunk) {
   if (n <= 0) return;
   const int64_t parts =
       std::min<int64_t>(num_threads_, std::max<int64_t>(1, n / std::max<int64_t>(1, min_chunk)));

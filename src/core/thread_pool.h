@@ -26,7 +26,8 @@ class ThreadPool {
   int num_threads() const { return num_threads_; }
   // Calls fn(begin, end) on disjoint ranges covering [0, n); at most num_threads ranges, each at
   // least min_chunk long where n allows. Returns when all ranges are done. Not reentrant.
-  void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn, int64_t min_chunk = 1);
+  void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn,
+                    int64_t min_chunk = 1);
 
  private:
   void worker(int index);

@@ -1,13 +1,14 @@
 #include "engine/engine.h"
 
-#include "engine/pipeline.h"
-
 #include <chrono>
+
+#include "engine/pipeline.h"
 
 namespace sp {
 
-std::vector<Sampled> finish_step_on_head(Model& model, const StepPlan& plan, Tensor X, Sampler& sampler,
-                                         std::vector<float>& host_logits, const LogitsFn& on_logits) {
+std::vector<Sampled> finish_step_on_head(Model& model, const StepPlan& plan, Tensor X,
+                                         Sampler& sampler, std::vector<float>& host_logits,
+                                         const LogitsFn& on_logits) {
   std::vector<Sampled> out;
   if (plan.logit_rows.empty()) return out;
   const int64_t V = model.config().vocab_size;
@@ -18,7 +19,8 @@ std::vector<Sampled> finish_step_on_head(Model& model, const StepPlan& plan, Ten
     for (size_t i = 0; i < plan.logit_rows.size(); ++i)
       on_logits(plan.logit_request[i], plan.logit_position[i], host_logits.data() + i * V);
   for (const SampleRow& s : plan.samples)
-    out.push_back({s.request, sampler.sample(s.request, s.params, host_logits.data() + s.logit_index * V, V)});
+    out.push_back({s.request,
+                   sampler.sample(s.request, s.params, host_logits.data() + s.logit_index * V, V)});
   return out;
 }
 
@@ -31,7 +33,8 @@ RunStats Engine::run(const LogitsFn& on_logits, const StepLayerHook& hook) {
   auto tr = make_local_transports(1);
   std::vector<StageReport> reports;
   auto t0 = std::chrono::steady_clock::now();
-  Status st = run_stage(model_, topo, *tr[0], &sched_, StageHooks{on_logits, nullptr, hook}, PipelineOptions{}, &reports);
+  Status st = run_stage(model_, topo, *tr[0], &sched_, StageHooks{on_logits, nullptr, hook},
+                        PipelineOptions{}, &reports);
   SP_CHECK(st.is_ok(), st.message());
   RunStats rs;
   rs.steps = reports[0].steps;

@@ -21,8 +21,9 @@ struct RunStats {
 };
 
 // Last-stage work of a step: head on the wanted rows, report their logits, sample where asked.
-std::vector<Sampled> finish_step_on_head(Model& model, const StepPlan& plan, Tensor X, Sampler& sampler,
-                                         std::vector<float>& host_logits, const LogitsFn& on_logits);
+std::vector<Sampled> finish_step_on_head(Model& model, const StepPlan& plan, Tensor X,
+                                         Sampler& sampler, std::vector<float>& host_logits,
+                                         const LogitsFn& on_logits);
 
 // The whole model in this thread: the pipeline executor with one stage.
 class Engine {

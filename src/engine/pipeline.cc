@@ -19,7 +19,9 @@ using Clock = std::chrono::steady_clock;
 class Timeline {
  public:
   Timeline(bool keep, int stage) : keep_(keep), t0_(Clock::now()) { report.stage = stage; }
-  double now_us() const { return std::chrono::duration<double, std::micro>(Clock::now() - t0_).count(); }
+  double now_us() const {
+    return std::chrono::duration<double, std::micro>(Clock::now() - t0_).count();
+  }
   void add(const char* name, int64_t step, double start) {
     double end = now_us();
     if (std::strcmp(name, "compute") == 0) report.busy_s += (end - start) * 1e-6;
@@ -92,8 +94,9 @@ void maybe_fault(const PipelineOptions& opt, Transport& tr, int stage, int64_t s
 
 }  // namespace
 
-Status run_stage(Model& model, const Topology& topo, Transport& tr, Scheduler* sched, const StageHooks& hooks,
-                 const PipelineOptions& opt, std::vector<StageReport>* all) {
+Status run_stage(Model& model, const Topology& topo, Transport& tr, Scheduler* sched,
+                 const StageHooks& hooks, const PipelineOptions& opt,
+                 std::vector<StageReport>* all) {
   const int s = topo.rank, P = topo.world, last = P - 1;
   const int64_t width = model.config().hc_dim();
   const bool first = s == 0, is_last = s == last;
@@ -126,7 +129,8 @@ Status run_stage(Model& model, const Topology& topo, Transport& tr, Scheduler* s
     double t = tl.now_us();
     buf.resize(static_cast<size_t>(X.rows * X.cols));
     model.backend().to_host(X, buf.data());
-    Status st = tr.send(s + 1, Channel::kStep, encode_step(plan), buf.data(), static_cast<int64_t>(buf.size()));
+    Status st = tr.send(s + 1, Channel::kStep, encode_step(plan), buf.data(),
+                        static_cast<int64_t>(buf.size()));
     if (!st) fail(st.message());
     tl.add("send", plan.id, t);
   };
@@ -144,7 +148,8 @@ Status run_stage(Model& model, const Topology& topo, Transport& tr, Scheduler* s
       int64_t id = -1;
       auto sampled = decode_sampled(header, &id);
       if (!sampled) fail(sampled.status().message());
-      if (id != in_flight.front().id) fail(str("results arrived out of order: step ", id, ", expected ", in_flight.front().id));
+      if (id != in_flight.front().id)
+        fail(str("results arrived out of order: step ", id, ", expected ", in_flight.front().id));
       sched->complete(in_flight.front(), sampled.value());
       in_flight.pop_front();
       return true;
@@ -156,7 +161,8 @@ Status run_stage(Model& model, const Topology& topo, Transport& tr, Scheduler* s
       if (static_cast<int>(in_flight.size()) < mb) {
         // Spread the ready tokens over the free micro-batch slots.
         const int64_t free_slots = mb - static_cast<int64_t>(in_flight.size());
-        const int cap = static_cast<int>(std::max<int64_t>(1, (sched->ready_tokens() + free_slots - 1) / free_slots));
+        const int cap = static_cast<int>(
+            std::max<int64_t>(1, (sched->ready_tokens() + free_slots - 1) / free_slots));
         StepPlan plan = sched->schedule(cap);
         if (!plan.empty()) {
           maybe_fault(opt, tr, s, plan.id);
@@ -240,16 +246,18 @@ Status write_chrome_trace(const std::string& path, const std::vector<StageReport
   f << "{\"traceEvents\":[\n";
   bool comma = false;
   for (const StageReport& r : reports) {
-    f << (comma ? ",\n" : "") << "{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":1,\"tid\":" << r.stage
+    f << (comma ? ",\n" : "")
+      << "{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":1,\"tid\":" << r.stage
       << ",\"args\":{\"name\":\"stage " << r.stage << "\"}}";
     comma = true;
     for (const TraceEvent& e : r.events) {
       char line[256];
       std::snprintf(line, sizeof line,
-                    ",\n{\"name\":\"%s\",\"cat\":\"%s\",\"ph\":\"X\",\"pid\":1,\"tid\":%d,\"ts\":%.1f,\"dur\":%.1f,"
+                    ",\n{\"name\":\"%s\",\"cat\":\"%s\",\"ph\":\"X\",\"pid\":1,\"tid\":%d,\"ts\":%."
+                    "1f,\"dur\":%.1f,"
                     "\"args\":{\"micro_batch\":%lld}}",
-                    (e.name + " mb" + std::to_string(e.step)).c_str(), e.name.c_str(), r.stage, e.start_us, e.dur_us,
-                    static_cast<long long>(e.step));
+                    (e.name + " mb" + std::to_string(e.step)).c_str(), e.name.c_str(), r.stage,
+                    e.start_us, e.dur_us, static_cast<long long>(e.step));
       f << line;
     }
   }

@@ -48,15 +48,16 @@ struct PipelineOptions {
 };
 
 struct StageHooks {
-  LogitsFn on_logits;    // last stage
+  LogitsFn on_logits;                              // last stage
   std::function<void(const Sampled&)> on_sampled;  // last stage, each token it samples
-  StepLayerHook hook;    // every stage, after each of its layers
+  StepLayerHook hook;                              // every stage, after each of its layers
 };
 
 // Runs this transport's stage to the end of the work. `sched` is stage 0's (null elsewhere).
 // On the last stage `all` receives every stage's report (for the run summary and the trace).
-Status run_stage(Model& model, const Topology& topo, Transport& tr, Scheduler* sched, const StageHooks& hooks,
-                 const PipelineOptions& opt, std::vector<StageReport>* all);
+Status run_stage(Model& model, const Topology& topo, Transport& tr, Scheduler* sched,
+                 const StageHooks& hooks, const PipelineOptions& opt,
+                 std::vector<StageReport>* all);
 
 // Chrome trace (chrome://tracing, Perfetto): one track per stage.
 Status write_chrome_trace(const std::string& path, const std::vector<StageReport>& reports);

@@ -18,20 +18,25 @@ Scheduler::Scheduler(const SchedulerLimits& lim) : lim_(lim) {
 }
 
 Status Scheduler::add(Request r) {
-  if (r.prompt.empty()) return Status::error(str("request ", r.id, ": the prompt is empty; expected at least one token id"));
+  if (r.prompt.empty())
+    return Status::error(
+        str("request ", r.id, ": the prompt is empty; expected at least one token id"));
   for (size_t i = 0; i < r.prompt.size(); ++i)
     if (r.prompt[i] < 0 || r.prompt[i] >= lim_.vocab_size)
       return Status::error(str("request ", r.id, ": prompt token id ", r.prompt[i], " at index ", i,
                                " is outside the vocabulary; expected 0 <= id < ", lim_.vocab_size));
   for (size_t i = 0; i < r.forced.size(); ++i)
     if (r.forced[i] < 0 || r.forced[i] >= lim_.vocab_size)
-      return Status::error(str("request ", r.id, ": forced token id ", r.forced[i], " is outside the vocabulary"));
+      return Status::error(
+          str("request ", r.id, ": forced token id ", r.forced[i], " is outside the vocabulary"));
   const int64_t need = static_cast<int64_t>(r.prompt.size() + r.forced.size());
   if (need > lim_.max_model_len)
-    return Status::error(str("request ", r.id, ": ", need, " tokens (prompt ", r.prompt.size(),
-                             (r.forced.empty() ? std::string() : str(" + forced ", r.forced.size())),
-                             ") exceed --max-model-len ", lim_.max_model_len));
-  if (r.max_new_tokens < 0) return Status::error(str("request ", r.id, ": max_new_tokens must be >= 0"));
+    return Status::error(
+        str("request ", r.id, ": ", need, " tokens (prompt ", r.prompt.size(),
+            (r.forced.empty() ? std::string() : str(" + forced ", r.forced.size())),
+            ") exceed --max-model-len ", lim_.max_model_len));
+  if (r.max_new_tokens < 0)
+    return Status::error(str("request ", r.id, ": max_new_tokens must be >= 0"));
   auto s = std::make_unique<Sequence>();
   s->tokens = r.prompt;
   s->tokens.insert(s->tokens.end(), r.forced.begin(), r.forced.end());
@@ -43,8 +48,10 @@ Status Scheduler::add(Request r) {
 int64_t Scheduler::ready_tokens() const {
   int64_t n = 0;
   for (auto& s : running_) {
-    if (s->num_scheduled < s->prompt_len()) n += s->prompt_len() - s->num_scheduled;
-    else if (s->num_scheduled < static_cast<int64_t>(s->tokens.size())) n += 1;
+    if (s->num_scheduled < s->prompt_len())
+      n += s->prompt_len() - s->num_scheduled;
+    else if (s->num_scheduled < static_cast<int64_t>(s->tokens.size()))
+      n += 1;
   }
   for (auto& s : waiting_) n += s->prompt_len();
   return n;
@@ -77,9 +84,11 @@ StepPlan Scheduler::schedule(int token_cap) {
     }
     const int64_t last = s->num_scheduled + n - 1;
     // The chunk's last row samples the next token if that token is not given and still wanted.
-    if (s->req.forced.empty() && last == static_cast<int64_t>(s->tokens.size()) - 1 && last >= s->prompt_len() - 1 &&
-        s->generated < s->req.max_new_tokens && static_cast<int64_t>(s->tokens.size()) < lim_.max_model_len) {
-      plan.samples.push_back(SampleRow{static_cast<int32_t>(plan.logit_rows.size() - 1), s->req.id, s->req.sampling});
+    if (s->req.forced.empty() && last == static_cast<int64_t>(s->tokens.size()) - 1 &&
+        last >= s->prompt_len() - 1 && s->generated < s->req.max_new_tokens &&
+        static_cast<int64_t>(s->tokens.size()) < lim_.max_model_len) {
+      plan.samples.push_back(
+          SampleRow{static_cast<int32_t>(plan.logit_rows.size() - 1), s->req.id, s->req.sampling});
     }
     b.num_tokens += n;
     plan.seqs.push_back(s);
@@ -94,7 +103,8 @@ StepPlan Scheduler::schedule(int token_cap) {
       add_chunk(s.get(), 1);
   for (auto& s : running_)
     if (budget > 0 && s->num_scheduled < s->prompt_len())
-      add_chunk(s.get(), static_cast<int>(std::min<int64_t>(s->prompt_len() - s->num_scheduled, budget)));
+      add_chunk(s.get(),
+                static_cast<int>(std::min<int64_t>(s->prompt_len() - s->num_scheduled, budget)));
   if (!plan.empty()) plan.id = next_step_++;
   return plan;
 }
@@ -112,15 +122,22 @@ void Scheduler::complete(const StepPlan& plan, const std::vector<Sampled>& sampl
     SP_CHECK(s != nullptr, "sampled token for request ", t.request, " not in step ", plan.id);
     s->tokens.push_back(t.token);
     s->generated++;
-    if (!s->req.sampling.ignore_eos && eos_ >= 0 && t.token == eos_) s->finish = FinishReason::kStop;
-    else if (s->generated >= s->req.max_new_tokens) s->finish = FinishReason::kLength;
-    else if (static_cast<int64_t>(s->tokens.size()) >= lim_.max_model_len) s->finish = FinishReason::kLength;
+    if (!s->req.sampling.ignore_eos && eos_ >= 0 && t.token == eos_)
+      s->finish = FinishReason::kStop;
+    else if (s->generated >= s->req.max_new_tokens)
+      s->finish = FinishReason::kLength;
+    else if (static_cast<int64_t>(s->tokens.size()) >= lim_.max_model_len)
+      s->finish = FinishReason::kLength;
   }
   for (auto* s : plan.seqs) {
-    if (s->finish != FinishReason::kNone || s->num_computed < static_cast<int64_t>(s->tokens.size())) continue;
+    if (s->finish != FinishReason::kNone ||
+        s->num_computed < static_cast<int64_t>(s->tokens.size()))
+      continue;
     // Everything known has run and nothing more will be sampled.
-    if (!s->req.forced.empty()) s->finish = FinishReason::kForcedDone;
-    else if (s->generated >= s->req.max_new_tokens || static_cast<int64_t>(s->tokens.size()) >= lim_.max_model_len)
+    if (!s->req.forced.empty())
+      s->finish = FinishReason::kForcedDone;
+    else if (s->generated >= s->req.max_new_tokens ||
+             static_cast<int64_t>(s->tokens.size()) >= lim_.max_model_len)
       s->finish = FinishReason::kLength;
   }
   for (size_t i = 0; i < running_.size();) {
@@ -134,14 +151,19 @@ void Scheduler::complete(const StepPlan& plan, const std::vector<Sampled>& sampl
   }
 }
 
-int32_t Sampler::sample(int64_t request, const SamplingParams& sp, const float* logits, int64_t vocab) {
+int32_t Sampler::sample(int64_t request, const SamplingParams& sp, const float* logits,
+                        int64_t vocab) {
   if (sp.temperature <= 0.0f) return argmax(logits, vocab);
   auto it = rngs_.find(request);
   if (it == rngs_.end())
-    it = rngs_.emplace(request, std::mt19937_64(sp.seed ^ (static_cast<uint64_t>(request) * 0x9e3779b97f4a7c15ull))).first;
+    it = rngs_
+             .emplace(request, std::mt19937_64(sp.seed ^ (static_cast<uint64_t>(request) *
+                                                          0x9e3779b97f4a7c15ull)))
+             .first;
   std::vector<int32_t> idx(vocab);
   std::iota(idx.begin(), idx.end(), 0);
-  std::stable_sort(idx.begin(), idx.end(), [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
+  std::stable_sort(idx.begin(), idx.end(),
+                   [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
   const int64_t n = sp.top_k > 0 ? std::min<int64_t>(sp.top_k, vocab) : vocab;
   std::vector<double> p(n);
   double mx = logits[idx[0]], sum = 0;

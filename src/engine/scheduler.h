@@ -47,7 +47,7 @@ struct Sequence {
   int64_t num_scheduled = 0;    // positions sent into the model
   int64_t num_computed = 0;     // positions whose step has completed
   int generated = 0;
-  int in_flight = 0;            // steps holding this sequence that have not completed
+  int in_flight = 0;  // steps holding this sequence that have not completed
   FinishReason finish = FinishReason::kNone;
   int prompt_len() const { return static_cast<int>(req.prompt.size()); }
 };

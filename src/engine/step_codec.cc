@@ -82,10 +82,12 @@ Result<StepPlan> decode_step(const std::vector<uint8_t>& bytes, StepKind* kind) 
   if (*kind != StepKind::kStep) return Status::error("step descriptor: unknown kind");
   int32_t n = 0;
   bool ok = r.get(p.id) && r.get(n) && r.vec(p.batch.token_ids) && r.vec(p.batch.positions) &&
-            r.vec(p.batch.chunk_of) && r.vec(p.batch.chunks) && r.vec(p.chunk_request) && r.vec(p.logit_rows) &&
-            r.vec(p.logit_request) && r.vec(p.logit_position) && r.vec(p.samples) && r.done();
+            r.vec(p.batch.chunk_of) && r.vec(p.batch.chunks) && r.vec(p.chunk_request) &&
+            r.vec(p.logit_rows) && r.vec(p.logit_request) && r.vec(p.logit_position) &&
+            r.vec(p.samples) && r.done();
   p.batch.num_tokens = n;
-  if (!ok || static_cast<int32_t>(p.batch.token_ids.size()) != n || p.batch.positions.size() != p.batch.token_ids.size())
+  if (!ok || static_cast<int32_t>(p.batch.token_ids.size()) != n ||
+      p.batch.positions.size() != p.batch.token_ids.size())
     return Status::error("step descriptor: malformed message");
   return p;
 }
@@ -100,7 +102,8 @@ std::vector<uint8_t> encode_sampled(int64_t step, const std::vector<Sampled>& s)
 Result<std::vector<Sampled>> decode_sampled(const std::vector<uint8_t>& bytes, int64_t* step) {
   Reader r(bytes);
   std::vector<Sampled> s;
-  if (!r.get(*step) || !r.vec(s) || !r.done()) return Status::error("sampled-token message: malformed");
+  if (!r.get(*step) || !r.vec(s) || !r.done())
+    return Status::error("sampled-token message: malformed");
   return s;
 }
 

@@ -12,18 +12,24 @@ using nlohmann::json;
 
 const char* attn_kind_name(AttnKind k) {
   switch (k) {
-    case AttnKind::kSliding: return "sliding_attention";
-    case AttnKind::kCSA: return "compressed_sparse_attention";
-    case AttnKind::kHCA: return "heavily_compressed_attention";
+    case AttnKind::kSliding:
+      return "sliding_attention";
+    case AttnKind::kCSA:
+      return "compressed_sparse_attention";
+    case AttnKind::kHCA:
+      return "heavily_compressed_attention";
   }
   return "?";
 }
 
 const char* weight_format_name(WeightFormat f) {
   switch (f) {
-    case WeightFormat::kFloat: return "float";
-    case WeightFormat::kFP8: return "fp8 e4m3 (ue8m0 128x128 block scales)";
-    case WeightFormat::kFP4: return "fp4 e2m1 (ue8m0 scales per 32 inputs)";
+    case WeightFormat::kFloat:
+      return "float";
+    case WeightFormat::kFP8:
+      return "fp8 e4m3 (ue8m0 128x128 block scales)";
+    case WeightFormat::kFP4:
+      return "fp4 e2m1 (ue8m0 scales per 32 inputs)";
   }
   return "?";
 }
@@ -51,8 +57,10 @@ class Reader {
 
   Status fail(const std::string& field, const std::string& expected, const json* got) const {
     std::string msg = str(source_, ": field '", field, "': expected ", expected);
-    if (got) msg += str(", got ", got->dump());
-    else msg += ", but it is missing";
+    if (got)
+      msg += str(", got ", got->dump());
+    else
+      msg += ", but it is missing";
     return Status::error(msg);
   }
 
@@ -97,10 +105,16 @@ class Reader {
   std::set<std::string> used_;
 };
 
-#define SP_READ_INT(dst, key, minv) \
-  do { SP_ASSIGN_OR_RETURN(auto _v, r.integer(key, minv)); dst = static_cast<decltype(dst)>(_v); } while (0)
-#define SP_READ_NUM(dst, key, pos) \
-  do { SP_ASSIGN_OR_RETURN(auto _v, r.number(key, pos)); dst = static_cast<decltype(dst)>(_v); } while (0)
+#define SP_READ_INT(dst, key, minv)                     \
+  do {                                                  \
+    SP_ASSIGN_OR_RETURN(auto _v, r.integer(key, minv)); \
+    dst = static_cast<decltype(dst)>(_v);               \
+  } while (0)
+#define SP_READ_NUM(dst, key, pos)                    \
+  do {                                                \
+    SP_ASSIGN_OR_RETURN(auto _v, r.number(key, pos)); \
+    dst = static_cast<decltype(dst)>(_v);             \
+  } while (0)
 
 Result<RopeParams> parse_yarn(Reader& r, const json& obj, const std::string& where, double theta) {
   RopeParams p;
@@ -123,8 +137,10 @@ Result<RopeParams> parse_yarn(Reader& r, const json& obj, const std::string& whe
   SP_RETURN_IF_ERROR(num("beta_slow", false, 1.0, &p.beta_slow));
   // No YaRN attention scale anywhere in DeepSeek-V4 (transformers forces 1.0, vLLM mscale 0).
   for (const char* k : {"attention_factor", "mscale"}) {
-    if (obj.contains(k) && !obj[k].is_null() && !(obj[k].is_number() && obj[k].get<double>() == 1.0))
-      return r.fail(where + "." + k, "1.0 (DeepSeek-V4 applies no YaRN attention scaling)", &obj[k]);
+    if (obj.contains(k) && !obj[k].is_null() &&
+        !(obj[k].is_number() && obj[k].get<double>() == 1.0))
+      return r.fail(where + "." + k, "1.0 (DeepSeek-V4 applies no YaRN attention scaling)",
+                    &obj[k]);
   }
   return p;
 }
@@ -132,14 +148,20 @@ Result<RopeParams> parse_yarn(Reader& r, const json& obj, const std::string& whe
 Status parse_hf_style(Reader& r, Config& c) {
   const json& lt = r.raw("layer_types");
   if (!lt.is_array() || static_cast<int>(lt.size()) != c.num_layers)
-    return r.fail("layer_types", str("an array of num_hidden_layers = ", c.num_layers, " layer types"), &lt);
-  if (!r.has("compress_rates")) return r.fail("compress_rates", "an object mapping layer types to rates", nullptr);
+    return r.fail("layer_types",
+                  str("an array of num_hidden_layers = ", c.num_layers, " layer types"), &lt);
+  if (!r.has("compress_rates"))
+    return r.fail("compress_rates", "an object mapping layer types to rates", nullptr);
   const json& rates = r.raw("compress_rates");
-  if (!rates.is_object()) return r.fail("compress_rates", "an object mapping layer types to rates", &rates);
+  if (!rates.is_object())
+    return r.fail("compress_rates", "an object mapping layer types to rates", &rates);
   for (int l = 0; l < c.num_layers; ++l) {
     std::string f = str("layer_types[", l, "]");
     if (!lt[l].is_string())
-      return r.fail(f, Reader::one_of({"sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"}), &lt[l]);
+      return r.fail(f,
+                    Reader::one_of({"sliding_attention", "compressed_sparse_attention",
+                                    "heavily_compressed_attention"}),
+                    &lt[l]);
     std::string t = lt[l].get<std::string>();
     if (t == "sliding_attention") {
       c.attn_kinds.push_back(AttnKind::kSliding);
@@ -147,22 +169,31 @@ Status parse_hf_style(Reader& r, Config& c) {
       continue;
     }
     if (t != "compressed_sparse_attention" && t != "heavily_compressed_attention")
-      return r.fail(f, Reader::one_of({"sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"}), &lt[l]);
+      return r.fail(f,
+                    Reader::one_of({"sliding_attention", "compressed_sparse_attention",
+                                    "heavily_compressed_attention"}),
+                    &lt[l]);
     std::string rf = "compress_rates." + t;
-    if (!rates.contains(t)) return r.fail(rf, "a positive integer rate for a layer type in use", nullptr);
+    if (!rates.contains(t))
+      return r.fail(rf, "a positive integer rate for a layer type in use", nullptr);
     if (!rates[t].is_number_integer() || rates[t].get<int64_t>() < 1)
       return r.fail(rf, "a positive integer", &rates[t]);
     c.attn_kinds.push_back(t == "compressed_sparse_attention" ? AttnKind::kCSA : AttnKind::kHCA);
     c.compress_ratio.push_back(static_cast<int>(rates[t].get<int64_t>()));
   }
-  if (!r.has("mlp_layer_types")) return r.fail("mlp_layer_types", "an array of \"hash_moe\" / \"moe\"", nullptr);
+  if (!r.has("mlp_layer_types"))
+    return r.fail("mlp_layer_types", "an array of \"hash_moe\" / \"moe\"", nullptr);
   const json& mt = r.raw("mlp_layer_types");
   if (!mt.is_array() || static_cast<int>(mt.size()) != c.num_layers)
-    return r.fail("mlp_layer_types", str("an array of num_hidden_layers = ", c.num_layers, " entries"), &mt);
+    return r.fail("mlp_layer_types",
+                  str("an array of num_hidden_layers = ", c.num_layers, " entries"), &mt);
   for (int l = 0; l < c.num_layers; ++l) {
-    if (mt[l] == "hash_moe") c.mlp_kinds.push_back(MlpKind::kHashMoe);
-    else if (mt[l] == "moe") c.mlp_kinds.push_back(MlpKind::kMoe);
-    else return r.fail(str("mlp_layer_types[", l, "]"), Reader::one_of({"hash_moe", "moe"}), &mt[l]);
+    if (mt[l] == "hash_moe")
+      c.mlp_kinds.push_back(MlpKind::kHashMoe);
+    else if (mt[l] == "moe")
+      c.mlp_kinds.push_back(MlpKind::kMoe);
+    else
+      return r.fail(str("mlp_layer_types[", l, "]"), Reader::one_of({"hash_moe", "moe"}), &mt[l]);
   }
   // Rope width: partial_rotary_factor (transformers) or qk_rope_head_dim; both must agree.
   if (r.has("partial_rotary_factor")) {
@@ -170,54 +201,68 @@ Status parse_hf_style(Reader& r, Config& c) {
     SP_READ_NUM(f, "partial_rotary_factor", true);
     double dims = f * c.head_dim;
     if (std::fabs(dims - std::round(dims)) > 1e-9)
-      return r.fail("partial_rotary_factor", str("a factor giving whole rope dims of head_dim ", c.head_dim), &r.raw("partial_rotary_factor"));
+      return r.fail("partial_rotary_factor",
+                    str("a factor giving whole rope dims of head_dim ", c.head_dim),
+                    &r.raw("partial_rotary_factor"));
     c.rope_dim = static_cast<int>(std::lround(dims));
     if (r.has("qk_rope_head_dim")) {
       int q;
       SP_READ_INT(q, "qk_rope_head_dim", 1);
       if (q != c.rope_dim)
-        return r.fail("qk_rope_head_dim", str(c.rope_dim, " (head_dim x partial_rotary_factor)"), &r.raw("qk_rope_head_dim"));
+        return r.fail("qk_rope_head_dim", str(c.rope_dim, " (head_dim x partial_rotary_factor)"),
+                      &r.raw("qk_rope_head_dim"));
     }
   } else {
     SP_READ_INT(c.rope_dim, "qk_rope_head_dim", 1);
   }
-  if (!r.has("rope_parameters")) return r.fail("rope_parameters", "an object with \"main\" and \"compress\"", nullptr);
+  if (!r.has("rope_parameters"))
+    return r.fail("rope_parameters", "an object with \"main\" and \"compress\"", nullptr);
   const json& rp = r.raw("rope_parameters");
   for (const char* part : {"main", "compress"}) {
     std::string where = str("rope_parameters.", part);
     if (!rp.is_object() || !rp.contains(part) || !rp[part].is_object())
-      return r.fail(where, "an object with rope_theta and rope_type", rp.is_object() && rp.contains(part) ? &rp[part] : nullptr);
+      return r.fail(where, "an object with rope_theta and rope_type",
+                    rp.is_object() && rp.contains(part) ? &rp[part] : nullptr);
     const json& o = rp[part];
-    if (!o.contains("rope_theta") || !o["rope_theta"].is_number() || !(o["rope_theta"].get<double>() > 0))
-      return r.fail(where + ".rope_theta", "a positive number", o.contains("rope_theta") ? &o["rope_theta"] : nullptr);
+    if (!o.contains("rope_theta") || !o["rope_theta"].is_number() ||
+        !(o["rope_theta"].get<double>() > 0))
+      return r.fail(where + ".rope_theta", "a positive number",
+                    o.contains("rope_theta") ? &o["rope_theta"] : nullptr);
     double theta = o["rope_theta"].get<double>();
     std::string type = o.contains("rope_type") ? o["rope_type"].get<std::string>() : "default";
     if (o.contains("partial_rotary_factor") && o["partial_rotary_factor"].is_number()) {
       double dims = o["partial_rotary_factor"].get<double>() * c.head_dim;
       if (std::lround(dims) != c.rope_dim)
-        return r.fail(where + ".partial_rotary_factor", str("a factor giving ", c.rope_dim, " rope dims"), &o["partial_rotary_factor"]);
+        return r.fail(where + ".partial_rotary_factor",
+                      str("a factor giving ", c.rope_dim, " rope dims"),
+                      &o["partial_rotary_factor"]);
     }
     RopeParams p;
     if (type == "default") {
       p.theta = theta;
     } else if (type == "yarn") {
       if (std::string(part) == "main")
-        return r.fail(where + ".rope_type", "\"default\" (the main rope of sliding-only layers never uses YaRN)", &o["rope_type"]);
+        return r.fail(where + ".rope_type",
+                      "\"default\" (the main rope of sliding-only layers never uses YaRN)",
+                      &o["rope_type"]);
       SP_ASSIGN_OR_RETURN(p, parse_yarn(r, o, where, theta));
     } else {
       return r.fail(where + ".rope_type", Reader::one_of({"default", "yarn"}), &o["rope_type"]);
     }
     (std::string(part) == "main" ? c.rope_main : c.rope_compress) = p;
   }
-  for (const char* k : {"rope_theta", "compress_rope_theta"}) r.mark(k);  // mirrored in rope_parameters
+  for (const char* k : {"rope_theta", "compress_rope_theta"})
+    r.mark(k);  // mirrored in rope_parameters
   return Status::ok();
 }
 
 Status parse_upstream_style(Reader& r, Config& c) {
   const json& cr = r.raw("compress_ratios");
   if (!cr.is_array() || static_cast<int>(cr.size()) != c.num_layers + 1)
-    return r.fail("compress_ratios", str("an array of num_hidden_layers + 1 = ", c.num_layers + 1,
-                                         " ratios (one per layer plus the MTP layer)"), &cr);
+    return r.fail("compress_ratios",
+                  str("an array of num_hidden_layers + 1 = ", c.num_layers + 1,
+                      " ratios (one per layer plus the MTP layer)"),
+                  &cr);
   for (int l = 0; l <= c.num_layers; ++l) {
     const json& v = cr[l];
     int ratio = v.is_number_integer() ? v.get<int>() : -1;
@@ -228,14 +273,18 @@ Status parse_upstream_style(Reader& r, Config& c) {
       if (ratio != 0) return r.fail(f, "0 (the MTP layer is sliding-only)", &v);
       break;
     }
-    c.attn_kinds.push_back(ratio == 0 ? AttnKind::kSliding : ratio == 4 ? AttnKind::kCSA : AttnKind::kHCA);
+    c.attn_kinds.push_back(ratio == 0   ? AttnKind::kSliding
+                           : ratio == 4 ? AttnKind::kCSA
+                                        : AttnKind::kHCA);
     c.compress_ratio.push_back(ratio);
   }
   int num_hash;
   SP_READ_INT(num_hash, "num_hash_layers", 0);
   if (num_hash > c.num_layers)
-    return r.fail("num_hash_layers", str("at most num_hidden_layers = ", c.num_layers), &r.raw("num_hash_layers"));
-  for (int l = 0; l < c.num_layers; ++l) c.mlp_kinds.push_back(l < num_hash ? MlpKind::kHashMoe : MlpKind::kMoe);
+    return r.fail("num_hash_layers", str("at most num_hidden_layers = ", c.num_layers),
+                  &r.raw("num_hash_layers"));
+  for (int l = 0; l < c.num_layers; ++l)
+    c.mlp_kinds.push_back(l < num_hash ? MlpKind::kHashMoe : MlpKind::kMoe);
   SP_READ_INT(c.rope_dim, "qk_rope_head_dim", 1);
   SP_READ_NUM(c.rope_main.theta, "rope_theta", true);
   double ctheta;
@@ -244,9 +293,11 @@ Status parse_upstream_style(Reader& r, Config& c) {
   if (r.has("rope_scaling")) {
     const json& rs = r.raw("rope_scaling");
     if (!rs.is_object()) return r.fail("rope_scaling", "an object", &rs);
-    std::string type = rs.contains("type") ? rs["type"].get<std::string>()
-                       : rs.contains("rope_type") ? rs["rope_type"].get<std::string>() : "";
-    if (type != "yarn") return r.fail("rope_scaling.type", "\"yarn\"", rs.contains("type") ? &rs["type"] : nullptr);
+    std::string type = rs.contains("type")        ? rs["type"].get<std::string>()
+                       : rs.contains("rope_type") ? rs["rope_type"].get<std::string>()
+                                                  : "";
+    if (type != "yarn")
+      return r.fail("rope_scaling.type", "\"yarn\"", rs.contains("type") ? &rs["type"] : nullptr);
     // Upstream applies YaRN to the compressed rope only.
     SP_ASSIGN_OR_RETURN(c.rope_compress, parse_yarn(r, rs, "rope_scaling", ctheta));
   }
@@ -257,8 +308,11 @@ Status parse_quantization(Reader& r, Config& c) {
   if (r.has("quantization_config")) {
     const json& q = r.raw("quantization_config");
     if (!q.is_object()) return r.fail("quantization_config", "an object", &q);
-    auto expect = [&](const char* k, const std::vector<std::string>& allowed, bool required) -> Status {
-      if (!q.contains(k)) return required ? r.fail(str("quantization_config.", k), Reader::one_of(allowed), nullptr) : Status::ok();
+    auto expect = [&](const char* k, const std::vector<std::string>& allowed,
+                      bool required) -> Status {
+      if (!q.contains(k))
+        return required ? r.fail(str("quantization_config.", k), Reader::one_of(allowed), nullptr)
+                        : Status::ok();
       for (auto& a : allowed)
         if (q[k].is_string() && q[k].get<std::string>() == a) return Status::ok();
       return r.fail(str("quantization_config.", k), Reader::one_of(allowed), &q[k]);
@@ -269,15 +323,22 @@ Status parse_quantization(Reader& r, Config& c) {
     if (q.contains("weight_block_size") && q["weight_block_size"] != json::array({128, 128}))
       return r.fail("quantization_config.weight_block_size", "[128, 128]", &q["weight_block_size"]);
     c.linear_format = WeightFormat::kFP8;
-    c.expert_format = WeightFormat::kFP8;  // upstream: experts follow dtype unless expert_dtype says
+    c.expert_format =
+        WeightFormat::kFP8;  // upstream: experts follow dtype unless expert_dtype says
   }
   if (r.has("expert_dtype")) {
     const json& e = r.raw("expert_dtype");
-    if (e == "fp4") c.expert_format = WeightFormat::kFP4;
-    else if (e == "fp8") c.expert_format = WeightFormat::kFP8;
-    else return r.fail("expert_dtype", Reader::one_of({"fp4", "fp8"}), &e);
+    if (e == "fp4")
+      c.expert_format = WeightFormat::kFP4;
+    else if (e == "fp8")
+      c.expert_format = WeightFormat::kFP8;
+    else
+      return r.fail("expert_dtype", Reader::one_of({"fp4", "fp8"}), &e);
     if (c.linear_format == WeightFormat::kFloat)
-      return r.fail("expert_dtype", "no expert_dtype without a quantization_config (quantized experts need the fp8 quantization settings)", &e);
+      return r.fail("expert_dtype",
+                    "no expert_dtype without a quantization_config (quantized experts need the fp8 "
+                    "quantization settings)",
+                    &e);
   }
   return Status::ok();
 }
@@ -291,7 +352,8 @@ Result<Config> parse_config_impl(const std::string& text, const std::string& sou
   } catch (const std::exception& e) {
     return Status::error(str(source, ": not valid JSON: ", e.what()));
   }
-  if (!j.is_object()) return Status::error(str(source, ": expected a JSON object at the top level"));
+  if (!j.is_object())
+    return Status::error(str(source, ": expected a JSON object at the top level"));
   Reader r(j, source);
   Config c;
   SP_RETURN_IF_ERROR(r.optional_enum("model_type", {"deepseek_v4"}));
@@ -325,24 +387,33 @@ Result<Config> parse_config_impl(const std::string& text, const std::string& sou
   if (r.has("num_key_value_heads")) {
     int kvh;
     SP_READ_INT(kvh, "num_key_value_heads", 1);
-    if (kvh != 1) return r.fail("num_key_value_heads", "1 (one shared latent K=V head)", &r.raw("num_key_value_heads"));
+    if (kvh != 1)
+      return r.fail("num_key_value_heads", "1 (one shared latent K=V head)",
+                    &r.raw("num_key_value_heads"));
   }
   if (r.has("tie_word_embeddings") && r.raw("tie_word_embeddings") != false)
-    return r.fail("tie_word_embeddings", "false (DeepSeek-V4 has a separate head)", &r.raw("tie_word_embeddings"));
+    return r.fail("tie_word_embeddings", "false (DeepSeek-V4 has a separate head)",
+                  &r.raw("tie_word_embeddings"));
   if (r.has("norm_topk_prob") && r.raw("norm_topk_prob") != true)
     return r.fail("norm_topk_prob", "true", &r.raw("norm_topk_prob"));
   for (const char* b : {"attention_bias", "mlp_bias"})
     if (r.has(b) && r.raw(b) != false) return r.fail(b, "false", &r.raw(b));
-  if (r.has("num_nextn_predict_layers")) SP_READ_INT(c.num_mtp_layers, "num_nextn_predict_layers", 0);
+  if (r.has("num_nextn_predict_layers"))
+    SP_READ_INT(c.num_mtp_layers, "num_nextn_predict_layers", 0);
   if (r.has("bos_token_id")) SP_READ_INT(c.bos_token_id, "bos_token_id", 0);
   if (r.has("eos_token_id")) SP_READ_INT(c.eos_token_id, "eos_token_id", 0);
-  if (r.has("max_position_embeddings")) SP_READ_INT(c.max_position_embeddings, "max_position_embeddings", 1);
+  if (r.has("max_position_embeddings"))
+    SP_READ_INT(c.max_position_embeddings, "max_position_embeddings", 1);
 
   bool hf = r.has("layer_types"), up = r.has("compress_ratios");
   if (hf && up)
-    return Status::error(str(source, ": both 'layer_types' (Hugging Face style) and 'compress_ratios' (upstream style) are present; expected exactly one"));
+    return Status::error(str(source,
+                             ": both 'layer_types' (Hugging Face style) and 'compress_ratios' "
+                             "(upstream style) are present; expected exactly one"));
   if (!hf && !up)
-    return Status::error(str(source, ": field 'layer_types' (Hugging Face style) or 'compress_ratios' (upstream style): expected one of them, but both are missing"));
+    return Status::error(str(source,
+                             ": field 'layer_types' (Hugging Face style) or 'compress_ratios' "
+                             "(upstream style): expected one of them, but both are missing"));
   c.style = hf ? ConfigStyle::kHuggingFace : ConfigStyle::kUpstream;
   SP_RETURN_IF_ERROR(hf ? parse_hf_style(r, c) : parse_upstream_style(r, c));
   SP_RETURN_IF_ERROR(parse_quantization(r, c));
@@ -351,19 +422,28 @@ Result<Config> parse_config_impl(const std::string& text, const std::string& sou
   auto bad = [&](const std::string& field, const std::string& expected) {
     return Status::error(str(source, ": field '", field, "': expected ", expected));
   };
-  if (c.n_shared_experts != 1) return bad("n_shared_experts", str("1 (DeepSeek-V4 has one shared expert), got ", c.n_shared_experts));
+  if (c.n_shared_experts != 1)
+    return bad("n_shared_experts",
+               str("1 (DeepSeek-V4 has one shared expert), got ", c.n_shared_experts));
   if (c.experts_per_tok > c.n_routed_experts)
-    return bad("num_experts_per_tok", str("at most n_routed_experts = ", c.n_routed_experts, ", got ", c.experts_per_tok));
+    return bad("num_experts_per_tok",
+               str("at most n_routed_experts = ", c.n_routed_experts, ", got ", c.experts_per_tok));
   if (c.rope_dim % 2 || c.rope_dim > c.head_dim)
-    return bad("qk_rope_head_dim", str("an even number <= head_dim = ", c.head_dim, ", got ", c.rope_dim));
+    return bad("qk_rope_head_dim",
+               str("an even number <= head_dim = ", c.head_dim, ", got ", c.rope_dim));
   if (c.rope_dim > c.index_head_dim)
-    return bad("index_head_dim", str("at least qk_rope_head_dim = ", c.rope_dim, ", got ", c.index_head_dim));
+    return bad("index_head_dim",
+               str("at least qk_rope_head_dim = ", c.rope_dim, ", got ", c.index_head_dim));
   if (c.num_heads % c.o_groups)
-    return bad("o_groups", str("a divisor of num_attention_heads = ", c.num_heads, ", got ", c.o_groups));
-  if (c.mlp_kinds.size() != static_cast<size_t>(c.num_layers)) return bad("mlp_layer_types", "one entry per layer");
+    return bad("o_groups",
+               str("a divisor of num_attention_heads = ", c.num_heads, ", got ", c.o_groups));
+  if (c.mlp_kinds.size() != static_cast<size_t>(c.num_layers))
+    return bad("mlp_layer_types", "one entry per layer");
   if (c.expert_format == WeightFormat::kFP4 && (c.hidden_size % 32 || c.moe_inter % 32))
-    return bad("expert_dtype", str("fp8, or hidden_size and moe_intermediate_size multiples of 32 for fp4 groups (got ",
-                                   c.hidden_size, " and ", c.moe_inter, ")"));
+    return bad(
+        "expert_dtype",
+        str("fp8, or hidden_size and moe_intermediate_size multiples of 32 for fp4 groups (got ",
+            c.hidden_size, " and ", c.moe_inter, ")"));
   c.ignored_keys = r.unused();
   return c;
 }
@@ -380,7 +460,9 @@ Result<Config> parse_config(const std::string& text, const std::string& source) 
 Result<Config> load_config(const std::string& model_dir) {
   std::string path = model_dir + "/config.json";
   std::ifstream f(path);
-  if (!f) return Status::error(str("cannot open ", path, ": expected a DeepSeek-V4 model directory with config.json"));
+  if (!f)
+    return Status::error(
+        str("cannot open ", path, ": expected a DeepSeek-V4 model directory with config.json"));
   std::stringstream ss;
   ss << f.rdbuf();
   return parse_config(ss.str(), path);
@@ -388,12 +470,14 @@ Result<Config> load_config(const std::string& model_dir) {
 
 std::string describe_config(const Config& c) {
   std::ostringstream os;
-  os << "config style: " << (c.style == ConfigStyle::kUpstream ? "upstream" : "Hugging Face") << "\n"
+  os << "config style: " << (c.style == ConfigStyle::kUpstream ? "upstream" : "Hugging Face")
+     << "\n"
      << "vocab " << c.vocab_size << ", hidden " << c.hidden_size << ", layers " << c.num_layers
      << ", heads " << c.num_heads << " x " << c.head_dim << " (rope " << c.rope_dim << ")\n"
      << "q_lora " << c.q_lora_rank << ", o_groups " << c.o_groups << ", o_lora " << c.o_lora_rank
      << ", window " << c.sliding_window << "\n"
-     << "indexer " << c.index_n_heads << " heads x " << c.index_head_dim << ", top-" << c.index_topk << "\n"
+     << "indexer " << c.index_n_heads << " heads x " << c.index_head_dim << ", top-" << c.index_topk
+     << "\n"
      << "experts " << c.n_routed_experts << " routed (top-" << c.experts_per_tok << ", inter "
      << c.moe_inter << ", scale " << c.routed_scaling_factor << ") + " << c.n_shared_experts
      << " shared, swiglu limit " << c.swiglu_limit << "\n"
@@ -401,13 +485,17 @@ std::string describe_config(const Config& c) {
      << ", rms eps " << c.rms_norm_eps << "\n"
      << "rope main theta " << c.rope_main.theta << "; compress theta " << c.rope_compress.theta;
   if (c.rope_compress.yarn)
-    os << " yarn(factor " << c.rope_compress.factor << ", orig " << c.rope_compress.original_max_position
-       << ", beta " << c.rope_compress.beta_fast << "/" << c.rope_compress.beta_slow << ")";
+    os << " yarn(factor " << c.rope_compress.factor << ", orig "
+       << c.rope_compress.original_max_position << ", beta " << c.rope_compress.beta_fast << "/"
+       << c.rope_compress.beta_slow << ")";
   os << "\nweights: linear " << weight_format_name(c.linear_format) << ", experts "
      << weight_format_name(c.expert_format) << "; mtp layers " << c.num_mtp_layers << "\n";
   os << "layers:";
   for (int l = 0; l < c.num_layers; ++l) {
-    os << " " << l << ":" << (c.attn_kinds[l] == AttnKind::kSliding ? "SWA" : c.attn_kinds[l] == AttnKind::kCSA ? "CSA" : "HCA");
+    os << " " << l << ":"
+       << (c.attn_kinds[l] == AttnKind::kSliding ? "SWA"
+           : c.attn_kinds[l] == AttnKind::kCSA   ? "CSA"
+                                                 : "HCA");
     if (c.compress_ratio[l]) os << "/" << c.compress_ratio[l];
     os << (c.mlp_kinds[l] == MlpKind::kHashMoe ? "+hash" : "");
   }

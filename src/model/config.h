@@ -44,7 +44,7 @@ struct Config {
   int q_lora_rank = 0;
   int o_groups = 0;
   int o_lora_rank = 0;
-  int sliding_window = 0;  // window length counted including the query token
+  int sliding_window = 0;            // window length counted including the query token
   std::vector<AttnKind> attn_kinds;  // [num_layers]
   std::vector<int> compress_ratio;   // [num_layers]; 0 for sliding-only layers
   std::vector<MlpKind> mlp_kinds;    // [num_layers]

@@ -86,7 +86,8 @@ void Model::embed(const BatchView& b, Tensor X) {
   be_.expand_streams(e, c_.hc_mult, X);
 }
 
-void Model::attention_block(const LayerWeights& L, LayerState& st, const BatchView& b, Tensor xn, Tensor f) {
+void Model::attention_block(const LayerWeights& L, LayerState& st, const BatchView& b, Tensor xn,
+                            Tensor f) {
   const int T = b.num_tokens, dh = c_.head_dim;
   const RopeTable& rope = L.kind == AttnKind::kSliding ? rope_main_ : rope_compress_;
   const float eps = c_.rms_norm_eps;
@@ -128,8 +129,9 @@ void Model::attention_block(const LayerWeights& L, LayerState& st, const BatchVi
     sel = &selected_;
   }
   Tensor o = ws_o_.slice_rows(0, T);
-  AttentionArgs aa{c_.num_heads, dh, c_.sliding_window, L.ratio, L.kind,
-                   1.0f / std::sqrt(static_cast<float>(dh)), L.attn_sink.data()};
+  AttentionArgs aa{c_.num_heads,      dh,     c_.sliding_window,
+                   L.ratio,           L.kind, 1.0f / std::sqrt(static_cast<float>(dh)),
+                   L.attn_sink.data()};
   be_.attention(q, kv, aa, b, st, sel, c_.index_topk, o);
   be_.window_update(kv, c_.sliding_window, b, st.window);
   // De-rotate with the query position, grouped low-rank output projection.
@@ -141,7 +143,8 @@ void Model::attention_block(const LayerWeights& L, LayerState& st, const BatchVi
 
 void Model::run_layers(const BatchView& b, Tensor X, const LayerHook& hook) {
   const int T = b.num_tokens;
-  SP_CHECK(T <= lim_.max_num_batched_tokens, "step of ", T, " tokens over the budget ", lim_.max_num_batched_tokens);
+  SP_CHECK(T <= lim_.max_num_batched_tokens, "step of ", T, " tokens over the budget ",
+           lim_.max_num_batched_tokens);
   for (const SeqChunk& ch : b.chunks)
     SP_CHECK(ch.start_pos + ch.n_tokens <= lim_.max_model_len, "sequence over max_model_len");
   Tensor x = ws_x_.slice_rows(0, T), xn = ws_xn_.slice_rows(0, T), f = ws_f_.slice_rows(0, T);
@@ -155,7 +158,9 @@ void Model::run_layers(const BatchView& b, Tensor X, const LayerHook& hook) {
     be_.hc_post(f, post, comb, hc, X);
     be_.hc_pre(X, L.hc_ffn, hc, c_.hc_sinkhorn_iters, c_.hc_eps, c_.rms_norm_eps, x, post, comb);
     be_.rms_norm(x, L.ffn_norm.data(), static_cast<int>(c_.hidden_size), c_.rms_norm_eps, xn);
-    be_.moe(xn, MoeArgs{&L, c_.experts_per_tok, static_cast<float>(c_.routed_scaling_factor), c_.swiglu_limit},
+    be_.moe(xn,
+            MoeArgs{&L, c_.experts_per_tok, static_cast<float>(c_.routed_scaling_factor),
+                    c_.swiglu_limit},
             b, f);
     be_.hc_post(f, post, comb, hc, X);
     if (hook) hook(L.index, X);
@@ -169,7 +174,8 @@ Tensor Model::head(Tensor X, const std::vector<int32_t>& rows) {
   SP_CHECK(w_.plan.head, "head called on a stage without the head");
   const int n = static_cast<int>(rows.size());
   SP_CHECK(n <= lim_.max_logit_rows, n, " logit rows over the limit ", lim_.max_logit_rows);
-  Tensor xs = ws_hsel_.slice_rows(0, n), h = ws_h_.slice_rows(0, n), logits = ws_logits_.slice_rows(0, n);
+  Tensor xs = ws_hsel_.slice_rows(0, n), h = ws_h_.slice_rows(0, n),
+         logits = ws_logits_.slice_rows(0, n);
   be_.gather_rows(X, rows, xs);
   be_.hc_head(xs, w_.hc_head, c_.hc_mult, c_.hc_eps, c_.rms_norm_eps, h);
   be_.rms_norm(h, w_.final_norm.data(), static_cast<int>(c_.hidden_size), c_.rms_norm_eps, h);

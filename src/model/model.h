@@ -59,7 +59,8 @@ class Model {
   Tensor head(Tensor X, const std::vector<int32_t>& rows);
 
  private:
-  void attention_block(const LayerWeights& L, LayerState& st, const BatchView& b, Tensor xn, Tensor f);
+  void attention_block(const LayerWeights& L, LayerState& st, const BatchView& b, Tensor xn,
+                       Tensor f);
 
   const Config c_;  // a copy: the model outlives whatever parsed it
   const ModelWeights& w_;
@@ -69,8 +70,8 @@ class Model {
   std::vector<LayerState> state_;  // per owned layer
   int64_t state_bytes_ = 0;
   // Workspace, sized at start-up for max_num_batched_tokens rows.
-  Tensor ws_X_, ws_x_, ws_xn_, ws_f_, ws_post_, ws_comb_, ws_qlat_, ws_q_, ws_kv_, ws_a_, ws_g_, ws_o_,
-      ws_z_, ws_iq_, ws_iw_, ws_ia_, ws_ig_, ws_h_, ws_hsel_, ws_logits_, ws_mtp_hidden_;
+  Tensor ws_X_, ws_x_, ws_xn_, ws_f_, ws_post_, ws_comb_, ws_qlat_, ws_q_, ws_kv_, ws_a_, ws_g_,
+      ws_o_, ws_z_, ws_iq_, ws_iw_, ws_ia_, ws_ig_, ws_h_, ws_hsel_, ws_logits_, ws_mtp_hidden_;
   std::vector<int32_t> selected_;
 };
 

@@ -34,7 +34,9 @@ const float* e2m1_pair_table() {
   return t;
 }
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
 
 }  // namespace
 
@@ -49,8 +51,10 @@ void Linear::decode_row(int64_t n, float* dst) const {
       for (int64_t kb = 0; kb * 128 < in; ++kb) {
         int64_t si = (n / 128) * scale_cols + kb;
         float s;
-        if (scale_dtype == DType::kE8M0) s = e8m0_to_f32(scale[si]);
-        else std::memcpy(&s, scale + si * 4, 4);
+        if (scale_dtype == DType::kE8M0)
+          s = e8m0_to_f32(scale[si]);
+        else
+          std::memcpy(&s, scale + si * 4, 4);
         int64_t end = std::min(in, (kb + 1) * 128);
         for (int64_t k = kb * 128; k < end; ++k) dst[k] = lut[row[k]] * s;
       }
@@ -63,8 +67,10 @@ void Linear::decode_row(int64_t n, float* dst) const {
       for (int64_t g = 0; g < in / 32; ++g) {
         int64_t si = n * scale_cols + g;
         float s;
-        if (scale_dtype == DType::kE8M0) s = e8m0_to_f32(scale[si]);
-        else std::memcpy(&s, scale + si * 4, 4);
+        if (scale_dtype == DType::kE8M0)
+          s = e8m0_to_f32(scale[si]);
+        else
+          std::memcpy(&s, scale + si * 4, 4);
         float* out = dst + g * 32;
         const uint8_t* in_bytes = row + g * 16;
         for (int c = 0; c < 16; ++c) {
@@ -80,9 +86,12 @@ void Linear::decode_row(int64_t n, float* dst) const {
 
 int64_t Linear::nbytes() const {
   switch (format) {
-    case WeightFormat::kFloat: return out * in * dtype_size(dtype);
-    case WeightFormat::kFP8: return out * in + ceil_div(out, 128) * scale_cols * dtype_size(scale_dtype);
-    case WeightFormat::kFP4: return out * in / 2 + out * scale_cols * dtype_size(scale_dtype);
+    case WeightFormat::kFloat:
+      return out * in * dtype_size(dtype);
+    case WeightFormat::kFP8:
+      return out * in + ceil_div(out, 128) * scale_cols * dtype_size(scale_dtype);
+    case WeightFormat::kFP4:
+      return out * in / 2 + out * scale_cols * dtype_size(scale_dtype);
   }
   return 0;
 }
@@ -99,7 +108,9 @@ std::vector<ExpectedTensor> expected_tensors(const Config& c) {
   matrix("embed.weight", WeightFormat::kFloat, c.vocab_size, D, Part::kEmbed);
   for (int l = 0; l < c.num_layers; ++l) {
     std::string p = str("layers.", l, ".");
-    auto lp = [&](const std::string& n, std::vector<int64_t> s) { param(p + n, std::move(s), Part::kLayer, l); };
+    auto lp = [&](const std::string& n, std::vector<int64_t> s) {
+      param(p + n, std::move(s), Part::kLayer, l);
+    };
     auto lm = [&](const std::string& n, WeightFormat f, int64_t out, int64_t in) {
       matrix(p + n, f, out, in, Part::kLayer, l);
     };
@@ -140,8 +151,12 @@ std::vector<ExpectedTensor> expected_tensors(const Config& c) {
     const int64_t E = c.n_routed_experts, I = c.moe_inter;
     lm("ffn.gate.weight", WeightFormat::kFloat, E, D);
     if (c.mlp_kinds[l] == MlpKind::kHashMoe) {
-      v.push_back({p + "ffn.gate.tid2eid", TensorRole::kIndex, WeightFormat::kFloat,
-                   {c.vocab_size, c.experts_per_tok}, Part::kLayer, l});
+      v.push_back({p + "ffn.gate.tid2eid",
+                   TensorRole::kIndex,
+                   WeightFormat::kFloat,
+                   {c.vocab_size, c.experts_per_tok},
+                   Part::kLayer,
+                   l});
     } else {
       lp("ffn.gate.bias", {E});
     }
@@ -166,7 +181,8 @@ namespace {
 
 // Stored shape of a matrix's values and of its scales in a given format.
 std::vector<int64_t> stored_shape(const ExpectedTensor& t) {
-  if (t.role == TensorRole::kMatrix && t.format == WeightFormat::kFP4) return {t.shape[0], t.shape[1] / 2};
+  if (t.role == TensorRole::kMatrix && t.format == WeightFormat::kFP4)
+    return {t.shape[0], t.shape[1] / 2};
   return t.shape;
 }
 std::vector<int64_t> scale_shape(const ExpectedTensor& t) {
@@ -183,13 +199,18 @@ int64_t numel(const std::vector<int64_t>& s) {
 
 int64_t expected_bytes(const ExpectedTensor& t) {
   switch (t.role) {
-    case TensorRole::kParam: return numel(t.shape) * 4;
-    case TensorRole::kIndex: return numel(t.shape) * 4;
+    case TensorRole::kParam:
+      return numel(t.shape) * 4;
+    case TensorRole::kIndex:
+      return numel(t.shape) * 4;
     case TensorRole::kMatrix:
       switch (t.format) {
-        case WeightFormat::kFloat: return numel(t.shape) * 2;
-        case WeightFormat::kFP8: return numel(t.shape) + numel(scale_shape(t));
-        case WeightFormat::kFP4: return numel(t.shape) / 2 + numel(scale_shape(t));
+        case WeightFormat::kFloat:
+          return numel(t.shape) * 2;
+        case WeightFormat::kFP8:
+          return numel(t.shape) + numel(scale_shape(t));
+        case WeightFormat::kFP4:
+          return numel(t.shape) / 2 + numel(scale_shape(t));
       }
   }
   return 0;
@@ -207,12 +228,16 @@ LoadPlan LoadPlan::stage(const std::vector<int>& partition, int stage, bool mtp)
 
 bool LoadPlan::owns(const ExpectedTensor& t) const {
   switch (t.part) {
-    case Part::kEmbed: return embed;
-    case Part::kLayer: return t.layer >= first_layer && t.layer < end_layer;
+    case Part::kEmbed:
+      return embed;
+    case Part::kLayer:
+      return t.layer >= first_layer && t.layer < end_layer;
     case Part::kHcHead:
     case Part::kFinalNorm:
-    case Part::kHead: return head;
-    case Part::kMtp: return false;
+    case Part::kHead:
+      return head;
+    case Part::kMtp:
+      return false;
   }
   return false;
 }
@@ -262,8 +287,13 @@ class Assembler {
     std::vector<int32_t> out(static_cast<size_t>(n));
     for (int64_t i = 0; i < n; ++i) {
       int64_t v;
-      if (b.dtype == DType::kI64) std::memcpy(&v, b.data + i * 8, 8);
-      else { int32_t x; std::memcpy(&x, b.data + i * 4, 4); v = x; }
+      if (b.dtype == DType::kI64)
+        std::memcpy(&v, b.data + i * 8, 8);
+      else {
+        int32_t x;
+        std::memcpy(&x, b.data + i * 4, 4);
+        v = x;
+      }
       out[i] = static_cast<int32_t>(v);
     }
     return out;
@@ -309,8 +339,10 @@ class Assembler {
       L.idx_compressor = compressor(p + "attn.indexer.compressor.");
     }
     L.gate = matrix(p + "ffn.gate.weight");
-    if (L.mlp == MlpKind::kHashMoe) L.tid2eid = index(p + "ffn.gate.tid2eid");
-    else L.gate_bias = param(p + "ffn.gate.bias");
+    if (L.mlp == MlpKind::kHashMoe)
+      L.tid2eid = index(p + "ffn.gate.tid2eid");
+    else
+      L.gate_bias = param(p + "ffn.gate.bias");
     for (int e = 0; e < c_.n_routed_experts; ++e) {
       L.w1.push_back(matrix(str(p, "ffn.experts.", e, ".w1.weight")));
       L.w2.push_back(matrix(str(p, "ffn.experts.", e, ".w2.weight")));
@@ -322,7 +354,8 @@ class Assembler {
     return L;
   }
   CompressorWeights compressor(const std::string& p) {
-    return {matrix(p + "wkv.weight"), matrix(p + "wgate.weight"), param(p + "ape"), param(p + "norm.weight")};
+    return {matrix(p + "wkv.weight"), matrix(p + "wgate.weight"), param(p + "ape"),
+            param(p + "norm.weight")};
   }
   const Bound& at(const std::string& name) {
     auto it = bound_.find(name);
@@ -355,7 +388,8 @@ uint64_t touch(const uint8_t* p, int64_t n) {
 }  // namespace
 
 Result<std::unique_ptr<ModelWeights>> load_weights(const Config& c, const std::string& dir,
-                                                   const LoadPlan& plan, const ProgressFn& progress) {
+                                                   const LoadPlan& plan,
+                                                   const ProgressFn& progress) {
   auto t0 = std::chrono::steady_clock::now();
   SP_ASSIGN_OR_RETURN(std::unique_ptr<Checkpoint> ck, Checkpoint::open(dir));
   auto w = std::make_unique<ModelWeights>();
@@ -381,13 +415,18 @@ Result<std::unique_ptr<ModelWeights>> load_weights(const Config& c, const std::s
     const TensorInfo* sc = nullptr;
     std::string problem;
     if (t.role == TensorRole::kParam) {
-      if (!dtype_is_float(ti->dtype)) problem = "expected a float dtype (F32, BF16 or F16)";
-      else if (ti->shape != t.shape) problem = str("expected shape ", shape_str(t.shape));
+      if (!dtype_is_float(ti->dtype))
+        problem = "expected a float dtype (F32, BF16 or F16)";
+      else if (ti->shape != t.shape)
+        problem = str("expected shape ", shape_str(t.shape));
     } else if (t.role == TensorRole::kIndex) {
-      if (ti->dtype != DType::kI32 && ti->dtype != DType::kI64) problem = "expected I32 or I64";
-      else if (ti->shape != t.shape) problem = str("expected shape ", shape_str(t.shape));
+      if (ti->dtype != DType::kI32 && ti->dtype != DType::kI64)
+        problem = "expected I32 or I64";
+      else if (ti->shape != t.shape)
+        problem = str("expected shape ", shape_str(t.shape));
     } else {
-      // A quantised matrix may also come as plain floats (exact); a float matrix may not come quantised.
+      // A quantised matrix may also come as plain floats (exact); a float matrix may not come
+      // quantised.
       WeightFormat f = t.format;
       if (f != WeightFormat::kFloat && dtype_is_float(ti->dtype)) f = WeightFormat::kFloat;
       ExpectedTensor as = t;
@@ -395,13 +434,17 @@ Result<std::unique_ptr<ModelWeights>> load_weights(const Config& c, const std::s
       b.format = f;
       DType want = f == WeightFormat::kFP8 ? DType::kE4M3 : DType::kI8;
       if (f == WeightFormat::kFloat && !dtype_is_float(ti->dtype)) {
-        problem = t.format == WeightFormat::kFloat
-                      ? "expected a float dtype (F32, BF16 or F16): the config declares this weight unquantised"
-                      : str("expected ", t.format == WeightFormat::kFP8 ? "F8_E4M3" : "I8 (packed FP4)", " or a float dtype");
+        problem =
+            t.format == WeightFormat::kFloat
+                ? "expected a float dtype (F32, BF16 or F16): the config declares this weight "
+                  "unquantised"
+                : str("expected ", t.format == WeightFormat::kFP8 ? "F8_E4M3" : "I8 (packed FP4)",
+                      " or a float dtype");
       } else if (f != WeightFormat::kFloat && ti->dtype != want) {
         problem = str("expected ", dtype_name(want), " (", weight_format_name(f), ")");
       } else if (ti->shape != stored_shape(as)) {
-        problem = str("expected shape ", shape_str(stored_shape(as)), " for logical [", t.shape[0], ", ", t.shape[1], "]");
+        problem = str("expected shape ", shape_str(stored_shape(as)), " for logical [", t.shape[0],
+                      ", ", t.shape[1], "]");
       } else if (f != WeightFormat::kFloat) {
         known.insert(t.name.substr(0, t.name.size() - 6) + "scale");
         sc = ck->find(t.name.substr(0, t.name.size() - 6) + "scale");
@@ -410,9 +453,11 @@ Result<std::unique_ptr<ModelWeights>> load_weights(const Config& c, const std::s
           continue;
         }
         if (sc->dtype != DType::kE8M0 && sc->dtype != DType::kF32)
-          problem = str("scale ", sc->name, ": expected F8_E8M0 (or F32), got ", dtype_name(sc->dtype));
+          problem =
+              str("scale ", sc->name, ": expected F8_E8M0 (or F32), got ", dtype_name(sc->dtype));
         else if (sc->shape != scale_shape(as))
-          problem = str("scale ", sc->name, ": expected shape ", shape_str(scale_shape(as)), ", got ", shape_str(sc->shape));
+          problem = str("scale ", sc->name, ": expected shape ", shape_str(scale_shape(as)),
+                        ", got ", shape_str(sc->shape));
         else {
           b.scale = sc->data;
           b.scale_dtype = sc->dtype;
@@ -420,7 +465,8 @@ Result<std::unique_ptr<ModelWeights>> load_weights(const Config& c, const std::s
       }
     }
     if (!problem.empty()) {
-      wrong.push_back(str(t.name, ": ", dtype_name(ti->dtype), " ", shape_str(ti->shape), "; ", problem));
+      wrong.push_back(
+          str(t.name, ": ", dtype_name(ti->dtype), " ", shape_str(ti->shape), "; ", problem));
       continue;
     }
     if (!plan.owns(t)) continue;
@@ -444,16 +490,23 @@ Result<std::unique_ptr<ModelWeights>> load_weights(const Config& c, const std::s
   std::vector<std::string> unexpected;
   for (auto& [name, info] : ck->all()) {
     if (known.count(name)) continue;
-    if (name.rfind("mtp.", 0) == 0) w->stats.mtp_tensors.push_back(name);
-    else unexpected.push_back(str(name, " (", dtype_name(info->dtype), " ", shape_str(info->shape), ")"));
+    if (name.rfind("mtp.", 0) == 0)
+      w->stats.mtp_tensors.push_back(name);
+    else
+      unexpected.push_back(
+          str(name, " (", dtype_name(info->dtype), " ", shape_str(info->shape), ")"));
   }
   w->stats.checkpoint_tensors = static_cast<int64_t>(ck->all().size());
   std::string err;
-  if (!missing.empty()) err += str("\nmissing tensors (", missing.size(), "):", list_names(missing));
-  if (!wrong.empty()) err += str("\ntensors with the wrong shape or dtype (", wrong.size(), "):", list_names(wrong));
+  if (!missing.empty())
+    err += str("\nmissing tensors (", missing.size(), "):", list_names(missing));
+  if (!wrong.empty())
+    err += str("\ntensors with the wrong shape or dtype (", wrong.size(), "):", list_names(wrong));
   if (!unexpected.empty())
-    err += str("\nunexpected tensors the config does not describe (", unexpected.size(), "):", list_names(unexpected));
-  if (!err.empty()) return Status::error(str("checkpoint ", dir, " does not match its config.json:", err));
+    err += str("\nunexpected tensors the config does not describe (", unexpected.size(),
+               "):", list_names(unexpected));
+  if (!err.empty())
+    return Status::error(str("checkpoint ", dir, " does not match its config.json:", err));
   // tid2eid entries must name experts that exist.
   Assembler as(c, *w, bound);
   as.set_shapes(ex);
@@ -461,10 +514,12 @@ Result<std::unique_ptr<ModelWeights>> load_weights(const Config& c, const std::s
   for (auto& L : w->layers)
     for (size_t i = 0; i < L.tid2eid.size(); ++i)
       if (L.tid2eid[i] < 0 || L.tid2eid[i] >= c.n_routed_experts)
-        return Status::error(str("layers.", L.index, ".ffn.gate.tid2eid[", i / c.experts_per_tok, "][", i % c.experts_per_tok,
-                                 "] = ", L.tid2eid[i], ": expected an expert index in [0, ", c.n_routed_experts, ")"));
+        return Status::error(str("layers.", L.index, ".ffn.gate.tid2eid[", i / c.experts_per_tok,
+                                 "][", i % c.experts_per_tok, "] = ", L.tid2eid[i],
+                                 ": expected an expert index in [0, ", c.n_routed_experts, ")"));
   w->checkpoint_owner = std::shared_ptr<Checkpoint>(std::move(ck));
-  w->stats.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() + (sink == 1 ? 1e-12 : 0);
+  w->stats.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() +
+                     (sink == 1 ? 1e-12 : 0);
   return w;
 }
 
@@ -483,7 +538,8 @@ uint64_t name_hash(const std::string& s) {
 }
 // Uniform in [-1, 1).
 inline float uniform(uint64_t key, int64_t i) {
-  return static_cast<float>(splitmix(key + static_cast<uint64_t>(i)) >> 40) * (2.0f / 16777216.0f) - 1.0f;
+  return static_cast<float>(splitmix(key + static_cast<uint64_t>(i)) >> 40) * (2.0f / 16777216.0f) -
+         1.0f;
 }
 bool ends_with(const std::string& s, const std::string& suf) {
   return s.size() >= suf.size() && s.compare(s.size() - suf.size(), suf.size(), suf) == 0;
@@ -501,8 +557,8 @@ const uint8_t* bf16_to_e4m3_table() {
 
 }  // namespace
 
-Result<std::unique_ptr<ModelWeights>> dummy_weights(const Config& c, const LoadPlan& plan, uint64_t seed,
-                                                    const ProgressFn& progress) {
+Result<std::unique_ptr<ModelWeights>> dummy_weights(const Config& c, const LoadPlan& plan,
+                                                    uint64_t seed, const ProgressFn& progress) {
   auto t0 = std::chrono::steady_clock::now();
   auto w = std::make_unique<ModelWeights>();
   w->plan = plan;
@@ -525,11 +581,16 @@ Result<std::unique_ptr<ModelWeights>> dummy_weights(const Config& c, const LoadP
       for (int64_t i = 0; i < n; ++i) {
         float u = uniform(key, i);
         float v;
-        if (ends_with(nm, "_fn")) v = u * std::sqrt(3.0f / static_cast<float>(t.shape[1]));
-        else if (ends_with(nm, "_base")) v = 0.5f * u;
-        else if (ends_with(nm, "_scale")) v = 1.0f + 0.25f * u;
-        else if (ends_with(nm, "norm.weight")) v = 1.0f + 0.05f * u;
-        else v = 0.1f * u;  // attn_sink, ape, gate.bias
+        if (ends_with(nm, "_fn"))
+          v = u * std::sqrt(3.0f / static_cast<float>(t.shape[1]));
+        else if (ends_with(nm, "_base"))
+          v = 0.5f * u;
+        else if (ends_with(nm, "_scale"))
+          v = 1.0f + 0.25f * u;
+        else if (ends_with(nm, "norm.weight"))
+          v = 1.0f + 0.05f * u;
+        else
+          v = 0.1f * u;  // attn_sink, ape, gate.bias
         f[i] = v;
       }
       b.dtype = DType::kF32;
@@ -540,8 +601,10 @@ Result<std::unique_ptr<ModelWeights>> dummy_weights(const Config& c, const LoadP
       int32_t* p = reinterpret_cast<int32_t*>(buf.data());
       const int64_t k = t.shape[1];
       for (int64_t r = 0; r < t.shape[0]; ++r) {
-        int64_t start = static_cast<int64_t>(splitmix(key + r) % static_cast<uint64_t>(c.n_routed_experts));
-        for (int64_t j = 0; j < k; ++j) p[r * k + j] = static_cast<int32_t>((start + j) % c.n_routed_experts);
+        int64_t start =
+            static_cast<int64_t>(splitmix(key + r) % static_cast<uint64_t>(c.n_routed_experts));
+        for (int64_t j = 0; j < k; ++j)
+          p[r * k + j] = static_cast<int32_t>((start + j) % c.n_routed_experts);
       }
       b.dtype = DType::kI32;
       w->owned.push_back(std::move(buf));
@@ -549,7 +612,8 @@ Result<std::unique_ptr<ModelWeights>> dummy_weights(const Config& c, const LoadP
     } else {
       const int64_t out = t.shape[0], in = t.shape[1];
       // std 1/sqrt(in) keeps every projection's output O(1); the embedding rows have std 1.
-      const float amp = t.part == Part::kEmbed ? std::sqrt(3.0f) : std::sqrt(3.0f / static_cast<float>(in));
+      const float amp =
+          t.part == Part::kEmbed ? std::sqrt(3.0f) : std::sqrt(3.0f / static_cast<float>(in));
       b.format = t.format;
       if (t.format == WeightFormat::kFloat) {
         std::vector<uint8_t> buf(static_cast<size_t>(n) * 2);
@@ -571,11 +635,14 @@ Result<std::unique_ptr<ModelWeights>> dummy_weights(const Config& c, const LoadP
         w->owned.push_back(std::move(sbuf));
         b.scale = w->owned.back().data();
       } else {
-        // Uniform e2m1 codes have rms ~2.93; pick the power-of-two scale that gives std ~1/sqrt(in).
-        const int sexp = static_cast<int>(std::lround(std::log2(1.0f / (std::sqrt(static_cast<float>(in)) * 2.93f))));
+        // Uniform e2m1 codes have rms ~2.93; pick the power-of-two scale that gives std
+        // ~1/sqrt(in).
+        const int sexp = static_cast<int>(
+            std::lround(std::log2(1.0f / (std::sqrt(static_cast<float>(in)) * 2.93f))));
         std::vector<uint8_t> buf(static_cast<size_t>(n / 2));
         for (int64_t i = 0; i < n / 2; ++i) buf[i] = static_cast<uint8_t>(splitmix(key + i) >> 56);
-        std::vector<uint8_t> sbuf(static_cast<size_t>(out * (in / 32)), static_cast<uint8_t>(sexp + 127));
+        std::vector<uint8_t> sbuf(static_cast<size_t>(out * (in / 32)),
+                                  static_cast<uint8_t>(sexp + 127));
         b.dtype = DType::kI8;
         w->owned.push_back(std::move(buf));
         b.data = w->owned.back().data();

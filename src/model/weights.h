@@ -47,8 +47,9 @@ struct Linear {
   WeightFormat format = WeightFormat::kFloat;
   DType dtype = DType::kF32;  // value dtype (float formats: F32 / BF16 / F16)
   int64_t out = 0, in = 0;
-  const uint8_t* data = nullptr;   // kFloat: [out, in]; kFP8: e4m3 [out, in]; kFP4: packed [out, in/2]
-  const uint8_t* scale = nullptr;  // kFP8: [ceil(out/128), ceil(in/128)]; kFP4: [out, in/32]
+  const uint8_t* data =
+      nullptr;  // kFloat: [out, in]; kFP8: e4m3 [out, in]; kFP4: packed [out, in/2]
+  const uint8_t* scale = nullptr;    // kFP8: [ceil(out/128), ceil(in/128)]; kFP4: [out, in/32]
   DType scale_dtype = DType::kE8M0;  // E8M0 upstream; F32 accepted as well
   int64_t scale_cols = 0;
   bool valid() const { return data != nullptr; }
@@ -64,9 +65,9 @@ struct HcParams {
 };
 
 struct CompressorWeights {
-  Linear wkv, wgate;       // [k * d, hidden], run in fp32
-  std::vector<float> ape;  // [ratio, k * d]
-  std::vector<float> norm; // [d]
+  Linear wkv, wgate;        // [k * d, hidden], run in fp32
+  std::vector<float> ape;   // [ratio, k * d]
+  std::vector<float> norm;  // [d]
 };
 
 struct LayerWeights {
@@ -77,10 +78,10 @@ struct LayerWeights {
   std::vector<float> attn_norm, ffn_norm;  // [hidden]
   HcParams hc_attn, hc_ffn;
   Linear wq_a, wq_b, wkv, wo_a, wo_b;
-  std::vector<float> q_norm;     // [q_lora]
-  std::vector<float> kv_norm;    // [head_dim]
-  std::vector<float> attn_sink;  // [heads]
-  CompressorWeights compressor;  // ratio > 0
+  std::vector<float> q_norm;          // [q_lora]
+  std::vector<float> kv_norm;         // [head_dim]
+  std::vector<float> attn_sink;       // [heads]
+  CompressorWeights compressor;       // ratio > 0
   Linear idx_wq_b, idx_weights_proj;  // CSA: [ih * id, q_lora], [ih, hidden]
   CompressorWeights idx_compressor;   // CSA, at index_head_dim
   Linear gate;                        // [experts, hidden]
@@ -103,8 +104,8 @@ struct LoadPlan {
 };
 
 struct LoadStats {
-  int64_t tensors = 0;        // tensors this process took
-  int64_t bytes = 0;          // their storage bytes (incl. scales)
+  int64_t tensors = 0;  // tensors this process took
+  int64_t bytes = 0;    // their storage bytes (incl. scales)
   int64_t checkpoint_tensors = 0;
   std::vector<std::string> mtp_tensors;  // accepted, not used yet
   std::set<std::string> accessed;        // names whose bytes were touched
@@ -112,8 +113,8 @@ struct LoadStats {
 };
 
 struct ModelWeights {
-  Linear embed;  // [vocab, hidden]
-  Linear head;   // [vocab, hidden]
+  Linear embed;                   // [vocab, hidden]
+  Linear head;                    // [vocab, hidden]
   std::vector<float> final_norm;  // [hidden]
   HcParams hc_head;
   std::vector<LayerWeights> layers;  // the plan's layers, in order
@@ -130,7 +131,8 @@ using ProgressFn = std::function<void(int64_t done_bytes, int64_t total_bytes)>;
 // Validates the checkpoint against the config (missing, unexpected, wrong shape or dtype: errors
 // that list the tensors) and binds the plan's tensors.
 Result<std::unique_ptr<ModelWeights>> load_weights(const Config& c, const std::string& dir,
-                                                   const LoadPlan& plan, const ProgressFn& progress);
+                                                   const LoadPlan& plan,
+                                                   const ProgressFn& progress);
 // Weights of the config's shapes and upstream formats generated from a seed (--load-format dummy).
 // Values are scaled so activations stay O(1).
 Result<std::unique_ptr<ModelWeights>> dummy_weights(const Config& c, const LoadPlan& plan,

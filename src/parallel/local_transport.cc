@@ -85,12 +85,14 @@ class Hub {
 
 class LocalTransport final : public Transport {
  public:
-  LocalTransport(std::shared_ptr<Hub> hub, int rank, int world) : hub_(std::move(hub)), rank_(rank), world_(world) {}
+  LocalTransport(std::shared_ptr<Hub> hub, int rank, int world)
+      : hub_(std::move(hub)), rank_(rank), world_(world) {}
   std::string name() const override { return "threads"; }
   int rank() const override { return rank_; }
   int world() const override { return world_; }
 
-  Status send(int dst, Channel ch, std::vector<uint8_t> header, const float* data, int64_t n) override {
+  Status send(int dst, Channel ch, std::vector<uint8_t> header, const float* data,
+              int64_t n) override {
     Message m;
     m.header = std::move(header);
     if (n > 0) m.data.assign(data, data + n);
@@ -103,8 +105,8 @@ class LocalTransport final : public Transport {
     SP_RETURN_IF_ERROR(hub_->pop(src, rank_, ch, &m));
     const int64_t n = payload_size ? payload_size(m.header) : 0;
     if (static_cast<int64_t>(m.data.size()) != n)
-      return Status::error(str("stage ", rank_, ": payload from stage ", src, " has ", m.data.size(),
-                               " values, the descriptor implies ", n));
+      return Status::error(str("stage ", rank_, ": payload from stage ", src, " has ",
+                               m.data.size(), " values, the descriptor implies ", n));
     header = std::move(m.header);
     data = std::move(m.data);
     return Status::ok();
@@ -116,7 +118,8 @@ class LocalTransport final : public Transport {
   Result<double> allreduce_max(double v) override {
     // The exact bits travel, not a decimal rendering.
     std::vector<std::string> all;
-    SP_RETURN_IF_ERROR(hub_->exchange(rank_, std::string(reinterpret_cast<const char*>(&v), sizeof v), &all));
+    SP_RETURN_IF_ERROR(
+        hub_->exchange(rank_, std::string(reinterpret_cast<const char*>(&v), sizeof v), &all));
     double m = v;
     for (auto& s : all) {
       double x;
@@ -147,8 +150,8 @@ std::vector<std::unique_ptr<Transport>> make_local_transports(int world) {
 }
 
 bool launched_by_mpi() {
-  return std::getenv("OMPI_COMM_WORLD_SIZE") || std::getenv("PMI_SIZE") || std::getenv("PMIX_RANK") ||
-         std::getenv("MPI_LOCALNRANKS");
+  return std::getenv("OMPI_COMM_WORLD_SIZE") || std::getenv("PMI_SIZE") ||
+         std::getenv("PMIX_RANK") || std::getenv("MPI_LOCALNRANKS");
 }
 
 }  // namespace sp

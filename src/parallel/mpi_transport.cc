@@ -12,15 +12,15 @@ namespace sp {
 
 namespace {
 
-#define SP_MPI_CHECK(call)                                                           \
-  do {                                                                               \
-    int _rc = (call);                                                                \
-    if (_rc != MPI_SUCCESS) {                                                        \
-      char _msg[MPI_MAX_ERROR_STRING];                                               \
-      int _len = 0;                                                                  \
-      MPI_Error_string(_rc, _msg, &_len);                                            \
+#define SP_MPI_CHECK(call)                                                               \
+  do {                                                                                   \
+    int _rc = (call);                                                                    \
+    if (_rc != MPI_SUCCESS) {                                                            \
+      char _msg[MPI_MAX_ERROR_STRING];                                                   \
+      int _len = 0;                                                                      \
+      MPI_Error_string(_rc, _msg, &_len);                                                \
       return Status::error(str("stage ", rank_, ": MPI call " #call " failed: ", _msg)); \
-    }                                                                                \
+    }                                                                                    \
   } while (0)
 
 class MpiTransport final : public Transport {
@@ -40,21 +40,22 @@ class MpiTransport final : public Transport {
   int rank() const override { return rank_; }
   int world() const override { return world_; }
 
-  Status send(int dst, Channel ch, std::vector<uint8_t> header, const float* data, int64_t n) override {
+  Status send(int dst, Channel ch, std::vector<uint8_t> header, const float* data,
+              int64_t n) override {
     progress();
     if (header.size() > INT_MAX || n > INT_MAX)
       return Status::error(str("stage ", rank_, ": message too large for one MPI send"));
     pending_.push_back({});
     Pending& h = pending_.back();
     h.bytes = std::move(header);
-    SP_MPI_CHECK(MPI_Isend(h.bytes.data(), static_cast<int>(h.bytes.size()), MPI_BYTE, dst, tag(ch, false),
-                           MPI_COMM_WORLD, &h.request));
+    SP_MPI_CHECK(MPI_Isend(h.bytes.data(), static_cast<int>(h.bytes.size()), MPI_BYTE, dst,
+                           tag(ch, false), MPI_COMM_WORLD, &h.request));
     if (n > 0) {
       pending_.push_back({});
       Pending& d = pending_.back();
       d.floats.assign(data, data + n);
-      SP_MPI_CHECK(MPI_Isend(d.floats.data(), static_cast<int>(n), MPI_FLOAT, dst, tag(ch, true), MPI_COMM_WORLD,
-                             &d.request));
+      SP_MPI_CHECK(MPI_Isend(d.floats.data(), static_cast<int>(n), MPI_FLOAT, dst, tag(ch, true),
+                             MPI_COMM_WORLD, &d.request));
     }
     return Status::ok();
   }
@@ -66,12 +67,13 @@ class MpiTransport final : public Transport {
     int count = 0;
     MPI_Get_count(&st, MPI_BYTE, &count);
     header.resize(static_cast<size_t>(count));
-    SP_MPI_CHECK(MPI_Recv(header.data(), count, MPI_BYTE, src, tag(ch, false), MPI_COMM_WORLD, MPI_STATUS_IGNORE));
+    SP_MPI_CHECK(MPI_Recv(header.data(), count, MPI_BYTE, src, tag(ch, false), MPI_COMM_WORLD,
+                          MPI_STATUS_IGNORE));
     const int64_t n = payload_size ? payload_size(header) : 0;
     data.resize(static_cast<size_t>(n));
     if (n > 0)
-      SP_MPI_CHECK(MPI_Recv(data.data(), static_cast<int>(n), MPI_FLOAT, src, tag(ch, true), MPI_COMM_WORLD,
-                            MPI_STATUS_IGNORE));
+      SP_MPI_CHECK(MPI_Recv(data.data(), static_cast<int>(n), MPI_FLOAT, src, tag(ch, true),
+                            MPI_COMM_WORLD, MPI_STATUS_IGNORE));
     progress();
     return Status::ok();
   }
@@ -87,7 +89,8 @@ class MpiTransport final : public Transport {
     constexpr int kLen = 2048;
     std::vector<char> send(kLen, 0), recv(static_cast<size_t>(kLen) * world_, 0);
     std::memcpy(send.data(), mine.data(), std::min<size_t>(mine.size(), kLen - 1));
-    SP_MPI_CHECK(MPI_Allgather(send.data(), kLen, MPI_CHAR, recv.data(), kLen, MPI_CHAR, MPI_COMM_WORLD));
+    SP_MPI_CHECK(
+        MPI_Allgather(send.data(), kLen, MPI_CHAR, recv.data(), kLen, MPI_CHAR, MPI_COMM_WORLD));
     all->clear();
     for (int r = 0; r < world_; ++r) all->emplace_back(recv.data() + static_cast<size_t>(r) * kLen);
     return Status::ok();
@@ -131,7 +134,8 @@ class MpiTransport final : public Transport {
 Result<std::unique_ptr<Transport>> make_mpi_transport(int* argc, char*** argv) {
   int provided = 0;
   if (MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided) != MPI_SUCCESS)
-    return Status::error("MPI_Init failed: is seekpipe started by mpirun with a working MPI installation?");
+    return Status::error(
+        "MPI_Init failed: is seekpipe started by mpirun with a working MPI installation?");
   return std::unique_ptr<Transport>(new MpiTransport());
 }
 

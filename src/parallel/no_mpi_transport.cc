@@ -4,7 +4,9 @@
 namespace sp {
 
 Result<std::unique_ptr<Transport>> make_mpi_transport(int*, char***) {
-  return Status::error("this seekpipe was built without MPI (install libopenmpi-dev and rebuild) but was started by mpirun");
+  return Status::error(
+      "this seekpipe was built without MPI (install libopenmpi-dev and rebuild) but was started by "
+      "mpirun");
 }
 
 }  // namespace sp

@@ -14,7 +14,9 @@ int Topology::first_layer(int stage) const {
   for (int s = 0; s < stage; ++s) f += layers[s];
   return f;
 }
-int Topology::end_layer(int stage) const { return first_layer(stage) + layers[stage]; }
+int Topology::end_layer(int stage) const {
+  return first_layer(stage) + layers[stage];
+}
 
 std::string Topology::partition_string() const {
   std::string s;
@@ -37,16 +39,19 @@ Result<std::vector<int>> parse_partition(const std::string& text, int num_layers
     char* end = nullptr;
     long v = std::strtol(item.c_str(), &end, 10);
     if (item.empty() || *end || v < 1)
-      return Status::error(str("--pp-partition: '", item,
-                               "' is not a layer count; expected vllm, auto, or positive integers like 11,11,11,10"));
+      return Status::error(str(
+          "--pp-partition: '", item,
+          "' is not a layer count; expected vllm, auto, or positive integers like 11,11,11,10"));
     p.push_back(static_cast<int>(v));
   }
   if (static_cast<int>(p.size()) != pp)
-    return Status::error(str("--pp-partition '", text, "' has ", p.size(), " stages; expected --pp = ", pp));
+    return Status::error(
+        str("--pp-partition '", text, "' has ", p.size(), " stages; expected --pp = ", pp));
   int sum = 0;
   for (int v : p) sum += v;
   if (sum != num_layers)
-    return Status::error(str("--pp-partition '", text, "' covers ", sum, " layers; expected the model's ", num_layers));
+    return Status::error(str("--pp-partition '", text, "' covers ", sum,
+                             " layers; expected the model's ", num_layers));
   return p;
 }
 
@@ -86,7 +91,8 @@ double layer_time(const Config& c, int l, const LayerBytes& b, const CostModelOp
   double kv = c.sliding_window * dh;
   if (c.attn_kinds[l] == AttnKind::kHCA) kv += ctx / c.compress_ratio[l] * dh;
   if (c.attn_kinds[l] == AttnKind::kCSA)
-    kv += std::min<double>(c.index_topk, ctx / c.compress_ratio[l]) * dh + ctx / c.compress_ratio[l] * c.index_head_dim * 4.0;
+    kv += std::min<double>(c.index_topk, ctx / c.compress_ratio[l]) * dh +
+          ctx / c.compress_ratio[l] * c.index_head_dim * 4.0;
   return b.dense + b.per_expert * hit + kv * o.batch;
 }
 
@@ -111,7 +117,8 @@ double head_time_cost(const Config& c, const CostModelOptions& o) {
   return t;
 }
 
-std::vector<StageCost> stage_costs(const Config& c, const std::vector<int>& partition, const CostModelOptions& o) {
+std::vector<StageCost> stage_costs(const Config& c, const std::vector<int>& partition,
+                                   const CostModelOptions& o) {
   std::vector<StageCost> out;
   const auto ex = expected_tensors(c);
   const auto lb = layer_bytes(c);
@@ -154,7 +161,8 @@ std::vector<int> auto_partition(const Config& c, int pp, const CostModelOptions&
     StateBytes b = layer_state_bytes(c, l);
     t[l] = layer_time(c, l, lb[l], o);
     m[l] = lb[l].dense + lb[l].per_expert * lb[l].experts +
-           static_cast<double>(o.batch) * (static_cast<double>(b.per_sequence) + static_cast<double>(b.per_token) * o.context);
+           static_cast<double>(o.batch) *
+               (static_cast<double>(b.per_sequence) + static_cast<double>(b.per_token) * o.context);
     T += t[l];
     M += m[l];
   }
@@ -192,7 +200,8 @@ Result<Topology> make_topology(const Config& c, int pp, int rank, const std::str
                                const CostModelOptions& o) {
   if (pp < 1) return Status::error(str("--pp: expected at least 1 stage, got ", pp));
   if (pp > c.num_layers)
-    return Status::error(str("--pp ", pp, ": more stages than the model's ", c.num_layers, " layers; every stage needs at least one layer"));
+    return Status::error(str("--pp ", pp, ": more stages than the model's ", c.num_layers,
+                             " layers; every stage needs at least one layer"));
   Topology t;
   t.world = pp;
   t.rank = rank;

@@ -18,9 +18,9 @@
 namespace sp {
 
 struct Topology {
-  int world = 1;                 // number of stages
-  int rank = 0;                  // this process's / thread's stage
-  std::vector<int> layers;       // layers per stage
+  int world = 1;            // number of stages
+  int rank = 0;             // this process's / thread's stage
+  std::vector<int> layers;  // layers per stage
 
   int first_layer(int stage) const;
   int end_layer(int stage) const;  // exclusive
@@ -50,7 +50,8 @@ struct StageCost {
 double layer_time_cost(const Config& c, int layer, const CostModelOptions& o);
 double embed_time_cost(const Config& c, const CostModelOptions& o);
 double head_time_cost(const Config& c, const CostModelOptions& o);
-std::vector<StageCost> stage_costs(const Config& c, const std::vector<int>& partition, const CostModelOptions& o);
+std::vector<StageCost> stage_costs(const Config& c, const std::vector<int>& partition,
+                                   const CostModelOptions& o);
 // Contiguous partition minimising the largest stage share, a stage's share being the larger of its
 // share of predicted time and its share of memory (weights + state at the given batch and context).
 std::vector<int> auto_partition(const Config& c, int pp, const CostModelOptions& o);

@@ -34,9 +34,10 @@ class Transport {
   virtual std::string name() const = 0;
   virtual int rank() const = 0;
   virtual int world() const = 0;
-  virtual Status send(int dst, Channel ch, std::vector<uint8_t> header, const float* data, int64_t n) = 0;
-  virtual Status recv(int src, Channel ch, std::vector<uint8_t>& header, const PayloadSize& payload_size,
-                      std::vector<float>& data) = 0;
+  virtual Status send(int dst, Channel ch, std::vector<uint8_t> header, const float* data,
+                      int64_t n) = 0;
+  virtual Status recv(int src, Channel ch, std::vector<uint8_t>& header,
+                      const PayloadSize& payload_size, std::vector<float>& data) = 0;
   // Whether a message from `src` on `ch` is waiting.
   virtual bool ready(int src, Channel ch) = 0;
   // Every rank's string, by rank (start-up agreement checks).

@@ -1,5 +1,7 @@
 #include "tools/driver.h"
 
+#include <unistd.h>
+
 #include <cinttypes>
 #include <cstdio>
 #include <fstream>
@@ -7,37 +9,48 @@
 #include <sstream>
 #include <thread>
 
-#include <unistd.h>
-
 namespace sp {
 
 std::vector<FlagSpec> common_flags() {
   int hw = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   return {
-      {"model", FlagKind::kString, "", "model directory: config.json plus safetensors weights (required)"},
-      {"load-format", FlagKind::kString, "auto",
-       "auto/safetensors: read the checkpoint; dummy: generate weights of the config's shapes and formats from --seed",
-       -1e300, 1e300, {"auto", "safetensors", "dummy"}},
-      {"seed", FlagKind::kInt, "0", "seed for --load-format dummy weights and for sampling", 0, 9.2e18},
+      {"model", FlagKind::kString, "",
+       "model directory: config.json plus safetensors weights (required)"},
+      {"load-format",
+       FlagKind::kString,
+       "auto",
+       "auto/safetensors: read the checkpoint; dummy: generate weights of the config's shapes and "
+       "formats from --seed",
+       -1e300,
+       1e300,
+       {"auto", "safetensors", "dummy"}},
+      {"seed", FlagKind::kInt, "0", "seed for --load-format dummy weights and for sampling", 0,
+       9.2e18},
       {"threads", FlagKind::kInt, std::to_string(hw), "CPU threads per stage", 1, 1024},
-      {"max-num-seqs", FlagKind::kInt, "16", "most sequences in flight (state is sized for this many)", 1, 65536},
-      {"max-num-batched-tokens", FlagKind::kInt, "2048", "most tokens in a step; longer prompts are prefilled in chunks", 1,
-       1 << 24},
-      {"max-model-len", FlagKind::kInt, "4096", "longest sequence (prompt + output) in tokens; state is sized for it", 1,
-       1 << 30},
+      {"max-num-seqs", FlagKind::kInt, "16",
+       "most sequences in flight (state is sized for this many)", 1, 65536},
+      {"max-num-batched-tokens", FlagKind::kInt, "2048",
+       "most tokens in a step; longer prompts are prefilled in chunks", 1, 1 << 24},
+      {"max-model-len", FlagKind::kInt, "4096",
+       "longest sequence (prompt + output) in tokens; state is sized for it", 1, 1 << 30},
       {"verbose", FlagKind::kBool, "", "also print config keys the model does not use"},
   };
 }
 
 std::vector<FlagSpec> pipeline_flags() {
   return {
-      {"pp", FlagKind::kInt, "1", "pipeline stages: threads of this process, or under mpirun the number of ranks", 1, 4096},
+      {"pp", FlagKind::kInt, "1",
+       "pipeline stages: threads of this process, or under mpirun the number of ranks", 1, 4096},
       {"pp-partition", FlagKind::kString, "vllm",
-       "layers per stage: vllm (vLLM's split), auto (cost model of layer kinds, time and memory), or a list like 11,11,11,10"},
-      {"micro-batches", FlagKind::kInt, "0", "steps in flight in the pipeline; 0 means one per stage", 0, 4096},
-      {"trace", FlagKind::kString, "", "write a Chrome trace (Perfetto / chrome://tracing) of every stage to this file"},
+       "layers per stage: vllm (vLLM's split), auto (cost model of layer kinds, time and memory), "
+       "or a list like 11,11,11,10"},
+      {"micro-batches", FlagKind::kInt, "0",
+       "steps in flight in the pipeline; 0 means one per stage", 0, 4096},
+      {"trace", FlagKind::kString, "",
+       "write a Chrome trace (Perfetto / chrome://tracing) of every stage to this file"},
       {"fault-inject", FlagKind::kString, "",
-       "STAGE:STEP[:kill|error] makes a stage fail at a step (tests): kill ends the process at once (mpirun), error "
+       "STAGE:STEP[:kill|error] makes a stage fail at a step (tests): kill ends the process at "
+       "once (mpirun), error "
        "reports and brings the pipeline down"},
   };
 }
@@ -48,7 +61,8 @@ int fail(const Status& s) {
 }
 
 Result<Config> read_config(const Flags& f) {
-  if (!f.given("model")) return Status::error("--model is required: a DeepSeek-V4 model directory with config.json");
+  if (!f.given("model"))
+    return Status::error("--model is required: a DeepSeek-V4 model directory with config.json");
   SP_ASSIGN_OR_RETURN(Config c, load_config(f.str("model")));
   if (f.boolean("verbose") && !c.ignored_keys.empty()) {
     std::string keys;
@@ -60,9 +74,12 @@ Result<Config> read_config(const Flags& f) {
 
 std::string human_bytes(double b) {
   char buf[64];
-  if (b >= 1073741824.0) std::snprintf(buf, sizeof buf, "%.2f GiB", b / 1073741824.0);
-  else if (b >= 1048576.0) std::snprintf(buf, sizeof buf, "%.2f MiB", b / 1048576.0);
-  else std::snprintf(buf, sizeof buf, "%.1f KiB", b / 1024.0);
+  if (b >= 1073741824.0)
+    std::snprintf(buf, sizeof buf, "%.2f GiB", b / 1073741824.0);
+  else if (b >= 1048576.0)
+    std::snprintf(buf, sizeof buf, "%.2f MiB", b / 1048576.0);
+  else
+    std::snprintf(buf, sizeof buf, "%.1f KiB", b / 1024.0);
   return buf;
 }
 
@@ -75,7 +92,8 @@ ProgressFn progress_printer(int stage) {
     int pct = static_cast<int>(100 * done / std::max<int64_t>(total, 1));
     if (pct / 10 != *last / 10 || done == total) {
       *last = pct;
-      std::fprintf(stderr, "stage %d: loading weights %3d%% (%.2f / %.2f GB)\n", stage, pct, done / 1e9, total / 1e9);
+      std::fprintf(stderr, "stage %d: loading weights %3d%% (%.2f / %.2f GB)\n", stage, pct,
+                   done / 1e9, total / 1e9);
     }
   };
 }
@@ -89,7 +107,8 @@ Result<FaultInjection> parse_fault(const std::string& text) {
   int n = std::sscanf(text.c_str(), "%d:%lld:%15s", &stage, &step, mode);
   std::string m = mode;
   if (n < 2 || stage < 0 || step < 0 || (m != "kill" && m != "error"))
-    return Status::error(str("--fault-inject '", text, "': expected STAGE:STEP or STAGE:STEP:kill|error, e.g. 1:3:kill"));
+    return Status::error(str("--fault-inject '", text,
+                             "': expected STAGE:STEP or STAGE:STEP:kill|error, e.g. 1:3:kill"));
   f.stage = stage;
   f.step = step;
   f.kill = m == "kill";
@@ -106,9 +125,10 @@ std::string fingerprint(const Flags& f, const Config& c, const Topology& t) {
   char hex[17];
   std::snprintf(hex, sizeof hex, "%016" PRIx64, h);
   return str("partition=", t.partition_string(), ";config=", hex, ";layers=", c.num_layers,
-             ";load-format=", f.str("load-format"), ";seed=", f.i64("seed"), ";max-num-seqs=", f.i64("max-num-seqs"),
-             ";max-num-batched-tokens=", f.i64("max-num-batched-tokens"), ";max-model-len=", f.i64("max-model-len"),
-             ";micro-batches=", f.i64("micro-batches"));
+             ";load-format=", f.str("load-format"), ";seed=", f.i64("seed"),
+             ";max-num-seqs=", f.i64("max-num-seqs"),
+             ";max-num-batched-tokens=", f.i64("max-num-batched-tokens"),
+             ";max-model-len=", f.i64("max-model-len"), ";micro-batches=", f.i64("micro-batches"));
 }
 
 // The fields two fingerprints disagree on, as "name: a vs b".
@@ -125,17 +145,18 @@ std::string differences(const std::string& a, const std::string& b) {
   for (size_t i = 0; i < std::min(va.size(), vb.size()); ++i)
     if (va[i] != vb[i]) {
       auto eq = va[i].find('=');
-      out += str(out.empty() ? "" : ", ", va[i].substr(0, eq), " ", vb[i].substr(eq + 1), " (rank 0 has ",
-                 va[i].substr(eq + 1), ")");
+      out += str(out.empty() ? "" : ", ", va[i].substr(0, eq), " ", vb[i].substr(eq + 1),
+                 " (rank 0 has ", va[i].substr(eq + 1), ")");
     }
   return out;
 }
 
-
 // Refuses, before allocating, a stage whose sequence state (and generated weights) cannot fit
 // in this machine's memory.
-Status check_memory(const Flags& f, const Config& c, const LoadPlan& plan, int stage, int max_logit_rows) {
-  const double S = static_cast<double>(f.i64("max-num-seqs")), L = static_cast<double>(f.i64("max-model-len"));
+Status check_memory(const Flags& f, const Config& c, const LoadPlan& plan, int stage,
+                    int max_logit_rows) {
+  const double S = static_cast<double>(f.i64("max-num-seqs")),
+               L = static_cast<double>(f.i64("max-model-len"));
   const double T = static_cast<double>(f.i64("max-num-batched-tokens"));
   double state = 0;
   for (int l = plan.first_layer; l < plan.end_layer; ++l) {
@@ -143,42 +164,53 @@ Status check_memory(const Flags& f, const Config& c, const LoadPlan& plan, int s
     state += S * (static_cast<double>(b.per_sequence) + static_cast<double>(b.per_token) * L);
   }
   // Residual, sublayer activations and logits: a generous bound of the workspace.
-  double work = T * 4.0 * (2.0 * c.hc_dim() + 2.0 * c.num_heads * c.head_dim + 8.0 * c.hidden_size) +
-                (plan.head ? max_logit_rows * 4.0 * static_cast<double>(c.vocab_size) : 0.0);
+  double work =
+      T * 4.0 * (2.0 * c.hc_dim() + 2.0 * c.num_heads * c.head_dim + 8.0 * c.hidden_size) +
+      (plan.head ? max_logit_rows * 4.0 * static_cast<double>(c.vocab_size) : 0.0);
   double weights = 0;
   if (f.str("load-format") == "dummy")
     for (const ExpectedTensor& t : expected_tensors(c))
       if (plan.owns(t)) weights += static_cast<double>(expected_bytes(t));
-  const double have = static_cast<double>(sysconf(_SC_PHYS_PAGES)) * static_cast<double>(sysconf(_SC_PAGESIZE));
+  const double have =
+      static_cast<double>(sysconf(_SC_PHYS_PAGES)) * static_cast<double>(sysconf(_SC_PAGESIZE));
   if (have > 0 && state + work + weights > have)
-    return Status::error(str("stage ", stage, " needs ", human_bytes(state + work + weights), " (sequence state for --max-num-seqs ",
-                             f.i64("max-num-seqs"), " x --max-model-len ", f.i64("max-model-len"), ": ", human_bytes(state),
-                             weights > 0 ? str("; dummy weights: ", human_bytes(weights)) : std::string(),
-                             ") but this machine has ", human_bytes(have),
-                             " of memory; lower --max-model-len or --max-num-seqs, or use more stages"));
+    return Status::error(
+        str("stage ", stage, " needs ", human_bytes(state + work + weights),
+            " (sequence state for --max-num-seqs ", f.i64("max-num-seqs"), " x --max-model-len ",
+            f.i64("max-model-len"), ": ", human_bytes(state),
+            weights > 0 ? str("; dummy weights: ", human_bytes(weights)) : std::string(),
+            ") but this machine has ", human_bytes(have),
+            " of memory; lower --max-model-len or --max-num-seqs, or use more stages"));
   return Status::ok();
 }
 
 // One stage's whole life: load its part, run, finish. Returns its exit code.
-int run_one_stage(const Flags& f, const Config& c, const Topology& topo, Transport& tr, const Job& job,
-                  const PipelineOptions& popt) {
+int run_one_stage(const Flags& f, const Config& c, const Topology& topo, Transport& tr,
+                  const Job& job, const PipelineOptions& popt) {
   const int s = topo.rank;
   LoadPlan plan = LoadPlan::stage(topo.layers, s, /*mtp=*/false);
-  const int logit_rows = job.max_logit_rows > 0 ? job.max_logit_rows : static_cast<int>(f.i64("max-num-seqs"));
+  const int logit_rows =
+      job.max_logit_rows > 0 ? job.max_logit_rows : static_cast<int>(f.i64("max-num-seqs"));
   if (Status st = check_memory(f, c, plan, s, logit_rows); !st) tr.fail(st.message(), 2);
-  auto weights = f.str("load-format") == "dummy"
-                     ? dummy_weights(c, plan, static_cast<uint64_t>(f.i64("seed")), progress_printer(s))
-                     : load_weights(c, f.str("model"), plan, progress_printer(s));
-  if (!weights) tr.fail(str("stage ", s, " (rank ", tr.rank(), "): ", weights.status().message()), 2);
+  auto weights =
+      f.str("load-format") == "dummy"
+          ? dummy_weights(c, plan, static_cast<uint64_t>(f.i64("seed")), progress_printer(s))
+          : load_weights(c, f.str("model"), plan, progress_printer(s));
+  if (!weights)
+    tr.fail(str("stage ", s, " (rank ", tr.rank(), "): ", weights.status().message()), 2);
   const LoadStats& ls = (*weights)->stats;
-  std::string who = topo.world > 1 ? str("stage ", s, "/", topo.world, " (layers ", plan.first_layer, "-",
-                                         plan.end_layer - 1, (plan.embed ? ", embedding" : ""),
-                                         (plan.head ? ", head" : ""), "): ")
-                                   : std::string();
-  std::printf("%sloaded %" PRId64 " tensors, %.3f GB (%s) in %.2f s\n", who.c_str(), ls.tensors, ls.bytes / 1e9,
-              f.str("load-format") == "dummy" ? "dummy weights" : f.str("model").c_str(), ls.seconds);
+  std::string who = topo.world > 1
+                        ? str("stage ", s, "/", topo.world, " (layers ", plan.first_layer, "-",
+                              plan.end_layer - 1, (plan.embed ? ", embedding" : ""),
+                              (plan.head ? ", head" : ""), "): ")
+                        : std::string();
+  std::printf("%sloaded %" PRId64 " tensors, %.3f GB (%s) in %.2f s\n", who.c_str(), ls.tensors,
+              ls.bytes / 1e9,
+              f.str("load-format") == "dummy" ? "dummy weights" : f.str("model").c_str(),
+              ls.seconds);
   if (!ls.mtp_tensors.empty() && topo.is_last(s))
-    std::printf("checkpoint has %zu mtp.* tensors (MTP draft layer): accepted, not used yet\n", ls.mtp_tensors.size());
+    std::printf("checkpoint has %zu mtp.* tensors (MTP draft layer): accepted, not used yet\n",
+                ls.mtp_tensors.size());
   std::fflush(stdout);
   auto backend = make_cpu_backend(static_cast<int>(f.i64("threads")));
   StateLimits lim;
@@ -190,8 +222,8 @@ int run_one_stage(const Flags& f, const Config& c, const Topology& topo, Transpo
   StageEnv env{s, topo, &tr, &model, weights->get()};
   std::unique_ptr<Scheduler> sched;
   if (topo.is_first(s)) {
-    sched = std::make_unique<Scheduler>(SchedulerLimits{lim.max_num_seqs, lim.max_num_batched_tokens, lim.max_model_len,
-                                                        c.vocab_size});
+    sched = std::make_unique<Scheduler>(SchedulerLimits{
+        lim.max_num_seqs, lim.max_num_batched_tokens, lim.max_model_len, c.vocab_size});
     sched->set_eos(c.eos_token_id);
     Status st = job.add_requests(*sched);
     if (!st) tr.fail(st.message(), 2);
@@ -221,7 +253,8 @@ int run_job(const Flags& f, const Job& job) {
   popt.fault = *fault;
   const std::string part = f.str("pp-partition") == "vllm" ? "" : f.str("pp-partition");
   // Requests are checked before any weight is read (a bad prompt should not cost a long load).
-  Scheduler probe(SchedulerLimits{static_cast<int>(f.i64("max-num-seqs")), static_cast<int>(f.i64("max-num-batched-tokens")),
+  Scheduler probe(SchedulerLimits{static_cast<int>(f.i64("max-num-seqs")),
+                                  static_cast<int>(f.i64("max-num-batched-tokens")),
                                   f.i64("max-model-len"), c.vocab_size});
   const Status requests_ok = job.add_requests(probe);
   CostModelOptions co{static_cast<int>(f.i64("max-num-seqs")), f.i64("max-model-len"), false};
@@ -237,8 +270,9 @@ int run_job(const Flags& f, const Job& job) {
     }
     if (f.given("pp") && f.i64("pp") != world) {
       if (t.rank() == 0)
-        fail(Status::error(str("--pp ", f.i64("pp"), " but mpirun started ", world,
-                               " ranks; under mpirun the number of ranks is the number of stages")));
+        fail(
+            Status::error(str("--pp ", f.i64("pp"), " but mpirun started ", world,
+                              " ranks; under mpirun the number of ranks is the number of stages")));
       return 2;
     }
     auto topo = make_topology(c, world, t.rank(), part, co);
@@ -252,12 +286,15 @@ int run_job(const Flags& f, const Job& job) {
     for (int r = 1; r < world; ++r)
       if (all[r] != all[0]) {
         if (t.rank() == 0)
-          fail(Status::error(str("rank ", r, " was started differently from rank 0: ", differences(all[0], all[r]),
-                                 "; every rank must run the same model, config and partition")));
+          fail(Status::error(
+              str("rank ", r, " was started differently from rank 0: ", differences(all[0], all[r]),
+                  "; every rank must run the same model, config and partition")));
         return 2;
       }
     if (fault->stage >= world) {
-      if (t.rank() == 0) fail(Status::error(str("--fault-inject: stage ", fault->stage, " does not exist (", world, " stages)")));
+      if (t.rank() == 0)
+        fail(Status::error(
+            str("--fault-inject: stage ", fault->stage, " does not exist (", world, " stages)")));
       return 2;
     }
     try {
@@ -272,7 +309,8 @@ int run_job(const Flags& f, const Job& job) {
   auto topo = make_topology(c, pp, 0, part, co);
   if (!topo) return fail(topo.status());
   if (fault->stage >= pp)
-    return fail(Status::error(str("--fault-inject: stage ", fault->stage, " does not exist (", pp, " stages)")));
+    return fail(Status::error(
+        str("--fault-inject: stage ", fault->stage, " does not exist (", pp, " stages)")));
   auto transports = make_local_transports(pp);
   std::vector<int> codes(pp, 0);
   std::vector<std::string> errors(pp);

@@ -38,11 +38,15 @@ Result<std::vector<int32_t>> parse_int_list(const std::string& flag, const std::
   while (std::getline(ss, item, ',')) {
     int64_t v;
     if (!parse_i64(item, &v) || v < 0 || v > INT32_MAX)
-      return Status::error(sp::str("--", flag, ": '", item, "' is not a token id; expected comma-separated non-negative integers like 1,2,3"));
+      return Status::error(sp::str(
+          "--", flag, ": '", item,
+          "' is not a token id; expected comma-separated non-negative integers like 1,2,3"));
     out.push_back(static_cast<int32_t>(v));
   }
   if (out.empty() || (!text.empty() && text.back() == ','))
-    return Status::error(sp::str("--", flag, ": expected comma-separated non-negative integers like 1,2,3, got '", text, "'"));
+    return Status::error(
+        sp::str("--", flag, ": expected comma-separated non-negative integers like 1,2,3, got '",
+                text, "'"));
   return out;
 }
 
@@ -56,7 +60,8 @@ Status Flags::parse(const std::vector<std::string>& args) {
   for (size_t i = 0; i < args.size(); ++i) {
     const std::string& a = args[i];
     if (a.rfind("--", 0) != 0)
-      return Status::error(sp::str("unexpected argument '", a, "'; expected --flag value pairs (see --help)"));
+      return Status::error(
+          sp::str("unexpected argument '", a, "'; expected --flag value pairs (see --help)"));
     std::string name = a.substr(2), value;
     bool has_value = false;
     if (auto eq = name.find('='); eq != std::string::npos) {
@@ -65,13 +70,16 @@ Status Flags::parse(const std::vector<std::string>& args) {
       has_value = true;
     }
     const FlagSpec* spec = find(name);
-    if (!spec) return Status::error(sp::str("unknown flag --", name, " (see --help for the flags of this command)"));
+    if (!spec)
+      return Status::error(
+          sp::str("unknown flag --", name, " (see --help for the flags of this command)"));
     if (spec->kind == FlagKind::kBool) {
       if (!has_value) value = "true";
       if (value != "true" && value != "false")
         return Status::error(sp::str("--", name, ": expected true or false, got '", value, "'"));
     } else if (!has_value) {
-      if (i + 1 >= args.size()) return Status::error(sp::str("--", name, ": missing value (", spec->help, ")"));
+      if (i + 1 >= args.size())
+        return Status::error(sp::str("--", name, ": missing value (", spec->help, ")"));
       value = args[++i];
     }
     if (values_.count(name) && !spec->repeatable)
@@ -82,15 +90,18 @@ Status Flags::parse(const std::vector<std::string>& args) {
         if (!parse_i64(value, &v))
           return Status::error(sp::str("--", name, ": expected an integer, got '", value, "'"));
         if (v < spec->min_value || v > spec->max_value)
-          return Status::error(sp::str("--", name, ": expected an integer in [", static_cast<int64_t>(spec->min_value),
-                                       ", ", static_cast<int64_t>(spec->max_value), "], got ", v));
+          return Status::error(sp::str("--", name, ": expected an integer in [",
+                                       static_cast<int64_t>(spec->min_value), ", ",
+                                       static_cast<int64_t>(spec->max_value), "], got ", v));
         break;
       }
       case FlagKind::kFloat: {
         double v;
-        if (!parse_f64(value, &v)) return Status::error(sp::str("--", name, ": expected a number, got '", value, "'"));
+        if (!parse_f64(value, &v))
+          return Status::error(sp::str("--", name, ": expected a number, got '", value, "'"));
         if (v < spec->min_value || v > spec->max_value)
-          return Status::error(sp::str("--", name, ": expected a number in [", spec->min_value, ", ", spec->max_value, "], got ", v));
+          return Status::error(sp::str("--", name, ": expected a number in [", spec->min_value,
+                                       ", ", spec->max_value, "], got ", v));
         break;
       }
       case FlagKind::kIntList: {
@@ -105,13 +116,15 @@ Status Flags::parse(const std::vector<std::string>& args) {
           if (!ok) {
             std::string list;
             for (auto& c : spec->choices) list += (list.empty() ? "" : ", ") + c;
-            return Status::error(sp::str("--", name, ": expected one of ", list, ", got '", value, "'"));
+            return Status::error(
+                sp::str("--", name, ": expected one of ", list, ", got '", value, "'"));
           }
         } else if (value.empty()) {
           return Status::error(sp::str("--", name, ": expected a non-empty value"));
         }
         break;
-      case FlagKind::kBool: break;
+      case FlagKind::kBool:
+        break;
     }
     values_[name].push_back(value);
   }
@@ -135,7 +148,9 @@ double Flags::f64(const std::string& name) const {
   SP_CHECK(parse_f64(str(name), &v), "flag ", name, " has no numeric value");
   return v;
 }
-bool Flags::boolean(const std::string& name) const { return str(name) == "true"; }
+bool Flags::boolean(const std::string& name) const {
+  return str(name) == "true";
+}
 
 std::vector<std::vector<int32_t>> Flags::int_lists(const std::string& name) const {
   std::vector<std::vector<int32_t>> out;
@@ -150,15 +165,24 @@ std::string Flags::help() const {
   for (auto& s : specs_) {
     os << "  --" << s.name;
     switch (s.kind) {
-      case FlagKind::kInt: os << " N"; break;
-      case FlagKind::kFloat: os << " X"; break;
-      case FlagKind::kIntList: os << " ID,ID,..."; break;
-      case FlagKind::kString: os << (s.choices.empty() ? " VALUE" : " {" + [&] {
+      case FlagKind::kInt:
+        os << " N";
+        break;
+      case FlagKind::kFloat:
+        os << " X";
+        break;
+      case FlagKind::kIntList:
+        os << " ID,ID,...";
+        break;
+      case FlagKind::kString:
+        os << (s.choices.empty() ? " VALUE" : " {" + [&] {
           std::string l;
           for (auto& c : s.choices) l += (l.empty() ? "" : ",") + c;
           return l;
-        }() + "}"); break;
-      case FlagKind::kBool: break;
+        }() + "}");
+        break;
+      case FlagKind::kBool:
+        break;
     }
     os << "\n      " << s.help;
     if (!s.default_value.empty()) os << " (default: " << s.default_value << ")";

@@ -14,8 +14,8 @@
 #include "model/model.h"
 #include "model/safetensors.h"
 #include "tools/driver.h"
-#include "tools/golden.h"
 #include "tools/flags.h"
+#include "tools/golden.h"
 
 namespace sp {
 namespace {
@@ -71,21 +71,34 @@ Status maybe_write_trace(const Flags& f, const std::vector<StageReport>& reports
 int cmd_generate(const std::vector<std::string>& args) {
   auto specs = common_flags();
   for (auto& p : pipeline_flags()) specs.push_back(p);
-  specs.push_back({"prompt-ids", FlagKind::kIntList, "",
-                   "prompt as comma-separated token ids; repeat for several prompts (required)", -1e300, 1e300, {}, true});
-  specs.push_back({"max-tokens", FlagKind::kInt, "16", "new tokens to generate per prompt", 0, 1 << 30});
-  specs.push_back({"temperature", FlagKind::kFloat, "0", "sampling temperature; 0 is greedy", 0, 100});
-  specs.push_back({"top-k", FlagKind::kInt, "0", "sample from the k most likely tokens; 0 for all", 0, 1 << 30});
-  specs.push_back({"top-p", FlagKind::kFloat, "1", "sample from the smallest set with this much probability", 1e-9, 1});
-  specs.push_back({"ignore-eos", FlagKind::kBool, "", "keep generating after the end-of-sequence token"});
+  specs.push_back({"prompt-ids",
+                   FlagKind::kIntList,
+                   "",
+                   "prompt as comma-separated token ids; repeat for several prompts (required)",
+                   -1e300,
+                   1e300,
+                   {},
+                   true});
+  specs.push_back(
+      {"max-tokens", FlagKind::kInt, "16", "new tokens to generate per prompt", 0, 1 << 30});
+  specs.push_back(
+      {"temperature", FlagKind::kFloat, "0", "sampling temperature; 0 is greedy", 0, 100});
+  specs.push_back({"top-k", FlagKind::kInt, "0", "sample from the k most likely tokens; 0 for all",
+                   0, 1 << 30});
+  specs.push_back({"top-p", FlagKind::kFloat, "1",
+                   "sample from the smallest set with this much probability", 1e-9, 1});
+  specs.push_back(
+      {"ignore-eos", FlagKind::kBool, "", "keep generating after the end-of-sequence token"});
   Flags f(specs);
   if (wants_help(args)) {
-    std::printf("usage: seekpipe generate --model DIR --prompt-ids 1,2,3 [flags]\n%s", f.help().c_str());
+    std::printf("usage: seekpipe generate --model DIR --prompt-ids 1,2,3 [flags]\n%s",
+                f.help().c_str());
     return 0;
   }
   if (Status st = f.parse(args); !st) return fail(st);
   if (!f.given("prompt-ids"))
-    return fail(Status::error("--prompt-ids is required: comma-separated token ids, e.g. --prompt-ids 1,2,3"));
+    return fail(Status::error(
+        "--prompt-ids is required: comma-separated token ids, e.g. --prompt-ids 1,2,3"));
   auto cfg = read_config(f);
   if (!cfg) return fail(cfg.status());
   const auto prompts = f.int_lists("prompt-ids");
@@ -101,7 +114,8 @@ int cmd_generate(const std::vector<std::string>& args) {
       r.prompt = prompts[i];
       r.max_new_tokens = static_cast<int>(f.i64("max-tokens"));
       r.sampling = {static_cast<float>(f.f64("temperature")), static_cast<int>(f.i64("top-k")),
-                    static_cast<float>(f.f64("top-p")), static_cast<uint64_t>(f.i64("seed")), f.boolean("ignore-eos")};
+                    static_cast<float>(f.f64("top-p")), static_cast<uint64_t>(f.i64("seed")),
+                    f.boolean("ignore-eos")};
       SP_RETURN_IF_ERROR(sched.add(std::move(r)));
     }
     return Status::ok();
@@ -109,7 +123,9 @@ int cmd_generate(const std::vector<std::string>& args) {
   job.hooks = [&](const StageEnv& env) {
     StageHooks h;
     if (env.topo.is_last(env.stage)) {
-      h.on_logits = [&](int64_t req, int64_t pos, const float* l) { logits[req][pos].assign(l, l + V); };
+      h.on_logits = [&](int64_t req, int64_t pos, const float* l) {
+        logits[req][pos].assign(l, l + V);
+      };
       h.on_sampled = [&](const Sampled& t) { sampled[t.request].push_back(t.token); };
     }
     return h;
@@ -130,7 +146,8 @@ int cmd_generate(const std::vector<std::string>& args) {
       generated += static_cast<int64_t>(out.size());
       for (auto& [pos, v] : logits[static_cast<int64_t>(i)]) hash.add(v.data(), V);
     }
-    std::printf("generated %" PRId64 " tokens in %" PRId64 " steps, %.3f s (%.1f tokens/s incl. prefill of %" PRId64 ")\n",
+    std::printf("generated %" PRId64 " tokens in %" PRId64
+                " steps, %.3f s (%.1f tokens/s incl. prefill of %" PRId64 ")\n",
                 generated, reports.back().steps, wall, tokens / std::max(wall, 1e-9), tokens);
     print_pipeline_summary(reports);
     if (Status st = maybe_write_trace(f, reports); !st) return fail(st);
@@ -143,15 +160,18 @@ int cmd_generate(const std::vector<std::string>& args) {
 int cmd_verify(const std::vector<std::string>& args) {
   auto specs = common_flags();
   for (auto& p : pipeline_flags()) specs.push_back(p);
-  specs.push_back({"golden", FlagKind::kString, "", "golden file in the fixtures' format (required)"});
-  specs.push_back({"atol", FlagKind::kFloat, "5e-5", "largest allowed absolute error of any logit or hidden value", 0, 1e30});
+  specs.push_back(
+      {"golden", FlagKind::kString, "", "golden file in the fixtures' format (required)"});
+  specs.push_back({"atol", FlagKind::kFloat, "5e-5",
+                   "largest allowed absolute error of any logit or hidden value", 0, 1e30});
   Flags f(specs);
   if (wants_help(args)) {
     std::printf("usage: seekpipe verify --model DIR --golden FILE [flags]\n%s", f.help().c_str());
     return 0;
   }
   if (Status st = f.parse(args); !st) return fail(st);
-  if (!f.given("golden")) return fail(Status::error("--golden is required: a golden.safetensors file"));
+  if (!f.given("golden"))
+    return fail(Status::error("--golden is required: a golden.safetensors file"));
   auto gfile = SafetensorsFile::open(f.str("golden"));
   if (!gfile) return fail(gfile.status());
   auto cfg = read_config(f);
@@ -166,7 +186,8 @@ int cmd_verify(const std::vector<std::string>& args) {
   for (int l = 0; l < c.num_layers; ++l) {
     auto it = (*gfile)->tensors().find(str("p0.layer", l, ".hidden"));
     if (it != (*gfile)->tensors().end() && it->second.dtype == DType::kF32 &&
-        it->second.shape == std::vector<int64_t>{static_cast<int64_t>((*golden)[0].ids.size()), c.hc_mult, c.hidden_size})
+        it->second.shape == std::vector<int64_t>{static_cast<int64_t>((*golden)[0].ids.size()),
+                                                 c.hc_mult, c.hidden_size})
       hidden[l] = reinterpret_cast<const float*>(it->second.data);
   }
   int hidden_layers = 0;
@@ -193,8 +214,12 @@ int cmd_verify(const std::vector<std::string>& args) {
     Backend* be = &env.model->backend();
     if (env.topo.is_last(stage)) {
       for (size_t i = 0; i < golden->size(); ++i)
-        logits[i].assign(((*golden)[i].ids.size() + std::max<size_t>((*golden)[i].greedy.size(), 1) - 1) * V, 0.0f);
-      h.on_logits = [&](int64_t req, int64_t pos, const float* l) { std::memcpy(&logits[req][pos * V], l, V * sizeof(float)); };
+        logits[i].assign(
+            ((*golden)[i].ids.size() + std::max<size_t>((*golden)[i].greedy.size(), 1) - 1) * V,
+            0.0f);
+      h.on_logits = [&](int64_t req, int64_t pos, const float* l) {
+        std::memcpy(&logits[req][pos * V], l, V * sizeof(float));
+      };
     }
     h.hook = [&, stage, be](const StepPlan& plan, int layer, Tensor X) {
       if (!hidden[layer]) return;
@@ -207,7 +232,9 @@ int cmd_verify(const std::vector<std::string>& args) {
           if (pos >= static_cast<int64_t>((*golden)[0].ids.size())) continue;
           be->to_host(X.slice_rows(ch.offset + i, 1), row.data());
           for (int64_t k = 0; k < hcD; ++k)
-            hidden_err[stage] = std::max(hidden_err[stage], static_cast<double>(std::fabs(row[k] - hidden[layer][pos * hcD + k])));
+            hidden_err[stage] =
+                std::max(hidden_err[stage],
+                         static_cast<double>(std::fabs(row[k] - hidden[layer][pos * hcD + k])));
         }
       }
     };
@@ -222,23 +249,29 @@ int cmd_verify(const std::vector<std::string>& args) {
     LogitsHash hash;
     for (size_t i = 0; i < golden->size(); ++i) {
       const GoldenPrompt& g = (*golden)[i];
-      const int64_t L = static_cast<int64_t>(g.ids.size()), G = static_cast<int64_t>(g.greedy.size());
+      const int64_t L = static_cast<int64_t>(g.ids.size()),
+                    G = static_cast<int64_t>(g.greedy.size());
       double pe = 0, de = 0;
-      for (int64_t k = 0; k < L * V; ++k) pe = std::max(pe, static_cast<double>(std::fabs(logits[i][k] - g.prefill[k])));
+      for (int64_t k = 0; k < L * V; ++k)
+        pe = std::max(pe, static_cast<double>(std::fabs(logits[i][k] - g.prefill[k])));
       for (int64_t j = 0; j < G; ++j)
         for (int64_t v = 0; v < V; ++v)
-          de = std::max(de, static_cast<double>(std::fabs(logits[i][(L - 1 + j) * V + v] - g.decode[j * V + v])));
+          de = std::max(de, static_cast<double>(
+                                std::fabs(logits[i][(L - 1 + j) * V + v] - g.decode[j * V + v])));
       std::printf("prompt %zu (%" PRId64 " tokens, %" PRId64
-                  " teacher-forced decode steps): prefill_logits max_abs_err %.3e, decode_logits max_abs_err %.3e",
+                  " teacher-forced decode steps): prefill_logits max_abs_err %.3e, decode_logits "
+                  "max_abs_err %.3e",
                   i, L, G, pe, de);
-      if (i == 0 && hidden_layers) std::printf(", hidden (%d layers) max_abs_err %.3e", hidden_layers, herr.value());
+      if (i == 0 && hidden_layers)
+        std::printf(", hidden (%d layers) max_abs_err %.3e", hidden_layers, herr.value());
       std::printf("\n");
       ok &= pe <= atol && de <= atol && (i != 0 || herr.value() <= atol);
       hash.add(logits[i].data(), static_cast<int64_t>(logits[i].size()));
     }
     double wall = 0;
     for (auto& r : reports) wall = std::max(wall, r.wall_s);
-    std::printf("%" PRId64 " steps, %" PRId64 " tokens, %.3f s\n", reports.back().steps, reports.back().tokens, wall);
+    std::printf("%" PRId64 " steps, %" PRId64 " tokens, %.3f s\n", reports.back().steps,
+                reports.back().tokens, wall);
     print_pipeline_summary(reports);
     if (Status st = maybe_write_trace(f, reports); !st) return fail(st);
     std::printf("logits_hash=%016" PRIx64 "\n", hash.h);
@@ -248,7 +281,9 @@ int cmd_verify(const std::vector<std::string>& args) {
   return run_job(f, job);
 }
 
-std::string human(int64_t b) { return human_bytes(static_cast<double>(b)); }
+std::string human(int64_t b) {
+  return human_bytes(static_cast<double>(b));
+}
 
 int print_pipeline_plan(const Flags& f, const Config& c) {
   const int pp = static_cast<int>(f.i64("pp"));
@@ -259,13 +294,16 @@ int print_pipeline_plan(const Flags& f, const Config& c) {
   auto costs = stage_costs(c, topo->layers, co);
   double total = 0;
   for (auto& s : costs) total += s.time;
-  std::printf("\npipeline plan: %d stages, partition %s (%s)\n", pp, topo->partition_string().c_str(),
-              part.empty() ? "vLLM's split" : part == "auto" ? "cost model" : "explicit");
+  std::printf("\npipeline plan: %d stages, partition %s (%s)\n", pp,
+              topo->partition_string().c_str(),
+              part.empty()     ? "vLLM's split"
+              : part == "auto" ? "cost model"
+                               : "explicit");
   std::printf("  predicted time: decode step of %d sequences at %" PRId64
               " tokens of context, memory-bound (bytes read)\n",
               co.batch, co.context);
-  std::printf("  %-6s %-9s %-26s %12s %14s %12s %10s\n", "stage", "layers", "kinds", "weights", "state/seq",
-              "state/token", "time share");
+  std::printf("  %-6s %-9s %-26s %12s %14s %12s %10s\n", "stage", "layers", "kinds", "weights",
+              "state/seq", "state/token", "time share");
   for (size_t i = 0; i < costs.size(); ++i) {
     const StageCost& s = costs[i];
     int swa = 0, csa = 0, hca = 0, hash = 0;
@@ -277,10 +315,12 @@ int print_pipeline_plan(const Flags& f, const Config& c) {
     }
     std::string kinds = str(csa, " CSA ", hca, " HCA ", swa, " SWA");
     if (hash) kinds += str(" (", hash, " hash)");
-    std::string extras = std::string(i == 0 ? "+embed" : "") + (i + 1 == costs.size() ? "+head" : "");
+    std::string extras =
+        std::string(i == 0 ? "+embed" : "") + (i + 1 == costs.size() ? "+head" : "");
     std::printf("  %-6zu %-9s %-26s %12s %14s %10" PRId64 " B %9.1f%% %s\n", i,
-                str(s.first_layer, "-", s.end_layer - 1).c_str(), kinds.c_str(), human(s.weight_bytes).c_str(),
-                human(s.state_per_seq).c_str(), s.state_per_token, 100 * s.time / total, extras.c_str());
+                str(s.first_layer, "-", s.end_layer - 1).c_str(), kinds.c_str(),
+                human(s.weight_bytes).c_str(), human(s.state_per_seq).c_str(), s.state_per_token,
+                100 * s.time / total, extras.c_str());
   }
   return 0;
 }
@@ -308,12 +348,16 @@ int cmd_inspect(const std::vector<std::string>& args) {
     if (!r) return fail(r.status());
     ck = std::move(r.value());
     for (auto& [name, t] : ck->all())
-      std::printf("  %-60s %-8s %s\n", name.c_str(), dtype_name(t->dtype), shape_str(t->shape).c_str());
+      std::printf("  %-60s %-8s %s\n", name.c_str(), dtype_name(t->dtype),
+                  shape_str(t->shape).c_str());
   } else {
     for (auto& t : ex)
       std::printf("  %-60s %-8s %s\n", t.name.c_str(),
-                  t.role == TensorRole::kIndex ? "I32" : t.role == TensorRole::kParam ? "F32"
-                  : t.format == WeightFormat::kFP8 ? "F8_E4M3" : t.format == WeightFormat::kFP4 ? "FP4x2" : "BF16",
+                  t.role == TensorRole::kIndex     ? "I32"
+                  : t.role == TensorRole::kParam   ? "F32"
+                  : t.format == WeightFormat::kFP8 ? "F8_E4M3"
+                  : t.format == WeightFormat::kFP4 ? "FP4x2"
+                                                   : "BF16",
                   shape_str(t.shape).c_str());
   }
   int64_t embed = 0, head = 0, total = 0;
@@ -321,18 +365,24 @@ int cmd_inspect(const std::vector<std::string>& args) {
   for (auto& t : ex) {
     int64_t b = expected_bytes(t);
     total += b;
-    if (t.part == Part::kEmbed) embed += b;
-    else if (t.part == Part::kLayer) layer[t.layer] += b;
-    else head += b;
+    if (t.part == Part::kEmbed)
+      embed += b;
+    else if (t.part == Part::kLayer)
+      layer[t.layer] += b;
+    else
+      head += b;
   }
-  std::printf("\nweight memory (as held: matrices in their stored format, small parameters fp32):\n");
+  std::printf(
+      "\nweight memory (as held: matrices in their stored format, small parameters fp32):\n");
   std::printf("  embedding                 %s\n", human(embed).c_str());
   for (int l = 0; l < c.num_layers; ++l) {
     StateBytes sb = layer_state_bytes(c, l);
     std::printf("  layer %3d %-4s%-6s%s   state %s/seq + %" PRId64 " B/token\n", l,
-                c.attn_kinds[l] == AttnKind::kSliding ? "SWA" : c.attn_kinds[l] == AttnKind::kCSA ? "CSA" : "HCA",
-                c.mlp_kinds[l] == MlpKind::kHashMoe ? "+hash" : "", human(layer[l]).c_str(), human(sb.per_sequence).c_str(),
-                sb.per_token);
+                c.attn_kinds[l] == AttnKind::kSliding ? "SWA"
+                : c.attn_kinds[l] == AttnKind::kCSA   ? "CSA"
+                                                      : "HCA",
+                c.mlp_kinds[l] == MlpKind::kHashMoe ? "+hash" : "", human(layer[l]).c_str(),
+                human(sb.per_sequence).c_str(), sb.per_token);
   }
   std::printf("  hc_head + norm + head     %s\n", human(head).c_str());
   std::printf("  total                     %s\n", human(total).c_str());
@@ -342,8 +392,8 @@ int cmd_inspect(const std::vector<std::string>& args) {
     per_tok += layer_state_bytes(c, l).per_token;
   }
   const int64_t S = f.i64("max-num-seqs"), Lm = f.i64("max-model-len");
-  std::printf("sequence state (fp32 reference layout): %s per sequence + %" PRId64 " B per token; at --max-num-seqs %" PRId64
-              " and --max-model-len %" PRId64 ": %s\n",
+  std::printf("sequence state (fp32 reference layout): %s per sequence + %" PRId64
+              " B per token; at --max-num-seqs %" PRId64 " and --max-model-len %" PRId64 ": %s\n",
               human(per_seq).c_str(), per_tok, S, Lm, human(S * (per_seq + per_tok * Lm)).c_str());
   if (f.given("pp") || f.given("pp-partition")) return print_pipeline_plan(f, c);
   return 0;
@@ -363,6 +413,7 @@ int main(int argc, char** argv) {
   if (cmd == "generate") return sp::cmd_generate(args);
   if (cmd == "verify") return sp::cmd_verify(args);
   if (cmd == "inspect") return sp::cmd_inspect(args);
-  std::fprintf(stderr, "error: unknown command '%s'; expected generate, verify or inspect\n%s", cmd.c_str(), sp::kUsage);
+  std::fprintf(stderr, "error: unknown command '%s'; expected generate, verify or inspect\n%s",
+               cmd.c_str(), sp::kUsage);
   return 2;
 }

@@ -38,7 +38,8 @@ const Fixture& fixture(const std::string& name) {
 // Logits of every position of every prompt (teacher-forced through the greedy tokens).
 using AllLogits = std::map<std::pair<int64_t, int64_t>, std::vector<float>>;
 
-AllLogits run(const Fixture& f, int threads, int max_seqs, int budget, std::vector<int64_t>* step_tokens = nullptr) {
+AllLogits run(const Fixture& f, int threads, int max_seqs, int budget,
+              std::vector<int64_t>* step_tokens = nullptr) {
   auto be = make_cpu_backend(threads, 1);  // split every op across the threads
   StateLimits lim{max_seqs, 512, budget, budget};
   Model model(f.config, *f.weights, *be, lim);
@@ -54,10 +55,14 @@ AllLogits run(const Fixture& f, int threads, int max_seqs, int budget, std::vect
   }
   AllLogits out;
   const int64_t V = f.config.vocab_size;
-  engine.run([&](int64_t req, int64_t pos, const float* l) { out[{req, pos}].assign(l, l + V); },
-             [&](const StepPlan& plan, int layer, Tensor) {
-               if (step_tokens && layer == f.config.num_layers - 1) step_tokens->push_back(plan.batch.num_tokens);
-             });
+  engine.run(
+      [&](int64_t req, int64_t pos, const float* l) {
+        out[{req, pos}].assign(l, l + V);
+      },
+      [&](const StepPlan& plan, int layer, Tensor) {
+        if (step_tokens && layer == f.config.num_layers - 1)
+          step_tokens->push_back(plan.batch.num_tokens);
+      });
   return out;
 }
 
@@ -69,10 +74,12 @@ double max_err_vs_golden(const Fixture& f, const AllLogits& got) {
     const int64_t L = static_cast<int64_t>(p.ids.size());
     for (int64_t pos = 0; pos < L; ++pos)
       for (int64_t v = 0; v < V; ++v)
-        err = std::max(err, static_cast<double>(std::fabs(got.at({i, pos})[v] - p.prefill[pos * V + v])));
+        err = std::max(
+            err, static_cast<double>(std::fabs(got.at({i, pos})[v] - p.prefill[pos * V + v])));
     for (size_t j = 0; j < p.greedy.size(); ++j)
       for (int64_t v = 0; v < V; ++v)
-        err = std::max(err, static_cast<double>(std::fabs(got.at({i, L - 1 + j})[v] - p.decode[j * V + v])));
+        err = std::max(
+            err, static_cast<double>(std::fabs(got.at({i, L - 1 + j})[v] - p.decode[j * V + v])));
   }
   return err;
 }
@@ -151,7 +158,8 @@ TEST(Scheduler, RandomTrafficKeepsInvariants) {
         next_pos[p.seqs[c]->req.id] += ch.n_tokens;
       }
       std::vector<Sampled> sampled;
-      for (const SampleRow& r : p.samples) sampled.push_back({r.request, static_cast<int32_t>(rng() % 100)});
+      for (const SampleRow& r : p.samples)
+        sampled.push_back({r.request, static_cast<int32_t>(rng() % 100)});
       s.complete(p, sampled);
     }
     ASSERT_EQ(static_cast<int>(s.finished().size()), n);

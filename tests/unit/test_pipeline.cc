@@ -13,7 +13,9 @@
 namespace sp {
 namespace {
 
-Config flash() { return load_config(std::string(SP_TEST_DATA) + "/configs/deepseek-v4-flash").value(); }
+Config flash() {
+  return load_config(std::string(SP_TEST_DATA) + "/configs/deepseek-v4-flash").value();
+}
 
 TEST(Topology, DefaultSplitIsVllms) {
   EXPECT_EQ(vllm_partition(43, 4), (std::vector<int>{11, 11, 11, 10}));
@@ -31,12 +33,15 @@ TEST(Topology, DefaultSplitIsVllms) {
 
 TEST(Topology, ExplicitPartitionIsValidated) {
   EXPECT_EQ(parse_partition("11,11,11,10", 43, 4).value(), (std::vector<int>{11, 11, 11, 10}));
-  EXPECT_NE(parse_partition("11,11,11,11", 43, 4).status().message().find("covers 44 layers"), std::string::npos);
-  EXPECT_NE(parse_partition("22,21", 43, 4).status().message().find("expected --pp = 4"), std::string::npos);
+  EXPECT_NE(parse_partition("11,11,11,11", 43, 4).status().message().find("covers 44 layers"),
+            std::string::npos);
+  EXPECT_NE(parse_partition("22,21", 43, 4).status().message().find("expected --pp = 4"),
+            std::string::npos);
   EXPECT_NE(parse_partition("43,0", 43, 2).status().message().find("'0'"), std::string::npos);
   EXPECT_NE(parse_partition("a,b", 43, 2).status().message().find("'a'"), std::string::npos);
   Config c = flash();
-  EXPECT_NE(make_topology(c, 44, 0, "", {}).status().message().find("more stages than"), std::string::npos);
+  EXPECT_NE(make_topology(c, 44, 0, "", {}).status().message().find("more stages than"),
+            std::string::npos);
 }
 
 TEST(Topology, AutoPartitionBalancesTheCostModel) {
@@ -120,7 +125,10 @@ TEST(StageLoading, EachStageReadsOnlyItsOwnTensors) {
           const int64_t k = c.compressor_overlap(l), entries = 256 / r + 1;
           want += 2 * (entries * dh + 2 * r * k * dh + (k == 2 ? 2 * r * dh : 0)) * 4;
           if (c.attn_kinds[l] == AttnKind::kCSA)
-            want += 2 * (entries * c.index_head_dim + 2 * r * 2 * c.index_head_dim + 2 * r * c.index_head_dim) * 4;
+            want += 2 *
+                    (entries * c.index_head_dim + 2 * r * 2 * c.index_head_dim +
+                     2 * r * c.index_head_dim) *
+                    4;
         }
       }
       EXPECT_EQ(m.state_bytes(), want) << "stage " << s;
@@ -158,7 +166,8 @@ TEST(StageLoading, MtpRoomOnTheLastStageOnly) {
 }
 
 // Runs tiny as a 2-stage threads pipeline and returns stage 0's step sizes in scheduling order.
-std::vector<int> pipeline_step_tokens(const std::vector<Request>& reqs, int budget, int micro_batches) {
+std::vector<int> pipeline_step_tokens(const std::vector<Request>& reqs, int budget,
+                                      int micro_batches) {
   const std::string dir = std::string(SP_TEST_DATA) + "/tiny";
   Config c = load_config(dir).value();
   Topology topo{2, 0, vllm_partition(c.num_layers, 2)};

@@ -17,7 +17,8 @@ namespace fs = std::filesystem;
 class TempDir {
  public:
   TempDir() {
-    path_ = fs::temp_directory_path() / ("seekpipe_test_" + std::to_string(::getpid()) + "_" + std::to_string(counter_++));
+    path_ = fs::temp_directory_path() /
+            ("seekpipe_test_" + std::to_string(::getpid()) + "_" + std::to_string(counter_++));
     fs::remove_all(path_);
     fs::create_directories(path_);
   }
@@ -29,7 +30,8 @@ class TempDir {
   static inline int counter_ = 0;
 };
 
-void write_raw(const std::string& path, uint64_t header_len, const std::string& header, size_t data_bytes) {
+void write_raw(const std::string& path, uint64_t header_len, const std::string& header,
+               size_t data_bytes) {
   std::ofstream f(path, std::ios::binary);
   f.write(reinterpret_cast<const char*>(&header_len), 8);
   f << header;
@@ -45,7 +47,8 @@ std::string open_error(const std::string& path) {
 
 TEST(Safetensors, ParsesGoodFile) {
   TempDir d;
-  std::string h = R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"BF16","shape":[2,2],"data_offsets":[8,16]}})";
+  std::string h =
+      R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"BF16","shape":[2,2],"data_offsets":[8,16]}})";
   write_raw(d.str() + "/m.safetensors", h.size(), h, 16);
   auto r = SafetensorsFile::open(d.str() + "/m.safetensors");
   ASSERT_TRUE(r.is_ok()) << r.status().message();
@@ -59,7 +62,8 @@ TEST(Safetensors, TruncatedFile) {
   std::ifstream in(src, std::ios::binary);
   std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   std::string p = d.str() + "/t.safetensors";
-  std::ofstream(p, std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size() / 2));
+  std::ofstream(p, std::ios::binary)
+      .write(bytes.data(), static_cast<std::streamsize>(bytes.size() / 2));
   EXPECT_NE(open_error(p).find("past the end of the data area"), std::string::npos);
   std::ofstream(p, std::ios::binary).write(bytes.data(), 100);  // cut inside the header
   EXPECT_NE(open_error(p).find("truncated"), std::string::npos);
@@ -78,7 +82,8 @@ TEST(Safetensors, OffsetsPastTheEnd) {
 
 TEST(Safetensors, OverlappingTensors) {
   TempDir d;
-  std::string h = R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})";
+  std::string h =
+      R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})";
   write_raw(d.str() + "/m.safetensors", h.size(), h, 16);
   std::string e = open_error(d.str() + "/m.safetensors");
   EXPECT_NE(e.find("overlap"), std::string::npos) << e;
@@ -105,7 +110,9 @@ TEST(Safetensors, SizeMustMatchDtypeTimesShape) {
 }
 
 // Copies the tiny fixture with `edit` applied to its tensor list.
-std::string edited_tiny(const TempDir& d, const std::function<void(std::vector<TensorInfo>&, std::vector<std::vector<uint8_t>>&)>& edit) {
+std::string edited_tiny(
+    const TempDir& d,
+    const std::function<void(std::vector<TensorInfo>&, std::vector<std::vector<uint8_t>>&)>& edit) {
   fs::copy_file(std::string(SP_TEST_DATA) + "/tiny/config.json", d.str() + "/config.json");
   auto f = SafetensorsFile::open(std::string(SP_TEST_DATA) + "/tiny/model.safetensors");
   EXPECT_TRUE(f.is_ok());
@@ -173,7 +180,8 @@ TEST(Checkpoint, IndexNamesMissingShard) {
   ASSERT_TRUE(c.is_ok());
   auto w = load_weights(*c, d.str(), LoadPlan::whole(*c), nullptr);
   ASSERT_FALSE(w.is_ok());
-  EXPECT_NE(w.status().message().find("model-00002-of-00003.safetensors"), std::string::npos) << w.status().message();
+  EXPECT_NE(w.status().message().find("model-00002-of-00003.safetensors"), std::string::npos)
+      << w.status().message();
   EXPECT_NE(w.status().message().find("does not exist"), std::string::npos) << w.status().message();
 }
 

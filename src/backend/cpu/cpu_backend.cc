@@ -30,7 +30,8 @@ RopeTable RopeTable::build(const RopeParams& p, int rope_dim) {
   }
   // YaRN ramp (floor/ceil-truncated correction range), no attention scaling.
   auto corr = [&](double rotations) {
-    return rope_dim * std::log(p.original_max_position / (rotations * 2 * M_PI)) / (2 * std::log(p.theta));
+    return rope_dim * std::log(p.original_max_position / (rotations * 2 * M_PI)) /
+           (2 * std::log(p.theta));
   };
   double lo = std::max(std::floor(corr(p.beta_fast)), 0.0);
   double hi = std::min(std::ceil(corr(p.beta_slow)), static_cast<double>(rope_dim - 1));
@@ -79,9 +80,8 @@ inline float dot(const float* a, const float* b, int64_t n) {
 #endif
 
 // y[m, j] = dot(x[m], w[j]) for up to 4 weight rows at once, each with exactly dot()'s arithmetic.
-SP_TARGET_CLONES void dot4_rows(const float* x, int64_t ldx, int64_t M,
-                                                                 const float* w, int64_t K, int nw, float* y,
-                                                                 int64_t ldy) {
+SP_TARGET_CLONES void dot4_rows(const float* x, int64_t ldx, int64_t M, const float* w, int64_t K,
+                                int nw, float* y, int64_t ldy) {
   for (int64_t m = 0; m < M; ++m) {
     const float* xm = x + m * ldx;
     v8f a0 = {0, 0, 0, 0, 0, 0, 0, 0}, a1 = a0, a2 = a0, a3 = a0;
@@ -102,17 +102,20 @@ SP_TARGET_CLONES void dot4_rows(const float* x, int64_t ldx, int64_t M,
   }
 }
 
-inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+inline float sigmoid(float x) {
+  return 1.0f / (1.0f + std::exp(-x));
+}
 // torch.nn.functional.softplus (beta 1, threshold 20)
-inline float softplus(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }
+inline float softplus(float x) {
+  return x > 20.0f ? x : std::log1p(std::exp(x));
+}
 
 // Indices of the k largest values, ties to the lower index, in selection order.
 void topk_lower_index(const float* v, int n, int k, std::vector<int>& idx) {
   idx.resize(n);
   for (int i = 0; i < n; ++i) idx[i] = i;
-  std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), [&](int a, int b) {
-    return v[a] > v[b] || (v[a] == v[b] && a < b);
-  });
+  std::partial_sort(idx.begin(), idx.begin() + k, idx.end(),
+                    [&](int a, int b) { return v[a] > v[b] || (v[a] == v[b] && a < b); });
   idx.resize(k);
 }
 
@@ -128,19 +131,23 @@ class CpuBackend final : public Backend {
   }
 
   void embed(const Linear& table, const BatchView& b, Tensor out) override {
-    pool_.parallel_for(b.num_tokens, [&](int64_t lo, int64_t hi) {
-      for (int64_t t = lo; t < hi; ++t) table.decode_row(b.token_ids[t], out.row(t));
-    }, grain(table.in));
+    pool_.parallel_for(
+        b.num_tokens,
+        [&](int64_t lo, int64_t hi) {
+          for (int64_t t = lo; t < hi; ++t) table.decode_row(b.token_ids[t], out.row(t));
+        },
+        grain(table.in));
   }
 
   void expand_streams(Tensor e, int hc, Tensor X) override {
     for (int64_t t = 0; t < e.rows; ++t)
-      for (int j = 0; j < hc; ++j) std::memcpy(X.row(t) + j * e.cols, e.row(t), e.cols * sizeof(float));
+      for (int j = 0; j < hc; ++j)
+        std::memcpy(X.row(t) + j * e.cols, e.row(t), e.cols * sizeof(float));
   }
 
   void linear(Tensor x, const Linear& w, Tensor y) override {
-    SP_CHECK(x.cols == w.in && y.cols == w.out && x.rows == y.rows, w.name, ": x ", x.rows, "x", x.cols,
-             " y ", y.rows, "x", y.cols, " W ", w.out, "x", w.in);
+    SP_CHECK(x.cols == w.in && y.cols == w.out && x.rows == y.rows, w.name, ": x ", x.rows, "x",
+             x.cols, " y ", y.rows, "x", y.cols, " W ", w.out, "x", w.in);
     matmul(x.data, x.cols, x.rows, w, 0, w.in, w.out, y.data, y.cols);
   }
 
@@ -152,134 +159,151 @@ class CpuBackend final : public Backend {
 
   void rms_norm(Tensor x, const float* weight, int group, float eps, Tensor y) override {
     const int64_t groups = x.cols / group;
-    pool_.parallel_for(x.rows * groups, [&](int64_t lo, int64_t hi) {
-      for (int64_t i = lo; i < hi; ++i) {
-        const float* src = x.row(i / groups) + (i % groups) * group;
-        float* dst = y.row(i / groups) + (i % groups) * group;
-        float ss = dot(src, src, group);
-        float r = 1.0f / std::sqrt(ss / static_cast<float>(group) + eps);
-        for (int k = 0; k < group; ++k) dst[k] = weight ? weight[k] * (src[k] * r) : src[k] * r;
-      }
-    }, grain(2 * group));
+    pool_.parallel_for(
+        x.rows * groups,
+        [&](int64_t lo, int64_t hi) {
+          for (int64_t i = lo; i < hi; ++i) {
+            const float* src = x.row(i / groups) + (i % groups) * group;
+            float* dst = y.row(i / groups) + (i % groups) * group;
+            float ss = dot(src, src, group);
+            float r = 1.0f / std::sqrt(ss / static_cast<float>(group) + eps);
+            for (int k = 0; k < group; ++k) dst[k] = weight ? weight[k] * (src[k] * r) : src[k] * r;
+          }
+        },
+        grain(2 * group));
   }
 
   void rope(Tensor x, int head_dim, const RopeTable& t, const BatchView& b, bool inverse) override {
     const int heads = static_cast<int>(x.cols / head_dim), half = t.rope_dim / 2;
-    pool_.parallel_for(x.rows, [&](int64_t lo, int64_t hi) {
-      std::vector<float> cs(half), sn(half);
-      for (int64_t r = lo; r < hi; ++r) {
-        const float pos = static_cast<float>(b.positions[r]);
-        for (int i = 0; i < half; ++i) {
-          float ang = t.inv_freq[i] * pos;
-          cs[i] = static_cast<float>(std::cos(static_cast<double>(ang)));
-          sn[i] = static_cast<float>(std::sin(static_cast<double>(ang)));
-          if (inverse) sn[i] = -sn[i];
-        }
-        for (int h = 0; h < heads; ++h) {
-          float* v = x.row(r) + h * head_dim + (head_dim - t.rope_dim);
-          for (int i = 0; i < half; ++i) {
-            float a = v[2 * i], c = v[2 * i + 1];
-            v[2 * i] = a * cs[i] - c * sn[i];
-            v[2 * i + 1] = c * cs[i] + a * sn[i];
+    pool_.parallel_for(
+        x.rows,
+        [&](int64_t lo, int64_t hi) {
+          std::vector<float> cs(half), sn(half);
+          for (int64_t r = lo; r < hi; ++r) {
+            const float pos = static_cast<float>(b.positions[r]);
+            for (int i = 0; i < half; ++i) {
+              float ang = t.inv_freq[i] * pos;
+              cs[i] = static_cast<float>(std::cos(static_cast<double>(ang)));
+              sn[i] = static_cast<float>(std::sin(static_cast<double>(ang)));
+              if (inverse) sn[i] = -sn[i];
+            }
+            for (int h = 0; h < heads; ++h) {
+              float* v = x.row(r) + h * head_dim + (head_dim - t.rope_dim);
+              for (int i = 0; i < half; ++i) {
+                float a = v[2 * i], c = v[2 * i + 1];
+                v[2 * i] = a * cs[i] - c * sn[i];
+                v[2 * i + 1] = c * cs[i] + a * sn[i];
+              }
+            }
           }
-        }
-      }
-    }, grain(heads * t.rope_dim * 4));
+        },
+        grain(heads * t.rope_dim * 4));
   }
 
-  void hc_pre(Tensor X, const HcParams& p, int hc, int iters, float hc_eps, float norm_eps, Tensor x,
-              Tensor post, Tensor comb) override {
+  void hc_pre(Tensor X, const HcParams& p, int hc, int iters, float hc_eps, float norm_eps,
+              Tensor x, Tensor post, Tensor comb) override {
     const int64_t W = X.cols, D = W / hc;
     const int mix = (2 + hc) * hc;
-    pool_.parallel_for(X.rows, [&](int64_t lo, int64_t hi) {
-      std::vector<float> flat(static_cast<size_t>(W)), m(mix), c(hc * hc);
-      for (int64_t t = lo; t < hi; ++t) {
-        const float* u = X.row(t);
-        float r = 1.0f / std::sqrt(dot(u, u, W) / static_cast<float>(W) + norm_eps);
-        for (int64_t k = 0; k < W; ++k) flat[k] = u[k] * r;
-        for (int j = 0; j < mix; ++j) m[j] = dot(flat.data(), p.fn.data() + j * W, W);
-        float pre[16];
-        for (int j = 0; j < hc; ++j) {
-          pre[j] = sigmoid(m[j] * p.scale[0] + p.base[j]) + hc_eps;
-          post.row(t)[j] = 2.0f * sigmoid(m[hc + j] * p.scale[1] + p.base[hc + j]);
-        }
-        for (int j = 0; j < hc; ++j) {  // row softmax over the last index, then Sinkhorn
-          float* row = c.data() + j * hc;
-          float mx = -std::numeric_limits<float>::infinity();
-          for (int k = 0; k < hc; ++k) {
-            row[k] = m[2 * hc + j * hc + k] * p.scale[2] + p.base[2 * hc + j * hc + k];
-            mx = std::max(mx, row[k]);
+    pool_.parallel_for(
+        X.rows,
+        [&](int64_t lo, int64_t hi) {
+          std::vector<float> flat(static_cast<size_t>(W)), m(mix), c(hc * hc);
+          for (int64_t t = lo; t < hi; ++t) {
+            const float* u = X.row(t);
+            float r = 1.0f / std::sqrt(dot(u, u, W) / static_cast<float>(W) + norm_eps);
+            for (int64_t k = 0; k < W; ++k) flat[k] = u[k] * r;
+            for (int j = 0; j < mix; ++j) m[j] = dot(flat.data(), p.fn.data() + j * W, W);
+            float pre[16];
+            for (int j = 0; j < hc; ++j) {
+              pre[j] = sigmoid(m[j] * p.scale[0] + p.base[j]) + hc_eps;
+              post.row(t)[j] = 2.0f * sigmoid(m[hc + j] * p.scale[1] + p.base[hc + j]);
+            }
+            for (int j = 0; j < hc; ++j) {  // row softmax over the last index, then Sinkhorn
+              float* row = c.data() + j * hc;
+              float mx = -std::numeric_limits<float>::infinity();
+              for (int k = 0; k < hc; ++k) {
+                row[k] = m[2 * hc + j * hc + k] * p.scale[2] + p.base[2 * hc + j * hc + k];
+                mx = std::max(mx, row[k]);
+              }
+              float s = 0;
+              for (int k = 0; k < hc; ++k) s += (row[k] = std::exp(row[k] - mx));
+              for (int k = 0; k < hc; ++k) row[k] = row[k] / s + hc_eps;
+            }
+            auto col_norm = [&] {
+              for (int k = 0; k < hc; ++k) {
+                float s = 0;
+                for (int j = 0; j < hc; ++j) s += c[j * hc + k];
+                for (int j = 0; j < hc; ++j) c[j * hc + k] /= s + hc_eps;
+              }
+            };
+            auto row_norm = [&] {
+              for (int j = 0; j < hc; ++j) {
+                float s = 0;
+                for (int k = 0; k < hc; ++k) s += c[j * hc + k];
+                for (int k = 0; k < hc; ++k) c[j * hc + k] /= s + hc_eps;
+              }
+            };
+            col_norm();
+            for (int it = 0; it < iters - 1; ++it) {
+              row_norm();
+              col_norm();
+            }
+            std::memcpy(comb.row(t), c.data(), hc * hc * sizeof(float));
+            float* out = x.row(t);
+            for (int64_t d = 0; d < D; ++d) {
+              float s = 0;
+              for (int j = 0; j < hc; ++j) s += pre[j] * u[j * D + d];
+              out[d] = s;
+            }
           }
-          float s = 0;
-          for (int k = 0; k < hc; ++k) s += (row[k] = std::exp(row[k] - mx));
-          for (int k = 0; k < hc; ++k) row[k] = row[k] / s + hc_eps;
-        }
-        auto col_norm = [&] {
-          for (int k = 0; k < hc; ++k) {
-            float s = 0;
-            for (int j = 0; j < hc; ++j) s += c[j * hc + k];
-            for (int j = 0; j < hc; ++j) c[j * hc + k] /= s + hc_eps;
-          }
-        };
-        auto row_norm = [&] {
-          for (int j = 0; j < hc; ++j) {
-            float s = 0;
-            for (int k = 0; k < hc; ++k) s += c[j * hc + k];
-            for (int k = 0; k < hc; ++k) c[j * hc + k] /= s + hc_eps;
-          }
-        };
-        col_norm();
-        for (int it = 0; it < iters - 1; ++it) {
-          row_norm();
-          col_norm();
-        }
-        std::memcpy(comb.row(t), c.data(), hc * hc * sizeof(float));
-        float* out = x.row(t);
-        for (int64_t d = 0; d < D; ++d) {
-          float s = 0;
-          for (int j = 0; j < hc; ++j) s += pre[j] * u[j * D + d];
-          out[d] = s;
-        }
-      }
-    }, grain(W * (mix + 2)));
+        },
+        grain(W * (mix + 2)));
   }
 
   void hc_post(Tensor f, Tensor post, Tensor comb, int hc, Tensor X) override {
     const int64_t D = f.cols;
-    pool_.parallel_for(X.rows, [&](int64_t lo, int64_t hi) {
-      std::vector<float> res(static_cast<size_t>(hc * D));
-      for (int64_t t = lo; t < hi; ++t) {
-        float* x = X.row(t);
-        const float* c = comb.row(t);
-        for (int k = 0; k < hc; ++k)
-          for (int64_t d = 0; d < D; ++d) {
-            float s = 0;
-            for (int j = 0; j < hc; ++j) s += c[j * hc + k] * x[j * D + d];
-            res[k * D + d] = post.row(t)[k] * f.row(t)[d] + s;
+    pool_.parallel_for(
+        X.rows,
+        [&](int64_t lo, int64_t hi) {
+          std::vector<float> res(static_cast<size_t>(hc * D));
+          for (int64_t t = lo; t < hi; ++t) {
+            float* x = X.row(t);
+            const float* c = comb.row(t);
+            for (int k = 0; k < hc; ++k)
+              for (int64_t d = 0; d < D; ++d) {
+                float s = 0;
+                for (int j = 0; j < hc; ++j) s += c[j * hc + k] * x[j * D + d];
+                res[k * D + d] = post.row(t)[k] * f.row(t)[d] + s;
+              }
+            std::memcpy(x, res.data(), res.size() * sizeof(float));
           }
-        std::memcpy(x, res.data(), res.size() * sizeof(float));
-      }
-    }, grain(hc * D * (hc + 1)));
+        },
+        grain(hc * D * (hc + 1)));
   }
 
-  void hc_head(Tensor X, const HcParams& p, int hc, float hc_eps, float norm_eps, Tensor h) override {
+  void hc_head(Tensor X, const HcParams& p, int hc, float hc_eps, float norm_eps,
+               Tensor h) override {
     const int64_t W = X.cols, D = W / hc;
-    pool_.parallel_for(X.rows, [&](int64_t lo, int64_t hi) {
-      std::vector<float> flat(static_cast<size_t>(W));
-      for (int64_t t = lo; t < hi; ++t) {
-        const float* u = X.row(t);
-        float r = 1.0f / std::sqrt(dot(u, u, W) / static_cast<float>(W) + norm_eps);
-        for (int64_t k = 0; k < W; ++k) flat[k] = u[k] * r;
-        float pre[16];
-        for (int j = 0; j < hc; ++j)
-          pre[j] = sigmoid(dot(flat.data(), p.fn.data() + j * W, W) * p.scale[0] + p.base[j]) + hc_eps;
-        for (int64_t d = 0; d < D; ++d) {
-          float s = 0;
-          for (int j = 0; j < hc; ++j) s += pre[j] * u[j * D + d];
-          h.row(t)[d] = s;
-        }
-      }
-    }, grain(W * (hc + 2)));
+    pool_.parallel_for(
+        X.rows,
+        [&](int64_t lo, int64_t hi) {
+          std::vector<float> flat(static_cast<size_t>(W));
+          for (int64_t t = lo; t < hi; ++t) {
+            const float* u = X.row(t);
+            float r = 1.0f / std::sqrt(dot(u, u, W) / static_cast<float>(W) + norm_eps);
+            for (int64_t k = 0; k < W; ++k) flat[k] = u[k] * r;
+            float pre[16];
+            for (int j = 0; j < hc; ++j)
+              pre[j] = sigmoid(dot(flat.data(), p.fn.data() + j * W, W) * p.scale[0] + p.base[j]) +
+                       hc_eps;
+            for (int64_t d = 0; d < D; ++d) {
+              float s = 0;
+              for (int j = 0; j < hc; ++j) s += pre[j] * u[j * D + d];
+              h.row(t)[d] = s;
+            }
+          }
+        },
+        grain(W * (hc + 2)));
   }
 
   void compress(Tensor a, Tensor g, const CompressorArgs& args, const BatchView& b, Tensor buf,
@@ -291,9 +315,11 @@ class CpuBackend final : public Backend {
       std::vector<float> pooled(static_cast<size_t>(d)), wts(2 * r);
       for (int64_t ci = lo; ci < hi; ++ci) {
         const SeqChunk& ch = b.chunks[ci];
-        float* bv = buf.row(static_cast<int64_t>(ch.slot) * 2 * r);  // [r, kd] values then [r, kd] gates
+        float* bv =
+            buf.row(static_cast<int64_t>(ch.slot) * 2 * r);  // [r, kd] values then [r, kd] gates
         float* bg = bv + r * kd;
-        float* pv = k == 2 ? prev.row(static_cast<int64_t>(ch.slot) * 2 * r) : nullptr;  // [r, d] + [r, d]
+        float* pv =
+            k == 2 ? prev.row(static_cast<int64_t>(ch.slot) * 2 * r) : nullptr;  // [r, d] + [r, d]
         float* pg = k == 2 ? pv + r * d : nullptr;
         if (ch.start_pos == 0 && k == 2) {  // new sequence: no previous window
           std::fill(pv, pv + r * d, 0.0f);
@@ -306,12 +332,14 @@ class CpuBackend final : public Backend {
           if (s != r - 1) continue;
           const int64_t w = p / r;
           SP_CHECK(w < max_entries, "compressed cache overflow: entry ", w, " of ", max_entries);
-          // Per channel: softmax over the window's slots (CSA: previous A-halves then current B-halves).
+          // Per channel: softmax over the window's slots (CSA: previous A-halves then current
+          // B-halves).
           for (int c = 0; c < d; ++c) {
             const int n = k == 2 ? 2 * r : r;
             float mx = -std::numeric_limits<float>::infinity();
             for (int j = 0; j < n; ++j) {
-              float gv = k == 2 ? (j < r ? pg[j * d + c] : bg[(j - r) * kd + d + c]) : bg[j * kd + c];
+              float gv =
+                  k == 2 ? (j < r ? pg[j * d + c] : bg[(j - r) * kd + d + c]) : bg[j * kd + c];
               wts[j] = gv;
               mx = std::max(mx, gv);
             }
@@ -319,7 +347,8 @@ class CpuBackend final : public Backend {
             for (int j = 0; j < n; ++j) sum += (wts[j] = std::exp(wts[j] - mx));
             float acc = 0;
             for (int j = 0; j < n; ++j) {
-              float v = k == 2 ? (j < r ? pv[j * d + c] : bv[(j - r) * kd + d + c]) : bv[j * kd + c];
+              float v =
+                  k == 2 ? (j < r ? pv[j * d + c] : bv[(j - r) * kd + d + c]) : bv[j * kd + c];
               acc += v * (wts[j] / sum);
             }
             pooled[c] = acc;
@@ -340,85 +369,94 @@ class CpuBackend final : public Backend {
     });
   }
 
-  void indexer_topk(Tensor q, Tensor weights, int heads, int dim, int ratio, int topk, const BatchView& b,
-                    Tensor keys, int64_t max_entries, std::vector<int32_t>& out) override {
+  void indexer_topk(Tensor q, Tensor weights, int heads, int dim, int ratio, int topk,
+                    const BatchView& b, Tensor keys, int64_t max_entries,
+                    std::vector<int32_t>& out) override {
     out.assign(static_cast<size_t>(b.num_tokens) * topk, -1);
     const float qscale = 1.0f / std::sqrt(static_cast<float>(dim));
     const float wscale = 1.0f / std::sqrt(static_cast<float>(heads));
-    pool_.parallel_for(b.num_tokens, [&](int64_t lo, int64_t hi) {
-      std::vector<float> score;
-      std::vector<int> idx;
-      for (int64_t t = lo; t < hi; ++t) {
-        const SeqChunk& ch = b.chunks[b.chunk_of[t]];
-        const int n = (b.positions[t] + 1) / ratio;
-        if (n == 0) continue;
-        score.assign(n, 0.0f);
-        for (int w = 0; w < n; ++w) {
-          const float* kw = keys.row(static_cast<int64_t>(ch.slot) * max_entries + w);
-          float s = 0;
-          for (int h = 0; h < heads; ++h) {
-            float z = std::max(dot(q.row(t) + h * dim, kw, dim), 0.0f) * qscale;
-            s += z * (weights.row(t)[h] * wscale);
+    pool_.parallel_for(
+        b.num_tokens,
+        [&](int64_t lo, int64_t hi) {
+          std::vector<float> score;
+          std::vector<int> idx;
+          for (int64_t t = lo; t < hi; ++t) {
+            const SeqChunk& ch = b.chunks[b.chunk_of[t]];
+            const int n = (b.positions[t] + 1) / ratio;
+            if (n == 0) continue;
+            score.assign(n, 0.0f);
+            for (int w = 0; w < n; ++w) {
+              const float* kw = keys.row(static_cast<int64_t>(ch.slot) * max_entries + w);
+              float s = 0;
+              for (int h = 0; h < heads; ++h) {
+                float z = std::max(dot(q.row(t) + h * dim, kw, dim), 0.0f) * qscale;
+                s += z * (weights.row(t)[h] * wscale);
+              }
+              score[w] = s;
+            }
+            const int k = std::min(topk, n);
+            topk_lower_index(score.data(), n, k, idx);
+            std::sort(idx.begin(), idx.end());
+            for (int i = 0; i < k; ++i) out[t * topk + i] = idx[i];
           }
-          score[w] = s;
-        }
-        const int k = std::min(topk, n);
-        topk_lower_index(score.data(), n, k, idx);
-        std::sort(idx.begin(), idx.end());
-        for (int i = 0; i < k; ++i) out[t * topk + i] = idx[i];
-      }
-    }, grain(static_cast<int64_t>(heads) * dim * std::max<int64_t>(1, max_entries)));
+        },
+        grain(static_cast<int64_t>(heads) * dim * std::max<int64_t>(1, max_entries)));
   }
 
-  void attention(Tensor q, Tensor kv, const AttentionArgs& a, const BatchView& b, const LayerState& st,
-                 const std::vector<int32_t>* selected, int topk, Tensor o) override {
+  void attention(Tensor q, Tensor kv, const AttentionArgs& a, const BatchView& b,
+                 const LayerState& st, const std::vector<int32_t>* selected, int topk,
+                 Tensor o) override {
     const int H = a.num_heads, dh = a.head_dim, W = a.window;
-    pool_.parallel_for(static_cast<int64_t>(b.num_tokens) * H, [&](int64_t lo, int64_t hi) {
-      std::vector<const float*> rows;
-      std::vector<float> z;
-      for (int64_t i = lo; i < hi; ++i) {
-        const int64_t t = i / H;
-        const int h = static_cast<int>(i % H);
-        const SeqChunk& ch = b.chunks[b.chunk_of[t]];
-        const int64_t p = b.positions[t];
-        rows.clear();
-        for (int64_t pp = std::max<int64_t>(0, p - W + 1); pp <= p; ++pp)
-          rows.push_back(pp < ch.start_pos ? st.window.row(static_cast<int64_t>(ch.slot) * W + pp % W)
-                                           : kv.row(ch.offset + (pp - ch.start_pos)));
-        const int64_t cbase = static_cast<int64_t>(ch.slot) * st.max_entries;
-        if (a.kind == AttnKind::kHCA) {
-          for (int64_t w = 0; w < (p + 1) / a.ratio; ++w) rows.push_back(st.cmp.row(cbase + w));
-        } else if (a.kind == AttnKind::kCSA) {
-          for (int j = 0; j < topk; ++j) {
-            int32_t w = (*selected)[t * topk + j];
-            if (w >= 0) rows.push_back(st.cmp.row(cbase + w));
+    pool_.parallel_for(
+        static_cast<int64_t>(b.num_tokens) * H,
+        [&](int64_t lo, int64_t hi) {
+          std::vector<const float*> rows;
+          std::vector<float> z;
+          for (int64_t i = lo; i < hi; ++i) {
+            const int64_t t = i / H;
+            const int h = static_cast<int>(i % H);
+            const SeqChunk& ch = b.chunks[b.chunk_of[t]];
+            const int64_t p = b.positions[t];
+            rows.clear();
+            for (int64_t pp = std::max<int64_t>(0, p - W + 1); pp <= p; ++pp)
+              rows.push_back(pp < ch.start_pos
+                                 ? st.window.row(static_cast<int64_t>(ch.slot) * W + pp % W)
+                                 : kv.row(ch.offset + (pp - ch.start_pos)));
+            const int64_t cbase = static_cast<int64_t>(ch.slot) * st.max_entries;
+            if (a.kind == AttnKind::kHCA) {
+              for (int64_t w = 0; w < (p + 1) / a.ratio; ++w) rows.push_back(st.cmp.row(cbase + w));
+            } else if (a.kind == AttnKind::kCSA) {
+              for (int j = 0; j < topk; ++j) {
+                int32_t w = (*selected)[t * topk + j];
+                if (w >= 0) rows.push_back(st.cmp.row(cbase + w));
+              }
+            }
+            const float* qh = q.row(t) + h * dh;
+            z.resize(rows.size());
+            float mx = a.sink[h];
+            for (size_t j = 0; j < rows.size(); ++j) {
+              z[j] = dot(qh, rows[j], dh) * a.scale;
+              mx = std::max(mx, z[j]);
+            }
+            float denom = std::exp(a.sink[h] - mx);
+            for (size_t j = 0; j < rows.size(); ++j) denom += (z[j] = std::exp(z[j] - mx));
+            float* oh = o.row(t) + h * dh;
+            std::fill(oh, oh + dh, 0.0f);
+            for (size_t j = 0; j < rows.size(); ++j) {
+              const float pj = z[j] / denom;
+              for (int c = 0; c < dh; ++c) oh[c] += pj * rows[j][c];
+            }
           }
-        }
-        const float* qh = q.row(t) + h * dh;
-        z.resize(rows.size());
-        float mx = a.sink[h];
-        for (size_t j = 0; j < rows.size(); ++j) {
-          z[j] = dot(qh, rows[j], dh) * a.scale;
-          mx = std::max(mx, z[j]);
-        }
-        float denom = std::exp(a.sink[h] - mx);
-        for (size_t j = 0; j < rows.size(); ++j) denom += (z[j] = std::exp(z[j] - mx));
-        float* oh = o.row(t) + h * dh;
-        std::fill(oh, oh + dh, 0.0f);
-        for (size_t j = 0; j < rows.size(); ++j) {
-          const float pj = z[j] / denom;
-          for (int c = 0; c < dh; ++c) oh[c] += pj * rows[j][c];
-        }
-      }
-    }, grain(static_cast<int64_t>(2) * (W + topk) * dh));
+        },
+        grain(static_cast<int64_t>(2) * (W + topk) * dh));
   }
 
   void window_update(Tensor kv, int window, const BatchView& b, Tensor ring) override {
     for (const SeqChunk& ch : b.chunks) {
       for (int i = std::max(0, ch.n_tokens - window); i < ch.n_tokens; ++i) {
         const int64_t p = ch.start_pos + i;
-        std::memcpy(ring.row(static_cast<int64_t>(ch.slot) * window + p % window), kv.row(ch.offset + i),
-                    kv.cols * sizeof(float));
+        std::memcpy(ring.row(static_cast<int64_t>(ch.slot) * window + p % window),
+                    kv.row(ch.offset + i), kv.cols * sizeof(float));
       }
     }
   }
@@ -431,33 +469,37 @@ class CpuBackend final : public Backend {
     // Routing: per token, independent of the batch.
     std::vector<int32_t> eidx(static_cast<size_t>(T * K));
     std::vector<float> ew(static_cast<size_t>(T * K));
-    pool_.parallel_for(T, [&](int64_t lo, int64_t hi) {
-      std::vector<float> s(E), biased(E);
-      std::vector<int> idx;
-      for (int64_t t = lo; t < hi; ++t) {
-        for (int64_t e = 0; e < E; ++e) s[e] = std::sqrt(softplus(logits[t * E + e]));
-        if (L.mlp == MlpKind::kHashMoe) {
-          idx.assign(L.tid2eid.begin() + b.token_ids[t] * K, L.tid2eid.begin() + (b.token_ids[t] + 1) * K);
-        } else {
-          for (int64_t e = 0; e < E; ++e) biased[e] = s[e] + L.gate_bias[e];
-          topk_lower_index(biased.data(), static_cast<int>(E), static_cast<int>(K), idx);
-        }
-        float sum = 0;
-        for (int j = 0; j < K; ++j) sum += s[idx[j]];
-        for (int j = 0; j < K; ++j) {
-          eidx[t * K + j] = idx[j];
-          ew[t * K + j] = s[idx[j]] / (sum + 1e-20f) * a.routed_scale;
-        }
-      }
-    }, grain(E * 4));
+    pool_.parallel_for(
+        T,
+        [&](int64_t lo, int64_t hi) {
+          std::vector<float> s(E), biased(E);
+          std::vector<int> idx;
+          for (int64_t t = lo; t < hi; ++t) {
+            for (int64_t e = 0; e < E; ++e) s[e] = std::sqrt(softplus(logits[t * E + e]));
+            if (L.mlp == MlpKind::kHashMoe) {
+              idx.assign(L.tid2eid.begin() + b.token_ids[t] * K,
+                         L.tid2eid.begin() + (b.token_ids[t] + 1) * K);
+            } else {
+              for (int64_t e = 0; e < E; ++e) biased[e] = s[e] + L.gate_bias[e];
+              topk_lower_index(biased.data(), static_cast<int>(E), static_cast<int>(K), idx);
+            }
+            float sum = 0;
+            for (int j = 0; j < K; ++j) sum += s[idx[j]];
+            for (int j = 0; j < K; ++j) {
+              eidx[t * K + j] = idx[j];
+              ew[t * K + j] = s[idx[j]] / (sum + 1e-20f) * a.routed_scale;
+            }
+          }
+        },
+        grain(E * 4));
     // Tokens per expert; each token's contributions are added in ascending expert order.
     std::vector<std::vector<std::pair<int64_t, float>>> by_expert(E);
     for (int64_t t = 0; t < T; ++t)
       for (int j = 0; j < K; ++j) by_expert[eidx[t * K + j]].push_back({t, ew[t * K + j]});
     std::vector<float> acc(static_cast<size_t>(T * D), 0.0f);
     std::vector<float> xs, h1, h3, out;
-    auto expert = [&](const Linear& w1, const Linear& w2, const Linear& w3, const std::vector<int64_t>& toks,
-                      std::vector<float>& result) {
+    auto expert = [&](const Linear& w1, const Linear& w2, const Linear& w3,
+                      const std::vector<int64_t>& toks, std::vector<float>& result) {
       const int64_t n = static_cast<int64_t>(toks.size());
       xs.resize(n * D);
       for (int64_t i = 0; i < n; ++i) std::memcpy(&xs[i * D], x.row(toks[i]), D * sizeof(float));
@@ -493,9 +535,12 @@ class CpuBackend final : public Backend {
   }
 
   void gather_rows(Tensor x, const std::vector<int32_t>& rows, Tensor out) override {
-    for (size_t i = 0; i < rows.size(); ++i) std::memcpy(out.row(i), x.row(rows[i]), x.cols * sizeof(float));
+    for (size_t i = 0; i < rows.size(); ++i)
+      std::memcpy(out.row(i), x.row(rows[i]), x.cols * sizeof(float));
   }
-  void to_host(Tensor src, float* dst) override { std::memcpy(dst, src.data, src.rows * src.cols * sizeof(float)); }
+  void to_host(Tensor src, float* dst) override {
+    std::memcpy(dst, src.data, src.rows * src.cols * sizeof(float));
+  }
   void from_host(const float* src, Tensor dst) override {
     std::memcpy(dst.data, src, dst.rows * dst.cols * sizeof(float));
   }
@@ -507,28 +552,31 @@ class CpuBackend final : public Backend {
     return std::max<int64_t>(1, min_work_ / std::max<int64_t>(1, work_per_item));
   }
 
-  // y[m, n] = x[m, g(n) * group_stride : + K] . W[n] for every m, n, where g(n) = n / rows_per_group.
-  // Threads split the weight rows; each is decoded once per call, four at a time.
-  void matmul(const float* x, int64_t ldx, int64_t M, const Linear& w, int64_t group_stride, int64_t K,
-              int64_t rows_per_group, float* y, int64_t ldy) {
+  // y[m, n] = x[m, g(n) * group_stride : + K] . W[n] for every m, n, where g(n) = n /
+  // rows_per_group. Threads split the weight rows; each is decoded once per call, four at a time.
+  void matmul(const float* x, int64_t ldx, int64_t M, const Linear& w, int64_t group_stride,
+              int64_t K, int64_t rows_per_group, float* y, int64_t ldy) {
     if (M == 0) return;
     const int64_t N = w.out, blocks = (N + 3) / 4;
-    pool_.parallel_for(blocks, [&](int64_t lo, int64_t hi) {
-      std::vector<float> rows(static_cast<size_t>(4 * K));
-      for (int64_t b = lo; b < hi; ++b) {
-        const int64_t n0 = b * 4;
-        const int nw = static_cast<int>(std::min<int64_t>(4, N - n0));
-        // A block may straddle two groups: split it at the boundary.
-        for (int j0 = 0; j0 < nw;) {
-          const int64_t g = (n0 + j0) / rows_per_group;
-          int j1 = j0;
-          while (j1 < nw && (n0 + j1) / rows_per_group == g) ++j1;
-          for (int j = j0; j < j1; ++j) w.decode_row(n0 + j, rows.data() + (j - j0) * K);
-          dot4_rows(x + g * group_stride, ldx, M, rows.data(), K, j1 - j0, y + n0 + j0, ldy);
-          j0 = j1;
-        }
-      }
-    }, grain(4 * M * K));
+    pool_.parallel_for(
+        blocks,
+        [&](int64_t lo, int64_t hi) {
+          std::vector<float> rows(static_cast<size_t>(4 * K));
+          for (int64_t b = lo; b < hi; ++b) {
+            const int64_t n0 = b * 4;
+            const int nw = static_cast<int>(std::min<int64_t>(4, N - n0));
+            // A block may straddle two groups: split it at the boundary.
+            for (int j0 = 0; j0 < nw;) {
+              const int64_t g = (n0 + j0) / rows_per_group;
+              int j1 = j0;
+              while (j1 < nw && (n0 + j1) / rows_per_group == g) ++j1;
+              for (int j = j0; j < j1; ++j) w.decode_row(n0 + j, rows.data() + (j - j0) * K);
+              dot4_rows(x + g * group_stride, ldx, M, rows.data(), K, j1 - j0, y + n0 + j0, ldy);
+              j0 = j1;
+            }
+          }
+        },
+        grain(4 * M * K));
   }
 
   static void rotate(float* v, int dim, const RopeTable& t, float pos) {
