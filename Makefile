@@ -4,7 +4,7 @@
 BUILD ?= build
 JOBS ?= $(shell nproc)
 # Debian packages the build and the tests use.
-APT_PACKAGES := cmake ninja-build g++ make nlohmann-json3-dev libgtest-dev python3 openmpi-bin libopenmpi-dev procps
+APT_PACKAGES := cmake ninja-build g++ make nlohmann-json3-dev libgtest-dev python3 openmpi-bin libopenmpi-dev procps clang-format
 
 .PHONY: all deps build demo test sanitize clean
 
