@@ -4,6 +4,7 @@
 
 #include <cinttypes>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <mutex>
 #include <sstream>
@@ -26,7 +27,9 @@ std::vector<FlagSpec> common_flags() {
        {"auto", "safetensors", "dummy"}},
       {"seed", FlagKind::kInt, "0", "seed for --load-format dummy weights and for sampling", 0,
        9.2e18},
-      {"threads", FlagKind::kInt, std::to_string(hw), "CPU threads per stage", 1, 1024},
+      {"threads", FlagKind::kInt, std::to_string(hw),
+       "CPU threads per stage; when not given, this machine's cores are shared by the stages on it",
+       1, 1024},
       {"max-num-seqs", FlagKind::kInt, "16",
        "most sequences in flight (state is sized for this many)", 1, 65536},
       {"max-num-batched-tokens", FlagKind::kInt, "2048",
@@ -184,6 +187,18 @@ Status check_memory(const Flags& f, const Config& c, const LoadPlan& plan, int s
   return Status::ok();
 }
 
+// --threads, or the machine's cores divided among the stages that run on it (the threads of this
+// process, or the ranks mpirun placed on this node).
+int threads_per_stage(const Flags& f, const Topology& topo) {
+  if (f.given("threads")) return static_cast<int>(f.i64("threads"));
+  int local = topo.world;
+  if (launched_by_mpi()) {
+    const char* n = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
+    local = n ? std::max(1, std::atoi(n)) : 1;
+  }
+  return std::max(1, static_cast<int>(f.i64("threads")) / local);
+}
+
 // One stage's whole life: load its part, run, finish. Returns its exit code.
 int run_one_stage(const Flags& f, const Config& c, const Topology& topo, Transport& tr,
                   const Job& job, const PipelineOptions& popt) {
@@ -212,7 +227,7 @@ int run_one_stage(const Flags& f, const Config& c, const Topology& topo, Transpo
     std::printf("checkpoint has %zu mtp.* tensors (MTP draft layer): accepted, not used yet\n",
                 ls.mtp_tensors.size());
   std::fflush(stdout);
-  auto backend = make_cpu_backend(static_cast<int>(f.i64("threads")));
+  auto backend = make_cpu_backend(threads_per_stage(f, topo));
   StateLimits lim;
   lim.max_num_seqs = static_cast<int>(f.i64("max-num-seqs"));
   lim.max_model_len = f.i64("max-model-len");
