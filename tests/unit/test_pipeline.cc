@@ -2,6 +2,9 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
 #include <set>
 #include <thread>
 
@@ -166,12 +169,17 @@ TEST(StageLoading, MtpRoomOnTheLastStageOnly) {
 }
 
 // Runs tiny as a 2-stage threads pipeline and returns stage 0's step sizes in scheduling order.
+// Stage 1 holds its first step until stage 0 has scheduled `hold_until` steps, so the result does
+// not depend on how the threads happen to be scheduled (on a loaded machine stage 0 can otherwise
+// be preempted long enough for step 0's tokens to come back before it schedules step 1).
 std::vector<int> pipeline_step_tokens(const std::vector<Request>& reqs, int budget,
-                                      int micro_batches) {
+                                      int micro_batches, size_t hold_until) {
   const std::string dir = std::string(SP_TEST_DATA) + "/tiny";
   Config c = load_config(dir).value();
   Topology topo{2, 0, vllm_partition(c.num_layers, 2)};
   auto tr = make_local_transports(2);
+  std::mutex mu;
+  std::condition_variable cv;
   std::vector<int> tokens;
   std::vector<std::thread> threads;
   for (int s = 0; s < 2; ++s) {
@@ -185,12 +193,24 @@ std::vector<int> pipeline_step_tokens(const std::vector<Request>& reqs, int budg
       for (auto& r : reqs) EXPECT_TRUE(sched.add(r).is_ok());
       StageHooks hooks;
       int64_t last_step = -1;
+      bool held = false;
       if (s == 0)
         hooks.hook = [&](const StepPlan& plan, int layer, Tensor) {
           if (layer == t.first_layer(0) && plan.id != last_step) {
+            std::lock_guard<std::mutex> lock(mu);
             tokens.push_back(plan.batch.num_tokens);
             last_step = plan.id;
+            cv.notify_all();
           }
+        };
+      else
+        hooks.hook = [&](const StepPlan&, int, Tensor) {
+          if (held) return;
+          held = true;
+          std::unique_lock<std::mutex> lock(mu);
+          // The deadline only guards against a hang if stage 0 never schedules that many steps.
+          EXPECT_TRUE(cv.wait_for(lock, std::chrono::seconds(60),
+                                  [&] { return tokens.size() >= hold_until; }));
         };
       PipelineOptions opt;
       opt.micro_batches = micro_batches;
@@ -214,7 +234,7 @@ TEST(Pipeline, BurstIsSpreadOverMicroBatchesByTokenLoad) {
   }
   // 160 prompt tokens, a budget that would take them all in one step, two micro-batches: the burst
   // is split 80 / 80 instead of 160 / 0.
-  auto steps = pipeline_step_tokens(reqs, 512, 2);
+  auto steps = pipeline_step_tokens(reqs, 512, 2, 2);
   ASSERT_GE(steps.size(), 2u);
   EXPECT_EQ(steps[0], 80);
   EXPECT_EQ(steps[1], 80);
