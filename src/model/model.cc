@@ -5,23 +5,34 @@
 
 namespace sp {
 
-StateBytes layer_state_bytes(const Config& c, int l) {
-  // fp32 reference layout: window ring rows, then per compressed entry (one per `ratio` tokens) a
-  // head_dim row and, for CSA, an index_head_dim key; the compressors' windows are per sequence.
-  StateBytes s;
+std::vector<StateBuffer> layer_state_layout(const Config& c, int l) {
   const int64_t dh = c.head_dim, r = c.compress_ratio[l];
-  s.per_sequence = int64_t{c.sliding_window} * dh * 4;
+  // The window ring; per compressed entry a head_dim row; the compressor's pending windows
+  // (values, then gates; CSA keeps the previous window's A-halves too); for CSA the same again for
+  // the indexer's keys at index_head_dim.
+  std::vector<StateBuffer> v{{&LayerState::window, c.sliding_window, dh, false}};
   if (r > 0) {
     const int64_t k = c.compressor_overlap(l);
-    int64_t entry = dh * 4;
-    s.per_sequence += 2 * r * k * dh * 4 + (k == 2 ? 2 * r * dh * 4 : 0);
+    v.push_back({&LayerState::cmp, 0, dh, true});
+    v.push_back({&LayerState::cmp_buf, 2 * r, k * dh, false});
+    if (k == 2) v.push_back({&LayerState::cmp_prev, 2 * r, dh, false});
     if (c.attn_kinds[l] == AttnKind::kCSA) {
       const int64_t id = c.index_head_dim;
-      entry += id * 4;
-      s.per_sequence += 2 * r * 2 * id * 4 + 2 * r * id * 4;
+      v.push_back({&LayerState::idx, 0, id, true});
+      v.push_back({&LayerState::idx_buf, 2 * r, 2 * id, false});
+      v.push_back({&LayerState::idx_prev, 2 * r, id, false});
     }
-    s.per_token = (entry + r - 1) / r;  // rounded up
   }
+  return v;
+}
+
+StateBytes layer_state_bytes(const Config& c, int l) {
+  StateBytes s;
+  int64_t entry = 0;  // bytes per compressed entry
+  for (const StateBuffer& b : layer_state_layout(c, l))
+    (b.per_entry ? entry : s.per_sequence) += (b.per_entry ? 1 : b.rows) * b.cols * 4;
+  const int64_t r = c.compress_ratio[l];
+  if (r > 0) s.per_token = (entry + r - 1) / r;  // rounded up
   return s;
 }
 
@@ -38,19 +49,9 @@ Model::Model(const Config& c, const ModelWeights& w, Backend& be, const StateLim
   };
   for (const LayerWeights& L : w.layers) {
     LayerState st;
-    st.window = alloc(S * c.sliding_window, dh);
-    if (L.ratio > 0) {
-      const int64_t k = c.compressor_overlap(L.index);
-      st.max_entries = lim.max_model_len / L.ratio + 1;
-      st.cmp = alloc(S * st.max_entries, dh);
-      st.cmp_buf = alloc(S * 2 * L.ratio, k * dh);
-      if (k == 2) st.cmp_prev = alloc(S * 2 * L.ratio, dh);
-      if (L.kind == AttnKind::kCSA) {
-        st.idx = alloc(S * st.max_entries, id);
-        st.idx_buf = alloc(S * 2 * L.ratio, 2 * id);
-        st.idx_prev = alloc(S * 2 * L.ratio, id);
-      }
-    }
+    if (L.ratio > 0) st.max_entries = lim.max_model_len / L.ratio + 1;
+    for (const StateBuffer& sb : layer_state_layout(c, L.index))
+      st.*sb.field = alloc(S * (sb.per_entry ? st.max_entries : sb.rows), sb.cols);
     state_.push_back(st);
   }
   state_bytes_ = bytes;

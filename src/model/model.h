@@ -25,6 +25,17 @@ struct StateLimits {
   bool mtp = false;
 };
 
+// One buffer of a layer's sequence state (fp32), for one sequence: `rows` x `cols`, or, when
+// `per_entry`, one row per compressed entry (one entry per `ratio` tokens, up to max_model_len).
+struct StateBuffer {
+  Tensor LayerState::*field;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  bool per_entry = false;
+};
+// The one description of a layer's state layout: the Model allocates it, the estimates sum it.
+std::vector<StateBuffer> layer_state_layout(const Config& c, int layer);
+
 // Per-layer bytes of sequence state: fixed per sequence and growing per token.
 struct StateBytes {
   int64_t per_sequence = 0;
