@@ -22,6 +22,18 @@ const char* attn_kind_name(AttnKind k) {
   return "?";
 }
 
+const char* attn_kind_abbrev(AttnKind k) {
+  switch (k) {
+    case AttnKind::kSliding:
+      return "SWA";
+    case AttnKind::kCSA:
+      return "CSA";
+    case AttnKind::kHCA:
+      return "HCA";
+  }
+  return "?";
+}
+
 const char* weight_format_name(WeightFormat f) {
   switch (f) {
     case WeightFormat::kFloat:
@@ -492,10 +504,7 @@ std::string describe_config(const Config& c) {
      << weight_format_name(c.expert_format) << "; mtp layers " << c.num_mtp_layers << "\n";
   os << "layers:";
   for (int l = 0; l < c.num_layers; ++l) {
-    os << " " << l << ":"
-       << (c.attn_kinds[l] == AttnKind::kSliding ? "SWA"
-           : c.attn_kinds[l] == AttnKind::kCSA   ? "CSA"
-                                                 : "HCA");
+    os << " " << l << ":" << attn_kind_abbrev(c.attn_kinds[l]);
     if (c.compress_ratio[l]) os << "/" << c.compress_ratio[l];
     os << (c.mlp_kinds[l] == MlpKind::kHashMoe ? "+hash" : "");
   }

@@ -22,6 +22,7 @@ enum class ConfigStyle { kHuggingFace, kUpstream };
 enum class WeightFormat { kFloat, kFP8, kFP4 };
 
 const char* attn_kind_name(AttnKind k);
+const char* attn_kind_abbrev(AttnKind k);  // SWA, CSA, HCA
 const char* weight_format_name(WeightFormat f);
 
 struct RopeParams {

@@ -375,22 +375,18 @@ int cmd_inspect(const std::vector<std::string>& args) {
   std::printf(
       "\nweight memory (as held: matrices in their stored format, small parameters fp32):\n");
   std::printf("  embedding                 %s\n", human(embed).c_str());
+  int64_t per_seq = 0, per_tok = 0;
   for (int l = 0; l < c.num_layers; ++l) {
     StateBytes sb = layer_state_bytes(c, l);
+    per_seq += sb.per_sequence;
+    per_tok += sb.per_token;
     std::printf("  layer %3d %-4s%-6s%s   state %s/seq + %" PRId64 " B/token\n", l,
-                c.attn_kinds[l] == AttnKind::kSliding ? "SWA"
-                : c.attn_kinds[l] == AttnKind::kCSA   ? "CSA"
-                                                      : "HCA",
+                attn_kind_abbrev(c.attn_kinds[l]),
                 c.mlp_kinds[l] == MlpKind::kHashMoe ? "+hash" : "", human(layer[l]).c_str(),
                 human(sb.per_sequence).c_str(), sb.per_token);
   }
   std::printf("  hc_head + norm + head     %s\n", human(head).c_str());
   std::printf("  total                     %s\n", human(total).c_str());
-  int64_t per_seq = 0, per_tok = 0;
-  for (int l = 0; l < c.num_layers; ++l) {
-    per_seq += layer_state_bytes(c, l).per_sequence;
-    per_tok += layer_state_bytes(c, l).per_token;
-  }
   const int64_t S = f.i64("max-num-seqs"), Lm = f.i64("max-model-len");
   std::printf("sequence state (fp32 reference layout): %s per sequence + %" PRId64
               " B per token; at --max-num-seqs %" PRId64 " and --max-model-len %" PRId64 ": %s\n",
