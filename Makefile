@@ -4,9 +4,12 @@
 BUILD ?= build
 JOBS ?= $(shell nproc)
 # Debian packages the build and the tests use.
-APT_PACKAGES := cmake ninja-build g++ make nlohmann-json3-dev libgtest-dev python3 openmpi-bin libopenmpi-dev procps clang-format
+APT_PACKAGES := cmake ninja-build g++ make nlohmann-json3-dev libgtest-dev python3 python3-venv openmpi-bin libopenmpi-dev procps clang-format
+# PyPI packages the tests use as oracles and clients (pinned in tests/requirements.txt), in a
+# virtual environment inside the build folder: nothing is installed into the system Python.
+VENV := $(BUILD)/venv
 
-.PHONY: all deps build demo test sanitize clean
+.PHONY: all deps pydeps build demo test sanitize clean
 
 all: build
 
@@ -19,20 +22,27 @@ deps:
 	  $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq $$missing; \
 	fi
 
+# Re-installs only when tests/requirements.txt changes.
+pydeps: $(VENV)/.installed
+$(VENV)/.installed: tests/requirements.txt | deps
+	python3 -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --disable-pip-version-check -r tests/requirements.txt
+	touch $@
+
 build: deps
-	cmake -S . -B $(BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release
+	cmake -S . -B $(BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release -DSP_TEST_PYTHON=$(abspath $(VENV))/bin/python
 	cmake --build $(BUILD) -j $(JOBS)
 
 demo: build
 	./$(BUILD)/seekpipe generate --model tests/data/tiny --prompt-ids 17,42,99,3,250 --max-tokens 24 --ignore-eos
 
-test: build
+test: build pydeps
 	cd $(BUILD) && ctest --output-on-failure -j $(JOBS) --timeout 1800
 
 # AddressSanitizer + UndefinedBehaviorSanitizer build; every test except the mpirun ones (OpenMPI's
 # own allocations would be reported as leaks).
-sanitize: deps
-	cmake -S . -B $(BUILD)-sanitize -G Ninja -DCMAKE_BUILD_TYPE=Debug \
+sanitize: deps pydeps
+	cmake -S . -B $(BUILD)-sanitize -G Ninja -DCMAKE_BUILD_TYPE=Debug -DSP_TEST_PYTHON=$(abspath $(VENV))/bin/python \
 	  -DCMAKE_CXX_FLAGS="-O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all"
 	cmake --build $(BUILD)-sanitize -j $(JOBS)
 	cd $(BUILD)-sanitize && ctest --output-on-failure -j $(JOBS) --timeout 1800 -E "mpi|pipeline_failure"

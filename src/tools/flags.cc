@@ -1,6 +1,7 @@
 #include "tools/flags.h"
 
 #include <cerrno>
+#include <cstdint>
 #include <cmath>
 #include <cstdlib>
 #include <sstream>
