@@ -1,8 +1,8 @@
 #include "tools/flags.h"
 
 #include <cerrno>
-#include <cstdint>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <sstream>
 
