@@ -61,6 +61,22 @@ def normalize_content(msgs):
     return out
 
 
+def resolve_options(opts):
+    """chat_template_kwargs folded into the plain options, as apply_chat_template_kwargs()."""
+    o = {k: v for k, v in opts.items() if k != "chat_template_kwargs"}
+    kw = opts.get("chat_template_kwargs") or {}
+    if "thinking" in kw or "enable_thinking" in kw:
+        o["thinking"] = bool(kw.get("thinking")) or bool(kw.get("enable_thinking"))
+    if "drop_thinking" in kw:
+        o["drop_thinking"] = kw["drop_thinking"]
+    if kw.get("reasoning_effort") is not None:
+        effort = kw["reasoning_effort"]
+        if effort == "none":
+            o["thinking"] = False
+        o["reasoning_effort"] = "max" if effort == "max" else ("high" if effort != "none" else None)
+    return o
+
+
 def reference_chat(messages, tools, opts):
     msgs = normalize_content(messages)
     if tools:
@@ -390,7 +406,7 @@ def main():
         goldens = json.load(f)
     for g in goldens:
         case = {k: g[k] for k in ("op", "messages", "tools", "context", "options") if k in g}
-        o = g.get("options", {})
+        o = resolve_options(g.get("options", {}))
         if g["op"] == "encode_chat":
             ref_prompt = reference_chat(g["messages"], g.get("tools"), o)
         else:
