@@ -1,5 +1,6 @@
 #include "text/chat_parse.h"
 
+#include <algorithm>
 #include <initializer_list>
 #include <random>
 #include <set>

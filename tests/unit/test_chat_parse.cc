@@ -2,6 +2,9 @@
 // one-shot parser at every split; parse(render(assistant message)) == the message.
 #include <gtest/gtest.h>
 
+#include <cmath>
+#include <iterator>
+#include <ostream>
 #include <random>
 #include <string>
 #include <vector>
