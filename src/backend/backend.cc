@@ -33,8 +33,7 @@ int32_t sample_logits_row(const SampleSpec& sp, const float* logits, int64_t voc
   const int64_t n = sp.top_k > 0 ? std::min<int64_t>(sp.top_k, vocab) : vocab;
   std::vector<double> p(n);
   double mx = logits[idx[0]], sum = 0;
-  for (int64_t i = 0; i < n; ++i)
-    sum += (p[i] = std::exp((logits[idx[i]] - mx) / sp.temperature));
+  for (int64_t i = 0; i < n; ++i) sum += (p[i] = std::exp((logits[idx[i]] - mx) / sp.temperature));
   double cum = 0;
   int64_t keep = n;
   for (int64_t i = 0; i < n; ++i) {
@@ -54,13 +53,15 @@ int32_t sample_logits_row(const SampleSpec& sp, const float* logits, int64_t voc
   return idx[keep - 1];
 }
 
-
 #ifndef SP_HAVE_CUDA
 bool cuda_backend_built() {
   return false;
 }
 bool cuda_device_available() {
   return false;
+}
+Status cuda_memory_info(int, int64_t*, int64_t*) {
+  return Status::error("this seekpipe was built without the CUDA backend");
 }
 Result<std::unique_ptr<Backend>> make_cuda_backend(int) {
   return Status::error(

@@ -270,6 +270,8 @@ std::unique_ptr<Backend> make_cpu_backend(int num_threads,
 // Whether this build has the CUDA backend, and whether a usable GPU is present.
 bool cuda_backend_built();
 bool cuda_device_available();
+// Free and total bytes of GPU `device` (an error if not built or no such GPU).
+Status cuda_memory_info(int device, int64_t* free_bytes, int64_t* total_bytes);
 // The CUDA backend on device `device` (an error if not built or no such GPU).
 Result<std::unique_ptr<Backend>> make_cuda_backend(int device);
 

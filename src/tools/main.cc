@@ -28,6 +28,7 @@ constexpr const char* kUsage =
     "  generate   prefill prompts given as token ids and decode new tokens\n"
     "  verify     check the model against a golden file (prefill/decode logits, hidden states)\n"
     "  inspect    print the parsed config, the tensor table and the memory each part needs\n"
+    "  golden     write a golden file (greedy tokens, every position's logits) from this engine\n"
     "run 'seekpipe COMMAND --help' for the flags of a command\n";
 
 // FNV-1a over the bits of every logit, in request and position order.
@@ -161,6 +162,79 @@ int cmd_generate(const std::vector<std::string>& args) {
     print_pipeline_summary(reports);
     if (Status st = maybe_write_trace(f, reports); !st) return fail(st);
     std::printf("logits_hash=%016" PRIx64 "\n", hash.h);
+    return 0;
+  };
+  return run_job(f, job);
+}
+
+// Writes a golden file from this engine's own greedy run (every position's logits): the reference
+// for checking another backend on the same weights, e.g. the CPU backend's output for a dummy
+// full-width model that no Python reference can run.
+int cmd_golden(const std::vector<std::string>& args) {
+  auto specs = common_flags();
+  for (auto& p : pipeline_flags()) specs.push_back(p);
+  specs.push_back({"prompt-ids",
+                   FlagKind::kIntList,
+                   "",
+                   "prompt as comma-separated token ids; repeat for several prompts (required)",
+                   -1e300,
+                   1e300,
+                   {},
+                   true});
+  specs.push_back({"max-tokens", FlagKind::kInt, "8", "greedy tokens per prompt", 1, 1 << 20});
+  specs.push_back({"out", FlagKind::kString, "", "golden file to write (required)"});
+  Flags f(specs);
+  if (wants_help(args)) {
+    std::printf("usage: seekpipe golden --model DIR --prompt-ids 1,2,3 --out FILE [flags]\n%s",
+                f.help().c_str());
+    return 0;
+  }
+  if (Status st = f.parse(args); !st) return fail(st);
+  if (!f.given("prompt-ids") || !f.given("out"))
+    return fail(Status::error("--prompt-ids and --out are required"));
+  auto cfg = read_config(f);
+  if (!cfg) return fail(cfg.status());
+  const auto prompts = f.int_lists("prompt-ids");
+  const int64_t V = cfg->vocab_size, G = f.i64("max-tokens");
+  std::vector<GoldenRecord> rec(prompts.size());
+  Job job;
+  job.max_logit_rows = static_cast<int>(f.i64("max-num-batched-tokens"));
+  job.add_requests = [&](Scheduler& sched) -> Status {
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      Request r;
+      r.id = static_cast<int64_t>(i);
+      r.prompt = prompts[i];
+      r.max_new_tokens = static_cast<int>(G);
+      r.sampling.ignore_eos = true;
+      r.all_logits = true;
+      SP_RETURN_IF_ERROR(sched.add(std::move(r)));
+    }
+    return Status::ok();
+  };
+  job.hooks = [&](const StageEnv& env) {
+    StageHooks h;
+    if (env.topo.is_last(env.stage)) {
+      for (size_t i = 0; i < prompts.size(); ++i) {
+        rec[i].ids = prompts[i];
+        rec[i].prefill.assign(prompts[i].size() * V, 0.0f);
+        rec[i].decode.assign(G * V, 0.0f);
+      }
+      h.on_logits = [&](int64_t req, int64_t pos, const float* l) {
+        GoldenRecord& g = rec[req];
+        const int64_t L = static_cast<int64_t>(g.ids.size());
+        if (pos < L) std::memcpy(&g.prefill[pos * V], l, V * sizeof(float));
+        if (pos >= L - 1 && pos - (L - 1) < G)
+          std::memcpy(&g.decode[(pos - (L - 1)) * V], l, V * sizeof(float));
+      };
+      h.on_sampled = [&](const Sampled& t) { rec[t.request].greedy.push_back(t.token); };
+    }
+    return h;
+  };
+  job.finish = [&](const StageEnv& env, const std::vector<StageReport>&) -> int {
+    if (!env.topo.is_last(env.stage)) return 0;
+    if (Status st = write_golden(f.str("out"), rec, V); !st) return fail(st);
+    std::printf("golden written to %s (%zu prompts, %" PRId64 " greedy tokens each)\n",
+                f.str("out").c_str(), rec.size(), G);
     return 0;
   };
   return run_job(f, job);
@@ -451,6 +525,7 @@ int main(int argc, char** argv) {
   args.erase(args.begin());
   if (cmd == "generate") return sp::cmd_generate(args);
   if (cmd == "verify") return sp::cmd_verify(args);
+  if (cmd == "golden") return sp::cmd_golden(args);
   if (cmd == "inspect") return sp::cmd_inspect(args);
   std::fprintf(stderr, "error: unknown command '%s'; expected generate, verify or inspect\n%s",
                cmd.c_str(), sp::kUsage);

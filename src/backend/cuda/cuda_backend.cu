@@ -337,6 +337,23 @@ bool cuda_device_available() {
   return n > 0;
 }
 
+Status cuda_memory_info(int device, int64_t* free_bytes, int64_t* total_bytes) {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess || device < 0 || device >= n) {
+    cudaGetLastError();
+    return Status::error(str("no CUDA GPU ", device));
+  }
+  int prev = 0;
+  SP_CUDA(cudaGetDevice(&prev));
+  SP_CUDA(cudaSetDevice(device));
+  size_t f = 0, t = 0;
+  SP_CUDA(cudaMemGetInfo(&f, &t));
+  SP_CUDA(cudaSetDevice(prev));
+  *free_bytes = static_cast<int64_t>(f);
+  *total_bytes = static_cast<int64_t>(t);
+  return Status::ok();
+}
+
 Result<std::unique_ptr<Backend>> make_cuda_backend(int device) {
   int n = 0;
   if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
