@@ -273,6 +273,7 @@ bool cuda_device_available();
 // Free and total bytes of GPU `device` (an error if not built or no such GPU).
 Status cuda_memory_info(int device, int64_t* free_bytes, int64_t* total_bytes);
 // The CUDA backend on device `device` (an error if not built or no such GPU).
-Result<std::unique_ptr<Backend>> make_cuda_backend(int device);
+// `kv_dtype`: storage of the window rings and compressed entries (bf16; fp32 for diagnosis).
+Result<std::unique_ptr<Backend>> make_cuda_backend(int device, DType kv_dtype = DType::kBF16);
 
 }  // namespace sp

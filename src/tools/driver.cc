@@ -41,6 +41,14 @@ std::vector<FlagSpec> common_flags() {
       {"override-config", FlagKind::kString, "",
        "JSON object merged into config.json before it is checked (as vLLM's --hf-overrides); "
        "a smaller num_hidden_layers keeps the first N layers' kinds"},
+      {"kv-cache-dtype",
+       FlagKind::kString,
+       "auto",
+       "storage of the attention state (window rings, compressed entries, indexer keys): auto "
+       "(fp32 on cpu, bf16 on cuda), bf16, fp32 (cuda: for diagnosis), fp8 (not supported yet)",
+       -1e300,
+       1e300,
+       {"auto", "bf16", "fp32", "fp8"}},
       {"device",
        FlagKind::kString,
        "auto",
@@ -228,7 +236,7 @@ std::string fingerprint(const Flags& f, const Config& c, const Topology& t) {
              ";max-num-seqs=", f.i64("max-num-seqs"),
              ";max-num-batched-tokens=", f.i64("max-num-batched-tokens"),
              ";max-model-len=", f.i64("max-model-len"), ";micro-batches=", f.i64("micro-batches"),
-             ";device=", f.str("device"));
+             ";device=", f.str("device"), ";kv-cache-dtype=", f.str("kv-cache-dtype"));
 }
 
 // The fields two fingerprints disagree on, as "name: a vs b".
@@ -345,7 +353,8 @@ std::unique_ptr<Backend> make_stage_backend(const Flags& f, const Topology& topo
   auto device = resolve_device(f);
   if (!device) tr.fail(device.status().message(), 2);
   if (*device == "cpu") return make_cpu_backend(threads_per_stage(f, topo));
-  auto be = make_cuda_backend(local_gpu(topo));
+  const std::string kv = f.str("kv-cache-dtype");
+  auto be = make_cuda_backend(local_gpu(topo), kv == "fp32" ? DType::kF32 : DType::kBF16);
   if (!be) tr.fail(str("stage ", topo.rank, ": ", be.status().message()), 2);
   return std::move(*be);
 }
@@ -416,7 +425,17 @@ int run_job(const Flags& f, const Job& job) {
   auto cfg = read_config(f);
   if (!cfg) return fail(cfg.status());
   const Config& c = *cfg;
-  if (auto dev = resolve_device(f); !dev) return fail(dev.status());
+  auto dev = resolve_device(f);
+  if (!dev) return fail(dev.status());
+  const std::string kv = f.str("kv-cache-dtype");
+  if (kv == "fp8")
+    return fail(
+        Status::error("--kv-cache-dtype fp8: not supported yet (bf16 is the GPU default); "
+                      "use auto or bf16"));
+  if (*dev == "cpu" && kv != "auto" && kv != "fp32")
+    return fail(Status::error(str("--kv-cache-dtype ", kv,
+                                  ": the CPU backend keeps its state in fp32 (it is the exact "
+                                  "reference); use auto or --device cuda")));
   auto fault = parse_fault(f.str("fault-inject"));
   if (!fault) return fail(fault.status());
   if (f.given("trace") && !std::ofstream(f.str("trace")))  // fail now, not after the run

@@ -19,6 +19,8 @@ expect_error 2 "--device: expected one of auto, cpu, cuda" -- "$bin" generate --
 if ! nvidia-smi -L >/dev/null 2>&1; then
   expect_error 2 "--device cuda: (this seekpipe was built without|no usable CUDA GPU)" -- "$bin" generate --device cuda --model "$data/tiny" --prompt-ids 1
 fi
+expect_error 2 "--kv-cache-dtype fp8: not supported yet" -- "$bin" generate --device cpu --model "$data/tiny" --prompt-ids 1 --kv-cache-dtype fp8
+expect_error 2 "--kv-cache-dtype bf16: the CPU backend keeps its state in fp32" -- "$bin" generate --device cpu --model "$data/tiny" --prompt-ids 1 --kv-cache-dtype bf16
 # A verify that misses the tolerance fails with exit 1.
 expect_error 1 "" -- "$bin" verify --device cpu --model "$data/tiny" --golden "$data/tiny/golden.safetensors" --atol 1e-9
 "$bin" generate --device cpu --help | grep -q -- "--max-num-batched-tokens" || fail "--help lacks flags"

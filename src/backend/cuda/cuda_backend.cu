@@ -51,7 +51,7 @@ size_t align16(size_t n) {
 
 class CudaBackend final : public Backend {
  public:
-  explicit CudaBackend(int device) : device_(device) {
+  CudaBackend(int device, DType kv_dtype) : device_(device), state_dtype_(kv_dtype) {
     SP_CUDA(cudaSetDevice(device));
     SP_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     ws_ = std::make_unique<Workspace>(stream_);
@@ -304,10 +304,10 @@ class CudaBackend final : public Backend {
   }
 
   int device_;
+  DType state_dtype_;
   cudaStream_t stream_ = nullptr;
   std::unique_ptr<Workspace> ws_;
   BackendLimits lim_;
-  DType state_dtype_ = DType::kBF16;
   std::vector<void*> allocs_, pinned_;
   void* meta_host_[2] = {nullptr, nullptr};
   cudaEvent_t meta_ready_[2];
@@ -354,7 +354,7 @@ Status cuda_memory_info(int device, int64_t* free_bytes, int64_t* total_bytes) {
   return Status::ok();
 }
 
-Result<std::unique_ptr<Backend>> make_cuda_backend(int device) {
+Result<std::unique_ptr<Backend>> make_cuda_backend(int device, DType kv_dtype) {
   int n = 0;
   if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
     cudaGetLastError();
@@ -369,7 +369,8 @@ Result<std::unique_ptr<Backend>> make_cuda_backend(int device) {
     return Status::error(str("--device cuda: GPU ", device, " is ", prop.name, " (compute ",
                              prop.major, ".", prop.minor,
                              "); this build targets Hopper (sm_90a) only"));
-  return std::unique_ptr<Backend>(std::make_unique<CudaBackend>(device));
+  SP_CHECK(kv_dtype == DType::kBF16 || kv_dtype == DType::kF32, "kv dtype");
+  return std::unique_ptr<Backend>(std::make_unique<CudaBackend>(device, kv_dtype));
 }
 
 }  // namespace sp
