@@ -76,15 +76,15 @@ class Workspace {
 void check_cuda(cudaError_t e, const char* what, const char* file, int line);
 #define SP_CUDA(call) ::sp::cuda::check_cuda((call), #call, __FILE__, __LINE__)
 // After a launch: checks the launch itself (not a sync).
-#define SP_CUDA_LAUNCH() ::sp::cuda::check_cuda(cudaGetLastError(), "kernel launch", __FILE__, __LINE__)
+#define SP_CUDA_LAUNCH() \
+  ::sp::cuda::check_cuda(cudaGetLastError(), "kernel launch", __FILE__, __LINE__)
 
 // ---- gemm.cu: projections --------------------------------------------------------------------
 // y = x W^T. x: [M, K] f32 or bf16, y: [M, N] f32 or bf16; fp32 accumulation.
 void linear(cudaStream_t s, Workspace& ws, Tensor x, const Matrix& w, Tensor y);
 // Block-diagonal grouped projection: y[:, g*N/G:(g+1)*N/G] = x[:, g*K:(g+1)*K] W_g^T with W viewed
 // [G, N/G, K] (w.out = N, w.in = K = x.cols / G).
-void grouped_linear(cudaStream_t s, Workspace& ws, Tensor x, const Matrix& w, int groups,
-                    Tensor y);
+void grouped_linear(cudaStream_t s, Workspace& ws, Tensor x, const Matrix& w, int groups, Tensor y);
 // out[t] = table[token_ids[t]] (exact decode, then stored in out's dtype).
 void embed(cudaStream_t s, const Matrix& table, const DevBatch& b, Tensor out);
 
