@@ -1,8 +1,8 @@
 #include "tools/flags.h"
 
 #include <cerrno>
-#include <cstdint>
 #include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <sstream>
 
@@ -159,6 +159,11 @@ std::vector<std::vector<int32_t>> Flags::int_lists(const std::string& name) cons
   if (it == values_.end()) return out;
   for (auto& v : it->second) out.push_back(parse_int_list(name, v).value());
   return out;
+}
+
+std::vector<std::string> Flags::strings(const std::string& name) const {
+  auto it = values_.find(name);
+  return it == values_.end() ? std::vector<std::string>{} : it->second;
 }
 
 std::string Flags::help() const {
