@@ -281,7 +281,7 @@ int cmd_score(const std::vector<std::string>& args) {
                 through);
     std::printf("%" PRId64 " steps, %.3f s, %.1f tokens/s\n", reports.back().steps, wall,
                 static_cast<double>(through) / std::max(wall, 1e-9));
-    std::printf("loss %.6f  perplexity %.4f  top1 %.6f\n", loss, std::exp(loss),
+    std::printf("loss %.8f  perplexity %.6f  top1 %.8f\n", loss, std::exp(loss),
                 static_cast<double>(correct) / static_cast<double>(count));
     if (f.given("trace")) {
       if (Status st = write_chrome_trace(f.str("trace"), reports); !st) return fail(st);
