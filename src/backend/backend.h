@@ -1,10 +1,21 @@
-// The DeepSeek-V4 op set. The forward pass (model/forward.cc) is written once against this
+// The DeepSeek-V4 op set. The forward pass (model/model.cc) is written once against this
 // interface; the CPU backend is the numerical oracle, later backends must match it.
 //
-// Activations are row-major fp32 matrices (Tensor); a row is a token unless said otherwise.
-// Per-sequence state (window ring, compressed entries, indexer keys, compressor windows) lives in
-// backend memory (StateTensors) addressed by a sequence slot. Host-side step metadata (positions,
-// token ids, which tokens belong to which sequence) travels in a BatchView.
+// Memory: every Tensor an op takes lives where the backend keeps it (host for the CPU backend,
+// device memory for a GPU backend). The backend is given, once at start-up, its sizing (`reserve`)
+// and the weights (`upload`), and allocates the sequence state itself (`alloc_state`). Each step's
+// host metadata (BatchView) is handed over once (`begin_step`) before the step's first op, so a GPU
+// backend copies it to the device in one transfer and later ops read the device copy. Only sampled
+// token ids come back to the host (`sample`), plus logits when a caller asks for them.
+//
+// Activations use the backend's activation dtype (`act_dtype`: fp32 on the CPU, bf16 on a GPU);
+// the tensors the spec keeps in fp32 (mHC post/comb, indexer weights, compressor inputs, logits)
+// are allocated fp32 by the model whatever the backend.
+//
+// Sequence state: the window ring and the compressors' partial windows are per sequence slot;
+// compressed entries and indexer keys grow with the sequence and live in a pool of fixed-size
+// blocks of `block_tokens` positions, addressed through each chunk's block table (the slot's own
+// blocks today; a paging block manager hands out blocks freely).
 #pragma once
 
 #include <cstdint>
@@ -12,57 +23,126 @@
 #include <string>
 #include <vector>
 
-#include "model/weights.h"
+#include "core/kinds.h"
+#include "core/matrix.h"
+#include "core/status.h"
+#include "core/tensor.h"
 
 namespace sp {
 
-struct Tensor {
-  float* data = nullptr;
-  int64_t rows = 0, cols = 0;
-  float* row(int64_t r) const { return data + r * cols; }
-  Tensor slice_rows(int64_t begin, int64_t n) const { return {data + begin * cols, n, cols}; }
-};
-
 // One sequence's tokens inside a step: batch rows [offset, offset + n_tokens) at positions
-// [start_pos, start_pos + n_tokens) of the sequence in state slot `slot`.
+// [start_pos, start_pos + n_tokens) of the sequence in state slot `slot`. Its compressed entries
+// live in the blocks BatchView::block_tables[block_table, block_table + num_blocks).
 struct SeqChunk {
-  int slot = 0;
+  int32_t slot = 0;
+  int32_t n_tokens = 0;
   int64_t start_pos = 0;
-  int n_tokens = 0;
-  int offset = 0;
+  int32_t offset = 0;
+  int32_t block_table = 0;  // offset into BatchView::block_tables
+  int32_t num_blocks = 0;   // blocks covering positions [0, start_pos + n_tokens)
+  int32_t pad_ = 0;
 };
 
 // Host metadata of one step; every pipeline stage has it (token ids too: hash-MoE routes by them).
 struct BatchView {
   int num_tokens = 0;
-  std::vector<int32_t> token_ids;  // [num_tokens]
-  std::vector<int32_t> positions;  // [num_tokens]
-  std::vector<int32_t> chunk_of;   // [num_tokens] index into chunks
-  std::vector<SeqChunk> chunks;
+  std::vector<int32_t> token_ids;     // [num_tokens]
+  std::vector<int32_t> positions;     // [num_tokens]
+  std::vector<int32_t> chunk_of;      // [num_tokens] index into chunks
+  std::vector<SeqChunk> chunks;       //
+  std::vector<int32_t> block_tables;  // every chunk's block ids, concatenated
+  std::vector<int32_t> logit_rows;    // batch rows whose logits the head computes
 };
 
-// cos/sin per position for the rotated trailing dims (interleaved pairs).
-struct RopeTable {
-  std::vector<float> inv_freq;  // [rope_dim / 2]
+// Where compressed entry `w` (0-based, one per `ratio` positions) of a chunk's sequence lives in a
+// per-entry pool of `block_tokens / ratio` rows per block.
+inline int64_t entry_row(const BatchView& b, const SeqChunk& ch, int64_t w, int ratio,
+                         int block_tokens) {
+  const int64_t per_block = block_tokens / ratio;
+  return static_cast<int64_t>(b.block_tables[ch.block_table + w / per_block]) * per_block +
+         w % per_block;
+}
+
+// Rotary frequencies for the rotated trailing dims (interleaved pairs).
+struct RopeView {
+  Tensor inv_freq;  // [1, rope_dim / 2] f32
   int rope_dim = 0;
-  static RopeTable build(const RopeParams& p, int rope_dim);
 };
 
-// One attention layer's per-sequence state, [slots, ...] each.
+// mHC mixing parameters (f32).
+struct HcWeights {
+  Tensor fn;     // [mix, hc_mult * hidden] (mix = (2 + hc) * hc; hc for hc_head)
+  Tensor base;   // [1, mix]
+  Tensor scale;  // [1, 3] (hc_head: [1, 1])
+};
+
+struct CompressorView {
+  Matrix wkv, wgate;  // [k * d, hidden]
+  Tensor ape;         // [ratio, k * d] f32
+  Tensor norm;        // [1, d] f32
+};
+
+struct MoeWeights {
+  MlpKind kind = MlpKind::kMoe;
+  Matrix gate;       // [experts, hidden]
+  Tensor gate_bias;  // [1, experts] f32 (learned routing)
+  Tensor tid2eid;    // [vocab, top_k] i32 (hash routing)
+  std::vector<Matrix> w1, w2,
+      w3;                // routed experts: [inter, hidden], [hidden, inter], [inter, hidden]
+  Matrix sw1, sw2, sw3;  // shared expert
+  Tensor table;          // backend-private (a GPU backend's per-expert pointer table)
+};
+
+// One layer's weights as the backend sees them.
+struct LayerView {
+  int index = -1;
+  AttnKind kind = AttnKind::kSliding;
+  int ratio = 0;
+  Tensor attn_norm, ffn_norm;  // [1, hidden] f32
+  HcWeights hc_attn, hc_ffn;
+  Matrix wq_a, wq_b, wkv, wo_a, wo_b;
+  Tensor q_norm;                      // [1, q_lora] f32
+  Tensor kv_norm;                     // [1, head_dim] f32
+  Tensor attn_sink;                   // [1, heads] f32
+  CompressorView compressor;          // ratio > 0
+  Matrix idx_wq_b, idx_weights_proj;  // CSA
+  CompressorView idx_compressor;      // CSA
+  MoeWeights moe;
+};
+
+// One attention layer's per-sequence state.
 struct LayerState {
-  Tensor window;    // [slots * W, head_dim]       ring: position p at row slot*W + p % W
-  Tensor cmp;       // [slots * max_entries, head_dim] compressed entries (ratio > 0)
+  Tensor window;    // [slots * W, head_dim]        ring: position p at row slot*W + p % W
+  Tensor cmp;       // [pool rows, head_dim]         compressed entries (ratio > 0), see entry_row
   Tensor cmp_buf;   // [slots * 2 * ratio, k * head_dim] compressor: rows [0, ratio) pending window
                     // values, rows [ratio, 2 ratio) their gates (ape included)
   Tensor cmp_prev;  // [slots * 2 * ratio, head_dim] CSA: previous window's A-halves (values, gates)
-  Tensor idx;       // [slots * max_entries, index_head_dim] indexer keys (CSA)
+  Tensor idx;       // [pool rows, index_head_dim]   indexer keys (CSA), see entry_row
   Tensor idx_buf, idx_prev;  // the indexer compressor's windows, as above at index_head_dim
-  int64_t max_entries = 0;
+};
+
+// What each buffer of a LayerState holds, so a backend can choose its storage dtype.
+enum class StateKind { kWindow, kEntries, kCompressorBuf };
+// One buffer of a layer's state: `rows` x `cols` (already multiplied out for every slot / block).
+struct StateAlloc {
+  Tensor LayerState::*field;
+  int64_t rows = 0, cols = 0;
+  StateKind kind = StateKind::kWindow;
+};
+
+// Start-up sizing: the most of everything a step can hold.
+struct BackendLimits {
+  int max_tokens = 0;      // tokens per step
+  int max_seqs = 0;        // chunks per step (sequence slots)
+  int max_logit_rows = 0;  // head rows per step
+  int max_blocks = 0;      // block-table entries per step
+  int64_t vocab = 0;
+  int block_tokens = 0;  // positions per state block
 };
 
 struct CompressorArgs {
-  const CompressorWeights* w;
-  const RopeTable* rope;
+  const CompressorView* w;
+  const RopeView* rope;
   int ratio, overlap, dim;  // overlap k: 2 for CSA, 1 for HCA; dim: entry width
   float eps;
 };
@@ -71,76 +151,122 @@ struct AttentionArgs {
   int num_heads, head_dim, window, ratio;  // ratio 0: sliding only
   AttnKind kind;
   float scale;
-  const float* sink;  // [num_heads]
+  const Tensor* sink;  // [1, num_heads] f32
 };
 
 struct MoeArgs {
-  const LayerWeights* w;
+  const MoeWeights* w;
   int experts_per_tok;
   float routed_scale, swiglu_limit;
 };
+
+// How one logit row picks its token. Randomness is counter-based: the uniform draw is a function of
+// (seed, stream, counter) only, so a request samples the same token wherever and in whatever batch
+// it runs (the serving layer gives each of a request's n choices its own stream).
+struct SampleSpec {
+  int32_t row = 0;           // logit row
+  float temperature = 0.0f;  // 0: greedy (ties to the lower id)
+  int32_t top_k = 0;         // 0: all
+  float top_p = 1.0f;
+  uint64_t seed = 0;
+  uint64_t stream = 0;
+  int64_t counter = 0;  // the position of the token being chosen
+};
+
+// Uniform in [0, 1) from a seed, a stream and a counter (splitmix64 finaliser; 53-bit mantissa).
+double counter_uniform(uint64_t seed, uint64_t stream, int64_t counter);
 
 class Backend {
  public:
   virtual ~Backend() = default;
   virtual std::string name() const = 0;
   virtual int num_threads() const = 0;
-  // Zero-initialised storage owned by the backend, alive until the backend is destroyed.
-  virtual Tensor alloc(int64_t rows, int64_t cols) = 0;
+  virtual Device device() const = 0;
+  // Dtype of activations (hidden states, projections, the stage-boundary residual).
+  virtual DType act_dtype() const = 0;
+
+  // Sizes the backend's own scratch for the largest step. Called once before any op.
+  virtual void reserve(const BackendLimits& lim) = 0;
+  // Storage owned by the backend, alive until it is destroyed. Zero-initialised.
+  virtual Tensor alloc(int64_t rows, int64_t cols, DType dtype) = 0;
+  // A layer's sequence state (the backend picks each buffer's storage). Zero-initialised.
+  virtual LayerState alloc_state(const std::vector<StateAlloc>& layout) = 0;
+  // Weights, once at start-up: returns the backend's view (the CPU backend keeps the host bytes).
+  virtual Matrix upload(const Matrix& host) = 0;
+  // A small f32 / i32 host tensor (norm weights, mHC, sinks, tables) into backend memory.
+  virtual Tensor upload(const Tensor& host) = 0;
+  // After the experts of a layer were uploaded: build whatever the MoE op needs (moe.table).
+  virtual void prepare_moe(MoeWeights& moe) = 0;
+
+  // The step's metadata; every op until the next begin_step reads it (from the backend's copy).
+  virtual void begin_step(const BatchView& b) = 0;
 
   // out[t] = table[ids[t]]  (exact upcast)            out: [T, hidden]
-  virtual void embed(const Linear& table, const BatchView& b, Tensor out) = 0;
+  virtual void embed(const Matrix& table, const BatchView& b, Tensor out) = 0;
   // X[t, j, :] = e[t, :] for every stream j          e: [T, D]  X: [T, hc * D]
   virtual void expand_streams(Tensor e, int hc, Tensor X) = 0;
-  // y = x W^T, fp32 accumulate in a fixed order       x: [M, K]  y: [M, N]
-  virtual void linear(Tensor x, const Linear& w, Tensor y) = 0;
+  // y = x W^T, fp32 accumulate                         x: [M, K]  y: [M, N]
+  virtual void linear(Tensor x, const Matrix& w, Tensor y) = 0;
   // Block-diagonal grouped projection: y[:, g] = x[:, g] W_g^T with W viewed [G, N/G, K/G]
-  virtual void grouped_linear(Tensor x, const Linear& w, int groups, Tensor y) = 0;
-  // RMS norm over each group of `group` columns; weight [group] or null (unweighted). In place OK.
-  virtual void rms_norm(Tensor x, const float* weight, int group, float eps, Tensor y) = 0;
+  virtual void grouped_linear(Tensor x, const Matrix& w, int groups, Tensor y) = 0;
+  // RMS norm over each group of `group` columns; weight [1, group] f32 or null (unweighted). In
+  // place OK.
+  virtual void rms_norm(Tensor x, const Tensor* weight, int group, float eps, Tensor y) = 0;
   // Rotates the trailing rope dims of each `head_dim` group at the row's position (inverse:
   // -theta).
-  virtual void rope(Tensor x, int head_dim, const RopeTable& t, const BatchView& b,
+  virtual void rope(Tensor x, int head_dim, const RopeView& r, const BatchView& b,
                     bool inverse) = 0;
-  // mHC: collapse before a sublayer. X: [T, hc*D] -> x: [T, D], post: [T, hc], comb: [T, hc*hc]
-  virtual void hc_pre(Tensor X, const HcParams& p, int hc, int sinkhorn_iters, float hc_eps,
+  // mHC: collapse before a sublayer. X: [T, hc*D] -> x: [T, D], post: [T, hc] f32, comb: [T, hc*hc]
+  // f32
+  virtual void hc_pre(Tensor X, const HcWeights& p, int hc, int sinkhorn_iters, float hc_eps,
                       float norm_eps, Tensor x, Tensor post, Tensor comb) = 0;
   // mHC: expand after a sublayer. X[k] = post_k f + sum_j comb[j,k] X[j] (in place on X)
   virtual void hc_post(Tensor f, Tensor post, Tensor comb, int hc, Tensor X) = 0;
   // Final collapse: h = sum_j (sigmoid(mix_j scale + base_j) + eps) X[j]     h: [T, D]
-  virtual void hc_head(Tensor X, const HcParams& p, int hc, float hc_eps, float norm_eps,
+  virtual void hc_head(Tensor X, const HcWeights& p, int hc, float hc_eps, float norm_eps,
                        Tensor h) = 0;
-  // Compressor: feeds projected values a and gates g ([T, k*dim]) of every chunk's tokens into
-  // the slot's window state and appends an entry (norm + rope at the window's first position)
-  // to `cache` for every window that completes. buf/prev: the slot's compressor state.
+  // Compressor: feeds projected values a and gates g ([T, k*dim] f32) of every chunk's tokens into
+  // the slot's window state and writes an entry (norm + rope at the window's first position) to
+  // `cache` (a per-entry pool, see entry_row) for every window that completes.
   virtual void compress(Tensor a, Tensor g, const CompressorArgs& args, const BatchView& b,
-                        Tensor buf, Tensor prev, Tensor cache, int64_t max_entries) = 0;
+                        Tensor buf, Tensor prev, Tensor cache) = 0;
   // Lightning indexer: for each token the top-k visible compressed entries by
   // sum_h relu(q_h . k_w) * scale_q * weights_h, ties to the lower index; sorted ascending,
-  // padded with -1.    q: [T, ih*id]  weights: [T, ih]  out: [T, topk] (int32 stored in floats'
-  // bits)
+  // padded with -1.    q: [T, ih*id]  weights: [T, ih] f32  keys: the pool  out: [T, topk] i32
   virtual void indexer_topk(Tensor q, Tensor weights, int heads, int dim, int ratio, int topk,
-                            const BatchView& b, Tensor keys, int64_t max_entries,
-                            std::vector<int32_t>& out) = 0;
+                            const BatchView& b, Tensor keys, Tensor out) = 0;
   // Attention with sink over the window (ring + this step's kv rows) and compressed entries
-  // (HCA: all visible; CSA: `selected`).   q: [T, H*dh]  kv: [T, dh]  o: [T, H*dh]
+  // (HCA: all visible; CSA: `selected` [T, topk] i32, -1 padded).
+  // q: [T, H*dh]  kv: [T, dh]  o: [T, H*dh]
   virtual void attention(Tensor q, Tensor kv, const AttentionArgs& args, const BatchView& b,
-                         const LayerState& st, const std::vector<int32_t>* selected, int topk,
-                         Tensor o) = 0;
+                         const LayerState& st, const Tensor* selected, Tensor o) = 0;
   // Writes this step's kv rows into the slots' window rings (after attention read them).
   virtual void window_update(Tensor kv, int window, const BatchView& b, Tensor ring) = 0;
   // Routed + shared experts.   x: [T, D] -> y: [T, D]
   virtual void moe(Tensor x, const MoeArgs& args, const BatchView& b, Tensor y) = 0;
-  // out[i] = x[rows[i]]
-  virtual void gather_rows(Tensor x, const std::vector<int32_t>& rows, Tensor out) = 0;
-  // Host copies (transports and tests); no-ops on the CPU backend beyond memcpy.
-  virtual void to_host(Tensor src, float* dst) = 0;
-  virtual void from_host(const float* src, Tensor dst) = 0;
+  // out[i] = x[b.logit_rows[i]]
+  virtual void gather_logit_rows(Tensor x, const BatchView& b, Tensor out) = 0;
+  // dst = src (same shape and dtype).
+  virtual void copy(Tensor src, Tensor dst) = 0;
+  // One token id per spec from the f32 logits [rows, vocab]; `ids` is host memory. The only
+  // device-to-host transfer of a decode step.
+  virtual void sample(Tensor logits, const std::vector<SampleSpec>& specs, int32_t* ids) = 0;
+  // Host copies of whole tensors in their own dtype (transports, logits for callers, tests).
+  virtual void to_host(Tensor src, void* dst) = 0;
+  virtual void from_host(const void* src, Tensor dst) = 0;
+  // Waits for all work queued so far (no-op on the CPU).
+  virtual void synchronize() = 0;
 };
 
 // min_work_per_thread: the least work (multiply-adds) worth handing to another thread; tests set 1
 // to split every op.
 std::unique_ptr<Backend> make_cpu_backend(int num_threads,
                                           int64_t min_work_per_thread = int64_t{1} << 16);
+
+// Whether this build has the CUDA backend, and whether a usable GPU is present.
+bool cuda_backend_built();
+bool cuda_device_available();
+// The CUDA backend on device `device` (an error if not built or no such GPU).
+Result<std::unique_ptr<Backend>> make_cuda_backend(int device);
 
 }  // namespace sp

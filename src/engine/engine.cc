@@ -7,24 +7,34 @@
 namespace sp {
 
 std::vector<Sampled> finish_step_on_head(Model& model, const StepPlan& plan, Tensor X,
-                                         Sampler& sampler, std::vector<float>& host_logits,
+                                         std::vector<float>& host_logits,
                                          const LogitsFn& on_logits) {
   std::vector<Sampled> out;
-  if (plan.logit_rows.empty()) return out;
+  if (plan.batch.logit_rows.empty()) return out;
   const int64_t V = model.config().vocab_size;
-  Tensor logits = model.head(X, plan.logit_rows);
-  host_logits.resize(static_cast<size_t>(logits.rows * logits.cols));
-  model.backend().to_host(logits, host_logits.data());
-  if (on_logits)
-    for (size_t i = 0; i < plan.logit_rows.size(); ++i)
+  Tensor logits = model.head(plan.batch, X);
+  if (!plan.samples.empty()) {
+    std::vector<int32_t> ids(plan.samples.size());
+    model.backend().sample(logits, sample_specs(plan), ids.data());
+    for (size_t i = 0; i < ids.size(); ++i) out.push_back({plan.samples[i].request, ids[i]});
+  }
+  if (on_logits) {
+    host_logits.resize(static_cast<size_t>(logits.rows * logits.cols));
+    model.backend().to_host(logits, host_logits.data());
+    for (size_t i = 0; i < plan.batch.logit_rows.size(); ++i)
       on_logits(plan.logit_request[i], plan.logit_position[i], host_logits.data() + i * V);
-  for (const SampleRow& s : plan.samples)
-    out.push_back({s.request,
-                   sampler.sample(s.request, s.params, host_logits.data() + s.logit_index * V, V)});
+  }
   return out;
 }
 
-Engine::Engine(Model& model, const SchedulerLimits& lim) : model_(model), sched_(lim) {
+SchedulerLimits with_state_blocks(SchedulerLimits lim, const Model& model) {
+  lim.block_tokens = model.block_tokens();
+  lim.blocks_per_seq = static_cast<int>(blocks_for(lim.max_model_len, model.block_tokens()));
+  return lim;
+}
+
+Engine::Engine(Model& model, const SchedulerLimits& lim)
+    : model_(model), sched_(with_state_blocks(lim, model)) {
   sched_.set_eos(model.config().eos_token_id);
 }
 

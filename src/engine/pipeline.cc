@@ -94,149 +94,194 @@ void maybe_fault(const PipelineOptions& opt, Transport& tr, int stage, int64_t s
 
 }  // namespace
 
-Status run_stage(Model& model, const Topology& topo, Transport& tr, Scheduler* sched,
-                 const StageHooks& hooks, const PipelineOptions& opt,
-                 std::vector<StageReport>* all) {
-  const int s = topo.rank, P = topo.world, last = P - 1;
-  const int64_t width = model.config().hc_dim();
-  const bool first = s == 0, is_last = s == last;
-  Timeline tl(opt.trace, s);
-  Sampler sampler;
-  std::vector<float> host_logits, buf;
-  std::vector<uint8_t> header;
-  StepPlan incoming;
-  auto fail = [&](const std::string& what) {
-    tr.fail(str("stage ", s, " (rank ", tr.rank(), "): ", what), 4);
-  };
-  auto compute = [&](const StepPlan& plan, Tensor X) {
-    double t = tl.now_us();
-    if (first) model.embed(plan.batch, X);
-    LayerHook lh;
-    if (hooks.hook) lh = [&](int layer, Tensor x) { hooks.hook(plan, layer, x); };
-    model.run_layers(plan.batch, X, lh);
-    std::vector<Sampled> sampled;
-    if (is_last) {
-      sampled = finish_step_on_head(model, plan, X, sampler, host_logits, hooks.on_logits);
-      if (hooks.on_sampled)
-        for (const Sampled& t : sampled) hooks.on_sampled(t);
+namespace {
+
+// One stage's side of the pipeline: stage 0 schedules and feeds, the others receive, compute and
+// pass on; the last stage samples and sends the tokens back.
+class StageRunner {
+ public:
+  StageRunner(Model& model, const Topology& topo, Transport& tr, Scheduler* sched,
+              const StageHooks& hooks, const PipelineOptions& opt)
+      : model_(model),
+        tr_(tr),
+        sched_(sched),
+        hooks_(hooks),
+        opt_(opt),
+        s_(topo.rank),
+        P_(topo.world),
+        last_(topo.world - 1),
+        tl_(opt.trace, topo.rank) {}
+
+  void run() {
+    if (s_ == 0)
+      run_first();
+    else
+      run_downstream();
+    tl_.finish();
+  }
+  // Reports travel to the last stage for the run summary and the trace.
+  void exchange_reports(std::vector<StageReport>* all) {
+    if (s_ != last_) {
+      check(tr_.send(last_, Channel::kReport, encode_report(tl_.report), nullptr, 0));
+      return;
     }
-    tl.add("compute", plan.id, t);
-    tl.report.steps++;
-    tl.report.tokens += plan.batch.num_tokens;
+    if (!all) return;
+    all->assign(P_, StageReport{});
+    (*all)[last_] = tl_.report;
+    for (int r = 0; r < last_; ++r) {
+      check(tr_.recv(r, Channel::kReport, header_, nullptr, buf_));
+      StageReport rep = decode_report(header_);
+      (*all)[rep.stage] = std::move(rep);
+    }
+  }
+
+ private:
+  bool is_first() const { return s_ == 0; }
+  bool is_last() const { return s_ == last_; }
+  int micro_batches() const { return opt_.micro_batches > 0 ? opt_.micro_batches : P_; }
+  // The residual buffer of a step: steps in flight have consecutive ids, at most micro_batches of
+  // them, so id modulo the buffer count never reuses a buffer still being sent.
+  Tensor residual(const StepPlan& plan) {
+    return model_.residual(static_cast<int>(plan.id % std::max(1, micro_batches())),
+                           plan.batch.num_tokens);
+  }
+  void check(const Status& st) {
+    if (!st) tr_.fail(str("stage ", s_, " (rank ", tr_.rank(), "): ", st.message()), 4);
+  }
+
+  std::vector<Sampled> compute(const StepPlan& plan, Tensor X) {
+    double t = tl_.now_us();
+    model_.begin_step(plan.batch);
+    if (is_first()) model_.embed(plan.batch, X);
+    LayerHook lh;
+    if (hooks_.hook) lh = [&](int layer, Tensor x) { hooks_.hook(plan, layer, x); };
+    model_.run_layers(plan.batch, X, lh);
+    std::vector<Sampled> sampled;
+    if (is_last()) {
+      sampled = finish_step_on_head(model_, plan, X, host_logits_, hooks_.on_logits);
+      if (hooks_.on_sampled)
+        for (const Sampled& t : sampled) hooks_.on_sampled(t);
+    }
+    tl_.add("compute", plan.id, t);
+    tl_.report.steps++;
+    tl_.report.tokens += plan.batch.num_tokens;
     return sampled;
-  };
-  auto send_step = [&](const StepPlan& plan, Tensor X) {
-    double t = tl.now_us();
-    buf.resize(static_cast<size_t>(X.rows * X.cols));
-    model.backend().to_host(X, buf.data());
-    Status st = tr.send(s + 1, Channel::kStep, encode_step(plan), buf.data(),
-                        static_cast<int64_t>(buf.size()));
-    if (!st) fail(st.message());
-    tl.add("send", plan.id, t);
-  };
-  if (first) {
-    SP_CHECK(sched != nullptr, "stage 0 needs the scheduler");
-    const int mb = opt.micro_batches > 0 ? opt.micro_batches : P;
-    std::deque<StepPlan> in_flight;
-    auto apply_result = [&](bool block) -> bool {
-      if (in_flight.empty()) return false;
-      if (!block && !tr.ready(last, Channel::kSampled)) return false;
-      double t = tl.now_us();
-      Status st = tr.recv(last, Channel::kSampled, header, nullptr, buf);
-      if (!st) fail(st.message());
-      tl.add(block ? "wait" : "receive", in_flight.front().id, t);
-      int64_t id = -1;
-      auto sampled = decode_sampled(header, &id);
-      if (!sampled) fail(sampled.status().message());
-      if (id != in_flight.front().id)
-        fail(str("results arrived out of order: step ", id, ", expected ", in_flight.front().id));
-      sched->complete(in_flight.front(), sampled.value());
-      in_flight.pop_front();
-      return true;
-    };
+  }
+
+  void send_step(const StepPlan& plan, Tensor X) {
+    double t = tl_.now_us();
+    buf_.resize(static_cast<size_t>(X.numel() * X.elem_size()));
+    model_.backend().to_host(X, buf_.data());
+    check(tr_.send(s_ + 1, Channel::kStep, encode_step(plan), buf_.data(),
+                   static_cast<int64_t>(buf_.size())));
+    tl_.add("send", plan.id, t);
+  }
+
+  // Stage 0: applies the next sampled-token message from the last stage, if one is there (or
+  // waits for it when `block`).
+  bool apply_result(bool block) {
+    if (in_flight_.empty()) return false;
+    if (!block && !tr_.ready(last_, Channel::kSampled)) return false;
+    double t = tl_.now_us();
+    check(tr_.recv(last_, Channel::kSampled, header_, nullptr, buf_));
+    tl_.add(block ? "wait" : "receive", in_flight_.front().id, t);
+    int64_t id = -1;
+    auto sampled = decode_sampled(header_, &id);
+    if (!sampled) check(sampled.status());
+    if (id != in_flight_.front().id)
+      check(Status::error(
+          str("results arrived out of order: step ", id, ", expected ", in_flight_.front().id)));
+    sched_->complete(in_flight_.front(), sampled.value());
+    in_flight_.pop_front();
+    return true;
+  }
+
+  void run_first() {
+    SP_CHECK(sched_ != nullptr, "stage 0 needs the scheduler");
+    const int mb = micro_batches();
     while (true) {
-      while (P > 1 && apply_result(false)) {
+      while (P_ > 1 && apply_result(false)) {
       }
-      if (sched->idle() && in_flight.empty()) break;
-      if (static_cast<int>(in_flight.size()) < mb) {
+      if (sched_->idle() && in_flight_.empty()) break;
+      if (static_cast<int>(in_flight_.size()) < mb) {
         // Spread the ready tokens over the free micro-batch slots.
-        const int64_t free_slots = mb - static_cast<int64_t>(in_flight.size());
+        const int64_t free_slots = mb - static_cast<int64_t>(in_flight_.size());
         const int cap = static_cast<int>(
-            std::max<int64_t>(1, (sched->ready_tokens() + free_slots - 1) / free_slots));
-        StepPlan plan = sched->schedule(cap);
+            std::max<int64_t>(1, (sched_->ready_tokens() + free_slots - 1) / free_slots));
+        StepPlan plan = sched_->schedule(cap);
         if (!plan.empty()) {
-          maybe_fault(opt, tr, s, plan.id);
-          Tensor X = model.residual(plan.batch.num_tokens);
+          maybe_fault(opt_, tr_, s_, plan.id);
+          Tensor X = residual(plan);
           auto sampled = compute(plan, X);
-          if (P == 1) {
-            sched->complete(plan, sampled);
+          if (P_ == 1) {
+            sched_->complete(plan, sampled);
           } else {
             send_step(plan, X);
-            in_flight.push_back(std::move(plan));
+            in_flight_.push_back(std::move(plan));
           }
           continue;
         }
       }
-      SP_CHECK(P > 1 && !in_flight.empty(), "no work can be scheduled and none is in flight");
+      SP_CHECK(P_ > 1 && !in_flight_.empty(), "no work can be scheduled and none is in flight");
       apply_result(true);
     }
-    if (P > 1) {
-      Status st = tr.send(1, Channel::kStep, encode_stop(), nullptr, 0);
-      if (!st) fail(st.message());
-    }
-  } else {
+    if (P_ > 1) check(tr_.send(1, Channel::kStep, encode_stop(), nullptr, 0));
+  }
+
+  void run_downstream() {
+    const int64_t row_bytes = model_.config().hc_dim() * dtype_size(model_.backend().act_dtype());
+    StepPlan incoming;
     while (true) {
-      double t = tl.now_us();
+      double t = tl_.now_us();
       StepKind kind = StepKind::kStop;
-      Status st = tr.recv(
-          s - 1, Channel::kStep, header,
+      check(tr_.recv(
+          s_ - 1, Channel::kStep, header_,
           [&](const std::vector<uint8_t>& h) -> int64_t {
             auto p = decode_step(h, &kind);
             if (!p) return -1;
             incoming = std::move(p.value());
-            return kind == StepKind::kStep ? incoming.batch.num_tokens * width : 0;
+            return kind == StepKind::kStep ? incoming.batch.num_tokens * row_bytes : 0;
           },
-          buf);
-      if (!st) fail(st.message());
+          buf_));
       if (kind == StepKind::kStop) {
-        if (!is_last) {
-          Status fs = tr.send(s + 1, Channel::kStep, header, nullptr, 0);
-          if (!fs) fail(fs.message());
-        }
-        break;
+        if (!is_last()) check(tr_.send(s_ + 1, Channel::kStep, header_, nullptr, 0));
+        return;
       }
-      tl.add("wait", incoming.id, t);
-      maybe_fault(opt, tr, s, incoming.id);
-      Tensor X = model.residual(incoming.batch.num_tokens);
-      model.backend().from_host(buf.data(), X);
+      tl_.add("wait", incoming.id, t);
+      maybe_fault(opt_, tr_, s_, incoming.id);
+      Tensor X = residual(incoming);
+      model_.backend().from_host(buf_.data(), X);
       auto sampled = compute(incoming, X);
-      if (is_last) {
-        double ts = tl.now_us();
-        Status ss = tr.send(0, Channel::kSampled, encode_sampled(incoming.id, sampled), nullptr, 0);
-        if (!ss) fail(ss.message());
-        tl.add("send", incoming.id, ts);
+      if (is_last()) {
+        double ts = tl_.now_us();
+        check(tr_.send(0, Channel::kSampled, encode_sampled(incoming.id, sampled), nullptr, 0));
+        tl_.add("send", incoming.id, ts);
       } else {
         send_step(incoming, X);
       }
     }
   }
-  tl.finish();
-  // Reports travel to the last stage for the run summary and the trace.
-  if (!is_last) {
-    Status st = tr.send(last, Channel::kReport, encode_report(tl.report), nullptr, 0);
-    if (!st) fail(st.message());
-    return Status::ok();
-  }
-  if (all) {
-    all->assign(P, StageReport{});
-    (*all)[last] = tl.report;
-    for (int r = 0; r < last; ++r) {
-      Status st = tr.recv(r, Channel::kReport, header, nullptr, buf);
-      if (!st) fail(st.message());
-      StageReport rep = decode_report(header);
-      (*all)[rep.stage] = std::move(rep);
-    }
-  }
+
+  Model& model_;
+  Transport& tr_;
+  Scheduler* sched_;
+  const StageHooks& hooks_;
+  const PipelineOptions& opt_;
+  const int s_, P_, last_;
+  Timeline tl_;
+  std::vector<float> host_logits_;
+  std::vector<uint8_t> buf_, header_;
+  std::deque<StepPlan> in_flight_;  // stage 0: steps sent, tokens not back yet
+};
+
+}  // namespace
+
+Status run_stage(Model& model, const Topology& topo, Transport& tr, Scheduler* sched,
+                 const StageHooks& hooks, const PipelineOptions& opt,
+                 std::vector<StageReport>* all) {
+  StageRunner runner(model, topo, tr, sched, hooks, opt);
+  runner.run();
+  runner.exchange_reports(all);
   return Status::ok();
 }
 

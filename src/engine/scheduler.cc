@@ -2,16 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
-#include <numeric>
 
 namespace sp {
-
-int32_t argmax(const float* v, int64_t n) {
-  int64_t best = 0;
-  for (int64_t i = 1; i < n; ++i)
-    if (v[i] > v[best]) best = i;
-  return static_cast<int32_t>(best);
-}
 
 Scheduler::Scheduler(const SchedulerLimits& lim) : lim_(lim) {
   for (int s = lim.max_num_seqs - 1; s >= 0; --s) free_slots_.push_back(s);
@@ -69,7 +61,20 @@ StepPlan Scheduler::schedule(int token_cap) {
   if (token_cap > 0) budget = std::min(budget, token_cap);
   auto add_chunk = [&](Sequence* s, int n) {
     BatchView& b = plan.batch;
-    b.chunks.push_back(SeqChunk{s->slot, s->num_scheduled, n, b.num_tokens});
+    SeqChunk ch;
+    ch.slot = s->slot;
+    ch.n_tokens = n;
+    ch.start_pos = s->num_scheduled;
+    ch.offset = b.num_tokens;
+    // The slot's own run of blocks, as many as cover the chunk's last position.
+    ch.block_table = static_cast<int32_t>(b.block_tables.size());
+    ch.num_blocks =
+        static_cast<int32_t>((s->num_scheduled + n + lim_.block_tokens - 1) / lim_.block_tokens);
+    SP_CHECK(ch.num_blocks <= lim_.blocks_per_seq, "sequence needs ", ch.num_blocks,
+             " state blocks, a slot has ", lim_.blocks_per_seq);
+    for (int i = 0; i < ch.num_blocks; ++i)
+      b.block_tables.push_back(s->slot * lim_.blocks_per_seq + i);
+    b.chunks.push_back(ch);
     for (int i = 0; i < n; ++i) {
       const int64_t p = s->num_scheduled + i;
       b.token_ids.push_back(s->tokens[p]);
@@ -77,7 +82,7 @@ StepPlan Scheduler::schedule(int token_cap) {
       b.chunk_of.push_back(static_cast<int32_t>(b.chunks.size() - 1));
       // Logits wanted at every position (all_logits) or where a next token is chosen.
       if (s->req.all_logits || p >= s->prompt_len() - 1) {
-        plan.logit_rows.push_back(b.num_tokens + i);
+        b.logit_rows.push_back(b.num_tokens + i);
         plan.logit_request.push_back(s->req.id);
         plan.logit_position.push_back(p);
       }
@@ -88,7 +93,7 @@ StepPlan Scheduler::schedule(int token_cap) {
         last >= s->prompt_len() - 1 && s->generated < s->req.max_new_tokens &&
         static_cast<int64_t>(s->tokens.size()) < lim_.max_model_len) {
       plan.samples.push_back(
-          SampleRow{static_cast<int32_t>(plan.logit_rows.size() - 1), s->req.id, s->req.sampling});
+          SampleRow{static_cast<int32_t>(b.logit_rows.size() - 1), s->req.id, s->req.sampling});
     }
     b.num_tokens += n;
     plan.seqs.push_back(s);
@@ -151,40 +156,19 @@ void Scheduler::complete(const StepPlan& plan, const std::vector<Sampled>& sampl
   }
 }
 
-int32_t Sampler::sample(int64_t request, const SamplingParams& sp, const float* logits,
-                        int64_t vocab) {
-  if (sp.temperature <= 0.0f) return argmax(logits, vocab);
-  auto it = rngs_.find(request);
-  if (it == rngs_.end())
-    it = rngs_
-             .emplace(request, std::mt19937_64(sp.seed ^ (static_cast<uint64_t>(request) *
-                                                          0x9e3779b97f4a7c15ull)))
-             .first;
-  std::vector<int32_t> idx(vocab);
-  std::iota(idx.begin(), idx.end(), 0);
-  std::stable_sort(idx.begin(), idx.end(),
-                   [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
-  const int64_t n = sp.top_k > 0 ? std::min<int64_t>(sp.top_k, vocab) : vocab;
-  std::vector<double> p(n);
-  double mx = logits[idx[0]], sum = 0;
-  for (int64_t i = 0; i < n; ++i) sum += (p[i] = std::exp((logits[idx[i]] - mx) / sp.temperature));
-  double cum = 0;
-  int64_t keep = n;
-  for (int64_t i = 0; i < n; ++i) {
-    cum += p[i] / sum;
-    if (cum >= sp.top_p) {
-      keep = i + 1;
-      break;
-    }
+std::vector<SampleSpec> sample_specs(const StepPlan& plan) {
+  std::vector<SampleSpec> v;
+  for (const SampleRow& r : plan.samples) {
+    SampleSpec sp;
+    sp.row = r.logit_index;
+    sp.temperature = r.params.temperature;
+    sp.top_k = r.params.top_k;
+    sp.top_p = r.params.top_p;
+    sp.seed = r.params.seed;
+    sp.counter = plan.logit_position[static_cast<size_t>(r.logit_index)] + 1;
+    v.push_back(sp);
   }
-  double total = 0;
-  for (int64_t i = 0; i < keep; ++i) total += p[i];
-  double u = std::uniform_real_distribution<double>(0.0, total)(it->second);
-  for (int64_t i = 0; i < keep; ++i) {
-    if (u < p[i]) return idx[i];
-    u -= p[i];
-  }
-  return idx[keep - 1];
+  return v;
 }
 
 }  // namespace sp

@@ -8,9 +8,7 @@
 
 #include <cstdint>
 #include <deque>
-#include <map>
 #include <memory>
-#include <random>
 #include <string>
 #include <vector>
 
@@ -23,7 +21,7 @@ struct SamplingParams {
   float temperature = 0.0f;  // 0: greedy
   int top_k = 0;             // 0: all
   float top_p = 1.0f;
-  uint64_t seed = 0;
+  uint64_t seed = 0;  // with the position, decides every random draw (see SampleSpec)
   bool ignore_eos = false;
 };
 
@@ -57,6 +55,10 @@ struct SchedulerLimits {
   int max_num_batched_tokens = 1;
   int64_t max_model_len = 1;
   int64_t vocab_size = 1;
+  // State blocks: positions per block (Model::block_tokens) and blocks a slot owns. Each slot owns
+  // a fixed run of blocks today; a paging block manager will hand them out on demand.
+  int block_tokens = 1 << 30;
+  int blocks_per_seq = 1;
 };
 
 // A row whose logits choose the sequence's next token.
@@ -66,13 +68,13 @@ struct SampleRow {
   SamplingParams params;
 };
 
-// One scheduled step: the batch every stage sees, and which rows' logits the last stage computes.
+// One scheduled step: the batch every stage sees (batch.logit_rows: which rows' logits the last
+// stage computes), and what they are for.
 struct StepPlan {
   int64_t id = 0;
   BatchView batch;
   std::vector<Sequence*> seqs;          // per chunk (scheduling rank only)
   std::vector<int64_t> chunk_request;   // request id per chunk
-  std::vector<int32_t> logit_rows;      // batch rows whose logits are needed
   std::vector<int64_t> logit_request;   // request id per logit row
   std::vector<int64_t> logit_position;  // position per logit row
   std::vector<SampleRow> samples;
@@ -111,16 +113,7 @@ class Scheduler {
   int64_t next_step_ = 0;
 };
 
-// Token choice from logits: greedy (ties to the lower id) or temperature / top-k / top-p with a
-// per-request random stream, so the same request samples the same tokens wherever it runs.
-class Sampler {
- public:
-  int32_t sample(int64_t request, const SamplingParams& p, const float* logits, int64_t vocab);
-
- private:
-  std::map<int64_t, std::mt19937_64> rngs_;
-};
-
-int32_t argmax(const float* v, int64_t n);
+// The backend's sampling specs of a step's sample rows (counter: the position of the token chosen).
+std::vector<SampleSpec> sample_specs(const StepPlan& plan);
 
 }  // namespace sp

@@ -60,8 +60,9 @@ std::vector<uint8_t> encode_step(const StepPlan& p) {
   w.vec(p.batch.positions);
   w.vec(p.batch.chunk_of);
   w.vec(p.batch.chunks);
+  w.vec(p.batch.block_tables);
   w.vec(p.chunk_request);
-  w.vec(p.logit_rows);
+  w.vec(p.batch.logit_rows);
   w.vec(p.logit_request);
   w.vec(p.logit_position);
   w.vec(p.samples);
@@ -82,9 +83,9 @@ Result<StepPlan> decode_step(const std::vector<uint8_t>& bytes, StepKind* kind) 
   if (*kind != StepKind::kStep) return Status::error("step descriptor: unknown kind");
   int32_t n = 0;
   bool ok = r.get(p.id) && r.get(n) && r.vec(p.batch.token_ids) && r.vec(p.batch.positions) &&
-            r.vec(p.batch.chunk_of) && r.vec(p.batch.chunks) && r.vec(p.chunk_request) &&
-            r.vec(p.logit_rows) && r.vec(p.logit_request) && r.vec(p.logit_position) &&
-            r.vec(p.samples) && r.done();
+            r.vec(p.batch.chunk_of) && r.vec(p.batch.chunks) && r.vec(p.batch.block_tables) &&
+            r.vec(p.chunk_request) && r.vec(p.batch.logit_rows) && r.vec(p.logit_request) &&
+            r.vec(p.logit_position) && r.vec(p.samples) && r.done();
   p.batch.num_tokens = n;
   if (!ok || static_cast<int32_t>(p.batch.token_ids.size()) != n ||
       p.batch.positions.size() != p.batch.token_ids.size())

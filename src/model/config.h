@@ -10,16 +10,12 @@
 #include <string>
 #include <vector>
 
+#include "core/kinds.h"
 #include "core/status.h"
 
 namespace sp {
 
-enum class AttnKind { kSliding, kCSA, kHCA };
-enum class MlpKind { kHashMoe, kMoe };
 enum class ConfigStyle { kHuggingFace, kUpstream };
-// How a family of weights is stored: plain float (F32/BF16/F16), FP8 e4m3 with 128x128 ue8m0
-// block scales, or FP4 e2m1 with ue8m0 scales per 32 inputs.
-enum class WeightFormat { kFloat, kFP8, kFP4 };
 
 const char* attn_kind_name(AttnKind k);
 const char* attn_kind_abbrev(AttnKind k);  // SWA, CSA, HCA

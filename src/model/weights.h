@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "core/dtype.h"
+#include "core/matrix.h"
 #include "core/status.h"
 #include "model/config.h"
 #include "model/safetensors.h"
@@ -41,22 +42,8 @@ std::vector<ExpectedTensor> expected_tensors(const Config& c);
 // Storage bytes of one expected tensor including its scales.
 int64_t expected_bytes(const ExpectedTensor& t);
 
-// A weight matrix [out, in] as stored.
-struct Linear {
-  std::string name;
-  WeightFormat format = WeightFormat::kFloat;
-  DType dtype = DType::kF32;  // value dtype (float formats: F32 / BF16 / F16)
-  int64_t out = 0, in = 0;
-  const uint8_t* data =
-      nullptr;  // kFloat: [out, in]; kFP8: e4m3 [out, in]; kFP4: packed [out, in/2]
-  const uint8_t* scale = nullptr;    // kFP8: [ceil(out/128), ceil(in/128)]; kFP4: [out, in/32]
-  DType scale_dtype = DType::kE8M0;  // E8M0 upstream; F32 accepted as well
-  int64_t scale_cols = 0;
-  bool valid() const { return data != nullptr; }
-  // Writes the exact fp32 values of row n (in floats).
-  void decode_row(int64_t n, float* dst) const;
-  int64_t nbytes() const;
-};
+// A weight matrix [out, in] as stored (the checkpoint's bytes).
+using Linear = Matrix;
 
 struct HcParams {
   std::vector<float> fn;     // [mix, hc_mult * hidden] fp32 (mix = (2 + hc) * hc; hc for hc_head)

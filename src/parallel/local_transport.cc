@@ -14,7 +14,7 @@ namespace {
 
 struct Message {
   std::vector<uint8_t> header;
-  std::vector<float> data;
+  std::vector<uint8_t> data;
 };
 
 // Shared by the stage threads of one process.
@@ -91,22 +91,23 @@ class LocalTransport final : public Transport {
   int rank() const override { return rank_; }
   int world() const override { return world_; }
 
-  Status send(int dst, Channel ch, std::vector<uint8_t> header, const float* data,
+  Status send(int dst, Channel ch, std::vector<uint8_t> header, const void* data,
               int64_t n) override {
     Message m;
     m.header = std::move(header);
-    if (n > 0) m.data.assign(data, data + n);
+    if (n > 0)
+      m.data.assign(static_cast<const uint8_t*>(data), static_cast<const uint8_t*>(data) + n);
     hub_->push(rank_, dst, ch, std::move(m));
     return Status::ok();
   }
   Status recv(int src, Channel ch, std::vector<uint8_t>& header, const PayloadSize& payload_size,
-              std::vector<float>& data) override {
+              std::vector<uint8_t>& data) override {
     Message m;
     SP_RETURN_IF_ERROR(hub_->pop(src, rank_, ch, &m));
     const int64_t n = payload_size ? payload_size(m.header) : 0;
     if (static_cast<int64_t>(m.data.size()) != n)
       return Status::error(str("stage ", rank_, ": payload from stage ", src, " has ",
-                               m.data.size(), " values, the descriptor implies ", n));
+                               m.data.size(), " bytes, the descriptor implies ", n));
     header = std::move(m.header);
     data = std::move(m.data);
     return Status::ok();

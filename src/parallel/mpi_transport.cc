@@ -40,7 +40,7 @@ class MpiTransport final : public Transport {
   int rank() const override { return rank_; }
   int world() const override { return world_; }
 
-  Status send(int dst, Channel ch, std::vector<uint8_t> header, const float* data,
+  Status send(int dst, Channel ch, std::vector<uint8_t> header, const void* data,
               int64_t n) override {
     progress();
     if (header.size() > INT_MAX || n > INT_MAX)
@@ -53,15 +53,15 @@ class MpiTransport final : public Transport {
     if (n > 0) {
       pending_.push_back({});
       Pending& d = pending_.back();
-      d.floats.assign(data, data + n);
-      SP_MPI_CHECK(MPI_Isend(d.floats.data(), static_cast<int>(n), MPI_FLOAT, dst, tag(ch, true),
+      d.bytes.assign(static_cast<const uint8_t*>(data), static_cast<const uint8_t*>(data) + n);
+      SP_MPI_CHECK(MPI_Isend(d.bytes.data(), static_cast<int>(n), MPI_BYTE, dst, tag(ch, true),
                              MPI_COMM_WORLD, &d.request));
     }
     return Status::ok();
   }
 
   Status recv(int src, Channel ch, std::vector<uint8_t>& header, const PayloadSize& payload_size,
-              std::vector<float>& data) override {
+              std::vector<uint8_t>& data) override {
     MPI_Status st;
     SP_MPI_CHECK(MPI_Probe(src, tag(ch, false), MPI_COMM_WORLD, &st));
     int count = 0;
@@ -70,9 +70,11 @@ class MpiTransport final : public Transport {
     SP_MPI_CHECK(MPI_Recv(header.data(), count, MPI_BYTE, src, tag(ch, false), MPI_COMM_WORLD,
                           MPI_STATUS_IGNORE));
     const int64_t n = payload_size ? payload_size(header) : 0;
+    if (n < 0 || n > INT_MAX)
+      return Status::error(str("stage ", rank_, ": malformed message from stage ", src));
     data.resize(static_cast<size_t>(n));
     if (n > 0)
-      SP_MPI_CHECK(MPI_Recv(data.data(), static_cast<int>(n), MPI_FLOAT, src, tag(ch, true),
+      SP_MPI_CHECK(MPI_Recv(data.data(), static_cast<int>(n), MPI_BYTE, src, tag(ch, true),
                             MPI_COMM_WORLD, MPI_STATUS_IGNORE));
     progress();
     return Status::ok();
@@ -114,7 +116,6 @@ class MpiTransport final : public Transport {
   struct Pending {
     MPI_Request request = MPI_REQUEST_NULL;
     std::vector<uint8_t> bytes;
-    std::vector<float> floats;
   };
   static int tag(Channel ch, bool payload) { return static_cast<int>(ch) * 2 + (payload ? 1 : 0); }
   void progress() {

@@ -2,10 +2,11 @@
 // an MPI one (one process per stage, any number of machines). A NCCL transport for GPU stages will
 // plug in here with the CUDA backend.
 //
-// A message is a header (the step descriptor, or the sampled tokens) plus an optional fp32 payload
-// (the stage-boundary tensor [tokens, hc_mult, hidden]) whose length the receiver derives from the
-// header. Sends are buffered and never wait for the receiver; receives block until the message
-// arrives or the pipeline fails, in which case they return an error that names the failed stage.
+// A message is a header (the step descriptor, or the sampled tokens) plus an optional payload of
+// bytes (the stage-boundary tensor [tokens, hc_mult, hidden] in the backend's activation dtype)
+// whose length the receiver derives from the header. Sends are buffered and never wait for the
+// receiver; receives block until the message arrives or the pipeline fails, in which case they
+// return an error that names the failed stage.
 #pragma once
 
 #include <cstdint>
@@ -26,6 +27,7 @@ struct StageFailure {
   int exit_code;
 };
 
+// Payload bytes a header implies (-1: the header is malformed).
 using PayloadSize = std::function<int64_t(const std::vector<uint8_t>& header)>;
 
 class Transport {
@@ -34,10 +36,10 @@ class Transport {
   virtual std::string name() const = 0;
   virtual int rank() const = 0;
   virtual int world() const = 0;
-  virtual Status send(int dst, Channel ch, std::vector<uint8_t> header, const float* data,
-                      int64_t n) = 0;
+  virtual Status send(int dst, Channel ch, std::vector<uint8_t> header, const void* data,
+                      int64_t bytes) = 0;
   virtual Status recv(int src, Channel ch, std::vector<uint8_t>& header,
-                      const PayloadSize& payload_size, std::vector<float>& data) = 0;
+                      const PayloadSize& payload_size, std::vector<uint8_t>& data) = 0;
   // Whether a message from `src` on `ch` is waiting.
   virtual bool ready(int src, Channel ch) = 0;
   // Every rank's string, by rank (start-up agreement checks).

@@ -37,7 +37,42 @@ std::vector<FlagSpec> common_flags() {
       {"max-model-len", FlagKind::kInt, "4096",
        "longest sequence (prompt + output) in tokens; state is sized for it", 1, 1 << 30},
       {"verbose", FlagKind::kBool, "", "also print config keys the model does not use"},
+      {"device",
+       FlagKind::kString,
+       "auto",
+       "where the model runs: cpu (the fp32 reference backend), cuda (one GPU per stage), or "
+       "auto (cuda when this build has it and a GPU is present, else cpu)",
+       -1e300,
+       1e300,
+       {"auto", "cpu", "cuda"}},
   };
+}
+
+Result<std::string> resolve_device(const Flags& f) {
+  const std::string d = f.str("device");
+  if (d == "cpu") return d;
+  if (d == "auto")
+    return std::string(cuda_backend_built() && cuda_device_available() ? "cuda" : "cpu");
+  if (!cuda_backend_built())
+    return Status::error(
+        "--device cuda: this seekpipe was built without the CUDA backend (CMake found no nvcc); "
+        "rebuild with the CUDA toolkit installed, or use --device cpu");
+  if (!cuda_device_available())
+    return Status::error(
+        "--device cuda: no usable CUDA GPU is visible to this process; use "
+        "--device cpu");
+  return d;
+}
+
+void tensor_to_f32(Backend& be, Tensor t, std::vector<float>& out) {
+  out.resize(static_cast<size_t>(t.numel()));
+  if (t.dtype == DType::kF32) {
+    be.to_host(t, out.data());
+    return;
+  }
+  std::vector<uint8_t> raw(static_cast<size_t>(t.numel() * t.elem_size()));
+  be.to_host(t, raw.data());
+  to_f32(t.dtype, raw.data(), out.data(), t.numel());
 }
 
 std::vector<FlagSpec> pipeline_flags() {
@@ -131,7 +166,8 @@ std::string fingerprint(const Flags& f, const Config& c, const Topology& t) {
              ";load-format=", f.str("load-format"), ";seed=", f.i64("seed"),
              ";max-num-seqs=", f.i64("max-num-seqs"),
              ";max-num-batched-tokens=", f.i64("max-num-batched-tokens"),
-             ";max-model-len=", f.i64("max-model-len"), ";micro-batches=", f.i64("micro-batches"));
+             ";max-model-len=", f.i64("max-model-len"), ";micro-batches=", f.i64("micro-batches"),
+             ";device=", f.str("device"));
 }
 
 // The fields two fingerprints disagree on, as "name: a vs b".
@@ -199,6 +235,22 @@ int threads_per_stage(const Flags& f, const Topology& topo) {
   return std::max(1, static_cast<int>(f.i64("threads")) / local);
 }
 
+// The stage's backend: the CPU backend, or the CUDA backend on this stage's GPU (the stage's index
+// among the stages on this machine).
+std::unique_ptr<Backend> make_stage_backend(const Flags& f, const Topology& topo, Transport& tr) {
+  auto device = resolve_device(f);
+  if (!device) tr.fail(device.status().message(), 2);
+  if (*device == "cpu") return make_cpu_backend(threads_per_stage(f, topo));
+  int local = topo.rank;
+  if (launched_by_mpi()) {
+    const char* r = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK");
+    local = r ? std::max(0, std::atoi(r)) : 0;
+  }
+  auto be = make_cuda_backend(local);
+  if (!be) tr.fail(str("stage ", topo.rank, ": ", be.status().message()), 2);
+  return std::move(*be);
+}
+
 // One stage's whole life: load its part, run, finish. Returns its exit code.
 int run_one_stage(const Flags& f, const Config& c, const Topology& topo, Transport& tr,
                   const Job& job, const PipelineOptions& popt) {
@@ -227,18 +279,21 @@ int run_one_stage(const Flags& f, const Config& c, const Topology& topo, Transpo
     std::printf("checkpoint has %zu mtp.* tensors (MTP draft layer): accepted, not used yet\n",
                 ls.mtp_tensors.size());
   std::fflush(stdout);
-  auto backend = make_cpu_backend(threads_per_stage(f, topo));
+  auto backend = make_stage_backend(f, topo, tr);
   StateLimits lim;
   lim.max_num_seqs = static_cast<int>(f.i64("max-num-seqs"));
   lim.max_model_len = f.i64("max-model-len");
   lim.max_num_batched_tokens = static_cast<int>(f.i64("max-num-batched-tokens"));
   lim.max_logit_rows = logit_rows;
+  lim.residual_buffers = popt.micro_batches > 0 ? popt.micro_batches : topo.world;
   Model model(c, **weights, *backend, lim);
   StageEnv env{s, topo, &tr, &model, weights->get()};
   std::unique_ptr<Scheduler> sched;
   if (topo.is_first(s)) {
-    sched = std::make_unique<Scheduler>(SchedulerLimits{
-        lim.max_num_seqs, lim.max_num_batched_tokens, lim.max_model_len, c.vocab_size});
+    sched = std::make_unique<Scheduler>(
+        with_state_blocks(SchedulerLimits{lim.max_num_seqs, lim.max_num_batched_tokens,
+                                          lim.max_model_len, c.vocab_size},
+                          model));
     sched->set_eos(c.eos_token_id);
     Status st = job.add_requests(*sched);
     if (!st) tr.fail(st.message(), 2);
@@ -258,6 +313,7 @@ int run_job(const Flags& f, const Job& job) {
   auto cfg = read_config(f);
   if (!cfg) return fail(cfg.status());
   const Config& c = *cfg;
+  if (auto dev = resolve_device(f); !dev) return fail(dev.status());
   auto fault = parse_fault(f.str("fault-inject"));
   if (!fault) return fail(fault.status());
   if (f.given("trace") && !std::ofstream(f.str("trace")))  // fail now, not after the run

@@ -15,6 +15,10 @@
 namespace sp {
 
 std::vector<FlagSpec> common_flags();
+// --device resolved to "cpu" or "cuda" (auto: cuda when built and a GPU is present).
+Result<std::string> resolve_device(const Flags& f);
+// A backend tensor as host fp32 (converted from its dtype).
+void tensor_to_f32(Backend& be, Tensor t, std::vector<float>& out);
 std::vector<FlagSpec> pipeline_flags();
 
 struct StageEnv {

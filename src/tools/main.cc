@@ -251,14 +251,14 @@ int cmd_verify(const std::vector<std::string>& args) {
     }
     h.hook = [&, stage, be](const StepPlan& plan, int layer, Tensor X) {
       if (!hidden[layer]) return;
-      std::vector<float> row(static_cast<size_t>(hcD));
+      std::vector<float> row;
       for (size_t ci = 0; ci < plan.chunk_request.size(); ++ci) {
         if (plan.chunk_request[ci] != 0) continue;
         const SeqChunk& ch = plan.batch.chunks[ci];
         for (int i = 0; i < ch.n_tokens; ++i) {
           const int64_t pos = ch.start_pos + i;
           if (pos >= static_cast<int64_t>((*golden)[0].ids.size())) continue;
-          be->to_host(X.slice_rows(ch.offset + i, 1), row.data());
+          tensor_to_f32(*be, X.slice_rows(ch.offset + i, 1), row);
           for (int64_t k = 0; k < hcD; ++k)
             hidden_err[stage] =
                 std::max(hidden_err[stage],

@@ -13,18 +13,18 @@ print(','.join(map(str, ints('p0.input_ids'))), ' '.join(map(str, ints('p0.greed
 PY
 )
 prompt=${ids%% *}; want=${ids#* }
-out=$("$bin" generate --model "$data/tiny" --prompt-ids "$prompt" --max-tokens 8 --ignore-eos) || fail "generate failed: $out"
+out=$("$bin" generate --device cpu --model "$data/tiny" --prompt-ids "$prompt" --max-tokens 8 --ignore-eos) || fail "generate failed: $out"
 got=$(grep -o 'output ids:[0-9 ]*' <<<"$out" | sed 's/output ids: *//; s/ *$//')
 [ "$got" = "$want" ] || fail "greedy tokens '$got', golden '$want'"
 echo "ok: greedy tokens match the golden continuation: $got"
 # A dummy model from a config alone: V4-Flash's layer kinds and formats at a small width.
-out=$("$bin" generate --model "$data/configs/flash-mini" --load-format dummy --prompt-ids 5,6,7 --max-tokens 4 \
+out=$("$bin" generate --device cpu --model "$data/configs/flash-mini" --load-format dummy --prompt-ids 5,6,7 --max-tokens 4 \
       --ignore-eos --max-model-len 64) || fail "dummy generate failed: $out"
 n=$(grep -o 'output ids:[0-9 ]*' <<<"$out" | wc -w)
 [ "$n" = 6 ] || fail "dummy generate printed '$out'"
 echo "ok: dummy flash-mini generates"
 # Base-model formats: FP8 experts with 128x128 block scales, from a config alone.
-out=$("$bin" generate --model "$data/configs/flash-mini-base" --load-format dummy --prompt-ids 5,6,7 --max-tokens 3 \
+out=$("$bin" generate --device cpu --model "$data/configs/flash-mini-base" --load-format dummy --prompt-ids 5,6,7 --max-tokens 3 \
       --ignore-eos --max-model-len 64) || fail "dummy fp8-expert generate failed: $out"
 [ "$(grep -o 'output ids:[0-9 ]*' <<<"$out" | wc -w)" = 5 ] || fail "dummy fp8-expert generate printed '$out'"
 echo "ok: dummy flash-mini-base (FP8 experts) generates"

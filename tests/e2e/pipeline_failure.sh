@@ -5,7 +5,7 @@
 bin=$1 data=$2
 # A dummy model big enough that generating 3000 tokens takes far longer than the kill takes to land.
 model=$data/configs/flash-mini
-gen=(generate --model "$model" --load-format dummy --prompt-ids 3,4,5,6 --prompt-ids 7,8 --max-tokens 3000 --ignore-eos
+gen=(generate --device cpu --model "$model" --load-format dummy --prompt-ids 3,4,5,6 --prompt-ids 7,8 --max-tokens 3000 --ignore-eos
      --threads 1 --max-model-len 4096)
 elapsed_ok() { # start_ns limit_s
   local ms=$(( ($(date +%s%N) - $1) / 1000000 ))
@@ -14,10 +14,10 @@ elapsed_ok() { # start_ns limit_s
 }
 no_leftovers() { # ranks may take a moment to be reaped after mpirun returns; 5 s catches strays
   for i in $(seq 1 50); do
-    pgrep -f "seekpipe generate --model $model" >/dev/null || return 0
+    pgrep -f "seekpipe generate --device cpu --model $model" >/dev/null || return 0
     sleep 0.1
   done
-  pkill -9 -f "seekpipe generate --model $model"; fail "ranks left running 5 s after mpirun returned"
+  pkill -9 -f "seekpipe generate --device cpu --model $model"; fail "ranks left running 5 s after mpirun returned"
 }
 
 # 1. Threads: a stage fails mid-generation.
@@ -48,7 +48,7 @@ timeout 60 $MPIRUN -np 3 "$bin" "${gen[@]}" >"$log" 2>&1 &
 launcher=$!
 victim=""
 for i in $(seq 1 100); do
-  for pid in $(pgrep -f "seekpipe generate --model $model"); do
+  for pid in $(pgrep -f "seekpipe generate --device cpu --model $model"); do
     if tr '\0' '\n' < /proc/$pid/environ 2>/dev/null | grep -qx "OMPI_COMM_WORLD_RANK=1"; then victim=$pid; fi
   done
   [ -n "$victim" ] && grep -q "loaded" "$log" && break
@@ -66,16 +66,16 @@ rm -f "$log"
 
 # 5. Mismatched partitions are refused at start-up.
 model=$data/tiny
-out=$(timeout 30 $MPIRUN -np 1 "$bin" generate --model "$model" --prompt-ids 1,2 --pp-partition 2,3 : \
-      -np 1 "$bin" generate --model "$model" --prompt-ids 1,2 --pp-partition 3,2 2>&1); rc=$?
+out=$(timeout 30 $MPIRUN -np 1 "$bin" generate --device cpu --model "$model" --prompt-ids 1,2 --pp-partition 2,3 : \
+      -np 1 "$bin" generate --device cpu --model "$model" --prompt-ids 1,2 --pp-partition 3,2 2>&1); rc=$?
 [ $rc = 2 ] || fail "mismatch: exit $rc: $out"
 grep -q "rank 1 was started differently from rank 0: partition 3,2 (rank 0 has 2,3)" <<<"$out" || fail "mismatch: $out"
 echo "ok: mismatched partitions refused"
-out=$(timeout 30 $MPIRUN -np 1 "$bin" generate --model "$model" --prompt-ids 1,2 : \
-      -np 1 "$bin" generate --model "$data/tinyq" --prompt-ids 1,2 2>&1); rc=$?
+out=$(timeout 30 $MPIRUN -np 1 "$bin" generate --device cpu --model "$model" --prompt-ids 1,2 : \
+      -np 1 "$bin" generate --device cpu --model "$data/tinyq" --prompt-ids 1,2 2>&1); rc=$?
 [ $rc = 2 ] || fail "model mismatch: exit $rc: $out"
 grep -q "rank 1 was started differently from rank 0: .*config [0-9a-f]* (rank 0 has" <<<"$out" || fail "model mismatch: $out"
 echo "ok: mismatched models refused"
-out=$(timeout 30 $MPIRUN -np 2 "$bin" generate --model "$model" --prompt-ids 1,2 --pp 3 2>&1); rc=$?
+out=$(timeout 30 $MPIRUN -np 2 "$bin" generate --device cpu --model "$model" --prompt-ids 1,2 --pp 3 2>&1); rc=$?
 [ $rc = 2 ] && grep -q "under mpirun the number of ranks is the number of stages" <<<"$out" || fail "--pp vs ranks: $out"
 echo "ok: --pp different from the number of ranks refused"

@@ -6,13 +6,13 @@
 bin=$1 model=$2 mode=$3
 L=$(num_layers "$model")
 for flags in "" "--max-num-batched-tokens 7"; do
-  base=$("$bin" verify --model "$model" --golden "$model/golden.safetensors" --threads 1 $flags) || fail "pp 1 $flags: $base"
+  base=$("$bin" verify --device cpu --model "$model" --golden "$model/golden.safetensors" --threads 1 $flags) || fail "pp 1 $flags: $base"
   want=$(hash_of "$base")
   for pp in 2 3 $L; do
     if [ "$mode" = mpi ]; then
-      out=$(timeout 300 $MPIRUN -np $pp "$bin" verify --model "$model" --golden "$model/golden.safetensors" --threads 1 $flags 2>&1)
+      out=$(timeout 300 $MPIRUN -np $pp "$bin" verify --device cpu --model "$model" --golden "$model/golden.safetensors" --threads 1 $flags 2>&1)
     else
-      out=$(timeout 300 "$bin" verify --model "$model" --golden "$model/golden.safetensors" --threads 1 --pp $pp $flags 2>&1)
+      out=$(timeout 300 "$bin" verify --device cpu --model "$model" --golden "$model/golden.safetensors" --threads 1 --pp $pp $flags 2>&1)
     fi
     rc=$?
     [ $rc = 0 ] || fail "$mode pp $pp $flags exited $rc: $out"

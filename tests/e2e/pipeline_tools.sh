@@ -4,7 +4,7 @@
 . "$(dirname "$0")/lib.sh"
 bin=$1 data=$2
 trace=$(mktemp --suffix .json)
-out=$("$bin" generate --model "$data/small" --prompt-ids 1,2,3,4,5 --prompt-ids 9,8,7 --max-tokens 6 --threads 1 \
+out=$("$bin" generate --device cpu --model "$data/small" --prompt-ids 1,2,3,4,5 --prompt-ids 9,8,7 --max-tokens 6 --threads 1 \
       --pp 3 --trace "$trace") || fail "generate --trace: $out"
 grep -q "bubble" <<<"$out" || fail "no pipeline summary: $out"
 python3 - "$trace" <<'PY' || fail "bad trace"
@@ -18,8 +18,8 @@ assert all(e["dur"] >= 0 for e in t if e.get("ph") == "X")
 print("trace ok:", len(t), "events")
 PY
 rm -f "$trace"
-a=$("$bin" generate --model "$data/tiny" --prompt-ids 10,20,30 --prompt-ids 5 --max-tokens 12 --ignore-eos --threads 1)
-b=$("$bin" generate --model "$data/tiny" --prompt-ids 10,20,30 --prompt-ids 5 --max-tokens 12 --ignore-eos --threads 1 --pp 4)
+a=$("$bin" generate --device cpu --model "$data/tiny" --prompt-ids 10,20,30 --prompt-ids 5 --max-tokens 12 --ignore-eos --threads 1)
+b=$("$bin" generate --device cpu --model "$data/tiny" --prompt-ids 10,20,30 --prompt-ids 5 --max-tokens 12 --ignore-eos --threads 1 --pp 4)
 [ "$(grep 'output ids' <<<"$a")" = "$(grep 'output ids' <<<"$b")" ] || fail "pp 4 output differs: $a / $b"
 [ "$(hash_of "$a")" = "$(hash_of "$b")" ] || fail "pp 4 logits differ"
 echo "ok: generate --pp 4 equals --pp 1"
@@ -35,6 +35,6 @@ plan=$("$bin" inspect --model "$data/configs/deepseek-v4-flash" --load-format du
 grep -q "(cost model)" <<<"$plan" || fail "auto plan: $plan"
 echo "ok: inspect plans the full-size model from its config"
 expect_error 2 "covers 44 layers" -- "$bin" inspect --model "$data/configs/deepseek-v4-flash" --load-format dummy --pp 4 --pp-partition 11,11,11,11
-expect_error 2 "--trace: cannot write /nonexistent/t.json" -- "$bin" generate --model "$data/tiny" --prompt-ids 1 --trace /nonexistent/t.json
-expect_error 2 "expected vllm, auto, or positive integers" -- "$bin" generate --model "$data/tiny" --prompt-ids 1 --pp 2 --pp-partition balanced
-expect_error 2 "--fault-inject '1:x'" -- "$bin" generate --model "$data/tiny" --prompt-ids 1 --pp 2 --fault-inject 1:x
+expect_error 2 "--trace: cannot write /nonexistent/t.json" -- "$bin" generate --device cpu --model "$data/tiny" --prompt-ids 1 --trace /nonexistent/t.json
+expect_error 2 "expected vllm, auto, or positive integers" -- "$bin" generate --device cpu --model "$data/tiny" --prompt-ids 1 --pp 2 --pp-partition balanced
+expect_error 2 "--fault-inject '1:x'" -- "$bin" generate --device cpu --model "$data/tiny" --prompt-ids 1 --pp 2 --fault-inject 1:x

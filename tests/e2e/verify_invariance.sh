@@ -3,7 +3,7 @@
 # tolerance and print the logits_hash of the default run (the CPU ops are batch-invariant).
 . "$(dirname "$0")/lib.sh"
 bin=$1 model=$2
-run() { "$bin" verify --model "$model" --golden "$model/golden.safetensors" --atol 5e-5 "$@"; }
+run() { "$bin" verify --device cpu --model "$model" --golden "$model/golden.safetensors" --atol 5e-5 "$@"; }
 base=$(run --threads 2) || fail "default verify failed: $base"
 want=$(hash_of "$base")
 for flags in "--max-num-batched-tokens 1" "--max-num-batched-tokens 3" "--max-num-batched-tokens 13" \

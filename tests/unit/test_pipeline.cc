@@ -125,7 +125,9 @@ TEST(StageLoading, EachStageReadsOnlyItsOwnTensors) {
         const int64_t dh = c.head_dim, r = c.compress_ratio[l];
         want += 2 * c.sliding_window * dh * 4;
         if (r > 0) {
-          const int64_t k = c.compressor_overlap(l), entries = 256 / r + 1;
+          // Entries live in whole state blocks: the slot's blocks cover max_model_len.
+          const int64_t bt = state_block_tokens(c);
+          const int64_t k = c.compressor_overlap(l), entries = blocks_for(256, bt) * bt / r;
           want += 2 * (entries * dh + 2 * r * k * dh + (k == 2 ? 2 * r * dh : 0)) * 4;
           if (c.attn_kinds[l] == AttnKind::kCSA)
             want += 2 *
@@ -269,9 +271,19 @@ TEST(StepCodec, RoundTrip) {
   p.batch.token_ids = {5, 6, 7};
   p.batch.positions = {0, 1, 9};
   p.batch.chunk_of = {0, 0, 1};
-  p.batch.chunks = {SeqChunk{0, 0, 2, 0}, SeqChunk{3, 9, 1, 2}};
+  SeqChunk a, b;
+  a.n_tokens = 2;
+  a.num_blocks = 1;
+  b.slot = 3;
+  b.start_pos = 9;
+  b.n_tokens = 1;
+  b.offset = 2;
+  b.block_table = 1;
+  b.num_blocks = 1;
+  p.batch.chunks = {a, b};
+  p.batch.block_tables = {0, 3};
   p.chunk_request = {10, 11};
-  p.logit_rows = {1, 2};
+  p.batch.logit_rows = {1, 2};
   p.logit_request = {10, 11};
   p.logit_position = {1, 9};
   p.samples = {SampleRow{1, 11, SamplingParams{0.7f, 5, 0.9f, 3, true}}};
@@ -282,6 +294,9 @@ TEST(StepCodec, RoundTrip) {
   EXPECT_EQ(q->id, 42);
   EXPECT_EQ(q->batch.positions, p.batch.positions);
   EXPECT_EQ(q->batch.chunks[1].slot, 3);
+  EXPECT_EQ(q->batch.chunks[1].start_pos, 9);
+  EXPECT_EQ(q->batch.block_tables, p.batch.block_tables);
+  EXPECT_EQ(q->batch.logit_rows, p.batch.logit_rows);
   EXPECT_EQ(q->samples[0].params.top_k, 5);
   EXPECT_TRUE(q->samples[0].params.ignore_eos);
   auto bytes = encode_step(p);

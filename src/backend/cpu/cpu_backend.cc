@@ -13,37 +13,6 @@
 
 namespace sp {
 
-RopeTable RopeTable::build(const RopeParams& p, int rope_dim) {
-  RopeTable t;
-  t.rope_dim = rope_dim;
-  const int half = rope_dim / 2;
-  t.inv_freq.resize(half);
-  std::vector<double> extrap(half), interp(half);
-  for (int i = 0; i < half; ++i) {
-    double pos_freq = std::pow(p.theta, static_cast<double>(2 * i) / rope_dim);
-    extrap[i] = 1.0 / pos_freq;
-    interp[i] = 1.0 / (p.factor * pos_freq);
-  }
-  if (!p.yarn) {
-    for (int i = 0; i < half; ++i) t.inv_freq[i] = static_cast<float>(extrap[i]);
-    return t;
-  }
-  // YaRN ramp (floor/ceil-truncated correction range), no attention scaling.
-  auto corr = [&](double rotations) {
-    return rope_dim * std::log(p.original_max_position / (rotations * 2 * M_PI)) /
-           (2 * std::log(p.theta));
-  };
-  double lo = std::max(std::floor(corr(p.beta_fast)), 0.0);
-  double hi = std::min(std::ceil(corr(p.beta_slow)), static_cast<double>(rope_dim - 1));
-  if (lo == hi) hi += 0.001;
-  for (int i = 0; i < half; ++i) {
-    double ramp = std::clamp((i - lo) / (hi - lo), 0.0, 1.0);
-    double keep = 1.0 - ramp;
-    t.inv_freq[i] = static_cast<float>(interp[i] * (1 - keep) + extrap[i] * keep);
-  }
-  return t;
-}
-
 namespace {
 
 // Dot product with eight fixed partial sums (one 8-lane vector): its order depends only on n, so
@@ -124,13 +93,36 @@ class CpuBackend final : public Backend {
   CpuBackend(int threads, int64_t min_work) : pool_(threads), min_work_(min_work) {}
   std::string name() const override { return "cpu"; }
   int num_threads() const override { return pool_.num_threads(); }
+  Device device() const override { return Device::kHost; }
+  DType act_dtype() const override { return DType::kF32; }
 
-  Tensor alloc(int64_t rows, int64_t cols) override {
-    storage_.emplace_back(static_cast<size_t>(std::max<int64_t>(rows * cols, 1)), 0.0f);
-    return {storage_.back().data(), rows, cols};
+  void reserve(const BackendLimits& lim) override { lim_ = lim; }
+
+  Tensor alloc(int64_t rows, int64_t cols, DType dtype) override {
+    const int64_t bytes = std::max<int64_t>(rows * cols * dtype_size(dtype), 1);
+    storage_.emplace_back(static_cast<size_t>((bytes + 3) / 4), 0.0f);
+    return Tensor::of(storage_.back().data(), rows, cols, dtype, Device::kHost);
   }
 
-  void embed(const Linear& table, const BatchView& b, Tensor out) override {
+  LayerState alloc_state(const std::vector<StateAlloc>& layout) override {
+    LayerState st;
+    for (const StateAlloc& a : layout) st.*a.field = alloc(a.rows, a.cols, DType::kF32);
+    return st;
+  }
+
+  // Matrices stay where the loader put them (mapped checkpoint or generated buffers); small
+  // tensors are copied, so the caller's buffer may go away.
+  Matrix upload(const Matrix& host) override { return host; }
+  Tensor upload(const Tensor& host) override {
+    Tensor t = alloc(host.rows, host.cols, host.dtype);
+    copy(host, t);
+    return t;
+  }
+  void prepare_moe(MoeWeights&) override {}
+  void begin_step(const BatchView&) override {}
+  void synchronize() override {}
+
+  void embed(const Matrix& table, const BatchView& b, Tensor out) override {
     pool_.parallel_for(
         b.num_tokens,
         [&](int64_t lo, int64_t hi) {
@@ -145,19 +137,20 @@ class CpuBackend final : public Backend {
         std::memcpy(X.row(t) + j * e.cols, e.row(t), e.cols * sizeof(float));
   }
 
-  void linear(Tensor x, const Linear& w, Tensor y) override {
+  void linear(Tensor x, const Matrix& w, Tensor y) override {
     SP_CHECK(x.cols == w.in && y.cols == w.out && x.rows == y.rows, w.name, ": x ", x.rows, "x",
              x.cols, " y ", y.rows, "x", y.cols, " W ", w.out, "x", w.in);
-    matmul(x.data, x.cols, x.rows, w, 0, w.in, w.out, y.data, y.cols);
+    matmul(x.f32(), x.stride, x.rows, w, 0, w.in, w.out, y.f32(), y.stride);
   }
 
-  void grouped_linear(Tensor x, const Linear& w, int groups, Tensor y) override {
+  void grouped_linear(Tensor x, const Matrix& w, int groups, Tensor y) override {
     const int64_t kin = x.cols / groups;
     SP_CHECK(w.in == kin && y.cols == w.out && x.rows == y.rows, w.name);
-    matmul(x.data, x.cols, x.rows, w, kin, kin, w.out / groups, y.data, y.cols);
+    matmul(x.f32(), x.stride, x.rows, w, kin, kin, w.out / groups, y.f32(), y.stride);
   }
 
-  void rms_norm(Tensor x, const float* weight, int group, float eps, Tensor y) override {
+  void rms_norm(Tensor x, const Tensor* weight_t, int group, float eps, Tensor y) override {
+    const float* weight = weight_t ? weight_t->f32() : nullptr;
     const int64_t groups = x.cols / group;
     pool_.parallel_for(
         x.rows * groups,
@@ -173,8 +166,9 @@ class CpuBackend final : public Backend {
         grain(2 * group));
   }
 
-  void rope(Tensor x, int head_dim, const RopeTable& t, const BatchView& b, bool inverse) override {
+  void rope(Tensor x, int head_dim, const RopeView& t, const BatchView& b, bool inverse) override {
     const int heads = static_cast<int>(x.cols / head_dim), half = t.rope_dim / 2;
+    const float* inv_freq = t.inv_freq.f32();
     pool_.parallel_for(
         x.rows,
         [&](int64_t lo, int64_t hi) {
@@ -182,7 +176,7 @@ class CpuBackend final : public Backend {
           for (int64_t r = lo; r < hi; ++r) {
             const float pos = static_cast<float>(b.positions[r]);
             for (int i = 0; i < half; ++i) {
-              float ang = t.inv_freq[i] * pos;
+              float ang = inv_freq[i] * pos;
               cs[i] = static_cast<float>(std::cos(static_cast<double>(ang)));
               sn[i] = static_cast<float>(std::sin(static_cast<double>(ang)));
               if (inverse) sn[i] = -sn[i];
@@ -200,10 +194,11 @@ class CpuBackend final : public Backend {
         grain(heads * t.rope_dim * 4));
   }
 
-  void hc_pre(Tensor X, const HcParams& p, int hc, int iters, float hc_eps, float norm_eps,
+  void hc_pre(Tensor X, const HcWeights& p, int hc, int iters, float hc_eps, float norm_eps,
               Tensor x, Tensor post, Tensor comb) override {
     const int64_t W = X.cols, D = W / hc;
     const int mix = (2 + hc) * hc;
+    const float *fn = p.fn.f32(), *base = p.base.f32(), *scale = p.scale.f32();
     pool_.parallel_for(
         X.rows,
         [&](int64_t lo, int64_t hi) {
@@ -212,17 +207,17 @@ class CpuBackend final : public Backend {
             const float* u = X.row(t);
             float r = 1.0f / std::sqrt(dot(u, u, W) / static_cast<float>(W) + norm_eps);
             for (int64_t k = 0; k < W; ++k) flat[k] = u[k] * r;
-            for (int j = 0; j < mix; ++j) m[j] = dot(flat.data(), p.fn.data() + j * W, W);
+            for (int j = 0; j < mix; ++j) m[j] = dot(flat.data(), fn + j * W, W);
             float pre[16];
             for (int j = 0; j < hc; ++j) {
-              pre[j] = sigmoid(m[j] * p.scale[0] + p.base[j]) + hc_eps;
-              post.row(t)[j] = 2.0f * sigmoid(m[hc + j] * p.scale[1] + p.base[hc + j]);
+              pre[j] = sigmoid(m[j] * scale[0] + base[j]) + hc_eps;
+              post.row(t)[j] = 2.0f * sigmoid(m[hc + j] * scale[1] + base[hc + j]);
             }
             for (int j = 0; j < hc; ++j) {  // row softmax over the last index, then Sinkhorn
               float* row = c.data() + j * hc;
               float mx = -std::numeric_limits<float>::infinity();
               for (int k = 0; k < hc; ++k) {
-                row[k] = m[2 * hc + j * hc + k] * p.scale[2] + p.base[2 * hc + j * hc + k];
+                row[k] = m[2 * hc + j * hc + k] * scale[2] + base[2 * hc + j * hc + k];
                 mx = std::max(mx, row[k]);
               }
               float s = 0;
@@ -281,9 +276,10 @@ class CpuBackend final : public Backend {
         grain(hc * D * (hc + 1)));
   }
 
-  void hc_head(Tensor X, const HcParams& p, int hc, float hc_eps, float norm_eps,
+  void hc_head(Tensor X, const HcWeights& p, int hc, float hc_eps, float norm_eps,
                Tensor h) override {
     const int64_t W = X.cols, D = W / hc;
+    const float *fn = p.fn.f32(), *base = p.base.f32(), *scale = p.scale.f32();
     pool_.parallel_for(
         X.rows,
         [&](int64_t lo, int64_t hi) {
@@ -294,8 +290,7 @@ class CpuBackend final : public Backend {
             for (int64_t k = 0; k < W; ++k) flat[k] = u[k] * r;
             float pre[16];
             for (int j = 0; j < hc; ++j)
-              pre[j] = sigmoid(dot(flat.data(), p.fn.data() + j * W, W) * p.scale[0] + p.base[j]) +
-                       hc_eps;
+              pre[j] = sigmoid(dot(flat.data(), fn + j * W, W) * scale[0] + base[j]) + hc_eps;
             for (int64_t d = 0; d < D; ++d) {
               float s = 0;
               for (int j = 0; j < hc; ++j) s += pre[j] * u[j * D + d];
@@ -307,9 +302,10 @@ class CpuBackend final : public Backend {
   }
 
   void compress(Tensor a, Tensor g, const CompressorArgs& args, const BatchView& b, Tensor buf,
-                Tensor prev, Tensor cache, int64_t max_entries) override {
+                Tensor prev, Tensor cache) override {
     const int r = args.ratio, k = args.overlap, d = args.dim;
     const int64_t kd = static_cast<int64_t>(k) * d;
+    const float *ape = args.w->ape.f32(), *norm = args.w->norm.f32();
     // Sequences are independent: one task per chunk; tokens of a chunk go in order.
     pool_.parallel_for(static_cast<int64_t>(b.chunks.size()), [&](int64_t lo, int64_t hi) {
       std::vector<float> pooled(static_cast<size_t>(d)), wts(2 * r);
@@ -328,10 +324,11 @@ class CpuBackend final : public Backend {
         for (int i = 0; i < ch.n_tokens; ++i) {
           const int64_t t = ch.offset + i, p = ch.start_pos + i, s = p % r;
           std::memcpy(bv + s * kd, a.row(t), kd * sizeof(float));
-          for (int64_t c = 0; c < kd; ++c) bg[s * kd + c] = g.row(t)[c] + args.w->ape[s * kd + c];
+          for (int64_t c = 0; c < kd; ++c) bg[s * kd + c] = g.row(t)[c] + ape[s * kd + c];
           if (s != r - 1) continue;
           const int64_t w = p / r;
-          SP_CHECK(w < max_entries, "compressed cache overflow: entry ", w, " of ", max_entries);
+          SP_CHECK(w * r / lim_.block_tokens < ch.num_blocks, "compressed entry ", w, " of slot ",
+                   ch.slot, " outside its ", ch.num_blocks, " state blocks");
           // Per channel: softmax over the window's slots (CSA: previous A-halves then current
           // B-halves).
           for (int c = 0; c < d; ++c) {
@@ -353,10 +350,10 @@ class CpuBackend final : public Backend {
             }
             pooled[c] = acc;
           }
-          float* e = cache.row(static_cast<int64_t>(ch.slot) * max_entries + w);
+          float* e = cache.row(entry_row(b, ch, w, r, lim_.block_tokens));
           float ss = dot(pooled.data(), pooled.data(), d);
           float rn = 1.0f / std::sqrt(ss / static_cast<float>(d) + args.eps);
-          for (int c = 0; c < d; ++c) e[c] = args.w->norm[c] * (pooled[c] * rn);
+          for (int c = 0; c < d; ++c) e[c] = norm[c] * (pooled[c] * rn);
           rotate(e, d, *args.rope, static_cast<float>(w * r));
           if (k == 2) {  // this window's A-halves overlap into the next entry
             for (int j = 0; j < r; ++j) {
@@ -370,9 +367,9 @@ class CpuBackend final : public Backend {
   }
 
   void indexer_topk(Tensor q, Tensor weights, int heads, int dim, int ratio, int topk,
-                    const BatchView& b, Tensor keys, int64_t max_entries,
-                    std::vector<int32_t>& out) override {
-    out.assign(static_cast<size_t>(b.num_tokens) * topk, -1);
+                    const BatchView& b, Tensor keys, Tensor out) override {
+    SP_CHECK(out.cols == topk && out.rows == b.num_tokens, "indexer output ", out.rows, "x",
+             out.cols);
     const float qscale = 1.0f / std::sqrt(static_cast<float>(dim));
     const float wscale = 1.0f / std::sqrt(static_cast<float>(heads));
     pool_.parallel_for(
@@ -381,12 +378,14 @@ class CpuBackend final : public Backend {
           std::vector<float> score;
           std::vector<int> idx;
           for (int64_t t = lo; t < hi; ++t) {
+            int32_t* sel = out.ptr<int32_t>(t);
+            std::fill(sel, sel + topk, -1);
             const SeqChunk& ch = b.chunks[b.chunk_of[t]];
             const int n = (b.positions[t] + 1) / ratio;
             if (n == 0) continue;
             score.assign(n, 0.0f);
             for (int w = 0; w < n; ++w) {
-              const float* kw = keys.row(static_cast<int64_t>(ch.slot) * max_entries + w);
+              const float* kw = keys.row(entry_row(b, ch, w, ratio, lim_.block_tokens));
               float s = 0;
               for (int h = 0; h < heads; ++h) {
                 float z = std::max(dot(q.row(t) + h * dim, kw, dim), 0.0f) * qscale;
@@ -397,16 +396,17 @@ class CpuBackend final : public Backend {
             const int k = std::min(topk, n);
             topk_lower_index(score.data(), n, k, idx);
             std::sort(idx.begin(), idx.end());
-            for (int i = 0; i < k; ++i) out[t * topk + i] = idx[i];
+            for (int i = 0; i < k; ++i) sel[i] = idx[i];
           }
         },
-        grain(static_cast<int64_t>(heads) * dim * std::max<int64_t>(1, max_entries)));
+        grain(static_cast<int64_t>(heads) * dim * 64));
   }
 
   void attention(Tensor q, Tensor kv, const AttentionArgs& a, const BatchView& b,
-                 const LayerState& st, const std::vector<int32_t>* selected, int topk,
-                 Tensor o) override {
+                 const LayerState& st, const Tensor* selected, Tensor o) override {
     const int H = a.num_heads, dh = a.head_dim, W = a.window;
+    const int topk = selected ? static_cast<int>(selected->cols) : 0;
+    const float* sink = a.sink->f32();
     pool_.parallel_for(
         static_cast<int64_t>(b.num_tokens) * H,
         [&](int64_t lo, int64_t hi) {
@@ -422,23 +422,24 @@ class CpuBackend final : public Backend {
               rows.push_back(pp < ch.start_pos
                                  ? st.window.row(static_cast<int64_t>(ch.slot) * W + pp % W)
                                  : kv.row(ch.offset + (pp - ch.start_pos)));
-            const int64_t cbase = static_cast<int64_t>(ch.slot) * st.max_entries;
+            auto entry = [&](int64_t w) {
+              return st.cmp.row(entry_row(b, ch, w, a.ratio, lim_.block_tokens));
+            };
             if (a.kind == AttnKind::kHCA) {
-              for (int64_t w = 0; w < (p + 1) / a.ratio; ++w) rows.push_back(st.cmp.row(cbase + w));
+              for (int64_t w = 0; w < (p + 1) / a.ratio; ++w) rows.push_back(entry(w));
             } else if (a.kind == AttnKind::kCSA) {
-              for (int j = 0; j < topk; ++j) {
-                int32_t w = (*selected)[t * topk + j];
-                if (w >= 0) rows.push_back(st.cmp.row(cbase + w));
-              }
+              const int32_t* sel = selected->ptr<int32_t>(t);
+              for (int j = 0; j < topk; ++j)
+                if (sel[j] >= 0) rows.push_back(entry(sel[j]));
             }
             const float* qh = q.row(t) + h * dh;
             z.resize(rows.size());
-            float mx = a.sink[h];
+            float mx = sink[h];
             for (size_t j = 0; j < rows.size(); ++j) {
               z[j] = dot(qh, rows[j], dh) * a.scale;
               mx = std::max(mx, z[j]);
             }
-            float denom = std::exp(a.sink[h] - mx);
+            float denom = std::exp(sink[h] - mx);
             for (size_t j = 0; j < rows.size(); ++j) denom += (z[j] = std::exp(z[j] - mx));
             float* oh = o.row(t) + h * dh;
             std::fill(oh, oh + dh, 0.0f);
@@ -462,10 +463,12 @@ class CpuBackend final : public Backend {
   }
 
   void moe(Tensor x, const MoeArgs& a, const BatchView& b, Tensor y) override {
-    const LayerWeights& L = *a.w;
+    const MoeWeights& L = *a.w;
+    const float* gate_bias = L.gate_bias.f32();
+    const int32_t* tid2eid = L.tid2eid.ptr<int32_t>();
     const int64_t T = x.rows, D = x.cols, E = L.gate.out, K = a.experts_per_tok, I = L.w1[0].out;
     std::vector<float> logits(static_cast<size_t>(T * E));
-    linear(x, L.gate, {logits.data(), T, E});
+    linear(x, L.gate, Tensor::of(logits.data(), T, E));
     // Routing: per token, independent of the batch.
     std::vector<int32_t> eidx(static_cast<size_t>(T * K));
     std::vector<float> ew(static_cast<size_t>(T * K));
@@ -476,11 +479,10 @@ class CpuBackend final : public Backend {
           std::vector<int> idx;
           for (int64_t t = lo; t < hi; ++t) {
             for (int64_t e = 0; e < E; ++e) s[e] = std::sqrt(softplus(logits[t * E + e]));
-            if (L.mlp == MlpKind::kHashMoe) {
-              idx.assign(L.tid2eid.begin() + b.token_ids[t] * K,
-                         L.tid2eid.begin() + (b.token_ids[t] + 1) * K);
+            if (L.kind == MlpKind::kHashMoe) {
+              idx.assign(tid2eid + b.token_ids[t] * K, tid2eid + (b.token_ids[t] + 1) * K);
             } else {
-              for (int64_t e = 0; e < E; ++e) biased[e] = s[e] + L.gate_bias[e];
+              for (int64_t e = 0; e < E; ++e) biased[e] = s[e] + gate_bias[e];
               topk_lower_index(biased.data(), static_cast<int>(E), static_cast<int>(K), idx);
             }
             float sum = 0;
@@ -498,22 +500,22 @@ class CpuBackend final : public Backend {
       for (int j = 0; j < K; ++j) by_expert[eidx[t * K + j]].push_back({t, ew[t * K + j]});
     std::vector<float> acc(static_cast<size_t>(T * D), 0.0f);
     std::vector<float> xs, h1, h3, out;
-    auto expert = [&](const Linear& w1, const Linear& w2, const Linear& w3,
+    auto expert = [&](const Matrix& w1, const Matrix& w2, const Matrix& w3,
                       const std::vector<int64_t>& toks, std::vector<float>& result) {
       const int64_t n = static_cast<int64_t>(toks.size());
       xs.resize(n * D);
       for (int64_t i = 0; i < n; ++i) std::memcpy(&xs[i * D], x.row(toks[i]), D * sizeof(float));
       h1.resize(n * I);
       h3.resize(n * I);
-      linear({xs.data(), n, D}, w1, {h1.data(), n, I});
-      linear({xs.data(), n, D}, w3, {h3.data(), n, I});
+      linear(Tensor::of(xs.data(), n, D), w1, Tensor::of(h1.data(), n, I));
+      linear(Tensor::of(xs.data(), n, D), w3, Tensor::of(h3.data(), n, I));
       for (int64_t i = 0; i < n * I; ++i) {
         float gt = std::min(h1[i], a.swiglu_limit);
         float up = std::clamp(h3[i], -a.swiglu_limit, a.swiglu_limit);
         h1[i] = gt * sigmoid(gt) * up;
       }
       result.resize(n * D);
-      linear({h1.data(), n, I}, w2, {result.data(), n, D});
+      linear(Tensor::of(h1.data(), n, I), w2, Tensor::of(result.data(), n, D));
     };
     std::vector<int64_t> toks;
     for (int64_t e = 0; e < E; ++e) {
@@ -534,15 +536,30 @@ class CpuBackend final : public Backend {
       for (int64_t d = 0; d < D; ++d) y.row(t)[d] = acc[t * D + d] + out[t * D + d];
   }
 
-  void gather_rows(Tensor x, const std::vector<int32_t>& rows, Tensor out) override {
-    for (size_t i = 0; i < rows.size(); ++i)
-      std::memcpy(out.row(i), x.row(rows[i]), x.cols * sizeof(float));
+  void gather_logit_rows(Tensor x, const BatchView& b, Tensor out) override {
+    for (size_t i = 0; i < b.logit_rows.size(); ++i)
+      std::memcpy(out.row(static_cast<int64_t>(i)), x.row(b.logit_rows[i]), x.cols * sizeof(float));
   }
-  void to_host(Tensor src, float* dst) override {
-    std::memcpy(dst, src.data, src.rows * src.cols * sizeof(float));
+  void copy(Tensor src, Tensor dst) override {
+    SP_CHECK(src.rows == dst.rows && src.cols == dst.cols && src.dtype == dst.dtype, "copy ",
+             src.rows, "x", src.cols, " to ", dst.rows, "x", dst.cols);
+    const int64_t row_bytes = src.cols * src.elem_size();
+    for (int64_t r = 0; r < src.rows; ++r)
+      std::memcpy(static_cast<uint8_t*>(dst.data) + r * dst.stride * dst.elem_size(),
+                  static_cast<const uint8_t*>(src.data) + r * src.stride * src.elem_size(),
+                  row_bytes);
   }
-  void from_host(const float* src, Tensor dst) override {
-    std::memcpy(dst.data, src, dst.rows * dst.cols * sizeof(float));
+  void sample(Tensor logits, const std::vector<SampleSpec>& specs, int32_t* ids) override {
+    for (size_t i = 0; i < specs.size(); ++i)
+      ids[i] = sample_row(specs[i], logits.row(specs[i].row), logits.cols);
+  }
+  void to_host(Tensor src, void* dst) override {
+    SP_CHECK(src.contiguous(), "to_host of a strided tensor");
+    if (src.numel() > 0) std::memcpy(dst, src.data, src.numel() * src.elem_size());
+  }
+  void from_host(const void* src, Tensor dst) override {
+    SP_CHECK(dst.contiguous(), "from_host into a strided tensor");
+    if (dst.numel() > 0) std::memcpy(dst.data, src, dst.numel() * dst.elem_size());
   }
 
  private:
@@ -554,7 +571,7 @@ class CpuBackend final : public Backend {
 
   // y[m, n] = x[m, g(n) * group_stride : + K] . W[n] for every m, n, where g(n) = n /
   // rows_per_group. Threads split the weight rows; each is decoded once per call, four at a time.
-  void matmul(const float* x, int64_t ldx, int64_t M, const Linear& w, int64_t group_stride,
+  void matmul(const float* x, int64_t ldx, int64_t M, const Matrix& w, int64_t group_stride,
               int64_t K, int64_t rows_per_group, float* y, int64_t ldy) {
     if (M == 0) return;
     const int64_t N = w.out, blocks = (N + 3) / 4;
@@ -579,10 +596,11 @@ class CpuBackend final : public Backend {
         grain(4 * M * K));
   }
 
-  static void rotate(float* v, int dim, const RopeTable& t, float pos) {
+  static void rotate(float* v, int dim, const RopeView& t, float pos) {
     float* r = v + (dim - t.rope_dim);
+    const float* inv_freq = t.inv_freq.f32();
     for (int i = 0; i < t.rope_dim / 2; ++i) {
-      float ang = t.inv_freq[i] * pos;
+      float ang = inv_freq[i] * pos;
       float cs = static_cast<float>(std::cos(static_cast<double>(ang)));
       float sn = static_cast<float>(std::sin(static_cast<double>(ang)));
       float a = r[2 * i], c = r[2 * i + 1];
@@ -591,8 +609,46 @@ class CpuBackend final : public Backend {
     }
   }
 
+  // Greedy: the first maximum (ties to the lower id). Otherwise temperature, then top-k, then
+  // top-p over the sorted candidates, and one counter-based uniform draw.
+  static int32_t sample_row(const SampleSpec& sp, const float* logits, int64_t vocab) {
+    if (sp.temperature <= 0.0f) {
+      int64_t best = 0;
+      for (int64_t i = 1; i < vocab; ++i)
+        if (logits[i] > logits[best]) best = i;
+      return static_cast<int32_t>(best);
+    }
+    std::vector<int32_t> idx(vocab);
+    for (int64_t i = 0; i < vocab; ++i) idx[i] = static_cast<int32_t>(i);
+    std::stable_sort(idx.begin(), idx.end(),
+                     [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
+    const int64_t n = sp.top_k > 0 ? std::min<int64_t>(sp.top_k, vocab) : vocab;
+    std::vector<double> p(n);
+    double mx = logits[idx[0]], sum = 0;
+    for (int64_t i = 0; i < n; ++i)
+      sum += (p[i] = std::exp((logits[idx[i]] - mx) / sp.temperature));
+    double cum = 0;
+    int64_t keep = n;
+    for (int64_t i = 0; i < n; ++i) {
+      cum += p[i] / sum;
+      if (cum >= sp.top_p) {
+        keep = i + 1;
+        break;
+      }
+    }
+    double total = 0;
+    for (int64_t i = 0; i < keep; ++i) total += p[i];
+    double u = counter_uniform(sp.seed, sp.stream, sp.counter) * total;
+    for (int64_t i = 0; i < keep; ++i) {
+      if (u < p[i]) return idx[i];
+      u -= p[i];
+    }
+    return idx[keep - 1];
+  }
+
   ThreadPool pool_;
   int64_t min_work_;
+  BackendLimits lim_;
   std::list<std::vector<float>> storage_;
 };
 

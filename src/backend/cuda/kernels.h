@@ -1,0 +1,127 @@
+// Kernel entry points of the CUDA backend. Each family lives in its own .cu file; the backend
+// (cuda_backend.cu) owns memory, streams and the step metadata and calls these.
+//
+// Conventions:
+// - Every function enqueues work on `stream` and returns without synchronising; no function
+//   allocates device memory (scratch comes from the Workspace the caller passes).
+// - Tensors are device views (core/tensor.h): rows x cols with a row stride in elements, dtype
+//   f32 or bf16 for activations (the backend's activation dtype is bf16), f32 where the Backend
+//   interface says f32, i32 for indices. Arithmetic is fp32 whatever the storage.
+// - Matrices (core/matrix.h) keep their upstream storage on the device: kFloat (F32/BF16/F16),
+//   kFP8 (e4m3 + 128x128 block scales, E8M0 or F32), kFP4 (e2m1 pairs, low nibble first, + a scale
+//   per 32 inputs, E8M0 or F32).
+// - Results are deterministic: the same inputs give the same bits run after run (no float atomics
+//   whose order varies; reductions in a fixed order).
+// - The semantics of every op are those of the CPU backend (backend/cpu/cpu_backend.cc), which is
+//   the oracle the parity tests compare against.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "backend/backend.h"
+
+namespace sp::cuda {
+
+// The step's metadata on the device (uploaded once per step by begin_step). Arrays as in
+// BatchView; SeqChunk has the same layout on both sides.
+struct DevBatch {
+  int num_tokens = 0;
+  int num_chunks = 0;
+  int num_logit_rows = 0;
+  int block_tokens = 0;
+  const int32_t* token_ids = nullptr;     // [num_tokens]
+  const int32_t* positions = nullptr;     // [num_tokens]
+  const int32_t* chunk_of = nullptr;      // [num_tokens]
+  const SeqChunk* chunks = nullptr;       // [num_chunks]
+  const int32_t* block_tables = nullptr;  // concatenated per chunk
+  const int32_t* logit_rows = nullptr;    // [num_logit_rows]
+  // Host copy of the same step (for launch sizing only: never dereference device arrays on the
+  // host).
+  const BatchView* host = nullptr;
+};
+
+// Row of compressed entry w of chunk ch in a per-entry pool (device side of entry_row()).
+__device__ __forceinline__ int64_t dev_entry_row(const DevBatch& b, const SeqChunk& ch, int64_t w,
+                                                 int ratio) {
+  const int64_t per_block = b.block_tokens / ratio;
+  return static_cast<int64_t>(b.block_tables[ch.block_table + w / per_block]) * per_block +
+         w % per_block;
+}
+
+// Scratch device memory, reused across ops. get(slot, bytes) returns a buffer of at least `bytes`
+// that stays valid until the next get() of the same slot; different slots never overlap. It grows
+// (cudaMalloc, after synchronising the stream) only when a request is larger than any before, so a
+// warmed-up decode step allocates nothing.
+class Workspace {
+ public:
+  explicit Workspace(cudaStream_t stream) : stream_(stream) {}
+  ~Workspace();
+  void* get(int slot, size_t bytes);
+  template <typename T>
+  T* get(int slot, size_t count) {
+    return static_cast<T*>(get(slot, count * sizeof(T)));
+  }
+
+ private:
+  cudaStream_t stream_;
+  std::vector<void*> ptr_;
+  std::vector<size_t> size_;
+};
+
+// Aborts with file:line and the CUDA error (programmer/invariant errors and device faults).
+void check_cuda(cudaError_t e, const char* what, const char* file, int line);
+#define SP_CUDA(call) ::sp::cuda::check_cuda((call), #call, __FILE__, __LINE__)
+// After a launch: checks the launch itself (not a sync).
+#define SP_CUDA_LAUNCH() ::sp::cuda::check_cuda(cudaGetLastError(), "kernel launch", __FILE__, __LINE__)
+
+// ---- gemm.cu: projections --------------------------------------------------------------------
+// y = x W^T. x: [M, K] f32 or bf16, y: [M, N] f32 or bf16; fp32 accumulation.
+void linear(cudaStream_t s, Workspace& ws, Tensor x, const Matrix& w, Tensor y);
+// Block-diagonal grouped projection: y[:, g*N/G:(g+1)*N/G] = x[:, g*K:(g+1)*K] W_g^T with W viewed
+// [G, N/G, K] (w.out = N, w.in = K = x.cols / G).
+void grouped_linear(cudaStream_t s, Workspace& ws, Tensor x, const Matrix& w, int groups,
+                    Tensor y);
+// out[t] = table[token_ids[t]] (exact decode, then stored in out's dtype).
+void embed(cudaStream_t s, const Matrix& table, const DevBatch& b, Tensor out);
+
+// ---- moe.cu: routing and experts ---------------------------------------------------------------
+// Routed experts (sqrtsoftplus scores; hash routing by token id or bias-corrected top-k with ties
+// to the lower expert id; weights normalised over the chosen experts times routed_scale) plus the
+// shared expert; SwiGLU with clamp. Each token's routed contributions are summed in ascending
+// expert order, then the shared expert's output is added (the CPU backend's order).
+// x: [T, D] -> y: [T, D].
+void moe(cudaStream_t s, Workspace& ws, Tensor x, const MoeArgs& a, const DevBatch& b, Tensor y);
+// What moe() needs precomputed once per layer (device pointer tables of the experts), stored in
+// moe.table by the backend at upload.
+void prepare_moe(MoeWeights& moe, cudaStream_t s);
+
+// ---- attention.cu: compressed KV, indexer, attention --------------------------------------------
+void compress(cudaStream_t s, Workspace& ws, Tensor a, Tensor g, const CompressorArgs& args,
+              const DevBatch& b, Tensor buf, Tensor prev, Tensor cache);
+void indexer_topk(cudaStream_t s, Workspace& ws, Tensor q, Tensor weights, int heads, int dim,
+                  int ratio, int topk, const DevBatch& b, Tensor keys, Tensor out);
+void attention(cudaStream_t s, Workspace& ws, Tensor q, Tensor kv, const AttentionArgs& args,
+               const DevBatch& b, const LayerState& st, const Tensor* selected, Tensor o);
+void window_update(cudaStream_t s, Tensor kv, int window, const DevBatch& b, Tensor ring);
+
+// ---- elementwise.cu: norms, rope, mHC, copies, sampling ----------------------------------------
+void expand_streams(cudaStream_t s, Tensor e, int hc, Tensor X);
+void rms_norm(cudaStream_t s, Tensor x, const Tensor* weight, int group, float eps, Tensor y);
+void rope(cudaStream_t s, Tensor x, int head_dim, const RopeView& r, const DevBatch& b,
+          bool inverse);
+void hc_pre(cudaStream_t s, Workspace& ws, Tensor X, const HcWeights& p, int hc, int iters,
+            float hc_eps, float norm_eps, Tensor x, Tensor post, Tensor comb);
+void hc_post(cudaStream_t s, Tensor f, Tensor post, Tensor comb, int hc, Tensor X);
+void hc_head(cudaStream_t s, Workspace& ws, Tensor X, const HcWeights& p, int hc, float hc_eps,
+             float norm_eps, Tensor h);
+void gather_rows(cudaStream_t s, Tensor x, const DevBatch& b, Tensor out);
+void copy(cudaStream_t s, Tensor src, Tensor dst);
+// One id per spec into ids_dev (device int32 [specs]); specs_dev: device copy of the specs.
+void sample(cudaStream_t s, Workspace& ws, Tensor logits, const SampleSpec* specs_dev,
+            const SampleSpec* specs_host, int n, int32_t* ids_dev);
+
+}  // namespace sp::cuda
