@@ -146,6 +146,14 @@ Result<std::vector<std::vector<int32_t>>> encode_prompts(const Flags& f,
 
 namespace {
 
+// Index of the largest logit, ties to the lower id (as the reference top-1 was computed).
+int32_t top1_of(const float* v, int64_t n) {
+  int64_t best = 0;
+  for (int64_t i = 1; i < n; ++i)
+    if (v[i] > v[best]) best = i;
+  return static_cast<int32_t>(best);
+}
+
 struct ScoreText {
   int64_t line = 0;
   std::vector<int32_t> ids;
@@ -252,7 +260,7 @@ int cmd_score(const std::vector<std::string>& args) {
         const auto& ids = (*texts)[req].ids;
         if (pos + 1 >= static_cast<int64_t>(ids.size())) return;
         const int32_t target = ids[pos + 1];
-        const int32_t best = argmax(l, V);
+        const int32_t best = top1_of(l, V);
         double mx = l[best], sum = 0;
         for (int64_t v = 0; v < V; ++v) sum += std::exp(static_cast<double>(l[v]) - mx);
         nll[req][pos] = mx + std::log(sum) - static_cast<double>(l[target]);
