@@ -1,10 +1,10 @@
 # seekpipe: the two commands a fresh machine needs.
-#   make demo   install what is missing, build, generate from the bundled tiny model
+#   make demo   install what is missing, build, continue a text prompt with the bundled KJV model
 #   make test   install what is missing, build, run the whole test suite (ctest)
 BUILD ?= build
 JOBS ?= $(shell nproc)
 # Debian packages the build and the tests use.
-APT_PACKAGES := cmake ninja-build g++ make nlohmann-json3-dev libgtest-dev python3 python3-venv openmpi-bin libopenmpi-dev procps clang-format
+APT_PACKAGES := cmake ninja-build g++ make nlohmann-json3-dev libgtest-dev python3 python3-venv openmpi-bin libopenmpi-dev procps clang-format pkg-config libpcre2-dev
 # PyPI packages the tests use as oracles and clients (pinned in tests/requirements.txt), in a
 # virtual environment inside the build folder: nothing is installed into the system Python.
 VENV := $(BUILD)/venv
@@ -33,8 +33,9 @@ build: deps
 	cmake -S . -B $(BUILD) -G Ninja -DCMAKE_BUILD_TYPE=Release -DSP_TEST_PYTHON=$(abspath $(VENV))/bin/python
 	cmake --build $(BUILD) -j $(JOBS)
 
+# The bundled trained model (FP8 / FP4 weights, models/README.md) continues a text prompt.
 demo: build
-	./$(BUILD)/seekpipe generate --model tests/data/tiny --prompt-ids 17,42,99,3,250 --max-tokens 24 --ignore-eos
+	./$(BUILD)/seekpipe generate --model models/kjv-v4-tiny-fp8 --prompt "And Jesus said unto them," --max-tokens 40 --ignore-eos
 
 test: build pydeps
 	cd $(BUILD) && ctest --output-on-failure -j $(JOBS) --timeout 1800

@@ -27,7 +27,7 @@ row() {  # label, then the command; the run with the median run time of REPEATS 
   local line gen steps secs toks pipe
   line=$(grep '^generated' <<<"$out")
   gen=$(awk '{print $2}' <<<"$line"); steps=$(awk '{print $5}' <<<"$line"); secs=$(awk '{print $7}' <<<"$line")
-  toks=$(grep -o 'prefill of [0-9]*' <<<"$line" | awk '{print $3}')
+  toks=$(grep -o 'over [0-9]* prefill + [0-9]* decode' <<<"$line" | awk '{print $2 + $5}')
   pipe=$(grep '^pipeline:' <<<"$out" | sed 's/^pipeline: //; s/ ([0-9]* steps)//g' || true)
   printf '| %s | %s | %s | %.2f | %.1f | %.2f | %s |\n' "$label" "$steps" "$toks" "$secs" \
     "$(echo "$toks / $secs" | bc -l)" "$(echo "$gen / $secs" | bc -l)" "${pipe:--}"

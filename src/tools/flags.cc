@@ -161,6 +161,11 @@ std::vector<std::vector<int32_t>> Flags::int_lists(const std::string& name) cons
   return out;
 }
 
+std::vector<std::string> Flags::strings(const std::string& name) const {
+  auto it = values_.find(name);
+  return it == values_.end() ? std::vector<std::string>{} : it->second;
+}
+
 std::string Flags::help() const {
   std::ostringstream os;
   for (auto& s : specs_) {

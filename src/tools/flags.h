@@ -35,6 +35,8 @@ class Flags {
   bool boolean(const std::string& name) const;
   // Every value of a (possibly repeated) int-list flag.
   std::vector<std::vector<int32_t>> int_lists(const std::string& name) const;
+  // Every value of a (possibly repeated) flag, in order.
+  std::vector<std::string> strings(const std::string& name) const;
 
  private:
   const FlagSpec* find(const std::string& name) const;

@@ -17,6 +17,7 @@
 #include "tools/driver.h"
 #include "tools/flags.h"
 #include "tools/golden.h"
+#include "tools/text_commands.h"
 
 namespace sp {
 namespace {
@@ -25,8 +26,10 @@ constexpr const char* kUsage =
     "seekpipe: DeepSeek-V4 inference engine\n"
     "usage: seekpipe COMMAND [flags]\n"
     "commands:\n"
-    "  generate   prefill prompts given as token ids and decode new tokens\n"
+    "  generate   prefill prompts (text or token ids) and decode new tokens\n"
     "  verify     check the model against a golden file (prefill/decode logits, hidden states)\n"
+    "  score      teacher-forced loss, perplexity and top-1 accuracy over a JSONL of texts\n"
+    "  tokenize   token ids of a text, or the text of token ids, with a model's tokenizer\n"
     "  inspect    print the parsed config, the tensor table and the memory each part needs\n"
     "  golden     write a golden file (greedy tokens, every position's logits) from this engine\n"
     "run 'seekpipe COMMAND --help' for the flags of a command\n";
@@ -84,11 +87,21 @@ int cmd_generate(const std::vector<std::string>& args) {
   specs.push_back({"prompt-ids",
                    FlagKind::kIntList,
                    "",
-                   "prompt as comma-separated token ids; repeat for several prompts (required)",
+                   "prompt as comma-separated token ids; repeat for several prompts",
                    -1e300,
                    1e300,
                    {},
                    true});
+  specs.push_back({"prompt",
+                   FlagKind::kString,
+                   "",
+                   "prompt text, tokenized with the model's tokenizer.json; repeat for several "
+                   "prompts; prints the continuation as text",
+                   -1e300,
+                   1e300,
+                   {},
+                   true});
+  specs.push_back(add_bos_flag());
   specs.push_back(
       {"max-tokens", FlagKind::kInt, "16", "new tokens to generate per prompt", 0, 1 << 30});
   specs.push_back(
@@ -101,17 +114,26 @@ int cmd_generate(const std::vector<std::string>& args) {
       {"ignore-eos", FlagKind::kBool, "", "keep generating after the end-of-sequence token"});
   Flags f(specs);
   if (wants_help(args)) {
-    std::printf("usage: seekpipe generate --model DIR --prompt-ids 1,2,3 [flags]\n%s",
-                f.help().c_str());
+    std::printf(
+        "usage: seekpipe generate --model DIR (--prompt TEXT | --prompt-ids 1,2,3) [flags]\n%s",
+        f.help().c_str());
     return 0;
   }
   if (Status st = f.parse(args); !st) return fail(st);
-  if (!f.given("prompt-ids"))
-    return fail(Status::error(
-        "--prompt-ids is required: comma-separated token ids, e.g. --prompt-ids 1,2,3"));
+  if (f.given("prompt") && f.given("prompt-ids"))
+    return fail(
+        Status::error("--prompt and --prompt-ids are exclusive: give prompts as text or "
+                      "as token ids, not both"));
+  if (!f.given("prompt-ids") && !f.given("prompt"))
+    return fail(
+        Status::error("--prompt-ids is required: comma-separated token ids, e.g. "
+                      "--prompt-ids 1,2,3 (or --prompt TEXT)"));
+  std::unique_ptr<ModelText> text;
+  auto encoded = f.given("prompt") ? encode_prompts(f, &text) : f.int_lists("prompt-ids");
+  if (!encoded) return fail(encoded.status());
   auto cfg = read_config(f);
   if (!cfg) return fail(cfg.status());
-  const auto prompts = f.int_lists("prompt-ids");
+  const auto prompts = std::move(*encoded);
   const int64_t V = cfg->vocab_size, eos = cfg->eos_token_id;
   // Last stage: every computed logit row (for the hash) and the sampled tokens.
   std::map<int64_t, std::map<int64_t, std::vector<float>>> logits;
@@ -143,7 +165,7 @@ int cmd_generate(const std::vector<std::string>& args) {
   job.finish = [&](const StageEnv& env, const std::vector<StageReport>& reports) -> int {
     if (!env.topo.is_last(env.stage)) return 0;
     LogitsHash hash;
-    int64_t generated = 0, tokens = 0;
+    int64_t generated = 0, tokens = 0, prefill = 0;
     for (auto& r : reports) tokens = std::max(tokens, r.tokens);
     double wall = 0;
     for (auto& r : reports) wall = std::max(wall, r.wall_s);
@@ -153,12 +175,18 @@ int cmd_generate(const std::vector<std::string>& args) {
       for (int32_t t : out) std::printf(" %d", t);
       bool stop = !out.empty() && !f.boolean("ignore-eos") && eos >= 0 && out.back() == eos;
       std::printf("  (%s)\n", stop ? "stop: eos" : "length");
+      if (text)
+        std::printf("prompt %zu text: %s -> %s\n", i, quoted(f.strings("prompt")[i]).c_str(),
+                    quoted(text->decode(out)).c_str());
       generated += static_cast<int64_t>(out.size());
+      prefill += static_cast<int64_t>(prompts[i].size());
       for (auto& [pos, v] : logits[static_cast<int64_t>(i)]) hash.add(v.data(), V);
     }
     std::printf("generated %" PRId64 " tokens in %" PRId64
-                " steps, %.3f s (%.1f tokens/s incl. prefill of %" PRId64 ")\n",
-                generated, reports.back().steps, wall, tokens / std::max(wall, 1e-9), tokens);
+                " steps, %.3f s (%.1f tokens/s over %" PRId64 " prefill + %" PRId64
+                " decode tokens)\n",
+                generated, reports.back().steps, wall, tokens / std::max(wall, 1e-9), prefill,
+                tokens - prefill);
     print_pipeline_summary(reports);
     if (Status st = maybe_write_trace(f, reports); !st) return fail(st);
     std::printf("logits_hash=%016" PRIx64 "\n", hash.h);
@@ -527,7 +555,11 @@ int main(int argc, char** argv) {
   if (cmd == "verify") return sp::cmd_verify(args);
   if (cmd == "golden") return sp::cmd_golden(args);
   if (cmd == "inspect") return sp::cmd_inspect(args);
-  std::fprintf(stderr, "error: unknown command '%s'; expected generate, verify or inspect\n%s",
+  if (cmd == "score") return sp::cmd_score(args);
+  if (cmd == "tokenize") return sp::cmd_tokenize(args);
+  std::fprintf(stderr,
+               "error: unknown command '%s'; expected generate, verify, score, tokenize or "
+               "inspect\n%s",
                cmd.c_str(), sp::kUsage);
   return 2;
 }
