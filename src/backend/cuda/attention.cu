@@ -21,8 +21,8 @@ namespace {
 using attn::load_f;
 using attn::store_f;
 
-constexpr int kHG = 8;        // heads per block
-constexpr int kTR = 32;       // rows per tile
+constexpr int kHG = 8;   // heads per block
+constexpr int kTR = 32;  // rows per tile
 constexpr int kThreads = 256;
 
 struct AttnParams {
@@ -190,8 +190,8 @@ __global__ void __launch_bounds__(kThreads, 2) attention_kernel(AttnParams P, De
       for (int c = 0; c < NC; ++c) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-          const float4 r = *reinterpret_cast<const float4*>(Rs + (rbase + i) * DP + 4 * lane +
-                                                            128 * c);
+          const float4 r =
+              *reinterpret_cast<const float4*>(Rs + (rbase + i) * DP + 4 * lane + 128 * c);
 #pragma unroll
           for (int hd = 0; hd < 4; ++hd) {
             const float4 qv = qr[hd][c];
@@ -279,10 +279,12 @@ __global__ void __launch_bounds__(kThreads, 2) attention_kernel(AttnParams P, De
 #pragma unroll
       for (int k = 0; k < NK; ++k) {
         const int c = tid + kThreads * k;
-        if (c < P.dh) store_f(orow, static_cast<int64_t>(head) * P.dh + c, acc[h][k] * e * inv, P.o_bf);
+        if (c < P.dh)
+          store_f(orow, static_cast<int64_t>(head) * P.dh + c, acc[h][k] * e * inv, P.o_bf);
       }
     } else {
-      float* part = P.part + ((static_cast<int64_t>(t) * P.H + head) * P.splits + split) * (P.dh + 2);
+      float* part =
+          P.part + ((static_cast<int64_t>(t) * P.H + head) * P.splits + split) * (P.dh + 2);
       if (tid == 0) {
         part[0] = m;
         part[1] = l;
@@ -352,9 +354,10 @@ __global__ void window_update_kernel(const void* kv, int64_t kv_stride, bool kv_
   if (i >= ch.n_tokens) return;
   const int64_t p = ch.start_pos + i;
   const void* src = attn::row_ptr(kv, ch.offset + i, kv_stride, kv_bf);
-  void* dst = const_cast<void*>(
-      attn::row_ptr(ring, static_cast<int64_t>(ch.slot) * window + p % window, ring_stride, ring_bf));
-  for (int c = threadIdx.x; c < cols; c += blockDim.x) store_f(dst, c, load_f(src, c, kv_bf), ring_bf);
+  void* dst = const_cast<void*>(attn::row_ptr(
+      ring, static_cast<int64_t>(ch.slot) * window + p % window, ring_stride, ring_bf));
+  for (int c = threadIdx.x; c < cols; c += blockDim.x)
+    store_f(dst, c, load_f(src, c, kv_bf), ring_bf);
 }
 
 }  // namespace
@@ -402,21 +405,28 @@ void attention(cudaStream_t s, Workspace& ws, Tensor q, Tensor kv, const Attenti
   const int hgroups = (P.H + kHG - 1) / kHG;
   const int64_t base = static_cast<int64_t>(T) * hgroups;
   const int max_tiles = std::max(1, (max_rows + kTR - 1) / kTR);
-  int splits = static_cast<int>(std::min<int64_t>(
-      max_tiles, std::max<int64_t>(1, (2 * num_sms() + base - 1) / base)));
+  int splits = static_cast<int>(
+      std::min<int64_t>(max_tiles, std::max<int64_t>(1, (2 * num_sms() + base - 1) / base)));
   const int tiles_per_split = (max_tiles + splits - 1) / splits;
   splits = (max_tiles + tiles_per_split - 1) / tiles_per_split;
   P.splits = splits;
   P.rows_per_split = tiles_per_split * kTR;
-  if (splits > 1)
-    P.part = ws.get<float>(0, static_cast<size_t>(T) * P.H * splits * (P.dh + 2));
+  if (splits > 1) P.part = ws.get<float>(0, static_cast<size_t>(T) * P.H * splits * (P.dh + 2));
   dim3 grid(T, hgroups, splits);
   const int nc = (P.dh + 127) / 128;
   switch (nc) {
-    case 1: launch_attention<1>(s, P, b, grid); break;
-    case 2: launch_attention<2>(s, P, b, grid); break;
-    case 3: launch_attention<3>(s, P, b, grid); break;
-    default: launch_attention<4>(s, P, b, grid); break;
+    case 1:
+      launch_attention<1>(s, P, b, grid);
+      break;
+    case 2:
+      launch_attention<2>(s, P, b, grid);
+      break;
+    case 3:
+      launch_attention<3>(s, P, b, grid);
+      break;
+    default:
+      launch_attention<4>(s, P, b, grid);
+      break;
   }
   if (splits > 1) {
     attention_combine_kernel<<<dim3(T, P.H), 128, 0, s>>>(P);

@@ -26,9 +26,9 @@ struct CmpParams {
   int64_t g_stride;
   const float* ape;  // [r, kd]
   int64_t ape_stride;
-  const float* norm;       // [d]
-  const float* inv_freq;   // [rope_dim / 2]
-  float* buf;              // [slots * 2r, kd]
+  const float* norm;      // [d]
+  const float* inv_freq;  // [rope_dim / 2]
+  float* buf;             // [slots * 2r, kd]
   int64_t buf_stride;
   float* prev;  // [slots * 2r, d] (k == 2)
   int64_t prev_stride;
@@ -83,7 +83,8 @@ __global__ void __launch_bounds__(kCmpThreads) compress_entries_kernel(CmpParams
     for (int j = 0; j < n; ++j) {
       float v, gt;
       if (P.k == 2)
-        j < P.r ? slot_vg(P, ch, w - 1, j, c, &v, &gt) : slot_vg(P, ch, w, j - P.r, P.d + c, &v, &gt);
+        j < P.r ? slot_vg(P, ch, w - 1, j, c, &v, &gt)
+                : slot_vg(P, ch, w, j - P.r, P.d + c, &v, &gt);
       else
         slot_vg(P, ch, w, j, c, &v, &gt);
       mx = fmaxf(mx, gt);
@@ -92,7 +93,8 @@ __global__ void __launch_bounds__(kCmpThreads) compress_entries_kernel(CmpParams
     for (int j = 0; j < n; ++j) {
       float v, gt;
       if (P.k == 2)
-        j < P.r ? slot_vg(P, ch, w - 1, j, c, &v, &gt) : slot_vg(P, ch, w, j - P.r, P.d + c, &v, &gt);
+        j < P.r ? slot_vg(P, ch, w - 1, j, c, &v, &gt)
+                : slot_vg(P, ch, w, j - P.r, P.d + c, &v, &gt);
       else
         slot_vg(P, ch, w, j, c, &v, &gt);
       sum += expf(gt - mx);
@@ -101,7 +103,8 @@ __global__ void __launch_bounds__(kCmpThreads) compress_entries_kernel(CmpParams
     for (int j = 0; j < n; ++j) {
       float v, gt;
       if (P.k == 2)
-        j < P.r ? slot_vg(P, ch, w - 1, j, c, &v, &gt) : slot_vg(P, ch, w, j - P.r, P.d + c, &v, &gt);
+        j < P.r ? slot_vg(P, ch, w - 1, j, c, &v, &gt)
+                : slot_vg(P, ch, w, j - P.r, P.d + c, &v, &gt);
       else
         slot_vg(P, ch, w, j, c, &v, &gt);
       acc += v * (expf(gt - mx) / sum);
@@ -125,7 +128,8 @@ __global__ void __launch_bounds__(kCmpThreads) compress_entries_kernel(CmpParams
   void* e = static_cast<uint8_t*>(P.cache) + row * P.cache_stride * (P.cache_bf ? 2 : 4);
   const int nope = P.d - P.rope_dim;
   const float pos = static_cast<float>(w * P.r);
-  for (int c = tid; c < nope; c += blockDim.x) store_f(e, c, P.norm[c] * (pooled[c] * rn), P.cache_bf);
+  for (int c = tid; c < nope; c += blockDim.x)
+    store_f(e, c, P.norm[c] * (pooled[c] * rn), P.cache_bf);
   for (int i = tid; i < P.rope_dim / 2; i += blockDim.x) {
     const int c = nope + 2 * i;
     const float x = P.norm[c] * (pooled[c] * rn), y = P.norm[c + 1] * (pooled[c + 1] * rn);
@@ -166,7 +170,8 @@ __global__ void compress_state_kernel(CmpParams P, DevBatch b) {
     if (pos < start) continue;
     const int64_t row = ch.offset + (pos - start);
     bv[s * P.buf_stride + col] = P.a[row * P.a_stride + col];
-    bv[(P.r + s) * P.buf_stride + col] = P.g[row * P.g_stride + col] + P.ape[s * P.ape_stride + col];
+    bv[(P.r + s) * P.buf_stride + col] =
+        P.g[row * P.g_stride + col] + P.ape[s * P.ape_stride + col];
   }
 }
 
@@ -187,8 +192,8 @@ void compress(cudaStream_t s, Workspace&, Tensor a, Tensor g, const CompressorAr
                args.rope->inv_freq.dtype == DType::kF32,
            "compress: ape, norm and inv_freq must be f32");
   SP_CHECK(args.rope->rope_dim <= d && args.rope->rope_dim % 2 == 0, "compress: rope_dim");
-  SP_CHECK(b.block_tokens % r == 0, "compress: block_tokens ", b.block_tokens, " not a multiple of ",
-           r);
+  SP_CHECK(b.block_tokens % r == 0, "compress: block_tokens ", b.block_tokens,
+           " not a multiple of ", r);
   CmpParams P{};
   P.a = a.ptr<float>(), P.a_stride = a.stride;
   P.g = g.ptr<float>(), P.g_stride = g.stride;

@@ -8,9 +8,8 @@
 //      above it and the lowest-index entries equal to it (ties to the lower index), which writes
 //      the selection already sorted ascending; -1 padding.
 // Tokens go in sub-batches so that the scratch stays under kMaxScoreFloats.
-#include <cub/block/block_scan.cuh>
-
 #include <algorithm>
+#include <cub/block/block_scan.cuh>
 
 #include "backend/cuda/attn_common.cuh"
 
@@ -20,9 +19,9 @@ namespace {
 
 using attn::load_f;
 
-constexpr int kET = 64;   // entries per block
-constexpr int kHT = 64;   // heads per smem tile
-constexpr int kDT = 32;   // dims per smem tile
+constexpr int kET = 64;  // entries per block
+constexpr int kHT = 64;  // heads per smem tile
+constexpr int kDT = 32;  // dims per smem tile
 constexpr int kScoreThreads = 256;
 constexpr int kSelThreads = 512;
 constexpr int64_t kMaxScoreFloats = int64_t{1} << 26;  // 256 MiB of scratch
@@ -56,9 +55,9 @@ __global__ void __launch_bounds__(kScoreThreads) indexer_score_kernel(IdxParams 
   const int tid = threadIdx.x, hg = tid / 16, eg = tid % 16;
   if (tid < kET) {
     const int w = e0 + tid;
-    kptr[tid] = w < n ? attn::row_ptr(P.keys, dev_entry_row(b, ch, w, P.ratio), P.keys_stride,
-                                      P.keys_bf)
-                      : nullptr;
+    kptr[tid] =
+        w < n ? attn::row_ptr(P.keys, dev_entry_row(b, ch, w, P.ratio), P.keys_stride, P.keys_bf)
+              : nullptr;
   }
   const void* qrow = attn::row_ptr(P.q, t, P.q_stride, P.q_bf);
   const float* wrow = P.wt + static_cast<int64_t>(t) * P.wt_stride;
