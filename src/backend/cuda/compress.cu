@@ -1,0 +1,222 @@
+// Compressor (CSA: overlapping windows, k = 2; HCA: k = 1): the CPU backend's token-by-token
+// state machine, computed in parallel. Every value a completed window needs is either one of this
+// step's rows (a, g + ape) or the slot state left by earlier steps (buf: the pending window,
+// prev: the last completed window's A-halves), so
+//   1. compress_entries_kernel: one block per (chunk, window completed in this step), threads over
+//      channels: per-channel softmax pooling, RMS norm, rope at the window's first position, the
+//      entry into the pool;
+//   2. compress_state_kernel (after 1, which reads the old state): one thread per state column
+//      writes what the CPU leaves behind: prev = the last completed window's A-halves (or the
+//      reset value at start_pos 0), buf slot s = the chunk's last token with p % ratio == s.
+#include <algorithm>
+
+#include "backend/cuda/attn_common.cuh"
+
+namespace sp::cuda {
+
+namespace {
+
+using attn::load_f;
+using attn::store_f;
+
+struct CmpParams {
+  const float* a;
+  int64_t a_stride;
+  const float* g;
+  int64_t g_stride;
+  const float* ape;  // [r, kd]
+  int64_t ape_stride;
+  const float* norm;      // [d]
+  const float* inv_freq;  // [rope_dim / 2]
+  float* buf;             // [slots * 2r, kd]
+  int64_t buf_stride;
+  float* prev;  // [slots * 2r, d] (k == 2)
+  int64_t prev_stride;
+  void* cache;
+  int64_t cache_stride;
+  bool cache_bf;
+  int r, k, d, rope_dim, block_tokens;
+  float eps;
+};
+
+// Value and gate (ape included) of slot j of window u at state column col (< k*d), as the CPU
+// state machine would hold them when window u + 1 or u completes inside this chunk.
+__device__ __forceinline__ void slot_vg(const CmpParams& P, const SeqChunk& ch, int64_t u, int j,
+                                        int col, float* v, float* gt) {
+  const int64_t pos = u * P.r + j;
+  if (pos >= ch.start_pos) {  // this step's row
+    const int64_t row = ch.offset + (pos - ch.start_pos);
+    *v = P.a[row * P.a_stride + col];
+    *gt = P.g[row * P.g_stride + col] + P.ape[j * P.ape_stride + col];
+  } else if (u == ch.start_pos / P.r) {  // the window pending at the start of the step
+    const float* bv = P.buf + static_cast<int64_t>(ch.slot) * 2 * P.r * P.buf_stride;
+    *v = bv[j * P.buf_stride + col];
+    *gt = bv[(P.r + j) * P.buf_stride + col];
+  } else if (ch.start_pos == 0) {  // window -1 of a new sequence (CSA only)
+    *v = 0.0f;
+    *gt = -INFINITY;
+  } else {  // the last window completed before this step (CSA only, col < d)
+    const float* pv = P.prev + static_cast<int64_t>(ch.slot) * 2 * P.r * P.prev_stride;
+    *v = pv[j * P.prev_stride + col];
+    *gt = pv[(P.r + j) * P.prev_stride + col];
+  }
+}
+
+constexpr int kCmpThreads = 256;
+
+__global__ void __launch_bounds__(kCmpThreads) compress_entries_kernel(CmpParams P, DevBatch b) {
+  extern __shared__ float pooled[];  // [d]
+  __shared__ float red[kCmpThreads / 32];
+  __shared__ float rn_s;
+  const SeqChunk ch = b.chunks[blockIdx.y];
+  const int64_t first = ch.start_pos / P.r;
+  const int64_t last = (ch.start_pos + ch.n_tokens) / P.r;  // windows [first, last) complete
+  const int64_t w = first + blockIdx.x;
+  if (w >= last) return;
+  if (w * P.r / P.block_tokens >= ch.num_blocks) __trap();  // entry outside the chunk's blocks
+  const int tid = threadIdx.x;
+  const int n = P.k == 2 ? 2 * P.r : P.r;
+  float ss = 0.0f;
+  for (int c = tid; c < P.d; c += blockDim.x) {
+    // Pass 1: the max gate; pass 2: the softmax sum; pass 3: the weighted values (as the CPU).
+    float mx = -INFINITY;
+    for (int j = 0; j < n; ++j) {
+      float v, gt;
+      if (P.k == 2)
+        j < P.r ? slot_vg(P, ch, w - 1, j, c, &v, &gt)
+                : slot_vg(P, ch, w, j - P.r, P.d + c, &v, &gt);
+      else
+        slot_vg(P, ch, w, j, c, &v, &gt);
+      mx = fmaxf(mx, gt);
+    }
+    float sum = 0.0f;
+    for (int j = 0; j < n; ++j) {
+      float v, gt;
+      if (P.k == 2)
+        j < P.r ? slot_vg(P, ch, w - 1, j, c, &v, &gt)
+                : slot_vg(P, ch, w, j - P.r, P.d + c, &v, &gt);
+      else
+        slot_vg(P, ch, w, j, c, &v, &gt);
+      sum += expf(gt - mx);
+    }
+    float acc = 0.0f;
+    for (int j = 0; j < n; ++j) {
+      float v, gt;
+      if (P.k == 2)
+        j < P.r ? slot_vg(P, ch, w - 1, j, c, &v, &gt)
+                : slot_vg(P, ch, w, j - P.r, P.d + c, &v, &gt);
+      else
+        slot_vg(P, ch, w, j, c, &v, &gt);
+      acc += v * (expf(gt - mx) / sum);
+    }
+    pooled[c] = acc;
+    ss += acc * acc;
+  }
+  // Sum of squares: per warp, then the warps in order.
+#pragma unroll
+  for (int o = 16; o >= 1; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+  if ((tid & 31) == 0) red[tid >> 5] = ss;
+  __syncthreads();
+  if (tid == 0) {
+    float tot = 0.0f;
+    for (int i = 0; i < static_cast<int>(blockDim.x / 32); ++i) tot += red[i];
+    rn_s = 1.0f / sqrtf(tot / static_cast<float>(P.d) + P.eps);
+  }
+  __syncthreads();
+  const float rn = rn_s;
+  const int64_t row = dev_entry_row(b, ch, w, P.r);
+  void* e = static_cast<uint8_t*>(P.cache) + row * P.cache_stride * (P.cache_bf ? 2 : 4);
+  const int nope = P.d - P.rope_dim;
+  const float pos = static_cast<float>(w * P.r);
+  for (int c = tid; c < nope; c += blockDim.x)
+    store_f(e, c, P.norm[c] * (pooled[c] * rn), P.cache_bf);
+  for (int i = tid; i < P.rope_dim / 2; i += blockDim.x) {
+    const int c = nope + 2 * i;
+    const float x = P.norm[c] * (pooled[c] * rn), y = P.norm[c + 1] * (pooled[c + 1] * rn);
+    const float ang = P.inv_freq[i] * pos;
+    const float cs = static_cast<float>(cos(static_cast<double>(ang)));
+    const float sn = static_cast<float>(sin(static_cast<double>(ang)));
+    store_f(e, c, x * cs - y * sn, P.cache_bf);
+    store_f(e, c + 1, y * cs + x * sn, P.cache_bf);
+  }
+}
+
+__global__ void compress_state_kernel(CmpParams P, DevBatch b) {
+  const SeqChunk ch = b.chunks[blockIdx.y];
+  const int col = blockIdx.x * blockDim.x + threadIdx.x;
+  if (col >= P.k * P.d || ch.n_tokens == 0) return;
+  const int64_t start = ch.start_pos, end = ch.start_pos + ch.n_tokens;
+  if (P.k == 2 && col < P.d) {
+    float* pv = P.prev + static_cast<int64_t>(ch.slot) * 2 * P.r * P.prev_stride;
+    const int64_t first = start / P.r, last = end / P.r;
+    if (last > first) {  // the A-halves of the last window completed in this step
+      for (int j = 0; j < P.r; ++j) {
+        float v, gt;
+        slot_vg(P, ch, last - 1, j, col, &v, &gt);
+        pv[j * P.prev_stride + col] = v;
+        pv[(P.r + j) * P.prev_stride + col] = gt;
+      }
+    } else if (start == 0) {
+      for (int j = 0; j < P.r; ++j) {
+        pv[j * P.prev_stride + col] = 0.0f;
+        pv[(P.r + j) * P.prev_stride + col] = -INFINITY;
+      }
+    }
+  }
+  float* bv = P.buf + static_cast<int64_t>(ch.slot) * 2 * P.r * P.buf_stride;
+  for (int s = 0; s < P.r; ++s) {
+    if (end - 1 < s) break;
+    const int64_t pos = ((end - 1 - s) / P.r) * P.r + s;  // the last position with p % r == s
+    if (pos < start) continue;
+    const int64_t row = ch.offset + (pos - start);
+    bv[s * P.buf_stride + col] = P.a[row * P.a_stride + col];
+    bv[(P.r + s) * P.buf_stride + col] =
+        P.g[row * P.g_stride + col] + P.ape[s * P.ape_stride + col];
+  }
+}
+
+}  // namespace
+
+void compress(cudaStream_t s, Workspace&, Tensor a, Tensor g, const CompressorArgs& args,
+              const DevBatch& b, Tensor buf, Tensor prev, Tensor cache) {
+  const BatchView& hb = *b.host;
+  if (hb.chunks.empty()) return;
+  const int r = args.ratio, k = args.overlap, d = args.dim;
+  SP_CHECK(a.dtype == DType::kF32 && g.dtype == DType::kF32 && buf.dtype == DType::kF32 &&
+               (k == 1 || prev.dtype == DType::kF32),
+           "compress: a, g and the compressor state must be f32");
+  attn::check_float(cache, "compress cache");
+  SP_CHECK(a.cols == static_cast<int64_t>(k) * d && g.cols == a.cols && buf.cols == a.cols,
+           "compress: shapes");
+  SP_CHECK(args.w->ape.dtype == DType::kF32 && args.w->norm.dtype == DType::kF32 &&
+               args.rope->inv_freq.dtype == DType::kF32,
+           "compress: ape, norm and inv_freq must be f32");
+  SP_CHECK(args.rope->rope_dim <= d && args.rope->rope_dim % 2 == 0, "compress: rope_dim");
+  SP_CHECK(b.block_tokens % r == 0, "compress: block_tokens ", b.block_tokens,
+           " not a multiple of ", r);
+  CmpParams P{};
+  P.a = a.ptr<float>(), P.a_stride = a.stride;
+  P.g = g.ptr<float>(), P.g_stride = g.stride;
+  P.ape = args.w->ape.ptr<float>(), P.ape_stride = args.w->ape.stride;
+  P.norm = args.w->norm.ptr<float>();
+  P.inv_freq = args.rope->inv_freq.ptr<float>();
+  P.buf = buf.ptr<float>(), P.buf_stride = buf.stride;
+  if (k == 2) P.prev = prev.ptr<float>(), P.prev_stride = prev.stride;
+  P.cache = cache.data, P.cache_stride = cache.stride, P.cache_bf = attn::is_bf16(cache);
+  P.r = r, P.k = k, P.d = d, P.rope_dim = args.rope->rope_dim, P.block_tokens = b.block_tokens;
+  P.eps = args.eps;
+  int64_t windows = 0;
+  for (const SeqChunk& ch : hb.chunks)
+    windows = std::max<int64_t>(windows, (ch.start_pos + ch.n_tokens) / r - ch.start_pos / r);
+  const int nchunks = static_cast<int>(hb.chunks.size());
+  if (windows > 0) {
+    compress_entries_kernel<<<dim3(static_cast<unsigned>(windows), nchunks), kCmpThreads,
+                              d * sizeof(float), s>>>(P, b);
+    SP_CUDA_LAUNCH();
+  }
+  const int cols = k * d;
+  compress_state_kernel<<<dim3((cols + 127) / 128, nchunks), 128, 0, s>>>(P, b);
+  SP_CUDA_LAUNCH();
+}
+
+}  // namespace sp::cuda
