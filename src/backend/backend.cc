@@ -60,6 +60,9 @@ bool cuda_backend_built() {
 bool cuda_device_available() {
   return false;
 }
+double cuda_copy_bandwidth_gbs(int, size_t) {
+  return 0;
+}
 Status cuda_memory_info(int, int64_t*, int64_t*) {
   return Status::error("this seekpipe was built without the CUDA backend");
 }

@@ -270,6 +270,9 @@ std::unique_ptr<Backend> make_cpu_backend(int num_threads,
 // Whether this build has the CUDA backend, and whether a usable GPU is present.
 bool cuda_backend_built();
 bool cuda_device_available();
+// Device-to-device copy bandwidth of GPU `device` (bytes read + written per second / 1e9), measured
+// with a `bytes` copy (median of 10 after a warm-up); 0 if there is no such GPU.
+double cuda_copy_bandwidth_gbs(int device, size_t bytes);
 // Free and total bytes of GPU `device` (an error if not built or no such GPU).
 Status cuda_memory_info(int device, int64_t* free_bytes, int64_t* total_bytes);
 // The CUDA backend on device `device` (an error if not built or no such GPU).

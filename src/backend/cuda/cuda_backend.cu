@@ -337,6 +337,34 @@ bool cuda_device_available() {
   return n > 0;
 }
 
+double cuda_copy_bandwidth_gbs(int device, size_t bytes) {
+  if (!cuda_device_available()) return 0;
+  SP_CUDA(cudaSetDevice(device));
+  void *a = nullptr, *b = nullptr;
+  SP_CUDA(cudaMalloc(&a, bytes));
+  SP_CUDA(cudaMalloc(&b, bytes));
+  SP_CUDA(cudaMemset(a, 1, bytes));
+  cudaEvent_t e0, e1;
+  SP_CUDA(cudaEventCreate(&e0));
+  SP_CUDA(cudaEventCreate(&e1));
+  std::vector<float> ms;
+  for (int i = 0; i < 11; ++i) {
+    SP_CUDA(cudaEventRecord(e0));
+    SP_CUDA(cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice));
+    SP_CUDA(cudaEventRecord(e1));
+    SP_CUDA(cudaEventSynchronize(e1));
+    float t = 0;
+    SP_CUDA(cudaEventElapsedTime(&t, e0, e1));
+    if (i > 0) ms.push_back(t);
+  }
+  std::sort(ms.begin(), ms.end());
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  cudaFree(a);
+  cudaFree(b);
+  return 2.0 * static_cast<double>(bytes) / (ms[ms.size() / 2] * 1e-3) / 1e9;
+}
+
 Status cuda_memory_info(int device, int64_t* free_bytes, int64_t* total_bytes) {
   int n = 0;
   if (cudaGetDeviceCount(&n) != cudaSuccess || device < 0 || device >= n) {
