@@ -41,7 +41,7 @@ std::vector<FlagSpec> common_flags() {
 }
 
 std::vector<FlagSpec> pipeline_flags() {
-  return {
+  std::vector<FlagSpec> specs = {
       {"pp", FlagKind::kInt, "1",
        "pipeline stages: threads of this process, or under mpirun the number of ranks", 1, 4096},
       {"pp-partition", FlagKind::kString, "vllm",
@@ -56,6 +56,9 @@ std::vector<FlagSpec> pipeline_flags() {
        "once (mpirun), error "
        "reports and brings the pipeline down"},
   };
+  specs[1].validate = validate_pp_partition;
+  specs[4].validate = validate_fault_inject;
+  return specs;
 }
 
 int fail(const Status& s) {
@@ -260,8 +263,8 @@ int run_job(const Flags& f, const Job& job) {
   const Config& c = *cfg;
   auto fault = parse_fault(f.str("fault-inject"));
   if (!fault) return fail(fault.status());
-  if (f.given("trace") && !std::ofstream(f.str("trace")))  // fail now, not after the run
-    return fail(Status::error(str("--trace: cannot write ", f.str("trace"))));
+  if (f.given("trace"))  // fail now, not after the run (and leave the file alone until then)
+    if (Status st = check_trace_path(f.str("trace")); !st) return fail(st);
   PipelineOptions popt;
   popt.micro_batches = static_cast<int>(f.i64("micro-batches"));
   popt.trace = f.given("trace");
