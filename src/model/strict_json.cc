@@ -1,5 +1,6 @@
 #include "model/strict_json.h"
 
+#include <new>
 #include <set>
 #include <vector>
 
@@ -47,6 +48,8 @@ Result<nlohmann::json> parse_json_strict(std::string_view text, const std::strin
                        /*ignore_comments=*/false);
   } catch (const JsonRefused& e) {
     return Status::error(str(source, ": ", e.message));
+  } catch (const std::bad_alloc&) {
+    return Status::error(str(source, ": out of memory while parsing"));
   } catch (const std::exception& e) {
     return Status::error(str(source, ": not valid JSON: ", brief(e.what(), 200)));
   }

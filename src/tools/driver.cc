@@ -7,7 +7,9 @@
 #include <cstdlib>
 #include <fstream>
 #include <mutex>
+#include <new>
 #include <sstream>
+#include <system_error>
 #include <thread>
 
 namespace sp {
@@ -343,8 +345,11 @@ int run_job(const Flags& f, const Job& job) {
         codes[s] = e.exit_code;
         errors[s] = e.message;
       } catch (const std::exception& e) {  // anything else still brings the pipeline down
+        // Exhausted resources (memory, threads: ulimit) are the user's limits, exit 2.
+        const bool limits = dynamic_cast<const std::system_error*>(&e) != nullptr ||
+                            dynamic_cast<const std::bad_alloc*>(&e) != nullptr;
         try {
-          transports[s]->fail(str("stage ", s, ": ", e.what()), 4);
+          transports[s]->fail(str("stage ", s, ": ", e.what()), limits ? 2 : 4);
         } catch (const StageFailure& f) {
           codes[s] = f.exit_code;
           errors[s] = f.message;
