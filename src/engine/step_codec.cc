@@ -1,6 +1,8 @@
 #include "engine/step_codec.h"
 
+#include <cstddef>
 #include <cstring>
+#include <string>
 
 namespace sp {
 
@@ -49,6 +51,41 @@ class Reader {
   size_t pos_ = 0;
 };
 
+// Every index a decoded step carries stays inside the step: the stages use them to index the batch
+// without further checks.
+Status check_step(const StepPlan& p) {
+  auto bad = [](const std::string& what) {
+    return Status::error("step descriptor: malformed message: " + what);
+  };
+  const int64_t n = p.batch.num_tokens;
+  const int64_t chunks = static_cast<int64_t>(p.batch.chunks.size());
+  if (static_cast<int64_t>(p.batch.chunk_of.size()) != n) return bad("chunk_of size");
+  for (int32_t c : p.batch.chunk_of)
+    if (c < 0 || c >= chunks) return bad("chunk index out of range");
+  for (const SeqChunk& ch : p.batch.chunks)
+    if (ch.slot < 0 || ch.start_pos < 0 || ch.n_tokens < 0 || ch.offset < 0 ||
+        int64_t{ch.offset} + ch.n_tokens > n)
+      return bad("chunk out of range");
+  if (static_cast<int64_t>(p.chunk_request.size()) != chunks) return bad("chunk_request size");
+  if (p.logit_request.size() != p.logit_rows.size() ||
+      p.logit_position.size() != p.logit_rows.size())
+    return bad("logit row sizes");
+  for (int32_t r : p.logit_rows)
+    if (r < 0 || r >= n) return bad("logit row out of range");
+  for (const SampleRow& s : p.samples) {
+    if (s.logit_index < 0 || s.logit_index >= static_cast<int64_t>(p.logit_rows.size()))
+      return bad("sample row out of range");
+    // The bool arrived as a raw byte: anything but 0 or 1 is not a bool value.
+    uint8_t b;
+    std::memcpy(&b,
+                reinterpret_cast<const uint8_t*>(&s) + offsetof(SampleRow, params) +
+                    offsetof(SamplingParams, ignore_eos),
+                1);
+    if (b > 1) return bad("ignore_eos is not a bool");
+  }
+  return Status::ok();
+}
+
 }  // namespace
 
 std::vector<uint8_t> encode_step(const StepPlan& p) {
@@ -89,6 +126,7 @@ Result<StepPlan> decode_step(const std::vector<uint8_t>& bytes, StepKind* kind) 
   if (!ok || static_cast<int32_t>(p.batch.token_ids.size()) != n ||
       p.batch.positions.size() != p.batch.token_ids.size())
     return Status::error("step descriptor: malformed message");
+  SP_RETURN_IF_ERROR(check_step(p));
   return p;
 }
 
