@@ -73,8 +73,9 @@ Status validate_pp_partition(const std::string& flag, const std::string& value) 
     if (!parse_int64_strict(item, &v, 1, kMaxLayersPerStage))
       return Status::error(
           sp::str("--", flag, ": '", brief(item),
-                  "' is not a layer count; expected vllm, auto, or integers in [1, ",
-                  kMaxLayersPerStage, "] like 11,11,11,10"));
+                  "' is not a layer count; expected vllm, auto, or positive integers (each at "
+                  "most ",
+                  kMaxLayersPerStage, ") like 11,11,11,10"));
   }
   return Status::ok();
 }
