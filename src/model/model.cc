@@ -227,6 +227,8 @@ void Model::upload_weights() {
 }
 
 void Model::begin_step(const BatchView& b) {
+  for (int32_t id : b.block_tables)
+    SP_CHECK(id >= 0 && id < num_blocks_, "state block ", id, " outside the pool of ", num_blocks_);
   be_.begin_step(b);
 }
 

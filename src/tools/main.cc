@@ -9,6 +9,7 @@
 #include <cstring>
 #include <iostream>
 #include <map>
+#include <new>
 #include <thread>
 
 #include "engine/engine.h"
@@ -543,7 +544,9 @@ int cmd_inspect(const std::vector<std::string>& args) {
 }  // namespace
 }  // namespace sp
 
-int main(int argc, char** argv) {
+// A function-try-block: an exception that escapes any command (out of memory, a thread that cannot
+// start, a filesystem error) is a clean error with exit 2, never std::terminate.
+int main(int argc, char** argv) try {
   std::vector<std::string> args(argv + 1, argv + argc);
   if (args.empty() || args[0] == "--help" || args[0] == "-h" || args[0] == "help") {
     std::printf("%s", sp::kUsage);
@@ -561,5 +564,16 @@ int main(int argc, char** argv) {
                "error: unknown command '%s'; expected generate, verify, score, tokenize or "
                "inspect\n%s",
                cmd.c_str(), sp::kUsage);
+  return 2;
+} catch (const std::bad_alloc&) {
+  std::fprintf(stderr,
+               "error: out of memory; lower --max-model-len or --max-num-seqs, or check the "
+               "model's sizes\n");
+  return 2;
+} catch (const std::exception& e) {
+  std::fprintf(stderr, "error: %s\n", e.what());
+  return 2;
+} catch (...) {
+  std::fprintf(stderr, "error: unexpected failure\n");
   return 2;
 }
