@@ -175,6 +175,10 @@ struct SampleSpec {
 
 // Uniform in [0, 1) from a seed, a stream and a counter (splitmix64 finaliser; 53-bit mantissa).
 double counter_uniform(uint64_t seed, uint64_t stream, int64_t counter);
+// The reference choice of one row (host fp32 logits): greedy = the first maximum (ties to the lower
+// id); otherwise temperature, then top-k, then top-p over the sorted candidates, and one
+// counter_uniform draw.
+int32_t sample_logits_row(const SampleSpec& spec, const float* logits, int64_t vocab);
 
 class Backend {
  public:
@@ -266,6 +270,8 @@ std::unique_ptr<Backend> make_cpu_backend(int num_threads,
 // Whether this build has the CUDA backend, and whether a usable GPU is present.
 bool cuda_backend_built();
 bool cuda_device_available();
+// Free and total bytes of GPU `device` (an error if not built or no such GPU).
+Status cuda_memory_info(int device, int64_t* free_bytes, int64_t* total_bytes);
 // The CUDA backend on device `device` (an error if not built or no such GPU).
 Result<std::unique_ptr<Backend>> make_cuda_backend(int device);
 

@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <mutex>
+#include <nlohmann/json.hpp>
 #include <sstream>
 #include <thread>
 
@@ -37,6 +38,9 @@ std::vector<FlagSpec> common_flags() {
       {"max-model-len", FlagKind::kInt, "4096",
        "longest sequence (prompt + output) in tokens; state is sized for it", 1, 1 << 30},
       {"verbose", FlagKind::kBool, "", "also print config keys the model does not use"},
+      {"override-config", FlagKind::kString, "",
+       "JSON object merged into config.json before it is checked (as vLLM's --hf-overrides); "
+       "a smaller num_hidden_layers keeps the first N layers' kinds"},
       {"device",
        FlagKind::kString,
        "auto",
@@ -98,10 +102,66 @@ int fail(const Status& s) {
   return 2;
 }
 
+namespace {
+
+// vLLM's --hf-overrides: objects merge key by key, anything else replaces.
+void merge_json(nlohmann::json& into, const nlohmann::json& over) {
+  for (auto it = over.begin(); it != over.end(); ++it) {
+    if (it->is_object() && into.contains(it.key()) && into[it.key()].is_object())
+      merge_json(into[it.key()], *it);
+    else
+      into[it.key()] = *it;
+  }
+}
+
+// A smaller num_hidden_layers keeps the first N layers' kinds: per-layer lists are cut to N
+// (compress_ratios keeps its trailing MTP entry), num_hash_layers to at most N.
+void truncate_layers(nlohmann::json& j, int64_t old_n, int64_t n) {
+  if (n >= old_n) return;
+  for (auto it = j.begin(); it != j.end(); ++it) {
+    if (!it->is_array()) continue;
+    const int64_t len = static_cast<int64_t>(it->size());
+    if (len == old_n) {
+      it->erase(it->begin() + n, it->end());
+    } else if (len == old_n + 1 && it.key() == "compress_ratios") {
+      nlohmann::json mtp = it->back();
+      it->erase(it->begin() + n, it->end());
+      it->push_back(mtp);
+    }
+  }
+  if (j.contains("num_hash_layers") && j["num_hash_layers"].is_number_integer() &&
+      j["num_hash_layers"].get<int64_t>() > n)
+    j["num_hash_layers"] = n;
+}
+
+}  // namespace
+
 Result<Config> read_config(const Flags& f) {
   if (!f.given("model"))
     return Status::error("--model is required: a DeepSeek-V4 model directory with config.json");
-  SP_ASSIGN_OR_RETURN(Config c, load_config(f.str("model")));
+  auto loaded = load_config(f.str("model"));
+  if (!loaded) return loaded.status();
+  Config c = std::move(loaded.value());
+  if (f.given("override-config")) {
+    const std::string path = f.str("model") + "/config.json";
+    std::ifstream in(path);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    nlohmann::json base = nlohmann::json::parse(ss.str(), nullptr, false);
+    nlohmann::json over = nlohmann::json::parse(f.str("override-config"), nullptr, false);
+    if (over.is_discarded() || !over.is_object())
+      return Status::error(
+          str("--override-config: expected a JSON object such as "
+              "'{\"num_hidden_layers\": 4}', got '",
+              f.str("override-config").substr(0, 200), "'"));
+    const int64_t old_n = c.num_layers;
+    merge_json(base, over);
+    if (over.contains("num_hidden_layers") && over["num_hidden_layers"].is_number_integer())
+      truncate_layers(base, old_n, over["num_hidden_layers"].get<int64_t>());
+    auto merged = parse_config(base.dump(), path + " with --override-config");
+    if (!merged) return merged.status();
+    c = std::move(merged.value());
+  }
   if (f.boolean("verbose") && !c.ignored_keys.empty()) {
     std::string keys;
     for (auto& k : c.ignored_keys) keys += " " + k;
@@ -161,6 +221,7 @@ std::string fingerprint(const Flags& f, const Config& c, const Topology& t) {
   uint64_t h = 1469598103934665603ull;
   for (char ch : ss.str()) h = (h ^ static_cast<uint8_t>(ch)) * 1099511628211ull;
   char hex[17];
+  for (char ch : f.str("override-config")) h = (h ^ static_cast<uint8_t>(ch)) * 1099511628211ull;
   std::snprintf(hex, sizeof hex, "%016" PRIx64, h);
   return str("partition=", t.partition_string(), ";config=", hex, ";layers=", c.num_layers,
              ";load-format=", f.str("load-format"), ";seed=", f.i64("seed"),
@@ -235,18 +296,56 @@ int threads_per_stage(const Flags& f, const Topology& topo) {
   return std::max(1, static_cast<int>(f.i64("threads")) / local);
 }
 
-// The stage's backend: the CPU backend, or the CUDA backend on this stage's GPU (the stage's index
-// among the stages on this machine).
+// This stage's GPU: its index among the stages on this machine.
+int local_gpu(const Topology& topo) {
+  if (launched_by_mpi()) {
+    const char* r = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK");
+    return r ? std::max(0, std::atoi(r)) : 0;
+  }
+  return topo.rank;
+}
+
+// Refuses, before loading, a stage whose weights, sequence state and workspace cannot fit its GPU.
+Status check_gpu_memory(const Flags& f, const Config& c, const LoadPlan& plan, int stage, int gpu,
+                        int max_logit_rows) {
+  int64_t free_b = 0, total_b = 0;
+  SP_RETURN_IF_ERROR(cuda_memory_info(gpu, &free_b, &total_b));
+  const double S = static_cast<double>(f.i64("max-num-seqs")),
+               L = static_cast<double>(f.i64("max-model-len")),
+               T = static_cast<double>(f.i64("max-num-batched-tokens"));
+  double weights = 0, state = 0;
+  for (const ExpectedTensor& t : expected_tensors(c))
+    if (plan.owns(t)) weights += static_cast<double>(expected_bytes(t));
+  for (int l = plan.first_layer; l < plan.end_layer; ++l) {
+    StateBytes b = layer_state_bytes(c, l);  // fp32 sizes: an upper bound of the bf16 state
+    state += S * (static_cast<double>(b.per_sequence) + static_cast<double>(b.per_token) * L);
+  }
+  const double work =
+      T * 4.0 * (4.0 * c.hc_dim() + 2.0 * c.num_heads * c.head_dim + 8.0 * c.hidden_size) +
+      (plan.head ? max_logit_rows * 4.0 * static_cast<double>(c.vocab_size) : 0.0) +
+      double{1 << 30};  // kernels' scratch and the CUDA context's own reserve
+  const double need = weights + state + work, have = static_cast<double>(free_b);
+  if (need <= have) return Status::ok();
+  const double per_len = S * std::max(1.0, state / std::max(1.0, S * L));
+  const double fit_len = std::floor((have - weights - work) / std::max(1.0, per_len));
+  return Status::error(
+      str("stage ", stage, " needs ", human_bytes(need), " on GPU ", gpu, " (weights ",
+          human_bytes(weights), ", sequence state for --max-num-seqs ", f.i64("max-num-seqs"),
+          " x --max-model-len ", f.i64("max-model-len"), " at most ", human_bytes(state),
+          ", workspace ", human_bytes(work), ") but only ", human_bytes(have), " of ",
+          human_bytes(static_cast<double>(total_b)), " is free: ", human_bytes(need - have),
+          " missing; ",
+          fit_len >= 1 ? str("--max-model-len ", static_cast<int64_t>(fit_len), " would fit, or ")
+                       : std::string("the weights alone do not fit: "),
+          "use more pipeline stages"));
+}
+
+// The stage's backend: the CPU backend, or the CUDA backend on this stage's GPU.
 std::unique_ptr<Backend> make_stage_backend(const Flags& f, const Topology& topo, Transport& tr) {
   auto device = resolve_device(f);
   if (!device) tr.fail(device.status().message(), 2);
   if (*device == "cpu") return make_cpu_backend(threads_per_stage(f, topo));
-  int local = topo.rank;
-  if (launched_by_mpi()) {
-    const char* r = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK");
-    local = r ? std::max(0, std::atoi(r)) : 0;
-  }
-  auto be = make_cuda_backend(local);
+  auto be = make_cuda_backend(local_gpu(topo));
   if (!be) tr.fail(str("stage ", topo.rank, ": ", be.status().message()), 2);
   return std::move(*be);
 }
@@ -258,7 +357,11 @@ int run_one_stage(const Flags& f, const Config& c, const Topology& topo, Transpo
   LoadPlan plan = LoadPlan::stage(topo.layers, s, /*mtp=*/false);
   const int logit_rows =
       job.max_logit_rows > 0 ? job.max_logit_rows : static_cast<int>(f.i64("max-num-seqs"));
-  if (Status st = check_memory(f, c, plan, s, logit_rows); !st) tr.fail(st.message(), 2);
+  const bool gpu = resolve_device(f).value() == "cuda";
+  if (Status st = gpu ? check_gpu_memory(f, c, plan, s, local_gpu(topo), logit_rows)
+                      : check_memory(f, c, plan, s, logit_rows);
+      !st)
+    tr.fail(st.message(), 2);
   auto weights =
       f.str("load-format") == "dummy"
           ? dummy_weights(c, plan, static_cast<uint64_t>(f.i64("seed")), progress_printer(s))

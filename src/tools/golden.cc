@@ -58,4 +58,64 @@ Result<std::vector<GoldenPrompt>> read_golden(const SafetensorsFile& g, const Co
   return out;
 }
 
+Status write_golden(const std::string& path, const std::vector<GoldenRecord>& prompts,
+                    int64_t vocab) {
+  struct Entry {
+    std::string name, dtype;
+    std::vector<int64_t> shape;
+    std::vector<uint8_t> bytes;
+  };
+  std::vector<Entry> entries;
+  auto ids = [](const std::vector<int32_t>& v) {
+    std::vector<uint8_t> b(v.size() * 8);
+    for (size_t i = 0; i < v.size(); ++i) {
+      const int64_t x = v[i];
+      std::memcpy(b.data() + 8 * i, &x, 8);
+    }
+    return b;
+  };
+  auto floats = [](const std::vector<float>& v) {
+    std::vector<uint8_t> b(v.size() * 4);
+    if (!v.empty()) std::memcpy(b.data(), v.data(), b.size());
+    return b;
+  };
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    const GoldenRecord& g = prompts[i];
+    const int64_t L = static_cast<int64_t>(g.ids.size()), G = static_cast<int64_t>(g.greedy.size());
+    entries.push_back({str("p", i, ".input_ids"), "I64", {L}, ids(g.ids)});
+    entries.push_back({str("p", i, ".prefill_logits"), "F32", {L, vocab}, floats(g.prefill)});
+    entries.push_back({str("p", i, ".greedy_tokens"), "I64", {G}, ids(g.greedy)});
+    entries.push_back({str("p", i, ".decode_logits"), "F32", {G, vocab}, floats(g.decode)});
+  }
+  std::string header = "{";
+  int64_t off = 0;
+  for (size_t k = 0; k < entries.size(); ++k) {
+    const Entry& e = entries[k];
+    std::string shape;
+    for (size_t d = 0; d < e.shape.size(); ++d)
+      shape += (d ? "," : "") + std::to_string(e.shape[d]);
+    const int64_t n = static_cast<int64_t>(e.bytes.size());
+    header += str(k ? "," : "", "\"", e.name, "\":{\"dtype\":\"", e.dtype, "\",\"shape\":[", shape,
+                  "],\"data_offsets\":[", off, ",", off + n, "]}");
+    off += n;
+  }
+  header += "}";
+  while (header.size() % 8) header += ' ';
+  const std::string tmp = path + ".tmp";
+  std::FILE* f = std::fopen(tmp.c_str(), "wb");
+  if (!f) return Status::error(str("cannot write golden file ", path));
+  const uint64_t hn = header.size();
+  bool ok = std::fwrite(&hn, 8, 1, f) == 1 &&
+            std::fwrite(header.data(), 1, header.size(), f) == header.size();
+  for (const Entry& e : entries)
+    ok = ok &&
+         (e.bytes.empty() || std::fwrite(e.bytes.data(), 1, e.bytes.size(), f) == e.bytes.size());
+  ok = (std::fclose(f) == 0) && ok;
+  if (!ok || std::rename(tmp.c_str(), path.c_str()) != 0) {
+    std::remove(tmp.c_str());
+    return Status::error(str("writing golden file ", path, " failed"));
+  }
+  return Status::ok();
+}
+
 }  // namespace sp

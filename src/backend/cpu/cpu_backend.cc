@@ -551,7 +551,7 @@ class CpuBackend final : public Backend {
   }
   void sample(Tensor logits, const std::vector<SampleSpec>& specs, int32_t* ids) override {
     for (size_t i = 0; i < specs.size(); ++i)
-      ids[i] = sample_row(specs[i], logits.row(specs[i].row), logits.cols);
+      ids[i] = sample_logits_row(specs[i], logits.row(specs[i].row), logits.cols);
   }
   void to_host(Tensor src, void* dst) override {
     SP_CHECK(src.contiguous(), "to_host of a strided tensor");
@@ -607,43 +607,6 @@ class CpuBackend final : public Backend {
       r[2 * i] = a * cs - c * sn;
       r[2 * i + 1] = c * cs + a * sn;
     }
-  }
-
-  // Greedy: the first maximum (ties to the lower id). Otherwise temperature, then top-k, then
-  // top-p over the sorted candidates, and one counter-based uniform draw.
-  static int32_t sample_row(const SampleSpec& sp, const float* logits, int64_t vocab) {
-    if (sp.temperature <= 0.0f) {
-      int64_t best = 0;
-      for (int64_t i = 1; i < vocab; ++i)
-        if (logits[i] > logits[best]) best = i;
-      return static_cast<int32_t>(best);
-    }
-    std::vector<int32_t> idx(vocab);
-    for (int64_t i = 0; i < vocab; ++i) idx[i] = static_cast<int32_t>(i);
-    std::stable_sort(idx.begin(), idx.end(),
-                     [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
-    const int64_t n = sp.top_k > 0 ? std::min<int64_t>(sp.top_k, vocab) : vocab;
-    std::vector<double> p(n);
-    double mx = logits[idx[0]], sum = 0;
-    for (int64_t i = 0; i < n; ++i)
-      sum += (p[i] = std::exp((logits[idx[i]] - mx) / sp.temperature));
-    double cum = 0;
-    int64_t keep = n;
-    for (int64_t i = 0; i < n; ++i) {
-      cum += p[i] / sum;
-      if (cum >= sp.top_p) {
-        keep = i + 1;
-        break;
-      }
-    }
-    double total = 0;
-    for (int64_t i = 0; i < keep; ++i) total += p[i];
-    double u = counter_uniform(sp.seed, sp.stream, sp.counter) * total;
-    for (int64_t i = 0; i < keep; ++i) {
-      if (u < p[i]) return idx[i];
-      u -= p[i];
-    }
-    return idx[keep - 1];
   }
 
   ThreadPool pool_;

@@ -1,6 +1,9 @@
 // The CUDA backend: device memory, the step's metadata on the device, and the op dispatch.
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <memory>
 
 #include "backend/cuda/kernels.h"
 
@@ -37,6 +40,290 @@ void* Workspace::get(int slot, size_t bytes) {
 
 }  // namespace cuda
 
+namespace {
+
+using cuda::DevBatch;
+using cuda::Workspace;
+
+size_t align16(size_t n) {
+  return (n + 15) & ~size_t{15};
+}
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(int device) : device_(device) {
+    SP_CUDA(cudaSetDevice(device));
+    SP_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+    ws_ = std::make_unique<Workspace>(stream_);
+    for (auto& e : meta_ready_) SP_CUDA(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+  }
+  ~CudaBackend() override {
+    cudaStreamSynchronize(stream_);
+    ws_.reset();
+    for (void* p : allocs_) cudaFree(p);
+    for (void* p : pinned_) cudaFreeHost(p);
+    for (auto& e : meta_ready_) cudaEventDestroy(e);
+    cudaStreamDestroy(stream_);
+  }
+
+  std::string name() const override { return "cuda"; }
+  int num_threads() const override { return 1; }
+  Device device() const override { return Device::kCuda; }
+  DType act_dtype() const override { return DType::kBF16; }
+
+  void reserve(const BackendLimits& lim) override {
+    lim_ = lim;
+    grow_meta(meta_bytes(lim.max_tokens, lim.max_seqs, lim.max_blocks, lim.max_logit_rows));
+    specs_host_ = static_cast<SampleSpec*>(pinned(sizeof(SampleSpec) * std::max(1, lim.max_logit_rows)));
+    ids_host_ = static_cast<int32_t*>(pinned(sizeof(int32_t) * std::max(1, lim.max_logit_rows)));
+    specs_dev_ = static_cast<SampleSpec*>(device_alloc(sizeof(SampleSpec) * std::max(1, lim.max_logit_rows)));
+    ids_dev_ = static_cast<int32_t*>(device_alloc(sizeof(int32_t) * std::max(1, lim.max_logit_rows)));
+  }
+
+  Tensor alloc(int64_t rows, int64_t cols, DType dtype) override {
+    const size_t bytes = static_cast<size_t>(std::max<int64_t>(rows * cols * dtype_size(dtype), 1));
+    void* p = device_alloc(bytes);
+    SP_CUDA(cudaMemsetAsync(p, 0, bytes, stream_));
+    return Tensor::of(p, rows, cols, dtype, Device::kCuda);
+  }
+
+  LayerState alloc_state(const std::vector<StateAlloc>& layout) override {
+    LayerState st;
+    for (const StateAlloc& a : layout)
+      st.*a.field = alloc(a.rows, a.cols,
+                          a.kind == StateKind::kCompressorBuf ? DType::kF32 : state_dtype_);
+    return st;
+  }
+
+  Matrix upload(const Matrix& host) override {
+    if (!host.valid()) return host;
+    Matrix m = host;
+    const size_t vb = static_cast<size_t>(host.value_bytes()),
+                 sb = static_cast<size_t>(host.scale_bytes());
+    uint8_t* p = static_cast<uint8_t*>(device_alloc(align16(vb) + sb));
+    SP_CUDA(cudaMemcpyAsync(p, host.data, vb, cudaMemcpyHostToDevice, stream_));
+    m.data = p;
+    if (sb > 0) {
+      SP_CUDA(cudaMemcpyAsync(p + align16(vb), host.scale, sb, cudaMemcpyHostToDevice, stream_));
+      m.scale = p + align16(vb);
+    }
+    m.device = Device::kCuda;
+    // The host bytes may be a mapped file: finish before the caller may unmap it.
+    SP_CUDA(cudaStreamSynchronize(stream_));
+    return m;
+  }
+
+  Tensor upload(const Tensor& host) override {
+    if (!host.data) return host;
+    Tensor t = alloc(host.rows, host.cols, host.dtype);
+    from_host(host.data, t);
+    return t;
+  }
+
+  void prepare_moe(MoeWeights& moe) override {
+    cuda::prepare_moe(moe, stream_);
+    SP_CUDA(cudaStreamSynchronize(stream_));
+  }
+
+  void begin_step(const BatchView& b) override {
+    const int T = b.num_tokens, C = static_cast<int>(b.chunks.size()),
+              B = static_cast<int>(b.block_tables.size()),
+              L = static_cast<int>(b.logit_rows.size());
+    grow_meta(meta_bytes(T, C, B, L));
+    // Two pinned staging buffers: the one written now was last copied two steps ago.
+    cur_ ^= 1;
+    SP_CUDA(cudaEventSynchronize(meta_ready_[cur_]));
+    uint8_t* h = static_cast<uint8_t*>(meta_host_[cur_]);
+    size_t off = 0;
+    auto put = [&](const void* src, size_t n) {
+      const size_t at = off;
+      if (n) std::memcpy(h + at, src, n);
+      off += align16(n);
+      return at;
+    };
+    const size_t o_tok = put(b.token_ids.data(), 4 * static_cast<size_t>(T));
+    const size_t o_pos = put(b.positions.data(), 4 * static_cast<size_t>(T));
+    const size_t o_cof = put(b.chunk_of.data(), 4 * static_cast<size_t>(T));
+    const size_t o_chk = put(b.chunks.data(), sizeof(SeqChunk) * static_cast<size_t>(C));
+    const size_t o_blk = put(b.block_tables.data(), 4 * static_cast<size_t>(B));
+    const size_t o_lr = put(b.logit_rows.data(), 4 * static_cast<size_t>(L));
+    SP_CUDA(cudaMemcpyAsync(meta_dev_, h, off, cudaMemcpyHostToDevice, stream_));
+    SP_CUDA(cudaEventRecord(meta_ready_[cur_], stream_));
+    const uint8_t* d = static_cast<const uint8_t*>(meta_dev_);
+    dev_.num_tokens = T;
+    dev_.num_chunks = C;
+    dev_.num_logit_rows = L;
+    dev_.block_tokens = lim_.block_tokens;
+    dev_.token_ids = reinterpret_cast<const int32_t*>(d + o_tok);
+    dev_.positions = reinterpret_cast<const int32_t*>(d + o_pos);
+    dev_.chunk_of = reinterpret_cast<const int32_t*>(d + o_cof);
+    dev_.chunks = reinterpret_cast<const SeqChunk*>(d + o_chk);
+    dev_.block_tables = reinterpret_cast<const int32_t*>(d + o_blk);
+    dev_.logit_rows = reinterpret_cast<const int32_t*>(d + o_lr);
+    dev_.host = &b;
+  }
+
+  void embed(const Matrix& table, const BatchView& b, Tensor out) override {
+    cuda::embed(stream_, table, batch(b), out);
+  }
+  void expand_streams(Tensor e, int hc, Tensor X) override {
+    cuda::expand_streams(stream_, e, hc, X);
+  }
+  void linear(Tensor x, const Matrix& w, Tensor y) override {
+    SP_CHECK(x.cols == w.in && y.cols == w.out && x.rows == y.rows, w.name, ": x ", x.rows, "x",
+             x.cols, " y ", y.rows, "x", y.cols, " W ", w.out, "x", w.in);
+    cuda::linear(stream_, *ws_, x, w, y);
+  }
+  void grouped_linear(Tensor x, const Matrix& w, int groups, Tensor y) override {
+    cuda::grouped_linear(stream_, *ws_, x, w, groups, y);
+  }
+  void rms_norm(Tensor x, const Tensor* weight, int group, float eps, Tensor y) override {
+    cuda::rms_norm(stream_, x, weight, group, eps, y);
+  }
+  void rope(Tensor x, int head_dim, const RopeView& r, const BatchView& b, bool inverse) override {
+    cuda::rope(stream_, x, head_dim, r, batch(b), inverse);
+  }
+  void hc_pre(Tensor X, const HcWeights& p, int hc, int iters, float hc_eps, float norm_eps,
+              Tensor x, Tensor post, Tensor comb) override {
+    cuda::hc_pre(stream_, *ws_, X, p, hc, iters, hc_eps, norm_eps, x, post, comb);
+  }
+  void hc_post(Tensor f, Tensor post, Tensor comb, int hc, Tensor X) override {
+    cuda::hc_post(stream_, f, post, comb, hc, X);
+  }
+  void hc_head(Tensor X, const HcWeights& p, int hc, float hc_eps, float norm_eps,
+               Tensor h) override {
+    cuda::hc_head(stream_, *ws_, X, p, hc, hc_eps, norm_eps, h);
+  }
+  void compress(Tensor a, Tensor g, const CompressorArgs& args, const BatchView& b, Tensor buf,
+                Tensor prev, Tensor cache) override {
+    cuda::compress(stream_, *ws_, a, g, args, batch(b), buf, prev, cache);
+  }
+  void indexer_topk(Tensor q, Tensor weights, int heads, int dim, int ratio, int topk,
+                    const BatchView& b, Tensor keys, Tensor out) override {
+    cuda::indexer_topk(stream_, *ws_, q, weights, heads, dim, ratio, topk, batch(b), keys, out);
+  }
+  void attention(Tensor q, Tensor kv, const AttentionArgs& args, const BatchView& b,
+                 const LayerState& st, const Tensor* selected, Tensor o) override {
+    cuda::attention(stream_, *ws_, q, kv, args, batch(b), st, selected, o);
+  }
+  void window_update(Tensor kv, int window, const BatchView& b, Tensor ring) override {
+    cuda::window_update(stream_, kv, window, batch(b), ring);
+  }
+  void moe(Tensor x, const MoeArgs& args, const BatchView& b, Tensor y) override {
+    cuda::moe(stream_, *ws_, x, args, batch(b), y);
+  }
+  void gather_logit_rows(Tensor x, const BatchView& b, Tensor out) override {
+    cuda::gather_rows(stream_, x, batch(b), out);
+  }
+  void copy(Tensor src, Tensor dst) override { cuda::copy(stream_, src, dst); }
+
+  void sample(Tensor logits, const std::vector<SampleSpec>& specs, int32_t* ids) override {
+    const int n = static_cast<int>(specs.size());
+    if (n == 0) return;
+    SP_CHECK(n <= std::max(1, lim_.max_logit_rows), n, " sample rows over the limit");
+    std::memcpy(specs_host_, specs.data(), sizeof(SampleSpec) * n);
+    SP_CUDA(cudaMemcpyAsync(specs_dev_, specs_host_, sizeof(SampleSpec) * n,
+                            cudaMemcpyHostToDevice, stream_));
+    cuda::sample(stream_, *ws_, logits, specs_dev_, specs_host_, n, ids_dev_);
+    SP_CUDA(cudaMemcpyAsync(ids_host_, ids_dev_, sizeof(int32_t) * n, cudaMemcpyDeviceToHost,
+                            stream_));
+    SP_CUDA(cudaStreamSynchronize(stream_));
+    std::memcpy(ids, ids_host_, sizeof(int32_t) * n);
+    // Rows with a temperature are chosen on the host with the reference algorithm (a device
+    // top-k / top-p sampler is future work); greedy rows never leave the device.
+    std::vector<float> row;
+    for (int i = 0; i < n; ++i) {
+      if (specs[i].temperature <= 0.0f) continue;
+      row.resize(static_cast<size_t>(logits.cols));
+      to_host(logits.slice_rows(specs[i].row, 1), row.data());
+      ids[i] = sample_logits_row(specs[i], row.data(), logits.cols);
+    }
+  }
+
+  void to_host(Tensor src, void* dst) override {
+    if (src.numel() == 0) return;
+    const size_t es = static_cast<size_t>(src.elem_size());
+    SP_CUDA(cudaMemcpy2DAsync(dst, src.cols * es, src.data, src.stride * es, src.cols * es,
+                              src.rows, cudaMemcpyDeviceToHost, stream_));
+    SP_CUDA(cudaStreamSynchronize(stream_));
+  }
+  void from_host(const void* src, Tensor dst) override {
+    if (dst.numel() == 0) return;
+    const size_t es = static_cast<size_t>(dst.elem_size());
+    SP_CUDA(cudaMemcpy2DAsync(dst.data, dst.stride * es, src, dst.cols * es, dst.cols * es,
+                              dst.rows, cudaMemcpyHostToDevice, stream_));
+    SP_CUDA(cudaStreamSynchronize(stream_));
+  }
+  void synchronize() override { SP_CUDA(cudaStreamSynchronize(stream_)); }
+
+ private:
+  const DevBatch& batch(const BatchView& b) {
+    SP_CHECK(dev_.host == &b, "CUDA op called with a batch that begin_step did not receive");
+    return dev_;
+  }
+  static size_t meta_bytes(int T, int C, int B, int L) {
+    return 3 * align16(4 * static_cast<size_t>(T)) + align16(sizeof(SeqChunk) * C) +
+           align16(4 * static_cast<size_t>(B)) + align16(4 * static_cast<size_t>(L));
+  }
+  void grow_meta(size_t bytes) {
+    if (bytes <= meta_cap_) return;
+    SP_CUDA(cudaStreamSynchronize(stream_));
+    for (void* p : meta_host_)
+      if (p) release_pinned(p);
+    if (meta_dev_) release_device(meta_dev_);
+    meta_cap_ = std::max<size_t>(bytes, 4096);
+    for (auto& p : meta_host_) p = pinned(meta_cap_);
+    meta_dev_ = device_alloc(meta_cap_);
+  }
+  void* device_alloc(size_t bytes) {
+    void* p = nullptr;
+    cudaError_t e = cudaMalloc(&p, bytes);
+    if (e != cudaSuccess) {
+      size_t free_b = 0, total = 0;
+      cudaGetLastError();
+      cudaMemGetInfo(&free_b, &total);
+      SP_CHECK(false, "CUDA out of memory on GPU ", device_, ": asked for ", bytes, " bytes, ",
+               free_b, " of ", total, " free (the memory plan should have refused this)");
+    }
+    allocs_.push_back(p);
+    return p;
+  }
+  void release_device(void* p) {
+    allocs_.erase(std::find(allocs_.begin(), allocs_.end(), p));
+    SP_CUDA(cudaFree(p));
+  }
+  void* pinned(size_t bytes) {
+    void* p = nullptr;
+    SP_CUDA(cudaMallocHost(&p, bytes));
+    pinned_.push_back(p);
+    return p;
+  }
+  void release_pinned(void* p) {
+    pinned_.erase(std::find(pinned_.begin(), pinned_.end(), p));
+    SP_CUDA(cudaFreeHost(p));
+  }
+
+  int device_;
+  cudaStream_t stream_ = nullptr;
+  std::unique_ptr<Workspace> ws_;
+  BackendLimits lim_;
+  DType state_dtype_ = DType::kBF16;
+  std::vector<void*> allocs_, pinned_;
+  void* meta_host_[2] = {nullptr, nullptr};
+  cudaEvent_t meta_ready_[2];
+  void* meta_dev_ = nullptr;
+  size_t meta_cap_ = 0;
+  int cur_ = 0;
+  DevBatch dev_;
+  SampleSpec* specs_host_ = nullptr;
+  SampleSpec* specs_dev_ = nullptr;
+  int32_t* ids_host_ = nullptr;
+  int32_t* ids_dev_ = nullptr;
+};
+
+}  // namespace
+
+
 bool cuda_backend_built() {
   return true;
 }
@@ -50,8 +337,39 @@ bool cuda_device_available() {
   return n > 0;
 }
 
-Result<std::unique_ptr<Backend>> make_cuda_backend(int) {
-  return Status::error("--device cuda: the CUDA backend is not complete yet");
+Status cuda_memory_info(int device, int64_t* free_bytes, int64_t* total_bytes) {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess || device < 0 || device >= n) {
+    cudaGetLastError();
+    return Status::error(str("no CUDA GPU ", device));
+  }
+  int prev = 0;
+  SP_CUDA(cudaGetDevice(&prev));
+  SP_CUDA(cudaSetDevice(device));
+  size_t f = 0, t = 0;
+  SP_CUDA(cudaMemGetInfo(&f, &t));
+  SP_CUDA(cudaSetDevice(prev));
+  *free_bytes = static_cast<int64_t>(f);
+  *total_bytes = static_cast<int64_t>(t);
+  return Status::ok();
+}
+
+Result<std::unique_ptr<Backend>> make_cuda_backend(int device) {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
+    cudaGetLastError();
+    return Status::error("--device cuda: no usable CUDA GPU is visible to this process");
+  }
+  if (device < 0 || device >= n)
+    return Status::error(str("--device cuda: GPU ", device, " requested but only ", n,
+                             " visible (stage placement uses one GPU per stage on each machine)"));
+  cudaDeviceProp prop;
+  SP_CUDA(cudaGetDeviceProperties(&prop, device));
+  if (prop.major != 9)
+    return Status::error(str("--device cuda: GPU ", device, " is ", prop.name, " (compute ",
+                             prop.major, ".", prop.minor,
+                             "); this build targets Hopper (sm_90a) only"));
+  return std::unique_ptr<Backend>(std::make_unique<CudaBackend>(device));
 }
 
 }  // namespace sp

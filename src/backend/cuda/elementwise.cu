@@ -1,0 +1,393 @@
+// Norms, rope, mHC mixing, copies and greedy sampling on the GPU. Activations are read as f32 or
+// bf16 and every computation is fp32; reductions use a fixed tree (deterministic).
+#include <cuda_bf16.h>
+
+#include <cmath>
+
+#include "backend/cuda/kernels.h"
+
+namespace sp::cuda {
+namespace {
+
+__device__ __forceinline__ float ld(const float* p, int64_t i) {
+  return p[i];
+}
+__device__ __forceinline__ float ld(const __nv_bfloat16* p, int64_t i) {
+  return __bfloat162float(p[i]);
+}
+__device__ __forceinline__ void st(float* p, int64_t i, float v) {
+  p[i] = v;
+}
+__device__ __forceinline__ void st(__nv_bfloat16* p, int64_t i, float v) {
+  p[i] = __float2bfloat16_rn(v);
+}
+
+// Calls f(T()) with T the storage type of an activation dtype (f32 or bf16).
+template <typename F>
+void dispatch_act(DType dt, F&& f) {
+  if (dt == DType::kF32)
+    f(float());
+  else if (dt == DType::kBF16)
+    f(__nv_bfloat16());
+  else
+    SP_CHECK(false, "CUDA: activation dtype ", dtype_name(dt), " not supported");
+}
+
+constexpr int kThreads = 256;
+
+// Sum over the block; every thread gets the result. `red` holds kThreads / 32 floats.
+__device__ float block_sum(float v, float* red) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  float s = 0;
+  for (int w = 0; w < static_cast<int>(blockDim.x / 32); ++w) s += red[w];
+  return s;
+}
+
+__device__ __forceinline__ float sigmoidf(float x) {
+  return 1.0f / (1.0f + expf(-x));
+}
+
+template <typename T>
+__global__ void expand_kernel(const T* e, int64_t e_stride, int64_t D, int hc, T* X,
+                              int64_t x_stride, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t t = i / (hc * D), r = i % (hc * D), d = r % D;
+    X[t * x_stride + r] = e[t * e_stride + d];
+  }
+}
+
+template <typename TI, typename TO>
+__global__ void rms_norm_kernel(const TI* x, int64_t xs, const float* w, int group, int groups,
+                                float eps, TO* y, int64_t ys) {
+  __shared__ float red[kThreads / 32];
+  const int64_t row = blockIdx.x / groups, g = blockIdx.x % groups;
+  const TI* src = x + row * xs + g * group;
+  TO* dst = y + row * ys + g * group;
+  float ss = 0;
+  for (int k = threadIdx.x; k < group; k += blockDim.x) {
+    float v = ld(src, k);
+    ss += v * v;
+  }
+  ss = block_sum(ss, red);
+  const float r = 1.0f / sqrtf(ss / static_cast<float>(group) + eps);
+  __syncthreads();  // in place: every read above happened before any write below
+  for (int k = threadIdx.x; k < group; k += blockDim.x) {
+    float v = ld(src, k) * r;
+    st(dst, k, w ? w[k] * v : v);
+  }
+}
+
+template <typename T>
+__global__ void rope_kernel(T* x, int64_t xs, int heads, int head_dim, int rope_dim,
+                            const float* inv_freq, const int32_t* positions, int rows,
+                            bool inverse) {
+  const int half = rope_dim / 2;
+  const int64_t n = static_cast<int64_t>(rows) * heads * half;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / (heads * half);
+    const int h = static_cast<int>((i / half) % heads), p = static_cast<int>(i % half);
+    const float ang = inv_freq[p] * static_cast<float>(positions[r]);
+    const float c = static_cast<float>(cos(static_cast<double>(ang)));
+    float s = static_cast<float>(sin(static_cast<double>(ang)));
+    if (inverse) s = -s;
+    T* v = x + r * xs + static_cast<int64_t>(h) * head_dim + (head_dim - rope_dim) + 2 * p;
+    const float a = ld(v, 0), b = ld(v, 1);
+    st(v, 0, a * c - b * s);
+    st(v, 1, b * c + a * s);
+  }
+}
+
+// mHC collapse. One block per token; the token's streams live in shared memory as fp32.
+// mix = (2 + hc) * hc logits m = fn . normalised(u), then pre / post / Sinkhorn(comb), then
+// x = sum_j pre_j u_j. With `head`, mix = hc and only pre is formed (hc_head).
+template <typename TI, typename TO>
+__global__ void hc_kernel(const TI* X, int64_t xs, const float* fn, const float* base,
+                          const float* scale, int hc, int64_t D, int iters, float hc_eps,
+                          float norm_eps, bool head, TO* out, int64_t os, float* post,
+                          int64_t ps, float* comb, int64_t cs) {
+  extern __shared__ float smem[];
+  const int64_t W = hc * D;
+  const int mix = head ? hc : (2 + hc) * hc;
+  float* u = smem;          // [W]
+  float* m = smem + W;      // [mix]
+  float* pre = m + mix;     // [hc]
+  float* red = pre + 16;    // [32]
+  const int64_t t = blockIdx.x;
+  const TI* src = X + t * xs;
+  float ss = 0;
+  for (int64_t k = threadIdx.x; k < W; k += blockDim.x) {
+    float v = ld(src, k);
+    u[k] = v;
+    ss += v * v;
+  }
+  ss = block_sum(ss, red);
+  const float r = 1.0f / sqrtf(ss / static_cast<float>(W) + norm_eps);
+  // One warp per mixing logit (fixed lane order, then a fixed shuffle tree).
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nwarps = blockDim.x / 32;
+  for (int j = warp; j < mix; j += nwarps) {
+    const float* f = fn + static_cast<int64_t>(j) * W;
+    float acc = 0;
+    for (int64_t k = lane; k < W; k += 32) acc += (u[k] * r) * f[k];
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (lane == 0) m[j] = acc;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int j = 0; j < hc; ++j) pre[j] = sigmoidf(m[j] * scale[0] + base[j]) + hc_eps;
+    if (!head) {
+      for (int j = 0; j < hc; ++j)
+        post[t * ps + j] = 2.0f * sigmoidf(m[hc + j] * scale[1] + base[hc + j]);
+      float c[16 * 16];
+      for (int j = 0; j < hc; ++j) {  // row softmax, then Sinkhorn
+        float mx = -INFINITY;
+        for (int k = 0; k < hc; ++k) {
+          c[j * hc + k] = m[2 * hc + j * hc + k] * scale[2] + base[2 * hc + j * hc + k];
+          mx = fmaxf(mx, c[j * hc + k]);
+        }
+        float s = 0;
+        for (int k = 0; k < hc; ++k) s += (c[j * hc + k] = expf(c[j * hc + k] - mx));
+        for (int k = 0; k < hc; ++k) c[j * hc + k] = c[j * hc + k] / s + hc_eps;
+      }
+      auto col_norm = [&] {
+        for (int k = 0; k < hc; ++k) {
+          float s = 0;
+          for (int j = 0; j < hc; ++j) s += c[j * hc + k];
+          for (int j = 0; j < hc; ++j) c[j * hc + k] /= s + hc_eps;
+        }
+      };
+      auto row_norm = [&] {
+        for (int j = 0; j < hc; ++j) {
+          float s = 0;
+          for (int k = 0; k < hc; ++k) s += c[j * hc + k];
+          for (int k = 0; k < hc; ++k) c[j * hc + k] /= s + hc_eps;
+        }
+      };
+      col_norm();
+      for (int it = 0; it < iters - 1; ++it) {
+        row_norm();
+        col_norm();
+      }
+      for (int i = 0; i < hc * hc; ++i) comb[t * cs + i] = c[i];
+    }
+  }
+  __syncthreads();
+  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+    float s = 0;
+    for (int j = 0; j < hc; ++j) s += pre[j] * u[j * D + d];
+    st(out + t * os, d, s);
+  }
+}
+
+template <typename TF, typename TX>
+__global__ void hc_post_kernel(const TF* f, int64_t fs, const float* post, int64_t ps,
+                               const float* comb, int64_t cs, int hc, int64_t D, TX* X,
+                               int64_t xs, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t t = i / D, d = i % D;
+    TX* x = X + t * xs;
+    float in[16];
+    for (int j = 0; j < hc; ++j) in[j] = ld(x, j * D + d);
+    const float fv = ld(f + t * fs, d);
+    const float* c = comb + t * cs;
+    for (int k = 0; k < hc; ++k) {
+      float s = 0;
+      for (int j = 0; j < hc; ++j) s += c[j * hc + k] * in[j];
+      st(x, k * D + d, post[t * ps + k] * fv + s);
+    }
+  }
+}
+
+template <typename T>
+__global__ void gather_kernel(const T* x, int64_t xs, const int32_t* rows, int n, int64_t cols,
+                              T* out, int64_t os) {
+  const int64_t total = static_cast<int64_t>(n) * cols;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / cols, c = i % cols;
+    out[r * os + c] = x[static_cast<int64_t>(rows[r]) * xs + c];
+  }
+}
+
+// Greedy rows: the first maximum (ties to the lower id). One block per spec.
+__global__ void argmax_kernel(const float* logits, int64_t ls, int64_t vocab,
+                              const SampleSpec* specs, int32_t* ids) {
+  __shared__ float bv[kThreads];
+  __shared__ int64_t bi[kThreads];
+  const SampleSpec sp = specs[blockIdx.x];
+  if (sp.temperature > 0.0f) return;  // sampled on the host
+  const float* row = logits + static_cast<int64_t>(sp.row) * ls;
+  float best = -INFINITY;
+  int64_t idx = vocab;
+  for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
+    const float v = row[i];
+    if (idx == vocab || v > best) {  // strided i grows: the first maximum stays
+      best = v;
+      idx = i;
+    }
+  }
+  bv[threadIdx.x] = best;
+  bi[threadIdx.x] = idx;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) {
+      const float v = bv[threadIdx.x + s];
+      const int64_t j = bi[threadIdx.x + s];
+      if (v > bv[threadIdx.x] || (v == bv[threadIdx.x] && j < bi[threadIdx.x])) {
+        bv[threadIdx.x] = v;
+        bi[threadIdx.x] = j;
+      }
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) ids[blockIdx.x] = static_cast<int32_t>(bi[0] < vocab ? bi[0] : 0);
+}
+
+int grid_for(int64_t n) {
+  return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535 * 8));
+}
+
+void check_device(Tensor t, const char* what) {
+  SP_CHECK(t.device == Device::kCuda, "CUDA ", what, ": tensor is not in device memory");
+}
+
+}  // namespace
+
+void expand_streams(cudaStream_t s, Tensor e, int hc, Tensor X) {
+  SP_CHECK(e.dtype == X.dtype && X.cols == hc * e.cols, "expand_streams shapes");
+  const int64_t n = e.rows * hc * e.cols;
+  if (n == 0) return;
+  dispatch_act(e.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    expand_kernel<<<grid_for(n), kThreads, 0, s>>>(e.ptr<T>(), e.stride, e.cols, hc, X.ptr<T>(),
+                                                   X.stride, n);
+  });
+  SP_CUDA_LAUNCH();
+}
+
+void rms_norm(cudaStream_t s, Tensor x, const Tensor* weight, int group, float eps, Tensor y) {
+  check_device(x, "rms_norm");
+  const int groups = static_cast<int>(x.cols / group);
+  const int64_t blocks = x.rows * groups;
+  if (blocks == 0) return;
+  const float* w = weight ? weight->f32() : nullptr;
+  dispatch_act(x.dtype, [&](auto ti) {
+    dispatch_act(y.dtype, [&](auto to) {
+      using TI = decltype(ti);
+      using TO = decltype(to);
+      rms_norm_kernel<TI, TO><<<static_cast<unsigned>(blocks), kThreads, 0, s>>>(
+          x.ptr<TI>(), x.stride, w, group, groups, eps, y.ptr<TO>(), y.stride);
+    });
+  });
+  SP_CUDA_LAUNCH();
+}
+
+void rope(cudaStream_t s, Tensor x, int head_dim, const RopeView& r, const DevBatch& b,
+          bool inverse) {
+  const int heads = static_cast<int>(x.cols / head_dim);
+  const int64_t n = x.rows * heads * (r.rope_dim / 2);
+  if (n == 0) return;
+  dispatch_act(x.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    rope_kernel<<<grid_for(n), kThreads, 0, s>>>(x.ptr<T>(), x.stride, heads, head_dim, r.rope_dim,
+                                                 r.inv_freq.f32(), b.positions,
+                                                 static_cast<int>(x.rows), inverse);
+  });
+  SP_CUDA_LAUNCH();
+}
+
+namespace {
+
+void hc_launch(cudaStream_t s, Tensor X, const HcWeights& p, int hc, int iters, float hc_eps,
+               float norm_eps, bool head, Tensor out, Tensor post, Tensor comb) {
+  SP_CHECK(hc >= 1 && hc <= 16, "CUDA mHC supports hc_mult up to 16, got ", hc);
+  if (X.rows == 0) return;
+  const int64_t D = X.cols / hc;
+  const int mix = head ? hc : (2 + hc) * hc;
+  const size_t smem = (static_cast<size_t>(X.cols) + mix + 16 + 32) * sizeof(float);
+  dispatch_act(X.dtype, [&](auto ti) {
+    dispatch_act(out.dtype, [&](auto to) {
+      using TI = decltype(ti);
+      using TO = decltype(to);
+      auto k = hc_kernel<TI, TO>;
+      SP_CUDA(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                   static_cast<int>(smem)));
+      k<<<static_cast<unsigned>(X.rows), kThreads, smem, s>>>(
+          X.ptr<TI>(), X.stride, p.fn.f32(), p.base.f32(), p.scale.f32(), hc, D, iters, hc_eps,
+          norm_eps, head, out.ptr<TO>(), out.stride, head ? nullptr : post.f32(),
+          head ? 0 : post.stride, head ? nullptr : comb.f32(), head ? 0 : comb.stride);
+    });
+  });
+  SP_CUDA_LAUNCH();
+}
+
+}  // namespace
+
+void hc_pre(cudaStream_t s, Workspace&, Tensor X, const HcWeights& p, int hc, int iters,
+            float hc_eps, float norm_eps, Tensor x, Tensor post, Tensor comb) {
+  SP_CHECK(post.dtype == DType::kF32 && comb.dtype == DType::kF32, "hc_pre: post/comb not f32");
+  hc_launch(s, X, p, hc, iters, hc_eps, norm_eps, false, x, post, comb);
+}
+
+void hc_head(cudaStream_t s, Workspace&, Tensor X, const HcWeights& p, int hc, float hc_eps,
+             float norm_eps, Tensor h) {
+  hc_launch(s, X, p, hc, 0, hc_eps, norm_eps, true, h, Tensor{}, Tensor{});
+}
+
+void hc_post(cudaStream_t s, Tensor f, Tensor post, Tensor comb, int hc, Tensor X) {
+  SP_CHECK(hc <= 16, "CUDA mHC supports hc_mult up to 16");
+  const int64_t n = X.rows * f.cols;
+  if (n == 0) return;
+  dispatch_act(f.dtype, [&](auto tf) {
+    dispatch_act(X.dtype, [&](auto tx) {
+      using TF = decltype(tf);
+      using TX = decltype(tx);
+      hc_post_kernel<<<grid_for(n), kThreads, 0, s>>>(f.ptr<TF>(), f.stride, post.f32(),
+                                                      post.stride, comb.f32(), comb.stride, hc,
+                                                      f.cols, X.ptr<TX>(), X.stride, n);
+    });
+  });
+  SP_CUDA_LAUNCH();
+}
+
+void gather_rows(cudaStream_t s, Tensor x, const DevBatch& b, Tensor out) {
+  SP_CHECK(x.dtype == out.dtype, "gather_rows: dtypes differ");
+  const int64_t n = static_cast<int64_t>(b.num_logit_rows) * x.cols;
+  if (n == 0) return;
+  auto go = [&](auto tag) {
+    using T = decltype(tag);
+    gather_kernel<<<grid_for(n), kThreads, 0, s>>>(x.ptr<T>(), x.stride, b.logit_rows,
+                                                   b.num_logit_rows, x.cols, out.ptr<T>(),
+                                                   out.stride);
+  };
+  if (x.elem_size() == 4)
+    go(float());
+  else
+    go(__nv_bfloat16());
+  SP_CUDA_LAUNCH();
+}
+
+void copy(cudaStream_t s, Tensor src, Tensor dst) {
+  SP_CHECK(src.rows == dst.rows && src.cols == dst.cols && src.dtype == dst.dtype, "copy shapes");
+  if (src.numel() == 0) return;
+  const size_t es = static_cast<size_t>(src.elem_size());
+  SP_CUDA(cudaMemcpy2DAsync(dst.data, dst.stride * es, src.data, src.stride * es, src.cols * es,
+                            src.rows, cudaMemcpyDeviceToDevice, s));
+}
+
+void sample(cudaStream_t s, Workspace&, Tensor logits, const SampleSpec* specs_dev,
+            const SampleSpec*, int n, int32_t* ids_dev) {
+  SP_CHECK(logits.dtype == DType::kF32, "sample: logits must be f32");
+  if (n == 0) return;
+  argmax_kernel<<<n, kThreads, 0, s>>>(logits.f32(), logits.stride, logits.cols, specs_dev,
+                                       ids_dev);
+  SP_CUDA_LAUNCH();
+}
+
+}  // namespace sp::cuda

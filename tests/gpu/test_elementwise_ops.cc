@@ -1,0 +1,181 @@
+// Parity of the CUDA backend's norms, rope, mHC mixing, copies and greedy sampling against the CPU
+// backend, on random inputs of awkward and V4-Flash shapes.
+#include <cmath>
+
+#include "tests/gpu/op_harness.h"
+
+namespace sp::test {
+namespace {
+
+// A batch of `n` tokens of one sequence at positions start..start+n-1 (slot 0).
+BatchView one_sequence(int n, int start) {
+  BatchView b;
+  b.num_tokens = n;
+  for (int i = 0; i < n; ++i) {
+    b.token_ids.push_back(i % 7);
+    b.positions.push_back(start + i);
+    b.chunk_of.push_back(0);
+  }
+  SeqChunk ch;
+  ch.n_tokens = n;
+  ch.start_pos = start;
+  ch.num_blocks = (start + n + 255) / 256;
+  for (int i = 0; i < ch.num_blocks; ++i) b.block_tables.push_back(i);
+  b.chunks.push_back(ch);
+  return b;
+}
+
+TEST(CudaElementwise, RmsNormGroupsAndDtypes) {
+  SP_REQUIRE_GPU();
+  Backends be;
+  for (auto [rows, cols, group] : {std::tuple{1, 4096, 4096},
+                                   {7, 1024, 1024},
+                                   {33, 3 * 512, 512},
+                                   {5, 96, 32},
+                                   {300, 4096, 4096}}) {
+    for (bool weighted : {true, false}) {
+      auto xv = round_bf16(random_vec(int64_t{rows} * cols, rows + cols, 3.0f));
+      auto wv = random_vec(group, 5, 1.0f);
+      Tensor wc = make_tensor(*be.cpu, wv, 1, group, DType::kF32);
+      Tensor wg = make_tensor(*be.gpu, wv, 1, group, DType::kF32);
+      Tensor xc = make_tensor(*be.cpu, xv, rows, cols, DType::kF32);
+      Tensor yc = be.cpu->alloc(rows, cols, DType::kF32);
+      be.cpu->rms_norm(xc, weighted ? &wc : nullptr, group, 1e-6f, yc);
+      for (DType out : {DType::kF32, DType::kBF16}) {
+        Tensor xg = make_tensor(*be.gpu, xv, rows, cols, DType::kBF16);
+        Tensor yg = make_tensor(*be.gpu, std::vector<float>(xv.size(), NAN), rows, cols, out);
+        be.gpu->rms_norm(xg, weighted ? &wg : nullptr, group, 1e-6f, yg);
+        double e = rel_l2(read_f32(*be.gpu, yg), read_f32(*be.cpu, yc));
+        EXPECT_LE(e, out == DType::kF32 ? 1e-5 : 1e-2) << rows << "x" << cols << "/" << group;
+      }
+    }
+  }
+}
+
+TEST(CudaElementwise, RopeForwardAndInverse) {
+  SP_REQUIRE_GPU();
+  Backends be;
+  const int head_dim = 512, rope_dim = 64, heads = 3;
+  std::vector<float> inv(rope_dim / 2);
+  for (int i = 0; i < rope_dim / 2; ++i) inv[i] = std::pow(10000.0f, -2.0f * i / rope_dim);
+  for (int n : {1, 9, 200}) {
+    BatchView b = one_sequence(n, 5000);
+    auto xv = round_bf16(random_vec(int64_t{n} * heads * head_dim, n, 1.0f));
+    RopeView rc{make_tensor(*be.cpu, inv, 1, rope_dim / 2, DType::kF32), rope_dim};
+    RopeView rg{make_tensor(*be.gpu, inv, 1, rope_dim / 2, DType::kF32), rope_dim};
+    for (bool inverse : {false, true}) {
+      Tensor xc = make_tensor(*be.cpu, xv, n, heads * head_dim, DType::kF32);
+      Tensor xg = make_tensor(*be.gpu, xv, n, heads * head_dim, DType::kF32);
+      be.cpu->begin_step(b);
+      be.gpu->begin_step(b);
+      be.cpu->rope(xc, head_dim, rc, b, inverse);
+      be.gpu->rope(xg, head_dim, rg, b, inverse);
+      EXPECT_LE(rel_l2(read_f32(*be.gpu, xg), read_f32(*be.cpu, xc)), 1e-5) << n << inverse;
+    }
+  }
+}
+
+struct HcSet {
+  HcWeights cpu, gpu;
+};
+
+HcSet make_hc(Backends& be, int hc, int64_t D, bool head, uint64_t seed) {
+  const int mix = head ? hc : (2 + hc) * hc;
+  auto fn = random_vec(mix * hc * D, seed, 0.02f);
+  auto base = random_vec(mix, seed + 1, 0.5f);
+  std::vector<float> scale = head ? std::vector<float>{0.7f} : std::vector<float>{0.7f, 0.9f, 1.1f};
+  HcSet s;
+  for (auto [b, w] : {std::pair{be.cpu.get(), &s.cpu}, {be.gpu.get(), &s.gpu}}) {
+    w->fn = make_tensor(*b, fn, mix, hc * D, DType::kF32);
+    w->base = make_tensor(*b, base, 1, mix, DType::kF32);
+    w->scale = make_tensor(*b, scale, 1, static_cast<int64_t>(scale.size()), DType::kF32);
+  }
+  return s;
+}
+
+TEST(CudaElementwise, MhcPrePostHead) {
+  SP_REQUIRE_GPU();
+  Backends be;
+  for (auto [T, hc, D] : {std::tuple{1, 4, 4096}, {3, 4, 256}, {65, 4, 4096}, {2, 7, 96}}) {
+    const int64_t W = int64_t{hc} * D;
+    auto Xv = round_bf16(random_vec(T * W, T + hc, 1.0f));
+    HcSet pre = make_hc(be, hc, D, false, 11), head = make_hc(be, hc, D, true, 12);
+    Tensor Xc = make_tensor(*be.cpu, Xv, T, W, DType::kF32);
+    Tensor Xg = make_tensor(*be.gpu, Xv, T, W, DType::kBF16);
+    Tensor xc = be.cpu->alloc(T, D, DType::kF32), xg = be.gpu->alloc(T, D, DType::kBF16);
+    Tensor pc = be.cpu->alloc(T, hc, DType::kF32), pg = be.gpu->alloc(T, hc, DType::kF32);
+    Tensor cc = be.cpu->alloc(T, hc * hc, DType::kF32), cg = be.gpu->alloc(T, hc * hc, DType::kF32);
+    be.cpu->hc_pre(Xc, pre.cpu, hc, 20, 1e-6f, 1e-6f, xc, pc, cc);
+    be.gpu->hc_pre(Xg, pre.gpu, hc, 20, 1e-6f, 1e-6f, xg, pg, cg);
+    EXPECT_LE(rel_l2(read_f32(*be.gpu, pg), read_f32(*be.cpu, pc)), 1e-5) << "post " << T;
+    EXPECT_LE(rel_l2(read_f32(*be.gpu, cg), read_f32(*be.cpu, cc)), 1e-5) << "comb " << T;
+    EXPECT_LE(rel_l2(read_f32(*be.gpu, xg), read_f32(*be.cpu, xc)), 1e-2) << "x " << T;
+    // hc_post on the same sublayer output (rounded to bf16 for both).
+    auto fv = round_bf16(random_vec(T * D, 99, 1.0f));
+    Tensor fc = make_tensor(*be.cpu, fv, T, D, DType::kF32);
+    Tensor fg = make_tensor(*be.gpu, fv, T, D, DType::kBF16);
+    // Same comb/post on both sides: the CPU's.
+    Tensor pg2 = make_tensor(*be.gpu, read_f32(*be.cpu, pc), T, hc, DType::kF32);
+    Tensor cg2 = make_tensor(*be.gpu, read_f32(*be.cpu, cc), T, hc * hc, DType::kF32);
+    be.cpu->hc_post(fc, pc, cc, hc, Xc);
+    be.gpu->hc_post(fg, pg2, cg2, hc, Xg);
+    EXPECT_LE(rel_l2(read_f32(*be.gpu, Xg), read_f32(*be.cpu, Xc)), 1e-2) << "post X " << T;
+    Tensor hcpu = be.cpu->alloc(T, D, DType::kF32), hgpu = be.gpu->alloc(T, D, DType::kBF16);
+    Tensor Xg2 = make_tensor(*be.gpu, round_bf16(read_f32(*be.cpu, Xc)), T, W, DType::kBF16);
+    Tensor Xc2 = make_tensor(*be.cpu, round_bf16(read_f32(*be.cpu, Xc)), T, W, DType::kF32);
+    be.cpu->hc_head(Xc2, head.cpu, hc, 1e-6f, 1e-6f, hcpu);
+    be.gpu->hc_head(Xg2, head.gpu, hc, 1e-6f, 1e-6f, hgpu);
+    EXPECT_LE(rel_l2(read_f32(*be.gpu, hgpu), read_f32(*be.cpu, hcpu)), 1e-2) << "head " << T;
+  }
+}
+
+TEST(CudaElementwise, ExpandGatherCopy) {
+  SP_REQUIRE_GPU();
+  Backends be;
+  const int T = 9, D = 40, hc = 4;
+  auto ev = round_bf16(random_vec(T * D, 3, 1.0f));
+  Tensor eg = make_tensor(*be.gpu, ev, T, D, DType::kBF16);
+  Tensor Xg = be.gpu->alloc(T, hc * D, DType::kBF16);
+  be.gpu->expand_streams(eg, hc, Xg);
+  auto X = read_f32(*be.gpu, Xg);
+  for (int t = 0; t < T; ++t)
+    for (int j = 0; j < hc; ++j)
+      for (int d = 0; d < D; ++d) ASSERT_EQ(X[(t * hc + j) * D + d], ev[t * D + d]);
+  BatchView b = one_sequence(T, 0);
+  b.logit_rows = {8, 0, 3};
+  be.gpu->begin_step(b);
+  Tensor out = be.gpu->alloc(3, hc * D, DType::kBF16);
+  be.gpu->gather_logit_rows(Xg, b, out);
+  auto o = read_f32(*be.gpu, out);
+  for (int i = 0; i < 3; ++i)
+    for (int k = 0; k < hc * D; ++k) ASSERT_EQ(o[i * hc * D + k], X[b.logit_rows[i] * hc * D + k]);
+  Tensor c = be.gpu->alloc(T, hc * D, DType::kBF16);
+  be.gpu->copy(Xg, c);
+  EXPECT_EQ(read_f32(*be.gpu, c), X);
+}
+
+TEST(CudaElementwise, GreedySamplingTiesToLowerId) {
+  SP_REQUIRE_GPU();
+  Backends be;
+  const int rows = 4, V = 129280;
+  auto lv = random_vec(int64_t{rows} * V, 17, 3.0f);
+  lv[1 * V + 777] = lv[1 * V + 90000] = 50.0f;  // a tie: the lower id wins
+  lv[2 * V + V - 1] = 60.0f;                    // the last id
+  Tensor lc = make_tensor(*be.cpu, lv, rows, V, DType::kF32);
+  Tensor lg = make_tensor(*be.gpu, lv, rows, V, DType::kF32);
+  std::vector<SampleSpec> specs(rows);
+  for (int i = 0; i < rows; ++i) specs[i].row = rows - 1 - i;
+  specs[3].temperature = 0.8f;  // one sampled row: host reference path, same draw
+  specs[3].top_k = 50;
+  specs[3].seed = 5;
+  specs[3].counter = 12;
+  std::vector<int32_t> a(rows), g(rows);
+  be.cpu->sample(lc, specs, a.data());
+  be.gpu->sample(lg, specs, g.data());
+  EXPECT_EQ(a, g);
+  EXPECT_EQ(g[2], 777);
+  EXPECT_EQ(g[1], V - 1);
+}
+
+}  // namespace
+}  // namespace sp::test
