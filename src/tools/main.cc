@@ -177,8 +177,8 @@ int cmd_generate(const std::vector<std::string>& args) {
       bool stop = !out.empty() && !f.boolean("ignore-eos") && eos >= 0 && out.back() == eos;
       std::printf("  (%s)\n", stop ? "stop: eos" : "length");
       if (text)
-        std::printf("prompt %zu text: %s -> %s\n", i, quoted(f.strings("prompt")[i]).c_str(),
-                    quoted(text->decode(out)).c_str());
+        std::printf("prompt %zu text: %s -> %s\n", i, json_quoted(f.strings("prompt")[i]).c_str(),
+                    json_quoted(text->decode(out)).c_str());
       generated += static_cast<int64_t>(out.size());
       prefill += static_cast<int64_t>(prompts[i].size());
       for (auto& [pos, v] : logits[static_cast<int64_t>(i)]) hash.add(v.data(), V);
