@@ -228,7 +228,8 @@ class StageRunner {
   }
 
   void run_downstream() {
-    const int64_t row_bytes = model_.config().hc_dim() * dtype_size(model_.backend().act_dtype());
+    const int64_t row_bytes =
+        model_.config().hc_dim() * dtype_size(model_.backend().residual_dtype());
     StepPlan incoming;
     while (true) {
       double t = tl_.now_us();

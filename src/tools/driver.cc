@@ -54,6 +54,14 @@ std::vector<FlagSpec> common_flags() {
        -1e300,
        1e300,
        {"auto", "bf16", "fp32", "fp8"}},
+      {"activation-dtype",
+       FlagKind::kString,
+       "auto",
+       "activations between ops: auto (fp32 on cpu, bf16 on cuda), bf16, fp32 (cuda: for "
+       "diagnosis); the residual streams stay fp32",
+       -1e300,
+       1e300,
+       {"auto", "bf16", "fp32"}},
       {"device",
        FlagKind::kString,
        "auto",
@@ -244,7 +252,8 @@ std::string fingerprint(const Flags& f, const Config& c, const Topology& t) {
              ";max-num-seqs=", f.i64("max-num-seqs"),
              ";max-num-batched-tokens=", f.i64("max-num-batched-tokens"),
              ";max-model-len=", f.i64("max-model-len"), ";micro-batches=", f.i64("micro-batches"),
-             ";device=", f.str("device"), ";kv-cache-dtype=", f.str("kv-cache-dtype"));
+             ";device=", f.str("device"), ";kv-cache-dtype=", f.str("kv-cache-dtype"),
+             ";activation-dtype=", f.str("activation-dtype"));
 }
 
 // The fields two fingerprints disagree on, as "name: a vs b".
@@ -362,7 +371,8 @@ std::unique_ptr<Backend> make_stage_backend(const Flags& f, const Topology& topo
   if (!device) tr.fail(device.status().message(), 2);
   if (*device == "cpu") return make_cpu_backend(threads_per_stage(f, topo));
   const std::string kv = f.str("kv-cache-dtype");
-  auto be = make_cuda_backend(local_gpu(topo), kv == "fp32" ? DType::kF32 : DType::kBF16);
+  auto be = make_cuda_backend(local_gpu(topo), kv == "fp32" ? DType::kF32 : DType::kBF16,
+                              f.str("activation-dtype") == "fp32" ? DType::kF32 : DType::kBF16);
   if (!be) tr.fail(str("stage ", topo.rank, ": ", be.status().message()), 2);
   return std::move(*be);
 }
@@ -440,6 +450,10 @@ int run_job(const Flags& f, const Job& job) {
     return fail(
         Status::error("--kv-cache-dtype fp8: not supported yet (bf16 is the GPU default); "
                       "use auto or bf16"));
+  if (*dev == "cpu" && f.str("activation-dtype") == "bf16")
+    return fail(
+        Status::error("--activation-dtype bf16: the CPU backend computes in fp32 (it is "
+                      "the exact reference); use auto or --device cuda"));
   if (*dev == "cpu" && kv != "auto" && kv != "fp32")
     return fail(Status::error(str("--kv-cache-dtype ", kv,
                                   ": the CPU backend keeps its state in fp32 (it is the exact "

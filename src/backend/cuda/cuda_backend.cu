@@ -51,7 +51,8 @@ size_t align16(size_t n) {
 
 class CudaBackend final : public Backend {
  public:
-  CudaBackend(int device, DType kv_dtype) : device_(device), state_dtype_(kv_dtype) {
+  CudaBackend(int device, DType kv_dtype, DType act_dtype)
+      : device_(device), state_dtype_(kv_dtype), act_dtype_(act_dtype) {
     SP_CUDA(cudaSetDevice(device));
     SP_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     ws_ = std::make_unique<Workspace>(stream_);
@@ -69,7 +70,8 @@ class CudaBackend final : public Backend {
   std::string name() const override { return "cuda"; }
   int num_threads() const override { return 1; }
   Device device() const override { return Device::kCuda; }
-  DType act_dtype() const override { return DType::kBF16; }
+  DType act_dtype() const override { return act_dtype_; }
+  DType residual_dtype() const override { return DType::kF32; }
 
   void reserve(const BackendLimits& lim) override {
     lim_ = lim;
@@ -304,7 +306,7 @@ class CudaBackend final : public Backend {
   }
 
   int device_;
-  DType state_dtype_;
+  DType state_dtype_, act_dtype_;
   cudaStream_t stream_ = nullptr;
   std::unique_ptr<Workspace> ws_;
   BackendLimits lim_;
@@ -382,7 +384,7 @@ Status cuda_memory_info(int device, int64_t* free_bytes, int64_t* total_bytes) {
   return Status::ok();
 }
 
-Result<std::unique_ptr<Backend>> make_cuda_backend(int device, DType kv_dtype) {
+Result<std::unique_ptr<Backend>> make_cuda_backend(int device, DType kv_dtype, DType act_dtype) {
   int n = 0;
   if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
     cudaGetLastError();
@@ -398,7 +400,8 @@ Result<std::unique_ptr<Backend>> make_cuda_backend(int device, DType kv_dtype) {
                              prop.major, ".", prop.minor,
                              "); this build targets Hopper (sm_90a) only"));
   SP_CHECK(kv_dtype == DType::kBF16 || kv_dtype == DType::kF32, "kv dtype");
-  return std::unique_ptr<Backend>(std::make_unique<CudaBackend>(device, kv_dtype));
+  SP_CHECK(act_dtype == DType::kBF16 || act_dtype == DType::kF32, "act dtype");
+  return std::unique_ptr<Backend>(std::make_unique<CudaBackend>(device, kv_dtype, act_dtype));
 }
 
 }  // namespace sp
