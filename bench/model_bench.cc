@@ -120,8 +120,7 @@ int bench_main(int argc, char** argv) {
   if (*dev == "cpu") {
     be = make_cpu_backend(static_cast<int>(f.i64("threads")));
   } else {
-    auto g = make_cuda_backend(0,
-                               f.str("kv-cache-dtype") == "fp32" ? DType::kF32 : DType::kBF16,
+    auto g = make_cuda_backend(0, f.str("kv-cache-dtype") == "fp32" ? DType::kF32 : DType::kBF16,
                                f.str("activation-dtype") == "bf16" ? DType::kBF16 : DType::kF32);
     if (!g) return fail(g.status());
     be = std::move(*g);
@@ -129,8 +128,8 @@ int bench_main(int argc, char** argv) {
   double copy_gbs = 0;
   if (*dev == "cuda") copy_gbs = cuda_copy_bandwidth_gbs(0, size_t{4} << 30);
   const double bytes_tok = decode_bytes_per_token(c);
-  std::printf("device %s (activations %s); decode weight bytes per token (batch 1) %.3f GB", dev->c_str(),
-              f.str("activation-dtype").c_str(), bytes_tok / 1e9);
+  std::printf("device %s (activations %s); decode weight bytes per token (batch 1) %.3f GB",
+              dev->c_str(), f.str("activation-dtype").c_str(), bytes_tok / 1e9);
   if (copy_gbs > 0)
     std::printf("; copy bandwidth %.0f GB/s -> floor %.3f ms/token", copy_gbs,
                 bytes_tok / (copy_gbs * 1e9) * 1e3);
