@@ -4,8 +4,10 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <deque>
+#include <thread>
 
 #include "engine/step_codec.h"
 
@@ -88,6 +90,13 @@ StageReport decode_report(const std::vector<uint8_t>& b) {
 void maybe_fault(const PipelineOptions& opt, Transport& tr, int stage, int64_t step) {
   if (opt.fault.stage != stage || opt.fault.step != step) return;
   if (opt.fault.kill && tr.name() == "mpi") raise(SIGKILL);  // dies like a crashed process
+  if (opt.fault.stall) {  // stops like a hung process; only the watchdog notices
+    std::fprintf(stderr, "stage %d: injected stall at step %lld\n", stage,
+                 static_cast<long long>(step));
+    std::fflush(stderr);
+    if (tr.name() == "mpi") raise(SIGSTOP);
+    while (true) std::this_thread::sleep_for(std::chrono::hours(1));
+  }
   tr.fail(str("stage ", stage, " (rank ", tr.rank(), ") failed: injected fault at step ", step), 3);
 }
 

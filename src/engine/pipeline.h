@@ -35,11 +35,14 @@ struct StageReport {
 };
 
 // Reproducible failures for tests: stage `stage` fails when it reaches step `step` (kill: the
-// process dies at once, as if killed; error: it reports an error and brings the pipeline down).
+// process dies at once, as if killed; error: it reports an error and brings the pipeline down;
+// stall: it stops without dying, as a hung GPU or driver call looks: the process stops itself
+// with SIGSTOP under mpirun, the thread blocks forever with threads).
 struct FaultInjection {
   int stage = -1;
   int64_t step = -1;
   bool kill = false;
+  bool stall = false;
 };
 
 struct PipelineOptions {

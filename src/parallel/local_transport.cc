@@ -1,9 +1,11 @@
+#include <chrono>
 #include <condition_variable>
 #include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <map>
 #include <mutex>
+#include <set>
 #include <stdexcept>
 
 #include "parallel/transport.h"
@@ -17,20 +19,53 @@ struct Message {
   std::vector<uint8_t> data;
 };
 
+using Clock = std::chrono::steady_clock;
+
 // Shared by the stage threads of one process.
 class Hub {
  public:
-  explicit Hub(int world) : world_(world), slots_(world), done_(0) {}
+  explicit Hub(int world)
+      : world_(world), slots_(world), done_(0), waiting_(world, false), alive_at_(world) {}
 
+  void set_timeout(double seconds) {
+    std::lock_guard<std::mutex> lk(mu_);
+    timeout_ = seconds;
+    for (auto& t : alive_at_) t = Clock::now();
+    cv_.notify_all();
+  }
   void push(int src, int dst, Channel ch, Message m) {
     std::lock_guard<std::mutex> lk(mu_);
     queues_[{src, dst, static_cast<int>(ch)}].push_back(std::move(m));
+    alive_at_[src] = Clock::now();
     cv_.notify_all();
   }
-  Status pop(int src, int dst, Channel ch, Message* out) {
+  // Waits for a message; with the watchdog armed, fails with *stalled set when `src` has
+  // been neither sending nor waiting for longer than the timeout.
+  Status pop(int src, int dst, Channel ch, Message* out, std::string* stalled) {
     std::unique_lock<std::mutex> lk(mu_);
     auto& q = queues_[{src, dst, static_cast<int>(ch)}];
-    cv_.wait(lk, [&] { return !q.empty() || failed_; });
+    const Clock::time_point start = Clock::now();
+    waiting_[dst] = true;
+    while (q.empty() && !failed_) {
+      if (timeout_ <= 0) {
+        cv_.wait(lk);
+        continue;
+      }
+      cv_.wait_for(lk, std::chrono::duration<double>(timeout_ / 4));
+      if (!q.empty() || failed_) break;
+      const Clock::time_point now = Clock::now();
+      if (waiting_[src]) alive_at_[src] = now;  // blocked on its own neighbour: alive
+      const Clock::time_point heard = std::max(start, alive_at_[src]);
+      if (std::chrono::duration<double>(now - heard).count() > timeout_) {
+        waiting_[dst] = false;
+        *stalled =
+            str("stage ", dst, " (rank ", dst, "): no message from stage ", src, " for ", timeout_,
+                " s (--stage-timeout ", timeout_, "): stage ", src, " is stalled or unreachable");
+        return Status::error(*stalled);
+      }
+    }
+    waiting_[dst] = false;
+    alive_at_[dst] = Clock::now();
     if (failed_) return Status::error(failure_);
     *out = std::move(q.front());
     q.pop_front();
@@ -42,17 +77,37 @@ class Hub {
     return failed_ || (it != queues_.end() && !it->second.empty());
   }
   // All ranks deposit a string; returns everyone's once all have.
-  Status exchange(int rank, const std::string& mine, std::vector<std::string>* all) {
+  Status exchange(int rank, const std::string& mine, std::vector<std::string>* all,
+                  std::string* stalled) {
     std::unique_lock<std::mutex> lk(mu_);
     const uint64_t gen = generation_;
     slots_[rank] = mine;
+    deposited_.insert(rank);
     if (++done_ == world_) {
       done_ = 0;
+      deposited_.clear();
       result_ = slots_;
       ++generation_;
       cv_.notify_all();
     } else {
-      cv_.wait(lk, [&] { return generation_ != gen || failed_; });
+      const Clock::time_point start = Clock::now();
+      while (generation_ == gen && !failed_) {
+        if (timeout_ <= 0) {
+          cv_.wait(lk);
+          continue;
+        }
+        cv_.wait_for(lk, std::chrono::duration<double>(timeout_ / 4));
+        if (generation_ == gen && !failed_ &&
+            std::chrono::duration<double>(Clock::now() - start).count() > timeout_) {
+          std::string missing;
+          for (int r = 0; r < world_; ++r)
+            if (!deposited_.count(r)) missing += str(missing.empty() ? "" : ", ", r);
+          *stalled = str("stage ", rank, " (rank ", rank, "): stage(s) ", missing,
+                         " did not reach the end of the run within ", timeout_,
+                         " s (--stage-timeout ", timeout_, "): stalled or unreachable");
+          return Status::error(*stalled);
+        }
+      }
       if (failed_) return Status::error(failure_);
     }
     *all = result_;
@@ -77,6 +132,10 @@ class Hub {
   std::map<std::tuple<int, int, int>, std::deque<Message>> queues_;
   std::vector<std::string> slots_, result_;
   int done_;
+  std::set<int> deposited_;  // ranks in the current exchange
+  double timeout_ = 0;       // the watchdog's, seconds; 0: off
+  std::vector<bool> waiting_;
+  std::vector<Clock::time_point> alive_at_;  // last send, or end of a wait, per rank
   uint64_t generation_ = 0;
   bool failed_ = false;
   std::string failure_;
@@ -103,7 +162,11 @@ class LocalTransport final : public Transport {
   Status recv(int src, Channel ch, std::vector<uint8_t>& header, const PayloadSize& payload_size,
               std::vector<uint8_t>& data) override {
     Message m;
-    SP_RETURN_IF_ERROR(hub_->pop(src, rank_, ch, &m));
+    std::string stalled;
+    if (Status st = hub_->pop(src, rank_, ch, &m, &stalled); !st) {
+      if (!stalled.empty()) fail(stalled, kStalledExitCode);
+      return st;
+    }
     const int64_t n = payload_size ? payload_size(m.header) : 0;
     if (static_cast<int64_t>(m.data.size()) != n)
       return Status::error(str("stage ", rank_, ": payload from stage ", src, " has ",
@@ -114,13 +177,12 @@ class LocalTransport final : public Transport {
   }
   bool ready(int src, Channel ch) override { return hub_->ready(src, rank_, ch); }
   Status allgather(const std::string& mine, std::vector<std::string>* all) override {
-    return hub_->exchange(rank_, mine, all);
+    return exchange(mine, all);
   }
   Result<double> allreduce_max(double v) override {
     // The exact bits travel, not a decimal rendering.
     std::vector<std::string> all;
-    SP_RETURN_IF_ERROR(
-        hub_->exchange(rank_, std::string(reinterpret_cast<const char*>(&v), sizeof v), &all));
+    SP_RETURN_IF_ERROR(exchange(std::string(reinterpret_cast<const char*>(&v), sizeof v), &all));
     double m = v;
     for (auto& s : all) {
       double x;
@@ -129,6 +191,7 @@ class LocalTransport final : public Transport {
     }
     return m;
   }
+  void set_stage_timeout(double seconds) override { hub_->set_timeout(seconds); }
   // Threads cannot exit alone: mark the pipeline failed (every blocked stage wakes with the
   // message) and unwind this stage's thread.
   [[noreturn]] void fail(const std::string& message, int exit_code) override {
@@ -137,6 +200,12 @@ class LocalTransport final : public Transport {
   }
 
  private:
+  Status exchange(const std::string& mine, std::vector<std::string>* all) {
+    std::string stalled;
+    Status st = hub_->exchange(rank_, mine, all, &stalled);
+    if (!st && !stalled.empty()) fail(stalled, kStalledExitCode);
+    return st;
+  }
   std::shared_ptr<Hub> hub_;
   int rank_, world_;
 };

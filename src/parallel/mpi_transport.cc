@@ -1,10 +1,13 @@
 // MPI transport: one process per stage. Only this file includes mpi.h.
 #include <mpi.h>
+#include <sched.h>
 
+#include <chrono>
 #include <climits>
 #include <cstdio>
 #include <cstring>
 #include <list>
+#include <thread>
 
 #include "parallel/transport.h"
 
@@ -22,6 +25,9 @@ namespace {
       return Status::error(str("stage ", rank_, ": MPI call " #call " failed: ", _msg)); \
     }                                                                                    \
   } while (0)
+
+using Clock = std::chrono::steady_clock;
+constexpr int kHeartbeatTag = 100;
 
 class MpiTransport final : public Transport {
  public:
@@ -60,22 +66,31 @@ class MpiTransport final : public Transport {
     return Status::ok();
   }
 
+  // Polls (MPI_Iprobe / MPI_Test) rather than blocking, so a silent neighbour can be detected.
   Status recv(int src, Channel ch, std::vector<uint8_t>& header, const PayloadSize& payload_size,
               std::vector<uint8_t>& data) override {
     MPI_Status st;
-    SP_MPI_CHECK(MPI_Probe(src, tag(ch, false), MPI_COMM_WORLD, &st));
+    int found = 0;
+    wait_for(src, [&] {
+      MPI_Iprobe(src, tag(ch, false), MPI_COMM_WORLD, &found, &st);
+      return found != 0;
+    });
     int count = 0;
     MPI_Get_count(&st, MPI_BYTE, &count);
     header.resize(static_cast<size_t>(count));
-    SP_MPI_CHECK(MPI_Recv(header.data(), count, MPI_BYTE, src, tag(ch, false), MPI_COMM_WORLD,
-                          MPI_STATUS_IGNORE));
+    MPI_Request req;
+    SP_MPI_CHECK(
+        MPI_Irecv(header.data(), count, MPI_BYTE, src, tag(ch, false), MPI_COMM_WORLD, &req));
+    SP_RETURN_IF_ERROR(wait_request(src, req));
     const int64_t n = payload_size ? payload_size(header) : 0;
     if (n < 0 || n > INT_MAX)
       return Status::error(str("stage ", rank_, ": malformed message from stage ", src));
     data.resize(static_cast<size_t>(n));
-    if (n > 0)
-      SP_MPI_CHECK(MPI_Recv(data.data(), static_cast<int>(n), MPI_BYTE, src, tag(ch, true),
-                            MPI_COMM_WORLD, MPI_STATUS_IGNORE));
+    if (n > 0) {
+      SP_MPI_CHECK(MPI_Irecv(data.data(), static_cast<int>(n), MPI_BYTE, src, tag(ch, true),
+                             MPI_COMM_WORLD, &req));
+      SP_RETURN_IF_ERROR(wait_request(src, req));
+    }
     progress();
     return Status::ok();
   }
@@ -100,14 +115,28 @@ class MpiTransport final : public Transport {
 
   Result<double> allreduce_max(double v) override {
     double out = v;
-    SP_MPI_CHECK(MPI_Allreduce(&v, &out, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD));
+    if (timeout_ <= 0) {
+      SP_MPI_CHECK(MPI_Allreduce(&v, &out, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD));
+      return out;
+    }
+    MPI_Request req;
+    SP_MPI_CHECK(MPI_Iallreduce(&v, &out, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD, &req));
+    SP_RETURN_IF_ERROR(wait_request(-1, req));
+    drain_heartbeats(-1);  // every stage is past its last receive: none will follow
     return out;
   }
 
+  void set_stage_timeout(double seconds) override { timeout_ = seconds; }
+
   // MPI_Abort brings every rank down; the launcher reports which rank called it.
+  // On a host cut off from the launcher MPI_Abort may never return: the process ends anyway.
   [[noreturn]] void fail(const std::string& message, int exit_code) override {
     std::fprintf(stderr, "error: %s\n", message.c_str());
     std::fflush(stderr);
+    std::thread([exit_code] {
+      std::this_thread::sleep_for(std::chrono::seconds(10));
+      std::_Exit(exit_code);
+    }).detach();
     MPI_Abort(MPI_COMM_WORLD, exit_code);
     std::_Exit(exit_code);
   }
@@ -118,6 +147,86 @@ class MpiTransport final : public Transport {
     std::vector<uint8_t> bytes;
   };
   static int tag(Channel ch, bool payload) { return static_cast<int>(ch) * 2 + (payload ? 1 : 0); }
+
+  // Polls `done` until it holds. With the watchdog armed: sends a heartbeat every timeout / 4 to
+  // the stages that may be waiting on this one (the next stage, and the last, which collects the
+  // reports), and fails naming `src` (-1: some stage) when nothing (no message, no heartbeat) came
+  // from it for the timeout. Yields the core while waiting; sleeps after the first millisecond.
+  template <class Done>
+  void wait_for(int src, Done done) {
+    const Clock::time_point start = Clock::now();
+    Clock::time_point heard = start, next_beat = start;
+    for (int64_t i = 0; !done(); ++i) {
+      progress();
+      if (timeout_ > 0) {
+        const Clock::time_point now = Clock::now();
+        if (drain_heartbeats(src)) heard = now;
+        if (std::chrono::duration<double>(now - heard).count() > timeout_) {
+          if (src >= 0)
+            fail(str("stage ", rank_, " (rank ", rank_, "): no message from stage ", src, " for ",
+                     timeout_, " s (--stage-timeout ", timeout_, "): stage ", src,
+                     " is stalled or unreachable"),
+                 kStalledExitCode);
+          fail(str("stage ", rank_, " (rank ", rank_,
+                   "): the stages did not all reach the end of "
+                   "the run within ",
+                   timeout_, " s (--stage-timeout ", timeout_,
+                   "): a stage is stalled or unreachable"),
+               kStalledExitCode);
+        }
+        if (now >= next_beat) {
+          send_heartbeats();
+          next_beat = now + std::chrono::duration_cast<Clock::duration>(
+                                std::chrono::duration<double>(timeout_ / 4));
+        }
+      }
+      if (i < 2000)
+        sched_yield();
+      else
+        std::this_thread::sleep_for(std::chrono::microseconds(100));
+    }
+  }
+  Status wait_request(int src, MPI_Request& req) {
+    int done = 0, rc = MPI_SUCCESS;
+    MPI_Status st;
+    wait_for(src, [&] {
+      rc = MPI_Test(&req, &done, &st);
+      return done != 0 || rc != MPI_SUCCESS;
+    });
+    if (rc != MPI_SUCCESS) {
+      char msg[MPI_MAX_ERROR_STRING];
+      int len = 0;
+      MPI_Error_string(rc, msg, &len);
+      return Status::error(
+          str("stage ", rank_, ": MPI receive from stage ", src, " failed: ", msg));
+    }
+    return Status::ok();
+  }
+  void send_heartbeats() {
+    const int next = (rank_ + 1) % world_, last = world_ - 1;
+    const int dsts[2] = {next, last};
+    for (int i = 0; i < (next == last ? 1 : 2); ++i) {
+      const int dst = dsts[i];
+      if (dst == rank_) continue;
+      pending_.push_back({});
+      Pending& h = pending_.back();
+      h.bytes.assign(1, 0);
+      MPI_Isend(h.bytes.data(), 1, MPI_BYTE, dst, kHeartbeatTag, MPI_COMM_WORLD, &h.request);
+    }
+  }
+  // Receives the heartbeats that arrived; true if one came from `from`.
+  bool drain_heartbeats(int from) {
+    bool heard = false;
+    while (true) {
+      int flag = 0;
+      MPI_Status st;
+      MPI_Iprobe(MPI_ANY_SOURCE, kHeartbeatTag, MPI_COMM_WORLD, &flag, &st);
+      if (!flag) return heard;
+      uint8_t b;
+      MPI_Recv(&b, 1, MPI_BYTE, st.MPI_SOURCE, kHeartbeatTag, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+      heard = heard || st.MPI_SOURCE == from;
+    }
+  }
   void progress() {
     for (auto it = pending_.begin(); it != pending_.end();) {
       int done = 0;
@@ -127,6 +236,7 @@ class MpiTransport final : public Transport {
   }
 
   int rank_ = 0, world_ = 1;
+  double timeout_ = 0;  // the watchdog's, seconds; 0: off
   std::list<Pending> pending_;
 };
 

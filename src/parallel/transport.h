@@ -7,6 +7,15 @@
 // whose length the receiver derives from the header. Sends are buffered and never wait for the
 // receiver; receives block until the message arrives or the pipeline fails, in which case they
 // return an error that names the failed stage.
+//
+// The watchdog (--stage-timeout): once armed, a receive that hears nothing from its source for the
+// timeout brings every stage down (exit code kStalledExitCode) naming the source as stalled or
+// unreachable. "Hearing" is a message, or a sign that the source is itself alive and blocked in a
+// receive (MPI: a heartbeat it sends every timeout / 4 while it waits; threads: the shared hub sees
+// it waiting). So only the stage next to the one that stopped fires: a stage starved because the
+// whole pipeline is stuck keeps hearing its living neighbour. Progress is counted per message, so
+// the timeout must exceed the longest single step of a stage; weight loading is not watched (the
+// watchdog is armed after every stage has loaded).
 #pragma once
 
 #include <cstdint>
@@ -20,6 +29,9 @@
 namespace sp {
 
 enum class Channel : int { kStep = 1, kSampled = 2, kReport = 3 };
+
+// Exit code of a run stopped by the watchdog (a stage stalled or unreachable).
+constexpr int kStalledExitCode = 5;
 
 // Thrown by an in-process stage that fails, so its thread unwinds; carries the exit code.
 struct StageFailure {
@@ -45,6 +57,8 @@ class Transport {
   // Every rank's string, by rank (start-up agreement checks).
   virtual Status allgather(const std::string& mine, std::vector<std::string>* all) = 0;
   virtual Result<double> allreduce_max(double v) = 0;
+  // Arms the watchdog with this timeout in seconds (0 disarms); call on every stage.
+  virtual void set_stage_timeout(double seconds) = 0;
   // Brings every stage down promptly; `message` names this stage and what went wrong.
   [[noreturn]] virtual void fail(const std::string& message, int exit_code) = 0;
 };

@@ -2,7 +2,9 @@
 
 #include <unistd.h>
 
+#include <chrono>
 #include <cinttypes>
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
@@ -112,9 +114,14 @@ std::vector<FlagSpec> pipeline_flags() {
       {"trace", FlagKind::kString, "",
        "write a Chrome trace (Perfetto / chrome://tracing) of every stage to this file"},
       {"fault-inject", FlagKind::kString, "",
-       "STAGE:STEP[:kill|error] makes a stage fail at a step (tests): kill ends the process at "
-       "once (mpirun), error "
-       "reports and brings the pipeline down"},
+       "STAGE:STEP[:kill|error|stall] makes a stage fail at a step (tests): kill ends the process "
+       "at once (mpirun), error reports and brings the pipeline down, stall stops the stage "
+       "without ending it (SIGSTOP under mpirun) for the watchdog to find"},
+      {"stage-timeout", FlagKind::kFloat, "300",
+       "seconds a stage may wait without hearing from the stage it waits on before the run is "
+       "stopped naming that stage as stalled or unreachable (exit 5); must exceed the longest "
+       "step of one stage; 0 turns the watchdog off",
+       0, 1e6},
   };
   specs[1].validate = validate_pp_partition;
   specs[4].validate = validate_fault_inject;
@@ -228,12 +235,14 @@ Result<FaultInjection> parse_fault(const std::string& text) {
   char mode[16] = "error";
   int n = std::sscanf(text.c_str(), "%d:%lld:%15s", &stage, &step, mode);
   std::string m = mode;
-  if (n < 2 || stage < 0 || step < 0 || (m != "kill" && m != "error"))
-    return Status::error(str("--fault-inject '", text,
-                             "': expected STAGE:STEP or STAGE:STEP:kill|error, e.g. 1:3:kill"));
+  if (n < 2 || stage < 0 || step < 0 || (m != "kill" && m != "error" && m != "stall"))
+    return Status::error(
+        str("--fault-inject '", text,
+            "': expected STAGE:STEP or STAGE:STEP:kill|error|stall, e.g. 1:3:kill"));
   f.stage = stage;
   f.step = step;
   f.kill = m == "kill";
+  f.stall = m == "stall";
   return f;
 }
 
@@ -253,7 +262,8 @@ std::string fingerprint(const Flags& f, const Config& c, const Topology& t) {
              ";max-num-batched-tokens=", f.i64("max-num-batched-tokens"),
              ";max-model-len=", f.i64("max-model-len"), ";micro-batches=", f.i64("micro-batches"),
              ";device=", f.str("device"), ";kv-cache-dtype=", f.str("kv-cache-dtype"),
-             ";activation-dtype=", f.str("activation-dtype"));
+             ";activation-dtype=", f.str("activation-dtype"),
+             ";stage-timeout=", f.f64("stage-timeout"));
 }
 
 // The fields two fingerprints disagree on, as "name: a vs b".
@@ -428,6 +438,10 @@ int run_one_stage(const Flags& f, const Config& c, const Topology& topo, Transpo
     Status st = job.add_requests(*sched);
     if (!st) tr.fail(st.message(), 2);
   }
+  // Every stage has loaded (a cold load's length depends on the disk, so it is not watched); from
+  // here on a stage that stops hearing from its neighbour stops the run.
+  if (auto ready = tr.allreduce_max(0); !ready) tr.fail(ready.status().message(), 4);
+  tr.set_stage_timeout(f.f64("stage-timeout"));
   std::vector<StageReport> reports;
   Status st = run_stage(model, topo, tr, sched.get(), job.hooks(env), popt, &reports);
   if (!st) tr.fail(st.message(), 4);
@@ -530,8 +544,30 @@ int run_job(const Flags& f, const Job& job) {
   std::vector<int> codes(pp, 0);
   std::vector<std::string> errors(pp);
   std::vector<std::thread> threads;
+  // A stalled stage's thread never returns: once a stage has failed, the others get a grace
+  // period to unwind and then the process ends without them.
+  std::mutex done_mu;
+  std::condition_variable done_cv;
+  int finished = 0;
+  bool any_failed = false;
+  std::vector<char> stopped(pp, 0);
   for (int s = 0; s < pp; ++s) {
     threads.emplace_back([&, s] {
+      struct Done {
+        std::mutex& mu;
+        std::condition_variable& cv;
+        int& finished;
+        bool& any_failed;
+        const std::string& error;
+        char& stopped;
+        ~Done() {
+          std::lock_guard<std::mutex> lk(mu);
+          ++finished;
+          stopped = 1;
+          any_failed = any_failed || !error.empty();
+          cv.notify_all();
+        }
+      } done{done_mu, done_cv, finished, any_failed, errors[s], stopped[s]};
       Topology t = *topo;
       t.rank = s;
       try {
@@ -552,7 +588,15 @@ int run_job(const Flags& f, const Job& job) {
       }
     });
   }
-  for (auto& t : threads) t.join();
+  bool all_done = false;
+  {
+    std::unique_lock<std::mutex> lk(done_mu);
+    done_cv.wait(lk, [&] { return finished == pp || any_failed; });
+    all_done = done_cv.wait_for(lk, std::chrono::seconds(3), [&] { return finished == pp; });
+  }
+  if (all_done)
+    for (auto& t : threads) t.join();
+  std::lock_guard<std::mutex> lk(done_mu);
   int code = 0;
   std::string first_error;
   for (int s = 0; s < pp; ++s) {
@@ -560,6 +604,16 @@ int run_job(const Flags& f, const Job& job) {
     if (!errors[s].empty() && first_error.empty()) first_error = errors[s];
   }
   if (!first_error.empty()) std::fprintf(stderr, "error: %s\n", first_error.c_str());
+  if (!all_done) {  // a stage thread is stuck: end the process without it
+    std::string stuck;
+    for (int s = 0; s < pp; ++s)
+      if (!stopped[s]) stuck += str(stuck.empty() ? "" : ", ", s);
+    std::fprintf(stderr, "error: stage(s) %s still running 3 s after the failure; exiting\n",
+                 stuck.c_str());
+    std::fflush(stdout);
+    std::fflush(stderr);
+    std::_Exit(std::max(code, 1));
+  }
   return code;
 }
 
