@@ -4,7 +4,7 @@
 BUILD ?= build
 JOBS ?= $(shell nproc)
 # Debian packages the build and the tests use.
-APT_PACKAGES := cmake ninja-build g++ make nlohmann-json3-dev libgtest-dev python3 python3-venv openmpi-bin libopenmpi-dev procps clang-format pkg-config libpcre2-dev
+APT_PACKAGES := cmake ninja-build g++ make nlohmann-json3-dev libgtest-dev python3 python3-venv openmpi-bin libopenmpi-dev procps iproute2 clang-format pkg-config libpcre2-dev
 # PyPI packages the tests use as oracles and clients (pinned in tests/requirements.txt), in a
 # virtual environment inside the build folder: nothing is installed into the system Python.
 VENV := $(BUILD)/venv
@@ -62,7 +62,7 @@ sanitize: deps pydeps
 	cmake -S . -B $(BUILD)-sanitize -G Ninja -DCMAKE_BUILD_TYPE=Debug -DSP_CUDA=OFF -DSP_TEST_PYTHON=$(abspath $(VENV))/bin/python \
 	  -DCMAKE_CXX_FLAGS="-O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all"
 	cmake --build $(BUILD)-sanitize -j $(JOBS)
-	cd $(BUILD)-sanitize && ctest --output-on-failure -j $(JOBS) --timeout 1800 -E "mpi|pipeline_failure"
+	cd $(BUILD)-sanitize && ctest --output-on-failure -j $(JOBS) --timeout 1800 -E "mpi|pipeline_failure|watchdog|multihost"
 
 fuzz-deps:
 	@$(MAKE) --no-print-directory deps APT_PACKAGES="$(FUZZ_APT_PACKAGES)"
