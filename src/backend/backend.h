@@ -263,6 +263,19 @@ class Backend {
   virtual void from_host(const void* src, Tensor dst) = 0;
   // Waits for all work queued so far (no-op on the CPU).
   virtual void synchronize() = 0;
+  // Non-finite check of the forward pass: notes whether the f32 tensor `x` holds a NaN or an Inf,
+  // tagged `where` (a layer index, kNonFiniteEmbedding or kNonFiniteHead); non_finite_where() is
+  // the first tag noted since begin_step, or kAllFinite. The CPU backend scans x at once (one read
+  // of the residual per layer, next to the layer's reads of its weights: see
+  // docs/pipeline_parallel.md for the measured cost). A GPU backend should set a device flag and
+  // read it together with the sampled ids, with no extra synchronisation (not done yet: the
+  // default checks nothing).
+  virtual void note_non_finite(Tensor x, int where) {
+    (void)x;
+    (void)where;
+  }
+  virtual int non_finite_where() { return kAllFinite; }
+  static constexpr int kAllFinite = -1, kNonFiniteEmbedding = -2, kNonFiniteHead = -3;
 };
 
 // min_work_per_thread: the least work (multiply-adds) worth handing to another thread; tests set 1

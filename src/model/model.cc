@@ -237,6 +237,7 @@ void Model::embed(const BatchView& b, Tensor X) {
   Tensor e = ws_x_.slice_rows(0, b.num_tokens);
   be_.embed(embed_, b, e);
   be_.expand_streams(e, c_.hc_mult, X);
+  be_.note_non_finite(X, Backend::kNonFiniteEmbedding);
 }
 
 void Model::attention_block(const LayerView& L, LayerState& st, const BatchView& b, Tensor xn,
@@ -318,6 +319,7 @@ void Model::run_layers(const BatchView& b, Tensor X, const LayerHook& hook) {
                     c_.swiglu_limit},
             b, f);
     be_.hc_post(f, post, comb, hc, X);
+    be_.note_non_finite(X, L.index);
     if (hook) hook(L.index, X);
   }
   // The MTP layer reads the pre-hc_head streams: keep them where the draft can find them.
@@ -335,6 +337,7 @@ Tensor Model::head(const BatchView& b, Tensor X) {
   be_.hc_head(xs, hc_head_, c_.hc_mult, c_.hc_eps, c_.rms_norm_eps, h);
   be_.rms_norm(h, &final_norm_, static_cast<int>(c_.hidden_size), c_.rms_norm_eps, h);
   be_.linear(h, head_, logits);
+  be_.note_non_finite(logits, Backend::kNonFiniteHead);
   return logits;
 }
 

@@ -3,6 +3,7 @@
 // depends only on that row's own data (never on the batch size, the other rows or the thread
 // count), so a row's bits are the same whether it runs alone or in any batch or pipeline split.
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -119,8 +120,24 @@ class CpuBackend final : public Backend {
     return t;
   }
   void prepare_moe(MoeWeights&) override {}
-  void begin_step(const BatchView&) override {}
+  void begin_step(const BatchView&) override { non_finite_where_ = kAllFinite; }
   void synchronize() override {}
+  // The largest magnitude's bits, per row: an exponent of all ones is a NaN or an Inf. Integer max
+  // vectorises (a float compare chain would not without -ffast-math).
+  void note_non_finite(Tensor x, int where) override {
+    if (non_finite_where_ != kAllFinite || x.dtype != DType::kF32) return;
+    for (int64_t r = 0; r < x.rows; ++r) {
+      const float* p = static_cast<const float*>(x.data) + r * x.stride;
+      uint32_t m = 0;
+      for (int64_t c = 0; c < x.cols; ++c)
+        m = std::max(m, std::bit_cast<uint32_t>(p[c]) & 0x7fffffffu);
+      if (m >= 0x7f800000u) {
+        non_finite_where_ = where;
+        return;
+      }
+    }
+  }
+  int non_finite_where() override { return non_finite_where_; }
 
   void embed(const Matrix& table, const BatchView& b, Tensor out) override {
     pool_.parallel_for(
@@ -563,6 +580,7 @@ class CpuBackend final : public Backend {
   }
 
  private:
+  int non_finite_where_ = kAllFinite;
   // Items per thread so that each thread gets at least min_work_ multiply-adds: small ops stay on
   // one thread (waking the pool costs more than they do). Results do not depend on the split.
   int64_t grain(int64_t work_per_item) const {

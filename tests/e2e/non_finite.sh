@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# A forward pass that produces NaN or Inf is an error naming where it first appears (layer and
+# stage), exit 4, never a silently sampled token 0. Checkpoints: the tiny fixture with one weight
+# made NaN (a norm of layer 2) or Inf (the head), in a temporary directory.
+. "$(dirname "$0")/lib.sh"
+bin=$1 data=$2
+dir=$(mktemp -d)
+trap 'rm -rf "$dir"' EXIT
+poison() { # out-dir tensor value(nan|inf)
+  mkdir -p "$1" && cp "$data/tiny/config.json" "$1/" &&
+  python3 - "$data/tiny/model.safetensors" "$1/model.safetensors" "$2" "$3" <<'PY' || fail "could not write $1"
+import json, struct, sys
+src, dst, name, value = sys.argv[1:]
+b = bytearray(open(src, "rb").read())
+n = struct.unpack("<Q", b[:8])[0]
+t = json.loads(b[8:8 + n])[name]
+size = {"F32": 4, "BF16": 2}[t["dtype"]]
+off = 8 + n + t["data_offsets"][0] + size * 5  # element 5
+bits = struct.pack("<f", float(value))
+b[off:off + size] = bits if size == 4 else bits[2:]  # bf16: the high half of the f32
+open(dst, "wb").write(b)
+PY
+}
+poison "$dir/nan" layers.2.ffn_norm.weight nan
+poison "$dir/inf" head.weight inf
+run() { # label model expected-stage expected-where -- seekpipe args
+  local label=$1 model=$2 stage=$3 where=$4; shift 5
+  local out rc
+  out=$(timeout 120 "$@" --device cpu --model "$model" --prompt-ids 1,2,3 --max-tokens 4 --threads 1 2>&1); rc=$?
+  [ $rc = 4 ] || fail "$label: exit $rc, expected 4: $out"
+  grep -q "stage $stage (rank $stage): non-finite values (NaN or Inf) first appear in $where.* at step [0-9]" <<<"$out" ||
+    fail "$label: stage $stage / $where not named: $out"
+  grep -q "logits_hash=" <<<"$out" && fail "$label: printed results: $out"
+  echo "ok: $label: exit 4, $(grep -o "stage $stage (rank $stage): non-finite[^:]*" <<<"$out" | head -1)"
+}
+# vLLM's split of 5 layers: pp 3 -> 2,2,1 (layer 2 on stage 1).
+run "NaN weight in layer 2, pp 1" "$dir/nan" 0 "layer 2" -- "$bin" generate
+run "NaN weight in layer 2, threads pp 3" "$dir/nan" 1 "layer 2" -- "$bin" generate --pp 3
+run "NaN weight in layer 2, mpirun -np 3" "$dir/nan" 1 "layer 2" -- $MPIRUN -np 3 "$bin" generate
+run "Inf in the head, threads pp 3" "$dir/inf" 2 "the head (logits)" -- "$bin" generate --pp 3
+# The unpoisoned checkpoint still runs.
+"$bin" generate --device cpu --model "$data/tiny" --prompt-ids 1,2,3 --max-tokens 4 --threads 1 >/dev/null || fail "clean tiny"
+echo "ok: the clean checkpoint runs"
