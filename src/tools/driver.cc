@@ -1,9 +1,11 @@
 #include "tools/driver.h"
 
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <chrono>
 #include <cinttypes>
+#include <cmath>
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
@@ -286,37 +288,146 @@ std::string differences(const std::string& a, const std::string& b) {
   return out;
 }
 
-// Refuses, before allocating, a stage whose sequence state (and generated weights) cannot fit
-// in this machine's memory.
-Status check_memory(const Flags& f, const Config& c, const LoadPlan& plan, int stage,
-                    int max_logit_rows) {
-  const double S = static_cast<double>(f.i64("max-num-seqs")),
-               L = static_cast<double>(f.i64("max-model-len"));
-  const double T = static_cast<double>(f.i64("max-num-batched-tokens"));
-  double state = 0;
+// What a stage allocates on the host (CPU backend), in bytes: sequence state (per sequence, and
+// per sequence and token of context), a generous bound of the workspace (residual, sublayer
+// activations, logits) and, with --load-format dummy, its generated weights. Loaded weights are
+// mapped from the checkpoint files (page cache) and not counted.
+struct StageNeed {
+  int stage = 0;
+  double per_seq = 0, per_seq_token = 0, work = 0, weights = 0;
+  double total(double S, double L) const {
+    return S * (per_seq + per_seq_token * L) + work + weights;
+  }
+};
+
+StageNeed stage_need(const Flags& f, const Config& c, const LoadPlan& plan, int stage,
+                     int max_logit_rows) {
+  StageNeed n;
+  n.stage = stage;
   for (int l = plan.first_layer; l < plan.end_layer; ++l) {
     StateBytes b = layer_state_bytes(c, l);
-    state += S * (static_cast<double>(b.per_sequence) + static_cast<double>(b.per_token) * L);
+    n.per_seq += static_cast<double>(b.per_sequence);
+    n.per_seq_token += static_cast<double>(b.per_token);
   }
-  // Residual, sublayer activations and logits: a generous bound of the workspace.
-  double work =
-      T * 4.0 * (2.0 * c.hc_dim() + 2.0 * c.num_heads * c.head_dim + 8.0 * c.hidden_size) +
-      (plan.head ? max_logit_rows * 4.0 * static_cast<double>(c.vocab_size) : 0.0);
-  double weights = 0;
+  const double T = static_cast<double>(f.i64("max-num-batched-tokens"));
+  n.work = T * 4.0 * (2.0 * c.hc_dim() + 2.0 * c.num_heads * c.head_dim + 8.0 * c.hidden_size) +
+           (plan.head ? max_logit_rows * 4.0 * static_cast<double>(c.vocab_size) : 0.0);
   if (f.str("load-format") == "dummy")
     for (const ExpectedTensor& t : expected_tensors(c))
-      if (plan.owns(t)) weights += static_cast<double>(expected_bytes(t));
-  const double have =
+      if (plan.owns(t)) n.weights += static_cast<double>(expected_bytes(t));
+  return n;
+}
+
+int max_logit_rows(const Flags& f, const Job& job) {
+  return job.max_logit_rows > 0 ? job.max_logit_rows : static_cast<int>(f.i64("max-num-seqs"));
+}
+
+// A limit in bytes read from a cgroup file ("max" or a huge number: none).
+double read_limit(const std::string& path) {
+  std::ifstream in(path);
+  std::string v;
+  if (!(in >> v) || v == "max") return 0;
+  char* end = nullptr;
+  const double x = std::strtod(v.c_str(), &end);
+  return end && *end == '\0' && x > 0 && x < 1e18 ? x : 0;
+}
+
+// What the stages of one host may use: the smaller of its RAM and this process's memory cgroup
+// limit (v2 memory.max, or v1 memory.limit_in_bytes); `per_process` (ulimit -v: address space
+// left to this process) applies to the stages of one process.
+struct HostMemory {
+  double bytes = 0, per_process = 0;
+  std::string what;  // "RAM 23.5 GiB", "cgroup limit 8 GiB"...
+};
+HostMemory host_memory() {
+  HostMemory h;
+  h.bytes =
       static_cast<double>(sysconf(_SC_PHYS_PAGES)) * static_cast<double>(sysconf(_SC_PAGESIZE));
-  if (have > 0 && state + work + weights > have)
-    return Status::error(
-        str("stage ", stage, " needs ", human_bytes(state + work + weights),
-            " (sequence state for --max-num-seqs ", f.i64("max-num-seqs"), " x --max-model-len ",
-            f.i64("max-model-len"), ": ", human_bytes(state),
-            weights > 0 ? str("; dummy weights: ", human_bytes(weights)) : std::string(),
-            ") but this machine has ", human_bytes(have),
-            " of memory; lower --max-model-len or --max-num-seqs, or use more stages"));
-  return Status::ok();
+  h.what = str("RAM ", human_bytes(h.bytes));
+  std::ifstream cg("/proc/self/cgroup");
+  std::string line;
+  while (std::getline(cg, line)) {
+    // "0::/path" (v2) or "N:memory:/path" (v1).
+    const size_t a = line.find(':'), b = line.find(':', a + 1);
+    if (a == std::string::npos || b == std::string::npos) continue;
+    const std::string ctrl = line.substr(a + 1, b - a - 1), path = line.substr(b + 1);
+    double lim = 0;
+    if (ctrl.empty())
+      lim = read_limit("/sys/fs/cgroup" + path + "/memory.max");
+    else if (ctrl.find("memory") != std::string::npos)
+      lim = read_limit("/sys/fs/cgroup/memory" + path + "/memory.limit_in_bytes");
+    if (lim > 0 && lim < h.bytes) {
+      h.bytes = lim;
+      h.what = str("cgroup memory limit ", human_bytes(lim));
+    }
+  }
+  struct rlimit rl;
+  if (getrlimit(RLIMIT_AS, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY) {
+    double used = 0;  // address space this process already holds
+    std::ifstream statm("/proc/self/statm");
+    if (double pages; statm >> pages) used = pages * static_cast<double>(sysconf(_SC_PAGESIZE));
+    h.per_process = std::max(0.0, static_cast<double>(rl.rlim_cur) - used);
+  }
+  return h;
+}
+
+// Refuses, before anything is allocated, stages that together cannot fit the memory of the host
+// (and, for the stages of one process, its ulimit -v) they run on, with what would fit.
+Status check_host_memory(const Flags& f, const std::vector<StageNeed>& stages,
+                         const HostMemory& host, bool one_process, const std::string& where) {
+  const double S = static_cast<double>(f.i64("max-num-seqs")),
+               L = static_cast<double>(f.i64("max-model-len"));
+  StageNeed sum;
+  double largest = 0;
+  std::string each;
+  for (const StageNeed& n : stages) {
+    sum.per_seq += n.per_seq;
+    sum.per_seq_token += n.per_seq_token;
+    sum.work += n.work;
+    sum.weights += n.weights;
+    largest = std::max(largest, n.total(S, L));
+    each += str(each.empty() ? "" : ", ", n.stage, ": ", human_bytes(n.total(S, L)));
+  }
+  const double need = sum.total(S, L);
+  double have = host.bytes;
+  std::string what = host.what;
+  if (one_process && host.per_process > 0 && host.per_process < have) {
+    have = host.per_process;
+    what = str("ulimit -v leaves ", human_bytes(have), " to this process");
+  }
+  if (have <= 0 || need <= have) return Status::ok();
+  const std::string who = stages.size() == 1
+                              ? str("stage ", stages[0].stage, " needs ")
+                              : str("the ", stages.size(), " stages ", where, " need ");
+  // What would fit: the context or the batch that fits these stages here, or more hosts.
+  std::string fits;
+  const double fixed = sum.work + sum.weights;
+  const double fit_len =
+      std::floor((have - fixed - S * sum.per_seq) / std::max(1.0, S * sum.per_seq_token));
+  const double fit_seqs =
+      std::floor((have - fixed) / std::max(1.0, sum.per_seq + sum.per_seq_token * L));
+  if (fit_len >= 1) fits += str("--max-model-len ", static_cast<int64_t>(fit_len), " would fit");
+  if (fit_seqs >= 1)
+    fits += str(fits.empty() ? "" : ", or ", "--max-num-seqs ", static_cast<int64_t>(fit_seqs),
+                " would fit");
+  const bool per_process = what != host.what;
+  if (stages.size() > 1 && largest <= have && per_process)
+    fits += str(fits.empty() ? "" : ", or ",
+                "run each stage as its own process under mpirun (ulimit -v is per process)");
+  else if (stages.size() > 1 && largest <= have)
+    fits += str(fits.empty() ? "" : ", or ", "spread the stages over at least ",
+                static_cast<int64_t>(std::ceil(need / have)),
+                " hosts (mpirun, docs/pipeline_parallel.md)");
+  if (stages.size() == 1 || largest > have)
+    fits += str(fits.empty() ? "" : ", or ",
+                "split the layers over more stages on more hosts (a stage alone needs up to ",
+                human_bytes(largest), ")");
+  return Status::error(
+      str(who, human_bytes(need), " in total (", stages.size() > 1 ? "stage " : "", each,
+          "; sequence state for --max-num-seqs ", f.i64("max-num-seqs"), " x --max-model-len ",
+          f.i64("max-model-len"), ": ", human_bytes(S * (sum.per_seq + sum.per_seq_token * L)),
+          sum.weights > 0 ? str("; dummy weights: ", human_bytes(sum.weights)) : std::string(),
+          ") but ", per_process ? "" : "this host has ", what, ": ", fits));
 }
 
 // --threads, or the machine's cores divided among the stages that run on it (the threads of this
@@ -392,13 +503,11 @@ int run_one_stage(const Flags& f, const Config& c, const Topology& topo, Transpo
                   const Job& job, const PipelineOptions& popt) {
   const int s = topo.rank;
   LoadPlan plan = LoadPlan::stage(topo.layers, s, /*mtp=*/false);
-  const int logit_rows =
-      job.max_logit_rows > 0 ? job.max_logit_rows : static_cast<int>(f.i64("max-num-seqs"));
+  const int logit_rows = max_logit_rows(f, job);
   const bool gpu = resolve_device(f).value() == "cuda";
-  if (Status st = gpu ? check_gpu_memory(f, c, plan, s, local_gpu(topo), logit_rows)
-                      : check_memory(f, c, plan, s, logit_rows);
-      !st)
-    tr.fail(st.message(), 2);
+  if (gpu)  // the host memory of CPU stages is checked for all the stages of a host at start-up
+    if (Status st = check_gpu_memory(f, c, plan, s, local_gpu(topo), logit_rows); !st)
+      tr.fail(st.message(), 2);
   auto weights =
       f.str("load-format") == "dummy"
           ? dummy_weights(c, plan, static_cast<uint64_t>(f.i64("seed")), progress_printer(s))
@@ -449,6 +558,67 @@ int run_one_stage(const Flags& f, const Config& c, const Topology& topo, Transpo
   auto agreed = tr.allreduce_max(code);
   if (!agreed) tr.fail(agreed.status().message(), 4);
   return static_cast<int>(agreed.value());
+}
+
+// This host's identity: hostname and kernel boot id (stages with the same share one RAM).
+std::string host_key() {
+  char name[256] = {0};
+  gethostname(name, sizeof name - 1);
+  std::ifstream in("/proc/sys/kernel/random/boot_id");
+  std::string boot;
+  in >> boot;
+  return str(name, "/", boot);
+}
+
+// Under mpirun: every rank shares its need and its host's memory; every rank reaches the same
+// verdict, rank 0 prints it.
+Status check_memory_mpi(const Flags& f, const Config& c, const Topology& topo, Transport& t,
+                        const Job& job) {
+  const StageNeed mine = stage_need(f, c, LoadPlan::stage(topo.layers, topo.rank, false), topo.rank,
+                                    max_logit_rows(f, job));
+  const HostMemory hm = host_memory();
+  char buf[512];
+  std::snprintf(buf, sizeof buf, "%a %a %a %a %a %a %a ", hm.bytes, hm.per_process, mine.per_seq,
+                mine.per_seq_token, mine.work, mine.weights, 0.0);
+  std::vector<std::string> all;
+  SP_RETURN_IF_ERROR(t.allgather(str(buf, host_key(), " ", hm.what), &all));
+  struct Rank {
+    std::string key;
+    HostMemory hm;
+    StageNeed need;
+  };
+  std::vector<Rank> ranks;
+  for (int r = 0; r < static_cast<int>(all.size()); ++r) {
+    std::istringstream in(all[r]);
+    Rank x;
+    std::string v[7];
+    for (auto& e : v) in >> e;
+    in >> x.key;
+    std::getline(in >> std::ws, x.hm.what);
+    x.hm.bytes = std::strtod(v[0].c_str(), nullptr);
+    x.hm.per_process = std::strtod(v[1].c_str(), nullptr);
+    x.need = {r, std::strtod(v[2].c_str(), nullptr), std::strtod(v[3].c_str(), nullptr),
+              std::strtod(v[4].c_str(), nullptr), std::strtod(v[5].c_str(), nullptr)};
+    ranks.push_back(x);
+  }
+  for (size_t r = 0; r < ranks.size(); ++r) {  // each process against its ulimit -v
+    SP_RETURN_IF_ERROR(check_host_memory(f, {ranks[r].need}, ranks[r].hm, true, ""));
+  }
+  std::vector<bool> seen(ranks.size(), false);
+  for (size_t r = 0; r < ranks.size(); ++r) {  // the stages of each host against its memory
+    if (seen[r]) continue;
+    std::vector<StageNeed> group;
+    for (size_t q = r; q < ranks.size(); ++q)
+      if (ranks[q].key == ranks[r].key) {
+        seen[q] = true;
+        group.push_back(ranks[q].need);
+      }
+    HostMemory host = ranks[r].hm;
+    host.per_process = 0;
+    const std::string name = ranks[r].key.substr(0, ranks[r].key.find('/'));
+    SP_RETURN_IF_ERROR(check_host_memory(f, group, host, false, str("on host ", name)));
+  }
+  return Status::ok();
 }
 
 }  // namespace
@@ -526,6 +696,11 @@ int run_job(const Flags& f, const Job& job) {
             str("--fault-inject: stage ", fault->stage, " does not exist (", world, " stages)")));
       return 2;
     }
+    if (*dev == "cpu")
+      if (Status st = check_memory_mpi(f, c, *topo, t, job); !st) {
+        if (t.rank() == 0) fail(st);
+        return 2;
+      }
     try {
       return run_one_stage(f, c, *topo, t, job, popt);
     } catch (const std::exception& e) {
@@ -540,6 +715,14 @@ int run_job(const Flags& f, const Job& job) {
   if (fault->stage >= pp)
     return fail(Status::error(
         str("--fault-inject: stage ", fault->stage, " does not exist (", pp, " stages)")));
+  if (*dev == "cpu") {  // every stage is in this process
+    std::vector<StageNeed> needs;
+    for (int s = 0; s < pp; ++s)
+      needs.push_back(
+          stage_need(f, c, LoadPlan::stage(topo->layers, s, false), s, max_logit_rows(f, job)));
+    if (Status st = check_host_memory(f, needs, host_memory(), true, "of this process"); !st)
+      return fail(st);
+  }
   auto transports = make_local_transports(pp);
   std::vector<int> codes(pp, 0);
   std::vector<std::string> errors(pp);

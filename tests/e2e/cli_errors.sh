@@ -13,7 +13,7 @@ expect_error 2 "cannot open .*config.json" -- "$bin" inspect --model "$data/does
 expect_error 2 "unknown command 'serve'" -- "$bin" serve
 expect_error 2 "golden file has no prompts|cannot open" -- "$bin" verify --device cpu --model "$data/tiny" --golden "$data/tiny/model.safetensors"
 expect_error 2 "stage 0 needs .* of sequence state|stage 0 needs .*--max-model-len 1000000000" -- "$bin" generate --device cpu --model "$data/tiny" --prompt-ids 1,2 --max-model-len 1000000000 --max-num-seqs 64
-expect_error 2 "stage [01] needs .*dummy weights" -- "$bin" generate --device cpu --model "$data/configs/deepseek-v4-flash" --load-format dummy --prompt-ids 1,2 --max-model-len 1024 --pp 2
+expect_error 2 "the 2 stages of this process need .* in total .*dummy weights.*split the layers over more stages" -- "$bin" generate --device cpu --model "$data/configs/deepseek-v4-flash" --load-format dummy --prompt-ids 1,2 --max-model-len 1024 --pp 2
 expect_error 2 "--device: expected one of auto, cpu, cuda" -- "$bin" generate --device tpu --model "$data/tiny" --prompt-ids 1
 # Without a GPU (CI), asking for one is an error that says so, not a silent fall-back to the CPU.
 if ! nvidia-smi -L >/dev/null 2>&1; then
