@@ -219,9 +219,10 @@ class StageRunner {
   void run_first() {
     SP_CHECK(sched_ != nullptr, "stage 0 needs the scheduler");
     const int mb = micro_batches();
+    // Results are applied only when stage 0 must wait (every micro-batch in flight, or nothing
+    // ready), never as they happen to arrive: the steps, their ids and their contents are then the
+    // same in every run (so --fault-inject S:STEP is reproducible), whatever the timing.
     while (true) {
-      while (P_ > 1 && apply_result(false)) {
-      }
       if (sched_->idle() && in_flight_.empty()) break;
       if (static_cast<int>(in_flight_.size()) < mb) {
         // Spread the ready tokens over the free micro-batch slots.
