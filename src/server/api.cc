@@ -178,7 +178,6 @@ std::optional<ApiError> parse_request(const std::string& text, bool chat, const 
         "model",
         str("the model '", r->model, "' does not exist; this server serves '", lim.model_name, "'"),
         "model_not_found");
-    e.status = 404;
     return e;
   }
   if (auto e = parse_sampling(b, lim, seed, r)) return e;

@@ -129,7 +129,6 @@ void Server::tokenize(const httplib::Request& req, httplib::Response& res) {
   if (b.contains("model") && b["model"] != opt_.limits.model_name) {
     e.param = "model";
     e.code = "model_not_found";
-    e.status = 404;
     e.message = str("the model ", b["model"].dump(), " does not exist");
     return send_error(res, e);
   }
