@@ -8,8 +8,24 @@ APT_PACKAGES := cmake ninja-build g++ make nlohmann-json3-dev libgtest-dev pytho
 # PyPI packages the tests use as oracles and clients (pinned in tests/requirements.txt), in a
 # virtual environment inside the build folder: nothing is installed into the system Python.
 VENV := $(BUILD)/venv
+# Fuzzing (make fuzz): clang's libFuzzer with ASan + UBSan, one target per parser of untrusted
+# input; each runs FUZZ_SECONDS from the seed corpus in tests/fuzz/corpus/<target>/ (new inputs go
+# to $(FUZZ_BUILD)/corpus/<target>/, crashes to $(FUZZ_BUILD)/crashes/).
+FUZZ_APT_PACKAGES := clang libclang-rt-14-dev
+FUZZ_SECONDS ?= 60
+FUZZ_BUILD := $(BUILD)-fuzz
+FUZZ_CXX ?= clang++
+FUZZ_TARGETS := safetensors index config flags golden step_codec
+FUZZ_CXXFLAGS := -std=c++20 -g -O1 -Isrc -fno-omit-frame-pointer -fsanitize=address,undefined \
+  -fno-sanitize-recover=all
+FUZZ_SOURCES := src/core/checked.cc src/core/dtype.cc src/model/strict_json.cc \
+  src/model/safetensors.cc src/model/config.cc src/tools/flags.cc src/tools/golden.cc \
+  src/engine/step_codec.cc
+FUZZ_OBJS := $(patsubst %.cc,$(FUZZ_BUILD)/obj/%.o,$(FUZZ_SOURCES))
+FUZZ_BINS := $(patsubst %,$(FUZZ_BUILD)/fuzz_%,$(FUZZ_TARGETS))
+.SECONDARY: $(FUZZ_OBJS)
 
-.PHONY: all deps pydeps build demo test sanitize clean
+.PHONY: all deps pydeps build demo test sanitize clean fuzz fuzz-deps fuzz-build
 
 all: build
 
@@ -48,5 +64,33 @@ sanitize: deps pydeps
 	cmake --build $(BUILD)-sanitize -j $(JOBS)
 	cd $(BUILD)-sanitize && ctest --output-on-failure -j $(JOBS) --timeout 1800 -E "mpi|pipeline_failure"
 
+fuzz-deps:
+	@$(MAKE) --no-print-directory deps APT_PACKAGES="$(FUZZ_APT_PACKAGES)"
+
+fuzz-build: fuzz-deps
+	@$(MAKE) --no-print-directory $(FUZZ_BINS)
+
+$(FUZZ_BUILD)/obj/%.o: %.cc $(wildcard src/*/*.h)
+	@mkdir -p $(dir $@)
+	$(FUZZ_CXX) $(FUZZ_CXXFLAGS) -fsanitize=fuzzer-no-link -c $< -o $@
+
+$(FUZZ_BUILD)/fuzz_%: tests/fuzz/fuzz_%.cc $(FUZZ_OBJS)
+	$(FUZZ_CXX) $(FUZZ_CXXFLAGS) -fsanitize=fuzzer $^ -o $@
+
+# Runs every target for FUZZ_SECONDS; fails on the first crash, leak, timeout or trap.
+fuzz: fuzz-build
+	@mkdir -p $(FUZZ_BUILD)/crashes
+	@set -e; for t in $(FUZZ_TARGETS); do \
+	  mkdir -p $(FUZZ_BUILD)/corpus/$$t; \
+	  echo "fuzz_$$t: $(FUZZ_SECONDS) s"; \
+	  if ! $(FUZZ_BUILD)/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=2048 \
+	      -max_len=65536 -print_final_stats=1 -artifact_prefix=$(FUZZ_BUILD)/crashes/$$t- \
+	      $(FUZZ_BUILD)/corpus/$$t tests/fuzz/corpus/$$t > $(FUZZ_BUILD)/fuzz_$$t.log 2>&1; then \
+	    tail -n 40 $(FUZZ_BUILD)/fuzz_$$t.log; \
+	    echo "fuzz_$$t found a crash: see $(FUZZ_BUILD)/crashes/ and $(FUZZ_BUILD)/fuzz_$$t.log"; exit 1; \
+	  fi; \
+	  grep -E "stat::number_of_executed_units|stat::new_units_added" $(FUZZ_BUILD)/fuzz_$$t.log; \
+	done
+
 clean:
-	rm -rf $(BUILD) $(BUILD)-sanitize
+	rm -rf $(BUILD) $(BUILD)-sanitize $(FUZZ_BUILD)

@@ -21,9 +21,37 @@ status=0
 for m in tests/data/tiny tests/data/small tests/data/tinyq models/kjv-v4-tiny models/kjv-v4-tiny-fp8; do
   [ -d "$m" ] || { echo "skip $m (not in this checkout)"; continue; }
   log="$OUT/verify_$(basename "$m").log"
-  timeout 300 "$BUILD/seekpipe" verify --device cuda --model "$m" --golden "$m/golden.safetensors" >"$log" 2>&1
+  timeout 300 "$BUILD/seekpipe" verify --device cuda --model "$m" --golden "$m/golden.safetensors" \
+    ${VERIFY_FLAGS:-} >"$log" 2>&1
   rc=$?
   echo "verify $m: exit $rc: $(grep -E '^positions|^verify' "$log" | tr '\n' ' ')"
   [ $rc = 0 ] || { status=1; tail -5 "$log"; }
+done
+# Full width: V4-Flash's shapes and formats, 4 layers, dummy weights: the CPU backend writes the
+# reference (every position's logits), the CUDA backend is checked against it on identical weights.
+if [ "${FULL_WIDTH:-1}" = 1 ]; then
+  flash=(--model tests/data/configs/deepseek-v4-flash --load-format dummy
+         --override-config '{"num_hidden_layers": 4}' --max-model-len 512 --max-num-seqs 4
+         --max-num-batched-tokens 512)
+  ids() { python3 -c "import random; r=random.Random($1); print(','.join(str(r.randrange(129280)) for _ in range($2)))"; }
+  t0=$(date +%s)
+  [ -f /tmp/flash4.golden ] || timeout 600 "$BUILD/seekpipe" golden --device cpu "${flash[@]}" --prompt-ids "$(ids 1 1)" \
+    --prompt-ids "$(ids 2 17)" --prompt-ids "$(ids 3 150)" --max-tokens 6 --out /tmp/flash4.golden \
+    >"$OUT/flash4_cpu.log" 2>&1
+  echo "flash4 cpu golden: exit $? ($(( $(date +%s) - t0 )) s)"
+  timeout 300 "$BUILD/seekpipe" verify --device cuda "${flash[@]}" --golden /tmp/flash4.golden ${VERIFY_FLAGS:-} \
+    >"$OUT/flash4_cuda.log" 2>&1
+  rc=$?
+  echo "flash4 verify --device cuda: exit $rc: $(grep -E '^positions|^verify' "$OUT/flash4_cuda.log" | tr '\n' ' ')"
+  [ $rc = 0 ] || { status=1; tail -5 "$OUT/flash4_cuda.log"; }
+fi
+# Quality: teacher-forced held-out loss, CPU vs GPU, on both trained models.
+for m in models/kjv-v4-tiny models/kjv-v4-tiny-fp8; do
+  [ -d "$m" ] && [ "${SCORE:-1}" = 1 ] || continue
+  for d in cpu cuda; do
+    timeout 300 "$BUILD/seekpipe" score --device $d --model "$m" --data models/kjv_val_public.jsonl \
+      >"$OUT/score_$(basename "$m")_$d.log" 2>&1
+    echo "score $m $d: exit $?: $(grep -E 'loss' "$OUT/score_$(basename "$m")_$d.log" | head -2 | tr '\n' ' ')"
+  done
 done
 exit $status

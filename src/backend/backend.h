@@ -214,6 +214,9 @@ class Backend {
   virtual Device device() const = 0;
   // Dtype of activations (hidden states, projections, the stage-boundary residual).
   virtual DType act_dtype() const = 0;
+  // Dtype of the residual streams X [T, hc * hidden] (the stage-boundary tensor): the sum that runs
+  // through every layer, kept wider than the other activations where the backend chooses.
+  virtual DType residual_dtype() const { return act_dtype(); }
 
   // Sizes the backend's own scratch for the largest step. Called once before any op.
   virtual void reserve(const BackendLimits& lim) = 0;
@@ -298,10 +301,16 @@ std::unique_ptr<Backend> make_cpu_backend(int num_threads,
 // Whether this build has the CUDA backend, and whether a usable GPU is present.
 bool cuda_backend_built();
 bool cuda_device_available();
+// Device-to-device copy bandwidth of GPU `device` (bytes read + written per second / 1e9), measured
+// with a `bytes` copy (median of 10 after a warm-up); 0 if there is no such GPU.
+double cuda_copy_bandwidth_gbs(int device, size_t bytes);
 // Free and total bytes of GPU `device` (an error if not built or no such GPU).
 Status cuda_memory_info(int device, int64_t* free_bytes, int64_t* total_bytes);
 // The CUDA backend on device `device` (an error if not built or no such GPU).
-// `kv_dtype`: storage of the window rings and compressed entries (bf16; fp32 for diagnosis).
-Result<std::unique_ptr<Backend>> make_cuda_backend(int device, DType kv_dtype = DType::kBF16);
+// `kv_dtype`: storage of the window rings and compressed entries (bf16; fp32 for diagnosis);
+// `act_dtype`: the activations between ops (bf16; fp32 for diagnosis). The residual streams are
+// fp32 either way.
+Result<std::unique_ptr<Backend>> make_cuda_backend(int device, DType kv_dtype = DType::kBF16,
+                                                   DType act_dtype = DType::kBF16);
 
 }  // namespace sp

@@ -20,7 +20,19 @@ inline void cpu_relax() {
 
 ThreadPool::ThreadPool(int num_threads) : num_threads_(std::max(1, num_threads)) {
   ranges_.assign(num_threads_, {0, 0});
-  for (int i = 1; i < num_threads_; ++i) threads_.emplace_back([this, i] { worker(i); });
+  try {
+    for (int i = 1; i < num_threads_; ++i) threads_.emplace_back([this, i] { worker(i); });
+  } catch (...) {
+    // A thread that cannot start (ulimit): stop the started ones before the members go, or their
+    // destructors terminate the process / wait forever on a condition variable in use.
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_ = true;
+    }
+    cv_work_.notify_all();
+    for (auto& t : threads_) t.join();
+    throw;
+  }
 }
 
 ThreadPool::~ThreadPool() {

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "engine/engine.h"
+#include "engine/trace.h"
 #include "parallel/topology.h"
 #include "parallel/transport.h"
 
@@ -67,8 +68,5 @@ struct StageHooks {
 Status run_stage(Model& model, const Topology& topo, Transport& tr, Scheduler* sched,
                  const StageHooks& hooks, const PipelineOptions& opt,
                  std::vector<StageReport>* all);
-
-// Chrome trace (chrome://tracing, Perfetto): one track per stage.
-Status write_chrome_trace(const std::string& path, const std::vector<StageReport>& reports);
 
 }  // namespace sp

@@ -1,6 +1,8 @@
 #include "engine/step_codec.h"
 
+#include <cstddef>
 #include <cstring>
+#include <string>
 
 namespace sp {
 
@@ -49,6 +51,45 @@ class Reader {
   size_t pos_ = 0;
 };
 
+// Every index a decoded step carries stays inside the step: the stages use them to index the batch
+// without further checks.
+Status check_step(const StepPlan& p) {
+  auto bad = [](const std::string& what) {
+    return Status::error("step descriptor: malformed message: " + what);
+  };
+  const int64_t n = p.batch.num_tokens;
+  const int64_t chunks = static_cast<int64_t>(p.batch.chunks.size());
+  if (static_cast<int64_t>(p.batch.chunk_of.size()) != n) return bad("chunk_of size");
+  for (int32_t c : p.batch.chunk_of)
+    if (c < 0 || c >= chunks) return bad("chunk index out of range");
+  const int64_t blocks = static_cast<int64_t>(p.batch.block_tables.size());
+  for (const SeqChunk& ch : p.batch.chunks)
+    if (ch.slot < 0 || ch.start_pos < 0 || ch.n_tokens < 0 || ch.offset < 0 ||
+        int64_t{ch.offset} + ch.n_tokens > n || ch.block_table < 0 || ch.num_blocks < 0 ||
+        int64_t{ch.block_table} + ch.num_blocks > blocks)
+      return bad("chunk out of range");
+  for (int32_t b : p.batch.block_tables)
+    if (b < 0) return bad("negative block id");
+  if (static_cast<int64_t>(p.chunk_request.size()) != chunks) return bad("chunk_request size");
+  const std::vector<int32_t>& logit_rows = p.batch.logit_rows;
+  if (p.logit_request.size() != logit_rows.size() || p.logit_position.size() != logit_rows.size())
+    return bad("logit row sizes");
+  for (int32_t r : logit_rows)
+    if (r < 0 || r >= n) return bad("logit row out of range");
+  for (const SampleRow& s : p.samples) {
+    if (s.logit_index < 0 || s.logit_index >= static_cast<int64_t>(logit_rows.size()))
+      return bad("sample row out of range");
+    // The bool arrived as a raw byte: anything but 0 or 1 is not a bool value.
+    uint8_t b;
+    std::memcpy(&b,
+                reinterpret_cast<const uint8_t*>(&s) + offsetof(SampleRow, params) +
+                    offsetof(SamplingParams, ignore_eos),
+                1);
+    if (b > 1) return bad("ignore_eos is not a bool");
+  }
+  return Status::ok();
+}
+
 }  // namespace
 
 std::vector<uint8_t> encode_step(const StepPlan& p) {
@@ -93,6 +134,7 @@ Result<StepPlan> decode_step(const std::vector<uint8_t>& bytes, StepKind* kind) 
   if (!ok || static_cast<int32_t>(p.batch.token_ids.size()) != n ||
       p.batch.positions.size() != p.batch.token_ids.size())
     return Status::error("step descriptor: malformed message");
+  SP_RETURN_IF_ERROR(check_step(p));
   return p;
 }
 

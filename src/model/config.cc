@@ -1,10 +1,12 @@
 #include "model/config.h"
 
 #include <cmath>
-#include <fstream>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
+
+#include "core/checked.h"
+#include "model/strict_json.h"
 
 namespace sp {
 
@@ -54,6 +56,30 @@ int Config::num_layers_of(AttnKind k) const {
 
 namespace {
 
+// Plausible ranges (docs/config.md): each is at least 8x the largest released DeepSeek-V4 value,
+// and small enough that every size derived from a config fits int64 with room to spare (the widest
+// product, experts x moe_intermediate_size x hidden_size x layers, stays below 2^55).
+constexpr int64_t kMaxVocab = int64_t{1} << 24;
+constexpr int64_t kMaxWidth = 65536;  // hidden_size, q_lora_rank, o_lora_rank, moe_intermediate
+constexpr int64_t kMaxLayers = 1024;
+constexpr int64_t kMaxHeads = 1024;
+constexpr int64_t kMaxHeadDim = 4096;
+constexpr int64_t kMaxWindow = 65536;
+constexpr int64_t kMaxIndexTopk = 65536;
+constexpr int64_t kMaxExperts = 4096;
+constexpr int64_t kMaxExpertsPerTok = 64;
+constexpr int64_t kMaxHcMult = 16;
+constexpr int64_t kMaxSinkhornIters = 1000;
+constexpr int64_t kMaxCompressRate = 4096;
+constexpr int64_t kMaxMtpLayers = 16;
+constexpr int64_t kMaxPositions = int64_t{1} << 30;
+constexpr double kMaxRopeTheta = 1e12;
+constexpr double kMinEps = 1e-12, kMaxEps = 0.1;
+// What the config may describe in all: tensors in the table (the table is built from the config
+// before any checkpoint is read) and weight elements.
+constexpr int64_t kMaxTensors = int64_t{1} << 20;
+constexpr int64_t kMaxWeightElements = int64_t{1} << 46;
+
 // Reads fields from the top-level object, remembering which keys the model used so the rest can
 // be reported as ignored. Every failure names the field and what was expected.
 class Reader {
@@ -70,25 +96,47 @@ class Reader {
   Status fail(const std::string& field, const std::string& expected, const json* got) const {
     std::string msg = str(source_, ": field '", field, "': expected ", expected);
     if (got)
-      msg += str(", got ", got->dump());
+      msg += str(", got ", json_brief(*got));
     else
       msg += ", but it is missing";
     return Status::error(msg);
   }
 
-  Result<int64_t> integer(const std::string& k, int64_t min_value) {
-    if (!has(k)) return fail(k, str("an integer >= ", min_value), nullptr);
+  // An integer in [lo, hi]. JSON integers beyond int64 (unsigned) are out of range, never wrapped.
+  Result<int64_t> integer(const std::string& k, int64_t lo, int64_t hi) {
+    const std::string expected = range_text(lo, hi);
+    if (!has(k)) return fail(k, expected, nullptr);
     const json& v = raw(k);
-    if (!v.is_number_integer() || v.get<int64_t>() < min_value)
-      return fail(k, str("an integer >= ", min_value), &v);
-    return v.get<int64_t>();
+    auto got = integer_value(v, lo, hi);
+    if (!got) return fail(k, expected, &v);
+    return *got;
   }
-  Result<double> number(const std::string& k, bool positive) {
-    if (!has(k)) return fail(k, positive ? "a positive number" : "a number", nullptr);
+  // A number in [lo, hi], or (lo, hi] when lo_open.
+  Result<double> number(const std::string& k, double lo, double hi, bool lo_open) {
+    const std::string expected = range_text(lo, hi, lo_open);
+    if (!has(k)) return fail(k, expected, nullptr);
     const json& v = raw(k);
-    if (!v.is_number() || (positive && !(v.get<double>() > 0)))
-      return fail(k, positive ? "a positive number" : "a number", &v);
+    if (!number_in(v, lo, hi, lo_open)) return fail(k, expected, &v);
     return v.get<double>();
+  }
+  static std::optional<int64_t> integer_value(const json& v, int64_t lo, int64_t hi) {
+    if (!v.is_number_integer()) return std::nullopt;
+    if (v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(INT64_MAX))
+      return std::nullopt;
+    const int64_t x = v.get<int64_t>();
+    if (x < lo || x > hi) return std::nullopt;
+    return x;
+  }
+  static bool number_in(const json& v, double lo, double hi, bool lo_open) {
+    if (!v.is_number()) return false;
+    const double x = v.get<double>();
+    return std::isfinite(x) && (lo_open ? x > lo : x >= lo) && x <= hi;
+  }
+  static std::string range_text(int64_t lo, int64_t hi) {
+    return str("an integer in [", lo, ", ", hi, "]");
+  }
+  static std::string range_text(double lo, double hi, bool lo_open) {
+    return str("a number in ", lo_open ? "(" : "[", lo, ", ", hi, "]");
   }
   // Optional key that, if present, must equal one of the allowed strings.
   Status optional_enum(const std::string& k, const std::vector<std::string>& allowed) {
@@ -117,36 +165,40 @@ class Reader {
   std::set<std::string> used_;
 };
 
-#define SP_READ_INT(dst, key, minv)                     \
-  do {                                                  \
-    SP_ASSIGN_OR_RETURN(auto _v, r.integer(key, minv)); \
-    dst = static_cast<decltype(dst)>(_v);               \
+// The ranges keep every derived size far from overflow (docs/config.md lists them); the cast to
+// the field's type is exact because the range fits it.
+#define SP_READ_INT(dst, key, lo, hi)                        \
+  do {                                                       \
+    SP_ASSIGN_OR_RETURN(int64_t _v, r.integer(key, lo, hi)); \
+    dst = static_cast<decltype(dst)>(_v);                    \
   } while (0)
-#define SP_READ_NUM(dst, key, pos)                    \
-  do {                                                \
-    SP_ASSIGN_OR_RETURN(auto _v, r.number(key, pos)); \
-    dst = static_cast<decltype(dst)>(_v);             \
+#define SP_READ_NUM(dst, key, lo, hi, lo_open)                      \
+  do {                                                              \
+    SP_ASSIGN_OR_RETURN(double _v, r.number(key, lo, hi, lo_open)); \
+    dst = static_cast<decltype(dst)>(_v);                           \
   } while (0)
 
 Result<RopeParams> parse_yarn(Reader& r, const json& obj, const std::string& where, double theta) {
   RopeParams p;
   p.theta = theta;
   p.yarn = true;
-  auto num = [&](const char* k, bool required, double def, double* out) -> Status {
+  auto num = [&](const char* k, bool required, double def, double lo, double hi,
+                 double* out) -> Status {
     if (!obj.contains(k) || obj[k].is_null()) {
-      if (required) return r.fail(where + "." + k, "a positive number", nullptr);
+      if (required) return r.fail(where + "." + k, Reader::range_text(lo, hi, true), nullptr);
       *out = def;
       return Status::ok();
     }
-    if (!obj[k].is_number() || !(obj[k].get<double>() > 0))
-      return r.fail(where + "." + k, "a positive number", &obj[k]);
+    if (!Reader::number_in(obj[k], lo, hi, /*lo_open=*/true))
+      return r.fail(where + "." + k, Reader::range_text(lo, hi, true), &obj[k]);
     *out = obj[k].get<double>();
     return Status::ok();
   };
-  SP_RETURN_IF_ERROR(num("factor", true, 1.0, &p.factor));
-  SP_RETURN_IF_ERROR(num("original_max_position_embeddings", true, 0, &p.original_max_position));
-  SP_RETURN_IF_ERROR(num("beta_fast", false, 32.0, &p.beta_fast));
-  SP_RETURN_IF_ERROR(num("beta_slow", false, 1.0, &p.beta_slow));
+  SP_RETURN_IF_ERROR(num("factor", true, 1.0, 0, 1024, &p.factor));
+  SP_RETURN_IF_ERROR(
+      num("original_max_position_embeddings", true, 0, 0, 1 << 30, &p.original_max_position));
+  SP_RETURN_IF_ERROR(num("beta_fast", false, 32.0, 0, 1e4, &p.beta_fast));
+  SP_RETURN_IF_ERROR(num("beta_slow", false, 1.0, 0, 1e4, &p.beta_slow));
   // No YaRN attention scale anywhere in DeepSeek-V4 (transformers forces 1.0, vLLM mscale 0).
   for (const char* k : {"attention_factor", "mscale"}) {
     if (obj.contains(k) && !obj[k].is_null() &&
@@ -188,10 +240,10 @@ Status parse_hf_style(Reader& r, Config& c) {
     std::string rf = "compress_rates." + t;
     if (!rates.contains(t))
       return r.fail(rf, "a positive integer rate for a layer type in use", nullptr);
-    if (!rates[t].is_number_integer() || rates[t].get<int64_t>() < 1)
-      return r.fail(rf, "a positive integer", &rates[t]);
+    auto rate = Reader::integer_value(rates[t], 1, kMaxCompressRate);
+    if (!rate) return r.fail(rf, Reader::range_text(1, kMaxCompressRate), &rates[t]);
     c.attn_kinds.push_back(t == "compressed_sparse_attention" ? AttnKind::kCSA : AttnKind::kHCA);
-    c.compress_ratio.push_back(static_cast<int>(rates[t].get<int64_t>()));
+    c.compress_ratio.push_back(static_cast<int>(*rate));
   }
   if (!r.has("mlp_layer_types"))
     return r.fail("mlp_layer_types", "an array of \"hash_moe\" / \"moe\"", nullptr);
@@ -210,7 +262,7 @@ Status parse_hf_style(Reader& r, Config& c) {
   // Rope width: partial_rotary_factor (transformers) or qk_rope_head_dim; both must agree.
   if (r.has("partial_rotary_factor")) {
     double f;
-    SP_READ_NUM(f, "partial_rotary_factor", true);
+    SP_READ_NUM(f, "partial_rotary_factor", 0, 1, true);
     double dims = f * c.head_dim;
     if (std::fabs(dims - std::round(dims)) > 1e-9)
       return r.fail("partial_rotary_factor",
@@ -219,13 +271,13 @@ Status parse_hf_style(Reader& r, Config& c) {
     c.rope_dim = static_cast<int>(std::lround(dims));
     if (r.has("qk_rope_head_dim")) {
       int q;
-      SP_READ_INT(q, "qk_rope_head_dim", 1);
+      SP_READ_INT(q, "qk_rope_head_dim", 1, kMaxHeadDim);
       if (q != c.rope_dim)
         return r.fail("qk_rope_head_dim", str(c.rope_dim, " (head_dim x partial_rotary_factor)"),
                       &r.raw("qk_rope_head_dim"));
     }
   } else {
-    SP_READ_INT(c.rope_dim, "qk_rope_head_dim", 1);
+    SP_READ_INT(c.rope_dim, "qk_rope_head_dim", 1, kMaxHeadDim);
   }
   if (!r.has("rope_parameters"))
     return r.fail("rope_parameters", "an object with \"main\" and \"compress\"", nullptr);
@@ -236,13 +288,15 @@ Status parse_hf_style(Reader& r, Config& c) {
       return r.fail(where, "an object with rope_theta and rope_type",
                     rp.is_object() && rp.contains(part) ? &rp[part] : nullptr);
     const json& o = rp[part];
-    if (!o.contains("rope_theta") || !o["rope_theta"].is_number() ||
-        !(o["rope_theta"].get<double>() > 0))
-      return r.fail(where + ".rope_theta", "a positive number",
+    if (!o.contains("rope_theta") || !Reader::number_in(o["rope_theta"], 1, kMaxRopeTheta, false))
+      return r.fail(where + ".rope_theta", Reader::range_text(1, kMaxRopeTheta, false),
                     o.contains("rope_theta") ? &o["rope_theta"] : nullptr);
     double theta = o["rope_theta"].get<double>();
     std::string type = o.contains("rope_type") ? o["rope_type"].get<std::string>() : "default";
     if (o.contains("partial_rotary_factor") && o["partial_rotary_factor"].is_number()) {
+      if (!Reader::number_in(o["partial_rotary_factor"], 0, 1, true))
+        return r.fail(where + ".partial_rotary_factor", Reader::range_text(0, 1, true),
+                      &o["partial_rotary_factor"]);
       double dims = o["partial_rotary_factor"].get<double>() * c.head_dim;
       if (std::lround(dims) != c.rope_dim)
         return r.fail(where + ".partial_rotary_factor",
@@ -277,7 +331,8 @@ Status parse_upstream_style(Reader& r, Config& c) {
                   &cr);
   for (int l = 0; l <= c.num_layers; ++l) {
     const json& v = cr[l];
-    int ratio = v.is_number_integer() ? v.get<int>() : -1;
+    // Read as int64: a JSON 4294967300 must not become 4.
+    const int64_t ratio = Reader::integer_value(v, 0, 128).value_or(-1);
     std::string f = str("compress_ratios[", l, "]");
     if (ratio != 0 && ratio != 4 && ratio != 128)
       return r.fail(f, "0 (sliding-only), 4 (CSA with indexer) or 128 (HCA)", &v);
@@ -291,16 +346,16 @@ Status parse_upstream_style(Reader& r, Config& c) {
     c.compress_ratio.push_back(ratio);
   }
   int num_hash;
-  SP_READ_INT(num_hash, "num_hash_layers", 0);
+  SP_READ_INT(num_hash, "num_hash_layers", 0, c.num_layers);
   if (num_hash > c.num_layers)
     return r.fail("num_hash_layers", str("at most num_hidden_layers = ", c.num_layers),
                   &r.raw("num_hash_layers"));
   for (int l = 0; l < c.num_layers; ++l)
     c.mlp_kinds.push_back(l < num_hash ? MlpKind::kHashMoe : MlpKind::kMoe);
-  SP_READ_INT(c.rope_dim, "qk_rope_head_dim", 1);
-  SP_READ_NUM(c.rope_main.theta, "rope_theta", true);
+  SP_READ_INT(c.rope_dim, "qk_rope_head_dim", 1, kMaxHeadDim);
+  SP_READ_NUM(c.rope_main.theta, "rope_theta", 1, kMaxRopeTheta, false);
   double ctheta;
-  SP_READ_NUM(ctheta, "compress_rope_theta", true);
+  SP_READ_NUM(ctheta, "compress_rope_theta", 1, kMaxRopeTheta, false);
   c.rope_compress.theta = ctheta;
   if (r.has("rope_scaling")) {
     const json& rs = r.raw("rope_scaling");
@@ -355,50 +410,74 @@ Status parse_quantization(Reader& r, Config& c) {
   return Status::ok();
 }
 
+// The tensor table and the weights the config implies, counted in checked arithmetic before
+// anything is built from them.
+Status check_totals(const Config& c, const std::string& source) {
+  const CheckedI64 D = c.hidden_size, E = c.n_routed_experts, I = c.moe_inter, L = c.num_layers;
+  const CheckedI64 tensors = L * (E * 3 + 64) + 16;
+  const CheckedI64 hd = CheckedI64(c.num_heads) * c.head_dim;
+  const CheckedI64 hc_dim = CheckedI64(c.hc_mult) * D;
+  const CheckedI64 mix = CheckedI64(c.hc_mult + 2) * c.hc_mult;
+  const CheckedI64 per_layer = (E + 1) * 3 * I * D + D * c.q_lora_rank + hd * c.q_lora_rank +
+                               CheckedI64(c.head_dim) * D + hd * c.o_lora_rank +
+                               D * c.o_groups * c.o_lora_rank + mix * hc_dim * 2 + E * D +
+                               CheckedI64(c.vocab_size) * c.experts_per_tok +
+                               CheckedI64(c.index_n_heads) * c.index_head_dim * c.q_lora_rank +
+                               CheckedI64(4) * (c.head_dim + c.index_head_dim) * D;
+  const CheckedI64 elements = L * per_layer + CheckedI64(2) * c.vocab_size * D;
+  if (!tensors.ok() || tensors.value() > kMaxTensors)
+    return Status::error(str(source, ": num_hidden_layers = ", c.num_layers,
+                             " x n_routed_experts = ", c.n_routed_experts, " describe more than ",
+                             kMaxTensors, " tensors; expected fewer"));
+  if (!elements.ok() || elements.value() > kMaxWeightElements)
+    return Status::error(
+        str(source, ": the config describes ",
+            elements.ok() ? str(elements.value()) : std::string("over 2^63"),
+            " weight elements; expected at most 2^46 (the released Pro has 2^40)"));
+  return Status::ok();
+}
+
 }  // namespace
 
 Result<Config> parse_config_impl(const std::string& text, const std::string& source) {
-  json j;
-  try {
-    j = json::parse(text);
-  } catch (const std::exception& e) {
-    return Status::error(str(source, ": not valid JSON: ", e.what()));
-  }
+  SP_ASSIGN_OR_RETURN(json j, parse_json_strict(text, source));
   if (!j.is_object())
     return Status::error(str(source, ": expected a JSON object at the top level"));
   Reader r(j, source);
   Config c;
   SP_RETURN_IF_ERROR(r.optional_enum("model_type", {"deepseek_v4"}));
   if (r.has("architectures")) r.mark("architectures");
-  SP_READ_INT(c.vocab_size, "vocab_size", 1);
-  SP_READ_INT(c.hidden_size, "hidden_size", 1);
-  SP_READ_INT(c.num_layers, "num_hidden_layers", 1);
-  SP_READ_INT(c.num_heads, "num_attention_heads", 1);
-  SP_READ_INT(c.head_dim, "head_dim", 1);
-  SP_READ_INT(c.q_lora_rank, "q_lora_rank", 1);
-  SP_READ_INT(c.o_groups, "o_groups", 1);
-  SP_READ_INT(c.o_lora_rank, "o_lora_rank", 1);
-  SP_READ_INT(c.sliding_window, "sliding_window", 1);
-  SP_READ_INT(c.index_n_heads, "index_n_heads", 1);
-  SP_READ_INT(c.index_head_dim, "index_head_dim", 1);
-  SP_READ_INT(c.index_topk, "index_topk", 1);
-  SP_READ_INT(c.n_routed_experts, "n_routed_experts", 1);
-  SP_READ_INT(c.n_shared_experts, "n_shared_experts", 1);
-  SP_READ_INT(c.experts_per_tok, "num_experts_per_tok", 1);
-  SP_READ_INT(c.moe_inter, "moe_intermediate_size", 1);
-  SP_READ_NUM(c.routed_scaling_factor, "routed_scaling_factor", true);
-  SP_READ_NUM(c.swiglu_limit, "swiglu_limit", true);
-  SP_READ_INT(c.hc_mult, "hc_mult", 1);
-  SP_READ_INT(c.hc_sinkhorn_iters, "hc_sinkhorn_iters", 1);
-  SP_READ_NUM(c.hc_eps, "hc_eps", true);
-  SP_READ_NUM(c.rms_norm_eps, "rms_norm_eps", true);
+  SP_READ_INT(c.vocab_size, "vocab_size", 1, kMaxVocab);
+  SP_READ_INT(c.hidden_size, "hidden_size", 1, kMaxWidth);
+  SP_READ_INT(c.num_layers, "num_hidden_layers", 1, kMaxLayers);
+  SP_READ_INT(c.num_heads, "num_attention_heads", 1, kMaxHeads);
+  SP_READ_INT(c.head_dim, "head_dim", 1, kMaxHeadDim);
+  SP_READ_INT(c.q_lora_rank, "q_lora_rank", 1, kMaxWidth);
+  SP_READ_INT(c.o_groups, "o_groups", 1, kMaxHeads);
+  SP_READ_INT(c.o_lora_rank, "o_lora_rank", 1, kMaxWidth);
+  SP_READ_INT(c.sliding_window, "sliding_window", 1, kMaxWindow);
+  SP_READ_INT(c.index_n_heads, "index_n_heads", 1, kMaxHeads);
+  SP_READ_INT(c.index_head_dim, "index_head_dim", 1, kMaxHeadDim);
+  SP_READ_INT(c.index_topk, "index_topk", 1, kMaxIndexTopk);
+  SP_READ_INT(c.n_routed_experts, "n_routed_experts", 1, kMaxExperts);
+  SP_READ_INT(c.n_shared_experts, "n_shared_experts", 1, 1);
+  SP_READ_INT(c.experts_per_tok, "num_experts_per_tok", 1, kMaxExpertsPerTok);
+  SP_READ_INT(c.moe_inter, "moe_intermediate_size", 1, kMaxWidth);
+  SP_READ_NUM(c.routed_scaling_factor, "routed_scaling_factor", 0, 100, true);
+  SP_READ_NUM(c.swiglu_limit, "swiglu_limit", 0, 1e4, true);
+  // hc_mult > 16 would also overflow fixed per-stream arrays of the CPU backend.
+  SP_READ_INT(c.hc_mult, "hc_mult", 1, kMaxHcMult);
+  SP_READ_INT(c.hc_sinkhorn_iters, "hc_sinkhorn_iters", 1, kMaxSinkhornIters);
+  // Both are stored as float: 1e-12 is far above float's smallest normal; 0.1 far above any real.
+  SP_READ_NUM(c.hc_eps, "hc_eps", kMinEps, kMaxEps, false);
+  SP_READ_NUM(c.rms_norm_eps, "rms_norm_eps", kMinEps, kMaxEps, false);
   if (!r.has("scoring_func")) return r.fail("scoring_func", "\"sqrtsoftplus\"", nullptr);
   SP_RETURN_IF_ERROR(r.optional_enum("scoring_func", {"sqrtsoftplus"}));
   SP_RETURN_IF_ERROR(r.optional_enum("hidden_act", {"silu"}));
   SP_RETURN_IF_ERROR(r.optional_enum("topk_method", {"noaux_tc"}));
   if (r.has("num_key_value_heads")) {
     int kvh;
-    SP_READ_INT(kvh, "num_key_value_heads", 1);
+    SP_READ_INT(kvh, "num_key_value_heads", 1, kMaxHeads);
     if (kvh != 1)
       return r.fail("num_key_value_heads", "1 (one shared latent K=V head)",
                     &r.raw("num_key_value_heads"));
@@ -411,11 +490,11 @@ Result<Config> parse_config_impl(const std::string& text, const std::string& sou
   for (const char* b : {"attention_bias", "mlp_bias"})
     if (r.has(b) && r.raw(b) != false) return r.fail(b, "false", &r.raw(b));
   if (r.has("num_nextn_predict_layers"))
-    SP_READ_INT(c.num_mtp_layers, "num_nextn_predict_layers", 0);
-  if (r.has("bos_token_id")) SP_READ_INT(c.bos_token_id, "bos_token_id", 0);
-  if (r.has("eos_token_id")) SP_READ_INT(c.eos_token_id, "eos_token_id", 0);
+    SP_READ_INT(c.num_mtp_layers, "num_nextn_predict_layers", 0, kMaxMtpLayers);
+  if (r.has("bos_token_id")) SP_READ_INT(c.bos_token_id, "bos_token_id", 0, c.vocab_size - 1);
+  if (r.has("eos_token_id")) SP_READ_INT(c.eos_token_id, "eos_token_id", 0, c.vocab_size - 1);
   if (r.has("max_position_embeddings"))
-    SP_READ_INT(c.max_position_embeddings, "max_position_embeddings", 1);
+    SP_READ_INT(c.max_position_embeddings, "max_position_embeddings", 1, kMaxPositions);
 
   bool hf = r.has("layer_types"), up = r.has("compress_ratios");
   if (hf && up)
@@ -456,6 +535,7 @@ Result<Config> parse_config_impl(const std::string& text, const std::string& sou
         "expert_dtype",
         str("fp8, or hidden_size and moe_intermediate_size multiples of 32 for fp4 groups (got ",
             c.hidden_size, " and ", c.moe_inter, ")"));
+  SP_RETURN_IF_ERROR(check_totals(c, source));
   c.ignored_keys = r.unused();
   return c;
 }
@@ -471,13 +551,12 @@ Result<Config> parse_config(const std::string& text, const std::string& source) 
 
 Result<Config> load_config(const std::string& model_dir) {
   std::string path = model_dir + "/config.json";
-  std::ifstream f(path);
-  if (!f)
-    return Status::error(
-        str("cannot open ", path, ": expected a DeepSeek-V4 model directory with config.json"));
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return parse_config(ss.str(), path);
+  SP_ASSIGN_OR_RETURN(FileKind kind, probe_file(path));
+  if (kind == FileKind::kMissing)
+    return Status::error(str("cannot open ", brief(path),
+                             ": expected a DeepSeek-V4 model directory with config.json"));
+  SP_ASSIGN_OR_RETURN(std::string text, read_regular_file(path, kMaxConfigBytes, "config.json"));
+  return parse_config(text, path);
 }
 
 std::string describe_config(const Config& c) {

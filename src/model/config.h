@@ -75,8 +75,13 @@ struct Config {
   int num_layers_of(AttnKind k) const;
 };
 
+// config.json larger than this is refused unread (a real one is a few KiB).
+constexpr int64_t kMaxConfigBytes = int64_t{1} << 20;
+
 // Parses config.json text; `source` names the file in error messages.
 Result<Config> parse_config(const std::string& text, const std::string& source);
+// Reads <model_dir>/config.json: only a regular file (after following links) of at most
+// kMaxConfigBytes.
 Result<Config> load_config(const std::string& model_dir);
 // Multi-line human summary (inspect).
 std::string describe_config(const Config& c);

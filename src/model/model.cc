@@ -123,7 +123,7 @@ Model::Model(const Config& c, const ModelWeights& w, Backend& be, const StateLim
   state_bytes_ = bytes;
   const DType act = be_.act_dtype(), f32 = DType::kF32;
   for (int i = 0; i < std::max(1, lim.residual_buffers); ++i)
-    ws_X_.push_back(be_.alloc(T, c.hc_dim(), act));
+    ws_X_.push_back(be_.alloc(T, c.hc_dim(), be_.residual_dtype()));
   ws_x_ = be_.alloc(T, D, act);
   ws_xn_ = be_.alloc(T, D, act);
   ws_f_ = be_.alloc(T, D, act);
@@ -143,9 +143,9 @@ Model::Model(const Config& c, const ModelWeights& w, Backend& be, const StateLim
   ws_sel_ = be_.alloc(T, c.index_topk, DType::kI32);
   if (w.plan.head) {
     ws_h_ = be_.alloc(lim.max_logit_rows, D, act);
-    ws_hsel_ = be_.alloc(lim.max_logit_rows, c.hc_dim(), act);
+    ws_hsel_ = be_.alloc(lim.max_logit_rows, c.hc_dim(), be_.residual_dtype());
     ws_logits_ = be_.alloc(lim.max_logit_rows, c.vocab_size, f32);
-    if (lim.mtp) ws_mtp_hidden_ = be_.alloc(T, c.hc_dim(), act);
+    if (lim.mtp) ws_mtp_hidden_ = be_.alloc(T, c.hc_dim(), be_.residual_dtype());
   }
 }
 
@@ -227,6 +227,8 @@ void Model::upload_weights() {
 }
 
 void Model::begin_step(const BatchView& b) {
+  for (int32_t id : b.block_tables)
+    SP_CHECK(id >= 0 && id < num_blocks_, "state block ", id, " outside the pool of ", num_blocks_);
   be_.begin_step(b);
 }
 

@@ -1,12 +1,15 @@
 // Memory-mapped safetensors checkpoints: one file or shards named by model.safetensors.index.json.
 // The header parser is strict: every tensor lies inside the file's data area, tensors do not
-// overlap, byte sizes match dtype x shape, and the header length is bounded.
+// overlap, byte sizes match dtype x shape, and the header length is bounded. The header is JSON
+// starting with '{', optionally padded with trailing spaces (as the safetensors format allows); NUL
+// bytes, duplicate tensor names and duplicate keys are refused. Only regular files are opened.
 #pragma once
 
 #include <cstdint>
 #include <map>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "core/dtype.h"
@@ -30,11 +33,22 @@ struct TensorInfo {
 
 std::string shape_str(const std::vector<int64_t>& shape);
 
+// Most dimensions of a tensor.
+constexpr size_t kMaxRank = 8;
+
+// Parses a whole safetensors image in memory (8-byte header length, header, data); the tensors'
+// data pointers point into it. `path` names it in errors.
+Result<std::map<std::string, TensorInfo>> parse_safetensors(const uint8_t* base, int64_t size,
+                                                            const std::string& path);
+
 // One mapped file. Read-only; unmapped on destruction.
 class SafetensorsFile {
  public:
   static constexpr int64_t kMaxHeaderBytes = 100 << 20;  // 100 MiB; real headers are < 10 MiB
   static Result<std::unique_ptr<SafetensorsFile>> open(const std::string& path);
+  // The same from bytes already in memory (tests, fuzzing); `name` names it in errors.
+  static Result<std::unique_ptr<SafetensorsFile>> from_bytes(std::string bytes,
+                                                             const std::string& name);
   ~SafetensorsFile();
   const std::map<std::string, TensorInfo>& tensors() const { return tensors_; }
   int64_t file_size() const { return size_; }
@@ -44,8 +58,18 @@ class SafetensorsFile {
   std::string path_;
   void* map_ = nullptr;
   int64_t size_ = 0;
+  std::string owned_;  // from_bytes
   std::map<std::string, TensorInfo> tensors_;
 };
+
+// model.safetensors.index.json: at most kMaxIndexBytes, shard names are plain file names.
+constexpr int64_t kMaxIndexBytes = int64_t{64} << 20;  // the released Pro's is ~10 MiB
+constexpr size_t kMaxShards = 65536;
+struct SafetensorsIndex {
+  std::vector<std::string> shards;                // in first-mention order
+  std::map<std::string, std::string> weight_map;  // tensor name -> shard file name
+};
+Result<SafetensorsIndex> parse_safetensors_index(std::string_view text, const std::string& source);
 
 // All tensors of a checkpoint directory, single-file or sharded.
 class Checkpoint {

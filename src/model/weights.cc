@@ -6,6 +6,8 @@
 #include <cstring>
 #include <map>
 
+#include "core/checked.h"
+
 namespace sp {
 
 namespace {
@@ -412,7 +414,7 @@ Result<std::unique_ptr<ModelWeights>> load_weights(const Config& c, const std::s
       w->stats.mtp_tensors.push_back(name);
     else
       unexpected.push_back(
-          str(name, " (", dtype_name(info->dtype), " ", shape_str(info->shape), ")"));
+          str(brief(name), " (", dtype_name(info->dtype), " ", shape_str(info->shape), ")"));
   }
   w->stats.checkpoint_tensors = static_cast<int64_t>(ck->all().size());
   std::string err;
@@ -425,16 +427,30 @@ Result<std::unique_ptr<ModelWeights>> load_weights(const Config& c, const std::s
                "):", list_names(unexpected));
   if (!err.empty())
     return Status::error(str("checkpoint ", dir, " does not match its config.json:", err));
-  // tid2eid entries must name experts that exist.
+  // tid2eid entries must name experts that exist; checked on the stored (possibly I64) values
+  // before they are narrowed to int32, so a wide value cannot wrap into range.
+  for (auto& t : ex) {
+    if (t.role != TensorRole::kIndex || !bound.count(t.name)) continue;
+    const Bound& b = bound[t.name];
+    const int64_t n = numel(t.shape);
+    for (int64_t i = 0; i < n; ++i) {
+      int64_t v;
+      if (b.dtype == DType::kI64) {
+        std::memcpy(&v, b.data + i * 8, 8);
+      } else {
+        int32_t x;
+        std::memcpy(&x, b.data + i * 4, 4);
+        v = x;
+      }
+      if (v < 0 || v >= c.n_routed_experts)
+        return Status::error(str(t.name, "[", i / c.experts_per_tok, "][", i % c.experts_per_tok,
+                                 "] = ", v, ": expected an expert index in [0, ",
+                                 c.n_routed_experts, ")"));
+    }
+  }
   Assembler as(c, *w, bound);
   as.set_shapes(ex);
   as.build(plan);
-  for (auto& L : w->layers)
-    for (size_t i = 0; i < L.tid2eid.size(); ++i)
-      if (L.tid2eid[i] < 0 || L.tid2eid[i] >= c.n_routed_experts)
-        return Status::error(str("layers.", L.index, ".ffn.gate.tid2eid[", i / c.experts_per_tok,
-                                 "][", i % c.experts_per_tok, "] = ", L.tid2eid[i],
-                                 ": expected an expert index in [0, ", c.n_routed_experts, ")"));
   w->checkpoint_owner = std::shared_ptr<Checkpoint>(std::move(ck));
   w->stats.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() +
                      (sink == 1 ? 1e-12 : 0);

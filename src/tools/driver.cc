@@ -7,9 +7,14 @@
 #include <cstdlib>
 #include <fstream>
 #include <mutex>
+#include <new>
 #include <nlohmann/json.hpp>
 #include <sstream>
+#include <system_error>
 #include <thread>
+
+#include "core/checked.h"
+#include "model/strict_json.h"
 
 namespace sp {
 
@@ -54,6 +59,14 @@ std::vector<FlagSpec> common_flags() {
        -1e300,
        1e300,
        {"auto", "bf16", "fp32", "fp8"}},
+      {"activation-dtype",
+       FlagKind::kString,
+       "auto",
+       "activations between ops: auto (fp32 on cpu, bf16 on cuda), bf16, fp32 (cuda: for "
+       "diagnosis); the residual streams stay fp32",
+       -1e300,
+       1e300,
+       {"auto", "bf16", "fp32"}},
       {"device",
        FlagKind::kString,
        "auto",
@@ -93,7 +106,7 @@ void tensor_to_f32(Backend& be, Tensor t, std::vector<float>& out) {
 }
 
 std::vector<FlagSpec> pipeline_flags() {
-  return {
+  std::vector<FlagSpec> specs = {
       {"pp", FlagKind::kInt, "1",
        "pipeline stages: threads of this process, or under mpirun the number of ranks", 1, 4096},
       {"pp-partition", FlagKind::kString, "vllm",
@@ -108,6 +121,9 @@ std::vector<FlagSpec> pipeline_flags() {
        "once (mpirun), error "
        "reports and brings the pipeline down"},
   };
+  specs[1].validate = validate_pp_partition;
+  specs[4].validate = validate_fault_inject;
+  return specs;
 }
 
 int fail(const Status& s) {
@@ -157,12 +173,12 @@ Result<Config> read_config(const Flags& f) {
   Config c = std::move(loaded.value());
   if (f.given("override-config")) {
     const std::string path = f.str("model") + "/config.json";
-    std::ifstream in(path);
-    std::stringstream ss;
-    ss << in.rdbuf();
-    nlohmann::json base = nlohmann::json::parse(ss.str(), nullptr, false);
-    nlohmann::json over = nlohmann::json::parse(f.str("override-config"), nullptr, false);
-    if (over.is_discarded() || !over.is_object())
+    SP_ASSIGN_OR_RETURN(std::string text, read_regular_file(path, int64_t{1} << 20, "config"));
+    SP_ASSIGN_OR_RETURN(nlohmann::json base, parse_json_strict(text, path));
+    auto parsed = parse_json_strict(f.str("override-config"), "--override-config");
+    if (!parsed) return parsed.status();
+    nlohmann::json over = std::move(parsed.value());
+    if (!over.is_object())
       return Status::error(
           str("--override-config: expected a JSON object such as "
               "'{\"num_hidden_layers\": 4}', got '",
@@ -242,7 +258,8 @@ std::string fingerprint(const Flags& f, const Config& c, const Topology& t) {
              ";max-num-batched-tokens=", f.i64("max-num-batched-tokens"),
              ";max-model-len=", f.i64("max-model-len"), ";micro-batches=", f.i64("micro-batches"),
              ";num-state-blocks=", f.i64("num-state-blocks"), ";device=", f.str("device"),
-             ";kv-cache-dtype=", f.str("kv-cache-dtype"));
+             ";kv-cache-dtype=", f.str("kv-cache-dtype"),
+             ";activation-dtype=", f.str("activation-dtype"));
 }
 
 // The fields two fingerprints disagree on, as "name: a vs b".
@@ -360,7 +377,8 @@ std::unique_ptr<Backend> make_stage_backend(const Flags& f, const Topology& topo
   if (!device) tr.fail(device.status().message(), 2);
   if (*device == "cpu") return make_cpu_backend(threads_per_stage(f, topo));
   const std::string kv = f.str("kv-cache-dtype");
-  auto be = make_cuda_backend(local_gpu(topo), kv == "fp32" ? DType::kF32 : DType::kBF16);
+  auto be = make_cuda_backend(local_gpu(topo), kv == "fp32" ? DType::kF32 : DType::kBF16,
+                              f.str("activation-dtype") == "fp32" ? DType::kF32 : DType::kBF16);
   if (!be) tr.fail(str("stage ", topo.rank, ": ", be.status().message()), 2);
   return std::move(*be);
 }
@@ -477,14 +495,18 @@ int run_job(const Flags& f, const Job& job) {
     return fail(
         Status::error("--kv-cache-dtype fp8: not supported yet (bf16 is the GPU default); "
                       "use auto or bf16"));
+  if (*dev == "cpu" && f.str("activation-dtype") == "bf16")
+    return fail(
+        Status::error("--activation-dtype bf16: the CPU backend computes in fp32 (it is "
+                      "the exact reference); use auto or --device cuda"));
   if (*dev == "cpu" && kv != "auto" && kv != "fp32")
     return fail(Status::error(str("--kv-cache-dtype ", kv,
                                   ": the CPU backend keeps its state in fp32 (it is the exact "
                                   "reference); use auto or --device cuda")));
   auto fault = parse_fault(f.str("fault-inject"));
   if (!fault) return fail(fault.status());
-  if (f.given("trace") && !std::ofstream(f.str("trace")))  // fail now, not after the run
-    return fail(Status::error(str("--trace: cannot write ", f.str("trace"))));
+  if (f.given("trace"))  // fail now, not after the run (and leave the file alone until then)
+    if (Status st = check_trace_path(f.str("trace")); !st) return fail(st);
   PipelineOptions popt;
   popt.micro_batches = static_cast<int>(f.i64("micro-batches"));
   popt.trace = f.given("trace");
@@ -563,8 +585,11 @@ int run_job(const Flags& f, const Job& job) {
         codes[s] = e.exit_code;
         errors[s] = e.message;
       } catch (const std::exception& e) {  // anything else still brings the pipeline down
+        // Exhausted resources (memory, threads: ulimit) are the user's limits, exit 2.
+        const bool limits = dynamic_cast<const std::system_error*>(&e) != nullptr ||
+                            dynamic_cast<const std::bad_alloc*>(&e) != nullptr;
         try {
-          transports[s]->fail(str("stage ", s, ": ", e.what()), 4);
+          transports[s]->fail(str("stage ", s, ": ", e.what()), limits ? 2 : 4);
         } catch (const StageFailure& f) {
           codes[s] = f.exit_code;
           errors[s] = f.message;

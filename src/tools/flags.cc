@@ -6,22 +6,19 @@
 #include <cstdlib>
 #include <sstream>
 
+#include "core/checked.h"
+
 namespace sp {
 
 namespace {
 
+// Strict: digits with an optional '-', no spaces, '+' or trailing text, no overflow.
 bool parse_i64(const std::string& s, int64_t* out) {
-  if (s.empty()) return false;
-  char* end = nullptr;
-  errno = 0;
-  long long v = std::strtoll(s.c_str(), &end, 10);
-  if (errno || *end) return false;
-  *out = v;
-  return true;
+  return parse_int64_strict(s, out);
 }
 
 bool parse_f64(const std::string& s, double* out) {
-  if (s.empty()) return false;
+  if (s.empty() || std::isspace(static_cast<unsigned char>(s[0]))) return false;
   char* end = nullptr;
   errno = 0;
   double v = std::strtod(s.c_str(), &end);
@@ -30,25 +27,76 @@ bool parse_f64(const std::string& s, double* out) {
   return true;
 }
 
+// A bound of an integer flag for a message (the defaults, +-1e300, are outside int64).
+int64_t clamp_i64(double v) {
+  if (v <= -9.2e18) return INT64_MIN;
+  if (v >= 9.2e18) return INT64_MAX;
+  return static_cast<int64_t>(v);
+}
+
+// Splits on ',' keeping empty items (so "1,,2" and "1," are errors, not skipped).
+std::vector<std::string> split_commas(const std::string& text) {
+  std::vector<std::string> items;
+  size_t start = 0;
+  for (;;) {
+    size_t comma = text.find(',', start);
+    items.push_back(text.substr(start, comma - start));
+    if (comma == std::string::npos) break;
+    start = comma + 1;
+  }
+  return items;
+}
+
 }  // namespace
 
 Result<std::vector<int32_t>> parse_int_list(const std::string& flag, const std::string& text) {
   std::vector<int32_t> out;
-  std::stringstream ss(text);
-  std::string item;
-  while (std::getline(ss, item, ',')) {
+  for (const std::string& item : split_commas(text)) {
     int64_t v;
-    if (!parse_i64(item, &v) || v < 0 || v > INT32_MAX)
-      return Status::error(sp::str(
-          "--", flag, ": '", item,
-          "' is not a token id; expected comma-separated non-negative integers like 1,2,3"));
+    if (!parse_int64_strict(item, &v, 0, INT32_MAX))
+      return Status::error(sp::str("--", flag, ": '", brief(item),
+                                   "' is not a token id; expected comma-separated integers in [0, ",
+                                   INT32_MAX, "] like 1,2,3"));
     out.push_back(static_cast<int32_t>(v));
   }
-  if (out.empty() || (!text.empty() && text.back() == ','))
-    return Status::error(
-        sp::str("--", flag, ": expected comma-separated non-negative integers like 1,2,3, got '",
-                text, "'"));
   return out;
+}
+
+Status validate_pp_partition(const std::string& flag, const std::string& value) {
+  if (value == "vllm" || value == "auto") return Status::ok();
+  const auto items = split_commas(value);
+  if (items.size() > static_cast<size_t>(kMaxStages))
+    return Status::error(
+        sp::str("--", flag, ": ", items.size(), " stages; expected at most ", kMaxStages));
+  for (const std::string& item : items) {
+    int64_t v;
+    if (!parse_int64_strict(item, &v, 1, kMaxLayersPerStage))
+      return Status::error(
+          sp::str("--", flag, ": '", brief(item),
+                  "' is not a layer count; expected vllm, auto, or positive integers (each at "
+                  "most ",
+                  kMaxLayersPerStage, ") like 11,11,11,10"));
+  }
+  return Status::ok();
+}
+
+Status validate_fault_inject(const std::string& flag, const std::string& value) {
+  std::vector<std::string> parts;
+  std::stringstream ss(value);
+  std::string part;
+  while (std::getline(ss, part, ':')) parts.push_back(part);
+  if (!value.empty() && value.back() == ':') parts.push_back("");
+  int64_t v;
+  const bool ok = (parts.size() == 2 || parts.size() == 3) &&
+                  parse_int64_strict(parts[0], &v, 0, kMaxStages - 1) &&
+                  parse_int64_strict(parts[1], &v, 0, int64_t{1} << 62) &&
+                  (parts.size() == 2 || parts[2] == "kill" || parts[2] == "error");
+  if (!ok)
+    return Status::error(sp::str("--", flag, " '", brief(value),
+                                 "': expected STAGE:STEP or STAGE:STEP:kill|error with STAGE in "
+                                 "[0, ",
+                                 kMaxStages, ") and STEP >= 0, e.g. 1:3:kill"));
+  return Status::ok();
 }
 
 const FlagSpec* Flags::find(const std::string& name) const {
@@ -61,8 +109,8 @@ Status Flags::parse(const std::vector<std::string>& args) {
   for (size_t i = 0; i < args.size(); ++i) {
     const std::string& a = args[i];
     if (a.rfind("--", 0) != 0)
-      return Status::error(
-          sp::str("unexpected argument '", a, "'; expected --flag value pairs (see --help)"));
+      return Status::error(sp::str("unexpected argument '", brief(a),
+                                   "'; expected --flag value pairs (see --help)"));
     std::string name = a.substr(2), value;
     bool has_value = false;
     if (auto eq = name.find('='); eq != std::string::npos) {
@@ -73,11 +121,12 @@ Status Flags::parse(const std::vector<std::string>& args) {
     const FlagSpec* spec = find(name);
     if (!spec)
       return Status::error(
-          sp::str("unknown flag --", name, " (see --help for the flags of this command)"));
+          sp::str("unknown flag --", brief(name), " (see --help for the flags of this command)"));
     if (spec->kind == FlagKind::kBool) {
       if (!has_value) value = "true";
       if (value != "true" && value != "false")
-        return Status::error(sp::str("--", name, ": expected true or false, got '", value, "'"));
+        return Status::error(
+            sp::str("--", name, ": expected true or false, got '", brief(value), "'"));
     } else if (!has_value) {
       if (i + 1 >= args.size())
         return Status::error(sp::str("--", name, ": missing value (", spec->help, ")"));
@@ -89,17 +138,19 @@ Status Flags::parse(const std::vector<std::string>& args) {
       case FlagKind::kInt: {
         int64_t v;
         if (!parse_i64(value, &v))
-          return Status::error(sp::str("--", name, ": expected an integer, got '", value, "'"));
+          return Status::error(
+              sp::str("--", name, ": expected an integer, got '", brief(value), "'"));
         if (v < spec->min_value || v > spec->max_value)
           return Status::error(sp::str("--", name, ": expected an integer in [",
-                                       static_cast<int64_t>(spec->min_value), ", ",
-                                       static_cast<int64_t>(spec->max_value), "], got ", v));
+                                       clamp_i64(spec->min_value), ", ", clamp_i64(spec->max_value),
+                                       "], got ", v));
         break;
       }
       case FlagKind::kFloat: {
         double v;
         if (!parse_f64(value, &v))
-          return Status::error(sp::str("--", name, ": expected a number, got '", value, "'"));
+          return Status::error(
+              sp::str("--", name, ": expected a number, got '", brief(value), "'"));
         if (v < spec->min_value || v > spec->max_value)
           return Status::error(sp::str("--", name, ": expected a number in [", spec->min_value,
                                        ", ", spec->max_value, "], got ", v));
@@ -118,11 +169,12 @@ Status Flags::parse(const std::vector<std::string>& args) {
             std::string list;
             for (auto& c : spec->choices) list += (list.empty() ? "" : ", ") + c;
             return Status::error(
-                sp::str("--", name, ": expected one of ", list, ", got '", value, "'"));
+                sp::str("--", name, ": expected one of ", list, ", got '", brief(value), "'"));
           }
         } else if (value.empty()) {
           return Status::error(sp::str("--", name, ": expected a non-empty value"));
         }
+        if (spec->validate) SP_RETURN_IF_ERROR(spec->validate(name, value));
         break;
       case FlagKind::kBool:
         break;

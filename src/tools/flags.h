@@ -20,6 +20,8 @@ struct FlagSpec {
   double min_value = -1e300, max_value = 1e300;  // numeric kinds
   std::vector<std::string> choices;              // kString, when restricted
   bool repeatable = false;
+  // Extra check of the value's syntax and range (kString); the error names the flag.
+  Status (*validate)(const std::string& flag, const std::string& value) = nullptr;
 };
 
 class Flags {
@@ -45,5 +47,14 @@ class Flags {
 };
 
 Result<std::vector<int32_t>> parse_int_list(const std::string& flag, const std::string& text);
+
+// Validators for FlagSpec::validate.
+// --pp-partition: vllm, auto, or at most kMaxStages layer counts, each in [1, kMaxLayersPerStage]
+// (so neither an entry nor the sum can overflow an int; topology checks the sum and the count).
+constexpr int kMaxStages = 4096;
+constexpr int kMaxLayersPerStage = 1 << 20;
+Status validate_pp_partition(const std::string& flag, const std::string& value);
+// --fault-inject: STAGE:STEP[:kill|error], STAGE in [0, kMaxStages), STEP in [0, 2^62].
+Status validate_fault_inject(const std::string& flag, const std::string& value);
 
 }  // namespace sp

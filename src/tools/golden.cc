@@ -2,33 +2,57 @@
 
 #include <cstring>
 
+#include "core/checked.h"
+
 namespace sp {
 
-Result<std::vector<GoldenPrompt>> read_golden(const SafetensorsFile& g, const Config& c) {
-  std::vector<GoldenPrompt> out;
-  auto ints = [&](const TensorInfo& t) -> Result<std::vector<int32_t>> {
-    if (t.dtype != DType::kI64 && t.dtype != DType::kI32)
-      return Status::error(str("golden file: ", t.name, ": expected I64 or I32 token ids, got ",
-                               dtype_name(t.dtype)));
-    std::vector<int32_t> v(static_cast<size_t>(t.numel()));
-    for (int64_t i = 0; i < t.numel(); ++i) {
-      int64_t x;
-      if (t.dtype == DType::kI64)
-        std::memcpy(&x, t.data + 8 * i, 8);
-      else {
-        int32_t y;
-        std::memcpy(&y, t.data + 4 * i, 4);
-        x = y;
-      }
-      v[i] = static_cast<int32_t>(x);
+namespace {
+
+// Token ids of a golden tensor, each in [0, vocab): read as int64, so a wide value is refused, not
+// wrapped into range.
+Result<std::vector<int32_t>> token_ids(const TensorInfo& t, int64_t vocab) {
+  if (t.dtype != DType::kI64 && t.dtype != DType::kI32)
+    return Status::error(str("golden file: ", brief(t.name),
+                             ": expected I64 or I32 token ids, got ", dtype_name(t.dtype)));
+  if (t.shape.size() != 1)
+    return Status::error(str("golden file: ", brief(t.name), ": expected a 1-d tensor, got shape ",
+                             shape_str(t.shape)));
+  std::vector<int32_t> v(static_cast<size_t>(t.numel()));
+  for (int64_t i = 0; i < t.numel(); ++i) {
+    int64_t x;
+    if (t.dtype == DType::kI64) {
+      std::memcpy(&x, t.data + 8 * i, 8);
+    } else {
+      int32_t y;
+      std::memcpy(&y, t.data + 4 * i, 4);
+      x = y;
     }
-    return v;
-  };
+    if (x < 0 || x >= vocab)
+      return Status::error(str("golden file: ", brief(t.name), "[", i, "] = ", x,
+                               ": expected a token id in [0, ", vocab, ")"));
+    v[i] = static_cast<int32_t>(x);
+  }
+  return v;
+}
+
+}  // namespace
+
+Result<std::vector<GoldenPrompt>> read_golden(const SafetensorsFile& g, const Config& c) {
+  // verify reads F32 tensors (logits, hidden states) in place: they must be 4-byte aligned.
+  for (auto& [name, t] : g.tensors())
+    if (reinterpret_cast<uintptr_t>(t.data) % dtype_size(t.dtype) != 0)
+      return Status::error(str("golden file: ", brief(name), ": data is not aligned to its ",
+                               dtype_size(t.dtype),
+                               "-byte elements; expected the header padded to a multiple of 8 "
+                               "bytes and each tensor at a multiple of its element size"));
+  std::vector<GoldenPrompt> out;
   for (int i = 0;; ++i) {
     auto it = g.tensors().find(str("p", i, ".input_ids"));
     if (it == g.tensors().end()) break;
     GoldenPrompt p;
-    SP_ASSIGN_OR_RETURN(p.ids, ints(it->second));
+    SP_ASSIGN_OR_RETURN(p.ids, token_ids(it->second, c.vocab_size));
+    if (p.ids.empty())
+      return Status::error(str("golden file: p", i, ".input_ids: expected at least one token"));
     auto need = [&](const std::string& name,
                     std::vector<int64_t> shape) -> Result<const TensorInfo*> {
       auto jt = g.tensors().find(name);
@@ -44,7 +68,7 @@ Result<std::vector<GoldenPrompt>> read_golden(const SafetensorsFile& g, const Co
     SP_ASSIGN_OR_RETURN(const TensorInfo* pl,
                         need(str("p", i, ".prefill_logits"), {L, c.vocab_size}));
     SP_ASSIGN_OR_RETURN(const TensorInfo* gt, need(str("p", i, ".greedy_tokens"), {}));
-    SP_ASSIGN_OR_RETURN(p.greedy, ints(*gt));
+    SP_ASSIGN_OR_RETURN(p.greedy, token_ids(*gt, c.vocab_size));
     SP_ASSIGN_OR_RETURN(
         const TensorInfo* dl,
         need(str("p", i, ".decode_logits"), {static_cast<int64_t>(p.greedy.size()), c.vocab_size}));

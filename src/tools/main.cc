@@ -9,6 +9,7 @@
 #include <cstring>
 #include <iostream>
 #include <map>
+#include <new>
 #include <thread>
 
 #include "engine/engine.h"
@@ -180,8 +181,8 @@ int cmd_generate(const std::vector<std::string>& args) {
       bool stop = !out.empty() && !f.boolean("ignore-eos") && eos >= 0 && out.back() == eos;
       std::printf("  (%s)\n", stop ? "stop: eos" : "length");
       if (text)
-        std::printf("prompt %zu text: %s -> %s\n", i, quoted(f.strings("prompt")[i]).c_str(),
-                    quoted(text->decode(out)).c_str());
+        std::printf("prompt %zu text: %s -> %s\n", i, json_quoted(f.strings("prompt")[i]).c_str(),
+                    json_quoted(text->decode(out)).c_str());
       generated += static_cast<int64_t>(out.size());
       prefill += static_cast<int64_t>(prompts[i].size());
       for (auto& [pos, v] : logits[static_cast<int64_t>(i)]) hash.add(v.data(), V);
@@ -547,7 +548,9 @@ int cmd_inspect(const std::vector<std::string>& args) {
 }  // namespace
 }  // namespace sp
 
-int main(int argc, char** argv) {
+// A function-try-block: an exception that escapes any command (out of memory, a thread that cannot
+// start, a filesystem error) is a clean error with exit 2, never std::terminate.
+int main(int argc, char** argv) try {
   std::vector<std::string> args(argv + 1, argv + argc);
   if (args.empty() || args[0] == "--help" || args[0] == "-h" || args[0] == "help") {
     std::printf("%s", sp::kUsage);
@@ -576,5 +579,16 @@ int main(int argc, char** argv) {
                "error: unknown command '%s'; expected generate, verify, score, tokenize, serve or "
                "inspect\n%s",
                cmd.c_str(), sp::kUsage);
+  return 2;
+} catch (const std::bad_alloc&) {
+  std::fprintf(stderr,
+               "error: out of memory; lower --max-model-len or --max-num-seqs, or check the "
+               "model's sizes\n");
+  return 2;
+} catch (const std::exception& e) {
+  std::fprintf(stderr, "error: %s\n", e.what());
+  return 2;
+} catch (...) {
+  std::fprintf(stderr, "error: unexpected failure\n");
   return 2;
 }

@@ -30,7 +30,7 @@ FlagSpec add_bos_flag() {
           {"auto", "yes", "no"}};
 }
 
-std::string quoted(const std::string& s) {
+std::string json_quoted(const std::string& s) {
   return json(s).dump(-1, ' ', false, json::error_handler_t::replace);
 }
 
@@ -109,7 +109,7 @@ Result<std::unique_ptr<ModelText>> ModelText::open(const std::string& dir,
     auto id = t->tok->token_id(content);
     if (!id)
       return Status::error(
-          str(cpath, ": bos_token ", quoted(content), " is not a token of ", path));
+          str(cpath, ": bos_token ", json_quoted(content), " is not a token of ", path));
     t->bos = *id;
   }
   t->add_bos = want;
@@ -140,7 +140,7 @@ Result<std::vector<std::vector<int32_t>>> encode_prompts(const Flags& f,
     auto ids = (*text)->encode(prompts[i]);
     if (!ids) return Status::error(str("--prompt ", i, ": ", ids.status().message()));
     if (ids->empty())
-      return Status::error(str("--prompt ", i, ": ", quoted(prompts[i]), " gives no tokens"));
+      return Status::error(str("--prompt ", i, ": ", json_quoted(prompts[i]), " gives no tokens"));
     out.push_back(std::move(*ids));
   }
   return out;
@@ -337,7 +337,7 @@ int cmd_tokenize(const std::vector<std::string>& args) {
     std::printf("\n");
   }
   for (const auto& ids : f.int_lists("ids"))
-    std::printf("%s\n", quoted((*text)->decode(ids)).c_str());
+    std::printf("%s\n", json_quoted((*text)->decode(ids)).c_str());
   return 0;
 }
 

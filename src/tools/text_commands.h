@@ -41,7 +41,7 @@ Result<std::vector<std::vector<int32_t>>> encode_prompts(const Flags& f,
                                                          std::unique_ptr<ModelText>* text);
 
 // A string as a one-line JSON string literal (UTF-8 kept, control characters escaped).
-std::string quoted(const std::string& s);
+std::string json_quoted(const std::string& s);
 
 int cmd_score(const std::vector<std::string>& args);
 int cmd_tokenize(const std::vector<std::string>& args);

@@ -15,6 +15,6 @@ out=$("$bin" golden "${flags[@]}" --prompt-ids 5,6,7 --max-tokens 3 --out "$tmp/
 out=$("$bin" verify "${flags[@]}" --golden "$tmp/d.safetensors" --atol 0) || fail "dummy verify: $out"
 out=$("$bin" inspect --model "$data/configs/flash-mini" --load-format dummy --override-config '{"num_hidden_layers": 3}') || fail "inspect: $out"
 grep -q "layers 3" <<<"$out" || fail "override not applied: $out"
-expect_error 2 "--override-config: expected a JSON object" -- "$bin" inspect --model "$data/tiny" --override-config '[1,'
+expect_error 2 "--override-config" -- "$bin" inspect --model "$data/tiny" --override-config "[1,"
 expect_error 2 "with --override-config" -- "$bin" inspect --model "$data/tiny" --override-config '{"hidden_size": "wide"}'
 echo "ok: --override-config"

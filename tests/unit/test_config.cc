@@ -1,6 +1,9 @@
 // config.json parsing in both styles, and every kind of bad config.
 #include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
+#include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -143,6 +146,129 @@ TEST(Config, InconsistentOrUnknownValuesAreNamed) {
   EXPECT_NE(parse_error(j).find("'hidden_size'"), std::string::npos);
 
   EXPECT_FALSE(parse_config("{not json", "config.json").is_ok());
+}
+
+// Every released and bundled config lies inside the documented ranges.
+TEST(Config, EveryBundledAndReleasedConfigIsInRange) {
+  for (const char* m :
+       {"tiny", "small", "tinyq", "configs/deepseek-v4-flash", "configs/deepseek-v4-pro",
+        "configs/flash-mini", "configs/flash-mini-base"}) {
+    auto c = load_config(std::string(SP_TEST_DATA) + "/" + m);
+    EXPECT_TRUE(c.is_ok()) << m << ": " << c.status().message();
+  }
+}
+
+// Integers that used to wrap when narrowed, and values outside the documented ranges.
+TEST(Config, OutOfRangeValuesAreRefused) {
+  struct Case {
+    const char* field;
+    json value;
+  };
+  const std::vector<Case> cases = {
+      {"num_hidden_layers", json((int64_t{1} << 32) + 5)},
+      {"hidden_size", json(int64_t{1} << 31)},
+      {"hc_mult", json(100000)},
+      {"hc_mult", json(17)},
+      {"index_topk", json(int64_t{2147483647})},
+      {"hc_sinkhorn_iters", json(int64_t{2147483647})},
+      {"n_routed_experts", json(int64_t{2147483647})},
+      {"vocab_size", json(uint64_t{9223372036854775808ull})},
+      {"rms_norm_eps", json(1e30)},
+      {"rms_norm_eps", json(1e-300)},
+      {"hc_eps", json(1e30)},
+      {"routed_scaling_factor", json(1e30)},
+      {"swiglu_limit", json(1e30)},
+      {"eos_token_id", json(int64_t{1} << 40)},
+      {"eos_token_id", json(256)},  // tiny's vocabulary is 256
+      {"num_nextn_predict_layers", json(1000)},
+      {"max_position_embeddings", json(int64_t{1} << 40)},
+  };
+  for (const Case& k : cases) {
+    json j = read_json("tiny/config.json");
+    j[k.field] = k.value;
+    std::string e = parse_error(j);
+    EXPECT_NE(e.find(str("'", k.field, "'")), std::string::npos) << k.field << ": " << e;
+    EXPECT_NE(e.find(" in "), std::string::npos) << k.field << ": " << e;
+  }
+  json j = read_json("tiny/config.json");
+  j["compress_rates"]["heavily_compressed_attention"] = (int64_t{1} << 32) + 16;
+  EXPECT_NE(parse_error(j).find("compress_rates.heavily_compressed_attention"), std::string::npos);
+  j = read_json("small/config.json");
+  j["compress_ratios"][0] = (int64_t{1} << 32) + 4;  // was read as int: 4
+  EXPECT_NE(parse_error(j).find("compress_ratios[0]"), std::string::npos);
+  j = read_json("small/config.json");
+  j["rope_theta"] = 1e300;
+  EXPECT_NE(parse_error(j).find("'rope_theta'"), std::string::npos);
+  j = read_json("small/config.json");
+  j["rope_scaling"]["factor"] = 1e9;
+  EXPECT_NE(parse_error(j).find("rope_scaling.factor"), std::string::npos);
+}
+
+TEST(Config, TotalsAreBounded) {
+  // Each field in range, but together more tensors than the table may hold.
+  json j = read_json("small/config.json");
+  j["n_routed_experts"] = 4096;
+  j["num_hidden_layers"] = 1024;
+  j["compress_ratios"] = json::array();
+  for (int l = 0; l <= 1024; ++l) j["compress_ratios"].push_back(0);
+  EXPECT_NE(parse_error(j).find("tensors"), std::string::npos);
+  j = read_json("small/config.json");
+  j["hidden_size"] = 65536;
+  j["moe_intermediate_size"] = 65536;
+  j["n_routed_experts"] = 4096;
+  EXPECT_NE(parse_error(j).find("weight elements"), std::string::npos);
+}
+
+TEST(Config, HostileJsonIsRefused) {
+  std::string text = read_json("tiny/config.json").dump();
+  // Duplicate keys: last-wins parsers would read hc_mult 8, first-wins ones 4.
+  std::string dup = "{\"hc_mult\": 8, " + text.substr(1);
+  auto r = parse_config(dup, "config.json");
+  ASSERT_FALSE(r.is_ok());
+  EXPECT_NE(r.status().message().find("duplicate key \"hc_mult\""), std::string::npos);
+  // Deep nesting, also inside a field whose error message would print the value.
+  std::string deep = std::string(100000, '[') + std::string(100000, ']');
+  r = parse_config(deep, "config.json");
+  ASSERT_FALSE(r.is_ok());
+  EXPECT_NE(r.status().message().find("nested more than"), std::string::npos);
+  json j = read_json("tiny/config.json");
+  std::string field = j.dump();
+  field.replace(field.find("\"hc_mult\":4"), 11, "\"hc_mult\":" + deep);
+  r = parse_config(field, "config.json");
+  ASSERT_FALSE(r.is_ok());
+  EXPECT_LT(r.status().message().size(), 400u);
+  // A long value is echoed truncated.
+  j["hc_mult"] = std::string(1 << 20, 'x');
+  std::string e = parse_error(j);
+  EXPECT_NE(e.find("'hc_mult'"), std::string::npos);
+  EXPECT_LT(e.size(), 400u);
+}
+
+TEST(Config, OnlyRegularFilesOfBoundedSizeAreRead) {
+  namespace fs = std::filesystem;
+  fs::path d = fs::temp_directory_path() / ("sp_cfg_" + std::to_string(::getpid()));
+  fs::remove_all(d);
+  for (const char* kind : {"fifo", "dir", "dev", "loop", "huge"}) {
+    fs::path m = d / kind;
+    fs::create_directories(m);
+    fs::path c = m / "config.json";
+    if (std::string(kind) == "fifo") {
+      ASSERT_EQ(::mkfifo(c.c_str(), 0600), 0);
+    }
+    if (std::string(kind) == "dir") fs::create_directory(c);
+    if (std::string(kind) == "dev") fs::create_symlink("/dev/zero", c);
+    if (std::string(kind) == "loop") {
+      fs::create_symlink(m / "b", m / "a");
+      fs::create_symlink(m / "a", m / "b");
+      fs::create_symlink(m / "a", c);
+    }
+    if (std::string(kind) == "huge") std::ofstream(c) << std::string(kMaxConfigBytes + 1, ' ');
+    auto r = load_config(m.string());  // must return, not block or throw
+    ASSERT_FALSE(r.is_ok()) << kind;
+    EXPECT_NE(r.status().message().find("config.json"), std::string::npos)
+        << kind << ": " << r.status().message();
+  }
+  fs::remove_all(d);
 }
 
 }  // namespace

@@ -1,13 +1,17 @@
 // Hostile safetensors headers and checkpoints that do not match their config.
 #include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <random>
 
 #include "model/safetensors.h"
 #include "model/weights.h"
+#include "tools/golden.h"
 
 namespace sp {
 namespace {
@@ -109,6 +113,108 @@ TEST(Safetensors, SizeMustMatchDtypeTimesShape) {
   EXPECT_NE(open_error(d.str() + "/m.safetensors").find("not valid JSON"), std::string::npos);
 }
 
+std::string bytes_error(const std::string& header, size_t data_bytes) {
+  std::string b(8, '\0');
+  uint64_t n = header.size();
+  std::memcpy(b.data(), &n, 8);
+  b += header + std::string(data_bytes, '\0');
+  auto r = SafetensorsFile::from_bytes(b, "m.safetensors");
+  EXPECT_FALSE(r.is_ok()) << header;
+  return r.is_ok() ? "" : r.status().message();
+}
+
+TEST(Safetensors, DuplicateTensorNamesAreRefused) {
+  // Last-wins would silently take the second entry's bytes.
+  std::string e = bytes_error(
+      R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})",
+      8);
+  EXPECT_NE(e.find("duplicate key \"a\""), std::string::npos) << e;
+}
+
+TEST(Safetensors, OverlapHiddenByEmptyTensorsIsFound) {
+  // Sorted: a [0,8), z1 [2,2), b [4,12), z2 [8,8): the empty tensors sit between the overlapping
+  // ones, which an adjacent-pairs check that skips empty spans did not compare.
+  std::string e = bytes_error(
+      R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"z1":{"dtype":"I8","shape":[0],"data_offsets":[2,2]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]},"z2":{"dtype":"I8","shape":[0],"data_offsets":[8,8]}})",
+      16);
+  EXPECT_NE(e.find("overlap"), std::string::npos) << e;
+  EXPECT_NE(e.find("'a' and 'b'"), std::string::npos) << e;
+}
+
+TEST(Safetensors, PaddingIsSpacesOnly) {
+  const std::string h = R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})";
+  // Trailing spaces are the format's padding: accepted.
+  std::string b(8, '\0');
+  std::string padded = h + std::string(7, ' ');
+  uint64_t n = padded.size();
+  std::memcpy(b.data(), &n, 8);
+  auto ok = SafetensorsFile::from_bytes(b + padded + std::string(4, '\0'), "m");
+  EXPECT_TRUE(ok.is_ok()) << ok.status().message();
+  // NUL padding (some JSON readers stop at the NUL, others refuse): refused.
+  EXPECT_NE(bytes_error(h + std::string(7, '\0'), 4).find("NUL byte at offset"), std::string::npos);
+  // The header must start with '{'.
+  EXPECT_NE(bytes_error(" " + h, 4).find("starting with '{'"), std::string::npos);
+  // Deep nesting and long names in messages.
+  std::string deep = "{\"a\":" + std::string(100000, '[') + std::string(100000, ']') + "}";
+  EXPECT_NE(bytes_error(deep, 0).find("nested more than"), std::string::npos);
+  std::string e = bytes_error("{\"" + std::string(1 << 20, 'n') + "\":{\"dtype\":\"X\"}}", 0);
+  EXPECT_LT(e.size(), 600u);
+}
+
+TEST(Safetensors, OnlyRegularFilesAreOpened) {
+  TempDir d;
+  const std::string fifo = d.str() + "/fifo.safetensors", dir = d.str() + "/dir.safetensors",
+                    loop = d.str() + "/loop.safetensors";
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  fs::create_directory(dir);
+  fs::create_symlink(d.str() + "/b", d.str() + "/a");
+  fs::create_symlink(d.str() + "/a", d.str() + "/b");
+  fs::create_symlink(d.str() + "/a", loop);
+  EXPECT_NE(open_error(fifo).find("a FIFO; expected a regular file"), std::string::npos);
+  EXPECT_NE(open_error(dir).find("a directory; expected a regular file"), std::string::npos);
+  EXPECT_NE(open_error("/dev/zero").find("character device"), std::string::npos);
+  EXPECT_NE(open_error(loop).find("symbolic links"), std::string::npos);
+}
+
+TEST(Checkpoint, SpecialFilesAreErrorsNotExceptions) {
+  // A link loop used to escape as std::filesystem::filesystem_error.
+  for (const char* name : {"model.safetensors", "model.safetensors.index.json"}) {
+    TempDir d;
+    fs::create_symlink(d.str() + "/b", d.str() + "/a");
+    fs::create_symlink(d.str() + "/a", d.str() + "/b");
+    fs::create_symlink(d.str() + "/a", d.str() + "/" + name);
+    auto r = Checkpoint::open(d.str());
+    ASSERT_FALSE(r.is_ok()) << name;
+    EXPECT_NE(r.status().message().find("symbolic links"), std::string::npos)
+        << r.status().message();
+  }
+  TempDir d;
+  ASSERT_EQ(::mkfifo((d.str() + "/model.safetensors.index.json").c_str(), 0600), 0);
+  auto r = Checkpoint::open(d.str());
+  ASSERT_FALSE(r.is_ok());
+  EXPECT_NE(r.status().message().find("FIFO"), std::string::npos) << r.status().message();
+}
+
+TEST(Checkpoint, IndexIsStrict) {
+  auto err = [](const std::string& text) {
+    auto r = parse_safetensors_index(text, "index.json");
+    EXPECT_FALSE(r.is_ok()) << text;
+    return r.is_ok() ? "" : r.status().message();
+  };
+  EXPECT_NE(err(R"({"weight_map":{"a":"x.safetensors","a":"y.safetensors"}})").find("duplicate"),
+            std::string::npos);
+  for (const char* shard : {"", ".", "..", "../x", "a/b"})
+    EXPECT_NE(err(str(R"({"weight_map":{"a":")", shard, R"("}})")).find("expected a file name"),
+              std::string::npos)
+        << shard;
+  EXPECT_NE(err(std::string(100000, '[')).find("nested"), std::string::npos);
+  auto ok = parse_safetensors_index(
+      R"({"metadata":{},"weight_map":{"a":"x.safetensors","b":"y.safetensors","c":"x.safetensors"}})",
+      "index.json");
+  ASSERT_TRUE(ok.is_ok()) << ok.status().message();
+  EXPECT_EQ(ok->shards, (std::vector<std::string>{"x.safetensors", "y.safetensors"}));
+}
+
 // Copies the tiny fixture with `edit` applied to its tensor list.
 std::string edited_tiny(
     const TempDir& d,
@@ -199,6 +305,43 @@ TEST(Checkpoint, Tid2eidOutOfRange) {
   });
   std::string e = load_error(dir);
   EXPECT_NE(e.find("tid2eid"), std::string::npos) << e;
+}
+
+TEST(Checkpoint, Tid2eidIsCheckedBeforeNarrowing) {
+  TempDir d;
+  auto dir = edited_tiny(d, [&](auto& ts, auto& extra) {
+    for (auto& t : ts)
+      if (t.name == "layers.0.ffn.gate.tid2eid") {
+        extra.emplace_back(t.data, t.data + t.nbytes);
+        int64_t v = (int64_t{1} << 32) + 1;  // int32 narrowing makes this expert 1
+        std::memcpy(extra.back().data(), &v, 8);
+        t.data = extra.back().data();
+      }
+  });
+  std::string e = load_error(dir);
+  EXPECT_NE(e.find("4294967297"), std::string::npos) << e;
+}
+
+TEST(Golden, TokenIdsAreCheckedAsInt64) {
+  std::ifstream in(std::string(SP_TEST_DATA) + "/tiny/golden.safetensors", std::ios::binary);
+  std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  auto c = load_config(std::string(SP_TEST_DATA) + "/tiny");
+  ASSERT_TRUE(c.is_ok());
+  auto g = SafetensorsFile::from_bytes(bytes, "golden");
+  ASSERT_TRUE(g.is_ok());
+  ASSERT_TRUE(read_golden(**g, *c).is_ok());
+  // Patch the first id to 2^32 + 5 (int32 narrowing makes it token 5).
+  uint64_t header_len;
+  std::memcpy(&header_len, bytes.data(), 8);
+  auto h = nlohmann::json::parse(bytes.substr(8, header_len));
+  const uint64_t off = 8 + header_len + h["p0.input_ids"]["data_offsets"][0].get<uint64_t>();
+  const int64_t wide = (int64_t{1} << 32) + 5;
+  std::memcpy(bytes.data() + off, &wide, 8);
+  auto g2 = SafetensorsFile::from_bytes(bytes, "golden");
+  ASSERT_TRUE(g2.is_ok());
+  auto r = read_golden(**g2, *c);
+  ASSERT_FALSE(r.is_ok());
+  EXPECT_NE(r.status().message().find("4294967301"), std::string::npos) << r.status().message();
 }
 
 TEST(Checkpoint, QuantisedFixtureKeepsFormats) {

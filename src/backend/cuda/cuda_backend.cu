@@ -51,7 +51,8 @@ size_t align16(size_t n) {
 
 class CudaBackend final : public Backend {
  public:
-  CudaBackend(int device, DType kv_dtype) : device_(device), state_dtype_(kv_dtype) {
+  CudaBackend(int device, DType kv_dtype, DType act_dtype)
+      : device_(device), state_dtype_(kv_dtype), act_dtype_(act_dtype) {
     SP_CUDA(cudaSetDevice(device));
     SP_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     ws_ = std::make_unique<Workspace>(stream_);
@@ -69,7 +70,8 @@ class CudaBackend final : public Backend {
   std::string name() const override { return "cuda"; }
   int num_threads() const override { return 1; }
   Device device() const override { return Device::kCuda; }
-  DType act_dtype() const override { return DType::kBF16; }
+  DType act_dtype() const override { return act_dtype_; }
+  DType residual_dtype() const override { return DType::kF32; }
 
   void reserve(const BackendLimits& lim) override {
     lim_ = lim;
@@ -306,7 +308,7 @@ class CudaBackend final : public Backend {
   }
 
   int device_;
-  DType state_dtype_;
+  DType state_dtype_, act_dtype_;
   cudaStream_t stream_ = nullptr;
   std::unique_ptr<Workspace> ws_;
   BackendLimits lim_;
@@ -339,6 +341,34 @@ bool cuda_device_available() {
   return n > 0;
 }
 
+double cuda_copy_bandwidth_gbs(int device, size_t bytes) {
+  if (!cuda_device_available()) return 0;
+  SP_CUDA(cudaSetDevice(device));
+  void *a = nullptr, *b = nullptr;
+  SP_CUDA(cudaMalloc(&a, bytes));
+  SP_CUDA(cudaMalloc(&b, bytes));
+  SP_CUDA(cudaMemset(a, 1, bytes));
+  cudaEvent_t e0, e1;
+  SP_CUDA(cudaEventCreate(&e0));
+  SP_CUDA(cudaEventCreate(&e1));
+  std::vector<float> ms;
+  for (int i = 0; i < 11; ++i) {
+    SP_CUDA(cudaEventRecord(e0));
+    SP_CUDA(cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice));
+    SP_CUDA(cudaEventRecord(e1));
+    SP_CUDA(cudaEventSynchronize(e1));
+    float t = 0;
+    SP_CUDA(cudaEventElapsedTime(&t, e0, e1));
+    if (i > 0) ms.push_back(t);
+  }
+  std::sort(ms.begin(), ms.end());
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  cudaFree(a);
+  cudaFree(b);
+  return 2.0 * static_cast<double>(bytes) / (ms[ms.size() / 2] * 1e-3) / 1e9;
+}
+
 Status cuda_memory_info(int device, int64_t* free_bytes, int64_t* total_bytes) {
   int n = 0;
   if (cudaGetDeviceCount(&n) != cudaSuccess || device < 0 || device >= n) {
@@ -356,7 +386,7 @@ Status cuda_memory_info(int device, int64_t* free_bytes, int64_t* total_bytes) {
   return Status::ok();
 }
 
-Result<std::unique_ptr<Backend>> make_cuda_backend(int device, DType kv_dtype) {
+Result<std::unique_ptr<Backend>> make_cuda_backend(int device, DType kv_dtype, DType act_dtype) {
   int n = 0;
   if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
     cudaGetLastError();
@@ -372,7 +402,8 @@ Result<std::unique_ptr<Backend>> make_cuda_backend(int device, DType kv_dtype) {
                              prop.major, ".", prop.minor,
                              "); this build targets Hopper (sm_90a) only"));
   SP_CHECK(kv_dtype == DType::kBF16 || kv_dtype == DType::kF32, "kv dtype");
-  return std::unique_ptr<Backend>(std::make_unique<CudaBackend>(device, kv_dtype));
+  SP_CHECK(act_dtype == DType::kBF16 || act_dtype == DType::kF32, "act dtype");
+  return std::unique_ptr<Backend>(std::make_unique<CudaBackend>(device, kv_dtype, act_dtype));
 }
 
 }  // namespace sp

@@ -51,13 +51,13 @@ __device__ __forceinline__ float sigmoidf(float x) {
   return 1.0f / (1.0f + expf(-x));
 }
 
-template <typename T>
-__global__ void expand_kernel(const T* e, int64_t e_stride, int64_t D, int hc, T* X,
+template <typename TE, typename TX>
+__global__ void expand_kernel(const TE* e, int64_t e_stride, int64_t D, int hc, TX* X,
                               int64_t x_stride, int64_t n) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t t = i / (hc * D), r = i % (hc * D), d = r % D;
-    X[t * x_stride + r] = e[t * e_stride + d];
+    st(X + t * x_stride, r, ld(e + t * e_stride, d));
   }
 }
 
@@ -260,13 +260,16 @@ void check_device(Tensor t, const char* what) {
 }  // namespace
 
 void expand_streams(cudaStream_t s, Tensor e, int hc, Tensor X) {
-  SP_CHECK(e.dtype == X.dtype && X.cols == hc * e.cols, "expand_streams shapes");
+  SP_CHECK(X.cols == hc * e.cols, "expand_streams shapes");
   const int64_t n = e.rows * hc * e.cols;
   if (n == 0) return;
-  dispatch_act(e.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    expand_kernel<<<grid_for(n), kThreads, 0, s>>>(e.ptr<T>(), e.stride, e.cols, hc, X.ptr<T>(),
-                                                   X.stride, n);
+  dispatch_act(e.dtype, [&](auto te) {
+    dispatch_act(X.dtype, [&](auto tx) {
+      using TE = decltype(te);
+      using TX = decltype(tx);
+      expand_kernel<<<grid_for(n), kThreads, 0, s>>>(e.ptr<TE>(), e.stride, e.cols, hc,
+                                                     X.ptr<TX>(), X.stride, n);
+    });
   });
   SP_CUDA_LAUNCH();
 }

@@ -1,0 +1,221 @@
+// bench_ops: times the CUDA projections and the MoE on V4-Flash shapes (random weights generated on
+// the device; each case rotates among enough weight copies to exceed 4x the L2 cache). Prints one
+// table: time per call, GB/s of weight bytes, TFLOP/s.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "backend/cuda/kernels.h"
+
+namespace sp::cuda {
+namespace {
+
+__global__ void fill_bytes(uint8_t* p, int64_t n, uint64_t seed, int kind) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    uint64_t z = (i + 1) * 0x9e3779b97f4a7c15ull + seed;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+    uint8_t b = static_cast<uint8_t>(z);
+    if (kind == 1 && (b & 0x7f) == 0x7f) b &= 0xfe;                           // e4m3 without NaN
+    if (kind == 2) b = static_cast<uint8_t>(118 + (z >> 8) % 4);              // e8m0 scales ~2^-9
+    if (kind == 3) b = (i % 2) ? static_cast<uint8_t>(0x3c + (b & 0x3)) : b;  // small bf16
+    p[i] = b;
+  }
+}
+
+void fill(void* p, int64_t n, uint64_t seed, int kind) {
+  fill_bytes<<<1024, 256>>>(static_cast<uint8_t*>(p), n, seed, kind);
+  SP_CUDA_LAUNCH();
+}
+
+Matrix device_matrix(WeightFormat f, int64_t out, int64_t in, uint64_t seed) {
+  Matrix m;
+  m.name = "bench";
+  m.format = f;
+  m.out = out;
+  m.in = in;
+  m.device = Device::kCuda;
+  if (f == WeightFormat::kFloat) {
+    m.dtype = DType::kBF16;
+  } else if (f == WeightFormat::kFP8) {
+    m.dtype = DType::kE4M3;
+    m.scale_cols = (in + 127) / 128;
+  } else {
+    m.dtype = DType::kI8;
+    m.scale_cols = in / 32;
+  }
+  void* d = nullptr;
+  SP_CUDA(cudaMalloc(&d, m.value_bytes()));
+  fill(d, m.value_bytes(), seed, f == WeightFormat::kFP8 ? 1 : f == WeightFormat::kFloat ? 3 : 0);
+  m.data = static_cast<uint8_t*>(d);
+  if (f != WeightFormat::kFloat) {
+    void* s = nullptr;
+    SP_CUDA(cudaMalloc(&s, m.scale_bytes()));
+    fill(s, m.scale_bytes(), seed + 1, 2);
+    m.scale = static_cast<uint8_t*>(s);
+  }
+  return m;
+}
+
+void free_matrix(Matrix& m) {
+  cudaFree(const_cast<uint8_t*>(m.data));
+  if (m.scale) cudaFree(const_cast<uint8_t*>(m.scale));
+}
+
+Tensor device_tensor(int64_t rows, int64_t cols, DType dt, uint64_t seed) {
+  void* p = nullptr;
+  SP_CUDA(cudaMalloc(&p, rows * cols * dtype_size(dt)));
+  fill(p, rows * cols * dtype_size(dt), seed, 3);  // bf16-safe bytes
+  return Tensor{p, rows, cols, cols, dt, Device::kCuda};
+}
+
+// Median of `reps` timed calls of fn(i) (i rotates the inputs), after warm-up.
+template <typename Fn>
+float time_ms(cudaStream_t s, int reps, Fn fn) {
+  for (int i = 0; i < 3; ++i) fn(i);
+  std::vector<float> t;
+  cudaEvent_t a, b;
+  SP_CUDA(cudaEventCreate(&a));
+  SP_CUDA(cudaEventCreate(&b));
+  for (int r = 0; r < reps; ++r) {
+    SP_CUDA(cudaEventRecord(a, s));
+    fn(r);
+    SP_CUDA(cudaEventRecord(b, s));
+    SP_CUDA(cudaEventSynchronize(b));
+    float ms = 0;
+    SP_CUDA(cudaEventElapsedTime(&ms, a, b));
+    t.push_back(ms);
+  }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+struct Shape {
+  const char* name;
+  WeightFormat f;
+  int64_t N, K;
+};
+
+void bench_linear(cudaStream_t s, Workspace& ws, int64_t l2) {
+  const Shape shapes[] = {
+      {"wq_a fp8", WeightFormat::kFP8, 1024, 4096},
+      {"wq_b fp8", WeightFormat::kFP8, 32768, 1024},
+      {"wo_b fp8", WeightFormat::kFP8, 4096, 8192},
+      {"expert w1 fp4", WeightFormat::kFP4, 2048, 4096},
+      {"expert w2 fp4", WeightFormat::kFP4, 4096, 2048},
+      {"head bf16", WeightFormat::kFloat, 129280, 4096},
+  };
+  std::printf("%-14s %6s %7s %6s %10s %9s %9s\n", "linear", "M", "N", "K", "us", "GB/s", "TFLOP/s");
+  for (const Shape& sh : shapes) {
+    Matrix probe = device_matrix(sh.f, sh.N, sh.K, 1);
+    const int64_t bytes = probe.nbytes();
+    const int copies = static_cast<int>(std::max<int64_t>(1, (4 * l2 + bytes - 1) / bytes + 1));
+    std::vector<Matrix> ws_m{probe};
+    for (int c = 1; c < copies; ++c) ws_m.push_back(device_matrix(sh.f, sh.N, sh.K, 1 + c));
+    for (int64_t M : {1, 8, 32, 64, 4096}) {
+      Tensor x = device_tensor(M, sh.K, DType::kBF16, 7);
+      Tensor y = device_tensor(M, sh.N, DType::kBF16, 8);
+      const double flop = 2.0 * M * sh.N * sh.K;
+      const int reps = flop > 1e12 ? 5 : 30;
+      const float ms = time_ms(s, reps, [&](int i) { linear(s, ws, x, ws_m[i % copies], y); });
+      std::printf("%-14s %6lld %7lld %6lld %10.1f %9.0f %9.1f\n", sh.name,
+                  static_cast<long long>(M), static_cast<long long>(sh.N),
+                  static_cast<long long>(sh.K), ms * 1e3, bytes / (ms * 1e-3) / 1e9,
+                  flop / (ms * 1e-3) / 1e12);
+      cudaFree(x.data);
+      cudaFree(y.data);
+    }
+    for (Matrix& m : ws_m) free_matrix(m);
+  }
+}
+
+void bench_moe(cudaStream_t s, Workspace& ws) {
+  const int E = 256, D = 4096, I = 2048, K = 6, vocab = 4096;
+  MoeWeights w;
+  w.kind = MlpKind::kMoe;
+  w.gate = device_matrix(WeightFormat::kFloat, E, D, 11);
+  for (int e = 0; e < E; ++e) {
+    w.w1.push_back(device_matrix(WeightFormat::kFP4, I, D, 100 + 3 * e));
+    w.w2.push_back(device_matrix(WeightFormat::kFP4, D, I, 101 + 3 * e));
+    w.w3.push_back(device_matrix(WeightFormat::kFP4, I, D, 102 + 3 * e));
+  }
+  w.sw1 = device_matrix(WeightFormat::kFP8, I, D, 5);
+  w.sw2 = device_matrix(WeightFormat::kFP8, D, I, 6);
+  w.sw3 = device_matrix(WeightFormat::kFP8, I, D, 7);
+  std::vector<float> bias(E, 0.0f);
+  void* bias_d = nullptr;
+  SP_CUDA(cudaMalloc(&bias_d, E * 4));
+  SP_CUDA(cudaMemcpy(bias_d, bias.data(), E * 4, cudaMemcpyHostToDevice));
+  w.gate_bias = Tensor{bias_d, 1, E, E, DType::kF32, Device::kCuda};
+  prepare_moe(w, s);
+  std::vector<int32_t> ids(4096);
+  std::mt19937 rng(3);
+  for (auto& v : ids) v = static_cast<int32_t>(rng() % vocab);
+  int32_t* ids_d = nullptr;
+  SP_CUDA(cudaMalloc(&ids_d, ids.size() * 4));
+  SP_CUDA(cudaMemcpy(ids_d, ids.data(), ids.size() * 4, cudaMemcpyHostToDevice));
+  const double expert_bytes = 3.0 * w.w1[0].nbytes(), shared_bytes = 3.0 * w.sw1.nbytes();
+  std::printf("\n%-14s %6s %10s %12s %9s\n", "moe (Flash)", "T", "us", "experts hit", "GB/s");
+  for (int T : {1, 8, 32, 64}) {
+    constexpr int kInputs = 8;  // distinct inputs hit distinct experts
+    std::vector<Tensor> xs;
+    for (int i = 0; i < kInputs; ++i) xs.push_back(device_tensor(T, D, DType::kBF16, 40 + i));
+    Tensor y = device_tensor(T, D, DType::kBF16, 9);
+    BatchView host;
+    host.num_tokens = T;
+    DevBatch b;
+    b.num_tokens = T;
+    b.token_ids = ids_d;
+    b.host = &host;
+    MoeArgs a{&w, K, 1.5f, 10.0f};
+    const float ms = time_ms(s, 40, [&](int i) { moe(s, ws, xs[i % kInputs], a, b, y); });
+    // Hit count of the last call (the sort's metadata: the active count follows 3 (E + 1) ints).
+    moe(s, ws, xs[0], a, b, y);
+    int nact = 0;
+    const int* meta = static_cast<const int*>(ws.get(11, 0));
+    SP_CUDA(cudaMemcpyAsync(&nact, meta + 3 * (E + 1), 4, cudaMemcpyDeviceToHost, s));
+    SP_CUDA(cudaStreamSynchronize(s));
+    const double bytes = (nact - 1) * expert_bytes + shared_bytes + w.gate.nbytes();
+    std::printf("%-14s %6d %10.1f %12d %9.0f\n", "moe", T, ms * 1e3, nact - 1,
+                bytes / (ms * 1e-3) / 1e9);
+    for (auto& x : xs) cudaFree(x.data);
+    cudaFree(y.data);
+  }
+}
+
+}  // namespace
+}  // namespace sp::cuda
+
+int main() {
+  using namespace sp::cuda;
+  cudaDeviceProp prop{};
+  SP_CUDA(cudaGetDeviceProperties(&prop, 0));
+  std::printf("device: %s, %d SMs, L2 %d MB\n", prop.name, prop.multiProcessorCount,
+              prop.l2CacheSize >> 20);
+  cudaStream_t s;
+  SP_CUDA(cudaStreamCreate(&s));
+  {
+    Workspace ws(s);
+    // Copy bandwidth ceiling: device-to-device copy of 1 GB (bytes read + written).
+    void *a = nullptr, *b = nullptr;
+    const size_t n = size_t{1} << 30;
+    SP_CUDA(cudaMalloc(&a, n));
+    SP_CUDA(cudaMalloc(&b, n));
+    const float ms = time_ms(
+        s, 10, [&](int) { SP_CUDA(cudaMemcpyAsync(b, a, n, cudaMemcpyDeviceToDevice, s)); });
+    std::printf("copy 1 GB: %.0f GB/s (read + write)\n\n", 2.0 * n / (ms * 1e-3) / 1e9);
+    cudaFree(a);
+    cudaFree(b);
+    bench_linear(s, ws, prop.l2CacheSize);
+    bench_moe(s, ws);
+  }
+  SP_CUDA(cudaStreamDestroy(s));
+  return 0;
+}
