@@ -138,6 +138,7 @@ void EngineLoop::update_stats(const Scheduler& s) {
   stats_.running = s.num_running();
   stats_.blocks_used = s.blocks().used_blocks();
   stats_.blocks_total = s.blocks().num_blocks();
+  stats_.block_tokens = s.blocks().block_tokens();
   stats_.preemptions = s.preemptions();
 }
 

@@ -48,7 +48,7 @@ struct LoopStats {
   bool ready = false;
   int64_t queued = 0;  // submitted, not yet in the scheduler
   int64_t waiting = 0, running = 0;
-  int64_t blocks_used = 0, blocks_total = 0;
+  int64_t blocks_used = 0, blocks_total = 0, block_tokens = 0;
   int64_t preemptions = 0;
   std::vector<double> stage_busy;  // per stage, busy / wall since start
 };

@@ -408,6 +408,17 @@ void Server::generate(const httplib::Request& req, httplib::Response& res, bool 
   TextEncoder enc(text_);
   const uint64_t seed = opt_.seed * 0x9e3779b97f4a7c15ull + seed_counter_.fetch_add(1) + 1;
   if (auto e = parse_request(req.body, chat, opt_.limits, enc, seed, &g)) return reject(*e);
+  // The state-block pool may be smaller than the context: a prompt it cannot hold is refused here.
+  const LoopStats ls = loop_.stats();
+  const int64_t plen = static_cast<int64_t>(g.prompt.size());
+  if (ls.block_tokens > 0 && (plen + ls.block_tokens - 1) / ls.block_tokens > ls.blocks_total) {
+    ApiError e;
+    e.param = chat ? "messages" : "prompt";
+    e.code = "context_length_exceeded";
+    e.message = str("the prompt is ", plen, " tokens; the server's state-block pool holds ",
+                    ls.blocks_total * ls.block_tokens, " positions (--num-state-blocks)");
+    return reject(e);
+  }
   auto gen = std::make_shared<Generation>(g, *text_.tokenizer(), opt_.eos_id, loop_, metrics_, t0);
   std::vector<Request> reqs = gen->requests();
   if (g.replay) {
