@@ -116,7 +116,8 @@ int cmd_serve(const std::vector<std::string>& args) {
     });
     return h;
   };
-  job.finish = [&](const StageEnv&, const std::vector<StageReport>&) -> int {
+  job.finish = [&](const StageEnv& env, const std::vector<StageReport>&) -> int {
+    if (env.stage != 0) return 0;  // the watcher and the HTTP server belong to stage 0
     done = true;
     if (watcher.joinable()) watcher.join();
     return 0;

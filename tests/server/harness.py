@@ -118,6 +118,7 @@ class Server:
             time.sleep(0.1)
 
     def stop(self):
+        """SIGTERM (an orderly shutdown); returns the exit code (0 unless something went wrong)."""
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
@@ -125,7 +126,11 @@ class Server:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
-        self.log.close()
+        if self.proc.returncode != 0 and not self.log.closed:
+            print("server exited with %s:\n%s" % (self.proc.returncode, self.output()), flush=True)
+        if not self.log.closed:
+            self.log.close()
+        return self.proc.returncode
 
 
 def generate_text(binary, model, prompt, max_tokens, extra=()):

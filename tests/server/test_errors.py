@@ -154,5 +154,8 @@ try:
                     test_oversized_body, test_api_key, test_tokenize_detokenize_errors,
                     test_openai_client_sees_the_errors], srv)
 finally:
-    srv.stop()
+    code = srv.stop()
+if True and code != 0:  # mpirun's own exit code after SIGTERM is not the server's
+    print("FAIL shutdown: seekpipe serve exited with %s after SIGTERM" % code)
+    rc = 1
 sys.exit(rc)

@@ -42,30 +42,31 @@ def test_burst_over_capacity():
     m = srv.wait_idle()
     assert m[("seekpipe_requests_total", (("status", "429"),))] == statuses.count(429)
     assert m[("seekpipe_state_blocks_used", (("stage", "0"),))] == 0
-    srv.stop()
+    assert srv.stop() == 0, "unclean shutdown"
 
 
 PROMPTS = ["And Jesus said unto them,", "In the beginning", "The LORD is my shepherd;", "Blessed are"]
 
 
 def test_small_block_pool_preempts_and_keeps_greedy_outputs():
-    # 4 sequences of ~300 tokens need 2 blocks of 256 tokens each; the pool has 5.
-    srv = Server(binary, model, "--max-num-seqs", "4", "--num-state-blocks", "5", pp=2)
+    # 4 sequences of ~400 tokens need 2 blocks of 256 tokens each; the pool has 4, one each at
+    # admission: whichever crosses position 256 first while another runs must preempt.
+    srv = Server(binary, model, "--max-num-seqs", "4", "--num-state-blocks", "4", pp=2)
     servers.append(srv)
-    want = [generate_text(binary, model, p, 300) for p in PROMPTS]
+    want = [generate_text(binary, model, p, 400) for p in PROMPTS]
     c = srv.client()
 
     def one(p):
-        return c.completions.create(model=NAME, prompt=p, max_tokens=300, temperature=0,
+        return c.completions.create(model=NAME, prompt=p, max_tokens=400, temperature=0,
                                     extra_body={"ignore_eos": True}).choices[0].text
     with concurrent.futures.ThreadPoolExecutor(4) as ex:
         got = list(ex.map(one, PROMPTS, timeout=300))
     m = srv.wait_idle(stages=2)
     assert m[("seekpipe_preemptions_total", ())] > 0, "the small pool never preempted"
-    assert m[("seekpipe_state_blocks_total", (("stage", "1"),))] == 5
+    assert m[("seekpipe_state_blocks_total", (("stage", "1"),))] == 4
     for g, w, p in zip(got, want, PROMPTS):
         assert g == w, (p, g[:80], w[:80])
-    srv.stop()
+    assert srv.stop() == 0, "unclean shutdown"
 
 
 def test_default_thinking_flag():
