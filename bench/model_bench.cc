@@ -116,19 +116,18 @@ int bench_main(int argc, char** argv) {
                : load_weights(c, f.str("model"), LoadPlan::whole(c), nullptr);
   if (!w) return fail(w.status());
   std::printf("weights: %.2f GB in %.1f s\n", (*w)->stats.bytes / 1e9, seconds_since(t0));
-  std::unique_ptr<Backend> be;
-  if (*dev == "cpu") {
-    be = make_cpu_backend(static_cast<int>(f.i64("threads")));
-  } else {
-    auto g = make_cuda_backend(0);
-    if (!g) return fail(g.status());
-    be = std::move(*g);
-  }
+  // A fresh backend per measurement: a backend keeps what it allocated (weights, state) until it
+  // is destroyed.
+  auto make_backend = [&]() -> Result<std::unique_ptr<Backend>> {
+    if (*dev == "cpu") return make_cpu_backend(static_cast<int>(f.i64("threads")));
+    return make_cuda_backend(0, f.str("kv-cache-dtype") == "fp32" ? DType::kF32 : DType::kBF16,
+                             f.str("activation-dtype") == "bf16" ? DType::kBF16 : DType::kF32);
+  };
   double copy_gbs = 0;
   if (*dev == "cuda") copy_gbs = cuda_copy_bandwidth_gbs(0, size_t{4} << 30);
   const double bytes_tok = decode_bytes_per_token(c);
-  std::printf("device %s; decode weight bytes per token (batch 1) %.3f GB", dev->c_str(),
-              bytes_tok / 1e9);
+  std::printf("device %s (activations %s); decode weight bytes per token (batch 1) %.3f GB",
+              dev->c_str(), f.str("activation-dtype").c_str(), bytes_tok / 1e9);
   if (copy_gbs > 0)
     std::printf("; copy bandwidth %.0f GB/s -> floor %.3f ms/token", copy_gbs,
                 bytes_tok / (copy_gbs * 1e9) * 1e3);
@@ -137,8 +136,10 @@ int bench_main(int argc, char** argv) {
               "prefill tok/s", "vs floor (b=1)");
   for (const auto& list : f.int_lists("batch"))
     for (int32_t batch : list) {
+      auto be = make_backend();
+      if (!be) return fail(be.status());
       Timing t =
-          run_once(c, **w, *be, batch, static_cast<int>(f.i64("context")),
+          run_once(c, **w, **be, batch, static_cast<int>(f.i64("context")),
                    static_cast<int>(f.i64("decode-steps")), static_cast<int>(f.i64("prefill")));
       std::vector<double> d = t.decode_steps;
       std::sort(d.begin(), d.end());
