@@ -576,7 +576,7 @@ int run_job(const Flags& f, const Job& job) {
   std::vector<std::string> errors(pp);
   std::vector<std::thread> threads;
   for (int s = 0; s < pp; ++s) {
-    threads.emplace_back([&, s] {
+    auto stage = [&, s] {
       Topology t = *topo;
       t.rank = s;
       try {
@@ -595,7 +595,20 @@ int run_job(const Flags& f, const Job& job) {
           errors[s] = f.message;
         }
       }
-    });
+    };
+    try {
+      threads.emplace_back(stage);
+    } catch (const std::system_error& e) {
+      // No thread for this stage (ulimit, memory): bring down the stages already started, whose
+      // threads must be joined before they are destroyed.
+      try {
+        transports[s]->fail(str("stage ", s, ": cannot start its thread: ", e.what()), 2);
+      } catch (const StageFailure& f) {
+        codes[s] = f.exit_code;
+        errors[s] = f.message;
+      }
+      break;
+    }
   }
   for (auto& t : threads) t.join();
   int code = 0;
