@@ -4,7 +4,7 @@
 BUILD ?= build
 JOBS ?= $(shell nproc)
 # Debian packages the build and the tests use.
-APT_PACKAGES := cmake ninja-build g++ make nlohmann-json3-dev libgtest-dev python3 python3-venv openmpi-bin libopenmpi-dev procps iproute2 clang-format pkg-config libpcre2-dev
+APT_PACKAGES := cmake ninja-build g++ make nlohmann-json3-dev libgtest-dev python3 python3-venv openmpi-bin libopenmpi-dev procps iproute2 clang-format pkg-config libpcre2-dev libcpp-httplib-dev prometheus-cpp-dev
 # PyPI packages the tests use as oracles and clients (pinned in tests/requirements.txt), in a
 # virtual environment inside the build folder: nothing is installed into the system Python.
 VENV := $(BUILD)/venv

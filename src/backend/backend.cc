@@ -17,40 +17,100 @@ double counter_uniform(uint64_t seed, uint64_t stream, int64_t counter) {
   return static_cast<double>(h >> 11) * (1.0 / 9007199254740992.0);
 }
 
-// Greedy: the first maximum (ties to the lower id). Otherwise temperature, then top-k, then
-// top-p over the sorted candidates, and one counter-based uniform draw.
-int32_t sample_logits_row(const SampleSpec& sp, const float* logits, int64_t vocab) {
+namespace {
+
+// Log-softmax of the raw logits: the chosen token's and the `k` most likely (ties to the lower id).
+void fill_logprobs(const float* logits, int64_t vocab, int32_t chosen, int k, TokenLogprobs* lp) {
+  double mx = logits[0];
+  for (int64_t i = 1; i < vocab; ++i) mx = std::max(mx, static_cast<double>(logits[i]));
+  double sum = 0;
+  for (int64_t i = 0; i < vocab; ++i) sum += std::exp(static_cast<double>(logits[i]) - mx);
+  const double lse = mx + std::log(sum);
+  lp->logprob = static_cast<float>(logits[chosen] - lse);
+  k = std::clamp<int>(k, 0, static_cast<int>(std::min<int64_t>(kMaxTopLogprobs, vocab)));
+  std::vector<int32_t> idx(static_cast<size_t>(vocab));
+  for (int64_t i = 0; i < vocab; ++i) idx[i] = static_cast<int32_t>(i);
+  std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), [&](int32_t a, int32_t b) {
+    return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+  });
+  lp->n_top = k;
+  for (int i = 0; i < k; ++i) {
+    lp->top_ids[i] = idx[i];
+    lp->top_logprobs[i] = static_cast<float>(logits[idx[i]] - lse);
+  }
+}
+
+}  // namespace
+
+int32_t sample_logits_row(const SampleSpec& sp, const float* raw, int64_t vocab,
+                          TokenLogprobs* lp) {
+  const float* logits = raw;
+  std::vector<float> pen;
+  if (sp.presence_penalty != 0.0f || sp.frequency_penalty != 0.0f ||
+      sp.repetition_penalty != 1.0f) {
+    pen.assign(raw, raw + vocab);
+    std::vector<int32_t> count(static_cast<size_t>(vocab), 0);
+    std::vector<uint8_t> seen(static_cast<size_t>(vocab), 0);
+    for (int32_t i = 0; i < sp.n_output; ++i) {
+      const int32_t t = sp.output_tokens[i];
+      if (t >= 0 && t < vocab) count[t]++, seen[t] = 1;
+    }
+    for (int32_t i = 0; i < sp.n_prompt; ++i) {
+      const int32_t t = sp.prompt_tokens[i];
+      if (t >= 0 && t < vocab) seen[t] = 1;
+    }
+    for (int64_t v = 0; v < vocab; ++v) {
+      if (seen[v] && sp.repetition_penalty != 1.0f)
+        pen[v] = pen[v] > 0 ? pen[v] / sp.repetition_penalty : pen[v] * sp.repetition_penalty;
+      pen[v] -= sp.frequency_penalty * static_cast<float>(count[v]) +
+                sp.presence_penalty * (count[v] > 0 ? 1.0f : 0.0f);
+    }
+    logits = pen.data();
+  }
+  int32_t chosen = 0;
   if (sp.temperature <= 0.0f) {
     int64_t best = 0;
     for (int64_t i = 1; i < vocab; ++i)
       if (logits[i] > logits[best]) best = i;
-    return static_cast<int32_t>(best);
-  }
-  std::vector<int32_t> idx(vocab);
-  for (int64_t i = 0; i < vocab; ++i) idx[i] = static_cast<int32_t>(i);
-  std::stable_sort(idx.begin(), idx.end(),
-                   [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
-  const int64_t n = sp.top_k > 0 ? std::min<int64_t>(sp.top_k, vocab) : vocab;
-  std::vector<double> p(n);
-  double mx = logits[idx[0]], sum = 0;
-  for (int64_t i = 0; i < n; ++i) sum += (p[i] = std::exp((logits[idx[i]] - mx) / sp.temperature));
-  double cum = 0;
-  int64_t keep = n;
-  for (int64_t i = 0; i < n; ++i) {
-    cum += p[i] / sum;
-    if (cum >= sp.top_p) {
-      keep = i + 1;
-      break;
+    chosen = static_cast<int32_t>(best);
+  } else {
+    std::vector<int32_t> idx(vocab);
+    for (int64_t i = 0; i < vocab; ++i) idx[i] = static_cast<int32_t>(i);
+    std::stable_sort(idx.begin(), idx.end(),
+                     [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
+    const int64_t n = sp.top_k > 0 ? std::min<int64_t>(sp.top_k, vocab) : vocab;
+    std::vector<double> p(n);
+    double mx = logits[idx[0]], sum = 0;
+    for (int64_t i = 0; i < n; ++i)
+      sum += (p[i] = std::exp((logits[idx[i]] - mx) / sp.temperature));
+    double cum = 0;
+    int64_t keep = n;
+    for (int64_t i = 0; i < n; ++i) {
+      cum += p[i] / sum;
+      if (cum >= sp.top_p) {
+        keep = i + 1;
+        break;
+      }
+    }
+    if (sp.min_p > 0.0f) {  // p[0] is the largest: the rest are sorted below it
+      int64_t k = 1;
+      while (k < keep && p[k] >= sp.min_p * p[0]) ++k;
+      keep = k;
+    }
+    double total = 0;
+    for (int64_t i = 0; i < keep; ++i) total += p[i];
+    double u = counter_uniform(sp.seed, sp.stream, sp.counter) * total;
+    chosen = idx[keep - 1];
+    for (int64_t i = 0; i < keep; ++i) {
+      if (u < p[i]) {
+        chosen = idx[i];
+        break;
+      }
+      u -= p[i];
     }
   }
-  double total = 0;
-  for (int64_t i = 0; i < keep; ++i) total += p[i];
-  double u = counter_uniform(sp.seed, sp.stream, sp.counter) * total;
-  for (int64_t i = 0; i < keep; ++i) {
-    if (u < p[i]) return idx[i];
-    u -= p[i];
-  }
-  return idx[keep - 1];
+  if (lp && sp.logprobs >= 0) fill_logprobs(raw, vocab, chosen, sp.logprobs, lp);
+  return chosen;
 }
 
 #ifndef SP_HAVE_CUDA

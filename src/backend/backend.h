@@ -163,6 +163,8 @@ struct MoeArgs {
 // How one logit row picks its token. Randomness is counter-based: the uniform draw is a function of
 // (seed, stream, counter) only, so a request samples the same token wherever and in whatever batch
 // it runs (the serving layer gives each of a request's n choices its own stream).
+// Trivially copyable (a GPU backend copies it to the device); the history pointers are host
+// memory, read only by the host path.
 struct SampleSpec {
   int32_t row = 0;           // logit row
   float temperature = 0.0f;  // 0: greedy (ties to the lower id)
@@ -171,14 +173,38 @@ struct SampleSpec {
   uint64_t seed = 0;
   uint64_t stream = 0;
   int64_t counter = 0;  // the position of the token being chosen
+  float min_p = 0.0f;   // drop candidates below min_p times the most likely one's probability
+  // Penalties (OpenAI / vLLM semantics): presence and frequency over the generated tokens,
+  // repetition (divide positive logits, multiply negative ones) over prompt and generated tokens.
+  float presence_penalty = 0.0f, frequency_penalty = 0.0f, repetition_penalty = 1.0f;
+  const int32_t* prompt_tokens = nullptr;  // [n_prompt] host
+  const int32_t* output_tokens = nullptr;  // [n_output] host
+  int32_t n_prompt = 0, n_output = 0;
+  int32_t logprobs = -1;  // -1: none; else the chosen token's logprob and this many top ones
+  // Plain greedy: a device argmax suffices; anything else takes the host reference path.
+  bool plain_greedy() const {
+    return temperature <= 0.0f && logprobs < 0 && presence_penalty == 0.0f &&
+           frequency_penalty == 0.0f && repetition_penalty == 1.0f;
+  }
+};
+
+// Log-probabilities (log-softmax of the model's raw logits) of a chosen token and the most likely
+// ones, as OpenAI's logprobs / top_logprobs (at most 20).
+inline constexpr int kMaxTopLogprobs = 20;
+struct TokenLogprobs {
+  float logprob = 0.0f;
+  int32_t n_top = 0;
+  int32_t top_ids[kMaxTopLogprobs] = {};
+  float top_logprobs[kMaxTopLogprobs] = {};
 };
 
 // Uniform in [0, 1) from a seed, a stream and a counter (splitmix64 finaliser; 53-bit mantissa).
 double counter_uniform(uint64_t seed, uint64_t stream, int64_t counter);
-// The reference choice of one row (host fp32 logits): greedy = the first maximum (ties to the lower
-// id); otherwise temperature, then top-k, then top-p over the sorted candidates, and one
-// counter_uniform draw.
-int32_t sample_logits_row(const SampleSpec& spec, const float* logits, int64_t vocab);
+// The reference choice of one row (host fp32 logits): penalties first; greedy = the first maximum
+// (ties to the lower id); otherwise temperature, then top-k, then top-p over the sorted
+// candidates, then min-p, and one counter_uniform draw. `lp` (optional) gets the logprobs.
+int32_t sample_logits_row(const SampleSpec& spec, const float* logits, int64_t vocab,
+                          TokenLogprobs* lp = nullptr);
 
 class Backend {
  public:
@@ -256,8 +282,10 @@ class Backend {
   // dst = src (same shape and dtype).
   virtual void copy(Tensor src, Tensor dst) = 0;
   // One token id per spec from the f32 logits [rows, vocab]; `ids` is host memory. The only
-  // device-to-host transfer of a decode step.
-  virtual void sample(Tensor logits, const std::vector<SampleSpec>& specs, int32_t* ids) = 0;
+  // device-to-host transfer of a decode step. `lps` (null, or one per spec) receives logprobs for
+  // the specs that ask for them.
+  virtual void sample(Tensor logits, const std::vector<SampleSpec>& specs, int32_t* ids,
+                      TokenLogprobs* lps = nullptr) = 0;
   // Host copies of whole tensors in their own dtype (transports, logits for callers, tests).
   virtual void to_host(Tensor src, void* dst) = 0;
   virtual void from_host(const void* src, Tensor dst) = 0;

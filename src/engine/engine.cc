@@ -15,8 +15,10 @@ std::vector<Sampled> finish_step_on_head(Model& model, const StepPlan& plan, Ten
   Tensor logits = model.head(plan.batch, X);
   if (!plan.samples.empty()) {
     std::vector<int32_t> ids(plan.samples.size());
-    model.backend().sample(logits, sample_specs(plan), ids.data());
-    for (size_t i = 0; i < ids.size(); ++i) out.push_back({plan.samples[i].request, ids[i]});
+    std::vector<TokenLogprobs> lps(plan.samples.size());
+    model.backend().sample(logits, sample_specs(plan), ids.data(), lps.data());
+    for (size_t i = 0; i < ids.size(); ++i)
+      out.push_back({plan.samples[i].request, ids[i], lps[i]});
   }
   if (on_logits) {
     host_logits.resize(static_cast<size_t>(logits.rows * logits.cols));
@@ -29,7 +31,7 @@ std::vector<Sampled> finish_step_on_head(Model& model, const StepPlan& plan, Ten
 
 SchedulerLimits with_state_blocks(SchedulerLimits lim, const Model& model) {
   lim.block_tokens = model.block_tokens();
-  lim.blocks_per_seq = static_cast<int>(blocks_for(lim.max_model_len, model.block_tokens()));
+  lim.num_blocks = model.num_blocks();
   return lim;
 }
 

@@ -26,7 +26,7 @@ std::vector<Sampled> finish_step_on_head(Model& model, const StepPlan& plan, Ten
                                          std::vector<float>& host_logits,
                                          const LogitsFn& on_logits);
 
-// The model's state-block geometry in scheduler limits (block size, blocks per slot).
+// The model's state-block geometry in scheduler limits (block size, blocks in the pool).
 SchedulerLimits with_state_blocks(SchedulerLimits lim, const Model& model);
 
 // The whole model in this thread: the pipeline executor with one stage.

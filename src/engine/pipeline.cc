@@ -188,7 +188,14 @@ class StageRunner {
     return sampled;
   }
 
-  void send_step(const StepPlan& plan, Tensor X) {
+  // This stage's (busy, wall) seconds, appended to what a step carries down the pipeline.
+  void stamp(StepPlan& plan) {
+    plan.stage_times.push_back(tl_.report.busy_s);
+    plan.stage_times.push_back(tl_.now_us() * 1e-6);
+  }
+
+  void send_step(StepPlan& plan, Tensor X) {
+    stamp(plan);
     double t = tl_.now_us();
     buf_.resize(static_cast<size_t>(X.numel() * X.elem_size()));
     model_.backend().to_host(X, buf_.data());
@@ -206,12 +213,14 @@ class StageRunner {
     check(tr_.recv(last_, Channel::kSampled, header_, nullptr, buf_));
     tl_.add(block ? "wait" : "receive", in_flight_.front().id, t);
     int64_t id = -1;
-    auto sampled = decode_sampled(header_, &id);
+    std::vector<double> times;
+    auto sampled = decode_sampled(header_, &id, &times);
     if (!sampled) check(sampled.status());
     if (id != in_flight_.front().id)
       check(Status::error(
           str("results arrived out of order: step ", id, ", expected ", in_flight_.front().id)));
     sched_->complete(in_flight_.front(), sampled.value());
+    if (hooks_.on_step) hooks_.on_step(*sched_, in_flight_.front(), sampled.value(), times);
     in_flight_.pop_front();
     return true;
   }
@@ -219,11 +228,25 @@ class StageRunner {
   void run_first() {
     SP_CHECK(sched_ != nullptr, "stage 0 needs the scheduler");
     const int mb = micro_batches();
-    // Results are applied only when stage 0 must wait (every micro-batch in flight, or nothing
-    // ready), never as they happen to arrive: the steps, their ids and their contents are then the
-    // same in every run (so --fault-inject S:STEP is reproducible), whatever the timing.
+    bool wait = false;
+    // A batch job (no poll hook) applies results only when stage 0 must wait (every micro-batch
+    // in flight, or nothing ready), never as they happen to arrive: its steps, their ids and
+    // contents are the same in every run (--fault-inject S:STEP is reproducible). Serving applies
+    // them as they arrive (its requests arrive at any time anyway; an early result is latency).
     while (true) {
-      if (sched_->idle() && in_flight_.empty()) break;
+      while (P_ > 1 && hooks_.poll && apply_result(false)) {
+      }
+      const bool drained = sched_->idle() && in_flight_.empty();
+      if (hooks_.poll) {
+        const bool more = hooks_.poll(*sched_, wait || drained);
+        wait = false;
+        if (sched_->idle() && in_flight_.empty()) {
+          if (!more) break;
+          continue;
+        }
+      } else if (drained) {
+        break;
+      }
       if (static_cast<int>(in_flight_.size()) < mb) {
         // Spread the ready tokens over the free micro-batch slots.
         const int64_t free_slots = mb - static_cast<int64_t>(in_flight_.size());
@@ -236,6 +259,10 @@ class StageRunner {
           auto sampled = compute(plan, X);
           if (P_ == 1) {
             sched_->complete(plan, sampled);
+            if (hooks_.on_step) {
+              stamp(plan);
+              hooks_.on_step(*sched_, plan, sampled, plan.stage_times);
+            }
           } else {
             send_step(plan, X);
             in_flight_.push_back(std::move(plan));
@@ -243,7 +270,13 @@ class StageRunner {
           continue;
         }
       }
-      SP_CHECK(P_ > 1 && !in_flight_.empty(), "no work can be scheduled and none is in flight");
+      if (in_flight_.empty()) {
+        // Nothing could be scheduled: the scheduler may just have ended sequences, or (serving)
+        // work waits on something the feed will bring.
+        SP_CHECK(hooks_.poll || sched_->idle(), "no work can be scheduled and none is in flight");
+        wait = true;
+        continue;
+      }
       apply_result(true);
     }
     if (P_ > 1) check(tr_.send(1, Channel::kStep, encode_stop(), nullptr, 0));
@@ -275,8 +308,10 @@ class StageRunner {
       model_.backend().from_host(buf_.data(), X);
       auto sampled = compute(incoming, X);
       if (is_last()) {
+        stamp(incoming);
         double ts = tl_.now_us();
-        check(tr_.send(0, Channel::kSampled, encode_sampled(incoming.id, sampled), nullptr, 0));
+        check(tr_.send(0, Channel::kSampled,
+                       encode_sampled(incoming.id, sampled, incoming.stage_times), nullptr, 0));
         tl_.add("send", incoming.id, ts);
       } else {
         send_step(incoming, X);

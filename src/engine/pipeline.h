@@ -55,6 +55,15 @@ struct StageHooks {
   LogitsFn on_logits;                              // last stage
   std::function<void(const Sampled&)> on_sampled;  // last stage, each token it samples
   StepLayerHook hook;                              // every stage, after each of its layers
+  // Stage 0 of a long-running loop (serve). `poll` moves new requests and aborts into the
+  // scheduler between steps; `wait` says nothing can run now, so it may block briefly for work.
+  // The loop ends when poll returns false and nothing is left to run or in flight.
+  std::function<bool(Scheduler&, bool wait)> poll;
+  // Stage 0, after a step's tokens were applied to the scheduler: `stage_times` holds every
+  // stage's (busy seconds, wall seconds) so far.
+  std::function<void(Scheduler&, const StepPlan&, const std::vector<Sampled>&,
+                     const std::vector<double>& stage_times)>
+      on_step;
 };
 
 // Runs this transport's stage to the end of the work. `sched` is stage 0's (null elsewhere).

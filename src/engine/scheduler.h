@@ -14,15 +14,24 @@
 
 #include "backend/backend.h"
 #include "core/status.h"
+#include "engine/block_manager.h"
 
 namespace sp {
 
+// Trivially copyable: it travels in the step descriptor (SampleRow) by its bytes.
 struct SamplingParams {
   float temperature = 0.0f;  // 0: greedy
   int top_k = 0;             // 0: all
   float top_p = 1.0f;
   uint64_t seed = 0;  // with the position, decides every random draw (see SampleSpec)
   bool ignore_eos = false;
+  float min_p = 0.0f;
+  float presence_penalty = 0.0f, frequency_penalty = 0.0f, repetition_penalty = 1.0f;
+  int32_t logprobs = -1;  // -1: none; 0: the chosen token's; k: and the k most likely
+  uint64_t stream = 0;    // a request's n choices draw from their own streams
+  bool penalized() const {
+    return presence_penalty != 0.0f || frequency_penalty != 0.0f || repetition_penalty != 1.0f;
+  }
 };
 
 struct Request {
@@ -34,9 +43,13 @@ struct Request {
   // instead of sampled ones.
   std::vector<int32_t> forced;
   bool all_logits = false;  // report logits at every position, not only the sampled ones
+  std::vector<int32_t> stop_token_ids;  // like EOS (kept when ignore_eos is off)
 };
 
-enum class FinishReason { kNone, kLength, kStop, kForcedDone };
+// kAbort: the caller gave up on it (client gone, stop string found). kNoSpace never happens in a
+// well-sized server: a lone sequence outgrew the whole block pool.
+enum class FinishReason { kNone, kLength, kStop, kForcedDone, kAbort };
+const char* finish_reason_name(FinishReason r);
 
 struct Sequence {
   Request req;
@@ -47,6 +60,11 @@ struct Sequence {
   int generated = 0;
   int in_flight = 0;  // steps holding this sequence that have not completed
   FinishReason finish = FinishReason::kNone;
+  // Positions [0, prefill_end) are prefilled in chunks: the prompt (and forced tokens are decoded
+  // one by one), or after a preemption every token known then (recompute).
+  int64_t prefill_end = 0;
+  int64_t logits_done = 0;  // positions whose logits were already reported (not again on recompute)
+  int preemptions = 0;
   int prompt_len() const { return static_cast<int>(req.prompt.size()); }
 };
 
@@ -55,10 +73,10 @@ struct SchedulerLimits {
   int max_num_batched_tokens = 1;
   int64_t max_model_len = 1;
   int64_t vocab_size = 1;
-  // State blocks: positions per block (Model::block_tokens) and blocks a slot owns. Each slot owns
-  // a fixed run of blocks today; a paging block manager will hand them out on demand.
+  // State blocks: positions per block (Model::block_tokens) and blocks in the pool, handed out on
+  // demand by the BlockManager (0: enough for every slot at max_model_len).
   int block_tokens = 1 << 30;
-  int blocks_per_seq = 1;
+  int num_blocks = 0;
 };
 
 // A row whose logits choose the sequence's next token.
@@ -66,6 +84,9 @@ struct SampleRow {
   int32_t logit_index = 0;  // index into the step's logit rows
   int64_t request = 0;
   SamplingParams params;
+  // Penalties: the prompt's and the generated tokens, StepPlan::penalty_tokens[offset, +n_prompt)
+  // then [offset + n_prompt, + n_output).
+  int32_t hist_offset = 0, hist_prompt = 0, hist_output = 0;
 };
 
 // One scheduled step: the batch every stage sees (batch.logit_rows: which rows' logits the last
@@ -78,13 +99,18 @@ struct StepPlan {
   std::vector<int64_t> logit_request;   // request id per logit row
   std::vector<int64_t> logit_position;  // position per logit row
   std::vector<SampleRow> samples;
+  std::vector<int32_t> penalty_tokens;  // see SampleRow
+  // Busy and wall seconds of each stage the step has passed (appended as it goes down the
+  // pipeline, then back to stage 0 with the sampled tokens): live per-stage busy fractions.
+  std::vector<double> stage_times;
   bool empty() const { return batch.num_tokens == 0; }
 };
 
-// Sampled token of a request, sent back from the last stage.
+// Sampled token of a request, sent back from the last stage (with its logprobs when asked).
 struct Sampled {
-  int64_t request;
-  int32_t token;
+  int64_t request = 0;
+  int32_t token = 0;
+  TokenLogprobs lp;
 };
 
 class Scheduler {
@@ -98,13 +124,35 @@ class Scheduler {
   StepPlan schedule(int token_cap = 0);
   // Applies a completed step and the tokens sampled from it. Finished sequences free their slots.
   void complete(const StepPlan& plan, const std::vector<Sampled>& sampled);
+  // Ends a request wherever it is: waiting ones at once, running ones once no step holds them.
+  // Unknown (already finished) ids are ignored.
+  void abort(int64_t request);
   bool idle() const { return waiting_.empty() && running_.empty(); }
   // Tokens that could be scheduled right now (for spreading load over micro-batches).
   int64_t ready_tokens() const;
   const std::vector<std::unique_ptr<Sequence>>& finished() const { return finished_; }
+  // Hands over (and forgets) the sequences finished so far.
+  std::vector<std::unique_ptr<Sequence>> take_finished();
+  const BlockManager& blocks() const { return blocks_; }
+  int num_waiting() const { return static_cast<int>(waiting_.size()); }
+  int num_running() const { return static_cast<int>(running_.size()); }
+  int64_t preemptions() const { return preemptions_; }
+  const SchedulerLimits& limits() const { return lim_; }
+  // Empty when consistent: the block manager's own invariants, every running sequence's table
+  // covers what was scheduled, slots distinct, waiting sequences hold nothing.
+  std::string check_invariants() const;
 
  private:
+  // Frees what a sequence holds (slot and blocks).
+  void release(Sequence* s);
+  // Puts a running sequence (no step in flight) back at the head of the queue, freeing its slot
+  // and blocks; it is prefilled again from its tokens later.
+  void preempt(size_t running_index);
+  // Makes room for `s` to cover `len` positions, preempting the newest idle sequences if needed.
+  bool grow(Sequence* s, int64_t len);
   SchedulerLimits lim_;
+  BlockManager blocks_;
+  int64_t preemptions_ = 0;
   std::deque<std::unique_ptr<Sequence>> waiting_;
   std::vector<std::unique_ptr<Sequence>> running_;
   std::vector<std::unique_ptr<Sequence>> finished_;

@@ -107,6 +107,8 @@ std::vector<uint8_t> encode_step(const StepPlan& p) {
   w.vec(p.logit_request);
   w.vec(p.logit_position);
   w.vec(p.samples);
+  w.vec(p.penalty_tokens);
+  w.vec(p.stage_times);
   return std::move(w.out);
 }
 
@@ -126,7 +128,8 @@ Result<StepPlan> decode_step(const std::vector<uint8_t>& bytes, StepKind* kind) 
   bool ok = r.get(p.id) && r.get(n) && r.vec(p.batch.token_ids) && r.vec(p.batch.positions) &&
             r.vec(p.batch.chunk_of) && r.vec(p.batch.chunks) && r.vec(p.batch.block_tables) &&
             r.vec(p.chunk_request) && r.vec(p.batch.logit_rows) && r.vec(p.logit_request) &&
-            r.vec(p.logit_position) && r.vec(p.samples) && r.done();
+            r.vec(p.logit_position) && r.vec(p.samples) && r.vec(p.penalty_tokens) &&
+            r.vec(p.stage_times) && r.done();
   p.batch.num_tokens = n;
   if (!ok || static_cast<int32_t>(p.batch.token_ids.size()) != n ||
       p.batch.positions.size() != p.batch.token_ids.size())
@@ -135,18 +138,23 @@ Result<StepPlan> decode_step(const std::vector<uint8_t>& bytes, StepKind* kind) 
   return p;
 }
 
-std::vector<uint8_t> encode_sampled(int64_t step, const std::vector<Sampled>& s) {
+std::vector<uint8_t> encode_sampled(int64_t step, const std::vector<Sampled>& s,
+                                    const std::vector<double>& stage_times) {
   Writer w;
   w.put(step);
   w.vec(s);
+  w.vec(stage_times);
   return std::move(w.out);
 }
 
-Result<std::vector<Sampled>> decode_sampled(const std::vector<uint8_t>& bytes, int64_t* step) {
+Result<std::vector<Sampled>> decode_sampled(const std::vector<uint8_t>& bytes, int64_t* step,
+                                            std::vector<double>* stage_times) {
   Reader r(bytes);
   std::vector<Sampled> s;
-  if (!r.get(*step) || !r.vec(s) || !r.done())
+  std::vector<double> times;
+  if (!r.get(*step) || !r.vec(s) || !r.vec(times) || !r.done())
     return Status::error("sampled-token message: malformed");
+  if (stage_times) *stage_times = std::move(times);
   return s;
 }
 

@@ -19,7 +19,10 @@ std::vector<uint8_t> encode_stop();
 // Decodes a descriptor; `kind` says whether it is a step or the end of the run.
 Result<StepPlan> decode_step(const std::vector<uint8_t>& bytes, StepKind* kind);
 
-std::vector<uint8_t> encode_sampled(int64_t step, const std::vector<Sampled>& s);
-Result<std::vector<Sampled>> decode_sampled(const std::vector<uint8_t>& bytes, int64_t* step);
+// The tokens sampled from a step, and every stage's (busy, wall) seconds so far.
+std::vector<uint8_t> encode_sampled(int64_t step, const std::vector<Sampled>& s,
+                                    const std::vector<double>& stage_times = {});
+Result<std::vector<Sampled>> decode_sampled(const std::vector<uint8_t>& bytes, int64_t* step,
+                                            std::vector<double>* stage_times = nullptr);
 
 }  // namespace sp

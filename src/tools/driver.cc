@@ -46,6 +46,11 @@ std::vector<FlagSpec> common_flags() {
        "most tokens in a step; longer prompts are prefilled in chunks", 1, 1 << 24},
       {"max-model-len", FlagKind::kInt, "4096",
        "longest sequence (prompt + output) in tokens; state is sized for it", 1, 1 << 30},
+      {"num-state-blocks", FlagKind::kInt, "0",
+       "state blocks in each stage's pool (compressed entries and indexer keys, paged); 0: sized "
+       "from the memory left after weights, at most enough for every sequence at "
+       "--max-model-len; every stage uses the smallest stage's count",
+       0, 1 << 30},
       {"verbose", FlagKind::kBool, "", "also print config keys the model does not use"},
       {"override-config", FlagKind::kString, "",
        "JSON object merged into config.json before it is checked (as vLLM's --hf-overrides); "
@@ -263,7 +268,8 @@ std::string fingerprint(const Flags& f, const Config& c, const Topology& t) {
              ";max-num-seqs=", f.i64("max-num-seqs"),
              ";max-num-batched-tokens=", f.i64("max-num-batched-tokens"),
              ";max-model-len=", f.i64("max-model-len"), ";micro-batches=", f.i64("micro-batches"),
-             ";device=", f.str("device"), ";kv-cache-dtype=", f.str("kv-cache-dtype"),
+             ";num-state-blocks=", f.i64("num-state-blocks"), ";device=", f.str("device"),
+             ";kv-cache-dtype=", f.str("kv-cache-dtype"),
              ";activation-dtype=", f.str("activation-dtype"),
              ";stage-timeout=", f.f64("stage-timeout"));
 }
@@ -498,6 +504,41 @@ std::unique_ptr<Backend> make_stage_backend(const Flags& f, const Topology& topo
   return std::move(*be);
 }
 
+// This stage's state-block pool: --num-state-blocks, or what the memory left after this stage's
+// weights and workspace holds (half of it on the CPU, which other processes share; 90% of a GPU's
+// free memory), never more than every slot at --max-model-len needs.
+int64_t stage_state_blocks(const Flags& f, const Config& c, const LoadPlan& plan,
+                           const Topology& topo, bool gpu, int max_logit_rows) {
+  const int bt = state_block_tokens(c);
+  const int64_t cap = f.i64("max-num-seqs") * blocks_for(f.i64("max-model-len"), bt);
+  if (f.i64("num-state-blocks") > 0) return f.i64("num-state-blocks");
+  double per_block = 0;
+  for (int l = plan.first_layer; l < plan.end_layer; ++l)
+    per_block += static_cast<double>(layer_state_bytes(c, l).per_token) * bt;
+  if (per_block <= 0) return cap;  // sliding-only stage: nothing grows with the sequence
+  const double T = static_cast<double>(f.i64("max-num-batched-tokens"));
+  double weights = 0;
+  if (gpu || f.str("load-format") == "dummy")
+    for (const ExpectedTensor& t : expected_tensors(c))
+      if (plan.owns(t)) weights += static_cast<double>(expected_bytes(t));
+  const double work =
+      T * 4.0 * (4.0 * c.hc_dim() + 2.0 * c.num_heads * c.head_dim + 8.0 * c.hidden_size) +
+      (plan.head ? max_logit_rows * 4.0 * static_cast<double>(c.vocab_size) : 0.0);
+  double left = 0;
+  if (gpu) {
+    int64_t free_b = 0, total_b = 0;
+    if (!cuda_memory_info(local_gpu(topo), &free_b, &total_b)) return cap;
+    left = 0.9 * static_cast<double>(free_b) - weights - work - double{1 << 30};
+  } else {
+    const double avail =
+        static_cast<double>(sysconf(_SC_AVPHYS_PAGES)) * static_cast<double>(sysconf(_SC_PAGESIZE));
+    const int here = launched_by_mpi() ? 1 : topo.world;
+    left = 0.5 * avail / here - weights - work;
+  }
+  const int64_t fit = static_cast<int64_t>(std::max(0.0, left / per_block));
+  return std::clamp<int64_t>(fit, 1, cap);
+}
+
 // One stage's whole life: load its part, run, finish. Returns its exit code.
 int run_one_stage(const Flags& f, const Config& c, const Topology& topo, Transport& tr,
                   const Job& job, const PipelineOptions& popt) {
@@ -535,6 +576,10 @@ int run_one_stage(const Flags& f, const Config& c, const Topology& topo, Transpo
   lim.max_num_batched_tokens = static_cast<int>(f.i64("max-num-batched-tokens"));
   lim.max_logit_rows = logit_rows;
   lim.residual_buffers = popt.micro_batches > 0 ? popt.micro_batches : topo.world;
+  // Block ids travel with each step and address every stage's pool: all use the smallest count.
+  auto agreed_blocks = tr.allreduce_max(-stage_state_blocks(f, c, plan, topo, gpu, logit_rows));
+  if (!agreed_blocks) tr.fail(agreed_blocks.status().message(), 4);
+  lim.num_blocks = static_cast<int>(-agreed_blocks.value());
   Model model(c, **weights, *backend, lim);
   StageEnv env{s, topo, &tr, &model, weights->get()};
   std::unique_ptr<Scheduler> sched;
@@ -735,7 +780,7 @@ int run_job(const Flags& f, const Job& job) {
   bool any_failed = false;
   std::vector<char> stopped(pp, 0);
   for (int s = 0; s < pp; ++s) {
-    threads.emplace_back([&, s] {
+    auto stage = [&, s] {
       struct Done {
         std::mutex& mu;
         std::condition_variable& cv;
@@ -769,13 +814,30 @@ int run_job(const Flags& f, const Job& job) {
           errors[s] = f.message;
         }
       }
-    });
+    };
+    try {
+      threads.emplace_back(stage);
+    } catch (const std::system_error& e) {
+      // No thread for this stage (ulimit, memory): bring down the stages already started, whose
+      // threads must be joined before they are destroyed.
+      try {
+        transports[s]->fail(str("stage ", s, ": cannot start its thread: ", e.what()), 2);
+      } catch (const StageFailure& f) {
+        codes[s] = f.exit_code;
+        errors[s] = f.message;
+      }
+      std::lock_guard<std::mutex> lk(done_mu);
+      any_failed = true;
+      for (int u = s; u < pp; ++u) stopped[u] = 1;  // never started
+      break;
+    }
   }
+  const int started = static_cast<int>(threads.size());
   bool all_done = false;
   {
     std::unique_lock<std::mutex> lk(done_mu);
-    done_cv.wait(lk, [&] { return finished == pp || any_failed; });
-    all_done = done_cv.wait_for(lk, std::chrono::seconds(3), [&] { return finished == pp; });
+    done_cv.wait(lk, [&] { return finished == started || any_failed; });
+    all_done = done_cv.wait_for(lk, std::chrono::seconds(3), [&] { return finished == started; });
   }
   if (all_done)
     for (auto& t : threads) t.join();

@@ -19,6 +19,9 @@
 #include "tools/flags.h"
 #include "tools/golden.h"
 #include "tools/text_commands.h"
+#if SP_HAVE_SERVER
+#include "tools/serve.h"
+#endif
 
 namespace sp {
 namespace {
@@ -33,6 +36,7 @@ constexpr const char* kUsage =
     "  tokenize   token ids of a text, or the text of token ids, with a model's tokenizer\n"
     "  inspect    print the parsed config, the tensor table and the memory each part needs\n"
     "  golden     write a golden file (greedy tokens, every position's logits) from this engine\n"
+    "  serve      the OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, ...)\n"
     "run 'seekpipe COMMAND --help' for the flags of a command\n";
 
 // FNV-1a over the bits of every logit, in request and position order.
@@ -560,8 +564,19 @@ int main(int argc, char** argv) try {
   if (cmd == "inspect") return sp::cmd_inspect(args);
   if (cmd == "score") return sp::cmd_score(args);
   if (cmd == "tokenize") return sp::cmd_tokenize(args);
+  if (cmd == "serve") {
+#if SP_HAVE_SERVER
+    return sp::cmd_serve(args);
+#else
+    std::fprintf(stderr,
+                 "error: this seekpipe was built without the server (it needs PCRE2, "
+                 "cpp-httplib and prometheus-cpp: libpcre2-dev libcpp-httplib-dev "
+                 "prometheus-cpp-dev)\n");
+    return 2;
+#endif
+  }
   std::fprintf(stderr,
-               "error: unknown command '%s'; expected generate, verify, score, tokenize or "
+               "error: unknown command '%s'; expected generate, verify, score, tokenize, serve or "
                "inspect\n%s",
                cmd.c_str(), sp::kUsage);
   return 2;

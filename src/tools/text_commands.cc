@@ -53,6 +53,8 @@ class TokenizerText : public ModelText {
     return tok->decode(ids, /*skip_special=*/true);
   }
   bool adds_bos() const override { return add_bos; }
+  int32_t bos_id() const override { return bos; }
+  const Tokenizer* tokenizer() const override { return tok.get(); }
 };
 
 }  // namespace

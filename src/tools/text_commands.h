@@ -13,6 +13,8 @@
 
 namespace sp {
 
+class Tokenizer;
+
 // The tokenizer of a model directory (tokenizer.json) and its BOS rule (tokenizer_config.json).
 class ModelText {
  public:
@@ -26,6 +28,9 @@ class ModelText {
   // Text of generated ids; special tokens (EOS) are left out.
   virtual std::string decode(const std::vector<int32_t>& ids) const = 0;
   virtual bool adds_bos() const = 0;
+  virtual int32_t bos_id() const { return -1; }
+  // The tokenizer itself (null when built without it).
+  virtual const Tokenizer* tokenizer() const { return nullptr; }
 };
 
 // The --add-bos flag shared by generate, score and tokenize.

@@ -10,7 +10,9 @@ expect_error 2 "unknown flag --max-token" -- "$bin" generate --device cpu --mode
 expect_error 2 "--load-format: expected one of auto, safetensors, dummy" -- "$bin" generate --device cpu --model "$data/tiny" --prompt-ids 1 --load-format gguf
 expect_error 2 "exceed --max-model-len 4" -- "$bin" generate --device cpu --model "$data/tiny" --prompt-ids 1,2,3,4,5 --max-model-len 4
 expect_error 2 "cannot open .*config.json" -- "$bin" inspect --model "$data/does-not-exist"
-expect_error 2 "unknown command 'serve'" -- "$bin" serve
+expect_error 2 "unknown command 'frobnicate'" -- "$bin" frobnicate
+expect_error 2 "--model is required" -- "$bin" serve
+expect_error 2 "--port: " -- "$bin" serve --model "$data/tiny" --port 70000
 expect_error 2 "golden file has no prompts|cannot open" -- "$bin" verify --device cpu --model "$data/tiny" --golden "$data/tiny/model.safetensors"
 expect_error 2 "stage 0 needs .* of sequence state|stage 0 needs .*--max-model-len 1000000000" -- "$bin" generate --device cpu --model "$data/tiny" --prompt-ids 1,2 --max-model-len 1000000000 --max-num-seqs 64
 expect_error 2 "the 2 stages of this process need .* in total .*dummy weights.*split the layers over more stages" -- "$bin" generate --device cpu --model "$data/configs/deepseek-v4-flash" --load-format dummy --prompt-ids 1,2 --max-model-len 1024 --pp 2

@@ -167,6 +167,44 @@ TEST(Scheduler, RandomTrafficKeepsInvariants) {
   }
 }
 
+// A block pool too small for the load: sequences are preempted (blocks and slot freed, prefilled
+// again later from their tokens) and the greedy outputs equal the unconstrained run's.
+std::map<int64_t, std::vector<int32_t>> greedy_run(const Fixture& f, int num_blocks,
+                                                   int64_t* preemptions) {
+  auto be = make_cpu_backend(2);
+  StateLimits lim{4, 512, 64, 4};
+  lim.num_blocks = num_blocks;
+  Model model(f.config, *f.weights, *be, lim);
+  Engine engine(model, {4, 64, 512, f.config.vocab_size});
+  for (int i = 0; i < 4; ++i) {
+    Request r;
+    r.id = i;
+    r.prompt = f.prompts[static_cast<size_t>(i) % f.prompts.size()].ids;
+    r.prompt.push_back(i + 3);  // distinct sequences
+    r.max_new_tokens = 300 - static_cast<int>(r.prompt.size()) + 7 * i;
+    r.sampling.ignore_eos = true;
+    EXPECT_TRUE(engine.scheduler().add(r).is_ok());
+  }
+  engine.run(nullptr);
+  std::map<int64_t, std::vector<int32_t>> out;
+  for (auto& s : engine.scheduler().finished()) out[s->req.id] = s->tokens;
+  *preemptions = engine.scheduler().preemptions();
+  EXPECT_EQ(engine.scheduler().blocks().used_blocks(), 0);
+  return out;
+}
+
+TEST(EnginePaging, PreemptionByRecomputeKeepsGreedyOutputs) {
+  const Fixture& f = fixture("tiny");
+  ASSERT_EQ(state_block_tokens(f.config), 256);
+  int64_t p_full = 0, p_small = 0;
+  auto full = greedy_run(f, 0, &p_full);  // 4 slots x 2 blocks
+  auto small = greedy_run(f, 5, &p_small);
+  EXPECT_EQ(p_full, 0);
+  EXPECT_GT(p_small, 0) << "the small pool never preempted";
+  ASSERT_EQ(full.size(), 4u);
+  EXPECT_EQ(full, small);
+}
+
 TEST(Scheduler, RejectsBadRequests) {
   Scheduler s({2, 8, 16, 100});
   Request r;

@@ -566,9 +566,11 @@ class CpuBackend final : public Backend {
                   static_cast<const uint8_t*>(src.data) + r * src.stride * src.elem_size(),
                   row_bytes);
   }
-  void sample(Tensor logits, const std::vector<SampleSpec>& specs, int32_t* ids) override {
+  void sample(Tensor logits, const std::vector<SampleSpec>& specs, int32_t* ids,
+              TokenLogprobs* lps) override {
     for (size_t i = 0; i < specs.size(); ++i)
-      ids[i] = sample_logits_row(specs[i], logits.row(specs[i].row), logits.cols);
+      ids[i] = sample_logits_row(specs[i], logits.row(specs[i].row), logits.cols,
+                                 lps ? &lps[i] : nullptr);
   }
   void to_host(Tensor src, void* dst) override {
     SP_CHECK(src.contiguous(), "to_host of a strided tensor");

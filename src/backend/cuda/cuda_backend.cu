@@ -219,7 +219,8 @@ class CudaBackend final : public Backend {
   }
   void copy(Tensor src, Tensor dst) override { cuda::copy(stream_, src, dst); }
 
-  void sample(Tensor logits, const std::vector<SampleSpec>& specs, int32_t* ids) override {
+  void sample(Tensor logits, const std::vector<SampleSpec>& specs, int32_t* ids,
+              TokenLogprobs* lps) override {
     const int n = static_cast<int>(specs.size());
     if (n == 0) return;
     SP_CHECK(n <= std::max(1, lim_.max_logit_rows), n, " sample rows over the limit");
@@ -231,14 +232,15 @@ class CudaBackend final : public Backend {
                             stream_));
     SP_CUDA(cudaStreamSynchronize(stream_));
     std::memcpy(ids, ids_host_, sizeof(int32_t) * n);
-    // Rows with a temperature are chosen on the host with the reference algorithm (a device
-    // top-k / top-p sampler is future work); greedy rows never leave the device.
+    // Rows with a temperature, penalties or logprobs are chosen on the host with the reference
+    // algorithm (a device sampler for them is future work); plain greedy rows never leave the
+    // device (the device argmax of the other rows is overwritten here).
     std::vector<float> row;
     for (int i = 0; i < n; ++i) {
-      if (specs[i].temperature <= 0.0f) continue;
+      if (specs[i].plain_greedy()) continue;
       row.resize(static_cast<size_t>(logits.cols));
       to_host(logits.slice_rows(specs[i].row, 1), row.data());
-      ids[i] = sample_logits_row(specs[i], row.data(), logits.cols);
+      ids[i] = sample_logits_row(specs[i], row.data(), logits.cols, lps ? &lps[i] : nullptr);
     }
   }
 
