@@ -234,6 +234,7 @@ class StageRunner {
     // contents are the same in every run (--fault-inject S:STEP is reproducible). Serving applies
     // them as they arrive (its requests arrive at any time anyway; an early result is latency).
     while (true) {
+      tr_.keep_alive();  // the watchdog: stage 0 idle between requests is not stalled
       while (P_ > 1 && hooks_.poll && apply_result(false)) {
       }
       const bool drained = sched_->idle() && in_flight_.empty();

@@ -33,6 +33,10 @@ class Hub {
     for (auto& t : alive_at_) t = Clock::now();
     cv_.notify_all();
   }
+  void keep_alive(int rank) {
+    std::lock_guard<std::mutex> lk(mu_);
+    alive_at_[rank] = Clock::now();
+  }
   void push(int src, int dst, Channel ch, Message m) {
     std::lock_guard<std::mutex> lk(mu_);
     queues_[{src, dst, static_cast<int>(ch)}].push_back(std::move(m));
@@ -192,6 +196,7 @@ class LocalTransport final : public Transport {
     return m;
   }
   void set_stage_timeout(double seconds) override { hub_->set_timeout(seconds); }
+  void keep_alive() override { hub_->keep_alive(rank_); }
   // Threads cannot exit alone: mark the pipeline failed (every blocked stage wakes with the
   // message) and unwind this stage's thread.
   [[noreturn]] void fail(const std::string& message, int exit_code) override {

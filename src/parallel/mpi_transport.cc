@@ -127,6 +127,12 @@ class MpiTransport final : public Transport {
   }
 
   void set_stage_timeout(double seconds) override { timeout_ = seconds; }
+  void keep_alive() override {
+    if (timeout_ <= 0) return;
+    const Clock::time_point now = Clock::now();
+    if (now >= next_beat_) beat(now);
+    progress();
+  }
 
   // MPI_Abort brings every rank down; the launcher reports which rank called it.
   // On a host cut off from the launcher MPI_Abort may never return: the process ends anyway.
@@ -155,11 +161,15 @@ class MpiTransport final : public Transport {
   template <class Done>
   void wait_for(int src, Done done) {
     const Clock::time_point start = Clock::now();
-    Clock::time_point heard = start, next_beat = start;
+    Clock::time_point heard = start, last_turn = start;
     for (int64_t i = 0; !done(); ++i) {
       progress();
       if (timeout_ > 0) {
         const Clock::time_point now = Clock::now();
+        // A long gap between two turns of this loop means this process was not running
+        // (stopped, or starved of CPU): the silence was ours, not the peer's.
+        if (std::chrono::duration<double>(now - last_turn).count() > timeout_ / 2) heard = now;
+        last_turn = now;
         if (drain_heartbeats(src)) heard = now;
         if (std::chrono::duration<double>(now - heard).count() > timeout_) {
           if (src >= 0)
@@ -174,11 +184,7 @@ class MpiTransport final : public Transport {
                    "): a stage is stalled or unreachable"),
                kStalledExitCode);
         }
-        if (now >= next_beat) {
-          send_heartbeats();
-          next_beat = now + std::chrono::duration_cast<Clock::duration>(
-                                std::chrono::duration<double>(timeout_ / 4));
-        }
+        if (now >= next_beat_) beat(now);
       }
       if (i < 2000)
         sched_yield();
@@ -201,6 +207,11 @@ class MpiTransport final : public Transport {
           str("stage ", rank_, ": MPI receive from stage ", src, " failed: ", msg));
     }
     return Status::ok();
+  }
+  void beat(Clock::time_point now) {
+    send_heartbeats();
+    next_beat_ = now + std::chrono::duration_cast<Clock::duration>(
+                           std::chrono::duration<double>(timeout_ / 4));
   }
   void send_heartbeats() {
     const int next = (rank_ + 1) % world_, last = world_ - 1;
@@ -237,6 +248,7 @@ class MpiTransport final : public Transport {
 
   int rank_ = 0, world_ = 1;
   double timeout_ = 0;  // the watchdog's, seconds; 0: off
+  Clock::time_point next_beat_{};
   std::list<Pending> pending_;
 };
 

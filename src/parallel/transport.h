@@ -59,6 +59,9 @@ class Transport {
   virtual Result<double> allreduce_max(double v) = 0;
   // Arms the watchdog with this timeout in seconds (0 disarms); call on every stage.
   virtual void set_stage_timeout(double seconds) = 0;
+  // Tells the stages that may wait on this one that it is alive though it sends nothing (stage 0
+  // idle, waiting for requests). Cheap: call it in every turn of a loop that does not receive.
+  virtual void keep_alive() = 0;
   // Brings every stage down promptly; `message` names this stage and what went wrong.
   [[noreturn]] virtual void fail(const std::string& message, int exit_code) = 0;
 };
