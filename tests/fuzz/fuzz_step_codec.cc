@@ -29,7 +29,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (sp::encode_step(p) != bytes) __builtin_trap();
   }
   int64_t id = 0;
-  auto sampled = sp::decode_sampled(bytes, &id);
-  if (sampled.is_ok() && sp::encode_sampled(id, *sampled) != bytes) __builtin_trap();
+  std::vector<double> times;
+  auto sampled = sp::decode_sampled(bytes, &id, &times);
+  if (sampled.is_ok() && sp::encode_sampled(id, *sampled, times) != bytes) __builtin_trap();
   return 0;
 }
