@@ -20,6 +20,7 @@
 #include "tools/golden.h"
 #include "tools/text_commands.h"
 #if SP_HAVE_SERVER
+#include "tools/bench_serve.h"
 #include "tools/serve.h"
 #endif
 
@@ -575,9 +576,24 @@ int main(int argc, char** argv) try {
     return 2;
 #endif
   }
+  if (cmd == "bench") {
+    if (args.empty() || args[0] != "serve") {
+      std::fprintf(stderr, "error: expected 'seekpipe bench serve [flags]'\n");
+      return 2;
+    }
+    args.erase(args.begin());
+#if SP_HAVE_SERVER
+    return sp::cmd_bench_serve(args);
+#else
+    std::fprintf(stderr,
+                 "error: this seekpipe was built without the server (bench serve needs "
+                 "cpp-httplib: libcpp-httplib-dev)\n");
+    return 2;
+#endif
+  }
   std::fprintf(stderr,
-               "error: unknown command '%s'; expected generate, verify, score, tokenize, serve or "
-               "inspect\n%s",
+               "error: unknown command '%s'; expected generate, verify, golden, score, tokenize, "
+               "serve, bench or inspect\n%s",
                cmd.c_str(), sp::kUsage);
   return 2;
 } catch (const std::bad_alloc&) {

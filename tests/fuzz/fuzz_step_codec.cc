@@ -18,10 +18,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     for (const auto& ch : p.batch.chunks)
       if (ch.offset < 0 || ch.n_tokens < 0 || int64_t{ch.offset} + ch.n_tokens > n)
         __builtin_trap();
-    for (int32_t r : p.logit_rows)
+    for (int32_t r : p.batch.logit_rows)
       if (r < 0 || r >= n) __builtin_trap();
     for (const auto& s : p.samples) {
-      if (s.logit_index < 0 || s.logit_index >= static_cast<int64_t>(p.logit_rows.size()))
+      if (s.logit_index < 0 || s.logit_index >= static_cast<int64_t>(p.batch.logit_rows.size()))
         __builtin_trap();
       volatile bool b = s.params.ignore_eos;  // UBSan: a bool byte other than 0/1
       (void)b;
@@ -29,7 +29,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (sp::encode_step(p) != bytes) __builtin_trap();
   }
   int64_t id = 0;
-  auto sampled = sp::decode_sampled(bytes, &id);
-  if (sampled.is_ok() && sp::encode_sampled(id, *sampled) != bytes) __builtin_trap();
+  std::vector<double> times;
+  auto sampled = sp::decode_sampled(bytes, &id, &times);
+  if (sampled.is_ok() && sp::encode_sampled(id, *sampled, times) != bytes) __builtin_trap();
   return 0;
 }
