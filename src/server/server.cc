@@ -1,8 +1,13 @@
 #include "server/server.h"
 
+#include <arpa/inet.h>
+#include <dirent.h>
 #include <httplib.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 
 #include <chrono>
+#include <cstdlib>
 
 #include "text/tokenizer.h"
 
@@ -77,12 +82,44 @@ void Server::routes() {
   });
 }
 
+namespace {
+
+// cpp-httplib listens with a backlog of 5 (compiled into Debian's library), so a burst of clients
+// connecting at once sees connection resets. A second listen() on the listening socket only
+// updates its backlog: find the socket bound to our port and raise it.
+void raise_listen_backlog(int port) {
+  DIR* dir = opendir("/proc/self/fd");
+  if (!dir) return;
+  while (dirent* e = readdir(dir)) {
+    char* end = nullptr;
+    const long fd = std::strtol(e->d_name, &end, 10);
+    if (end == e->d_name || *end != '\0') continue;
+    int listening = 0;
+    socklen_t len = sizeof listening;
+    if (getsockopt(static_cast<int>(fd), SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) != 0 ||
+        !listening)
+      continue;
+    sockaddr_storage addr{};
+    socklen_t alen = sizeof addr;
+    if (getsockname(static_cast<int>(fd), reinterpret_cast<sockaddr*>(&addr), &alen) != 0) continue;
+    int bound = -1;
+    if (addr.ss_family == AF_INET) bound = ntohs(reinterpret_cast<sockaddr_in*>(&addr)->sin_port);
+    if (addr.ss_family == AF_INET6)
+      bound = ntohs(reinterpret_cast<sockaddr_in6*>(&addr)->sin6_port);
+    if (bound == port) listen(static_cast<int>(fd), SOMAXCONN);
+  }
+  closedir(dir);
+}
+
+}  // namespace
+
 Status Server::start() {
   routes();
   if (!http_->bind_to_port(opt_.host.c_str(), opt_.port))
     return Status::error(str("cannot listen on ", opt_.host, ":", opt_.port,
                              " (in use, or not an address of this machine)"));
   port_ = opt_.port;
+  raise_listen_backlog(port_);
   thread_ = std::thread([this] { http_->listen_after_bind(); });
   return Status::ok();
 }
