@@ -108,6 +108,9 @@ int cmd_generate(const std::vector<std::string>& args) {
                    {},
                    true});
   specs.push_back(add_bos_flag());
+  specs.push_back({"chat", FlagKind::kBool, "",
+                   "each --prompt is a user message: rendered with DeepSeek-V4's chat format "
+                   "(non-thinking), and the reply printed as its content"});
   specs.push_back(
       {"max-tokens", FlagKind::kInt, "16", "new tokens to generate per prompt", 0, 1 << 30});
   specs.push_back(
@@ -130,6 +133,8 @@ int cmd_generate(const std::vector<std::string>& args) {
     return fail(
         Status::error("--prompt and --prompt-ids are exclusive: give prompts as text or "
                       "as token ids, not both"));
+  if (f.boolean("chat") && !f.given("prompt"))
+    return fail(Status::error("--chat needs --prompt: the user message as text"));
   if (!f.given("prompt-ids") && !f.given("prompt"))
     return fail(
         Status::error("--prompt-ids is required: comma-separated token ids, e.g. "
@@ -182,8 +187,11 @@ int cmd_generate(const std::vector<std::string>& args) {
       bool stop = !out.empty() && !f.boolean("ignore-eos") && eos >= 0 && out.back() == eos;
       std::printf("  (%s)\n", stop ? "stop: eos" : "length");
       if (text)
-        std::printf("prompt %zu text: %s -> %s\n", i, json_quoted(f.strings("prompt")[i]).c_str(),
-                    json_quoted(text->decode(out)).c_str());
+        std::printf("prompt %zu %s: %s -> %s\n", i, f.boolean("chat") ? "chat" : "text",
+                    json_quoted(f.strings("prompt")[i]).c_str(),
+                    json_quoted(f.boolean("chat") ? chat_reply_content(text->decode(out))
+                                                  : text->decode(out))
+                        .c_str());
       generated += static_cast<int64_t>(out.size());
       prefill += static_cast<int64_t>(prompts[i].size());
       for (auto& [pos, v] : logits[static_cast<int64_t>(i)]) hash.add(v.data(), V);

@@ -8,8 +8,9 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "text/chat_format.h"
+#include "text/chat_parse.h"
 #include "tools/driver.h"
-
 #if SP_HAVE_TOKENIZER
 #include "text/tokenizer.h"
 #endif
@@ -129,6 +130,10 @@ Result<std::unique_ptr<ModelText>> ModelText::open(const std::string& dir, const
 
 #endif
 
+std::string chat_reply_content(const std::string& generated) {
+  return chat::parse_completion(generated, chat::ParseOptions{}).content;
+}
+
 Result<std::vector<std::vector<int32_t>>> encode_prompts(const Flags& f,
                                                          std::unique_ptr<ModelText>* text) {
   if (!f.given("model"))
@@ -137,6 +142,18 @@ Result<std::vector<std::vector<int32_t>>> encode_prompts(const Flags& f,
   std::vector<std::vector<int32_t>> out;
   const auto prompts = f.strings("prompt");
   for (size_t i = 0; i < prompts.size(); ++i) {
+    if (f.given("chat") && f.boolean("chat")) {
+      // The chat format renders BOS itself: tokenize the rendered text as it is.
+      chat::Json messages = chat::Json::array({{{"role", "user"}, {"content", prompts[i]}}});
+      auto rendered = chat::encode_chat(messages, chat::Json::array(), chat::ChatOptions{});
+      if (!rendered) return Status::error(str("--prompt ", i, ": ", rendered.status().message()));
+      if (!(*text)->tokenizer())
+        return Status::error("--chat: this seekpipe was built without the tokenizer (PCRE2)");
+      auto ids = (*text)->tokenizer()->encode(*rendered);
+      if (!ids) return Status::error(str("--prompt ", i, ": ", ids.status().message()));
+      out.push_back(std::move(*ids));
+      continue;
+    }
     auto ids = (*text)->encode(prompts[i]);
     if (!ids) return Status::error(str("--prompt ", i, ": ", ids.status().message()));
     if (ids->empty())

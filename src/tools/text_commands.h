@@ -40,6 +40,10 @@ FlagSpec add_bos_flag();
 Result<std::vector<std::vector<int32_t>>> encode_prompts(const Flags& f,
                                                          std::unique_ptr<ModelText>* text);
 
+// The content of a chat reply's text (DeepSeek-V4's completion format, non-thinking): the text
+// before an end-of-sentence token or a tool-call block.
+std::string chat_reply_content(const std::string& generated);
+
 // A string as a one-line JSON string literal (UTF-8 kept, control characters escaped).
 std::string json_quoted(const std::string& s);
 

@@ -140,7 +140,7 @@ def generate_text(binary, model, prompt, max_tokens, extra=()):
                           "--max-model-len", "512", *extra],
                          capture_output=True, text=True, timeout=300, check=True).stdout
     for line in out.splitlines():
-        if line.startswith("prompt 0 text: "):
+        if line.startswith("prompt 0 text: ") or line.startswith("prompt 0 chat: "):
             return json.loads(line.split(" -> ", 1)[1])
     raise AssertionError("no continuation in generate's output:\n" + out)
 

@@ -40,6 +40,16 @@ def test_completion_greedy_equals_generate():
     assert r.usage.total_tokens == r.usage.prompt_tokens + 24
 
 
+def test_chat_equals_generate_chat():
+    """`seekpipe generate --chat` renders the same prompt and replies the same (greedy)."""
+    msg = "Who spake unto Moses?"
+    r = srv.client().chat.completions.create(model=NAME, messages=[{"role": "user", "content": msg}],
+                                             max_tokens=16, temperature=0,
+                                             extra_body={"ignore_eos": True})
+    want = generate_text(binary, model, msg, 16, extra=("--chat",))
+    assert r.choices[0].message.content == want, (r.choices[0].message.content, want)
+
+
 def test_completion_token_id_prompt():
     status, _, tok = srv.post("/tokenize", {"model": NAME, "prompt": PROMPT})
     assert status == 200 and tok["count"] == len(tok["tokens"]), tok
@@ -243,7 +253,8 @@ def test_metrics_parse():
 
 
 try:
-    rc = run_tests([test_models, test_completion_greedy_equals_generate, test_completion_token_id_prompt,
+    rc = run_tests([test_models, test_completion_greedy_equals_generate, test_chat_equals_generate_chat,
+                    test_completion_token_id_prompt,
                     test_completion_stream_equals_non_stream, test_stream_without_usage_has_none,
                     test_stop_strings, test_stop_token_ids, test_seeds, test_n_choices, test_logprobs,
                     test_chat_non_stream_and_stream, test_thinking_on_off, test_tool_call_round_trip,
