@@ -21,8 +21,8 @@ def test_burst_over_capacity():
     def one(i):
         body = {"model": NAME, "prompt": "And the LORD spake", "max_tokens": 64, "temperature": 0,
                 "ignore_eos": True, "stream": i % 2 == 1}
-        # cpp-httplib's listen backlog is 5: on a loaded machine a connection of the burst can be
-        # reset before it is accepted; a client retries that (as the openai client does).
+        # A connection reset before it is accepted (a loaded machine) is retried, as the openai
+        # client does.
         for attempt in range(3):
             try:
                 status, headers, data = srv.request("POST", "/v1/completions", body, timeout=120)
@@ -36,7 +36,9 @@ def test_burst_over_capacity():
     statuses = [r[0] for r in results]
     assert set(statuses) <= {200, 429}, statuses
     assert statuses.count(429) > 0, "a burst of 40 over 2 slots + 3 queued never got 429"
-    assert statuses.count(200) >= 5, statuses
+    # At least the queue's worth is accepted; how many more depends on how fast the engine loop
+    # takes queued requests into its 2 slots while the burst arrives (all 40 connect at once).
+    assert statuses.count(200) >= 3, statuses
     assert all(r[1] == "1" for r in results if r[0] == 429), "429 without Retry-After"
     assert srv.request("GET", "/health")[0] == 200 and srv.proc.poll() is None
     m = srv.wait_idle()
