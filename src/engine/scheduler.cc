@@ -117,6 +117,19 @@ bool Scheduler::grow(Sequence* s, int64_t len) {
   return true;
 }
 
+// Finished sequences with no step in flight free their slot and blocks.
+void Scheduler::retire_finished() {
+  for (size_t i = 0; i < running_.size();) {
+    if (running_[i]->finish != FinishReason::kNone && running_[i]->in_flight == 0) {
+      release(running_[i].get());
+      finished_.push_back(std::move(running_[i]));
+      running_.erase(running_.begin() + static_cast<long>(i));
+    } else {
+      ++i;
+    }
+  }
+}
+
 StepPlan Scheduler::schedule(int token_cap) {
   // Admission: first come first served, while a slot is free and the pool holds the whole prefill.
   while (!waiting_.empty() && !free_slots_.empty()) {
@@ -208,15 +221,7 @@ StepPlan Scheduler::schedule(int token_cap) {
       add_chunk(s.get(),
                 static_cast<int>(std::min<int64_t>(s->prefill_end - s->num_scheduled, budget)));
   // Sequences that ended here (no room at all) leave now.
-  for (size_t i = 0; i < running_.size();) {
-    if (running_[i]->finish != FinishReason::kNone && running_[i]->in_flight == 0) {
-      release(running_[i].get());
-      finished_.push_back(std::move(running_[i]));
-      running_.erase(running_.begin() + static_cast<long>(i));
-    } else {
-      ++i;
-    }
-  }
+  retire_finished();
   if (!plan.empty()) plan.id = next_step_++;
   return plan;
 }
@@ -255,15 +260,7 @@ void Scheduler::complete(const StepPlan& plan, const std::vector<Sampled>& sampl
              static_cast<int64_t>(s->tokens.size()) >= lim_.max_model_len)
       s->finish = FinishReason::kLength;
   }
-  for (size_t i = 0; i < running_.size();) {
-    if (running_[i]->finish != FinishReason::kNone && running_[i]->in_flight == 0) {
-      release(running_[i].get());
-      finished_.push_back(std::move(running_[i]));
-      running_.erase(running_.begin() + static_cast<long>(i));
-    } else {
-      ++i;
-    }
-  }
+  retire_finished();
 }
 
 void Scheduler::abort(int64_t request) {

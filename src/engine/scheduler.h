@@ -144,6 +144,7 @@ class Scheduler {
 
  private:
   // Frees what a sequence holds (slot and blocks).
+  void retire_finished();
   void release(Sequence* s);
   // Puts a running sequence (no step in flight) back at the head of the queue, freeing its slot
   // and blocks; it is prefilled again from its tokens later.
