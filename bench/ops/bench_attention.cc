@@ -181,7 +181,7 @@ void bench_attention(Dev& d, cuda::Workspace& ws, AttnKind kind, int ratio, int 
     }
   }
   Tensor selt{d.upload(sel), T, topk, topk, DType::kI32, Device::kCuda};
-  AttentionArgs a{H, dh, W, ratio, kind, 1.0f / std::sqrt(static_cast<float>(dh)), &sink};
+  AttentionArgs a{H, dh, W, ratio, kind, 1.0f / std::sqrt(static_cast<float>(dh)), &sink, W};
   const Tensor* sp = kind == AttnKind::kCSA ? &selt : nullptr;
   const double ms = d.time([&] { cuda::attention(d.s, ws, q, kv, a, st.dev, ls, sp, o); });
   const char* name =
@@ -213,8 +213,7 @@ void bench_compress(Dev& d, cuda::Workspace& ws, int ratio, int k, int dim, int 
   const int T = st.host.num_tokens, kd = k * dim;
   const int64_t pool = st.pool_blocks * (kBlockTokens / ratio);
   Tensor a = d.random(T, kd, DType::kF32, 21), g = d.random(T, kd, DType::kF32, 22);
-  Tensor buf = d.random(int64_t{B} * 2 * ratio, kd, DType::kF32, 23);
-  Tensor prev = d.random(int64_t{B} * 2 * ratio, dim, DType::kF32, 24);
+  Tensor buf = d.random(int64_t{B} * k * ratio, 2 * kd, DType::kF32, 23);
   Tensor cache = d.random(pool, dim, DType::kBF16, 25);
   CompressorView w;
   w.ape = d.random(ratio, kd, DType::kF32, 26);
@@ -222,8 +221,8 @@ void bench_compress(Dev& d, cuda::Workspace& ws, int ratio, int k, int dim, int 
   for (int i = 0; i < 32; ++i) freq[i] = static_cast<float>(std::pow(160000.0, -i / 32.0));
   w.norm = Tensor{d.upload(ones), 1, dim, dim, DType::kF32, Device::kCuda};
   RopeView rope{Tensor{d.upload(freq), 1, 32, 32, DType::kF32, Device::kCuda}, 64};
-  CompressorArgs args{&w, &rope, ratio, k, dim, 1e-6f};
-  const double ms = d.time([&] { cuda::compress(d.s, ws, a, g, args, st.dev, buf, prev, cache); });
+  CompressorArgs args{&w, &rope, ratio, k, dim, 1e-6f, k * ratio};
+  const double ms = d.time([&] { cuda::compress(d.s, ws, a, g, args, st.dev, buf, cache); });
   char name[64];
   std::snprintf(name, sizeof name, "compress r=%d k=%d d=%d (a, g read)", ratio, k, dim);
   report(name, B, T, ctx, ms, 2.0 * T * kd * 4);

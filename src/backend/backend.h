@@ -110,15 +110,20 @@ struct LayerView {
   MoeWeights moe;
 };
 
-// One attention layer's per-sequence state.
+// One attention layer's per-sequence state. The per-slot buffers are rings indexed by absolute
+// position, with `slack` rows beyond what a step reads (the speculative tokens a step may write and
+// later drop): rolling a sequence back to position p needs no copy, the next step simply writes
+// from p again and never reads a row of a dropped position.
 struct LayerState {
-  Tensor window;    // [slots * W, head_dim]        ring: position p at row slot*W + p % W
-  Tensor cmp;       // [pool rows, head_dim]         compressed entries (ratio > 0), see entry_row
-  Tensor cmp_buf;   // [slots * 2 * ratio, k * head_dim] compressor: rows [0, ratio) pending window
-                    // values, rows [ratio, 2 ratio) their gates (ape included)
-  Tensor cmp_prev;  // [slots * 2 * ratio, head_dim] CSA: previous window's A-halves (values, gates)
-  Tensor idx;       // [pool rows, index_head_dim]   indexer keys (CSA), see entry_row
-  Tensor idx_buf, idx_prev;  // the indexer compressor's windows, as above at index_head_dim
+  Tensor window;   // [slots * ring, head_dim]   ring = window + slack: position p at row
+                   // slot * ring + p % ring
+  Tensor cmp;      // [pool rows, head_dim]       compressed entries (ratio > 0), see entry_row
+  Tensor cmp_buf;  // [slots * ring, 2 * k * head_dim] the compressor's inputs of recent positions:
+                   // position p at row slot * ring + p % ring holds its k * head_dim values, then
+                   // their gates (ape included); ring = k * ratio + slack (CSA, k = 2, also reads
+                   // the previous window's A-halves)
+  Tensor idx;      // [pool rows, index_head_dim] indexer keys (CSA), see entry_row
+  Tensor idx_buf;  // the indexer compressor's inputs, as cmp_buf at index_head_dim (k = 2)
 };
 
 // What each buffer of a LayerState holds, so a backend can choose its storage dtype.
@@ -145,6 +150,7 @@ struct CompressorArgs {
   const RopeView* rope;
   int ratio, overlap, dim;  // overlap k: 2 for CSA, 1 for HCA; dim: entry width
   float eps;
+  int ring;  // rows per slot of the input ring (LayerState::cmp_buf)
 };
 
 struct AttentionArgs {
@@ -152,6 +158,7 @@ struct AttentionArgs {
   AttnKind kind;
   float scale;
   const Tensor* sink;  // [1, num_heads] f32
+  int ring;            // rows per slot of the window ring (LayerState::window)
 };
 
 struct MoeArgs {
@@ -259,10 +266,12 @@ class Backend {
   virtual void hc_head(Tensor X, const HcWeights& p, int hc, float hc_eps, float norm_eps,
                        Tensor h) = 0;
   // Compressor: feeds projected values a and gates g ([T, k*dim] f32) of every chunk's tokens into
-  // the slot's window state and writes an entry (norm + rope at the window's first position) to
-  // `cache` (a per-entry pool, see entry_row) for every window that completes.
+  // the slot's input ring `buf` (args.ring rows per slot) and writes an entry (norm + rope at the
+  // window's first position) to `cache` (a per-entry pool, see entry_row) for every window that
+  // completes. Window w pools positions [w r, (w+1) r) (CSA: also the A-halves of window w - 1,
+  // none for w = 0).
   virtual void compress(Tensor a, Tensor g, const CompressorArgs& args, const BatchView& b,
-                        Tensor buf, Tensor prev, Tensor cache) = 0;
+                        Tensor buf, Tensor cache) = 0;
   // Lightning indexer: for each token the top-k visible compressed entries by
   // sum_h relu(q_h . k_w) * scale_q * weights_h, ties to the lower index; sorted ascending,
   // padded with -1.    q: [T, ih*id]  weights: [T, ih] f32  keys: the pool  out: [T, topk] i32
@@ -273,8 +282,10 @@ class Backend {
   // q: [T, H*dh]  kv: [T, dh]  o: [T, H*dh]
   virtual void attention(Tensor q, Tensor kv, const AttentionArgs& args, const BatchView& b,
                          const LayerState& st, const Tensor* selected, Tensor o) = 0;
-  // Writes this step's kv rows into the slots' window rings (after attention read them).
-  virtual void window_update(Tensor kv, int window, const BatchView& b, Tensor ring) = 0;
+  // Writes this step's kv rows (each chunk's last `window` ones) into the slots' window rings of
+  // `ring_rows` rows per slot (after attention read them).
+  virtual void window_update(Tensor kv, int window, int ring_rows, const BatchView& b,
+                             Tensor ring) = 0;
   // Routed + shared experts.   x: [T, D] -> y: [T, D]
   virtual void moe(Tensor x, const MoeArgs& args, const BatchView& b, Tensor y) = 0;
   // out[i] = x[b.logit_rows[i]]

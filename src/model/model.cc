@@ -6,25 +6,32 @@
 
 namespace sp {
 
-std::vector<StateBuffer> layer_state_layout(const Config& c, int l) {
+std::vector<StateBuffer> layer_state_layout(const Config& c, int l, int slack) {
   const int64_t dh = c.head_dim, r = c.compress_ratio[l];
-  // The window ring; per compressed entry a head_dim row; the compressor's pending windows
-  // (values, then gates; CSA keeps the previous window's A-halves too); for CSA the same again for
-  // the indexer's keys at index_head_dim.
-  std::vector<StateBuffer> v{{&LayerState::window, c.sliding_window, dh, false}};
+  // The window ring; per compressed entry a head_dim row; the compressor's input ring (values then
+  // gates of the positions a completing window pools); for CSA the same again for the indexer's
+  // keys at index_head_dim. Rings keep `slack` more rows: the positions of speculative tokens that
+  // may be dropped (backend.h LayerState).
+  std::vector<StateBuffer> v{{&LayerState::window, window_ring_rows(c, slack), dh, false}};
   if (r > 0) {
     const int64_t k = c.compressor_overlap(l);
     v.push_back({&LayerState::cmp, 0, dh, true});
-    v.push_back({&LayerState::cmp_buf, 2 * r, k * dh, false});
-    if (k == 2) v.push_back({&LayerState::cmp_prev, 2 * r, dh, false});
+    v.push_back({&LayerState::cmp_buf, compressor_ring_rows(c, l, slack), 2 * k * dh, false});
     if (c.attn_kinds[l] == AttnKind::kCSA) {
       const int64_t id = c.index_head_dim;
       v.push_back({&LayerState::idx, 0, id, true});
-      v.push_back({&LayerState::idx_buf, 2 * r, 2 * id, false});
-      v.push_back({&LayerState::idx_prev, 2 * r, id, false});
+      v.push_back({&LayerState::idx_buf, compressor_ring_rows(c, l, slack), 2 * 2 * id, false});
     }
   }
   return v;
+}
+
+int window_ring_rows(const Config& c, int slack) {
+  return c.sliding_window + slack;
+}
+
+int compressor_ring_rows(const Config& c, int l, int slack) {
+  return c.compressor_overlap(l) * c.compress_ratio[l] + slack;
 }
 
 int state_block_tokens(const Config& c) {
@@ -69,10 +76,10 @@ std::vector<float> rope_inv_freq(const RopeParams& p, int rope_dim) {
   return out;
 }
 
-StateBytes layer_state_bytes(const Config& c, int l) {
+StateBytes layer_state_bytes(const Config& c, int l, int slack) {
   StateBytes s;
   int64_t entry = 0;  // bytes per compressed entry
-  for (const StateBuffer& b : layer_state_layout(c, l))
+  for (const StateBuffer& b : layer_state_layout(c, l, slack))
     (b.per_entry ? entry : s.per_sequence) += (b.per_entry ? 1 : b.rows) * b.cols * 4;
   const int64_t r = c.compress_ratio[l];
   if (r > 0) s.per_token = (entry + r - 1) / r;  // rounded up
@@ -107,7 +114,7 @@ Model::Model(const Config& c, const ModelWeights& w, Backend& be, const StateLim
   int64_t bytes = 0;
   for (const LayerView& L : layers_) {
     std::vector<StateAlloc> layout;
-    for (const StateBuffer& sb : layer_state_layout(c, L.index)) {
+    for (const StateBuffer& sb : layer_state_layout(c, L.index, lim.spec_slack)) {
       StateAlloc a{sb.field, S * sb.rows, sb.cols, StateKind::kWindow};
       if (sb.per_entry) {
         a.rows = int64_t{num_blocks_} * (block_tokens_ / L.ratio);
@@ -263,8 +270,14 @@ void Model::attention_block(const LayerView& L, LayerState& st, const BatchView&
     Tensor a = ws_a_.view(T, int64_t{k} * dh), g = ws_g_.view(T, int64_t{k} * dh);
     be_.linear(xn, L.compressor.wkv, a);
     be_.linear(xn, L.compressor.wgate, g);
-    CompressorArgs ca{&L.compressor, &rope_compress_, L.ratio, k, dh, eps};
-    be_.compress(a, g, ca, b, st.cmp_buf, st.cmp_prev, st.cmp);
+    CompressorArgs ca{&L.compressor,
+                      &rope_compress_,
+                      L.ratio,
+                      k,
+                      dh,
+                      eps,
+                      compressor_ring_rows(c_, L.index, lim_.spec_slack)};
+    be_.compress(a, g, ca, b, st.cmp_buf, st.cmp);
   }
   const Tensor* sel = nullptr;
   Tensor selected;
@@ -273,8 +286,14 @@ void Model::attention_block(const LayerView& L, LayerState& st, const BatchView&
     Tensor ia = ws_ia_.slice_rows(0, T), ig = ws_ig_.slice_rows(0, T);
     be_.linear(xn, L.idx_compressor.wkv, ia);
     be_.linear(xn, L.idx_compressor.wgate, ig);
-    CompressorArgs ca{&L.idx_compressor, &rope_compress_, L.ratio, 2, id, eps};
-    be_.compress(ia, ig, ca, b, st.idx_buf, st.idx_prev, st.idx);
+    CompressorArgs ca{&L.idx_compressor,
+                      &rope_compress_,
+                      L.ratio,
+                      2,
+                      id,
+                      eps,
+                      compressor_ring_rows(c_, L.index, lim_.spec_slack)};
+    be_.compress(ia, ig, ca, b, st.idx_buf, st.idx);
     Tensor iq = ws_iq_.slice_rows(0, T), iw = ws_iw_.slice_rows(0, T);
     be_.linear(qlat, L.idx_wq_b, iq);
     be_.rope(iq, id, rope_compress_, b, false);
@@ -284,11 +303,12 @@ void Model::attention_block(const LayerView& L, LayerState& st, const BatchView&
     sel = &selected;
   }
   Tensor o = ws_o_.slice_rows(0, T);
+  const int ring = window_ring_rows(c_, lim_.spec_slack);
   AttentionArgs aa{c_.num_heads, dh,     c_.sliding_window,
                    L.ratio,      L.kind, 1.0f / std::sqrt(static_cast<float>(dh)),
-                   &L.attn_sink};
+                   &L.attn_sink, ring};
   be_.attention(q, kv, aa, b, st, sel, o);
-  be_.window_update(kv, c_.sliding_window, b, st.window);
+  be_.window_update(kv, c_.sliding_window, ring, b, st.window);
   // De-rotate with the query position, grouped low-rank output projection.
   be_.rope(o, dh, rope, b, true);
   Tensor z = ws_z_.slice_rows(0, T);

@@ -28,6 +28,9 @@ struct StateLimits {
   // Reserve the MTP hidden-state buffer on the stage that owns the head (only when MTP is on; MTP
   // itself is not built yet, nothing turns this on).
   bool mtp = false;
+  // Extra rows of every per-slot ring (window, compressor inputs): the most speculative tokens a
+  // step may write and the next drop (0 without speculation).
+  int spec_slack = 0;
 };
 
 // One buffer of a layer's sequence state, for one sequence: `rows` x `cols`, or, when `per_entry`,
@@ -45,14 +48,18 @@ int state_block_tokens(const Config& c);
 // Blocks one sequence of `len` positions needs.
 int64_t blocks_for(int64_t len, int block_tokens);
 // The one description of a layer's state layout: the Model allocates it, the estimates sum it.
-std::vector<StateBuffer> layer_state_layout(const Config& c, int layer);
+// `slack`: StateLimits::spec_slack.
+std::vector<StateBuffer> layer_state_layout(const Config& c, int layer, int slack = 0);
+// Rows per slot of the window ring and of a compressor's input ring.
+int window_ring_rows(const Config& c, int slack);
+int compressor_ring_rows(const Config& c, int layer, int slack);
 
 // Per-layer bytes of sequence state (fp32): fixed per sequence and growing per token.
 struct StateBytes {
   int64_t per_sequence = 0;
   int64_t per_token = 0;
 };
-StateBytes layer_state_bytes(const Config& c, int layer);
+StateBytes layer_state_bytes(const Config& c, int layer, int slack = 0);
 
 // Rotary inverse frequencies for `rope_dim` rotated dims (YaRN ramp where the params ask for it).
 std::vector<float> rope_inv_freq(const RopeParams& p, int rope_dim);

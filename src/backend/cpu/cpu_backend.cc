@@ -319,41 +319,42 @@ class CpuBackend final : public Backend {
   }
 
   void compress(Tensor a, Tensor g, const CompressorArgs& args, const BatchView& b, Tensor buf,
-                Tensor prev, Tensor cache) override {
-    const int r = args.ratio, k = args.overlap, d = args.dim;
+                Tensor cache) override {
+    const int r = args.ratio, k = args.overlap, d = args.dim, R = args.ring;
     const int64_t kd = static_cast<int64_t>(k) * d;
+    SP_CHECK(R >= k * r && buf.cols == 2 * kd, "compressor ring of ", R, " rows x ", buf.cols,
+             " for ratio ", r, " overlap ", k);
     const float *ape = args.w->ape.f32(), *norm = args.w->norm.f32();
     // Sequences are independent: one task per chunk; tokens of a chunk go in order.
     pool_.parallel_for(static_cast<int64_t>(b.chunks.size()), [&](int64_t lo, int64_t hi) {
       std::vector<float> pooled(static_cast<size_t>(d)), wts(2 * r);
+      std::vector<const float*> src(2 * r);  // per slot of the pooled windows: values, gates + kd
       for (int64_t ci = lo; ci < hi; ++ci) {
         const SeqChunk& ch = b.chunks[ci];
-        float* bv =
-            buf.row(static_cast<int64_t>(ch.slot) * 2 * r);  // [r, kd] values then [r, kd] gates
-        float* bg = bv + r * kd;
-        float* pv =
-            k == 2 ? prev.row(static_cast<int64_t>(ch.slot) * 2 * r) : nullptr;  // [r, d] + [r, d]
-        float* pg = k == 2 ? pv + r * d : nullptr;
-        if (ch.start_pos == 0 && k == 2) {  // new sequence: no previous window
-          std::fill(pv, pv + r * d, 0.0f);
-          std::fill(pg, pg + r * d, -std::numeric_limits<float>::infinity());
-        }
+        // Position q's values then gates (ape included): row slot * R + q % R of the ring.
+        auto ring = [&](int64_t q) { return buf.row(static_cast<int64_t>(ch.slot) * R + q % R); };
         for (int i = 0; i < ch.n_tokens; ++i) {
           const int64_t t = ch.offset + i, p = ch.start_pos + i, s = p % r;
-          std::memcpy(bv + s * kd, a.row(t), kd * sizeof(float));
-          for (int64_t c = 0; c < kd; ++c) bg[s * kd + c] = g.row(t)[c] + ape[s * kd + c];
+          float* row = ring(p);
+          std::memcpy(row, a.row(t), kd * sizeof(float));
+          for (int64_t c = 0; c < kd; ++c) row[kd + c] = g.row(t)[c] + ape[s * kd + c];
           if (s != r - 1) continue;
           const int64_t w = p / r;
           SP_CHECK(w * r / lim_.block_tokens < ch.num_blocks, "compressed entry ", w, " of slot ",
                    ch.slot, " outside its ", ch.num_blocks, " state blocks");
-          // Per channel: softmax over the window's slots (CSA: previous A-halves then current
-          // B-halves).
+          // The pooled slots: CSA the previous window's A-halves (none before window 0) then this
+          // window's B-halves; HCA this window.
+          const int n = k == 2 ? 2 * r : r;
+          for (int j = 0; j < n; ++j) {
+            const bool prev = k == 2 && j < r;
+            const int64_t q = prev ? (w - 1) * r + j : w * r + (k == 2 ? j - r : j);
+            src[j] = q < 0 ? nullptr : ring(q) + (k == 2 && !prev ? d : 0);
+          }
+          // Per channel: softmax over the window's slots.
           for (int c = 0; c < d; ++c) {
-            const int n = k == 2 ? 2 * r : r;
             float mx = -std::numeric_limits<float>::infinity();
             for (int j = 0; j < n; ++j) {
-              float gv =
-                  k == 2 ? (j < r ? pg[j * d + c] : bg[(j - r) * kd + d + c]) : bg[j * kd + c];
+              float gv = src[j] ? src[j][kd + c] : -std::numeric_limits<float>::infinity();
               wts[j] = gv;
               mx = std::max(mx, gv);
             }
@@ -361,8 +362,7 @@ class CpuBackend final : public Backend {
             for (int j = 0; j < n; ++j) sum += (wts[j] = std::exp(wts[j] - mx));
             float acc = 0;
             for (int j = 0; j < n; ++j) {
-              float v =
-                  k == 2 ? (j < r ? pv[j * d + c] : bv[(j - r) * kd + d + c]) : bv[j * kd + c];
+              float v = src[j] ? src[j][c] : 0.0f;
               acc += v * (wts[j] / sum);
             }
             pooled[c] = acc;
@@ -372,12 +372,6 @@ class CpuBackend final : public Backend {
           float rn = 1.0f / std::sqrt(ss / static_cast<float>(d) + args.eps);
           for (int c = 0; c < d; ++c) e[c] = norm[c] * (pooled[c] * rn);
           rotate(e, d, *args.rope, static_cast<float>(w * r));
-          if (k == 2) {  // this window's A-halves overlap into the next entry
-            for (int j = 0; j < r; ++j) {
-              std::memcpy(pv + j * d, bv + j * kd, d * sizeof(float));
-              std::memcpy(pg + j * d, bg + j * kd, d * sizeof(float));
-            }
-          }
         }
       }
     });
@@ -436,9 +430,10 @@ class CpuBackend final : public Backend {
             const int64_t p = b.positions[t];
             rows.clear();
             for (int64_t pp = std::max<int64_t>(0, p - W + 1); pp <= p; ++pp)
-              rows.push_back(pp < ch.start_pos
-                                 ? st.window.row(static_cast<int64_t>(ch.slot) * W + pp % W)
-                                 : kv.row(ch.offset + (pp - ch.start_pos)));
+              rows.push_back(
+                  pp < ch.start_pos
+                      ? st.window.row(static_cast<int64_t>(ch.slot) * a.ring + pp % a.ring)
+                      : kv.row(ch.offset + (pp - ch.start_pos)));
             auto entry = [&](int64_t w) {
               return st.cmp.row(entry_row(b, ch, w, a.ratio, lim_.block_tokens));
             };
@@ -469,11 +464,13 @@ class CpuBackend final : public Backend {
         grain(static_cast<int64_t>(2) * (W + topk) * dh));
   }
 
-  void window_update(Tensor kv, int window, const BatchView& b, Tensor ring) override {
+  void window_update(Tensor kv, int window, int ring_rows, const BatchView& b,
+                     Tensor ring) override {
+    SP_CHECK(ring_rows >= window, "window ring of ", ring_rows, " rows for a window of ", window);
     for (const SeqChunk& ch : b.chunks) {
       for (int i = std::max(0, ch.n_tokens - window); i < ch.n_tokens; ++i) {
         const int64_t p = ch.start_pos + i;
-        std::memcpy(ring.row(static_cast<int64_t>(ch.slot) * window + p % window),
+        std::memcpy(ring.row(static_cast<int64_t>(ch.slot) * ring_rows + p % ring_rows),
                     kv.row(ch.offset + i), kv.cols * sizeof(float));
       }
     }

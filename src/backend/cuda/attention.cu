@@ -41,6 +41,7 @@ struct AttnParams {
   float* part;  // [T][H][splits][dh + 2]: m, l, acc
   const float* sink;
   int topk, H, dh, W, ratio, kind;  // kind: 0 sliding, 1 HCA, 2 CSA
+  int ring_rows;                    // window ring rows per slot
   float scale;
   int splits, rows_per_split;
   bool q_bf, kv_bf, ring_bf, cmp_bf, o_bf;
@@ -145,7 +146,8 @@ __global__ void __launch_bounds__(kThreads, 2) attention_kernel(AttnParams P, De
         if (j < nwin) {
           const int64_t pp = p0 + j;
           if (pp < ch.start_pos) {
-            ptr = attn::row_ptr(P.ring, static_cast<int64_t>(ch.slot) * P.W + pp % P.W,
+            ptr = attn::row_ptr(P.ring,
+                                static_cast<int64_t>(ch.slot) * P.ring_rows + pp % P.ring_rows,
                                 P.ring_stride, P.ring_bf);
             bf = P.ring_bf;
           } else {
@@ -348,14 +350,14 @@ int num_sms() {
 
 __global__ void window_update_kernel(const void* kv, int64_t kv_stride, bool kv_bf, void* ring,
                                      int64_t ring_stride, bool ring_bf, int cols, int window,
-                                     DevBatch b) {
+                                     int ring_rows, DevBatch b) {
   const SeqChunk ch = b.chunks[blockIdx.y];
   const int i = max(0, ch.n_tokens - window) + static_cast<int>(blockIdx.x);
   if (i >= ch.n_tokens) return;
   const int64_t p = ch.start_pos + i;
   const void* src = attn::row_ptr(kv, ch.offset + i, kv_stride, kv_bf);
   void* dst = const_cast<void*>(attn::row_ptr(
-      ring, static_cast<int64_t>(ch.slot) * window + p % window, ring_stride, ring_bf));
+      ring, static_cast<int64_t>(ch.slot) * ring_rows + p % ring_rows, ring_stride, ring_bf));
   for (int c = threadIdx.x; c < cols; c += blockDim.x)
     store_f(dst, c, load_f(src, c, kv_bf), ring_bf);
 }
@@ -382,6 +384,8 @@ void attention(cudaStream_t s, Workspace& ws, Tensor q, Tensor kv, const Attenti
   P.o = o.data, P.o_stride = o.stride, P.o_bf = attn::is_bf16(o);
   P.sink = a.sink->ptr<float>();
   P.H = a.num_heads, P.dh = a.head_dim, P.W = a.window, P.ratio = a.ratio, P.scale = a.scale;
+  P.ring_rows = a.ring;
+  SP_CHECK(a.ring >= a.window, "attention: window ring of ", a.ring, " rows for window ", a.window);
   P.kind = a.kind == AttnKind::kHCA ? 1 : a.kind == AttnKind::kCSA ? 2 : 0;
   if (a.ratio <= 0) P.kind = 0;
   if (P.kind != 0) {
@@ -434,18 +438,20 @@ void attention(cudaStream_t s, Workspace& ws, Tensor q, Tensor kv, const Attenti
   }
 }
 
-void window_update(cudaStream_t s, Tensor kv, int window, const DevBatch& b, Tensor ring) {
+void window_update(cudaStream_t s, Tensor kv, int window, int ring_rows, const DevBatch& b,
+                   Tensor ring) {
   const BatchView& hb = *b.host;
   if (hb.chunks.empty()) return;
   attn::check_float(kv, "window_update kv");
   attn::check_float(ring, "window_update ring");
   SP_CHECK(kv.cols == ring.cols, "window_update: kv ", kv.cols, " cols, ring ", ring.cols);
+  SP_CHECK(ring_rows >= window, "window_update: ring of ", ring_rows, " rows, window ", window);
   int rows = 0;
   for (const SeqChunk& ch : hb.chunks) rows = std::max(rows, std::min(ch.n_tokens, window));
   if (rows == 0) return;
   window_update_kernel<<<dim3(rows, hb.chunks.size()), 128, 0, s>>>(
       kv.data, kv.stride, attn::is_bf16(kv), ring.data, ring.stride, attn::is_bf16(ring),
-      static_cast<int>(kv.cols), window, b);
+      static_cast<int>(kv.cols), window, ring_rows, b);
   SP_CUDA_LAUNCH();
 }
 

@@ -1,13 +1,12 @@
 // Compressor (CSA: overlapping windows, k = 2; HCA: k = 1): the CPU backend's token-by-token
 // state machine, computed in parallel. Every value a completed window needs is either one of this
-// step's rows (a, g + ape) or the slot state left by earlier steps (buf: the pending window,
-// prev: the last completed window's A-halves), so
+// step's rows (a, g + ape) or a row of the slot's input ring left by earlier steps (position q at
+// row slot * ring + q % ring: values, then gates with ape), so
 //   1. compress_entries_kernel: one block per (chunk, window completed in this step), threads over
 //      channels: per-channel softmax pooling, RMS norm, rope at the window's first position, the
 //      entry into the pool;
-//   2. compress_state_kernel (after 1, which reads the old state): one thread per state column
-//      writes what the CPU leaves behind: prev = the last completed window's A-halves (or the
-//      reset value at start_pos 0), buf slot s = the chunk's last token with p % ratio == s.
+//   2. compress_state_kernel (after 1, which reads the old ring): writes this step's rows into the
+//      ring (each chunk's last `ring` positions).
 #include <algorithm>
 
 #include "backend/cuda/attn_common.cuh"
@@ -28,10 +27,9 @@ struct CmpParams {
   int64_t ape_stride;
   const float* norm;      // [d]
   const float* inv_freq;  // [rope_dim / 2]
-  float* buf;             // [slots * 2r, kd]
+  float* buf;             // [slots * ring, 2 kd]: values, then gates (ape included)
   int64_t buf_stride;
-  float* prev;  // [slots * 2r, d] (k == 2)
-  int64_t prev_stride;
+  int ring;  // rows per slot
   void* cache;
   int64_t cache_stride;
   bool cache_bf;
@@ -39,8 +37,8 @@ struct CmpParams {
   float eps;
 };
 
-// Value and gate (ape included) of slot j of window u at state column col (< k*d), as the CPU
-// state machine would hold them when window u + 1 or u completes inside this chunk.
+// Value and gate (ape included) of slot j of window u at column col (< k*d): this step's row, the
+// ring's row of an earlier position, or nothing (window -1 of CSA: value 0, gate -inf).
 __device__ __forceinline__ void slot_vg(const CmpParams& P, const SeqChunk& ch, int64_t u, int j,
                                         int col, float* v, float* gt) {
   const int64_t pos = u * P.r + j;
@@ -48,17 +46,14 @@ __device__ __forceinline__ void slot_vg(const CmpParams& P, const SeqChunk& ch, 
     const int64_t row = ch.offset + (pos - ch.start_pos);
     *v = P.a[row * P.a_stride + col];
     *gt = P.g[row * P.g_stride + col] + P.ape[j * P.ape_stride + col];
-  } else if (u == ch.start_pos / P.r) {  // the window pending at the start of the step
-    const float* bv = P.buf + static_cast<int64_t>(ch.slot) * 2 * P.r * P.buf_stride;
-    *v = bv[j * P.buf_stride + col];
-    *gt = bv[(P.r + j) * P.buf_stride + col];
-  } else if (ch.start_pos == 0) {  // window -1 of a new sequence (CSA only)
+  } else if (pos >= 0) {  // an earlier step's row, in the ring
+    const float* rv =
+        P.buf + (static_cast<int64_t>(ch.slot) * P.ring + pos % P.ring) * P.buf_stride;
+    *v = rv[col];
+    *gt = rv[P.k * P.d + col];
+  } else {  // window -1 of a sequence (CSA only)
     *v = 0.0f;
     *gt = -INFINITY;
-  } else {  // the last window completed before this step (CSA only, col < d)
-    const float* pv = P.prev + static_cast<int64_t>(ch.slot) * 2 * P.r * P.prev_stride;
-    *v = pv[j * P.prev_stride + col];
-    *gt = pv[(P.r + j) * P.prev_stride + col];
   }
 }
 
@@ -143,51 +138,33 @@ __global__ void __launch_bounds__(kCmpThreads) compress_entries_kernel(CmpParams
 
 __global__ void compress_state_kernel(CmpParams P, DevBatch b) {
   const SeqChunk ch = b.chunks[blockIdx.y];
+  const int kd = P.k * P.d;
   const int col = blockIdx.x * blockDim.x + threadIdx.x;
-  if (col >= P.k * P.d || ch.n_tokens == 0) return;
+  if (col >= kd || ch.n_tokens == 0) return;
   const int64_t start = ch.start_pos, end = ch.start_pos + ch.n_tokens;
-  if (P.k == 2 && col < P.d) {
-    float* pv = P.prev + static_cast<int64_t>(ch.slot) * 2 * P.r * P.prev_stride;
-    const int64_t first = start / P.r, last = end / P.r;
-    if (last > first) {  // the A-halves of the last window completed in this step
-      for (int j = 0; j < P.r; ++j) {
-        float v, gt;
-        slot_vg(P, ch, last - 1, j, col, &v, &gt);
-        pv[j * P.prev_stride + col] = v;
-        pv[(P.r + j) * P.prev_stride + col] = gt;
-      }
-    } else if (start == 0) {
-      for (int j = 0; j < P.r; ++j) {
-        pv[j * P.prev_stride + col] = 0.0f;
-        pv[(P.r + j) * P.prev_stride + col] = -INFINITY;
-      }
-    }
-  }
-  float* bv = P.buf + static_cast<int64_t>(ch.slot) * 2 * P.r * P.buf_stride;
-  for (int s = 0; s < P.r; ++s) {
-    if (end - 1 < s) break;
-    const int64_t pos = ((end - 1 - s) / P.r) * P.r + s;  // the last position with p % r == s
-    if (pos < start) continue;
+  // The chunk's last `ring` positions: each ring row written once.
+  for (int64_t pos = max(start, end - P.ring); pos < end; ++pos) {
     const int64_t row = ch.offset + (pos - start);
-    bv[s * P.buf_stride + col] = P.a[row * P.a_stride + col];
-    bv[(P.r + s) * P.buf_stride + col] =
-        P.g[row * P.g_stride + col] + P.ape[s * P.ape_stride + col];
+    float* dst = P.buf + (static_cast<int64_t>(ch.slot) * P.ring + pos % P.ring) * P.buf_stride;
+    dst[col] = P.a[row * P.a_stride + col];
+    dst[kd + col] = P.g[row * P.g_stride + col] + P.ape[(pos % P.r) * P.ape_stride + col];
   }
 }
 
 }  // namespace
 
 void compress(cudaStream_t s, Workspace&, Tensor a, Tensor g, const CompressorArgs& args,
-              const DevBatch& b, Tensor buf, Tensor prev, Tensor cache) {
+              const DevBatch& b, Tensor buf, Tensor cache) {
   const BatchView& hb = *b.host;
   if (hb.chunks.empty()) return;
   const int r = args.ratio, k = args.overlap, d = args.dim;
-  SP_CHECK(a.dtype == DType::kF32 && g.dtype == DType::kF32 && buf.dtype == DType::kF32 &&
-               (k == 1 || prev.dtype == DType::kF32),
+  SP_CHECK(a.dtype == DType::kF32 && g.dtype == DType::kF32 && buf.dtype == DType::kF32,
            "compress: a, g and the compressor state must be f32");
   attn::check_float(cache, "compress cache");
-  SP_CHECK(a.cols == static_cast<int64_t>(k) * d && g.cols == a.cols && buf.cols == a.cols,
+  SP_CHECK(a.cols == static_cast<int64_t>(k) * d && g.cols == a.cols && buf.cols == 2 * a.cols,
            "compress: shapes");
+  SP_CHECK(args.ring >= k * r, "compress: input ring of ", args.ring, " rows for ratio ", r,
+           " overlap ", k);
   SP_CHECK(args.w->ape.dtype == DType::kF32 && args.w->norm.dtype == DType::kF32 &&
                args.rope->inv_freq.dtype == DType::kF32,
            "compress: ape, norm and inv_freq must be f32");
@@ -200,8 +177,7 @@ void compress(cudaStream_t s, Workspace&, Tensor a, Tensor g, const CompressorAr
   P.ape = args.w->ape.ptr<float>(), P.ape_stride = args.w->ape.stride;
   P.norm = args.w->norm.ptr<float>();
   P.inv_freq = args.rope->inv_freq.ptr<float>();
-  P.buf = buf.ptr<float>(), P.buf_stride = buf.stride;
-  if (k == 2) P.prev = prev.ptr<float>(), P.prev_stride = prev.stride;
+  P.buf = buf.ptr<float>(), P.buf_stride = buf.stride, P.ring = args.ring;
   P.cache = cache.data, P.cache_stride = cache.stride, P.cache_bf = attn::is_bf16(cache);
   P.r = r, P.k = k, P.d = d, P.rope_dim = args.rope->rope_dim, P.block_tokens = b.block_tokens;
   P.eps = args.eps;

@@ -101,12 +101,13 @@ void prepare_moe(MoeWeights& moe, cudaStream_t s);
 
 // ---- attention.cu: compressed KV, indexer, attention --------------------------------------------
 void compress(cudaStream_t s, Workspace& ws, Tensor a, Tensor g, const CompressorArgs& args,
-              const DevBatch& b, Tensor buf, Tensor prev, Tensor cache);
+              const DevBatch& b, Tensor buf, Tensor cache);
 void indexer_topk(cudaStream_t s, Workspace& ws, Tensor q, Tensor weights, int heads, int dim,
                   int ratio, int topk, const DevBatch& b, Tensor keys, Tensor out);
 void attention(cudaStream_t s, Workspace& ws, Tensor q, Tensor kv, const AttentionArgs& args,
                const DevBatch& b, const LayerState& st, const Tensor* selected, Tensor o);
-void window_update(cudaStream_t s, Tensor kv, int window, const DevBatch& b, Tensor ring);
+void window_update(cudaStream_t s, Tensor kv, int window, int ring_rows, const DevBatch& b,
+                   Tensor ring);
 
 // ---- elementwise.cu: norms, rope, mHC, copies, sampling ----------------------------------------
 void expand_streams(cudaStream_t s, Tensor e, int hc, Tensor X);
