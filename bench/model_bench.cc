@@ -67,7 +67,7 @@ Timing run_once(const Config& c, const ModelWeights& w, Backend& be, int batch, 
     SP_CHECK(sched.add(std::move(r)).is_ok(), "request");
   }
   Timing t;
-  std::vector<float> host_logits;
+  HeadStage head(model, nullptr);
   while (!sched.idle()) {
     StepPlan plan = sched.schedule();
     if (plan.empty()) break;
@@ -80,7 +80,7 @@ Timing run_once(const Config& c, const ModelWeights& w, Backend& be, int batch, 
     model.begin_step(plan.batch);
     model.embed(plan.batch, X);
     model.run_layers(plan.batch, X);
-    auto sampled = finish_step_on_head(model, plan, X, host_logits, nullptr);
+    StepOutput out = head.finish(plan, X, nullptr);
     be.synchronize();
     const double dt = seconds_since(t0);
     if (decode) {
@@ -89,7 +89,7 @@ Timing run_once(const Config& c, const ModelWeights& w, Backend& be, int batch, 
       t.prefill_s += dt;
       t.prefill_tokens += plan.batch.num_tokens;
     }
-    sched.complete(plan, sampled);
+    sched.complete(plan, out.sampled, out.drafts);
   }
   return t;
 }

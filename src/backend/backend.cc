@@ -42,8 +42,7 @@ void fill_logprobs(const float* logits, int64_t vocab, int32_t chosen, int k, To
 
 }  // namespace
 
-int32_t sample_logits_row(const SampleSpec& sp, const float* raw, int64_t vocab,
-                          TokenLogprobs* lp) {
+SamplingDist sampling_distribution(const SampleSpec& sp, const float* raw, int64_t vocab) {
   const float* logits = raw;
   std::vector<float> pen;
   if (sp.presence_penalty != 0.0f || sp.frequency_penalty != 0.0f ||
@@ -67,48 +66,66 @@ int32_t sample_logits_row(const SampleSpec& sp, const float* raw, int64_t vocab,
     }
     logits = pen.data();
   }
-  int32_t chosen = 0;
+  SamplingDist d;
   if (sp.temperature <= 0.0f) {
     int64_t best = 0;
     for (int64_t i = 1; i < vocab; ++i)
       if (logits[i] > logits[best]) best = i;
-    chosen = static_cast<int32_t>(best);
-  } else {
-    std::vector<int32_t> idx(vocab);
-    for (int64_t i = 0; i < vocab; ++i) idx[i] = static_cast<int32_t>(i);
-    std::stable_sort(idx.begin(), idx.end(),
-                     [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
-    const int64_t n = sp.top_k > 0 ? std::min<int64_t>(sp.top_k, vocab) : vocab;
-    std::vector<double> p(n);
-    double mx = logits[idx[0]], sum = 0;
-    for (int64_t i = 0; i < n; ++i)
-      sum += (p[i] = std::exp((logits[idx[i]] - mx) / sp.temperature));
-    double cum = 0;
-    int64_t keep = n;
-    for (int64_t i = 0; i < n; ++i) {
-      cum += p[i] / sum;
-      if (cum >= sp.top_p) {
-        keep = i + 1;
-        break;
-      }
-    }
-    if (sp.min_p > 0.0f) {  // p[0] is the largest: the rest are sorted below it
-      int64_t k = 1;
-      while (k < keep && p[k] >= sp.min_p * p[0]) ++k;
-      keep = k;
-    }
-    double total = 0;
-    for (int64_t i = 0; i < keep; ++i) total += p[i];
-    double u = counter_uniform(sp.seed, sp.stream, sp.counter) * total;
-    chosen = idx[keep - 1];
-    for (int64_t i = 0; i < keep; ++i) {
-      if (u < p[i]) {
-        chosen = idx[i];
-        break;
-      }
-      u -= p[i];
+    d.ids = {static_cast<int32_t>(best)};
+    d.w = {1.0};
+    d.total = 1.0;
+    return d;
+  }
+  std::vector<int32_t> idx(vocab);
+  for (int64_t i = 0; i < vocab; ++i) idx[i] = static_cast<int32_t>(i);
+  std::stable_sort(idx.begin(), idx.end(),
+                   [&](int32_t a, int32_t b) { return logits[a] > logits[b]; });
+  const int64_t n = sp.top_k > 0 ? std::min<int64_t>(sp.top_k, vocab) : vocab;
+  std::vector<double> p(n);
+  double mx = logits[idx[0]], sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += (p[i] = std::exp((logits[idx[i]] - mx) / sp.temperature));
+  double cum = 0;
+  int64_t keep = n;
+  for (int64_t i = 0; i < n; ++i) {
+    cum += p[i] / sum;
+    if (cum >= sp.top_p) {
+      keep = i + 1;
+      break;
     }
   }
+  if (sp.min_p > 0.0f) {  // p[0] is the largest: the rest are sorted below it
+    int64_t k = 1;
+    while (k < keep && p[k] >= sp.min_p * p[0]) ++k;
+    keep = k;
+  }
+  idx.resize(keep);
+  p.resize(keep);
+  for (int64_t i = 0; i < keep; ++i) d.total += p[i];
+  d.ids = std::move(idx);
+  d.w = std::move(p);
+  return d;
+}
+
+int32_t SamplingDist::draw(double u01) const {
+  double u = u01 * total;
+  for (size_t i = 0; i < w.size(); ++i) {
+    if (u < w[i]) return ids[i];
+    u -= w[i];
+  }
+  return ids.back();
+}
+
+double SamplingDist::prob(int32_t id) const {
+  for (size_t i = 0; i < ids.size(); ++i)
+    if (ids[i] == id) return w[i] / total;
+  return 0.0;
+}
+
+int32_t sample_logits_row(const SampleSpec& sp, const float* raw, int64_t vocab,
+                          TokenLogprobs* lp) {
+  const SamplingDist d = sampling_distribution(sp, raw, vocab);
+  const int32_t chosen =
+      sp.temperature <= 0.0f ? d.ids[0] : d.draw(counter_uniform(sp.seed, sp.stream, sp.counter));
   if (lp && sp.logprobs >= 0) fill_logprobs(raw, vocab, chosen, sp.logprobs, lp);
   return chosen;
 }

@@ -213,6 +213,20 @@ double counter_uniform(uint64_t seed, uint64_t stream, int64_t counter);
 int32_t sample_logits_row(const SampleSpec& spec, const float* logits, int64_t vocab,
                           TokenLogprobs* lp = nullptr);
 
+// The distribution sample_logits_row draws from: the kept candidates (most likely first) and their
+// unnormalised weights (greedy: the one maximum, weight 1). Speculative decoding compares a target
+// and a draft distribution through it.
+struct SamplingDist {
+  std::vector<int32_t> ids;
+  std::vector<double> w;
+  double total = 0;
+  // The candidate a uniform draw u in [0, 1) picks (sample_logits_row's rule).
+  int32_t draw(double u01) const;
+  // Normalised probability of `id` (0 when it is not a candidate).
+  double prob(int32_t id) const;
+};
+SamplingDist sampling_distribution(const SampleSpec& spec, const float* logits, int64_t vocab);
+
 class Backend {
  public:
   virtual ~Backend() = default;

@@ -20,12 +20,6 @@ struct RunStats {
   double seconds = 0;
 };
 
-// Last-stage work of a step: head on the wanted rows, sample where asked (on the backend: only
-// token ids come back), and copy the logits to the host only when `on_logits` wants them.
-std::vector<Sampled> finish_step_on_head(Model& model, const StepPlan& plan, Tensor X,
-                                         std::vector<float>& host_logits,
-                                         const LogitsFn& on_logits);
-
 // The model's state-block geometry in scheduler limits (block size, blocks in the pool).
 SchedulerLimits with_state_blocks(SchedulerLimits lim, const Model& model);
 

@@ -128,7 +128,8 @@ class StageRunner {
         s_(topo.rank),
         P_(topo.world),
         last_(topo.world - 1),
-        tl_(opt.trace, topo.rank) {}
+        tl_(opt.trace, topo.rank),
+        head_(model, hooks.drafter) {}
 
   void run() {
     if (s_ == 0)
@@ -167,25 +168,25 @@ class StageRunner {
     if (!st) tr_.fail(str("stage ", s_, " (rank ", tr_.rank(), "): ", st.message()), 4);
   }
 
-  std::vector<Sampled> compute(const StepPlan& plan, Tensor X) {
+  StepOutput compute(const StepPlan& plan, Tensor X) {
     double t = tl_.now_us();
     model_.begin_step(plan.batch);
     if (is_first()) model_.embed(plan.batch, X);
     LayerHook lh;
     if (hooks_.hook) lh = [&](int layer, Tensor x) { hooks_.hook(plan, layer, x); };
     model_.run_layers(plan.batch, X, lh);
-    std::vector<Sampled> sampled;
+    StepOutput out;
     if (is_last()) {
-      sampled = finish_step_on_head(model_, plan, X, host_logits_, hooks_.on_logits);
+      out = head_.finish(plan, X, hooks_.on_logits);
       if (hooks_.on_sampled)
-        for (const Sampled& t : sampled) hooks_.on_sampled(t);
+        for (const Sampled& t : out.sampled) hooks_.on_sampled(t);
     }
     if (int w = model_.backend().non_finite_where(); w != Backend::kAllFinite)
       check(Status::error(non_finite_message(w, plan.id)));
     tl_.add("compute", plan.id, t);
     tl_.report.steps++;
     tl_.report.tokens += plan.batch.num_tokens;
-    return sampled;
+    return out;
   }
 
   // This stage's (busy, wall) seconds, appended to what a step carries down the pipeline.
@@ -214,12 +215,13 @@ class StageRunner {
     tl_.add(block ? "wait" : "receive", in_flight_.front().id, t);
     int64_t id = -1;
     std::vector<double> times;
-    auto sampled = decode_sampled(header_, &id, &times);
+    std::vector<Drafted> drafts;
+    auto sampled = decode_sampled(header_, &id, &times, &drafts);
     if (!sampled) check(sampled.status());
     if (id != in_flight_.front().id)
       check(Status::error(
           str("results arrived out of order: step ", id, ", expected ", in_flight_.front().id)));
-    sched_->complete(in_flight_.front(), sampled.value());
+    sched_->complete(in_flight_.front(), sampled.value(), drafts);
     if (hooks_.on_step) hooks_.on_step(*sched_, in_flight_.front(), sampled.value(), times);
     in_flight_.pop_front();
     return true;
@@ -257,12 +259,12 @@ class StageRunner {
         if (!plan.empty()) {
           maybe_fault(opt_, tr_, s_, plan.id);
           Tensor X = residual(plan);
-          auto sampled = compute(plan, X);
+          StepOutput out = compute(plan, X);
           if (P_ == 1) {
-            sched_->complete(plan, sampled);
+            sched_->complete(plan, out.sampled, out.drafts);
             if (hooks_.on_step) {
               stamp(plan);
-              hooks_.on_step(*sched_, plan, sampled, plan.stage_times);
+              hooks_.on_step(*sched_, plan, out.sampled, plan.stage_times);
             }
           } else {
             send_step(plan, X);
@@ -307,12 +309,13 @@ class StageRunner {
       maybe_fault(opt_, tr_, s_, incoming.id);
       Tensor X = residual(incoming);
       model_.backend().from_host(buf_.data(), X);
-      auto sampled = compute(incoming, X);
+      StepOutput out = compute(incoming, X);
       if (is_last()) {
         stamp(incoming);
         double ts = tl_.now_us();
         check(tr_.send(0, Channel::kSampled,
-                       encode_sampled(incoming.id, sampled, incoming.stage_times), nullptr, 0));
+                       encode_sampled(incoming.id, out.sampled, incoming.stage_times, out.drafts),
+                       nullptr, 0));
         tl_.add("send", incoming.id, ts);
       } else {
         send_step(incoming, X);
@@ -327,7 +330,7 @@ class StageRunner {
   const PipelineOptions& opt_;
   const int s_, P_, last_;
   Timeline tl_;
-  std::vector<float> host_logits_;
+  HeadStage head_;
   std::vector<uint8_t> buf_, header_;
   std::deque<StepPlan> in_flight_;  // stage 0: steps sent, tokens not back yet
 };

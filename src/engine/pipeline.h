@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "engine/engine.h"
+#include "engine/speculative.h"
 #include "engine/trace.h"
 #include "parallel/topology.h"
 #include "parallel/transport.h"
@@ -55,6 +56,8 @@ struct StageHooks {
   LogitsFn on_logits;                              // last stage
   std::function<void(const Sampled&)> on_sampled;  // last stage, each token it samples
   StepLayerHook hook;                              // every stage, after each of its layers
+  // Last stage: proposes draft tokens after each step (speculative decoding; null: none).
+  DraftSource* drafter = nullptr;
   // Stage 0 of a long-running loop (serve). `poll` moves new requests and aborts into the
   // scheduler between steps; `wait` says nothing can run now, so it may block briefly for work.
   // The loop ends when poll returns false and nothing is left to run or in flight.

@@ -22,6 +22,10 @@ const char* finish_reason_name(FinishReason r) {
   return "?";
 }
 
+bool spec_eligible(const Request& r) {
+  return r.forced.empty() && !r.all_logits && !r.sampling.penalized() && r.sampling.logprobs < 0;
+}
+
 namespace {
 
 int pool_blocks(const SchedulerLimits& lim) {
@@ -76,7 +80,7 @@ int64_t Scheduler::ready_tokens() const {
     if (s->num_scheduled < s->prefill_end)
       n += s->prefill_end - s->num_scheduled;
     else if (s->num_scheduled < static_cast<int64_t>(s->tokens.size()))
-      n += 1;
+      n += 1 + static_cast<int64_t>(s->drafts.size());
   }
   for (auto& s : waiting_) n += s->prefill_end;
   return n;
@@ -96,6 +100,7 @@ void Scheduler::preempt(size_t i) {
   // rebuilt by that prefill, the sampled tokens stay (their draws depend on the position only).
   s->num_scheduled = s->num_computed = 0;
   s->prefill_end = static_cast<int64_t>(s->tokens.size());
+  s->drafts.clear();
   s->preemptions++;
   preemptions_++;
   waiting_.push_front(std::move(s));
@@ -160,9 +165,10 @@ StepPlan Scheduler::schedule(int token_cap) {
              " state blocks, it holds ", table.size());
     b.block_tables.insert(b.block_tables.end(), table.begin(), table.begin() + ch.num_blocks);
     b.chunks.push_back(ch);
+    const int64_t known = static_cast<int64_t>(s->tokens.size());
     for (int i = 0; i < n; ++i) {
       const int64_t p = s->num_scheduled + i;
-      b.token_ids.push_back(s->tokens[p]);
+      b.token_ids.push_back(p < known ? s->tokens[p] : s->drafts[p - known]);
       b.positions.push_back(static_cast<int32_t>(p));
       b.chunk_of.push_back(static_cast<int32_t>(b.chunks.size() - 1));
       // Logits wanted at every position (all_logits) or where a next token is chosen; never twice
@@ -176,11 +182,23 @@ StepPlan Scheduler::schedule(int token_cap) {
       }
     }
     const int64_t last = s->num_scheduled + n - 1;
-    // The chunk's last row samples the next token if that token is not given and still wanted.
-    if (s->req.forced.empty() && last == static_cast<int64_t>(s->tokens.size()) - 1 &&
-        last >= s->prompt_len() - 1 && s->generated < s->req.max_new_tokens &&
-        static_cast<int64_t>(s->tokens.size()) < lim_.max_model_len) {
-      SampleRow row{static_cast<int32_t>(b.logit_rows.size() - 1), s->req.id, s->req.sampling};
+    // Draft tokens ride after the last known one (a verify step); the row of the last known token
+    // samples the next token if that token is not given and still wanted, and its logit row is
+    // followed by the drafts' rows.
+    const int nd = static_cast<int>(std::max<int64_t>(0, last - (known - 1)));
+    if (s->req.forced.empty() && last - nd == known - 1 && last - nd >= s->prompt_len() - 1 &&
+        s->generated < s->req.max_new_tokens && known < lim_.max_model_len) {
+      SampleRow row{static_cast<int32_t>(b.logit_rows.size() - 1 - nd), s->req.id,
+                    s->req.sampling};
+      row.n_draft = nd;
+      row.draft = lim_.spec_tokens > 0 && spec_eligible(s->req);
+      if (nd > 0 && !s->req.sampling.ignore_eos) {
+        row.stop_offset = static_cast<int32_t>(plan.stop_tokens.size());
+        if (eos_ >= 0) plan.stop_tokens.push_back(static_cast<int32_t>(eos_));
+        plan.stop_tokens.insert(plan.stop_tokens.end(), s->req.stop_token_ids.begin(),
+                                s->req.stop_token_ids.end());
+        row.n_stop = static_cast<int32_t>(plan.stop_tokens.size()) - row.stop_offset;
+      }
       if (s->req.sampling.penalized()) {
         row.hist_offset = static_cast<int32_t>(plan.penalty_tokens.size());
         row.hist_prompt = s->prompt_len();
@@ -189,6 +207,10 @@ StepPlan Scheduler::schedule(int token_cap) {
       }
       plan.samples.push_back(row);
     }
+    if (lim_.spec_tokens > 0)
+      plan.chunk_next.push_back(!spec_eligible(s->req) ? kNoDrafts
+                                : last + 1 < known     ? s->tokens[last + 1]
+                                                       : -1);
     b.num_tokens += n;
     plan.seqs.push_back(s);
     plan.chunk_request.push_back(s->req.id);
@@ -204,7 +226,14 @@ StepPlan Scheduler::schedule(int token_cap) {
     if (budget <= 0 || s->finish != FinishReason::kNone || s->num_scheduled < s->prefill_end ||
         s->num_scheduled >= static_cast<int64_t>(s->tokens.size()))
       continue;
-    if (!grow(s, s->num_scheduled + 1)) {
+    // Drafts ride along within the token budget, as long as every token they could yield is
+    // still wanted (max_new_tokens, max_model_len).
+    const int64_t known = static_cast<int64_t>(s->tokens.size());
+    const int nd = static_cast<int>(std::max<int64_t>(
+        0, std::min<int64_t>({static_cast<int64_t>(s->drafts.size()),
+                              int64_t{s->req.max_new_tokens} - s->generated - 1,
+                              lim_.max_model_len - known - 1, int64_t{budget} - 1})));
+    if (!grow(s, s->num_scheduled + 1 + nd)) {
       bool others = false;
       for (auto& q : running_) others |= q.get() != s && blocks_.has(q->req.id);
       if (!others && s->in_flight == 0) s->finish = FinishReason::kLength;
@@ -214,7 +243,7 @@ StepPlan Scheduler::schedule(int token_cap) {
     i = static_cast<size_t>(
         std::find_if(running_.begin(), running_.end(), [&](auto& q) { return q.get() == s; }) -
         running_.begin());
-    add_chunk(s, 1);
+    add_chunk(s, 1 + nd);
   }
   for (auto& s : running_)
     if (budget > 0 && s->finish == FinishReason::kNone && s->num_scheduled < s->prefill_end)
@@ -226,12 +255,34 @@ StepPlan Scheduler::schedule(int token_cap) {
   return plan;
 }
 
-void Scheduler::complete(const StepPlan& plan, const std::vector<Sampled>& sampled) {
+void Scheduler::complete(const StepPlan& plan, const std::vector<Sampled>& sampled,
+                         const std::vector<Drafted>& drafts) {
   for (size_t ci = 0; ci < plan.seqs.size(); ++ci) {
     Sequence* s = plan.seqs[ci];
-    s->num_computed += plan.batch.chunks[ci].n_tokens;
+    int nd = 0;  // drafts this step verified for the sequence
+    for (const SampleRow& r : plan.samples)
+      if (r.request == s->req.id) nd = r.n_draft;
+    int64_t got = 0;
+    for (const Sampled& t : sampled) got += t.request == s->req.id;
+    // A verify step keeps the positions of the accepted drafts (the last stage returns them, then
+    // its own token); the rest roll back: the next step writes over them.
+    const int64_t accepted = std::clamp<int64_t>(got - 1, 0, nd);
+    s->num_computed += plan.batch.chunks[ci].n_tokens - nd + accepted;
+    if (nd > accepted) {  // the dropped positions' logits were not reported
+      s->num_scheduled -= nd - accepted;
+      s->logits_done = std::min(s->logits_done, s->num_scheduled);
+    }
     s->in_flight--;
+    s->drafts.clear();
+    if (nd > 0) {
+      s->spec_steps++, s->spec_drafted += nd, s->spec_accepted += accepted;
+      spec_.drafts++, spec_.draft_tokens += nd, spec_.accepted_tokens += accepted;
+    }
   }
+  for (const Drafted& d : drafts)
+    for (auto* s : plan.seqs)
+      if (s->req.id == d.request && s->finish == FinishReason::kNone)
+        s->drafts.assign(d.tokens, d.tokens + std::clamp(d.n, 0, kMaxSpecTokens));
   for (const Sampled& t : sampled) {
     Sequence* s = nullptr;
     for (auto* q : plan.seqs)

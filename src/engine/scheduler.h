@@ -34,6 +34,15 @@ struct SamplingParams {
   }
 };
 
+// Most draft tokens a speculative step verifies per sequence (--num-speculative-tokens).
+inline constexpr int kMaxSpecTokens = 8;
+// StepPlan::chunk_next of a chunk whose request is not speculated.
+inline constexpr int32_t kNoDrafts = -2;
+
+// Whether a request's decode may be speculated: its tokens are sampled (not forced) and its
+// sampling needs no per-token history or logprobs (penalties and logprobs decode one token a step).
+bool spec_eligible(const struct Request& r);
+
 struct Request {
   int64_t id = 0;
   std::vector<int32_t> prompt;
@@ -65,7 +74,24 @@ struct Sequence {
   int64_t prefill_end = 0;
   int64_t logits_done = 0;  // positions whose logits were already reported (not again on recompute)
   int preemptions = 0;
+  // Speculative decoding: the draft tokens proposed after tokens.back() (verified by the next
+  // decode step), and this sequence's counters.
+  std::vector<int32_t> drafts;
+  int64_t spec_steps = 0, spec_drafted = 0, spec_accepted = 0;
   int prompt_len() const { return static_cast<int>(req.prompt.size()); }
+};
+
+// Speculative decoding counters (vLLM's names): verify steps that carried drafts, draft tokens
+// verified, draft tokens accepted.
+struct SpecCounters {
+  int64_t drafts = 0, draft_tokens = 0, accepted_tokens = 0;
+  double acceptance_rate() const {
+    return draft_tokens > 0 ? static_cast<double>(accepted_tokens) / draft_tokens : 0.0;
+  }
+  // Tokens each verify step produced on average: accepted drafts + the target's own token.
+  double mean_accepted_length() const {
+    return drafts > 0 ? 1.0 + static_cast<double>(accepted_tokens) / drafts : 0.0;
+  }
 };
 
 struct SchedulerLimits {
@@ -77,6 +103,8 @@ struct SchedulerLimits {
   // demand by the BlockManager (0: enough for every slot at max_model_len).
   int block_tokens = 1 << 30;
   int num_blocks = 0;
+  // Draft tokens verified per decode step (0: no speculation).
+  int spec_tokens = 0;
 };
 
 // A row whose logits choose the sequence's next token.
@@ -87,6 +115,13 @@ struct SampleRow {
   // Penalties: the prompt's and the generated tokens, StepPlan::penalty_tokens[offset, +n_prompt)
   // then [offset + n_prompt, + n_output).
   int32_t hist_offset = 0, hist_prompt = 0, hist_output = 0;
+  // Speculative decoding: this row and the next n_draft logit rows verify the drafts, which are the
+  // step's token ids at the rows after this one; the tokens that stop the request (EOS unless
+  // ignored, its stop ids) are StepPlan::stop_tokens[stop_offset, + n_stop); `draft` asks the last
+  // stage for new drafts after the tokens it accepts.
+  int32_t n_draft = 0;
+  int32_t stop_offset = 0, n_stop = 0;
+  int32_t draft = 0;
 };
 
 // One scheduled step: the batch every stage sees (batch.logit_rows: which rows' logits the last
@@ -100,17 +135,30 @@ struct StepPlan {
   std::vector<int64_t> logit_position;  // position per logit row
   std::vector<SampleRow> samples;
   std::vector<int32_t> penalty_tokens;  // see SampleRow
+  std::vector<int32_t> stop_tokens;     // see SampleRow
+  // Speculative decoding: per chunk, the token that follows its last position when it is already
+  // known (a prompt that continues in a later chunk), else -1; empty without speculation.
+  std::vector<int32_t> chunk_next;
   // Busy and wall seconds of each stage the step has passed (appended as it goes down the
   // pipeline, then back to stage 0 with the sampled tokens): live per-stage busy fractions.
   std::vector<double> stage_times;
   bool empty() const { return batch.num_tokens == 0; }
 };
 
-// Sampled token of a request, sent back from the last stage (with its logprobs when asked).
+// Sampled token of a request, sent back from the last stage (with its logprobs when asked). A
+// speculative step may return several tokens of one request, in order.
 struct Sampled {
   int64_t request = 0;
   int32_t token = 0;
   TokenLogprobs lp;
+};
+
+// Draft tokens proposed for a request after the tokens of this step (trivially copyable: it travels
+// by its bytes with the sampled tokens).
+struct Drafted {
+  int64_t request = 0;
+  int32_t n = 0;
+  int32_t tokens[kMaxSpecTokens] = {};
 };
 
 class Scheduler {
@@ -123,7 +171,10 @@ class Scheduler {
   // budget: the pipeline spreads load over micro-batches). May be empty.
   StepPlan schedule(int token_cap = 0);
   // Applies a completed step and the tokens sampled from it. Finished sequences free their slots.
-  void complete(const StepPlan& plan, const std::vector<Sampled>& sampled);
+  // With speculation, a verify step's sampled tokens are those the last stage accepted (its drafts
+  // past them are dropped: the sequence rolls back) and `drafts` the next proposals.
+  void complete(const StepPlan& plan, const std::vector<Sampled>& sampled,
+                const std::vector<Drafted>& drafts = {});
   // Ends a request wherever it is: waiting ones at once, running ones once no step holds them.
   // Unknown (already finished) ids are ignored.
   void abort(int64_t request);
@@ -137,6 +188,7 @@ class Scheduler {
   int num_waiting() const { return static_cast<int>(waiting_.size()); }
   int num_running() const { return static_cast<int>(running_.size()); }
   int64_t preemptions() const { return preemptions_; }
+  const SpecCounters& spec_counters() const { return spec_; }
   const SchedulerLimits& limits() const { return lim_; }
   // Empty when consistent: the block manager's own invariants, every running sequence's table
   // covers what was scheduled, slots distinct, waiting sequences hold nothing.
@@ -154,6 +206,7 @@ class Scheduler {
   SchedulerLimits lim_;
   BlockManager blocks_;
   int64_t preemptions_ = 0;
+  SpecCounters spec_;
   std::deque<std::unique_ptr<Sequence>> waiting_;
   std::vector<std::unique_ptr<Sequence>> running_;
   std::vector<std::unique_ptr<Sequence>> finished_;

@@ -71,6 +71,10 @@ Status check_step(const StepPlan& p) {
   for (int32_t b : p.batch.block_tables)
     if (b < 0) return bad("negative block id");
   if (static_cast<int64_t>(p.chunk_request.size()) != chunks) return bad("chunk_request size");
+  if (!p.chunk_next.empty() && static_cast<int64_t>(p.chunk_next.size()) != chunks)
+    return bad("chunk_next size");
+  for (int32_t t : p.chunk_next)
+    if (t < kNoDrafts) return bad("chunk_next token");
   const std::vector<int32_t>& logit_rows = p.batch.logit_rows;
   if (p.logit_request.size() != logit_rows.size() || p.logit_position.size() != logit_rows.size())
     return bad("logit row sizes");
@@ -79,6 +83,12 @@ Status check_step(const StepPlan& p) {
   for (const SampleRow& s : p.samples) {
     if (s.logit_index < 0 || s.logit_index >= static_cast<int64_t>(logit_rows.size()))
       return bad("sample row out of range");
+    if (s.n_draft < 0 || s.n_draft > kMaxSpecTokens ||
+        int64_t{s.logit_index} + s.n_draft >= static_cast<int64_t>(logit_rows.size()))
+      return bad("draft rows out of range");
+    if (s.stop_offset < 0 || s.n_stop < 0 ||
+        int64_t{s.stop_offset} + s.n_stop > static_cast<int64_t>(p.stop_tokens.size()))
+      return bad("stop tokens out of range");
     // The bool arrived as a raw byte: anything but 0 or 1 is not a bool value.
     uint8_t b;
     std::memcpy(&b,
@@ -108,6 +118,8 @@ std::vector<uint8_t> encode_step(const StepPlan& p) {
   w.vec(p.logit_position);
   w.vec(p.samples);
   w.vec(p.penalty_tokens);
+  w.vec(p.stop_tokens);
+  w.vec(p.chunk_next);
   w.vec(p.stage_times);
   return std::move(w.out);
 }
@@ -129,7 +141,7 @@ Result<StepPlan> decode_step(const std::vector<uint8_t>& bytes, StepKind* kind) 
             r.vec(p.batch.chunk_of) && r.vec(p.batch.chunks) && r.vec(p.batch.block_tables) &&
             r.vec(p.chunk_request) && r.vec(p.batch.logit_rows) && r.vec(p.logit_request) &&
             r.vec(p.logit_position) && r.vec(p.samples) && r.vec(p.penalty_tokens) &&
-            r.vec(p.stage_times) && r.done();
+            r.vec(p.stop_tokens) && r.vec(p.chunk_next) && r.vec(p.stage_times) && r.done();
   p.batch.num_tokens = n;
   if (!ok || static_cast<int32_t>(p.batch.token_ids.size()) != n ||
       p.batch.positions.size() != p.batch.token_ids.size())
@@ -139,22 +151,30 @@ Result<StepPlan> decode_step(const std::vector<uint8_t>& bytes, StepKind* kind) 
 }
 
 std::vector<uint8_t> encode_sampled(int64_t step, const std::vector<Sampled>& s,
-                                    const std::vector<double>& stage_times) {
+                                    const std::vector<double>& stage_times,
+                                    const std::vector<Drafted>& drafts) {
   Writer w;
   w.put(step);
   w.vec(s);
   w.vec(stage_times);
+  w.vec(drafts);
   return std::move(w.out);
 }
 
 Result<std::vector<Sampled>> decode_sampled(const std::vector<uint8_t>& bytes, int64_t* step,
-                                            std::vector<double>* stage_times) {
+                                            std::vector<double>* stage_times,
+                                            std::vector<Drafted>* drafts) {
   Reader r(bytes);
   std::vector<Sampled> s;
   std::vector<double> times;
-  if (!r.get(*step) || !r.vec(s) || !r.vec(times) || !r.done())
+  std::vector<Drafted> d;
+  if (!r.get(*step) || !r.vec(s) || !r.vec(times) || !r.vec(d) || !r.done())
     return Status::error("sampled-token message: malformed");
+  for (const Drafted& x : d)
+    if (x.n < 0 || x.n > kMaxSpecTokens)
+      return Status::error("sampled-token message: malformed draft count");
   if (stage_times) *stage_times = std::move(times);
+  if (drafts) *drafts = std::move(d);
   return s;
 }
 

@@ -19,10 +19,13 @@ std::vector<uint8_t> encode_stop();
 // Decodes a descriptor; `kind` says whether it is a step or the end of the run.
 Result<StepPlan> decode_step(const std::vector<uint8_t>& bytes, StepKind* kind);
 
-// The tokens sampled from a step, and every stage's (busy, wall) seconds so far.
+// The tokens sampled from a step (with speculation: those accepted, and the next drafts), and every
+// stage's (busy, wall) seconds so far: one message per step from the last stage back to stage 0.
 std::vector<uint8_t> encode_sampled(int64_t step, const std::vector<Sampled>& s,
-                                    const std::vector<double>& stage_times = {});
+                                    const std::vector<double>& stage_times = {},
+                                    const std::vector<Drafted>& drafts = {});
 Result<std::vector<Sampled>> decode_sampled(const std::vector<uint8_t>& bytes, int64_t* step,
-                                            std::vector<double>* stage_times = nullptr);
+                                            std::vector<double>* stage_times = nullptr,
+                                            std::vector<Drafted>* drafts = nullptr);
 
 }  // namespace sp

@@ -25,12 +25,23 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         __builtin_trap();
       volatile bool b = s.params.ignore_eos;  // UBSan: a bool byte other than 0/1
       (void)b;
+      // Verify rows and stop tokens stay inside the step.
+      if (s.n_draft < 0 ||
+          s.logit_index + s.n_draft >= static_cast<int64_t>(p.batch.logit_rows.size()) ||
+          s.stop_offset < 0 || s.n_stop < 0 ||
+          s.stop_offset + int64_t{s.n_stop} > static_cast<int64_t>(p.stop_tokens.size()))
+        __builtin_trap();
     }
     if (sp::encode_step(p) != bytes) __builtin_trap();
   }
   int64_t id = 0;
   std::vector<double> times;
-  auto sampled = sp::decode_sampled(bytes, &id, &times);
-  if (sampled.is_ok() && sp::encode_sampled(id, *sampled, times) != bytes) __builtin_trap();
+  std::vector<sp::Drafted> drafts;
+  auto sampled = sp::decode_sampled(bytes, &id, &times, &drafts);
+  if (sampled.is_ok()) {
+    for (const auto& d : drafts)
+      if (d.n < 0 || d.n > sp::kMaxSpecTokens) __builtin_trap();
+    if (sp::encode_sampled(id, *sampled, times, drafts) != bytes) __builtin_trap();
+  }
   return 0;
 }
