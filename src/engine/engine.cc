@@ -17,13 +17,14 @@ Engine::Engine(Model& model, const SchedulerLimits& lim)
   sched_.set_eos(model.config().eos_token_id);
 }
 
-RunStats Engine::run(const LogitsFn& on_logits, const StepLayerHook& hook) {
+RunStats Engine::run(const LogitsFn& on_logits, const StepLayerHook& hook, DraftSource* drafter) {
   Topology topo{1, 0, {model_.config().num_layers}};
   auto tr = make_local_transports(1);
   std::vector<StageReport> reports;
   auto t0 = std::chrono::steady_clock::now();
-  Status st = run_stage(model_, topo, *tr[0], &sched_, StageHooks{on_logits, nullptr, hook},
-                        PipelineOptions{}, &reports);
+  StageHooks hooks{on_logits, nullptr, hook};
+  hooks.drafter = drafter;
+  Status st = run_stage(model_, topo, *tr[0], &sched_, hooks, PipelineOptions{}, &reports);
   SP_CHECK(st.is_ok(), st.message());
   RunStats rs;
   rs.steps = reports[0].steps;

@@ -5,6 +5,7 @@
 #include <functional>
 
 #include "engine/scheduler.h"
+#include "engine/speculative.h"
 #include "model/model.h"
 
 namespace sp {
@@ -28,8 +29,9 @@ class Engine {
  public:
   Engine(Model& model, const SchedulerLimits& lim);
   Scheduler& scheduler() { return sched_; }
-  // Runs until every request has finished.
-  RunStats run(const LogitsFn& on_logits, const StepLayerHook& hook = nullptr);
+  // Runs until every request has finished; `drafter` proposes draft tokens (speculative decoding).
+  RunStats run(const LogitsFn& on_logits, const StepLayerHook& hook = nullptr,
+               DraftSource* drafter = nullptr);
 
  private:
   Model& model_;

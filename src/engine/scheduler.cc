@@ -188,8 +188,7 @@ StepPlan Scheduler::schedule(int token_cap) {
     const int nd = static_cast<int>(std::max<int64_t>(0, last - (known - 1)));
     if (s->req.forced.empty() && last - nd == known - 1 && last - nd >= s->prompt_len() - 1 &&
         s->generated < s->req.max_new_tokens && known < lim_.max_model_len) {
-      SampleRow row{static_cast<int32_t>(b.logit_rows.size() - 1 - nd), s->req.id,
-                    s->req.sampling};
+      SampleRow row{static_cast<int32_t>(b.logit_rows.size() - 1 - nd), s->req.id, s->req.sampling};
       row.n_draft = nd;
       row.draft = lim_.spec_tokens > 0 && spec_eligible(s->req);
       if (nd > 0 && !s->req.sampling.ignore_eos) {

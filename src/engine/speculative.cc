@@ -118,8 +118,8 @@ StepOutput HeadStage::finish(const StepPlan& plan, Tensor X,
                  "verify: no draft distributions for request ", r.request);
         std::vector<SamplingDist> p;
         for (int j = 0; j <= r.n_draft; ++j)
-          p.push_back(sampling_distribution(specs[k + j], host_logits_.data() + (r.logit_index + j) * V,
-                                            V));
+          p.push_back(sampling_distribution(specs[k + j],
+                                            host_logits_.data() + (r.logit_index + j) * V, V));
         e = accept_sampled(p, it->second.q, drafts, base[i],
                            plan.logit_position[static_cast<size_t>(r.logit_index)]);
       }

@@ -6,10 +6,11 @@
 // argmax at position L+j-1, and the target's token after the last accepted draft is emitted too.
 // Sampling (temperature > 0): d_j (drawn from the draft distribution q) is accepted with
 // probability min(1, p(d_j) / q(d_j)), p the target distribution under the request's sampling
-// parameters; the first rejected one is replaced by a draw from max(0, p - q) (normalised), and when
-// all are accepted one more token is drawn from the target. The emitted tokens are then distributed
-// exactly as the target's own samples. Every draw is counter-based (seed, stream, position), with
-// its own stream salt per kind of draw, so a run is reproducible in any batch or split.
+// parameters; the first rejected one is replaced by a draw from max(0, p - q) (normalised), and
+// when all are accepted one more token is drawn from the target. The emitted tokens are then
+// distributed exactly as the target's own samples. Every draw is counter-based (seed, stream,
+// position), with its own stream salt per kind of draw, so a run is reproducible in any batch or
+// split.
 //
 // The dropped drafts' positions are rolled back by the scheduler (the next step writes over them);
 // the state rings keep `slack` extra rows so nothing a later step reads was overwritten.

@@ -83,6 +83,8 @@ class Model {
     return ws_X_[static_cast<size_t>(buffer % ws_X_.size())].slice_rows(0, rows);
   }
   int64_t state_bytes() const { return state_bytes_; }
+  // The state of the layers this model runs, in layer order (tests compare caches through it).
+  const std::vector<LayerState>& layer_states() const { return state_; }
   // The last layer's output streams, kept for the MTP draft layer: [tokens, hc * hidden]
   // (allocated for max_num_batched_tokens rows; empty unless limits.mtp on the head's stage).
   Tensor mtp_hidden() const { return ws_mtp_hidden_; }
