@@ -178,6 +178,7 @@ class StageRunner {
     StepOutput out;
     if (is_last()) {
       out = head_.finish(plan, X, hooks_.on_logits);
+      tl_.report.spec = head_.spec_counters();
       if (hooks_.on_sampled)
         for (const Sampled& t : out.sampled) hooks_.on_sampled(t);
     }

@@ -32,6 +32,7 @@ struct StageReport {
   double wall_s = 0;  // from the stage's start to its end
   int64_t steps = 0;
   int64_t tokens = 0;
+  SpecCounters spec;  // last stage: speculative decoding counters (not sent between stages)
   std::vector<TraceEvent> events;
 };
 

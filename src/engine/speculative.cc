@@ -124,6 +124,9 @@ StepOutput HeadStage::finish(const StepPlan& plan, Tensor X,
                            plan.logit_position[static_cast<size_t>(r.logit_index)]);
       }
       cut_at_stop(e, plan.stop_tokens.data() + r.stop_offset, r.n_stop);
+      spec_.drafts++;
+      spec_.draft_tokens += r.n_draft;
+      spec_.accepted_tokens += static_cast<int64_t>(e.size()) - 1;
       for (int32_t t : e) out.sampled.push_back({r.request, t, TokenLogprobs{}});
       for (int j = static_cast<int>(e.size()); j <= r.n_draft; ++j) stands[r.logit_index + j] = 0;
     }

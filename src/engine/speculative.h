@@ -90,12 +90,15 @@ class HeadStage {
   HeadStage(Model& model, DraftSource* drafter) : model_(model), drafter_(drafter) {}
   StepOutput finish(const StepPlan& plan, Tensor X,
                     const std::function<void(int64_t, int64_t, const float*)>& on_logits);
+  // Verify steps, drafts verified and accepted so far.
+  const SpecCounters& spec_counters() const { return spec_; }
 
  private:
   Model& model_;
   DraftSource* drafter_;
   std::vector<float> host_logits_;
   std::map<int, DraftDists> q_;
+  SpecCounters spec_;
 };
 
 }  // namespace sp

@@ -80,6 +80,16 @@ void print_pipeline_summary(const std::vector<StageReport>& reports) {
   std::printf("; bubble %.1f%%\n", 100 * (1 - busy_sum / static_cast<double>(reports.size())));
 }
 
+// The last stage's speculative decoding counters (nothing without speculation).
+void print_spec_summary(const std::vector<StageReport>& reports) {
+  if (reports.empty() || reports.back().spec.drafts == 0) return;
+  const SpecCounters& s = reports.back().spec;
+  std::printf("speculative: %" PRId64 " verify steps, %" PRId64 " draft tokens, %" PRId64
+              " accepted: acceptance rate %.3f, mean accepted length %.3f\n",
+              s.drafts, s.draft_tokens, s.accepted_tokens, s.acceptance_rate(),
+              s.mean_accepted_length());
+}
+
 Status maybe_write_trace(const Flags& f, const std::vector<StageReport>& reports) {
   if (!f.given("trace")) return Status::ok();
   SP_RETURN_IF_ERROR(write_chrome_trace(f.str("trace"), reports));
@@ -202,6 +212,7 @@ int cmd_generate(const std::vector<std::string>& args) {
                 generated, reports.back().steps, wall, tokens / std::max(wall, 1e-9), prefill,
                 tokens - prefill);
     print_pipeline_summary(reports);
+    print_spec_summary(reports);
     if (Status st = maybe_write_trace(f, reports); !st) return fail(st);
     std::printf("logits_hash=%016" PRIx64 "\n", hash.h);
     return 0;
