@@ -140,6 +140,7 @@ void EngineLoop::update_stats(const Scheduler& s) {
   stats_.blocks_total = s.blocks().num_blocks();
   stats_.block_tokens = s.blocks().block_tokens();
   stats_.preemptions = s.preemptions();
+  stats_.spec = s.spec_counters();
 }
 
 }  // namespace sp

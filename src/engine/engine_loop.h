@@ -50,6 +50,7 @@ struct LoopStats {
   int64_t waiting = 0, running = 0;
   int64_t blocks_used = 0, blocks_total = 0, block_tokens = 0;
   int64_t preemptions = 0;
+  SpecCounters spec;               // speculative decoding (zero without it)
   std::vector<double> stage_busy;  // per stage, busy / wall since start
 };
 

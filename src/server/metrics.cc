@@ -40,6 +40,15 @@ Metrics::Metrics(int num_stages) : stages_(num_stages), reg_(std::make_shared<Re
                       .Help("Sequences preempted (recomputed later) because state blocks ran out")
                       .Register(*reg_)
                       .Add({});
+  auto counter = [&](const char* name, const char* help) {
+    return &BuildCounter().Name(name).Help(help).Register(*reg_).Add({});
+  };
+  spec_drafts_ = counter("seekpipe_spec_decode_num_drafts_total",
+                         "Speculative decoding: decode steps that verified draft tokens");
+  spec_draft_tokens_ = counter("seekpipe_spec_decode_num_draft_tokens_total",
+                               "Speculative decoding: draft tokens verified");
+  spec_accepted_ = counter("seekpipe_spec_decode_num_accepted_tokens_total",
+                           "Speculative decoding: draft tokens accepted");
   ttft_ = &BuildHistogram()
                .Name("seekpipe_time_to_first_token_seconds")
                .Help("From request arrival to the first generated token")
@@ -102,6 +111,13 @@ std::string Metrics::render(const LoopStats& s) {
     preemptions_->Increment(static_cast<double>(s.preemptions) - preemptions_seen_);
     preemptions_seen_ = static_cast<double>(s.preemptions);
   }
+  auto advance = [](prometheus::Counter* c, int64_t now, int64_t& seen) {
+    if (now > seen) c->Increment(static_cast<double>(now - seen));
+    seen = std::max(seen, now);
+  };
+  advance(spec_drafts_, s.spec.drafts, spec_seen_.drafts);
+  advance(spec_draft_tokens_, s.spec.draft_tokens, spec_seen_.draft_tokens);
+  advance(spec_accepted_, s.spec.accepted_tokens, spec_seen_.accepted_tokens);
   // Every stage addresses the same block ids (stage 0's tables travel with each step), and each
   // stage's pool has the agreed (smallest stage's) size: the counts are the same on every stage.
   for (int i = 0; i < stages_; ++i) {

@@ -32,10 +32,13 @@ class Metrics {
   prometheus::Family<prometheus::Counter>* requests_;
   prometheus::Family<prometheus::Counter>* finish_;
   prometheus::Counter *prompt_tokens_, *generation_tokens_, *preemptions_;
+  // Speculative decoding (vLLM's spec_decode counters): verify steps, draft tokens, accepted.
+  prometheus::Counter *spec_drafts_, *spec_draft_tokens_, *spec_accepted_;
   prometheus::Histogram *ttft_, *itl_, *e2e_;
   prometheus::Gauge *queue_, *running_, *waiting_;
   prometheus::Family<prometheus::Gauge>*blocks_used_, *blocks_total_, *busy_;
   double preemptions_seen_ = 0;
+  SpecCounters spec_seen_;
 };
 
 }  // namespace sp::server
