@@ -13,6 +13,7 @@
 #include "engine/engine.h"
 #include "model/model.h"
 #include "model/safetensors.h"
+#include "parallel/topology.h"
 #include "tools/golden.h"
 #include "tools/mtp_check.h"
 
@@ -126,6 +127,28 @@ TEST(MtpLoading, OnlyWhenAskedAndCounted) {
   ASSERT_TRUE(dummy.is_ok());
   EXPECT_EQ((*dummy)->mtp.block.index, c.num_layers);
   EXPECT_TRUE((*dummy)->mtp.e_proj.valid());
+}
+
+// The pipeline plan counts the MTP layer, its state and the embedding copy on the last stage only.
+TEST(MtpLoading, PipelinePlanCountsTheDraftLayerOnTheLastStage) {
+  Config c = load_config(model_dir("tinyq")).value();
+  const std::vector<int> part = vllm_partition(c.num_layers, 2);
+  const auto off = stage_costs(c, part, CostModelOptions{4, 256, false});
+  const auto on = stage_costs(c, part, CostModelOptions{4, 256, true});
+  int64_t mtp = 0, embed = 0;
+  for (const ExpectedTensor& t : expected_tensors(c, true)) {
+    if (t.part == Part::kMtp) mtp += expected_bytes(t);
+    if (t.part == Part::kEmbed) embed += expected_bytes(t);
+  }
+  ASSERT_GT(mtp, 0);
+  EXPECT_EQ(on[0].weight_bytes, off[0].weight_bytes);
+  EXPECT_EQ(on[0].state_per_seq, off[0].state_per_seq);
+  EXPECT_EQ(on[1].weight_bytes, off[1].weight_bytes + mtp + embed);
+  EXPECT_EQ(on[1].state_per_seq,
+            off[1].state_per_seq + layer_state_bytes(c, c.num_layers).per_sequence);
+  EXPECT_EQ(layer_state_bytes(c, c.num_layers).per_sequence,
+            int64_t{c.sliding_window} * c.head_dim * 4);
+  EXPECT_GT(on[1].time, off[1].time);
 }
 
 // A directory holding `config` as config.json and the given tensors as model.safetensors.
