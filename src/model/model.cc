@@ -91,8 +91,7 @@ Tensor host_row(const std::vector<float>& v) {
 Model::Model(const Config& c, const ModelWeights& w, Backend& be, const StateLimits& lim)
     : c_(c), w_(w), be_(be), lim_(lim), mtp_on_(lim.mtp && w.plan.head) {
   SP_CHECK(!mtp_on_ || w.plan.mtp,
-           "StateLimits.mtp on the head's stage needs the MTP weights "
-           "(LoadPlan.mtp)");
+           "StateLimits.mtp on the head's stage needs the MTP weights (LoadPlan.mtp)");
   SP_CHECK(!mtp_on_ || w.plan.embed, "the MTP layer needs the embedding on the head's stage");
   const int64_t S = lim.max_num_seqs, T = lim.max_num_batched_tokens, D = c.hidden_size;
   const int64_t dh = c.head_dim, H = c.num_heads, id = c.index_head_dim, ih = c.index_n_heads;
