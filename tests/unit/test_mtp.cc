@@ -2,7 +2,9 @@
 // model, in one step and in chunks that carry its window ring across steps; loading it only when
 // asked; the errors of --speculative mtp; DSpark releases loading as plain V4.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
