@@ -227,17 +227,28 @@ int cmd_golden(const std::vector<std::string>& args) {
                    true});
   specs.push_back({"max-tokens", FlagKind::kInt, "8", "greedy tokens per prompt", 1, 1 << 20});
   specs.push_back({"out", FlagKind::kString, "", "golden file to write (required)"});
+  specs.push_back({"mtp-out", FlagKind::kString, "",
+                   "also write an MTP golden file: the MTP draft layer's logits over each prompt "
+                   "and its greedy tokens (p{i}.mtp_logits), computed on one stage of this "
+                   "process"});
   Flags f(specs);
   if (wants_help(args)) {
-    std::printf("usage: seekpipe golden --model DIR --prompt-ids 1,2,3 --out FILE [flags]\n%s",
-                f.help().c_str());
+    std::printf(
+        "usage: seekpipe golden --model DIR --prompt-ids 1,2,3 --out FILE [--mtp-out FILE] "
+        "[flags]\n%s",
+        f.help().c_str());
     return 0;
   }
   if (Status st = f.parse(args); !st) return fail(st);
   if (!f.given("prompt-ids") || !f.given("out"))
     return fail(Status::error("--prompt-ids and --out are required"));
+  if (f.given("mtp-out") && launched_by_mpi())
+    return fail(Status::error(
+        "--mtp-out computes the MTP logits on one stage of one process; run it without mpirun"));
   auto cfg = read_config(f);
   if (!cfg) return fail(cfg.status());
+  if (f.given("mtp-out"))
+    if (Status st = check_mtp_config(*cfg); !st) return fail(st);
   const auto prompts = f.int_lists("prompt-ids");
   const int64_t V = cfg->vocab_size, G = f.i64("max-tokens");
   std::vector<GoldenRecord> rec(prompts.size());
@@ -281,7 +292,19 @@ int cmd_golden(const std::vector<std::string>& args) {
                 f.str("out").c_str(), rec.size(), G);
     return 0;
   };
-  return run_job(f, job);
+  const int code = run_job(f, job);
+  if (code != 0 || !f.given("mtp-out")) return code;
+  // The MTP layer over t = prompt ++ greedy tokens, as the fixtures' mtp_golden.safetensors.
+  std::vector<std::vector<int32_t>> seqs;
+  for (const GoldenRecord& g : rec) {
+    seqs.push_back(g.ids);
+    seqs.back().insert(seqs.back().end(), g.greedy.begin(), g.greedy.end());
+  }
+  auto mtp = mtp_logits_one_stage(f, *cfg, seqs);
+  if (!mtp) return fail(mtp.status());
+  if (Status st = write_mtp_golden(f.str("mtp-out"), *mtp, V); !st) return fail(st);
+  std::printf("MTP golden written to %s (%zu prompts)\n", f.str("mtp-out").c_str(), seqs.size());
+  return 0;
 }
 
 int cmd_verify(const std::vector<std::string>& args) {

@@ -128,38 +128,31 @@ int64_t first_max(const float* v, int64_t n) {
 
 }  // namespace
 
-int run_mtp_check(const Flags& f, const Config& c, const std::vector<GoldenPrompt>& prompts,
-                  const std::string& mtp_golden_path) {
-  auto gfile = SafetensorsFile::open(mtp_golden_path);
-  if (!gfile) return fail(gfile.status());
-  auto want = read_mtp_golden(**gfile, prompts, c);
-  if (!want) return fail(want.status());
-  if (Status st = check_mtp_config(c); !st) return fail(st);
-  auto dev = resolve_device(f);
-  if (!dev) return fail(dev.status());
+Result<std::vector<std::vector<float>>> mtp_logits_one_stage(
+    const Flags& f, const Config& c, const std::vector<std::vector<int32_t>>& seqs) {
+  SP_RETURN_IF_ERROR(check_mtp_config(c));
+  SP_ASSIGN_OR_RETURN(std::string dev, resolve_device(f));
   const LoadPlan plan = LoadPlan::whole(c, /*mtp=*/true);
-  auto w = f.str("load-format") == "dummy"
-               ? dummy_weights(c, plan, static_cast<uint64_t>(f.i64("seed")), nullptr)
-               : load_weights(c, f.str("model"), plan, nullptr);
-  if (!w) return fail(w.status());
+  SP_ASSIGN_OR_RETURN(std::unique_ptr<ModelWeights> w,
+                      f.str("load-format") == "dummy"
+                          ? dummy_weights(c, plan, static_cast<uint64_t>(f.i64("seed")), nullptr)
+                          : load_weights(c, f.str("model"), plan, nullptr));
   std::unique_ptr<Backend> be;
-  if (*dev == "cpu") {
+  if (dev == "cpu") {
     be = make_cpu_backend(static_cast<int>(f.i64("threads")));
   } else {
-    auto cb = make_cuda_backend(0, f.str("kv-cache-dtype") == "fp32" ? DType::kF32 : DType::kBF16,
-                                f.str("activation-dtype") == "bf16" ? DType::kBF16 : DType::kF32);
-    if (!cb) return fail(cb.status());
-    be = std::move(*cb);
+    SP_ASSIGN_OR_RETURN(
+        be, make_cuda_backend(0, f.str("kv-cache-dtype") == "fp32" ? DType::kF32 : DType::kBF16,
+                              f.str("activation-dtype") == "bf16" ? DType::kBF16 : DType::kF32));
   }
-  std::vector<std::vector<int32_t>> seqs;
   int64_t longest = 0;
-  for (const GoldenPrompt& g : prompts) {
-    seqs.push_back(g.ids);
-    seqs.back().insert(seqs.back().end(), g.greedy.begin(), g.greedy.end());
-    longest = std::max<int64_t>(longest, static_cast<int64_t>(seqs.back().size()));
+  for (const auto& s : seqs) {
+    if (s.size() < 2)
+      return Status::error("the MTP check needs sequences of at least 2 tokens (prompt + greedy)");
+    longest = std::max<int64_t>(longest, static_cast<int64_t>(s.size()));
   }
   const int S = static_cast<int>(seqs.size());
-  // --max-num-batched-tokens is the step budget, shared by the prompts: smaller budgets carry
+  // --max-num-batched-tokens is the step budget, shared by the sequences: smaller budgets carry
   // the MTP window across more steps.
   const int chunk = std::max(1, static_cast<int>(f.i64("max-num-batched-tokens")) / S);
   StateLimits lim;
@@ -169,10 +162,48 @@ int run_mtp_check(const Flags& f, const Config& c, const std::vector<GoldenPromp
   lim.max_logit_rows = chunk * S;
   lim.residual_buffers = 3;
   lim.mtp = true;
-  Model model(c, **w, *be, lim);
-  const auto got = run_mtp_teacher_forced(model, seqs, chunk);
+  Model model(c, *w, *be, lim);
+  return run_mtp_teacher_forced(model, seqs, chunk);
+}
+
+Status write_mtp_golden(const std::string& path, const std::vector<std::vector<float>>& logits,
+                        int64_t vocab) {
+  std::vector<TensorInfo> tensors;
+  for (size_t i = 0; i < logits.size(); ++i) {
+    TensorInfo t;
+    t.name = str("p", i, ".mtp_logits");
+    t.dtype = DType::kF32;
+    t.shape = {static_cast<int64_t>(logits[i].size()) / vocab, vocab};
+    t.nbytes = static_cast<int64_t>(logits[i].size() * sizeof(float));
+    t.data = reinterpret_cast<const uint8_t*>(logits[i].data());
+    tensors.push_back(t);
+  }
+  const std::string tmp = path + ".tmp";
+  Status st = write_safetensors(tmp, tensors);
+  if (!st || std::rename(tmp.c_str(), path.c_str()) != 0) {
+    std::remove(tmp.c_str());
+    return Status::error(str("writing MTP golden file ", path, " failed"));
+  }
+  return Status::ok();
+}
+
+int run_mtp_check(const Flags& f, const Config& c, const std::vector<GoldenPrompt>& prompts,
+                  const std::string& mtp_golden_path) {
+  auto gfile = SafetensorsFile::open(mtp_golden_path);
+  if (!gfile) return fail(gfile.status());
+  auto want = read_mtp_golden(**gfile, prompts, c);
+  if (!want) return fail(want.status());
+  std::vector<std::vector<int32_t>> seqs;
+  for (const GoldenPrompt& g : prompts) {
+    seqs.push_back(g.ids);
+    seqs.back().insert(seqs.back().end(), g.greedy.begin(), g.greedy.end());
+  }
+  const int S = static_cast<int>(seqs.size());
+  auto run = mtp_logits_one_stage(f, c, seqs);
+  if (!run) return fail(run.status());
+  const auto& got = *run;
+  const bool relative = resolve_device(f).value() == "cuda";
   const int64_t V = c.vocab_size;
-  const bool relative = *dev == "cuda";
   const double atol = f.f64("atol");
   bool ok = true;
   std::vector<double> rel;

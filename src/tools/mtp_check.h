@@ -30,6 +30,16 @@ Result<std::vector<const float*>> read_mtp_golden(const SafetensorsFile& g,
 std::vector<std::vector<float>> run_mtp_teacher_forced(
     Model& m, const std::vector<std::vector<int32_t>>& seqs, int chunk);
 
+// Loads the whole model with its MTP layer on one stage of this process (--device, --threads,
+// --load-format and --seed as given) and runs the sequences with run_mtp_teacher_forced, all of
+// them in each step with at most --max-num-batched-tokens / sequences positions of each.
+Result<std::vector<std::vector<float>>> mtp_logits_one_stage(
+    const Flags& f, const Config& c, const std::vector<std::vector<int32_t>>& seqs);
+
+// Writes an MTP golden file: p{i}.mtp_logits [rows_i, vocab] F32 (to FILE.tmp, then renamed).
+Status write_mtp_golden(const std::string& path, const std::vector<std::vector<float>>& logits,
+                        int64_t vocab);
+
 // verify --mtp-golden: loads the whole model with its MTP layer on one stage of this process
 // (--device, --threads and the state limits as given), runs the golden sequences and prints per
 // prompt the max abs error, then top-1 agreement and median / max relative error over every

@@ -23,6 +23,16 @@ grep -q "mtp verify: PASS" <<<"$out" || fail "no MTP PASS: $out"
 expect_error 1 "" -- "$bin" verify --device cpu --model "$m" --golden "$m/golden.safetensors" --mtp-golden "$m/mtp_golden.safetensors" --atol 1e-9
 expect_error 2 "MTP golden file: tensor p0.mtp_logits is missing" -- "$bin" verify --device cpu --model "$m" --golden "$m/golden.safetensors" --mtp-golden "$m/golden.safetensors"
 
+# golden --mtp-out writes the MTP layer's logits in the fixtures' format (from a 2-stage golden run);
+# verify --mtp-golden reproduces them exactly, in one step and one position per prompt per step.
+"$bin" golden --device cpu --model "$m" --prompt-ids 0,5,6,7 --prompt-ids 0,9 --max-tokens 5 --pp 2 \
+  --out "$tmp/g.safetensors" --mtp-out "$tmp/m.safetensors" >/dev/null || fail "golden --mtp-out"
+for budget in 2048 2; do
+  out=$("$bin" verify --device cpu --model "$m" --golden "$tmp/g.safetensors" --mtp-golden "$tmp/m.safetensors" --max-num-batched-tokens $budget) || fail "verify of golden --mtp-out: $out"
+  [ "$(grep -c 'mtp_logits max_abs_err 0.000e+00' <<<"$out")" = 2 ] || fail "MTP logits differ from golden --mtp-out (budget $budget): $out"
+done
+expect_error 2 "MTP golden file: p0.mtp_logits is F32 \[8, 256\]; expected F32 \[28, 256\]" -- "$bin" verify --device cpu --model "$m" --golden "$m/golden.safetensors" --mtp-golden "$tmp/m.safetensors"
+
 # inspect: the mtp.* tensors are marked ignored without --speculative mtp and counted with it.
 "$bin" inspect --model "$m" | grep -q "mtp.0.e_proj.weight .*(ignored)" || fail "inspect does not mark mtp.* ignored"
 "$bin" inspect --model "$m" --speculative mtp | grep -q "mtp layer (mtp.0.\*)" || fail "inspect --speculative mtp lacks the MTP layer"
@@ -41,4 +51,5 @@ out=$("$bin" "${gen[@]}" --model "$tmp/dspark" --load-format dummy) || fail "DSp
 "$bin" inspect --model "$tmp/dspark" --load-format dummy | grep -q "draft module: DSpark" || fail "inspect does not name DSpark"
 expect_error 2 "DSpark draft module not supported; run without --speculative" -- "$bin" "${gen[@]}" --model "$tmp/dspark" --load-format dummy --speculative mtp
 expect_error 2 "num_nextn_predict_layers 0 .*no MTP layer" -- "$bin" "${gen[@]}" --model "$tmp/nomtp" --load-format dummy --speculative mtp
+expect_error 2 "DSpark draft module not supported" -- "$bin" golden --device cpu --model "$tmp/dspark" --load-format dummy --prompt-ids 0,5 --out "$tmp/x" --mtp-out "$tmp/y"
 echo "all speculative CLI checks passed"
