@@ -157,6 +157,7 @@ Model::Model(const Config& c, const ModelWeights& w, Backend& be, const StateLim
   if (mtp_on_) {
     const int hc = c.hc_mult;
     ws_mtp_hs_ = be_.alloc(T, c.hc_dim(), act);
+    ws_mtp_out_ = be_.alloc(T, c.hc_dim(), be_.residual_dtype());
     ws_mtp_zero_ = be_.alloc(1, D, act);  // zero-initialised, stays zero
     // post = 1 and comb = identity: hc_post then adds its sublayer input to every stream.
     std::vector<float> ones(static_cast<size_t>(T * hc), 1.0f),

@@ -79,6 +79,10 @@ class Model {
   // The last layer's output streams, kept for the MTP draft layer: [tokens, hc * hidden]
   // (allocated for max_num_batched_tokens rows; empty unless limits.mtp on the head's stage).
   Tensor mtp_hidden() const { return ws_mtp_hidden_; }
+  // A buffer for the MTP layer's output streams (mtp_forward's X_out, and X_in of a chained draft),
+  // `rows` of [max_num_batched_tokens, hc * hidden]; apart from the residual buffers, which belong
+  // to the micro-batches in flight. Empty unless has_mtp().
+  Tensor mtp_streams(int rows) const { return ws_mtp_out_.slice_rows(0, rows); }
 
   // Hands the step's metadata to the backend; call once per step before embed / run_layers / head.
   void begin_step(const BatchView& b);
@@ -135,8 +139,9 @@ class Model {
   Tensor ws_x_, ws_xn_, ws_f_, ws_post_, ws_comb_, ws_qlat_, ws_q_, ws_kv_, ws_a_, ws_g_, ws_o_,
       ws_z_, ws_iq_, ws_iw_, ws_ia_, ws_ig_, ws_sel_, ws_h_, ws_hsel_, ws_logits_, ws_mtp_hidden_;
   // MTP workspace: hnorm of the streams [T, hc * hidden]; a zero embedding row [1, hidden]; ones
-  // [T, hc] and identities [T, hc * hc] f32 (hc_post as a broadcast add).
-  Tensor ws_mtp_hs_, ws_mtp_zero_, ws_mtp_ones_, ws_mtp_eye_;
+  // [T, hc] and identities [T, hc * hc] f32 (hc_post as a broadcast add); mtp_streams() [T, hc *
+  // hidden] residual dtype.
+  Tensor ws_mtp_hs_, ws_mtp_zero_, ws_mtp_ones_, ws_mtp_eye_, ws_mtp_out_;
 };
 
 }  // namespace sp

@@ -341,11 +341,12 @@ std::vector<int> stage_state_layers(const Config& c, const LoadPlan& plan) {
   return v;
 }
 
-// The MTP layer's workspace beyond the main model's (fp32 bound): the hidden-state buffer and the
-// normed streams [T, hc * hidden], ones and identities for the stream broadcast.
+// The MTP layer's workspace beyond the main model's (fp32 bound): the hidden-state buffer, the
+// normed streams and the output streams [T, hc * hidden], ones and identities for the stream
+// broadcast.
 double mtp_work_bytes(const Config& c, const LoadPlan& plan, double T) {
   if (!plan.mtp) return 0.0;
-  return T * 4.0 * (2.0 * c.hc_dim() + c.hc_mult + c.hc_mult * c.hc_mult);
+  return T * 4.0 * (3.0 * c.hc_dim() + c.hc_mult + c.hc_mult * c.hc_mult);
 }
 
 StageNeed stage_need(const Flags& f, const Config& c, const LoadPlan& plan, int stage,

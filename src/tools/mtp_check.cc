@@ -44,7 +44,7 @@ std::vector<std::vector<float>> run_mtp_teacher_forced(
   SP_CHECK(m.has_mtp(), "run_mtp_teacher_forced: the model has no MTP layer");
   SP_CHECK(S <= m.limits().max_num_seqs && int64_t{S} * per_seq <= m.num_blocks(),
            "run_mtp_teacher_forced: ", S, " sequences need that many slots and their blocks");
-  SP_CHECK(m.limits().residual_buffers >= 3, "run_mtp_teacher_forced needs 3 residual buffers");
+  SP_CHECK(m.limits().residual_buffers >= 2, "run_mtp_teacher_forced needs 2 residual buffers");
   SP_CHECK(chunk >= 1, "chunk must be positive");
   std::vector<std::vector<float>> out(static_cast<size_t>(S));
   for (int i = 0; i < S; ++i) {
@@ -101,7 +101,7 @@ std::vector<std::vector<float>> run_mtp_teacher_forced(
     m.run_layers(main, X);
     if (draft.num_tokens > 0) {
       for (int r = 0; r < draft.num_tokens; ++r) draft.logit_rows.push_back(r);
-      Tensor x_in = m.residual(1, draft.num_tokens), x_out = m.residual(2, draft.num_tokens);
+      Tensor x_in = m.residual(1, draft.num_tokens), x_out = m.mtp_streams(draft.num_tokens);
       for (const Rows& r : rows)
         be.copy(X.slice_rows(r.main_offset, r.n), x_in.slice_rows(r.draft_offset, r.n));
       Tensor logits = m.mtp_forward(draft, x_in, x_out);
@@ -160,7 +160,7 @@ Result<std::vector<std::vector<float>>> mtp_logits_one_stage(
   lim.max_model_len = longest;
   lim.max_num_batched_tokens = chunk * S;
   lim.max_logit_rows = chunk * S;
-  lim.residual_buffers = 3;
+  lim.residual_buffers = 2;
   lim.mtp = true;
   Model model(c, *w, *be, lim);
   return run_mtp_teacher_forced(model, seqs, chunk);

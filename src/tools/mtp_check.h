@@ -25,8 +25,8 @@ Result<std::vector<const float*>> read_mtp_golden(const SafetensorsFile& g,
 // Runs every sequence (slot i for sequence i; the model needs as many slots) through the main
 // model and the MTP layer, all sequences in each step, at most `chunk` positions of each per step,
 // so the MTP window ring is carried across steps. Returns per sequence the MTP logits of
-// positions 0 .. N-2, [N-1, vocab] row-major. The model must have the MTP layer (has_mtp) and room
-// for three residual buffers of `chunk` x sequences rows.
+// positions 0 .. N-2, [N-1, vocab] row-major. The model must have the MTP layer (has_mtp) and two
+// residual buffers of `chunk` x sequences rows.
 std::vector<std::vector<float>> run_mtp_teacher_forced(
     Model& m, const std::vector<std::vector<int32_t>>& seqs, int chunk);
 

@@ -51,7 +51,7 @@ double mtp_error(const std::string& name, int chunk, int threads) {
   const int step = std::min<int>(chunk, static_cast<int>(longest));
   auto be = make_cpu_backend(threads, 1);
   StateLimits lim{S, longest, step * S, step * S};
-  lim.residual_buffers = 3;
+  lim.residual_buffers = 2;
   lim.mtp = true;
   Model m(c, **w, *be, lim);
   EXPECT_TRUE(m.has_mtp());
@@ -99,7 +99,7 @@ TEST(MtpForward, InPlaceEqualsSeparateBuffers) {
   auto w = std::move(load_weights(c, dir, LoadPlan::whole(c, true), nullptr).value());
   auto be = make_cpu_backend(2);
   StateLimits lim{1, 64, 16, 16};
-  lim.residual_buffers = 3;
+  lim.residual_buffers = 2;
   lim.mtp = true;
   Model m(c, *w, *be, lim);
   BatchView b;
@@ -120,7 +120,7 @@ TEST(MtpForward, InPlaceEqualsSeparateBuffers) {
   m.embed(b, X);
   m.run_layers(b, X);
   const int64_t V = c.vocab_size, W = c.hc_dim();
-  Tensor a = m.residual(1, 10), out = m.residual(2, 10);
+  Tensor a = m.residual(1, 10), out = m.mtp_streams(10);
   be->copy(X, a);
   std::vector<float> sep(static_cast<size_t>(10 * V)), inplace(sep.size()), streams(10 * W),
       streams2(10 * W);
