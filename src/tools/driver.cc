@@ -297,7 +297,8 @@ std::string fingerprint(const Flags& f, const Config& c, const Topology& t) {
              ";num-state-blocks=", f.i64("num-state-blocks"), ";device=", f.str("device"),
              ";kv-cache-dtype=", f.str("kv-cache-dtype"),
              ";activation-dtype=", f.str("activation-dtype"),
-             ";stage-timeout=", f.f64("stage-timeout"));
+             ";stage-timeout=", f.f64("stage-timeout"), ";speculative=", f.str("speculative"),
+             ";num-speculative-tokens=", f.i64("num-speculative-tokens"));
 }
 
 // The fields two fingerprints disagree on, as "name: a vs b".
