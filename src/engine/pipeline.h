@@ -47,10 +47,18 @@ struct FaultInjection {
   bool stall = false;
 };
 
+// Speculative decoding (--speculative mtp --num-speculative-tokens K): the MTP draft layer on the
+// last stage proposes `num_tokens` tokens per step (chained through its own output streams).
+struct SpeculativeConfig {
+  bool mtp = false;    // --speculative mtp (the last stage loads and runs the MTP layer)
+  int num_tokens = 1;  // --num-speculative-tokens, 1..8
+};
+
 struct PipelineOptions {
   int micro_batches = 0;  // 0: one per stage
   bool trace = false;     // keep per-event timings
   FaultInjection fault;
+  SpeculativeConfig speculative;
 };
 
 struct StageHooks {

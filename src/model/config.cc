@@ -1,5 +1,6 @@
 #include "model/config.h"
 
+#include <algorithm>
 #include <cmath>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -72,6 +73,8 @@ constexpr int64_t kMaxHcMult = 16;
 constexpr int64_t kMaxSinkhornIters = 1000;
 constexpr int64_t kMaxCompressRate = 4096;
 constexpr int64_t kMaxMtpLayers = 16;
+// Blocks of the DSpark draft module (mtp.0..2), each with a compress_ratios entry.
+constexpr int kDSparkBlocks = 3;
 constexpr int64_t kMaxPositions = int64_t{1} << 30;
 constexpr double kMaxRopeTheta = 1e12;
 constexpr double kMinEps = 1e-12, kMaxEps = 0.1;
@@ -324,21 +327,28 @@ Status parse_hf_style(Reader& r, Config& c) {
 
 Status parse_upstream_style(Reader& r, Config& c) {
   const json& cr = r.raw("compress_ratios");
-  if (!cr.is_array() || static_cast<int>(cr.size()) != c.num_layers + 1)
+  // One entry per layer plus the MTP layer; a DSpark release has one per DSpark block instead.
+  const int extra = c.dspark ? kDSparkBlocks : 1;
+  if (!cr.is_array() || static_cast<int>(cr.size()) != c.num_layers + extra)
     return r.fail("compress_ratios",
-                  str("an array of num_hidden_layers + 1 = ", c.num_layers + 1,
-                      " ratios (one per layer plus the MTP layer)"),
+                  c.dspark ? str("an array of num_hidden_layers + ", kDSparkBlocks, " = ",
+                                 c.num_layers + extra,
+                                 " ratios (one per layer plus one per DSpark draft block, as "
+                                 "the dspark_* keys say)")
+                           : str("an array of num_hidden_layers + 1 = ", c.num_layers + 1,
+                                 " ratios (one per layer plus the MTP layer)"),
                   &cr);
-  for (int l = 0; l <= c.num_layers; ++l) {
+  for (int l = 0; l < c.num_layers + extra; ++l) {
     const json& v = cr[l];
     // Read as int64: a JSON 4294967300 must not become 4.
     const int64_t ratio = Reader::integer_value(v, 0, 128).value_or(-1);
     std::string f = str("compress_ratios[", l, "]");
     if (ratio != 0 && ratio != 4 && ratio != 128)
       return r.fail(f, "0 (sliding-only), 4 (CSA with indexer) or 128 (HCA)", &v);
-    if (l == c.num_layers) {
-      if (ratio != 0) return r.fail(f, "0 (the MTP layer is sliding-only)", &v);
-      break;
+    if (l >= c.num_layers) {
+      // The draft module's entries: the MTP layer is sliding-only; DSpark's are not used.
+      if (!c.dspark && ratio != 0) return r.fail(f, "0 (the MTP layer is sliding-only)", &v);
+      continue;
     }
     c.attn_kinds.push_back(ratio == 0   ? AttnKind::kSliding
                            : ratio == 4 ? AttnKind::kCSA
@@ -496,6 +506,15 @@ Result<Config> parse_config_impl(const std::string& text, const std::string& sou
   if (r.has("max_position_embeddings"))
     SP_READ_INT(c.max_position_embeddings, "max_position_embeddings", 1, kMaxPositions);
 
+  // A DSpark release (dspark_* keys): the main model loads as plain V4, the draft module is not
+  // supported (refused by --speculative mtp, its tensors ignored).
+  for (auto it = j.begin(); it != j.end(); ++it)
+    if (it.key().rfind("dspark_", 0) == 0) {
+      c.dspark = true;
+      c.dspark_keys.push_back(it.key());
+      r.mark(it.key());
+    }
+  std::sort(c.dspark_keys.begin(), c.dspark_keys.end());
   bool hf = r.has("layer_types"), up = r.has("compress_ratios");
   if (hf && up)
     return Status::error(str(source,
@@ -581,6 +600,11 @@ std::string describe_config(const Config& c) {
        << c.rope_compress.beta_slow << ")";
   os << "\nweights: linear " << weight_format_name(c.linear_format) << ", experts "
      << weight_format_name(c.expert_format) << "; mtp layers " << c.num_mtp_layers << "\n";
+  if (c.dspark) {
+    os << "draft module: DSpark (";
+    for (size_t i = 0; i < c.dspark_keys.size(); ++i) os << (i ? ", " : "") << c.dspark_keys[i];
+    os << "): not supported, its mtp.* tensors are ignored; the main model runs as plain V4\n";
+  }
   os << "layers:";
   for (int l = 0; l < c.num_layers; ++l) {
     os << " " << l << ":" << attn_kind_abbrev(c.attn_kinds[l]);

@@ -61,6 +61,12 @@ struct Config {
   RopeParams rope_main;      // sliding-only layers (and MTP): never YaRN
   RopeParams rope_compress;  // CSA / HCA layers
   int num_mtp_layers = 0;
+  // DeepSeek-V4 releases with a DSpark draft module (V4-Flash-0731, V4-Pro-0813): config.json has
+  // dspark_* keys and compress_ratios ends with one entry per DSpark block. The main model is plain
+  // V4; the draft module (mtp.0..2.* with main_proj / main_norm / markov_head) is not supported and
+  // its tensors are ignored.
+  bool dspark = false;
+  std::vector<std::string> dspark_keys;               // the dspark_* keys present, sorted
   WeightFormat linear_format = WeightFormat::kFloat;  // attention / shared-expert / mtp projections
   WeightFormat expert_format = WeightFormat::kFloat;  // routed experts
   int64_t bos_token_id = -1;
@@ -70,8 +76,13 @@ struct Config {
 
   int hc_dim() const { return hc_mult * static_cast<int>(hidden_size); }
   int hc_mix() const { return (2 + hc_mult) * hc_mult; }
+  // Layer kinds for l in [0, num_layers]: index num_layers is the MTP layer, a sliding-only layer
+  // with learned routing (its compress_ratios entry is 0 in every config that has one).
+  AttnKind layer_kind(int l) const { return l == num_layers ? AttnKind::kSliding : attn_kinds[l]; }
+  int layer_ratio(int l) const { return l == num_layers ? 0 : compress_ratio[l]; }
+  MlpKind layer_mlp(int l) const { return l == num_layers ? MlpKind::kMoe : mlp_kinds[l]; }
   // Compressor overlap factor k: 2 for CSA (overlapping windows), 1 for HCA.
-  int compressor_overlap(int layer) const { return attn_kinds[layer] == AttnKind::kCSA ? 2 : 1; }
+  int compressor_overlap(int layer) const { return layer_kind(layer) == AttnKind::kCSA ? 2 : 1; }
   int num_layers_of(AttnKind k) const;
 };
 

@@ -7,7 +7,7 @@
 namespace sp {
 
 std::vector<StateBuffer> layer_state_layout(const Config& c, int l, int slack) {
-  const int64_t dh = c.head_dim, r = c.compress_ratio[l];
+  const int64_t dh = c.head_dim, r = c.layer_ratio(l);
   // The window ring; per compressed entry a head_dim row; the compressor's input ring (values then
   // gates of the positions a completing window pools); for CSA the same again for the indexer's
   // keys at index_head_dim. Rings keep `slack` more rows: the positions of speculative tokens that
@@ -17,7 +17,7 @@ std::vector<StateBuffer> layer_state_layout(const Config& c, int l, int slack) {
     const int64_t k = c.compressor_overlap(l);
     v.push_back({&LayerState::cmp, 0, dh, true});
     v.push_back({&LayerState::cmp_buf, compressor_ring_rows(c, l, slack), 2 * k * dh, false});
-    if (c.attn_kinds[l] == AttnKind::kCSA) {
+    if (c.layer_kind(l) == AttnKind::kCSA) {
       const int64_t id = c.index_head_dim;
       v.push_back({&LayerState::idx, 0, id, true});
       v.push_back({&LayerState::idx_buf, compressor_ring_rows(c, l, slack), 2 * 2 * id, false});
@@ -31,7 +31,7 @@ int window_ring_rows(const Config& c, int slack) {
 }
 
 int compressor_ring_rows(const Config& c, int l, int slack) {
-  return c.compressor_overlap(l) * c.compress_ratio[l] + slack;
+  return c.compressor_overlap(l) * c.layer_ratio(l) + slack;
 }
 
 int state_block_tokens(const Config& c) {
@@ -81,7 +81,7 @@ StateBytes layer_state_bytes(const Config& c, int l, int slack) {
   int64_t entry = 0;  // bytes per compressed entry
   for (const StateBuffer& b : layer_state_layout(c, l, slack))
     (b.per_entry ? entry : s.per_sequence) += (b.per_entry ? 1 : b.rows) * b.cols * 4;
-  const int64_t r = c.compress_ratio[l];
+  const int64_t r = c.layer_ratio(l);
   if (r > 0) s.per_token = (entry + r - 1) / r;  // rounded up
   return s;
 }
@@ -96,7 +96,10 @@ Tensor host_row(const std::vector<float>& v) {
 }  // namespace
 
 Model::Model(const Config& c, const ModelWeights& w, Backend& be, const StateLimits& lim)
-    : c_(c), w_(w), be_(be), lim_(lim) {
+    : c_(c), w_(w), be_(be), lim_(lim), mtp_on_(lim.mtp && w.plan.head) {
+  SP_CHECK(!mtp_on_ || w.plan.mtp,
+           "StateLimits.mtp on the head's stage needs the MTP weights (LoadPlan.mtp)");
+  SP_CHECK(!mtp_on_ || w.plan.embed, "the MTP layer needs the embedding on the head's stage");
   const int64_t S = lim.max_num_seqs, T = lim.max_num_batched_tokens, D = c.hidden_size;
   const int64_t dh = c.head_dim, H = c.num_heads, id = c.index_head_dim, ih = c.index_n_heads;
   block_tokens_ = state_block_tokens(c);
@@ -112,7 +115,7 @@ Model::Model(const Config& c, const ModelWeights& w, Backend& be, const StateLim
   be_.reserve(bl);
   upload_weights();
   int64_t bytes = 0;
-  for (const LayerView& L : layers_) {
+  auto alloc_layer_state = [&](const LayerView& L) {
     std::vector<StateAlloc> layout;
     for (const StateBuffer& sb : layer_state_layout(c, L.index, lim.spec_slack)) {
       StateAlloc a{sb.field, S * sb.rows, sb.cols, StateKind::kWindow};
@@ -124,9 +127,13 @@ Model::Model(const Config& c, const ModelWeights& w, Backend& be, const StateLim
       }
       layout.push_back(a);
     }
-    state_.push_back(be_.alloc_state(layout));
-    for (const StateAlloc& a : layout) bytes += ((state_.back()).*a.field).span_bytes();
-  }
+    LayerState st = be_.alloc_state(layout);
+    for (const StateAlloc& a : layout) bytes += (st.*a.field).span_bytes();
+    return st;
+  };
+  for (const LayerView& L : layers_) state_.push_back(alloc_layer_state(L));
+  // The MTP layer's own state (its window ring per slot), described like any layer's.
+  if (mtp_on_) mtp_state_ = alloc_layer_state(mtp_layer_);
   state_bytes_ = bytes;
   const DType act = be_.act_dtype(), f32 = DType::kF32;
   for (int i = 0; i < std::max(1, lim.residual_buffers); ++i)
@@ -153,6 +160,21 @@ Model::Model(const Config& c, const ModelWeights& w, Backend& be, const StateLim
     ws_hsel_ = be_.alloc(lim.max_logit_rows, c.hc_dim(), be_.residual_dtype());
     ws_logits_ = be_.alloc(lim.max_logit_rows, c.vocab_size, f32);
     if (lim.mtp) ws_mtp_hidden_ = be_.alloc(T, c.hc_dim(), be_.residual_dtype());
+  }
+  if (mtp_on_) {
+    const int hc = c.hc_mult;
+    ws_mtp_hs_ = be_.alloc(T, c.hc_dim(), act);
+    ws_mtp_out_ = be_.alloc(T, c.hc_dim(), be_.residual_dtype());
+    ws_mtp_zero_ = be_.alloc(1, D, act);  // zero-initialised, stays zero
+    // post = 1 and comb = identity: hc_post then adds its sublayer input to every stream.
+    std::vector<float> ones(static_cast<size_t>(T * hc), 1.0f),
+        eye(static_cast<size_t>(T * hc * hc), 0.0f);
+    for (int64_t t = 0; t < T; ++t)
+      for (int j = 0; j < hc; ++j) eye[static_cast<size_t>((t * hc + j) * hc + j)] = 1.0f;
+    ws_mtp_ones_ = be_.alloc(T, hc, f32);
+    ws_mtp_eye_ = be_.alloc(T, int64_t{hc} * hc, f32);
+    be_.from_host(ones.data(), ws_mtp_ones_);
+    be_.from_host(eye.data(), ws_mtp_eye_);
   }
 }
 
@@ -189,7 +211,7 @@ void Model::upload_weights() {
     final_norm_ = t(w_.final_norm);
     hc_head_ = hc(w_.hc_head);
   }
-  for (const LayerWeights& L : w_.layers) {
+  auto layer_view = [&](const LayerWeights& L) {
     LayerView v;
     v.index = L.index;
     v.kind = L.kind;
@@ -229,7 +251,19 @@ void Model::upload_weights() {
     e.sw2 = m(L.sw2);
     e.sw3 = m(L.sw3);
     be_.prepare_moe(e);
-    layers_.push_back(std::move(v));
+    return v;
+  };
+  for (const LayerWeights& L : w_.layers) layers_.push_back(layer_view(L));
+  if (mtp_on_) {
+    // The MTP block is a decoder layer like the others (index num_layers); its extras beside it.
+    const MtpWeights& mw = w_.mtp;
+    mtp_layer_ = layer_view(mw.block);
+    mtp_e_proj_ = m(mw.e_proj);
+    mtp_h_proj_ = m(mw.h_proj);
+    mtp_enorm_ = t(mw.enorm);
+    mtp_hnorm_ = t(mw.hnorm);
+    mtp_norm_ = t(mw.norm);
+    mtp_hc_head_ = hc(mw.hc_head);
   }
 }
 
@@ -316,49 +350,91 @@ void Model::attention_block(const LayerView& L, LayerState& st, const BatchView&
   be_.linear(z, L.wo_b, f);
 }
 
-void Model::run_layers(const BatchView& b, Tensor X, const LayerHook& hook) {
+void Model::decoder_block(const LayerView& L, LayerState& st, const BatchView& b, Tensor X) {
   const int T = b.num_tokens;
-  SP_CHECK(T <= lim_.max_num_batched_tokens, "step of ", T, " tokens over the budget ",
-           lim_.max_num_batched_tokens);
-  for (const SeqChunk& ch : b.chunks)
-    SP_CHECK(ch.start_pos + ch.n_tokens <= lim_.max_model_len, "sequence over max_model_len");
   Tensor x = ws_x_.slice_rows(0, T), xn = ws_xn_.slice_rows(0, T), f = ws_f_.slice_rows(0, T);
   Tensor post = ws_post_.slice_rows(0, T), comb = ws_comb_.slice_rows(0, T);
   const int hc = c_.hc_mult, D = static_cast<int>(c_.hidden_size);
   const float eps = c_.rms_norm_eps;
+  be_.hc_pre(X, L.hc_attn, hc, c_.hc_sinkhorn_iters, c_.hc_eps, eps, x, post, comb);
+  be_.rms_norm(x, &L.attn_norm, D, eps, xn);
+  attention_block(L, st, b, xn, f);
+  be_.hc_post(f, post, comb, hc, X);
+  be_.hc_pre(X, L.hc_ffn, hc, c_.hc_sinkhorn_iters, c_.hc_eps, eps, x, post, comb);
+  be_.rms_norm(x, &L.ffn_norm, D, eps, xn);
+  be_.moe(xn,
+          MoeArgs{&L.moe, c_.experts_per_tok, static_cast<float>(c_.routed_scaling_factor),
+                  c_.swiglu_limit},
+          b, f);
+  be_.hc_post(f, post, comb, hc, X);
+  be_.note_non_finite(X, L.index);
+}
+
+void Model::check_step(const BatchView& b) const {
+  SP_CHECK(b.num_tokens <= lim_.max_num_batched_tokens, "step of ", b.num_tokens,
+           " tokens over the budget ", lim_.max_num_batched_tokens);
+  for (const SeqChunk& ch : b.chunks)
+    SP_CHECK(ch.start_pos + ch.n_tokens <= lim_.max_model_len, "sequence over max_model_len");
+}
+
+void Model::run_layers(const BatchView& b, Tensor X, const LayerHook& hook) {
+  check_step(b);
   for (size_t li = 0; li < layers_.size(); ++li) {
-    const LayerView& L = layers_[li];
-    be_.hc_pre(X, L.hc_attn, hc, c_.hc_sinkhorn_iters, c_.hc_eps, eps, x, post, comb);
-    be_.rms_norm(x, &L.attn_norm, D, eps, xn);
-    attention_block(L, state_[li], b, xn, f);
-    be_.hc_post(f, post, comb, hc, X);
-    be_.hc_pre(X, L.hc_ffn, hc, c_.hc_sinkhorn_iters, c_.hc_eps, eps, x, post, comb);
-    be_.rms_norm(x, &L.ffn_norm, D, eps, xn);
-    be_.moe(xn,
-            MoeArgs{&L.moe, c_.experts_per_tok, static_cast<float>(c_.routed_scaling_factor),
-                    c_.swiglu_limit},
-            b, f);
-    be_.hc_post(f, post, comb, hc, X);
-    be_.note_non_finite(X, L.index);
-    if (hook) hook(L.index, X);
+    decoder_block(layers_[li], state_[li], b, X);
+    if (hook) hook(layers_[li].index, X);
   }
   // The MTP layer reads the pre-hc_head streams: keep them where the draft can find them.
   if (ws_mtp_hidden_.data && w_.plan.end_layer == c_.num_layers)
-    be_.copy(X, ws_mtp_hidden_.slice_rows(0, T));
+    be_.copy(X, ws_mtp_hidden_.slice_rows(0, b.num_tokens));
 }
 
-Tensor Model::head(const BatchView& b, Tensor X) {
+Tensor Model::head_rows(const BatchView& b, Tensor X, const HcWeights& hc, const Tensor& norm) {
   SP_CHECK(w_.plan.head, "head called on a stage without the head");
   const int n = static_cast<int>(b.logit_rows.size());
   SP_CHECK(n <= lim_.max_logit_rows, n, " logit rows over the limit ", lim_.max_logit_rows);
   Tensor xs = ws_hsel_.slice_rows(0, n), h = ws_h_.slice_rows(0, n),
          logits = ws_logits_.slice_rows(0, n);
   be_.gather_logit_rows(X, b, xs);
-  be_.hc_head(xs, hc_head_, c_.hc_mult, c_.hc_eps, c_.rms_norm_eps, h);
-  be_.rms_norm(h, &final_norm_, static_cast<int>(c_.hidden_size), c_.rms_norm_eps, h);
+  be_.hc_head(xs, hc, c_.hc_mult, c_.hc_eps, c_.rms_norm_eps, h);
+  be_.rms_norm(h, &norm, static_cast<int>(c_.hidden_size), c_.rms_norm_eps, h);
   be_.linear(h, head_, logits);
   be_.note_non_finite(logits, Backend::kNonFiniteHead);
   return logits;
+}
+
+Tensor Model::head(const BatchView& b, Tensor X) {
+  return head_rows(b, X, hc_head_, final_norm_);
+}
+
+Tensor Model::mtp_forward(const BatchView& b, Tensor X_in, Tensor X_out) {
+  SP_CHECK(mtp_on_, "mtp_forward on a model without the MTP layer (StateLimits.mtp, head stage)");
+  const int T = b.num_tokens, hc = c_.hc_mult, D = static_cast<int>(c_.hidden_size);
+  const int64_t W = c_.hc_dim();
+  SP_CHECK(X_in.rows == T && X_in.cols == W && X_out.rows == T && X_out.cols == W,
+           "mtp_forward: X_in / X_out must be [", T, ", ", W, "]");
+  SP_CHECK(X_out.stride == X_out.cols, "mtp_forward: X_out must be contiguous");
+  check_step(b);
+  begin_step(b);
+  const float eps = c_.rms_norm_eps;
+  // e_proj(enorm(embed(t[p+1]))), the embedding zeroed at position 0 (vLLM's convention, which
+  // the goldens follow). Rows at position 0 are rare (a sequence's first chunk), so they are
+  // cleared one by one with a copy rather than with an op of their own.
+  Tensor e = ws_x_.slice_rows(0, T), en = ws_xn_.slice_rows(0, T), f = ws_f_.slice_rows(0, T);
+  be_.embed(embed_, b, e);
+  for (int i = 0; i < T; ++i)
+    if (b.positions[i] == 0) be_.copy(ws_mtp_zero_, e.slice_rows(i, 1));
+  be_.rms_norm(e, &mtp_enorm_, D, eps, en);
+  be_.linear(en, mtp_e_proj_, f);
+  // h_proj(hnorm(stream)) for every stream: T * hc rows of width D. X_in is read completely
+  // before X_out is written, so the two may be the same buffer (chained drafts).
+  Tensor hs = ws_mtp_hs_.slice_rows(0, T);
+  be_.rms_norm(X_in, &mtp_hnorm_, D, eps, hs);
+  be_.linear(hs.view(int64_t{T} * hc, D), mtp_h_proj_, X_out.view(int64_t{T} * hc, D));
+  // Broadcast the embedding term over the streams: hc_post with post = 1 and comb = identity is
+  // exactly X_out[k] = f + X_out[k] (the other products are zeros).
+  be_.hc_post(f, ws_mtp_ones_.slice_rows(0, T), ws_mtp_eye_.slice_rows(0, T), hc, X_out);
+  decoder_block(mtp_layer_, mtp_state_, b, X_out);
+  return head_rows(b, X_out, mtp_hc_head_, mtp_norm_);
 }
 
 }  // namespace sp

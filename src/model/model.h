@@ -25,8 +25,8 @@ struct StateLimits {
   int residual_buffers = 1;
   // State blocks in the pool (0: enough for every slot at max_model_len).
   int num_blocks = 0;
-  // Reserve the MTP hidden-state buffer on the stage that owns the head (only when MTP is on; MTP
-  // itself is not built yet, nothing turns this on).
+  // The MTP draft layer (--speculative mtp): on the stage that owns the head, its weights (the
+  // LoadPlan must have mtp on), its window state, its workspace and the hidden-state buffer.
   bool mtp = false;
   // Extra rows of every per-slot ring (window, compressor inputs): the most speculative tokens a
   // step may write and the next drop (0 without speculation).
@@ -88,6 +88,10 @@ class Model {
   // The last layer's output streams, kept for the MTP draft layer: [tokens, hc * hidden]
   // (allocated for max_num_batched_tokens rows; empty unless limits.mtp on the head's stage).
   Tensor mtp_hidden() const { return ws_mtp_hidden_; }
+  // A buffer for the MTP layer's output streams (mtp_forward's X_out, and X_in of a chained draft),
+  // `rows` of [max_num_batched_tokens, hc * hidden]; apart from the residual buffers, which belong
+  // to the micro-batches in flight. Empty unless has_mtp().
+  Tensor mtp_streams(int rows) const { return ws_mtp_out_.slice_rows(0, rows); }
 
   // Hands the step's metadata to the backend; call once per step before embed / run_layers / head.
   void begin_step(const BatchView& b);
@@ -98,14 +102,31 @@ class Model {
   // logits[i] = head(norm(hc_head(X[b.logit_rows[i]]))) (last stage only).  [rows, vocab] f32
   Tensor head(const BatchView& b, Tensor X);
 
+  // Whether this model runs the MTP draft layer (the head's stage with StateLimits.mtp).
+  bool has_mtp() const { return mtp_on_; }
+  // The MTP draft layer over the rows of `b` (positions, chunks, slots and block tables as in a
+  // main step; b.token_ids[i] = the token t[p+1] that FOLLOWS row i's position p; b.logit_rows =
+  // the rows whose draft logits are wanted). X_in [T, hc*hidden]: the main model's last-layer
+  // output streams at those rows (before hc_head), or the MTP layer's own output streams when
+  // drafts are chained; X_out [T, hc*hidden] receives the MTP block's output streams (before its
+  // hc_head). Calls be.begin_step(b) itself (the caller has finished the main step's head and
+  // sampling). Returns the logits [logit_rows, vocab] f32 as head() does.
+  Tensor mtp_forward(const BatchView& b, Tensor X_in, Tensor X_out);
+
  private:
   void upload_weights();
+  void check_step(const BatchView& b) const;
+  // One decoder block (mHC, attention, mHC, MoE) in place on X: the main layers and the MTP layer.
+  void decoder_block(const LayerView& L, LayerState& st, const BatchView& b, Tensor X);
   void attention_block(const LayerView& L, LayerState& st, const BatchView& b, Tensor xn, Tensor f);
+  // logits of b.logit_rows through an hc_head, a final norm and the head.
+  Tensor head_rows(const BatchView& b, Tensor X, const HcWeights& hc, const Tensor& norm);
 
   const Config c_;  // a copy: the model outlives whatever parsed it
   const ModelWeights& w_;
   Backend& be_;
   StateLimits lim_;
+  bool mtp_on_ = false;
   int block_tokens_ = 0, num_blocks_ = 0;
   // The weights as the backend keeps them.
   Matrix embed_, head_;
@@ -114,11 +135,22 @@ class Model {
   std::vector<LayerView> layers_;
   RopeView rope_main_, rope_compress_;
   std::vector<LayerState> state_;  // per owned layer
+  // The MTP draft layer: its block (index num_layers), input projections and norms, own hc_head
+  // and final norm (the head is the main one), and its state.
+  LayerView mtp_layer_;
+  Matrix mtp_e_proj_, mtp_h_proj_;
+  Tensor mtp_enorm_, mtp_hnorm_, mtp_norm_;  // [1, hidden] f32
+  HcWeights mtp_hc_head_;
+  LayerState mtp_state_;
   int64_t state_bytes_ = 0;
   // Workspace, sized at start-up for max_num_batched_tokens rows.
   std::vector<Tensor> ws_X_;  // one per residual buffer
   Tensor ws_x_, ws_xn_, ws_f_, ws_post_, ws_comb_, ws_qlat_, ws_q_, ws_kv_, ws_a_, ws_g_, ws_o_,
       ws_z_, ws_iq_, ws_iw_, ws_ia_, ws_ig_, ws_sel_, ws_h_, ws_hsel_, ws_logits_, ws_mtp_hidden_;
+  // MTP workspace: hnorm of the streams [T, hc * hidden]; a zero embedding row [1, hidden]; ones
+  // [T, hc] and identities [T, hc * hc] f32 (hc_post as a broadcast add); mtp_streams() [T, hc *
+  // hidden] residual dtype.
+  Tensor ws_mtp_hs_, ws_mtp_zero_, ws_mtp_ones_, ws_mtp_eye_, ws_mtp_out_;
 };
 
 }  // namespace sp

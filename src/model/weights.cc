@@ -16,7 +16,11 @@ int64_t ceil_div(int64_t a, int64_t b) {
 }
 }  // namespace
 
-std::vector<ExpectedTensor> expected_tensors(const Config& c) {
+std::string mtp_prefix() {
+  return "mtp.0.";
+}
+
+std::vector<ExpectedTensor> expected_tensors(const Config& c, bool mtp) {
   std::vector<ExpectedTensor> v;
   const int64_t D = c.hidden_size, hcD = c.hc_dim(), mix = c.hc_mix();
   auto param = [&](std::string n, std::vector<int64_t> s, Part p, int l = -1) {
@@ -25,14 +29,14 @@ std::vector<ExpectedTensor> expected_tensors(const Config& c) {
   auto matrix = [&](std::string n, WeightFormat f, int64_t out, int64_t in, Part p, int l = -1) {
     v.push_back({std::move(n), TensorRole::kMatrix, f, {out, in}, p, l});
   };
-  matrix("embed.weight", WeightFormat::kFloat, c.vocab_size, D, Part::kEmbed);
-  for (int l = 0; l < c.num_layers; ++l) {
-    std::string p = str("layers.", l, ".");
+  // One decoder block's tensors under prefix `p` (layers.l. or, for the MTP layer l = num_layers,
+  // mtp.0.).
+  auto block = [&](const std::string& p, int l, Part part) {
     auto lp = [&](const std::string& n, std::vector<int64_t> s) {
-      param(p + n, std::move(s), Part::kLayer, l);
+      param(p + n, std::move(s), part, l);
     };
     auto lm = [&](const std::string& n, WeightFormat f, int64_t out, int64_t in) {
-      matrix(p + n, f, out, in, Part::kLayer, l);
+      matrix(p + n, f, out, in, part, l);
     };
     const WeightFormat lf = c.linear_format;
     lp("attn_norm.weight", {D});
@@ -51,7 +55,7 @@ std::vector<ExpectedTensor> expected_tensors(const Config& c) {
     lm("attn.wo_a.weight", lf, c.o_groups * c.o_lora_rank, H * dh / c.o_groups);
     lm("attn.wo_b.weight", lf, D, c.o_groups * c.o_lora_rank);
     lp("attn.attn_sink", {H});
-    const int ratio = c.compress_ratio[l];
+    const int ratio = c.layer_ratio(l);
     if (ratio > 0) {
       const int64_t k = c.compressor_overlap(l);
       lm("attn.compressor.wkv.weight", WeightFormat::kFloat, k * dh, D);
@@ -59,7 +63,7 @@ std::vector<ExpectedTensor> expected_tensors(const Config& c) {
       lp("attn.compressor.ape", {ratio, k * dh});
       lp("attn.compressor.norm.weight", {dh});
     }
-    if (c.attn_kinds[l] == AttnKind::kCSA) {
+    if (c.layer_kind(l) == AttnKind::kCSA) {
       const int64_t ih = c.index_n_heads, id = c.index_head_dim;
       lm("attn.indexer.wq_b.weight", lf, ih * id, c.q_lora_rank);
       lm("attn.indexer.weights_proj.weight", WeightFormat::kFloat, ih, D);
@@ -70,12 +74,12 @@ std::vector<ExpectedTensor> expected_tensors(const Config& c) {
     }
     const int64_t E = c.n_routed_experts, I = c.moe_inter;
     lm("ffn.gate.weight", WeightFormat::kFloat, E, D);
-    if (c.mlp_kinds[l] == MlpKind::kHashMoe) {
+    if (c.layer_mlp(l) == MlpKind::kHashMoe) {
       v.push_back({p + "ffn.gate.tid2eid",
                    TensorRole::kIndex,
                    WeightFormat::kFloat,
                    {c.vocab_size, c.experts_per_tok},
-                   Part::kLayer,
+                   part,
                    l});
     } else {
       lp("ffn.gate.bias", {E});
@@ -88,12 +92,29 @@ std::vector<ExpectedTensor> expected_tensors(const Config& c) {
     lm("ffn.shared_experts.w1.weight", lf, I, D);
     lm("ffn.shared_experts.w2.weight", lf, D, I);
     lm("ffn.shared_experts.w3.weight", lf, I, D);
-  }
+  };
+  matrix("embed.weight", WeightFormat::kFloat, c.vocab_size, D, Part::kEmbed);
+  for (int l = 0; l < c.num_layers; ++l) block(str("layers.", l, "."), l, Part::kLayer);
   param("hc_head_fn", {c.hc_mult, hcD}, Part::kHcHead);
   param("hc_head_base", {c.hc_mult}, Part::kHcHead);
   param("hc_head_scale", {1}, Part::kHcHead);
   param("norm.weight", {D}, Part::kFinalNorm);
   matrix("head.weight", WeightFormat::kFloat, c.vocab_size, D, Part::kHead);
+  if (mtp) {
+    // The MTP layer (model_spec.md section 7): its input projections and norms, one decoder block
+    // (layer index num_layers: sliding-only, learned routing), its own hc_head and final norm.
+    const std::string p = mtp_prefix();
+    const int l = c.num_layers;
+    matrix(p + "e_proj.weight", c.linear_format, D, D, Part::kMtp, l);
+    matrix(p + "h_proj.weight", c.linear_format, D, D, Part::kMtp, l);
+    param(p + "enorm.weight", {D}, Part::kMtp, l);
+    param(p + "hnorm.weight", {D}, Part::kMtp, l);
+    block(p, l, Part::kMtp);
+    param(p + "hc_head_fn", {c.hc_mult, hcD}, Part::kMtp, l);
+    param(p + "hc_head_base", {c.hc_mult}, Part::kMtp, l);
+    param(p + "hc_head_scale", {1}, Part::kMtp, l);
+    param(p + "norm.weight", {D}, Part::kMtp, l);
+  }
   return v;
 }
 
@@ -136,6 +157,23 @@ int64_t expected_bytes(const ExpectedTensor& t) {
   return 0;
 }
 
+Status check_mtp_config(const Config& c) {
+  if (c.dspark) {
+    std::string keys;
+    for (const std::string& k : c.dspark_keys) keys += (keys.empty() ? "" : ", ") + k;
+    return Status::error(str(
+        "--speculative mtp: this checkpoint's draft module is DSpark (config.json has ", keys,
+        "; its mtp.0..2.* tensors have main_proj / main_norm / markov_head, no e_proj / enorm / "
+        "hnorm): DSpark draft module not supported; run without --speculative (the main "
+        "model runs as plain DeepSeek-V4)"));
+  }
+  if (c.num_mtp_layers < 1)
+    return Status::error(
+        "--speculative mtp: config.json has num_nextn_predict_layers 0 (or none): the model has no "
+        "MTP layer (mtp.0.*); run without --speculative");
+  return Status::ok();
+}
+
 LoadPlan LoadPlan::stage(const std::vector<int>& partition, int stage, bool mtp) {
   LoadPlan p;
   for (int s = 0; s < stage; ++s) p.first_layer += partition[s];
@@ -143,6 +181,7 @@ LoadPlan LoadPlan::stage(const std::vector<int>& partition, int stage, bool mtp)
   const bool last = stage + 1 == static_cast<int>(partition.size());
   p.embed = stage == 0 || (last && mtp);
   p.head = last;
+  p.mtp = last && mtp;
   return p;
 }
 
@@ -157,7 +196,7 @@ bool LoadPlan::owns(const ExpectedTensor& t) const {
     case Part::kHead:
       return head;
     case Part::kMtp:
-      return false;
+      return mtp;
   }
   return false;
 }
@@ -229,17 +268,29 @@ class Assembler {
       w_.final_norm = param("norm.weight");
       w_.hc_head = {param("hc_head_fn"), param("hc_head_base"), param("hc_head_scale")};
     }
-    for (int l = plan.first_layer; l < plan.end_layer; ++l) w_.layers.push_back(layer(l));
+    for (int l = plan.first_layer; l < plan.end_layer; ++l)
+      w_.layers.push_back(layer(str("layers.", l, "."), l));
+    if (plan.mtp) {
+      const std::string p = mtp_prefix();
+      MtpWeights& m = w_.mtp;
+      m.e_proj = matrix(p + "e_proj.weight");
+      m.h_proj = matrix(p + "h_proj.weight");
+      m.enorm = param(p + "enorm.weight");
+      m.hnorm = param(p + "hnorm.weight");
+      m.norm = param(p + "norm.weight");
+      m.hc_head = {param(p + "hc_head_fn"), param(p + "hc_head_base"), param(p + "hc_head_scale")};
+      m.block = layer(p, c_.num_layers);
+    }
   }
 
  private:
-  LayerWeights layer(int l) {
-    std::string p = str("layers.", l, ".");
+  // Decoder block `l` (num_layers: the MTP layer) from the tensors under prefix `p`.
+  LayerWeights layer(const std::string& p, int l) {
     LayerWeights L;
     L.index = l;
-    L.kind = c_.attn_kinds[l];
-    L.ratio = c_.compress_ratio[l];
-    L.mlp = c_.mlp_kinds[l];
+    L.kind = c_.layer_kind(l);
+    L.ratio = c_.layer_ratio(l);
+    L.mlp = c_.layer_mlp(l);
     L.attn_norm = param(p + "attn_norm.weight");
     L.ffn_norm = param(p + "ffn_norm.weight");
     L.hc_attn = {param(p + "hc_attn_fn"), param(p + "hc_attn_base"), param(p + "hc_attn_scale")};
@@ -311,10 +362,19 @@ Result<std::unique_ptr<ModelWeights>> load_weights(const Config& c, const std::s
                                                    const LoadPlan& plan,
                                                    const ProgressFn& progress) {
   auto t0 = std::chrono::steady_clock::now();
+  if (plan.mtp) SP_RETURN_IF_ERROR(check_mtp_config(c));
   SP_ASSIGN_OR_RETURN(std::unique_ptr<Checkpoint> ck, Checkpoint::open(dir));
+  if (plan.mtp) {
+    bool any = false;
+    for (auto& [name, info] : ck->all()) any = any || name.rfind(mtp_prefix(), 0) == 0;
+    if (!any)
+      return Status::error(str("--speculative mtp: checkpoint ", dir, " has no ", mtp_prefix(),
+                               "* tensors (the MTP draft layer: ", mtp_prefix(), "e_proj.weight, ",
+                               mtp_prefix(), "h_proj.weight, ...); run without --speculative"));
+  }
   auto w = std::make_unique<ModelWeights>();
   w->plan = plan;
-  const auto ex = expected_tensors(c);
+  const auto ex = expected_tensors(c, plan.mtp);
   std::set<std::string> known;
   std::vector<std::string> missing, wrong;
   std::map<std::string, Bound> bound;
@@ -494,9 +554,10 @@ const uint8_t* bf16_to_e4m3_table() {
 Result<std::unique_ptr<ModelWeights>> dummy_weights(const Config& c, const LoadPlan& plan,
                                                     uint64_t seed, const ProgressFn& progress) {
   auto t0 = std::chrono::steady_clock::now();
+  if (plan.mtp) SP_RETURN_IF_ERROR(check_mtp_config(c));
   auto w = std::make_unique<ModelWeights>();
   w->plan = plan;
-  const auto ex = expected_tensors(c);
+  const auto ex = expected_tensors(c, plan.mtp);
   std::map<std::string, Bound> bound;
   int64_t total = 0, done = 0;
   for (auto& t : ex)

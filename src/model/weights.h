@@ -37,8 +37,14 @@ struct ExpectedTensor {
   int layer = -1;  // global layer index for Part::kLayer
 };
 
-// Every tensor of the main model (not mtp.*) the config implies, in a fixed order.
-std::vector<ExpectedTensor> expected_tensors(const Config& c);
+// Every tensor of the main model the config implies, in a fixed order; with `mtp`, then the MTP
+// draft layer's (mtp.0.*: Part::kMtp, layer = num_layers).
+std::vector<ExpectedTensor> expected_tensors(const Config& c, bool mtp = false);
+// Whether --speculative mtp can run this config: an error naming what is missing (no MTP layer:
+// num_nextn_predict_layers 0 or absent) or what is there instead (a DSpark draft module).
+Status check_mtp_config(const Config& c);
+// Name prefix of the MTP layer's tensors: "mtp.0.".
+std::string mtp_prefix();
 // Storage bytes of one expected tensor including its scales.
 int64_t expected_bytes(const ExpectedTensor& t);
 
@@ -84,18 +90,31 @@ struct LoadPlan {
   int end_layer = 0;  // exclusive
   bool embed = true;  // the first stage; with MTP on, the last stage too (the draft embeds tokens)
   bool head = true;   // hc_head, final norm, head
+  bool mtp = false;   // the MTP draft layer (mtp.0.*): on the last stage, with --speculative mtp
   bool owns(const ExpectedTensor& t) const;
-  static LoadPlan whole(const Config& c) { return LoadPlan{0, c.num_layers, true, true}; }
+  static LoadPlan whole(const Config& c, bool mtp = false) {
+    return LoadPlan{0, c.num_layers, true, true, mtp};
+  }
   // Stage `stage` of `partition`'s pipeline.
   static LoadPlan stage(const std::vector<int>& partition, int stage, bool mtp);
+};
+
+// The MTP draft layer (model_spec.md section 7).
+struct MtpWeights {
+  Linear e_proj, h_proj;                  // [hidden, hidden]
+  std::vector<float> enorm, hnorm, norm;  // [hidden]
+  HcParams hc_head;                       // its own hc_head
+  LayerWeights block;                     // index num_layers: sliding-only, learned routing
 };
 
 struct LoadStats {
   int64_t tensors = 0;  // tensors this process took
   int64_t bytes = 0;    // their storage bytes (incl. scales)
   int64_t checkpoint_tensors = 0;
-  std::vector<std::string> mtp_tensors;  // accepted, not used yet
-  std::set<std::string> accessed;        // names whose bytes were touched
+  // mtp.* tensors accepted but not used: all of them without --speculative mtp; with it, those
+  // outside the first MTP layer's table (extra MTP layers, duplicated embed / head copies).
+  std::vector<std::string> mtp_tensors;
+  std::set<std::string> accessed;  // names whose bytes were touched
   double seconds = 0;
 };
 
@@ -105,6 +124,7 @@ struct ModelWeights {
   std::vector<float> final_norm;  // [hidden]
   HcParams hc_head;
   std::vector<LayerWeights> layers;  // the plan's layers, in order
+  MtpWeights mtp;                    // when plan.mtp
   LoadPlan plan;
   LoadStats stats;
   // Keeps mapped files / generated buffers alive.

@@ -120,16 +120,22 @@ double head_time_cost(const Config& c, const CostModelOptions& o) {
 std::vector<StageCost> stage_costs(const Config& c, const std::vector<int>& partition,
                                    const CostModelOptions& o) {
   std::vector<StageCost> out;
-  const auto ex = expected_tensors(c);
+  const auto ex = expected_tensors(c, o.mtp);
   const auto lb = layer_bytes(c);
   int first = 0;
   for (size_t s = 0; s < partition.size(); ++s) {
     StageCost sc;
     sc.first_layer = first;
     sc.end_layer = first + partition[s];
-    LoadPlan plan{sc.first_layer, sc.end_layer, s == 0, s + 1 == partition.size()};
+    // With MTP the last stage also holds the draft layer, its state and a copy of the embedding.
+    LoadPlan plan = LoadPlan::stage(partition, static_cast<int>(s), o.mtp);
     for (const ExpectedTensor& t : ex)
       if (plan.owns(t)) sc.weight_bytes += expected_bytes(t);
+    if (plan.mtp) {
+      StateBytes b = layer_state_bytes(c, c.num_layers);
+      sc.state_per_token += b.per_token;
+      sc.state_per_seq += b.per_sequence;
+    }
     for (int l = sc.first_layer; l < sc.end_layer; ++l) {
       StateBytes b = layer_state_bytes(c, l);
       sc.state_per_token += b.per_token;
@@ -151,9 +157,11 @@ std::vector<int> auto_partition(const Config& c, int pp, const CostModelOptions&
   const auto lb = layer_bytes(c);
   const double embed_t = embed_time_cost(c, o), head_t = head_time_cost(c, o);
   double embed_m = 0, head_m = 0;
-  for (const ExpectedTensor& e : expected_tensors(c)) {
+  for (const ExpectedTensor& e : expected_tensors(c, o.mtp)) {
     if (e.part == Part::kEmbed) embed_m += static_cast<double>(expected_bytes(e));
-    if (e.part == Part::kHead || e.part == Part::kHcHead || e.part == Part::kFinalNorm)
+    // With MTP the last stage holds the draft layer and a copy of the embedding.
+    if (e.part == Part::kHead || e.part == Part::kHcHead || e.part == Part::kFinalNorm ||
+        e.part == Part::kMtp || (o.mtp && e.part == Part::kEmbed))
       head_m += static_cast<double>(expected_bytes(e));
   }
   double T = embed_t + head_t, M = embed_m + head_m;

@@ -71,6 +71,18 @@ std::vector<FlagSpec> common_flags() {
        -1e300,
        1e300,
        {"auto", "bf16", "fp32"}},
+      {"speculative",
+       FlagKind::kString,
+       "none",
+       "speculative decoding: none, or mtp (the checkpoint's MTP draft layer, mtp.0.*, loaded and "
+       "run on the last stage; vLLM's name)",
+       -1e300,
+       1e300,
+       {"none", "mtp"}},
+      {"num-speculative-tokens", FlagKind::kInt, "1",
+       "draft tokens per step with --speculative mtp (the MTP layer fed its own output for more "
+       "than one)",
+       1, kMaxSpeculativeTokens},
       {"device",
        FlagKind::kString,
        "auto",
@@ -153,7 +165,7 @@ void merge_json(nlohmann::json& into, const nlohmann::json& over) {
 }
 
 // A smaller num_hidden_layers keeps the first N layers' kinds: per-layer lists are cut to N
-// (compress_ratios keeps its trailing MTP entry), num_hash_layers to at most N.
+// (compress_ratios keeps its trailing draft-module entries), num_hash_layers to at most N.
 void truncate_layers(nlohmann::json& j, int64_t old_n, int64_t n) {
   if (n >= old_n) return;
   for (auto it = j.begin(); it != j.end(); ++it) {
@@ -161,10 +173,11 @@ void truncate_layers(nlohmann::json& j, int64_t old_n, int64_t n) {
     const int64_t len = static_cast<int64_t>(it->size());
     if (len == old_n) {
       it->erase(it->begin() + n, it->end());
-    } else if (len == old_n + 1 && it.key() == "compress_ratios") {
-      nlohmann::json mtp = it->back();
+    } else if (len > old_n && len <= old_n + 3 && it.key() == "compress_ratios") {
+      // The draft module's trailing entries (1 for MTP, 3 for DSpark) stay.
+      nlohmann::json draft(it->begin() + old_n, it->end());
       it->erase(it->begin() + n, it->end());
-      it->push_back(mtp);
+      for (auto& e : draft) it->push_back(e);
     }
   }
   if (j.contains("num_hash_layers") && j["num_hash_layers"].is_number_integer() &&
@@ -173,6 +186,17 @@ void truncate_layers(nlohmann::json& j, int64_t old_n, int64_t n) {
 }
 
 }  // namespace
+
+Result<SpeculativeConfig> speculative_config(const Flags& f) {
+  SpeculativeConfig s;
+  s.mtp = f.str("speculative") == "mtp";
+  if (f.given("num-speculative-tokens") && !s.mtp)
+    return Status::error(
+        "--num-speculative-tokens needs --speculative mtp: draft tokens come from the MTP layer, "
+        "and speculation is off (--speculative none)");
+  s.num_tokens = static_cast<int>(f.i64("num-speculative-tokens"));
+  return s;
+}
 
 Result<Config> read_config(const Flags& f) {
   if (!f.given("model"))
@@ -200,6 +224,8 @@ Result<Config> read_config(const Flags& f) {
     if (!merged) return merged.status();
     c = std::move(merged.value());
   }
+  SP_ASSIGN_OR_RETURN(SpeculativeConfig spec, speculative_config(f));
+  if (spec.mtp) SP_RETURN_IF_ERROR(check_mtp_config(c));
   if (f.boolean("verbose") && !c.ignored_keys.empty()) {
     std::string keys;
     for (auto& k : c.ignored_keys) keys += " " + k;
@@ -271,7 +297,8 @@ std::string fingerprint(const Flags& f, const Config& c, const Topology& t) {
              ";num-state-blocks=", f.i64("num-state-blocks"), ";device=", f.str("device"),
              ";kv-cache-dtype=", f.str("kv-cache-dtype"),
              ";activation-dtype=", f.str("activation-dtype"),
-             ";stage-timeout=", f.f64("stage-timeout"));
+             ";stage-timeout=", f.f64("stage-timeout"), ";speculative=", f.str("speculative"),
+             ";num-speculative-tokens=", f.i64("num-speculative-tokens"));
 }
 
 // The fields two fingerprints disagree on, as "name: a vs b".
@@ -306,20 +333,38 @@ struct StageNeed {
   }
 };
 
+// The layers whose sequence state a stage holds: its own, and the MTP layer (index num_layers)
+// on the last stage with --speculative mtp.
+std::vector<int> stage_state_layers(const Config& c, const LoadPlan& plan) {
+  std::vector<int> v;
+  for (int l = plan.first_layer; l < plan.end_layer; ++l) v.push_back(l);
+  if (plan.mtp) v.push_back(c.num_layers);
+  return v;
+}
+
+// The MTP layer's workspace beyond the main model's (fp32 bound): the hidden-state buffer, the
+// normed streams and the output streams [T, hc * hidden], ones and identities for the stream
+// broadcast.
+double mtp_work_bytes(const Config& c, const LoadPlan& plan, double T) {
+  if (!plan.mtp) return 0.0;
+  return T * 4.0 * (3.0 * c.hc_dim() + c.hc_mult + c.hc_mult * c.hc_mult);
+}
+
 StageNeed stage_need(const Flags& f, const Config& c, const LoadPlan& plan, int stage,
                      int max_logit_rows) {
   StageNeed n;
   n.stage = stage;
-  for (int l = plan.first_layer; l < plan.end_layer; ++l) {
+  for (int l : stage_state_layers(c, plan)) {
     StateBytes b = layer_state_bytes(c, l);
     n.per_seq += static_cast<double>(b.per_sequence);
     n.per_seq_token += static_cast<double>(b.per_token);
   }
   const double T = static_cast<double>(f.i64("max-num-batched-tokens"));
   n.work = T * 4.0 * (2.0 * c.hc_dim() + 2.0 * c.num_heads * c.head_dim + 8.0 * c.hidden_size) +
-           (plan.head ? max_logit_rows * 4.0 * static_cast<double>(c.vocab_size) : 0.0);
+           (plan.head ? max_logit_rows * 4.0 * static_cast<double>(c.vocab_size) : 0.0) +
+           mtp_work_bytes(c, plan, T);
   if (f.str("load-format") == "dummy")
-    for (const ExpectedTensor& t : expected_tensors(c))
+    for (const ExpectedTensor& t : expected_tensors(c, plan.mtp))
       if (plan.owns(t)) n.weights += static_cast<double>(expected_bytes(t));
   return n;
 }
@@ -466,15 +511,16 @@ Status check_gpu_memory(const Flags& f, const Config& c, const LoadPlan& plan, i
                L = static_cast<double>(f.i64("max-model-len")),
                T = static_cast<double>(f.i64("max-num-batched-tokens"));
   double weights = 0, state = 0;
-  for (const ExpectedTensor& t : expected_tensors(c))
+  for (const ExpectedTensor& t : expected_tensors(c, plan.mtp))
     if (plan.owns(t)) weights += static_cast<double>(expected_bytes(t));
-  for (int l = plan.first_layer; l < plan.end_layer; ++l) {
+  for (int l : stage_state_layers(c, plan)) {
     StateBytes b = layer_state_bytes(c, l);  // fp32 sizes: an upper bound of the bf16 state
     state += S * (static_cast<double>(b.per_sequence) + static_cast<double>(b.per_token) * L);
   }
   const double work =
       T * 4.0 * (4.0 * c.hc_dim() + 2.0 * c.num_heads * c.head_dim + 8.0 * c.hidden_size) +
       (plan.head ? max_logit_rows * 4.0 * static_cast<double>(c.vocab_size) : 0.0) +
+      mtp_work_bytes(c, plan, T) +
       double{1 << 30};  // kernels' scratch and the CUDA context's own reserve
   const double need = weights + state + work, have = static_cast<double>(free_b);
   if (need <= have) return Status::ok();
@@ -519,11 +565,12 @@ int64_t stage_state_blocks(const Flags& f, const Config& c, const LoadPlan& plan
   const double T = static_cast<double>(f.i64("max-num-batched-tokens"));
   double weights = 0;
   if (gpu || f.str("load-format") == "dummy")
-    for (const ExpectedTensor& t : expected_tensors(c))
+    for (const ExpectedTensor& t : expected_tensors(c, plan.mtp))
       if (plan.owns(t)) weights += static_cast<double>(expected_bytes(t));
   const double work =
       T * 4.0 * (4.0 * c.hc_dim() + 2.0 * c.num_heads * c.head_dim + 8.0 * c.hidden_size) +
-      (plan.head ? max_logit_rows * 4.0 * static_cast<double>(c.vocab_size) : 0.0);
+      (plan.head ? max_logit_rows * 4.0 * static_cast<double>(c.vocab_size) : 0.0) +
+      mtp_work_bytes(c, plan, T);
   double left = 0;
   if (gpu) {
     int64_t free_b = 0, total_b = 0;
@@ -543,7 +590,7 @@ int64_t stage_state_blocks(const Flags& f, const Config& c, const LoadPlan& plan
 int run_one_stage(const Flags& f, const Config& c, const Topology& topo, Transport& tr,
                   const Job& job, const PipelineOptions& popt) {
   const int s = topo.rank;
-  LoadPlan plan = LoadPlan::stage(topo.layers, s, /*mtp=*/false);
+  LoadPlan plan = LoadPlan::stage(topo.layers, s, popt.speculative.mtp);
   const int logit_rows = max_logit_rows(f, job);
   const bool gpu = resolve_device(f).value() == "cuda";
   if (gpu)  // the host memory of CPU stages is checked for all the stages of a host at start-up
@@ -565,9 +612,13 @@ int run_one_stage(const Flags& f, const Config& c, const Topology& topo, Transpo
               ls.bytes / 1e9,
               f.str("load-format") == "dummy" ? "dummy weights" : f.str("model").c_str(),
               ls.seconds);
+  if (plan.mtp)
+    std::printf("MTP draft layer loaded on the last stage (with its own copy of the embedding)\n");
   if (!ls.mtp_tensors.empty() && topo.is_last(s))
-    std::printf("checkpoint has %zu mtp.* tensors (MTP draft layer): accepted, not used yet\n",
-                ls.mtp_tensors.size());
+    std::printf("checkpoint has %zu mtp.* tensors not used%s\n", ls.mtp_tensors.size(),
+                c.dspark   ? " (a DSpark draft module: not supported, ignored)"
+                : plan.mtp ? " (beyond the first MTP layer)"
+                           : " (the MTP draft layer: --speculative mtp runs it)");
   std::fflush(stdout);
   auto backend = make_stage_backend(f, topo, tr);
   StateLimits lim;
@@ -576,6 +627,7 @@ int run_one_stage(const Flags& f, const Config& c, const Topology& topo, Transpo
   lim.max_num_batched_tokens = static_cast<int>(f.i64("max-num-batched-tokens"));
   lim.max_logit_rows = logit_rows;
   lim.residual_buffers = popt.micro_batches > 0 ? popt.micro_batches : topo.world;
+  lim.mtp = plan.mtp;
   // Block ids travel with each step and address every stage's pool: all use the smallest count.
   auto agreed_blocks = tr.allreduce_max(-stage_state_blocks(f, c, plan, topo, gpu, logit_rows));
   if (!agreed_blocks) tr.fail(agreed_blocks.status().message(), 4);
@@ -619,7 +671,8 @@ std::string host_key() {
 // verdict, rank 0 prints it.
 Status check_memory_mpi(const Flags& f, const Config& c, const Topology& topo, Transport& t,
                         const Job& job) {
-  const StageNeed mine = stage_need(f, c, LoadPlan::stage(topo.layers, topo.rank, false), topo.rank,
+  const bool mtp = f.str("speculative") == "mtp";
+  const StageNeed mine = stage_need(f, c, LoadPlan::stage(topo.layers, topo.rank, mtp), topo.rank,
                                     max_logit_rows(f, job));
   const HostMemory hm = host_memory();
   char buf[512];
@@ -695,6 +748,7 @@ int run_job(const Flags& f, const Job& job) {
   popt.micro_batches = static_cast<int>(f.i64("micro-batches"));
   popt.trace = f.given("trace");
   popt.fault = *fault;
+  popt.speculative = speculative_config(f).value();  // checked by read_config
   const std::string part = f.str("pp-partition") == "vllm" ? "" : f.str("pp-partition");
   // Requests are checked before any weight is read (a bad prompt should not cost a long load).
   Scheduler probe(SchedulerLimits{static_cast<int>(f.i64("max-num-seqs")),
@@ -763,8 +817,8 @@ int run_job(const Flags& f, const Job& job) {
   if (*dev == "cpu") {  // every stage is in this process
     std::vector<StageNeed> needs;
     for (int s = 0; s < pp; ++s)
-      needs.push_back(
-          stage_need(f, c, LoadPlan::stage(topo->layers, s, false), s, max_logit_rows(f, job)));
+      needs.push_back(stage_need(f, c, LoadPlan::stage(topo->layers, s, popt.speculative.mtp), s,
+                                 max_logit_rows(f, job)));
     if (Status st = check_host_memory(f, needs, host_memory(), true, "of this process"); !st)
       return fail(st);
   }

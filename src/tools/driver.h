@@ -40,7 +40,11 @@ struct Job {
   std::function<int(const StageEnv&, const std::vector<StageReport>& reports)> finish;
 };
 
+// --model's config (with --override-config); also checks the speculative flags against it.
 Result<Config> read_config(const Flags& f);
+// --speculative / --num-speculative-tokens (K without --speculative mtp is an error).
+constexpr int kMaxSpeculativeTokens = 8;
+Result<SpeculativeConfig> speculative_config(const Flags& f);
 // "1.23 GiB", "4.56 MiB", "7.8 KiB".
 std::string human_bytes(double bytes);
 // Runs the job; returns the process exit code (errors are printed and give 2).

@@ -10,6 +10,7 @@
 #include <iostream>
 #include <map>
 #include <new>
+#include <set>
 #include <thread>
 
 #include "engine/engine.h"
@@ -18,6 +19,7 @@
 #include "tools/driver.h"
 #include "tools/flags.h"
 #include "tools/golden.h"
+#include "tools/mtp_check.h"
 #include "tools/text_commands.h"
 #if SP_HAVE_SERVER
 #include "tools/bench_serve.h"
@@ -236,17 +238,28 @@ int cmd_golden(const std::vector<std::string>& args) {
                    true});
   specs.push_back({"max-tokens", FlagKind::kInt, "8", "greedy tokens per prompt", 1, 1 << 20});
   specs.push_back({"out", FlagKind::kString, "", "golden file to write (required)"});
+  specs.push_back({"mtp-out", FlagKind::kString, "",
+                   "also write an MTP golden file: the MTP draft layer's logits over each prompt "
+                   "and its greedy tokens (p{i}.mtp_logits), computed on one stage of this "
+                   "process"});
   Flags f(specs);
   if (wants_help(args)) {
-    std::printf("usage: seekpipe golden --model DIR --prompt-ids 1,2,3 --out FILE [flags]\n%s",
-                f.help().c_str());
+    std::printf(
+        "usage: seekpipe golden --model DIR --prompt-ids 1,2,3 --out FILE [--mtp-out FILE] "
+        "[flags]\n%s",
+        f.help().c_str());
     return 0;
   }
   if (Status st = f.parse(args); !st) return fail(st);
   if (!f.given("prompt-ids") || !f.given("out"))
     return fail(Status::error("--prompt-ids and --out are required"));
+  if (f.given("mtp-out") && launched_by_mpi())
+    return fail(Status::error(
+        "--mtp-out computes the MTP logits on one stage of one process; run it without mpirun"));
   auto cfg = read_config(f);
   if (!cfg) return fail(cfg.status());
+  if (f.given("mtp-out"))
+    if (Status st = check_mtp_config(*cfg); !st) return fail(st);
   const auto prompts = f.int_lists("prompt-ids");
   const int64_t V = cfg->vocab_size, G = f.i64("max-tokens");
   std::vector<GoldenRecord> rec(prompts.size());
@@ -290,7 +303,19 @@ int cmd_golden(const std::vector<std::string>& args) {
                 f.str("out").c_str(), rec.size(), G);
     return 0;
   };
-  return run_job(f, job);
+  const int code = run_job(f, job);
+  if (code != 0 || !f.given("mtp-out")) return code;
+  // The MTP layer over t = prompt ++ greedy tokens, as the fixtures' mtp_golden.safetensors.
+  std::vector<std::vector<int32_t>> seqs;
+  for (const GoldenRecord& g : rec) {
+    seqs.push_back(g.ids);
+    seqs.back().insert(seqs.back().end(), g.greedy.begin(), g.greedy.end());
+  }
+  auto mtp = mtp_logits_one_stage(f, *cfg, seqs);
+  if (!mtp) return fail(mtp.status());
+  if (Status st = write_mtp_golden(f.str("mtp-out"), *mtp, V); !st) return fail(st);
+  std::printf("MTP golden written to %s (%zu prompts)\n", f.str("mtp-out").c_str(), seqs.size());
+  return 0;
 }
 
 int cmd_verify(const std::vector<std::string>& args) {
@@ -306,14 +331,22 @@ int cmd_verify(const std::vector<std::string>& args) {
                    "cuda: largest median over positions of |logits - golden| / |golden| (L2 over "
                    "the vocabulary)",
                    0, 1e30});
+  specs.push_back({"mtp-golden", FlagKind::kString, "",
+                   "also check the MTP draft layer against this mtp_golden.safetensors (the "
+                   "sequences of --golden), on one stage of this process, with the same "
+                   "thresholds"});
   Flags f(specs);
   if (wants_help(args)) {
-    std::printf("usage: seekpipe verify --model DIR --golden FILE [flags]\n%s", f.help().c_str());
+    std::printf("usage: seekpipe verify --model DIR --golden FILE [--mtp-golden FILE] [flags]\n%s",
+                f.help().c_str());
     return 0;
   }
   if (Status st = f.parse(args); !st) return fail(st);
   if (!f.given("golden"))
     return fail(Status::error("--golden is required: a golden.safetensors file"));
+  if (f.given("mtp-golden") && launched_by_mpi())
+    return fail(Status::error(
+        "--mtp-golden runs the MTP check on one stage of one process; run it without mpirun"));
   auto gfile = SafetensorsFile::open(f.str("golden"));
   if (!gfile) return fail(gfile.status());
   auto cfg = read_config(f);
@@ -321,6 +354,12 @@ int cmd_verify(const std::vector<std::string>& args) {
   const Config& c = *cfg;
   auto golden = read_golden(**gfile, c);
   if (!golden) return fail(golden.status());
+  if (f.given("mtp-golden")) {  // its errors (file, shapes, no MTP layer) before the long run
+    if (Status st = check_mtp_config(c); !st) return fail(st);
+    auto mfile = SafetensorsFile::open(f.str("mtp-golden"));
+    if (!mfile) return fail(mfile.status());
+    if (auto m = read_mtp_golden(**mfile, *golden, c); !m) return fail(m.status());
+  }
   const int64_t V = c.vocab_size, hcD = c.hc_dim();
   std::vector<std::vector<float>> logits(golden->size());
   // Per-layer hidden states of prompt 0, where the golden file has them.
@@ -448,7 +487,10 @@ int cmd_verify(const std::vector<std::string>& args) {
     }
     return ok ? 0 : 1;
   };
-  return run_job(f, job);
+  const int code = run_job(f, job);
+  if (code > 1 || !f.given("mtp-golden")) return code;
+  std::fflush(stdout);
+  return std::max(code, run_mtp_check(f, c, *golden, f.str("mtp-golden")));
 }
 
 std::string human(int64_t b) {
@@ -458,7 +500,8 @@ std::string human(int64_t b) {
 int print_pipeline_plan(const Flags& f, const Config& c) {
   const int pp = static_cast<int>(f.i64("pp"));
   const std::string part = f.str("pp-partition") == "vllm" ? "" : f.str("pp-partition");
-  CostModelOptions co{static_cast<int>(f.i64("max-num-seqs")), f.i64("max-model-len"), false};
+  CostModelOptions co{static_cast<int>(f.i64("max-num-seqs")), f.i64("max-model-len"),
+                      f.str("speculative") == "mtp"};
   auto topo = make_topology(c, pp, 0, part, co);
   if (!topo) return fail(topo.status());
   auto costs = stage_costs(c, topo->layers, co);
@@ -485,8 +528,9 @@ int print_pipeline_plan(const Flags& f, const Config& c) {
     }
     std::string kinds = str(csa, " CSA ", hca, " HCA ", swa, " SWA");
     if (hash) kinds += str(" (", hash, " hash)");
-    std::string extras =
-        std::string(i == 0 ? "+embed" : "") + (i + 1 == costs.size() ? "+head" : "");
+    const bool last = i + 1 == costs.size();
+    std::string extras = std::string(i == 0 ? "+embed" : "") + (last ? "+head" : "") +
+                         (last && co.mtp ? (i == 0 ? "+mtp" : "+embed copy+mtp") : "");
     std::printf("  %-6zu %-9s %-26s %12s %14s %10" PRId64 " B %9.1f%% %s\n", i,
                 str(s.first_layer, "-", s.end_layer - 1).c_str(), kinds.c_str(),
                 human(s.weight_bytes).c_str(), human(s.state_per_seq).c_str(), s.state_per_token,
@@ -510,16 +554,36 @@ int cmd_inspect(const std::vector<std::string>& args) {
   if (!cfg) return fail(cfg.status());
   const Config& c = *cfg;
   std::printf("%s", describe_config(c).c_str());
-  const auto ex = expected_tensors(c);
-  std::printf("\ntensors (%zu in the main model):\n", ex.size());
+  const bool mtp = f.str("speculative") == "mtp";
+  const auto ex = expected_tensors(c, mtp);
+  size_t n_main = 0;
+  for (auto& t : ex) n_main += t.part != Part::kMtp;
+  std::printf("\ntensors (%zu in the main model%s):\n", n_main,
+              mtp ? str(", ", ex.size() - n_main, " in the MTP layer").c_str() : "");
   std::unique_ptr<Checkpoint> ck;
   if (f.str("load-format") != "dummy") {
     auto r = Checkpoint::open(f.str("model"));
     if (!r) return fail(r.status());
     ck = std::move(r.value());
-    for (auto& [name, t] : ck->all())
-      std::printf("  %-60s %-8s %s\n", name.c_str(), dtype_name(t->dtype),
-                  shape_str(t->shape).c_str());
+    // mtp.* tensors outside the table are ignored: all of them without --speculative mtp (and
+    // always for a DSpark draft module), with it those beyond the first MTP layer.
+    std::set<std::string> used;
+    for (auto& t : ex) used.insert(t.name);
+    int ignored = 0;
+    for (auto& [name, t] : ck->all()) {
+      const bool skip = name.rfind("mtp.", 0) == 0 && !used.count(name) &&
+                        !(name.size() > 6 && name.compare(name.size() - 6, 6, ".scale") == 0 &&
+                          used.count(name.substr(0, name.size() - 6) + ".weight"));
+      ignored += skip;
+      std::printf("  %-60s %-8s %s%s\n", name.c_str(), dtype_name(t->dtype),
+                  shape_str(t->shape).c_str(), skip ? "  (ignored)" : "");
+    }
+    if (ignored)
+      std::printf("%d mtp.* tensors ignored: %s\n", ignored,
+                  c.dspark
+                      ? "a DSpark draft module (not supported; the main model runs as plain V4)"
+                  : mtp ? "beyond the first MTP layer"
+                        : "the MTP draft layer, loaded only with --speculative mtp");
   } else {
     for (auto& t : ex)
       std::printf("  %-60s %-8s %s\n", t.name.c_str(),
@@ -530,7 +594,7 @@ int cmd_inspect(const std::vector<std::string>& args) {
                                                    : "BF16",
                   shape_str(t.shape).c_str());
   }
-  int64_t embed = 0, head = 0, total = 0;
+  int64_t embed = 0, head = 0, total = 0, mtp_bytes = 0;
   std::vector<int64_t> layer(c.num_layers, 0);
   for (auto& t : ex) {
     int64_t b = expected_bytes(t);
@@ -539,6 +603,8 @@ int cmd_inspect(const std::vector<std::string>& args) {
       embed += b;
     else if (t.part == Part::kLayer)
       layer[t.layer] += b;
+    else if (t.part == Part::kMtp)
+      mtp_bytes += b;
     else
       head += b;
   }
@@ -556,6 +622,17 @@ int cmd_inspect(const std::vector<std::string>& args) {
                 human(sb.per_sequence).c_str(), sb.per_token);
   }
   std::printf("  hc_head + norm + head     %s\n", human(head).c_str());
+  if (mtp) {
+    // The MTP layer sits beside the head and embeds the next tokens itself: with more than one
+    // stage the last one keeps its own copy of the embedding (docs/speculative.md says why).
+    StateBytes sb = layer_state_bytes(c, c.num_layers);
+    per_seq += sb.per_sequence;
+    per_tok += sb.per_token;
+    std::printf("  mtp layer (mtp.0.*)       %s   state %s/seq + %" PRId64 " B/token\n",
+                human(mtp_bytes).c_str(), human(sb.per_sequence).c_str(), sb.per_token);
+    std::printf("  embedding copy on the last stage (pipelines of 2+ stages): %s\n",
+                human(embed).c_str());
+  }
   std::printf("  total                     %s\n", human(total).c_str());
   const int64_t S = f.i64("max-num-seqs"), Lm = f.i64("max-model-len");
   std::printf("sequence state (fp32 reference layout): %s per sequence + %" PRId64
