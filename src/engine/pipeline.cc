@@ -101,10 +101,12 @@ void maybe_fault(const PipelineOptions& opt, Transport& tr, int stage, int64_t s
 }
 
 // A forward pass that produced a NaN or an Inf is an error naming where it first appeared.
-std::string non_finite_message(int where, int64_t step) {
+std::string non_finite_message(const Model& model, int where, int64_t step) {
   const std::string at = where == Backend::kNonFiniteEmbedding ? std::string("the embedding")
                          : where == Backend::kNonFiniteHead
                              ? std::string("the head (logits)")
+                             : where == model.config().num_layers
+                             ? std::string("the MTP draft layer (its output streams)")
                              : str("layer ", where, " (its output residual)");
   return str("non-finite values (NaN or Inf) first appear in ", at, " at step ", step,
              ": the weights there, or an activation overflowing fp32");
@@ -183,7 +185,7 @@ class StageRunner {
         for (const Sampled& t : out.sampled) hooks_.on_sampled(t);
     }
     if (int w = model_.backend().non_finite_where(); w != Backend::kAllFinite)
-      check(Status::error(non_finite_message(w, plan.id)));
+      check(Status::error(non_finite_message(model_, w, plan.id)));
     tl_.add("compute", plan.id, t);
     tl_.report.steps++;
     tl_.report.tokens += plan.batch.num_tokens;

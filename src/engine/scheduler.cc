@@ -150,6 +150,9 @@ StepPlan Scheduler::schedule(int token_cap) {
   StepPlan plan;
   int budget = lim_.max_num_batched_tokens;
   if (token_cap > 0) budget = std::min(budget, token_cap);
+  // A sequence's drafts are verified together or not at all: they may go past the spreading cap,
+  // up to the step's real budget.
+  int hard_budget = lim_.max_num_batched_tokens;
   auto add_chunk = [&](Sequence* s, int n) {
     BatchView& b = plan.batch;
     SeqChunk ch;
@@ -216,6 +219,7 @@ StepPlan Scheduler::schedule(int token_cap) {
     s->num_scheduled += n;
     s->in_flight++;
     budget -= n;
+    hard_budget -= n;
   };
   // Decodes first: one known, unscheduled token past the prefill. A decode that needs a new block
   // may preempt newer idle sequences; if none can give way it waits for steps in flight, and a
@@ -231,7 +235,7 @@ StepPlan Scheduler::schedule(int token_cap) {
     const int nd = static_cast<int>(std::max<int64_t>(
         0, std::min<int64_t>({static_cast<int64_t>(s->drafts.size()),
                               int64_t{s->req.max_new_tokens} - s->generated - 1,
-                              lim_.max_model_len - known - 1, int64_t{budget} - 1})));
+                              lim_.max_model_len - known - 1, int64_t{hard_budget} - 1})));
     if (!grow(s, s->num_scheduled + 1 + nd)) {
       bool others = false;
       for (auto& q : running_) others |= q.get() != s && blocks_.has(q->req.id);

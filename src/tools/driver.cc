@@ -370,7 +370,12 @@ StageNeed stage_need(const Flags& f, const Config& c, const LoadPlan& plan, int 
 }
 
 int max_logit_rows(const Flags& f, const Job& job) {
-  return job.max_logit_rows > 0 ? job.max_logit_rows : static_cast<int>(f.i64("max-num-seqs"));
+  if (job.max_logit_rows > 0) return job.max_logit_rows;
+  // A speculative step computes the target's logits at the last token and at every draft.
+  const int64_t per_seq =
+      f.str("speculative") == "mtp" ? 1 + f.i64("num-speculative-tokens") : int64_t{1};
+  return static_cast<int>(
+      std::min(f.i64("max-num-seqs") * per_seq, f.i64("max-num-batched-tokens")));
 }
 
 // A limit in bytes read from a cgroup file ("max" or a huge number: none).
@@ -628,6 +633,8 @@ int run_one_stage(const Flags& f, const Config& c, const Topology& topo, Transpo
   lim.max_logit_rows = logit_rows;
   lim.residual_buffers = popt.micro_batches > 0 ? popt.micro_batches : topo.world;
   lim.mtp = plan.mtp;
+  // Every stage's rings keep room for the drafts a verify step may write and then drop.
+  lim.spec_slack = popt.speculative.mtp ? popt.speculative.num_tokens : 0;
   // Block ids travel with each step and address every stage's pool: all use the smallest count.
   auto agreed_blocks = tr.allreduce_max(-stage_state_blocks(f, c, plan, topo, gpu, logit_rows));
   if (!agreed_blocks) tr.fail(agreed_blocks.status().message(), 4);
@@ -636,10 +643,10 @@ int run_one_stage(const Flags& f, const Config& c, const Topology& topo, Transpo
   StageEnv env{s, topo, &tr, &model, weights->get()};
   std::unique_ptr<Scheduler> sched;
   if (topo.is_first(s)) {
-    sched = std::make_unique<Scheduler>(
-        with_state_blocks(SchedulerLimits{lim.max_num_seqs, lim.max_num_batched_tokens,
-                                          lim.max_model_len, c.vocab_size},
-                          model));
+    SchedulerLimits sl{lim.max_num_seqs, lim.max_num_batched_tokens, lim.max_model_len,
+                       c.vocab_size};
+    sl.spec_tokens = lim.spec_slack;
+    sched = std::make_unique<Scheduler>(with_state_blocks(sl, model));
     sched->set_eos(c.eos_token_id);
     Status st = job.add_requests(*sched);
     if (!st) tr.fail(st.message(), 2);
@@ -649,7 +656,13 @@ int run_one_stage(const Flags& f, const Config& c, const Topology& topo, Transpo
   if (auto ready = tr.allreduce_max(0); !ready) tr.fail(ready.status().message(), 4);
   tr.set_stage_timeout(f.f64("stage-timeout"));
   std::vector<StageReport> reports;
-  Status st = run_stage(model, topo, tr, sched.get(), job.hooks(env), popt, &reports);
+  StageHooks hooks = job.hooks(env);
+  std::unique_ptr<DraftSource> drafter;
+  if (plan.mtp) {
+    drafter = make_mtp_drafter(model, popt.speculative.num_tokens);
+    hooks.drafter = drafter.get();
+  }
+  Status st = run_stage(model, topo, tr, sched.get(), hooks, popt, &reports);
   if (!st) tr.fail(st.message(), 4);
   int code = job.finish(env, reports);
   auto agreed = tr.allreduce_max(code);
