@@ -43,6 +43,7 @@ struct FaultInjection {
   int64_t step = -1;
   bool kill = false;
   bool stall = false;
+  bool at_load = false;  // STAGE:load:stall: stops while loading (at its third tensor)
 };
 
 struct PipelineOptions {

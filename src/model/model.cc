@@ -88,7 +88,8 @@ Tensor host_row(const std::vector<float>& v) {
 
 }  // namespace
 
-Model::Model(const Config& c, const ModelWeights& w, Backend& be, const StateLimits& lim)
+Model::Model(const Config& c, const ModelWeights& w, Backend& be, const StateLimits& lim,
+             const std::function<void()>& on_progress)
     : c_(c), w_(w), be_(be), lim_(lim) {
   const int64_t S = lim.max_num_seqs, T = lim.max_num_batched_tokens, D = c.hidden_size;
   const int64_t dh = c.head_dim, H = c.num_heads, id = c.index_head_dim, ih = c.index_n_heads;
@@ -103,7 +104,7 @@ Model::Model(const Config& c, const ModelWeights& w, Backend& be, const StateLim
   bl.vocab = c.vocab_size;
   bl.block_tokens = block_tokens_;
   be_.reserve(bl);
-  upload_weights();
+  upload_weights(on_progress);
   int64_t bytes = 0;
   for (const LayerView& L : layers_) {
     std::vector<StateAlloc> layout;
@@ -118,9 +119,11 @@ Model::Model(const Config& c, const ModelWeights& w, Backend& be, const StateLim
       layout.push_back(a);
     }
     state_.push_back(be_.alloc_state(layout));
+    if (on_progress) on_progress();
     for (const StateAlloc& a : layout) bytes += ((state_.back()).*a.field).span_bytes();
   }
   state_bytes_ = bytes;
+  // The workspace below (zero-filled, ~0.5 GB for a large model at 2048 tokens): one tick at its end.
   const DType act = be_.act_dtype(), f32 = DType::kF32;
   for (int i = 0; i < std::max(1, lim.residual_buffers); ++i)
     ws_X_.push_back(be_.alloc(T, c.hc_dim(), be_.residual_dtype()));
@@ -147,9 +150,10 @@ Model::Model(const Config& c, const ModelWeights& w, Backend& be, const StateLim
     ws_logits_ = be_.alloc(lim.max_logit_rows, c.vocab_size, f32);
     if (lim.mtp) ws_mtp_hidden_ = be_.alloc(T, c.hc_dim(), be_.residual_dtype());
   }
+  if (on_progress) on_progress();
 }
 
-void Model::upload_weights() {
+void Model::upload_weights(const std::function<void()>& on_progress) {
   auto t = [&](const std::vector<float>& v) {
     return v.empty() ? Tensor{} : be_.upload(host_row(v));
   };
@@ -223,6 +227,7 @@ void Model::upload_weights() {
     e.sw3 = m(L.sw3);
     be_.prepare_moe(e);
     layers_.push_back(std::move(v));
+    if (on_progress) on_progress();
   }
 }
 

@@ -62,7 +62,10 @@ using LayerHook = std::function<void(int layer, Tensor X)>;
 
 class Model {
  public:
-  Model(const Config& c, const ModelWeights& w, Backend& be, const StateLimits& lim);
+  // on_progress (may be empty) is called after each layer's weights are on the backend: the
+  // start-up watchdog's sign that an upload is progressing.
+  Model(const Config& c, const ModelWeights& w, Backend& be, const StateLimits& lim,
+        const std::function<void()>& on_progress = {});
 
   const Config& config() const { return c_; }
   const StateLimits& limits() const { return lim_; }
@@ -90,7 +93,7 @@ class Model {
   Tensor head(const BatchView& b, Tensor X);
 
  private:
-  void upload_weights();
+  void upload_weights(const std::function<void()>& on_progress);
   void attention_block(const LayerView& L, LayerState& st, const BatchView& b, Tensor xn, Tensor f);
 
   const Config c_;  // a copy: the model outlives whatever parsed it
