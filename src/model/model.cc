@@ -123,7 +123,7 @@ Model::Model(const Config& c, const ModelWeights& w, Backend& be, const StateLim
     for (const StateAlloc& a : layout) bytes += ((state_.back()).*a.field).span_bytes();
   }
   state_bytes_ = bytes;
-  // The workspace below (zero-filled, ~0.5 GB for a large model at 2048 tokens): one tick at its end.
+  // The workspace below (zero-filled, ~0.5 GB for a large model): one tick at its end.
   const DType act = be_.act_dtype(), f32 = DType::kF32;
   for (int i = 0; i < std::max(1, lim.residual_buffers); ++i)
     ws_X_.push_back(be_.alloc(T, c.hc_dim(), be_.residual_dtype()));
