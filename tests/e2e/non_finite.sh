@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A forward pass that produces NaN or Inf is an error naming where it first appears (layer and
 # stage), exit 4, never a silently sampled token 0. Checkpoints: the tiny fixture with one weight
-# made NaN (a norm of layer 2) or Inf (the head), in a temporary directory.
+# made NaN (in layer 2) or Inf (the head), in a temporary directory.
 # With a third argument `cuda`: the same on the CUDA backend (its per-layer device flag), exit 77
 # (skipped) without a GPU; the pipelines need a GPU per stage (3), else only pp 1 runs.
 . "$(dirname "$0")/lib.sh"
@@ -29,7 +29,14 @@ b[off:off + size] = bits if size == 4 else bits[2:]  # bf16: the high half of th
 open(dst, "wb").write(b)
 PY
 }
-poison "$dir/nan" layers.2.ffn_norm.weight nan
+# On cuda the NaN goes into layer 2's attention output projection instead: a NaN entering the MoE
+# does not reach the residual there (the SwiGLU clamp's fminf / fmaxf return the limit for a NaN,
+# where the CPU backend's std::min / std::clamp pass it on), so that layer's output stays finite.
+if [ "$device" = cuda ]; then
+  poison "$dir/nan" layers.2.attn.wo_b.weight nan
+else
+  poison "$dir/nan" layers.2.ffn_norm.weight nan
+fi
 poison "$dir/inf" head.weight inf
 run() { # label model expected-stage expected-where -- seekpipe args
   local label=$1 model=$2 stage=$3 where=$4; shift 5
