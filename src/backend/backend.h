@@ -239,6 +239,9 @@ class Backend {
   // through every layer, kept wider than the other activations where the backend chooses.
   virtual DType residual_dtype() const { return act_dtype(); }
 
+  // Lets the calling thread use this backend (the CUDA backend makes its GPU current there); a
+  // helper thread that builds the model at start-up calls it first.
+  virtual void use_on_this_thread() {}
   // Sizes the backend's own scratch for the largest step. Called once before any op.
   virtual void reserve(const BackendLimits& lim) = 0;
   // Storage owned by the backend, alive until it is destroyed. Zero-initialised.
@@ -320,9 +323,11 @@ class Backend {
   // tagged `where` (a layer index, kNonFiniteEmbedding or kNonFiniteHead); non_finite_where() is
   // the first tag noted since begin_step, or kAllFinite. The CPU backend scans x at once (one read
   // of the residual per layer, next to the layer's reads of its weights: see
-  // docs/pipeline_parallel.md for the measured cost). A GPU backend should set a device flag and
-  // read it together with the sampled ids, with no extra synchronisation (not done yet: the
-  // default checks nothing).
+  // docs/pipeline_parallel.md for the measured cost). The CUDA backend queues a read-only kernel
+  // that records the first tag in a device int (atomicMin), reset by begin_step; the host reads it
+  // in the step's own device-to-host copy (sample's ids, or to_host / from_host / synchronize),
+  // so ask after that copy: non_finite_where() waits for the stream itself only when no copy came
+  // since the last note. The default (a backend without the check) reports kAllFinite.
   virtual void note_non_finite(Tensor x, int where) {
     (void)x;
     (void)where;

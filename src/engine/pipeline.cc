@@ -184,12 +184,18 @@ class StageRunner {
       if (hooks_.on_sampled)
         for (const Sampled& t : out.sampled) hooks_.on_sampled(t);
     }
-    if (int w = model_.backend().non_finite_where(); w != Backend::kAllFinite)
-      check(Status::error(non_finite_message(model_, w, plan.id)));
+    if (is_last()) check_finite(plan);  // read with the sampled ids; other stages: send_step
     tl_.add("compute", plan.id, t);
     tl_.report.steps++;
     tl_.report.tokens += plan.batch.num_tokens;
     return out;
+  }
+
+  // A GPU backend brings its non-finite flag back with the step's device-to-host copy (sampled
+  // ids, or the boundary tensor): asked after that copy, the check waits for nothing more.
+  void check_finite(const StepPlan& plan) {
+    if (int w = model_.backend().non_finite_where(); w != Backend::kAllFinite)
+      check(Status::error(non_finite_message(model_, w, plan.id)));
   }
 
   // This stage's (busy, wall) seconds, appended to what a step carries down the pipeline.
@@ -203,6 +209,7 @@ class StageRunner {
     double t = tl_.now_us();
     buf_.resize(static_cast<size_t>(X.numel() * X.elem_size()));
     model_.backend().to_host(X, buf_.data());
+    check_finite(plan);
     check(tr_.send(s_ + 1, Channel::kStep, encode_step(plan), buf_.data(),
                    static_cast<int64_t>(buf_.size())));
     tl_.add("send", plan.id, t);

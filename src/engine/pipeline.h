@@ -45,6 +45,7 @@ struct FaultInjection {
   int64_t step = -1;
   bool kill = false;
   bool stall = false;
+  bool at_load = false;  // STAGE:load:stall: stops while loading (at its third tensor)
 };
 
 // Speculative decoding (--speculative mtp --num-speculative-tokens K): the MTP draft layer on the

@@ -95,7 +95,8 @@ Tensor host_row(const std::vector<float>& v) {
 
 }  // namespace
 
-Model::Model(const Config& c, const ModelWeights& w, Backend& be, const StateLimits& lim)
+Model::Model(const Config& c, const ModelWeights& w, Backend& be, const StateLimits& lim,
+             const std::function<void()>& on_progress)
     : c_(c), w_(w), be_(be), lim_(lim), mtp_on_(lim.mtp && w.plan.head) {
   SP_CHECK(!mtp_on_ || w.plan.mtp,
            "StateLimits.mtp on the head's stage needs the MTP weights (LoadPlan.mtp)");
@@ -113,7 +114,7 @@ Model::Model(const Config& c, const ModelWeights& w, Backend& be, const StateLim
   bl.vocab = c.vocab_size;
   bl.block_tokens = block_tokens_;
   be_.reserve(bl);
-  upload_weights();
+  upload_weights(on_progress);
   int64_t bytes = 0;
   auto alloc_layer_state = [&](const LayerView& L) {
     std::vector<StateAlloc> layout;
@@ -128,6 +129,7 @@ Model::Model(const Config& c, const ModelWeights& w, Backend& be, const StateLim
       layout.push_back(a);
     }
     LayerState st = be_.alloc_state(layout);
+    if (on_progress) on_progress();
     for (const StateAlloc& a : layout) bytes += (st.*a.field).span_bytes();
     return st;
   };
@@ -135,6 +137,7 @@ Model::Model(const Config& c, const ModelWeights& w, Backend& be, const StateLim
   // The MTP layer's own state (its window ring per slot), described like any layer's.
   if (mtp_on_) mtp_state_ = alloc_layer_state(mtp_layer_);
   state_bytes_ = bytes;
+  // The workspace below (zero-filled, ~0.5 GB for a large model): one tick at its end.
   const DType act = be_.act_dtype(), f32 = DType::kF32;
   for (int i = 0; i < std::max(1, lim.residual_buffers); ++i)
     ws_X_.push_back(be_.alloc(T, c.hc_dim(), be_.residual_dtype()));
@@ -176,9 +179,10 @@ Model::Model(const Config& c, const ModelWeights& w, Backend& be, const StateLim
     be_.from_host(ones.data(), ws_mtp_ones_);
     be_.from_host(eye.data(), ws_mtp_eye_);
   }
+  if (on_progress) on_progress();
 }
 
-void Model::upload_weights() {
+void Model::upload_weights(const std::function<void()>& on_progress) {
   auto t = [&](const std::vector<float>& v) {
     return v.empty() ? Tensor{} : be_.upload(host_row(v));
   };
@@ -251,6 +255,7 @@ void Model::upload_weights() {
     e.sw2 = m(L.sw2);
     e.sw3 = m(L.sw3);
     be_.prepare_moe(e);
+    if (on_progress) on_progress();
     return v;
   };
   for (const LayerWeights& L : w_.layers) layers_.push_back(layer_view(L));

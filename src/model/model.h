@@ -69,7 +69,10 @@ using LayerHook = std::function<void(int layer, Tensor X)>;
 
 class Model {
  public:
-  Model(const Config& c, const ModelWeights& w, Backend& be, const StateLimits& lim);
+  // on_progress (may be empty) is called after each layer's weights are on the backend: the
+  // start-up watchdog's sign that an upload is progressing.
+  Model(const Config& c, const ModelWeights& w, Backend& be, const StateLimits& lim,
+        const std::function<void()>& on_progress = {});
 
   const Config& config() const { return c_; }
   const StateLimits& limits() const { return lim_; }
@@ -114,7 +117,7 @@ class Model {
   Tensor mtp_forward(const BatchView& b, Tensor X_in, Tensor X_out);
 
  private:
-  void upload_weights();
+  void upload_weights(const std::function<void()>& on_progress);
   void check_step(const BatchView& b) const;
   // One decoder block (mHC, attention, mHC, MoE) in place on X: the main layers and the MTP layer.
   void decoder_block(const LayerView& L, LayerState& st, const BatchView& b, Tensor X);

@@ -7,6 +7,7 @@
 #include <mutex>
 #include <set>
 #include <stdexcept>
+#include <thread>
 
 #include "parallel/transport.h"
 
@@ -36,6 +37,16 @@ class Hub {
   void keep_alive(int rank) {
     std::lock_guard<std::mutex> lk(mu_);
     alive_at_[rank] = Clock::now();
+  }
+  double timeout() {
+    std::lock_guard<std::mutex> lk(mu_);
+    return timeout_;
+  }
+  // The first failure's message, if the pipeline has failed.
+  bool failed(std::string* message) {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (failed_) *message = failure_;
+    return failed_;
   }
   void push(int src, int dst, Channel ch, Message m) {
     std::lock_guard<std::mutex> lk(mu_);
@@ -80,9 +91,11 @@ class Hub {
     auto it = queues_.find({src, dst, static_cast<int>(ch)});
     return failed_ || (it != queues_.end() && !it->second.empty());
   }
-  // All ranks deposit a string; returns everyone's once all have.
+  // All ranks deposit a string; returns everyone's once all have. With the watchdog armed, fails
+  // with *stalled set when a rank that has not deposited yet was silent (neither sending, nor
+  // waiting, nor loading: keep_alive) for the timeout; `what` names the point the ranks meet at.
   Status exchange(int rank, const std::string& mine, std::vector<std::string>* all,
-                  std::string* stalled) {
+                  std::string* stalled, const char* what) {
     std::unique_lock<std::mutex> lk(mu_);
     const uint64_t gen = generation_;
     slots_[rank] = mine;
@@ -101,14 +114,17 @@ class Hub {
           continue;
         }
         cv_.wait_for(lk, std::chrono::duration<double>(timeout_ / 4));
-        if (generation_ == gen && !failed_ &&
-            std::chrono::duration<double>(Clock::now() - start).count() > timeout_) {
-          std::string missing;
-          for (int r = 0; r < world_; ++r)
-            if (!deposited_.count(r)) missing += str(missing.empty() ? "" : ", ", r);
-          *stalled = str("stage ", rank, " (rank ", rank, "): stage(s) ", missing,
-                         " did not reach the end of the run within ", timeout_,
-                         " s (--stage-timeout ", timeout_, "): stalled or unreachable");
+        if (generation_ != gen || failed_) break;
+        const Clock::time_point now = Clock::now();
+        for (int r = 0; r < world_; ++r) {
+          if (deposited_.count(r)) continue;
+          if (waiting_[r]) alive_at_[r] = now;  // blocked on its own neighbour: alive
+          if (std::chrono::duration<double>(now - std::max(start, alive_at_[r])).count() <=
+              timeout_)
+            continue;
+          *stalled = str("stage ", rank, " (rank ", rank, "): stage ", r, " did not reach ", what,
+                         " and gave no sign of life for ", timeout_, " s (--stage-timeout ",
+                         timeout_, "): stage ", r, " is stalled or unreachable");
           return Status::error(*stalled);
         }
       }
@@ -183,6 +199,32 @@ class LocalTransport final : public Transport {
   Status allgather(const std::string& mine, std::vector<std::string>* all) override {
     return exchange(mine, all);
   }
+  // The stage's thread waits for its helper, telling the hub it is alive (the other stages,
+  // waiting at the barrier, check that) and watching the helper's ticks. It waits for the helper
+  // even after a failure (the helper writes into the caller's frame): a helper that never returns
+  // leaves this thread to the driver's grace period, as a stage stalled mid-run does.
+  Status start_up(int phase, const StartUpFn& work) override {
+    (void)phase;  // the hub's exchanges are barriers in order already
+    const double T = hub_->timeout();
+    if (T <= 0) {
+      SP_RETURN_IF_ERROR(work([] {}));
+    } else {
+      StartUpWork w(work);
+      bool reported = false;
+      while (!w.finished()) {
+        hub_->keep_alive(rank_);
+        if (const double idle = w.idle_seconds(); idle > T && !reported) {
+          hub_->fail(stalled_loading(rank_, T, idle), kStalledExitCode);
+          reported = true;
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      }
+      if (std::string m; hub_->failed(&m)) return Status::error(m);
+      SP_RETURN_IF_ERROR(w.result());
+    }
+    std::vector<std::string> all;
+    return exchange("", &all, "the end of loading");
+  }
   Result<double> allreduce_max(double v) override {
     // The exact bits travel, not a decimal rendering.
     std::vector<std::string> all;
@@ -205,9 +247,10 @@ class LocalTransport final : public Transport {
   }
 
  private:
-  Status exchange(const std::string& mine, std::vector<std::string>* all) {
+  Status exchange(const std::string& mine, std::vector<std::string>* all,
+                  const char* what = "the end of the run") {
     std::string stalled;
-    Status st = hub_->exchange(rank_, mine, all, &stalled);
+    Status st = hub_->exchange(rank_, mine, all, &stalled, what);
     if (!st && !stalled.empty()) fail(stalled, kStalledExitCode);
     return st;
   }

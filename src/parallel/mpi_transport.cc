@@ -2,12 +2,14 @@
 #include <mpi.h>
 #include <sched.h>
 
+#include <algorithm>
 #include <chrono>
 #include <climits>
 #include <cstdio>
 #include <cstring>
 #include <list>
 #include <thread>
+#include <vector>
 
 #include "parallel/transport.h"
 
@@ -28,6 +30,7 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 constexpr int kHeartbeatTag = 100;
+constexpr int kStartUpDoneTag = 101;  // payload: the start-up phase the sender finished
 
 class MpiTransport final : public Transport {
  public:
@@ -127,6 +130,61 @@ class MpiTransport final : public Transport {
   }
 
   void set_stage_timeout(double seconds) override { timeout_ = seconds; }
+
+  // This thread (the only one that calls MPI) waits for the helper: it sends a heartbeat to every
+  // other stage every timeout / 4, a "finished phase" message to each once its work is done, and
+  // watches both its helper's ticks and every stage that has not finished yet.
+  Status start_up(int phase, const StartUpFn& work) override {
+    if (timeout_ <= 0) {
+      SP_RETURN_IF_ERROR(work([] {}));
+      SP_MPI_CHECK(MPI_Barrier(MPI_COMM_WORLD));
+      return Status::ok();
+    }
+    if (finished_phase_.empty()) finished_phase_.assign(static_cast<size_t>(world_), -1);
+    StartUpWork w(work);
+    const Clock::time_point start = Clock::now();
+    std::vector<Clock::time_point> heard(static_cast<size_t>(world_), start);
+    Clock::time_point last_turn = start;
+    bool sent = false;
+    beat_all(start);
+    for (int64_t i = 0;; ++i) {
+      progress();
+      const Clock::time_point now = Clock::now();
+      // A long gap between two turns: this process was not running; the silence was ours.
+      if (std::chrono::duration<double>(now - last_turn).count() > timeout_ / 2)
+        std::fill(heard.begin(), heard.end(), now);
+      last_turn = now;
+      if (!sent && w.finished()) {
+        SP_RETURN_IF_ERROR(w.result());
+        for (int r = 0; r < world_; ++r)
+          if (r != rank_) send_small(r, kStartUpDoneTag, phase);
+        sent = true;
+      } else if (!sent) {
+        if (const double idle = w.idle_seconds(); idle > timeout_)
+          fail(stalled_loading(rank_, timeout_, idle), kStalledExitCode);
+      }
+      drain_start_up(now, heard);
+      int silent = -1, left = 0;
+      for (int r = 0; r < world_; ++r) {
+        if (r == rank_ || finished_phase_[static_cast<size_t>(r)] >= phase) continue;
+        ++left;
+        if (silent < 0 &&
+            std::chrono::duration<double>(now - heard[static_cast<size_t>(r)]).count() > timeout_)
+          silent = r;
+      }
+      if (sent && left == 0) return Status::ok();
+      if (silent >= 0)
+        fail(str("stage ", rank_, " (rank ", rank_, "): nothing from stage ", silent, " for ",
+                 timeout_, " s while it loads (--stage-timeout ", timeout_, "): stage ", silent,
+                 " is stalled or unreachable"),
+             kStalledExitCode);
+      if (now >= next_beat_) beat_all(now);
+      if (i < 2000)
+        sched_yield();
+      else
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+  }
   void keep_alive() override {
     if (timeout_ <= 0) return;
     const Clock::time_point now = Clock::now();
@@ -213,6 +271,43 @@ class MpiTransport final : public Transport {
     next_beat_ = now + std::chrono::duration_cast<Clock::duration>(
                            std::chrono::duration<double>(timeout_ / 4));
   }
+  // Start-up: a heartbeat to every other stage (any of them may be waiting on this one).
+  void beat_all(Clock::time_point now) {
+    for (int r = 0; r < world_; ++r)
+      if (r != rank_) send_small(r, kHeartbeatTag, 0);
+    next_beat_ = now + std::chrono::duration_cast<Clock::duration>(
+                           std::chrono::duration<double>(timeout_ / 4));
+  }
+  void send_small(int dst, int tag, int32_t value) {
+    pending_.push_back({});
+    Pending& h = pending_.back();
+    h.bytes.resize(sizeof value);
+    std::memcpy(h.bytes.data(), &value, sizeof value);
+    MPI_Isend(h.bytes.data(), static_cast<int>(h.bytes.size()), MPI_BYTE, dst, tag, MPI_COMM_WORLD,
+              &h.request);
+  }
+  // Start-up: receives what arrived (heartbeats, "finished phase" messages) from any stage.
+  void drain_start_up(Clock::time_point now, std::vector<Clock::time_point>& heard) {
+    for (int tag : {kHeartbeatTag, kStartUpDoneTag}) {
+      while (true) {
+        int flag = 0;
+        MPI_Status st;
+        MPI_Iprobe(MPI_ANY_SOURCE, tag, MPI_COMM_WORLD, &flag, &st);
+        if (!flag) break;
+        int count = 0;
+        MPI_Get_count(&st, MPI_BYTE, &count);
+        std::vector<uint8_t> b(static_cast<size_t>(std::max(count, 1)));
+        MPI_Recv(b.data(), count, MPI_BYTE, st.MPI_SOURCE, tag, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+        const size_t src = static_cast<size_t>(st.MPI_SOURCE);
+        heard[src] = now;
+        if (tag == kStartUpDoneTag && count == sizeof(int32_t)) {
+          int32_t p;
+          std::memcpy(&p, b.data(), sizeof p);
+          finished_phase_[src] = std::max(finished_phase_[src], p);
+        }
+      }
+    }
+  }
   void send_heartbeats() {
     const int next = (rank_ + 1) % world_, last = world_ - 1;
     const int dsts[2] = {next, last};
@@ -233,8 +328,12 @@ class MpiTransport final : public Transport {
       MPI_Status st;
       MPI_Iprobe(MPI_ANY_SOURCE, kHeartbeatTag, MPI_COMM_WORLD, &flag, &st);
       if (!flag) return heard;
-      uint8_t b;
-      MPI_Recv(&b, 1, MPI_BYTE, st.MPI_SOURCE, kHeartbeatTag, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+      // One byte at run time, four from start-up (beat_all).
+      int count = 0;
+      MPI_Get_count(&st, MPI_BYTE, &count);
+      uint8_t b[8];
+      MPI_Recv(b, std::min(count, 8), MPI_BYTE, st.MPI_SOURCE, kHeartbeatTag, MPI_COMM_WORLD,
+               MPI_STATUS_IGNORE);
       heard = heard || st.MPI_SOURCE == from;
     }
   }
@@ -250,6 +349,7 @@ class MpiTransport final : public Transport {
   double timeout_ = 0;  // the watchdog's, seconds; 0: off
   Clock::time_point next_beat_{};
   std::list<Pending> pending_;
+  std::vector<int32_t> finished_phase_;  // start-up: the last phase each stage said it finished
 };
 
 }  // namespace

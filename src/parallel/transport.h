@@ -14,8 +14,16 @@
 // receive (MPI: a heartbeat it sends every timeout / 4 while it waits; threads: the shared hub sees
 // it waiting). So only the stage next to the one that stopped fires: a stage starved because the
 // whole pipeline is stuck keeps hearing its living neighbour. Progress is counted per message, so
-// the timeout must exceed the longest single step of a stage; weight loading is not watched (the
-// watchdog is armed after every stage has loaded).
+// the timeout must exceed the longest single step of a stage.
+//
+// Loading is watched too (start_up): a stage loads on a helper thread while its own thread tells
+// every other stage it is alive (MPI: a heartbeat to each every timeout / 4; threads: the hub) and
+// watches the load's progress (a tick per tensor read, per layer uploaded). A stage whose load
+// makes no progress for the timeout (a stalled file system, a stuck device) stops the run naming
+// itself; a stage that hears nothing from a stage still loading for the timeout (stopped, its host
+// hung or cut off) stops it naming that stage. Either way every stage exits kStalledExitCode. So
+// the timeout must also exceed the longest gap between two ticks: one tensor's read (the largest,
+// the embedding or the head, is ~1.9 GB in V4-Pro) or one layer's upload to a GPU.
 #pragma once
 
 #include <cstdint>
@@ -25,6 +33,7 @@
 #include <vector>
 
 #include "core/status.h"
+#include "parallel/start_up_work.h"
 
 namespace sp {
 
@@ -57,14 +66,26 @@ class Transport {
   // Every rank's string, by rank (start-up agreement checks).
   virtual Status allgather(const std::string& mine, std::vector<std::string>* all) = 0;
   virtual Result<double> allreduce_max(double v) = 0;
-  // Arms the watchdog with this timeout in seconds (0 disarms); call on every stage.
+  // Arms the watchdog with this timeout in seconds (0 disarms); call on every stage, before
+  // start_up so that loading is watched.
   virtual void set_stage_timeout(double seconds) = 0;
+  // Start-up: runs `work` on a helper thread (it calls tick() as it makes progress) and returns
+  // once every stage has finished its work of this `phase` (a barrier; every stage runs the same
+  // phases, numbered 0, 1, ... in order). The work's error comes back at once, before the barrier
+  // (the caller fails, which brings the waiting stages down); what it throws is rethrown. While
+  // waiting, the watchdog (if armed) does as described above: a stalled load or a silent stage
+  // ends the run (exit kStalledExitCode) naming the stage. With the watchdog off the work runs on
+  // the calling thread and the barrier waits as long as it takes.
+  virtual Status start_up(int phase, const StartUpFn& work) = 0;
   // Tells the stages that may wait on this one that it is alive though it sends nothing (stage 0
   // idle, waiting for requests). Cheap: call it in every turn of a loop that does not receive.
   virtual void keep_alive() = 0;
   // Brings every stage down promptly; `message` names this stage and what went wrong.
   [[noreturn]] virtual void fail(const std::string& message, int exit_code) = 0;
 };
+
+// The message of a stage whose own loading made no progress for `idle` seconds (> timeout).
+std::string stalled_loading(int rank, double timeout, double idle);
 
 // In-process pipeline: world threads share one hub; make_local_transports gives one end per stage.
 std::vector<std::unique_ptr<Transport>> make_local_transports(int world);

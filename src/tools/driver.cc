@@ -1,5 +1,6 @@
 #include "tools/driver.h"
 
+#include <signal.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
@@ -135,7 +136,8 @@ std::vector<FlagSpec> pipeline_flags() {
       {"fault-inject", FlagKind::kString, "",
        "STAGE:STEP[:kill|error|stall] makes a stage fail at a step (tests): kill ends the process "
        "at once (mpirun), error reports and brings the pipeline down, stall stops the stage "
-       "without ending it (SIGSTOP under mpirun) for the watchdog to find"},
+       "without ending it (SIGSTOP under mpirun) for the watchdog to find; STAGE:load:stall "
+       "stops it while it loads its weights"},
       {"stage-timeout", FlagKind::kFloat, "300",
        "seconds a stage may wait without hearing from the stage it waits on before the run is "
        "stopped naming that stage as stalled or unreachable (exit 5); must exceed the longest "
@@ -263,6 +265,13 @@ ProgressFn progress_printer(int stage) {
 Result<FaultInjection> parse_fault(const std::string& text) {
   FaultInjection f;
   if (text.empty()) return f;
+  if (int stage = -1, end = 0; std::sscanf(text.c_str(), "%d:load:stall%n", &stage, &end) == 1 &&
+                               stage >= 0 && text[static_cast<size_t>(end)] == '\0' && end > 0) {
+    f.stage = stage;
+    f.stall = true;
+    f.at_load = true;
+    return f;
+  }
   int stage = -1;
   long long step = -1;
   char mode[16] = "error";
@@ -277,6 +286,15 @@ Result<FaultInjection> parse_fault(const std::string& text) {
   f.kill = m == "kill";
   f.stall = m == "stall";
   return f;
+}
+
+// --fault-inject S:load:stall: stops this stage while it loads, as a stalled file system would
+// (a thread that never returns) or, under mpirun, a stopped process (SIGSTOP).
+void stall_loading(int stage, bool mpi) {
+  std::fprintf(stderr, "stage %d: injected stall while loading\n", stage);
+  std::fflush(stderr);
+  if (mpi) raise(SIGSTOP);
+  while (true) std::this_thread::sleep_for(std::chrono::hours(1));
 }
 
 // Identity of what a rank was started with; every rank must agree.
@@ -592,22 +610,40 @@ int64_t stage_state_blocks(const Flags& f, const Config& c, const LoadPlan& plan
 }
 
 // One stage's whole life: load its part, run, finish. Returns its exit code.
+//
+// Start-up runs under the watchdog in two phases (Transport::start_up, each a barrier): 0 reads
+// the weights (a tick per tensor), 1 builds the model on the backend (a tick per layer uploaded)
+// and stage 0's scheduler. Between them the stages agree on the state-block count.
 int run_one_stage(const Flags& f, const Config& c, const Topology& topo, Transport& tr,
                   const Job& job, const PipelineOptions& popt) {
   const int s = topo.rank;
   LoadPlan plan = LoadPlan::stage(topo.layers, s, popt.speculative.mtp);
   const int logit_rows = max_logit_rows(f, job);
   const bool gpu = resolve_device(f).value() == "cuda";
-  if (gpu)  // the host memory of CPU stages is checked for all the stages of a host at start-up
-    if (Status st = check_gpu_memory(f, c, plan, s, local_gpu(topo), logit_rows); !st)
-      tr.fail(st.message(), 2);
-  auto weights =
-      f.str("load-format") == "dummy"
-          ? dummy_weights(c, plan, static_cast<uint64_t>(f.i64("seed")), progress_printer(s))
-          : load_weights(c, f.str("model"), plan, progress_printer(s));
-  if (!weights)
-    tr.fail(str("stage ", s, " (rank ", tr.rank(), "): ", weights.status().message()), 2);
-  const LoadStats& ls = (*weights)->stats;
+  tr.set_stage_timeout(f.f64("stage-timeout"));
+  std::unique_ptr<ModelWeights> weights;
+  int64_t my_blocks = 0;
+  const bool load_stall = popt.fault.at_load && popt.fault.stage == s;
+  Status loaded = tr.start_up(0, [&](const std::function<void()>& tick) -> Status {
+    if (gpu)  // the host memory of CPU stages is checked for all the stages of a host at start-up
+      SP_RETURN_IF_ERROR(check_gpu_memory(f, c, plan, s, local_gpu(topo), logit_rows));
+    ProgressFn printer = progress_printer(s);
+    int64_t tensors = 0;
+    ProgressFn progress = [&](int64_t done, int64_t total) {
+      printer(done, total);
+      tick();
+      if (load_stall && ++tensors == 3) stall_loading(s, tr.name() == "mpi");
+    };
+    auto w = f.str("load-format") == "dummy"
+                 ? dummy_weights(c, plan, static_cast<uint64_t>(f.i64("seed")), progress)
+                 : load_weights(c, f.str("model"), plan, progress);
+    if (!w) return Status::error(str("stage ", s, " (rank ", s, "): ", w.status().message()));
+    weights = std::move(*w);
+    my_blocks = stage_state_blocks(f, c, plan, topo, gpu, logit_rows);
+    return Status::ok();
+  });
+  if (!loaded) tr.fail(loaded.message(), 2);
+  const LoadStats& ls = weights->stats;
   std::string who = topo.world > 1
                         ? str("stage ", s, "/", topo.world, " (layers ", plan.first_layer, "-",
                               plan.end_layer - 1, (plan.embed ? ", embedding" : ""),
@@ -636,33 +672,37 @@ int run_one_stage(const Flags& f, const Config& c, const Topology& topo, Transpo
   // Every stage's rings keep room for the drafts a verify step may write and then drop.
   lim.spec_slack = popt.speculative.mtp ? popt.speculative.num_tokens : 0;
   // Block ids travel with each step and address every stage's pool: all use the smallest count.
-  auto agreed_blocks = tr.allreduce_max(-stage_state_blocks(f, c, plan, topo, gpu, logit_rows));
+  auto agreed_blocks = tr.allreduce_max(-static_cast<double>(my_blocks));
   if (!agreed_blocks) tr.fail(agreed_blocks.status().message(), 4);
   lim.num_blocks = static_cast<int>(-agreed_blocks.value());
-  Model model(c, **weights, *backend, lim);
-  StageEnv env{s, topo, &tr, &model, weights->get()};
+  std::unique_ptr<Model> model;
   std::unique_ptr<Scheduler> sched;
-  if (topo.is_first(s)) {
-    SchedulerLimits sl{lim.max_num_seqs, lim.max_num_batched_tokens, lim.max_model_len,
-                       c.vocab_size};
-    sl.spec_tokens = lim.spec_slack;
-    sched = std::make_unique<Scheduler>(with_state_blocks(sl, model));
-    sched->set_eos(c.eos_token_id);
-    Status st = job.add_requests(*sched);
-    if (!st) tr.fail(st.message(), 2);
-  }
-  // Every stage has loaded (a cold load's length depends on the disk, so it is not watched); from
-  // here on a stage that stops hearing from its neighbour stops the run.
-  if (auto ready = tr.allreduce_max(0); !ready) tr.fail(ready.status().message(), 4);
-  tr.set_stage_timeout(f.f64("stage-timeout"));
+  int built_code = 4;
+  Status built = tr.start_up(1, [&](const std::function<void()>& tick) -> Status {
+    backend->use_on_this_thread();
+    model = std::make_unique<Model>(c, *weights, *backend, lim, tick);
+    if (topo.is_first(s)) {
+      SchedulerLimits sl{lim.max_num_seqs, lim.max_num_batched_tokens, lim.max_model_len,
+                         c.vocab_size};
+      sl.spec_tokens = lim.spec_slack;
+      sched = std::make_unique<Scheduler>(with_state_blocks(sl, *model));
+      sched->set_eos(c.eos_token_id);
+      built_code = 2;  // a request the scheduler refuses is the user's
+      SP_RETURN_IF_ERROR(job.add_requests(*sched));
+    }
+    return Status::ok();
+  });
+  if (!built) tr.fail(built.message(), built_code);
+  backend->use_on_this_thread();
+  StageEnv env{s, topo, &tr, model.get(), weights.get()};
   std::vector<StageReport> reports;
   StageHooks hooks = job.hooks(env);
   std::unique_ptr<DraftSource> drafter;
   if (plan.mtp) {
-    drafter = make_mtp_drafter(model, popt.speculative.num_tokens);
+    drafter = make_mtp_drafter(*model, popt.speculative.num_tokens);
     hooks.drafter = drafter.get();
   }
-  Status st = run_stage(model, topo, tr, sched.get(), hooks, popt, &reports);
+  Status st = run_stage(*model, topo, tr, sched.get(), hooks, popt, &reports);
   if (!st) tr.fail(st.message(), 4);
   int code = job.finish(env, reports);
   auto agreed = tr.allreduce_max(code);

@@ -87,17 +87,19 @@ Status validate_fault_inject(const std::string& flag, const std::string& value) 
   while (std::getline(ss, part, ':')) parts.push_back(part);
   if (!value.empty() && value.back() == ':') parts.push_back("");
   int64_t v;
+  const bool at_load = parts.size() == 3 && parts[1] == "load" && parts[2] == "stall";
   const bool ok =
       (parts.size() == 2 || parts.size() == 3) &&
       parse_int64_strict(parts[0], &v, 0, kMaxStages - 1) &&
-      parse_int64_strict(parts[1], &v, 0, int64_t{1} << 62) &&
-      (parts.size() == 2 || parts[2] == "kill" || parts[2] == "error" || parts[2] == "stall");
+      (at_load ||
+       (parse_int64_strict(parts[1], &v, 0, int64_t{1} << 62) &&
+        (parts.size() == 2 || parts[2] == "kill" || parts[2] == "error" || parts[2] == "stall")));
   if (!ok)
     return Status::error(
         sp::str("--", flag, " '", brief(value),
                 "': expected STAGE:STEP or STAGE:STEP:kill|error|stall with STAGE in "
                 "[0, ",
-                kMaxStages, ") and STEP >= 0, e.g. 1:3:kill"));
+                kMaxStages, ") and STEP >= 0, e.g. 1:3:kill, or STAGE:load:stall"));
   return Status::ok();
 }
 

@@ -69,10 +69,11 @@ TEST(Flags, PartitionAndFaultInjectAreValidated) {
   for (const char* bad : {"2147483647,2147483647,7", "4294967298,4294967299", "0,5", "-1,6", "2,3,",
                           ",5", "2,,3", "1048577", "a", ""})
     EXPECT_FALSE(check(validate_pp_partition, bad)) << bad;
-  for (const char* ok : {"0:3", "1:0:kill", "4095:7:error", "2:5:stall"})
+  for (const char* ok : {"0:3", "1:0:kill", "4095:7:error", "2:5:stall", "1:load:stall"})
     EXPECT_TRUE(check(validate_fault_inject, ok)) << ok;
-  for (const char* bad :
-       {"99999999999:1", "4096:1", "0:-1", "0:1:boom", "0", "0:1:", ":1", "a:b", "0:1:kill:x"})
+  for (const char* bad : {"99999999999:1", "4096:1", "0:-1", "0:1:boom", "0", "0:1:", ":1", "a:b",
+                          "0:1:kill:x", "1:load", "1:load:kill", "1:load:error", "4096:load:stall",
+                          "1:load:stall:x", "-1:load:stall"})
     EXPECT_FALSE(check(validate_fault_inject, bad)) << bad;
   // Hooked into a spec, a bad value is an error that names the flag.
   std::vector<FlagSpec> specs = {{"pp-partition", FlagKind::kString, "vllm", "p"}};

@@ -73,16 +73,23 @@ class CudaBackend final : public Backend {
   DType act_dtype() const override { return act_dtype_; }
   DType residual_dtype() const override { return DType::kF32; }
 
+  void use_on_this_thread() override { SP_CUDA(cudaSetDevice(device_)); }
+
   void reserve(const BackendLimits& lim) override {
     lim_ = lim;
     grow_meta(meta_bytes(lim.max_tokens, lim.max_seqs, lim.max_blocks, lim.max_logit_rows));
     specs_host_ =
         static_cast<SampleSpec*>(pinned(sizeof(SampleSpec) * std::max(1, lim.max_logit_rows)));
-    ids_host_ = static_cast<int32_t*>(pinned(sizeof(int32_t) * std::max(1, lim.max_logit_rows)));
     specs_dev_ = static_cast<SampleSpec*>(
         device_alloc(sizeof(SampleSpec) * std::max(1, lim.max_logit_rows)));
-    ids_dev_ =
-        static_cast<int32_t*>(device_alloc(sizeof(int32_t) * std::max(1, lim.max_logit_rows)));
+    // [non-finite flag, ids...]: the flag comes back in the copy that brings the sampled ids.
+    const size_t out_bytes = sizeof(int32_t) * (1 + std::max(1, lim.max_logit_rows));
+    out_host_ = static_cast<int32_t*>(pinned(out_bytes));
+    out_dev_ = static_cast<int32_t*>(device_alloc(out_bytes));
+    ids_host_ = out_host_ + 1;
+    ids_dev_ = out_dev_ + 1;
+    out_host_[0] = cuda::kNonFiniteKeyClean;
+    SP_CUDA(cudaMemsetAsync(out_dev_, 0x7f, sizeof(int32_t), stream_));
   }
 
   Tensor alloc(int64_t rows, int64_t cols, DType dtype) override {
@@ -95,8 +102,8 @@ class CudaBackend final : public Backend {
   LayerState alloc_state(const std::vector<StateAlloc>& layout) override {
     LayerState st;
     for (const StateAlloc& a : layout)
-      st.*a.field =
-          alloc(a.rows, a.cols, a.kind == StateKind::kCompressorBuf ? DType::kF32 : state_dtype_);
+      st.*a.field = alloc(a.rows, a.cols,
+                          a.kind == StateKind::kCompressorBuf ? DType::kF32 : state_dtype_);
     return st;
   }
 
@@ -166,6 +173,30 @@ class CudaBackend final : public Backend {
     dev_.block_tables = reinterpret_cast<const int32_t*>(d + o_blk);
     dev_.logit_rows = reinterpret_cast<const int32_t*>(d + o_lr);
     dev_.host = &b;
+    // The non-finite flag starts clean every step (stream-ordered: no wait here).
+    if (out_dev_) SP_CUDA(cudaMemsetAsync(out_dev_, 0x7f, sizeof(int32_t), stream_));
+    nf_where_ = kAllFinite;
+    nf_dirty_ = false;
+  }
+
+  // One read of x per call, on the stream, nothing waited for; the flag reaches the host with the
+  // next copy this backend makes anyway (sampled ids, to_host of the boundary tensor or logits,
+  // from_host, synchronize), or, if none came since, when non_finite_where() is asked.
+  void note_non_finite(Tensor x, int where) override {
+    if (x.dtype != DType::kF32) return;
+    SP_CHECK(out_dev_ != nullptr, "note_non_finite before reserve");
+    SP_CHECK(where == kNonFiniteEmbedding || where == kNonFiniteHead ||
+                 (where >= 0 && where < cuda::kNonFiniteKeyHead - 1),
+             "note_non_finite: bad place ", where);
+    const int32_t key = where == kNonFiniteEmbedding ? 0
+                        : where == kNonFiniteHead    ? cuda::kNonFiniteKeyHead
+                                                     : where + 1;
+    cuda::note_non_finite(stream_, x, key, out_dev_);
+    nf_dirty_ = true;
+  }
+  int non_finite_where() override {
+    if (nf_dirty_) sync_with_flag();  // no copy since the last check: this is the sync point
+    return nf_where_;
   }
 
   void embed(const Matrix& table, const BatchView& b, Tensor out) override {
@@ -229,12 +260,14 @@ class CudaBackend final : public Backend {
     if (n == 0) return;
     SP_CHECK(n <= std::max(1, lim_.max_logit_rows), n, " sample rows over the limit");
     std::memcpy(specs_host_, specs.data(), sizeof(SampleSpec) * n);
-    SP_CUDA(cudaMemcpyAsync(specs_dev_, specs_host_, sizeof(SampleSpec) * n, cudaMemcpyHostToDevice,
-                            stream_));
+    SP_CUDA(cudaMemcpyAsync(specs_dev_, specs_host_, sizeof(SampleSpec) * n,
+                            cudaMemcpyHostToDevice, stream_));
     cuda::sample(stream_, *ws_, logits, specs_dev_, specs_host_, n, ids_dev_);
-    SP_CUDA(
-        cudaMemcpyAsync(ids_host_, ids_dev_, sizeof(int32_t) * n, cudaMemcpyDeviceToHost, stream_));
+    // The ids and the non-finite flag in front of them: one copy, one wait.
+    SP_CUDA(cudaMemcpyAsync(out_host_, out_dev_, sizeof(int32_t) * (n + 1), cudaMemcpyDeviceToHost,
+                            stream_));
     SP_CUDA(cudaStreamSynchronize(stream_));
+    absorb_flag();
     std::memcpy(ids, ids_host_, sizeof(int32_t) * n);
     // Rows with a temperature, penalties or logprobs are chosen on the host with the reference
     // algorithm (a device sampler for them is future work); plain greedy rows never leave the
@@ -253,21 +286,40 @@ class CudaBackend final : public Backend {
     const size_t es = static_cast<size_t>(src.elem_size());
     SP_CUDA(cudaMemcpy2DAsync(dst, src.cols * es, src.data, src.stride * es, src.cols * es,
                               src.rows, cudaMemcpyDeviceToHost, stream_));
-    SP_CUDA(cudaStreamSynchronize(stream_));
+    sync_with_flag();
   }
   void from_host(const void* src, Tensor dst) override {
     if (dst.numel() == 0) return;
     const size_t es = static_cast<size_t>(dst.elem_size());
     SP_CUDA(cudaMemcpy2DAsync(dst.data, dst.stride * es, src, dst.cols * es, dst.cols * es,
                               dst.rows, cudaMemcpyHostToDevice, stream_));
-    SP_CUDA(cudaStreamSynchronize(stream_));
+    sync_with_flag();
   }
-  void synchronize() override { SP_CUDA(cudaStreamSynchronize(stream_)); }
+  void synchronize() override { sync_with_flag(); }
 
  private:
   const DevBatch& batch(const BatchView& b) {
     SP_CHECK(dev_.host == &b, "CUDA op called with a batch that begin_step did not receive");
     return dev_;
+  }
+  // Waits for the stream; if a check ran since the flag was last read, its 4 bytes come back in
+  // the same wait.
+  void sync_with_flag() {
+    const bool flag = nf_dirty_;
+    if (flag)
+      SP_CUDA(
+          cudaMemcpyAsync(out_host_, out_dev_, sizeof(int32_t), cudaMemcpyDeviceToHost, stream_));
+    SP_CUDA(cudaStreamSynchronize(stream_));
+    if (flag) absorb_flag();
+  }
+  // After a wait that followed a copy of the flag into out_host_[0].
+  void absorb_flag() {
+    const int32_t key = out_host_[0];
+    nf_where_ = key == cuda::kNonFiniteKeyClean  ? kAllFinite
+                : key == 0                       ? kNonFiniteEmbedding
+                : key == cuda::kNonFiniteKeyHead ? kNonFiniteHead
+                                                 : key - 1;
+    nf_dirty_ = false;
   }
   static size_t meta_bytes(int T, int C, int B, int L) {
     return 3 * align16(4 * static_cast<size_t>(T)) + align16(sizeof(SeqChunk) * C) +
@@ -325,8 +377,12 @@ class CudaBackend final : public Backend {
   DevBatch dev_;
   SampleSpec* specs_host_ = nullptr;
   SampleSpec* specs_dev_ = nullptr;
-  int32_t* ids_host_ = nullptr;
-  int32_t* ids_dev_ = nullptr;
+  int32_t* out_host_ = nullptr;  // pinned [1 + max_logit_rows]: the non-finite flag, then ids
+  int32_t* out_dev_ = nullptr;   // the same on the device; out_dev_[0] is the flag
+  int32_t* ids_host_ = nullptr;  // out_host_ + 1
+  int32_t* ids_dev_ = nullptr;   // out_dev_ + 1
+  int nf_where_ = kAllFinite;    // the flag as last read (Backend::non_finite_where's values)
+  bool nf_dirty_ = false;        // a check was queued since the flag was last read
 };
 
 }  // namespace

@@ -2,7 +2,9 @@
 // bf16 and every computation is fp32; reductions use a fixed tree (deterministic).
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 
 #include "backend/cuda/kernels.h"
 
@@ -390,6 +392,47 @@ void sample(cudaStream_t s, Workspace&, Tensor logits, const SampleSpec* specs_d
   if (n == 0) return;
   argmax_kernel<<<n, kThreads, 0, s>>>(logits.f32(), logits.stride, logits.cols, specs_dev,
                                        ids_dev);
+  SP_CUDA_LAUNCH();
+}
+
+namespace {
+
+// Per row: the largest magnitude's bits (an exponent of all ones is a NaN or an Inf). Vector loads
+// where the rows allow them; one warp vote and one atomic per warp that saw a non-finite value.
+__global__ void non_finite_kernel(const float* x, int64_t stride, int64_t rows, int64_t cols,
+                                  bool vec4, int32_t key, int32_t* flag) {
+  __shared__ bool seen;  // read once per block, so the whole block returns or none of it
+  if (threadIdx.x == 0) seen = *reinterpret_cast<volatile int32_t*>(flag) <= key;
+  __syncthreads();
+  if (seen) return;
+  uint32_t m = 0;
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const float* row = x + r * stride;
+    if (vec4) {
+      const float4* v = reinterpret_cast<const float4*>(row);
+      for (int64_t c = threadIdx.x; c < cols / 4; c += blockDim.x) {
+        const float4 q = v[c];
+        m = max(m,
+                max(max(__float_as_uint(q.x) & 0x7fffffffu, __float_as_uint(q.y) & 0x7fffffffu),
+                    max(__float_as_uint(q.z) & 0x7fffffffu, __float_as_uint(q.w) & 0x7fffffffu)));
+      }
+    } else {
+      for (int64_t c = threadIdx.x; c < cols; c += blockDim.x)
+        m = max(m, __float_as_uint(row[c]) & 0x7fffffffu);
+    }
+  }
+  if (__any_sync(0xffffffffu, m >= 0x7f800000u) && threadIdx.x % 32 == 0) atomicMin(flag, key);
+}
+
+}  // namespace
+
+void note_non_finite(cudaStream_t s, Tensor x, int32_t key, int32_t* flag) {
+  SP_CHECK(x.dtype == DType::kF32, "note_non_finite: expected f32, got ", dtype_name(x.dtype));
+  if (x.numel() == 0) return;
+  const bool vec4 =
+      x.cols % 4 == 0 && x.stride % 4 == 0 && reinterpret_cast<uintptr_t>(x.data) % 16 == 0;
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(x.rows, 1024));
+  non_finite_kernel<<<blocks, kThreads, 0, s>>>(x.f32(), x.stride, x.rows, x.cols, vec4, key, flag);
   SP_CUDA_LAUNCH();
 }
 

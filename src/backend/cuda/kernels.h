@@ -125,4 +125,15 @@ void copy(cudaStream_t s, Tensor src, Tensor dst);
 void sample(cudaStream_t s, Workspace& ws, Tensor logits, const SampleSpec* specs_dev,
             const SampleSpec* specs_host, int n, int32_t* ids_dev);
 
+// ---- elementwise.cu: the forward pass's non-finite check ---------------------------------------
+// Where a non-finite value was first seen, as an order key kept in one device int: the embedding
+// is 0, layer i is i + 1, the head kNonFiniteKeyHead; kNonFiniteKeyClean (the value the flag is
+// reset to: bytes of 0x7f, so one cudaMemsetAsync resets it) means none. Layers run in order, so
+// the smallest key is the first place.
+constexpr int32_t kNonFiniteKeyClean = 0x7f7f7f7f, kNonFiniteKeyHead = 1 << 30;
+// If the f32 tensor x [rows, cols] holds a NaN or an Inf: *flag = min(*flag, key) (atomicMin).
+// One read of x, nothing written but the flag; returns at once when the flag already holds a key
+// <= `key` (an earlier place of this step was non-finite).
+void note_non_finite(cudaStream_t s, Tensor x, int32_t key, int32_t* flag);
+
 }  // namespace sp::cuda
