@@ -165,8 +165,8 @@ class MtpDrafter : public DraftSource {
       sp.min_p = s.params.min_p;
       SamplingDist d = sampling_distribution(sp, host_.data() + i * V, V);
       // The draft lands at position last + 2 + k.
-      s.drafts.push_back(d.draw(counter_uniform(s.params.seed, s.params.stream ^ kDraftStreamSalt,
-                                                s.last + 2 + k)));
+      s.drafts.push_back(d.draw(
+          counter_uniform(s.params.seed, s.params.stream ^ kDraftStreamSalt, s.last + 2 + k)));
       s.q.push_back(std::move(d));
     }
   }

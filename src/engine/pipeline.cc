@@ -103,9 +103,8 @@ void maybe_fault(const PipelineOptions& opt, Transport& tr, int stage, int64_t s
 // A forward pass that produced a NaN or an Inf is an error naming where it first appeared.
 std::string non_finite_message(const Model& model, int where, int64_t step) {
   const std::string at = where == Backend::kNonFiniteEmbedding ? std::string("the embedding")
-                         : where == Backend::kNonFiniteHead
-                             ? std::string("the head (logits)")
-                             : where == model.config().num_layers
+                         : where == Backend::kNonFiniteHead    ? std::string("the head (logits)")
+                         : where == model.config().num_layers
                              ? std::string("the MTP draft layer (its output streams)")
                              : str("layer ", where, " (its output residual)");
   return str("non-finite values (NaN or Inf) first appear in ", at, " at step ", step,

@@ -128,12 +128,10 @@ TEST(StageLoading, EachStageReadsOnlyItsOwnTensors) {
           // Entries live in whole state blocks: the slot's blocks cover max_model_len.
           const int64_t bt = state_block_tokens(c);
           const int64_t k = c.compressor_overlap(l), entries = blocks_for(256, bt) * bt / r;
-          want += 2 * (entries * dh + 2 * r * k * dh + (k == 2 ? 2 * r * dh : 0)) * 4;
+          // The compressor's input ring: k * r positions of values and gates (k * dh each).
+          want += 2 * (entries * dh + k * r * 2 * k * dh) * 4;
           if (c.attn_kinds[l] == AttnKind::kCSA)
-            want += 2 *
-                    (entries * c.index_head_dim + 2 * r * 2 * c.index_head_dim +
-                     2 * r * c.index_head_dim) *
-                    4;
+            want += 2 * (entries * c.index_head_dim + 2 * r * 2 * 2 * c.index_head_dim) * 4;
         }
       }
       EXPECT_EQ(m.state_bytes(), want) << "stage " << s;

@@ -102,8 +102,8 @@ class CudaBackend final : public Backend {
   LayerState alloc_state(const std::vector<StateAlloc>& layout) override {
     LayerState st;
     for (const StateAlloc& a : layout)
-      st.*a.field = alloc(a.rows, a.cols,
-                          a.kind == StateKind::kCompressorBuf ? DType::kF32 : state_dtype_);
+      st.*a.field =
+          alloc(a.rows, a.cols, a.kind == StateKind::kCompressorBuf ? DType::kF32 : state_dtype_);
     return st;
   }
 
@@ -260,8 +260,8 @@ class CudaBackend final : public Backend {
     if (n == 0) return;
     SP_CHECK(n <= std::max(1, lim_.max_logit_rows), n, " sample rows over the limit");
     std::memcpy(specs_host_, specs.data(), sizeof(SampleSpec) * n);
-    SP_CUDA(cudaMemcpyAsync(specs_dev_, specs_host_, sizeof(SampleSpec) * n,
-                            cudaMemcpyHostToDevice, stream_));
+    SP_CUDA(cudaMemcpyAsync(specs_dev_, specs_host_, sizeof(SampleSpec) * n, cudaMemcpyHostToDevice,
+                            stream_));
     cuda::sample(stream_, *ws_, logits, specs_dev_, specs_host_, n, ids_dev_);
     // The ids and the non-finite flag in front of them: one copy, one wait.
     SP_CUDA(cudaMemcpyAsync(out_host_, out_dev_, sizeof(int32_t) * (n + 1), cudaMemcpyDeviceToHost,
