@@ -140,6 +140,10 @@ void EngineLoop::update_stats(const Scheduler& s) {
   stats_.blocks_total = s.blocks().num_blocks();
   stats_.block_tokens = s.blocks().block_tokens();
   stats_.preemptions = s.preemptions();
+  if (const PrefixCache* pc = s.prefix_cache()) {
+    stats_.prefix_queries = pc->stats.queries;
+    stats_.prefix_hits = pc->stats.hits;
+  }
 }
 
 }  // namespace sp

@@ -31,6 +31,8 @@ struct StageReport {
   double wall_s = 0;  // from the stage's start to its end
   int64_t steps = 0;
   int64_t tokens = 0;
+  // Stage 0: the prefix cache's prompt tokens looked up and found cached (0 when it is off).
+  int64_t prefix_queries = 0, prefix_hits = 0;
   std::vector<TraceEvent> events;
 };
 

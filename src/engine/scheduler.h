@@ -15,6 +15,7 @@
 #include "backend/backend.h"
 #include "core/status.h"
 #include "engine/block_manager.h"
+#include "engine/prefix_cache.h"
 
 namespace sp {
 
@@ -65,6 +66,10 @@ struct Sequence {
   int64_t prefill_end = 0;
   int64_t logits_done = 0;  // positions whose logits were already reported (not again on recompute)
   int preemptions = 0;
+  // Prefix cache: the entry whose snapshot this sequence's first step restores into its slot
+  // (-1: none pending), and the prompt positions it did not compute thanks to a hit.
+  int64_t restore_entry = -1;
+  int64_t cached_tokens = 0;
   int prompt_len() const { return static_cast<int>(req.prompt.size()); }
 };
 
@@ -77,6 +82,8 @@ struct SchedulerLimits {
   // demand by the BlockManager (0: enough for every slot at max_model_len).
   int block_tokens = 1 << 30;
   int num_blocks = 0;
+  // Prefix caching: snapshot slots (state slots max_num_seqs .. + this - 1); 0 turns it off.
+  int prefix_cache_slots = 0;
 };
 
 // A row whose logits choose the sequence's next token.
@@ -87,6 +94,12 @@ struct SampleRow {
   // Penalties: the prompt's and the generated tokens, StepPlan::penalty_tokens[offset, +n_prompt)
   // then [offset + n_prompt, + n_output).
   int32_t hist_offset = 0, hist_prompt = 0, hist_output = 0;
+};
+
+// A copy of one whole state slot to another (every per-slot buffer of every layer of every stage):
+// prefix-cache snapshots and restores.
+struct SlotCopy {
+  int32_t src = 0, dst = 0;
 };
 
 // One scheduled step: the batch every stage sees (batch.logit_rows: which rows' logits the last
@@ -100,6 +113,10 @@ struct StepPlan {
   std::vector<int64_t> logit_position;  // position per logit row
   std::vector<SampleRow> samples;
   std::vector<int32_t> penalty_tokens;  // see SampleRow
+  // Slot copies every stage makes before the step's layers run (restores of cached prefixes) and
+  // after (snapshots of prefixes this step completed); in step order, so they are consistent with
+  // the steps around them on every stage, however many steps are in flight.
+  std::vector<SlotCopy> copies_before, copies_after;
   // Busy and wall seconds of each stage the step has passed (appended as it goes down the
   // pipeline, then back to stage 0 with the sampled tokens): live per-stage busy fractions.
   std::vector<double> stage_times;
@@ -137,6 +154,8 @@ class Scheduler {
   int num_waiting() const { return static_cast<int>(waiting_.size()); }
   int num_running() const { return static_cast<int>(running_.size()); }
   int64_t preemptions() const { return preemptions_; }
+  // Null when prefix caching is off.
+  const PrefixCache* prefix_cache() const { return cache_.get(); }
   const SchedulerLimits& limits() const { return lim_; }
   // Empty when consistent: the block manager's own invariants, every running sequence's table
   // covers what was scheduled, slots distinct, waiting sequences hold nothing.
@@ -149,8 +168,27 @@ class Scheduler {
   // Puts a running sequence (no step in flight) back at the head of the queue, freeing its slot
   // and blocks; it is prefilled again from its tokens later.
   void preempt(size_t running_index);
-  // Makes room for `s` to cover `len` positions, preempting the newest idle sequences if needed.
+  // Makes room for `s` to cover `len` positions, evicting cached prefixes and then preempting the
+  // newest idle sequences if needed.
   bool grow(Sequence* s, int64_t len);
+  // Prefix caching (scheduler_prefix.cc). Admission's blocks: the longest cached prefix is shared
+  // (and its snapshot restored before the first chunk), the rest allocated, evicting cached
+  // prefixes when the pool needs their blocks; false when the pool cannot hold the prefill.
+  bool admit_blocks(Sequence* s);
+  // Evicts least recently used cache entries until `need` blocks are free; false (evicting
+  // nothing) when even evicting every unpinned entry would not free enough.
+  bool evict_for(int64_t need);
+  bool evict_one();
+  // A prefill chunk of `n` tokens ends at the prompt's last block boundary when a snapshot is to
+  // be taken there.
+  int snapshot_cut(const Sequence* s, int n) const;
+  // After `s`'s chunk is in `plan`: its pending restore goes before the step, and a snapshot
+  // after it when the chunk ended on the prompt's last block boundary not cached yet.
+  void prefix_before(StepPlan& plan, Sequence* s);
+  void prefix_after(StepPlan& plan, Sequence* s);
+  int64_t snapshot_boundary(const Sequence* s) const;
+  void unpin(Sequence* s);
+  std::string check_prefix_invariants() const;
   SchedulerLimits lim_;
   BlockManager blocks_;
   int64_t preemptions_ = 0;
@@ -158,6 +196,7 @@ class Scheduler {
   std::vector<std::unique_ptr<Sequence>> running_;
   std::vector<std::unique_ptr<Sequence>> finished_;
   std::vector<int> free_slots_;
+  std::unique_ptr<PrefixCache> cache_;
   int64_t eos_ = -1;
   int64_t next_step_ = 0;
 };

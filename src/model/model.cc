@@ -105,10 +105,11 @@ Model::Model(const Config& c, const ModelWeights& w, Backend& be, const StateLim
   be_.reserve(bl);
   upload_weights();
   int64_t bytes = 0;
+  const int64_t slots = S + lim.snapshot_slots;
   for (const LayerView& L : layers_) {
     std::vector<StateAlloc> layout;
     for (const StateBuffer& sb : layer_state_layout(c, L.index)) {
-      StateAlloc a{sb.field, S * sb.rows, sb.cols, StateKind::kWindow};
+      StateAlloc a{sb.field, slots * sb.rows, sb.cols, StateKind::kWindow};
       if (sb.per_entry) {
         a.rows = int64_t{num_blocks_} * (block_tokens_ / L.ratio);
         a.kind = StateKind::kEntries;
@@ -118,7 +119,12 @@ Model::Model(const Config& c, const ModelWeights& w, Backend& be, const StateLim
       layout.push_back(a);
     }
     state_.push_back(be_.alloc_state(layout));
-    for (const StateAlloc& a : layout) bytes += ((state_.back()).*a.field).span_bytes();
+    for (const StateAlloc& a : layout) {
+      const Tensor& t = (state_.back()).*a.field;
+      bytes += t.span_bytes();
+      if (a.kind != StateKind::kEntries) slot_bytes_ += t.span_bytes() / slots;
+    }
+    state_layout_.push_back(std::move(layout));
   }
   state_bytes_ = bytes;
   const DType act = be_.act_dtype(), f32 = DType::kF32;
@@ -224,6 +230,18 @@ void Model::upload_weights() {
     be_.prepare_moe(e);
     layers_.push_back(std::move(v));
   }
+}
+
+void Model::copy_slot(int src, int dst) {
+  SP_CHECK(src >= 0 && dst >= 0 && src != dst && src < num_state_slots() && dst < num_state_slots(),
+           "slot copy ", src, " -> ", dst, " outside the ", num_state_slots(), " state slots");
+  const int64_t slots = num_state_slots();
+  for (size_t i = 0; i < state_.size(); ++i)
+    for (const StateAlloc& a : state_layout_[i]) {
+      if (a.kind == StateKind::kEntries) continue;  // paged, shared through block tables
+      const int64_t rows = a.rows / slots;
+      be_.copy_rows(state_[i].*a.field, src * rows, dst * rows, rows);
+    }
 }
 
 void Model::begin_step(const BatchView& b) {

@@ -40,6 +40,16 @@ Metrics::Metrics(int num_stages) : stages_(num_stages), reg_(std::make_shared<Re
                       .Help("Sequences preempted (recomputed later) because state blocks ran out")
                       .Register(*reg_)
                       .Add({});
+  prefix_queries_ = &BuildCounter()
+                         .Name("seekpipe_prefix_cache_queries_total")
+                         .Help("Prompt tokens looked up in the prefix cache")
+                         .Register(*reg_)
+                         .Add({});
+  prefix_hits_ = &BuildCounter()
+                      .Name("seekpipe_prefix_cache_hits_total")
+                      .Help("Prompt tokens found in the prefix cache (not computed)")
+                      .Register(*reg_)
+                      .Add({});
   ttft_ = &BuildHistogram()
                .Name("seekpipe_time_to_first_token_seconds")
                .Help("From request arrival to the first generated token")
@@ -101,6 +111,14 @@ std::string Metrics::render(const LoopStats& s) {
   if (s.preemptions > preemptions_seen_) {
     preemptions_->Increment(static_cast<double>(s.preemptions) - preemptions_seen_);
     preemptions_seen_ = static_cast<double>(s.preemptions);
+  }
+  if (s.prefix_queries > prefix_queries_seen_) {
+    prefix_queries_->Increment(static_cast<double>(s.prefix_queries) - prefix_queries_seen_);
+    prefix_queries_seen_ = static_cast<double>(s.prefix_queries);
+  }
+  if (s.prefix_hits > prefix_hits_seen_) {
+    prefix_hits_->Increment(static_cast<double>(s.prefix_hits) - prefix_hits_seen_);
+    prefix_hits_seen_ = static_cast<double>(s.prefix_hits);
   }
   // Every stage addresses the same block ids (stage 0's tables travel with each step), and each
   // stage's pool has the agreed (smallest stage's) size: the counts are the same on every stage.

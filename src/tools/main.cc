@@ -194,6 +194,10 @@ int cmd_generate(const std::vector<std::string>& args) {
                         .c_str());
       generated += static_cast<int64_t>(out.size());
       prefill += static_cast<int64_t>(prompts[i].size());
+    }
+    // Prompt tokens found in the prefix cache were not computed.
+    prefill -= reports.front().prefix_hits;
+    for (size_t i = 0; i < prompts.size(); ++i) {
       for (auto& [pos, v] : logits[static_cast<int64_t>(i)]) hash.add(v.data(), V);
     }
     std::printf("generated %" PRId64 " tokens in %" PRId64
@@ -201,6 +205,11 @@ int cmd_generate(const std::vector<std::string>& args) {
                 " decode tokens)\n",
                 generated, reports.back().steps, wall, tokens / std::max(wall, 1e-9), prefill,
                 tokens - prefill);
+    if (reports.front().prefix_queries > 0)
+      std::printf("prefix cache: %" PRId64 " of %" PRId64 " prompt tokens cached (%.1f%%)\n",
+                  reports.front().prefix_hits, reports.front().prefix_queries,
+                  100.0 * static_cast<double>(reports.front().prefix_hits) /
+                      static_cast<double>(reports.front().prefix_queries));
     print_pipeline_summary(reports);
     if (Status st = maybe_write_trace(f, reports); !st) return fail(st);
     std::printf("logits_hash=%016" PRIx64 "\n", hash.h);
@@ -550,6 +559,13 @@ int cmd_inspect(const std::vector<std::string>& args) {
   std::printf("sequence state (fp32 reference layout): %s per sequence + %" PRId64
               " B per token; at --max-num-seqs %" PRId64 " and --max-model-len %" PRId64 ": %s\n",
               human(per_seq).c_str(), per_tok, S, Lm, human(S * (per_seq + per_tok * Lm)).c_str());
+  auto slots = prefix_cache_slots(f);
+  if (!slots) return fail(slots.status());
+  if (*slots > 0)
+    std::printf("prefix cache: %d snapshot slots (--prefix-cache-slots) x %s per sequence: %s\n",
+                *slots, human(per_seq).c_str(), human(int64_t{*slots} * per_seq).c_str());
+  else
+    std::printf("prefix cache: off\n");
   if (f.given("pp") || f.given("pp-partition")) return print_pipeline_plan(f, c);
   return 0;
 }

@@ -26,6 +26,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       volatile bool b = s.params.ignore_eos;  // UBSan: a bool byte other than 0/1
       (void)b;
     }
+    for (const auto* copies : {&p.copies_before, &p.copies_after})
+      for (const sp::SlotCopy& c : *copies)
+        if (c.src < 0 || c.dst < 0 || c.src == c.dst) __builtin_trap();
     if (sp::encode_step(p) != bytes) __builtin_trap();
   }
   int64_t id = 0;
