@@ -83,6 +83,12 @@ void BlockManager::drop(const std::vector<int32_t>& blocks) {
   }
 }
 
+int BlockManager::cache_only_blocks() const {
+  int n = 0;
+  for (size_t b = 0; b < ref_.size(); ++b) n += ref_[b] > 0 && ref_[b] == held_[b];
+  return n;
+}
+
 const std::vector<int32_t>& BlockManager::table(int64_t seq) const {
   auto it = tables_.find(seq);
   return it == tables_.end() ? kEmpty : it->second;

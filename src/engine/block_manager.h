@@ -44,6 +44,8 @@ class BlockManager {
   void drop(const std::vector<int32_t>& blocks);
   int refs(int32_t block) const { return ref_[static_cast<size_t>(block)]; }
   int held(int32_t block) const { return held_[static_cast<size_t>(block)]; }
+  // Blocks only cache entries hold (no sequence): evicted on demand, so as good as free.
+  int cache_only_blocks() const;
   bool has(int64_t seq) const { return tables_.count(seq) > 0; }
   // The block ids of `seq`, in position order (empty for an unknown sequence).
   const std::vector<int32_t>& table(int64_t seq) const;

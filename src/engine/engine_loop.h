@@ -53,6 +53,7 @@ struct LoopStats {
   // Prefix cache (vLLM's prefix_cache_queries / prefix_cache_hits): prompt tokens looked up and
   // found cached.
   int64_t prefix_queries = 0, prefix_hits = 0;
+  int64_t blocks_cached = 0;       // held only by the prefix cache (not counted in blocks_used)
   std::vector<double> stage_busy;  // per stage, busy / wall since start
 };
 

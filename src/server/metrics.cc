@@ -80,6 +80,13 @@ Metrics::Metrics(int num_stages) : stages_(num_stages), reg_(std::make_shared<Re
                   .Help("Sequences waiting for a slot or state blocks")
                   .Register(*reg_)
                   .Add({});
+  blocks_cached_ = &BuildGauge()
+                        .Name("seekpipe_prefix_cache_blocks")
+                        .Help(
+                            "State blocks held only by the prefix cache (evicted on demand; "
+                            "not counted as used)")
+                        .Register(*reg_)
+                        .Add({});
   blocks_used_ = &BuildGauge()
                       .Name("seekpipe_state_blocks_used")
                       .Help("State blocks in use per pipeline stage")
@@ -106,6 +113,7 @@ std::string Metrics::render(const LoopStats& s) {
   static std::mutex mu;  // render is the only writer of the gauges
   std::lock_guard<std::mutex> l(mu);
   queue_->Set(static_cast<double>(s.queued));
+  blocks_cached_->Set(static_cast<double>(s.blocks_cached));
   running_->Set(static_cast<double>(s.running));
   waiting_->Set(static_cast<double>(s.waiting + s.queued));
   if (s.preemptions > preemptions_seen_) {

@@ -34,7 +34,7 @@ class Metrics {
   prometheus::Counter *prompt_tokens_, *generation_tokens_, *preemptions_, *prefix_queries_,
       *prefix_hits_;
   prometheus::Histogram *ttft_, *itl_, *e2e_;
-  prometheus::Gauge *queue_, *running_, *waiting_;
+  prometheus::Gauge *queue_, *running_, *waiting_, *blocks_cached_;
   prometheus::Family<prometheus::Gauge>*blocks_used_, *blocks_total_, *busy_;
   double preemptions_seen_ = 0, prefix_queries_seen_ = 0, prefix_hits_seen_ = 0;
 };
