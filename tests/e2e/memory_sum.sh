@@ -5,7 +5,9 @@
 . "$(dirname "$0")/lib.sh"
 bin=$1 data=$2
 model=$data/configs/flash-mini  # sequence state ~780 B per sequence and token, 1/3 on a middle stage
-base=(generate --device cpu --model "$model" --load-format dummy --prompt-ids 1,2 --threads 1 --max-num-seqs 64)
+# Without the prefix cache's snapshot slots, so the sums below are the sequence state's alone
+# (prefix_cache.sh checks that the snapshots are counted).
+base=(generate --device cpu --model "$model" --load-format dummy --prompt-ids 1,2 --threads 1 --max-num-seqs 64 --no-enable-prefix-caching)
 
 # 1. Threads: 12.46 GiB over 5 stages (the largest 4.12 GiB) in a process with ulimit -v ~7.6 GiB.
 out=$( (ulimit -v 8000000; timeout 60 "$bin" "${base[@]}" --pp 5 --max-model-len 262144) 2>&1); rc=$?

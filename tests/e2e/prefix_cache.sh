@@ -37,4 +37,8 @@ expect_error 2 "--enable-prefix-caching=false: to turn prefix caching off, use -
 expect_error 2 "--prefix-cache-slots has no effect" -- "$bin" inspect --model "$model" --no-enable-prefix-caching --prefix-cache-slots 2
 "$bin" inspect --model "$model" --prefix-cache-slots 3 | grep -q "prefix cache: 3 snapshot slots" || fail "inspect does not count the snapshot slots"
 "$bin" inspect --model "$model" --no-enable-prefix-caching | grep -q "prefix cache: off" || fail "inspect does not say caching is off"
+# The snapshot slots are counted in the host-memory check (and named in its refusal).
+out=$( (ulimit -v 8000000; timeout 60 "$bin" generate --device cpu --model "$data/configs/flash-mini" --load-format dummy --prompt-ids 1,2 --threads 1 --max-num-seqs 64 --pp 5 --max-model-len 262144 --prefix-cache-slots 64) 2>&1); rc=$?
+[ $rc = 2 ] || fail "memory check: exit $rc, expected 2: $out"
+grep -q "prefix-cache snapshots (--prefix-cache-slots 64): [0-9.]* MiB" <<<"$out" || fail "memory check does not count the snapshots: $out"
 echo "all prefix cache checks passed"

@@ -16,6 +16,7 @@
 #include "engine/pipeline.h"
 #include "engine/prefix_cache.h"
 #include "engine/scheduler.h"
+#include "engine/step_codec.h"
 #include "model/model.h"
 #include "parallel/topology.h"
 
@@ -66,6 +67,54 @@ TEST(PrefixCacheLookup, LongestBlockAlignedPrefixConfirmedByTokens) {
   EXPECT_EQ(c.free_slots(), 1);
   EXPECT_EQ(c.lookup(a, 10)->tokens.size(), 4u);
   EXPECT_EQ(c.check_invariants(), "");
+}
+
+// The CPU backend's slot copy: whole rows, contiguous and strided views; nothing else changes.
+TEST(CopyRows, CpuCopiesExactlyTheRows) {
+  auto be = make_cpu_backend(1);
+  const int64_t R = 12, C = 5;
+  Tensor t = be->alloc(R, C, DType::kF32);
+  for (int64_t i = 0; i < R * C; ++i) t.f32()[i] = static_cast<float>(i);
+  std::vector<float> want(t.f32(), t.f32() + R * C);
+  be->copy_rows(t, 1, 7, 3);
+  for (int64_t r = 0; r < 3; ++r)
+    for (int64_t c = 0; c < C; ++c) want[static_cast<size_t>((7 + r) * C + c)] = (1 + r) * C + c;
+  Tensor v = t.slice_cols(1, 2);  // strided
+  be->copy_rows(v, 10, 0, 2);
+  for (int64_t r = 0; r < 2; ++r)
+    for (int64_t c = 1; c < 3; ++c)
+      want[static_cast<size_t>(r * C + c)] = want[static_cast<size_t>((10 + r) * C + c)];
+  EXPECT_EQ(std::vector<float>(t.f32(), t.f32() + R * C), want);
+}
+
+// The step descriptor carries the slot copies; a copy with a negative or identical slot is refused.
+TEST(StepCodec, SlotCopiesRoundTripAndBadOnesAreRefused) {
+  StepPlan p;
+  p.id = 3;
+  p.batch.num_tokens = 1;
+  p.batch.token_ids = {4};
+  p.batch.positions = {256};
+  p.batch.chunk_of = {0};
+  SeqChunk ch;
+  ch.n_tokens = 1;
+  ch.start_pos = 256;
+  ch.num_blocks = 2;
+  p.batch.chunks = {ch};
+  p.batch.block_tables = {5, 6};
+  p.chunk_request = {9};
+  p.copies_before = {{17, 0}};
+  p.copies_after = {{0, 18}, {1, 19}};
+  StepKind kind;
+  auto q = decode_step(encode_step(p), &kind);
+  ASSERT_TRUE(q.is_ok()) << q.status().message();
+  ASSERT_EQ(q->copies_before.size(), 1u);
+  EXPECT_EQ(q->copies_before[0].src, 17);
+  ASSERT_EQ(q->copies_after.size(), 2u);
+  EXPECT_EQ(q->copies_after[1].dst, 19);
+  p.copies_after[1].dst = 1;
+  EXPECT_FALSE(decode_step(encode_step(p), &kind).is_ok());
+  p.copies_after[1].dst = -2;
+  EXPECT_FALSE(decode_step(encode_step(p), &kind).is_ok());
 }
 
 // A symbolic model of what the stages hold: the tokens whose state each slot holds, and the
