@@ -4,14 +4,19 @@
 // suffix and its logits are bit-identical to a run without caching, at pp 1 and pp 2 (threads).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <condition_variable>
 #include <cstring>
 #include <deque>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <random>
 #include <set>
+#include <string>
 #include <thread>
+#include <utility>
+#include <vector>
 
 #include "engine/pipeline.h"
 #include "engine/prefix_cache.h"
