@@ -470,8 +470,10 @@ int print_pipeline_plan(const Flags& f, const Config& c) {
   std::printf("  predicted time: decode step of %d sequences at %" PRId64
               " tokens of context, memory-bound (bytes read)\n",
               co.batch, co.context);
-  std::printf("  %-6s %-9s %-26s %12s %14s %12s %10s\n", "stage", "layers", "kinds", "weights",
-              "state/seq", "state/token", "time share");
+  auto slots = prefix_cache_slots(f);
+  if (!slots) return fail(slots.status());
+  std::printf("  %-6s %-9s %-26s %12s %14s %12s %14s %10s\n", "stage", "layers", "kinds", "weights",
+              "state/seq", "state/token", "snapshots", "time share");
   for (size_t i = 0; i < costs.size(); ++i) {
     const StageCost& s = costs[i];
     int swa = 0, csa = 0, hca = 0, hash = 0;
@@ -485,10 +487,11 @@ int print_pipeline_plan(const Flags& f, const Config& c) {
     if (hash) kinds += str(" (", hash, " hash)");
     std::string extras =
         std::string(i == 0 ? "+embed" : "") + (i + 1 == costs.size() ? "+head" : "");
-    std::printf("  %-6zu %-9s %-26s %12s %14s %10" PRId64 " B %9.1f%% %s\n", i,
+    std::printf("  %-6zu %-9s %-26s %12s %14s %10" PRId64 " B %14s %9.1f%% %s\n", i,
                 str(s.first_layer, "-", s.end_layer - 1).c_str(), kinds.c_str(),
                 human(s.weight_bytes).c_str(), human(s.state_per_seq).c_str(), s.state_per_token,
-                100 * s.time / total, extras.c_str());
+                human(int64_t{*slots} * s.state_per_seq).c_str(), 100 * s.time / total,
+                extras.c_str());
   }
   return 0;
 }
