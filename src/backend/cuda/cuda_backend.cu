@@ -76,13 +76,10 @@ class CudaBackend final : public Backend {
   void reserve(const BackendLimits& lim) override {
     lim_ = lim;
     grow_meta(meta_bytes(lim.max_tokens, lim.max_seqs, lim.max_blocks, lim.max_logit_rows));
-    specs_host_ =
-        static_cast<SampleSpec*>(pinned(sizeof(SampleSpec) * std::max(1, lim.max_logit_rows)));
+    specs_host_ = static_cast<SampleSpec*>(pinned(sizeof(SampleSpec) * std::max(1, lim.max_logit_rows)));
     ids_host_ = static_cast<int32_t*>(pinned(sizeof(int32_t) * std::max(1, lim.max_logit_rows)));
-    specs_dev_ = static_cast<SampleSpec*>(
-        device_alloc(sizeof(SampleSpec) * std::max(1, lim.max_logit_rows)));
-    ids_dev_ =
-        static_cast<int32_t*>(device_alloc(sizeof(int32_t) * std::max(1, lim.max_logit_rows)));
+    specs_dev_ = static_cast<SampleSpec*>(device_alloc(sizeof(SampleSpec) * std::max(1, lim.max_logit_rows)));
+    ids_dev_ = static_cast<int32_t*>(device_alloc(sizeof(int32_t) * std::max(1, lim.max_logit_rows)));
   }
 
   Tensor alloc(int64_t rows, int64_t cols, DType dtype) override {
@@ -95,8 +92,8 @@ class CudaBackend final : public Backend {
   LayerState alloc_state(const std::vector<StateAlloc>& layout) override {
     LayerState st;
     for (const StateAlloc& a : layout)
-      st.*a.field =
-          alloc(a.rows, a.cols, a.kind == StateKind::kCompressorBuf ? DType::kF32 : state_dtype_);
+      st.*a.field = alloc(a.rows, a.cols,
+                          a.kind == StateKind::kCompressorBuf ? DType::kF32 : state_dtype_);
     return st;
   }
 
@@ -231,11 +228,11 @@ class CudaBackend final : public Backend {
     if (n == 0) return;
     SP_CHECK(n <= std::max(1, lim_.max_logit_rows), n, " sample rows over the limit");
     std::memcpy(specs_host_, specs.data(), sizeof(SampleSpec) * n);
-    SP_CUDA(cudaMemcpyAsync(specs_dev_, specs_host_, sizeof(SampleSpec) * n, cudaMemcpyHostToDevice,
-                            stream_));
+    SP_CUDA(cudaMemcpyAsync(specs_dev_, specs_host_, sizeof(SampleSpec) * n,
+                            cudaMemcpyHostToDevice, stream_));
     cuda::sample(stream_, *ws_, logits, specs_dev_, specs_host_, n, ids_dev_);
-    SP_CUDA(
-        cudaMemcpyAsync(ids_host_, ids_dev_, sizeof(int32_t) * n, cudaMemcpyDeviceToHost, stream_));
+    SP_CUDA(cudaMemcpyAsync(ids_host_, ids_dev_, sizeof(int32_t) * n, cudaMemcpyDeviceToHost,
+                            stream_));
     SP_CUDA(cudaStreamSynchronize(stream_));
     std::memcpy(ids, ids_host_, sizeof(int32_t) * n);
     // Rows with a temperature, penalties or logprobs are chosen on the host with the reference
@@ -332,6 +329,7 @@ class CudaBackend final : public Backend {
 };
 
 }  // namespace
+
 
 bool cuda_backend_built() {
   return true;

@@ -109,15 +109,15 @@ __global__ void rope_kernel(T* x, int64_t xs, int heads, int head_dim, int rope_
 template <typename TI, typename TO>
 __global__ void hc_kernel(const TI* X, int64_t xs, const float* fn, const float* base,
                           const float* scale, int hc, int64_t D, int iters, float hc_eps,
-                          float norm_eps, bool head, TO* out, int64_t os, float* post, int64_t ps,
-                          float* comb, int64_t cs) {
+                          float norm_eps, bool head, TO* out, int64_t os, float* post,
+                          int64_t ps, float* comb, int64_t cs) {
   extern __shared__ float smem[];
   const int64_t W = hc * D;
   const int mix = head ? hc : (2 + hc) * hc;
-  float* u = smem;        // [W]
-  float* m = smem + W;    // [mix]
-  float* pre = m + mix;   // [hc]
-  float* red = pre + 16;  // [32]
+  float* u = smem;          // [W]
+  float* m = smem + W;      // [mix]
+  float* pre = m + mix;     // [hc]
+  float* red = pre + 16;    // [32]
   const int64_t t = blockIdx.x;
   const TI* src = X + t * xs;
   float ss = 0;
@@ -186,8 +186,8 @@ __global__ void hc_kernel(const TI* X, int64_t xs, const float* fn, const float*
 
 template <typename TF, typename TX>
 __global__ void hc_post_kernel(const TF* f, int64_t fs, const float* post, int64_t ps,
-                               const float* comb, int64_t cs, int hc, int64_t D, TX* X, int64_t xs,
-                               int64_t n) {
+                               const float* comb, int64_t cs, int hc, int64_t D, TX* X,
+                               int64_t xs, int64_t n) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t t = i / D, d = i % D;
@@ -267,8 +267,8 @@ void expand_streams(cudaStream_t s, Tensor e, int hc, Tensor X) {
     dispatch_act(X.dtype, [&](auto tx) {
       using TE = decltype(te);
       using TX = decltype(tx);
-      expand_kernel<<<grid_for(n), kThreads, 0, s>>>(e.ptr<TE>(), e.stride, e.cols, hc, X.ptr<TX>(),
-                                                     X.stride, n);
+      expand_kernel<<<grid_for(n), kThreads, 0, s>>>(e.ptr<TE>(), e.stride, e.cols, hc,
+                                                     X.ptr<TX>(), X.stride, n);
     });
   });
   SP_CUDA_LAUNCH();
@@ -365,8 +365,9 @@ void gather_rows(cudaStream_t s, Tensor x, const DevBatch& b, Tensor out) {
   if (n == 0) return;
   auto go = [&](auto tag) {
     using T = decltype(tag);
-    gather_kernel<<<grid_for(n), kThreads, 0, s>>>(
-        x.ptr<T>(), x.stride, b.logit_rows, b.num_logit_rows, x.cols, out.ptr<T>(), out.stride);
+    gather_kernel<<<grid_for(n), kThreads, 0, s>>>(x.ptr<T>(), x.stride, b.logit_rows,
+                                                   b.num_logit_rows, x.cols, out.ptr<T>(),
+                                                   out.stride);
   };
   if (x.elem_size() == 4)
     go(float());
