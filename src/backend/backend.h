@@ -309,6 +309,9 @@ class Backend {
   virtual void gather_logit_rows(Tensor x, const BatchView& b, Tensor out) = 0;
   // dst = src (same shape and dtype).
   virtual void copy(Tensor src, Tensor dst) = 0;
+  // Rows [dst_row, dst_row + n) of `t` = rows [src_row, src_row + n) (ranges inside t, not
+  // overlapping): copies one state slot to another (prefix-cache snapshots), in stream order.
+  virtual void copy_rows(Tensor t, int64_t src_row, int64_t dst_row, int64_t n) = 0;
   // One token id per spec from the f32 logits [rows, vocab]; `ids` is host memory. The only
   // device-to-host transfer of a decode step. `lps` (null, or one per spec) receives logprobs for
   // the specs that ask for them.

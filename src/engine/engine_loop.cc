@@ -136,11 +136,17 @@ void EngineLoop::update_stats(const Scheduler& s) {
   stats_.queued = static_cast<int64_t>(pending_.size());
   stats_.waiting = s.num_waiting();
   stats_.running = s.num_running();
-  stats_.blocks_used = s.blocks().used_blocks();
+  // As vLLM counts them: blocks only the prefix cache holds are evicted on demand, so not in use.
+  stats_.blocks_cached = s.blocks().cache_only_blocks();
+  stats_.blocks_used = s.blocks().used_blocks() - stats_.blocks_cached;
   stats_.blocks_total = s.blocks().num_blocks();
   stats_.block_tokens = s.blocks().block_tokens();
   stats_.preemptions = s.preemptions();
   stats_.spec = s.spec_counters();
+  if (const PrefixCache* pc = s.prefix_cache()) {
+    stats_.prefix_queries = pc->stats.queries;
+    stats_.prefix_hits = pc->stats.hits;
+  }
 }
 
 }  // namespace sp

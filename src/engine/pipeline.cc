@@ -46,6 +46,8 @@ std::vector<uint8_t> encode_report(const StageReport& r) {
   put(&r.wall_s, sizeof r.wall_s);
   put(&r.steps, sizeof r.steps);
   put(&r.tokens, sizeof r.tokens);
+  put(&r.prefix_queries, sizeof r.prefix_queries);
+  put(&r.prefix_hits, sizeof r.prefix_hits);
   uint64_t n = r.events.size();
   put(&n, sizeof n);
   for (auto& e : r.events) {
@@ -72,6 +74,8 @@ StageReport decode_report(const std::vector<uint8_t>& b) {
   get(&r.wall_s, sizeof r.wall_s);
   get(&r.steps, sizeof r.steps);
   get(&r.tokens, sizeof r.tokens);
+  get(&r.prefix_queries, sizeof r.prefix_queries);
+  get(&r.prefix_hits, sizeof r.prefix_hits);
   uint64_t n;
   get(&n, sizeof n);
   r.events.resize(n);
@@ -133,9 +137,13 @@ class StageRunner {
         head_(model, hooks.drafter) {}
 
   void run() {
-    if (s_ == 0)
+    if (s_ == 0) {
       run_first();
-    else
+      if (const PrefixCache* pc = sched_->prefix_cache()) {
+        tl_.report.prefix_queries = pc->stats.queries;
+        tl_.report.prefix_hits = pc->stats.hits;
+      }
+    } else
       run_downstream();
     tl_.finish();
   }
@@ -171,6 +179,8 @@ class StageRunner {
 
   StepOutput compute(const StepPlan& plan, Tensor X) {
     double t = tl_.now_us();
+    // Prefix-cache restores before the step's layers, snapshots after (this stage's layers only).
+    for (const SlotCopy& c : plan.copies_before) model_.copy_slot(c.src, c.dst);
     model_.begin_step(plan.batch);
     if (is_first()) model_.embed(plan.batch, X);
     LayerHook lh;
@@ -183,6 +193,8 @@ class StageRunner {
       if (hooks_.on_sampled)
         for (const Sampled& t : out.sampled) hooks_.on_sampled(t);
     }
+    // Snapshots after everything this stage runs for the step (the MTP layer's pass included).
+    for (const SlotCopy& c : plan.copies_after) model_.copy_slot(c.src, c.dst);
     if (is_last()) check_finite(plan);  // read with the sampled ids; other stages: send_step
     tl_.add("compute", plan.id, t);
     tl_.report.steps++;

@@ -33,6 +33,8 @@ struct StageReport {
   int64_t steps = 0;
   int64_t tokens = 0;
   SpecCounters spec;  // last stage: speculative decoding counters (not sent between stages)
+  // Stage 0: the prefix cache's prompt tokens looked up and found cached (0 when it is off).
+  int64_t prefix_queries = 0, prefix_hits = 0;
   std::vector<TraceEvent> events;
 };
 

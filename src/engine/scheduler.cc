@@ -39,6 +39,9 @@ int pool_blocks(const SchedulerLimits& lim) {
 Scheduler::Scheduler(const SchedulerLimits& lim)
     : lim_(lim), blocks_(pool_blocks(lim), lim.block_tokens) {
   for (int s = lim.max_num_seqs - 1; s >= 0; --s) free_slots_.push_back(s);
+  if (lim.prefix_cache_slots > 0)
+    cache_ =
+        std::make_unique<PrefixCache>(lim.max_num_seqs, lim.prefix_cache_slots, lim.block_tokens);
 }
 
 Status Scheduler::add(Request r) {
@@ -87,6 +90,7 @@ int64_t Scheduler::ready_tokens() const {
 }
 
 void Scheduler::release(Sequence* s) {
+  unpin(s);
   blocks_.release(s->req.id);
   if (s->slot >= 0) free_slots_.push_back(s->slot);
   s->slot = -1;
@@ -108,6 +112,7 @@ void Scheduler::preempt(size_t i) {
 
 bool Scheduler::grow(Sequence* s, int64_t len) {
   while (!blocks_.ensure(s->req.id, len)) {
+    if (evict_one()) continue;  // cached prefixes go before running sequences
     // The newest running sequence with no step in flight (not `s`) gives its blocks back.
     size_t victim = running_.size();
     for (size_t i = running_.size(); i-- > 0;)
@@ -140,8 +145,7 @@ StepPlan Scheduler::schedule(int token_cap) {
   while (!waiting_.empty() && !free_slots_.empty()) {
     Sequence* s = waiting_.front().get();
     if (s->finish != FinishReason::kNone) break;  // aborted ones leave through abort()
-    if (blocks_.missing(s->req.id, s->prefill_end) > blocks_.free_blocks()) break;
-    SP_CHECK(blocks_.ensure(s->req.id, s->prefill_end), "block admission");
+    if (!admit_blocks(s)) break;
     s->slot = free_slots_.back();
     free_slots_.pop_back();
     running_.push_back(std::move(waiting_.front()));
@@ -154,6 +158,7 @@ StepPlan Scheduler::schedule(int token_cap) {
   // up to the step's real budget.
   int hard_budget = lim_.max_num_batched_tokens;
   auto add_chunk = [&](Sequence* s, int n) {
+    prefix_before(plan, s);
     BatchView& b = plan.batch;
     SeqChunk ch;
     ch.slot = s->slot;
@@ -249,9 +254,11 @@ StepPlan Scheduler::schedule(int token_cap) {
     add_chunk(s, 1 + nd);
   }
   for (auto& s : running_)
-    if (budget > 0 && s->finish == FinishReason::kNone && s->num_scheduled < s->prefill_end)
-      add_chunk(s.get(),
-                static_cast<int>(std::min<int64_t>(s->prefill_end - s->num_scheduled, budget)));
+    if (budget > 0 && s->finish == FinishReason::kNone && s->num_scheduled < s->prefill_end) {
+      add_chunk(s.get(), snapshot_cut(s.get(), static_cast<int>(std::min<int64_t>(
+                                                   s->prefill_end - s->num_scheduled, budget))));
+      prefix_after(plan, s.get());
+    }
   // Sequences that ended here (no room at all) leave now.
   retire_finished();
   if (!plan.empty()) plan.id = next_step_++;
@@ -344,6 +351,7 @@ std::vector<std::unique_ptr<Sequence>> Scheduler::take_finished() {
 
 std::string Scheduler::check_invariants() const {
   if (std::string e = blocks_.check_invariants(); !e.empty()) return e;
+  if (std::string e = check_prefix_invariants(); !e.empty()) return e;
   std::set<int> slots(free_slots_.begin(), free_slots_.end());
   if (slots.size() != free_slots_.size()) return "a slot is free twice";
   int64_t holders = 0;

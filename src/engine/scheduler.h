@@ -15,6 +15,7 @@
 #include "backend/backend.h"
 #include "core/status.h"
 #include "engine/block_manager.h"
+#include "engine/prefix_cache.h"
 
 namespace sp {
 
@@ -78,6 +79,10 @@ struct Sequence {
   // decode step), and this sequence's counters.
   std::vector<int32_t> drafts;
   int64_t spec_steps = 0, spec_drafted = 0, spec_accepted = 0;
+  // Prefix cache: the entry whose snapshot this sequence's first step restores into its slot
+  // (-1: none pending), and the prompt positions it did not compute thanks to a hit.
+  int64_t restore_entry = -1;
+  int64_t cached_tokens = 0;
   int prompt_len() const { return static_cast<int>(req.prompt.size()); }
 };
 
@@ -105,6 +110,8 @@ struct SchedulerLimits {
   int num_blocks = 0;
   // Draft tokens verified per decode step (0: no speculation).
   int spec_tokens = 0;
+  // Prefix caching: snapshot slots (state slots max_num_seqs .. + this - 1); 0 turns it off.
+  int prefix_cache_slots = 0;
 };
 
 // A row whose logits choose the sequence's next token.
@@ -124,6 +131,12 @@ struct SampleRow {
   int32_t draft = 0;
 };
 
+// A copy of one whole state slot to another (every per-slot buffer of every layer of every stage):
+// prefix-cache snapshots and restores.
+struct SlotCopy {
+  int32_t src = 0, dst = 0;
+};
+
 // One scheduled step: the batch every stage sees (batch.logit_rows: which rows' logits the last
 // stage computes), and what they are for.
 struct StepPlan {
@@ -139,6 +152,10 @@ struct StepPlan {
   // Speculative decoding: per chunk, the token that follows its last position when it is already
   // known (a prompt that continues in a later chunk), else -1; empty without speculation.
   std::vector<int32_t> chunk_next;
+  // Slot copies every stage makes before the step's layers run (restores of cached prefixes) and
+  // after (snapshots of prefixes this step completed); in step order, so they are consistent with
+  // the steps around them on every stage, however many steps are in flight.
+  std::vector<SlotCopy> copies_before, copies_after;
   // Busy and wall seconds of each stage the step has passed (appended as it goes down the
   // pipeline, then back to stage 0 with the sampled tokens): live per-stage busy fractions.
   std::vector<double> stage_times;
@@ -189,6 +206,8 @@ class Scheduler {
   int num_running() const { return static_cast<int>(running_.size()); }
   int64_t preemptions() const { return preemptions_; }
   const SpecCounters& spec_counters() const { return spec_; }
+  // Null when prefix caching is off.
+  const PrefixCache* prefix_cache() const { return cache_.get(); }
   const SchedulerLimits& limits() const { return lim_; }
   // Empty when consistent: the block manager's own invariants, every running sequence's table
   // covers what was scheduled, slots distinct, waiting sequences hold nothing.
@@ -201,8 +220,27 @@ class Scheduler {
   // Puts a running sequence (no step in flight) back at the head of the queue, freeing its slot
   // and blocks; it is prefilled again from its tokens later.
   void preempt(size_t running_index);
-  // Makes room for `s` to cover `len` positions, preempting the newest idle sequences if needed.
+  // Makes room for `s` to cover `len` positions, evicting cached prefixes and then preempting the
+  // newest idle sequences if needed.
   bool grow(Sequence* s, int64_t len);
+  // Prefix caching (scheduler_prefix.cc). Admission's blocks: the longest cached prefix is shared
+  // (and its snapshot restored before the first chunk), the rest allocated, evicting cached
+  // prefixes when the pool needs their blocks; false when the pool cannot hold the prefill.
+  bool admit_blocks(Sequence* s);
+  // Evicts least recently used cache entries until `need` blocks are free; false (evicting
+  // nothing) when even evicting every unpinned entry would not free enough.
+  bool evict_for(int64_t need);
+  bool evict_one();
+  // A prefill chunk of `n` tokens ends at the prompt's last block boundary when a snapshot is to
+  // be taken there.
+  int snapshot_cut(const Sequence* s, int n) const;
+  // After `s`'s chunk is in `plan`: its pending restore goes before the step, and a snapshot
+  // after it when the chunk ended on the prompt's last block boundary not cached yet.
+  void prefix_before(StepPlan& plan, Sequence* s);
+  void prefix_after(StepPlan& plan, Sequence* s);
+  int64_t snapshot_boundary(const Sequence* s) const;
+  void unpin(Sequence* s);
+  std::string check_prefix_invariants() const;
   SchedulerLimits lim_;
   BlockManager blocks_;
   int64_t preemptions_ = 0;
@@ -211,6 +249,7 @@ class Scheduler {
   std::vector<std::unique_ptr<Sequence>> running_;
   std::vector<std::unique_ptr<Sequence>> finished_;
   std::vector<int> free_slots_;
+  std::unique_ptr<PrefixCache> cache_;
   int64_t eos_ = -1;
   int64_t next_step_ = 0;
 };

@@ -97,6 +97,9 @@ Status check_step(const StepPlan& p) {
                 1);
     if (b > 1) return bad("ignore_eos is not a bool");
   }
+  for (const auto* copies : {&p.copies_before, &p.copies_after})
+    for (const SlotCopy& c : *copies)
+      if (c.src < 0 || c.dst < 0 || c.src == c.dst) return bad("slot copy out of range");
   return Status::ok();
 }
 
@@ -120,6 +123,8 @@ std::vector<uint8_t> encode_step(const StepPlan& p) {
   w.vec(p.penalty_tokens);
   w.vec(p.stop_tokens);
   w.vec(p.chunk_next);
+  w.vec(p.copies_before);
+  w.vec(p.copies_after);
   w.vec(p.stage_times);
   return std::move(w.out);
 }
@@ -141,7 +146,8 @@ Result<StepPlan> decode_step(const std::vector<uint8_t>& bytes, StepKind* kind) 
             r.vec(p.batch.chunk_of) && r.vec(p.batch.chunks) && r.vec(p.batch.block_tables) &&
             r.vec(p.chunk_request) && r.vec(p.batch.logit_rows) && r.vec(p.logit_request) &&
             r.vec(p.logit_position) && r.vec(p.samples) && r.vec(p.penalty_tokens) &&
-            r.vec(p.stop_tokens) && r.vec(p.chunk_next) && r.vec(p.stage_times) && r.done();
+            r.vec(p.stop_tokens) && r.vec(p.chunk_next) && r.vec(p.copies_before) &&
+            r.vec(p.copies_after) && r.vec(p.stage_times) && r.done();
   p.batch.num_tokens = n;
   if (!ok || static_cast<int32_t>(p.batch.token_ids.size()) != n ||
       p.batch.positions.size() != p.batch.token_ids.size())

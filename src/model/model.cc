@@ -116,10 +116,11 @@ Model::Model(const Config& c, const ModelWeights& w, Backend& be, const StateLim
   be_.reserve(bl);
   upload_weights(on_progress);
   int64_t bytes = 0;
-  auto alloc_layer_state = [&](const LayerView& L) {
+  const int64_t slots = S + lim.snapshot_slots;
+  auto alloc_layer_state = [&](const LayerView& L, std::vector<StateAlloc>* kept) {
     std::vector<StateAlloc> layout;
     for (const StateBuffer& sb : layer_state_layout(c, L.index, lim.spec_slack)) {
-      StateAlloc a{sb.field, S * sb.rows, sb.cols, StateKind::kWindow};
+      StateAlloc a{sb.field, slots * sb.rows, sb.cols, StateKind::kWindow};
       if (sb.per_entry) {
         a.rows = int64_t{num_blocks_} * (block_tokens_ / L.ratio);
         a.kind = StateKind::kEntries;
@@ -130,12 +131,20 @@ Model::Model(const Config& c, const ModelWeights& w, Backend& be, const StateLim
     }
     LayerState st = be_.alloc_state(layout);
     if (on_progress) on_progress();
-    for (const StateAlloc& a : layout) bytes += (st.*a.field).span_bytes();
+    for (const StateAlloc& a : layout) {
+      const Tensor& t = st.*a.field;
+      bytes += t.span_bytes();
+      if (a.kind != StateKind::kEntries) slot_bytes_ += t.span_bytes() / slots;
+    }
+    *kept = std::move(layout);
     return st;
   };
-  for (const LayerView& L : layers_) state_.push_back(alloc_layer_state(L));
+  for (const LayerView& L : layers_) {
+    state_layout_.emplace_back();
+    state_.push_back(alloc_layer_state(L, &state_layout_.back()));
+  }
   // The MTP layer's own state (its window ring per slot), described like any layer's.
-  if (mtp_on_) mtp_state_ = alloc_layer_state(mtp_layer_);
+  if (mtp_on_) mtp_state_ = alloc_layer_state(mtp_layer_, &mtp_layout_);
   state_bytes_ = bytes;
   // The workspace below (zero-filled, ~0.5 GB for a large model): one tick at its end.
   const DType act = be_.act_dtype(), f32 = DType::kF32;
@@ -270,6 +279,21 @@ void Model::upload_weights(const std::function<void()>& on_progress) {
     mtp_norm_ = t(mw.norm);
     mtp_hc_head_ = hc(mw.hc_head);
   }
+}
+
+void Model::copy_slot(int src, int dst) {
+  SP_CHECK(src >= 0 && dst >= 0 && src != dst && src < num_state_slots() && dst < num_state_slots(),
+           "slot copy ", src, " -> ", dst, " outside the ", num_state_slots(), " state slots");
+  const int64_t slots = num_state_slots();
+  auto copy = [&](LayerState& st, const std::vector<StateAlloc>& layout) {
+    for (const StateAlloc& a : layout) {
+      if (a.kind == StateKind::kEntries) continue;  // paged, shared through block tables
+      const int64_t rows = a.rows / slots;
+      be_.copy_rows(st.*a.field, src * rows, dst * rows, rows);
+    }
+  };
+  for (size_t i = 0; i < state_.size(); ++i) copy(state_[i], state_layout_[i]);
+  if (mtp_on_) copy(mtp_state_, mtp_layout_);  // the MTP layer's window ring too
 }
 
 void Model::begin_step(const BatchView& b) {

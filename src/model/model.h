@@ -31,6 +31,9 @@ struct StateLimits {
   // Extra rows of every per-slot ring (window, compressor inputs): the most speculative tokens a
   // step may write and the next drop (0 without speculation).
   int spec_slack = 0;
+  // Prefix caching: extra state slots (after the max_num_seqs sequence slots) that hold snapshots
+  // of a slot's per-slot state; no step ever runs a sequence in one.
+  int snapshot_slots = 0;
 };
 
 // One buffer of a layer's sequence state, for one sequence: `rows` x `cols`, or, when `per_entry`,
@@ -96,6 +99,15 @@ class Model {
   // to the micro-batches in flight. Empty unless has_mtp().
   Tensor mtp_streams(int rows) const { return ws_mtp_out_.slice_rows(0, rows); }
 
+  // State slots: max_num_seqs sequence slots, then snapshot_slots snapshot slots.
+  int num_state_slots() const { return lim_.max_num_seqs + lim_.snapshot_slots; }
+  // Copies every per-slot state buffer (window rings, compressors' pending windows) of every layer
+  // this model holds from slot `src` to slot `dst`, in stream order with the steps around it. The
+  // paged state (compressed entries, indexer keys) is not per slot and is not copied.
+  void copy_slot(int src, int dst);
+  // Bytes of per-slot state of one slot, on this model's backend (what a snapshot costs).
+  int64_t slot_bytes() const { return slot_bytes_; }
+
   // Hands the step's metadata to the backend; call once per step before embed / run_layers / head.
   void begin_step(const BatchView& b);
   // X = the token embeddings expanded to hc_mult streams (first stage only).
@@ -145,7 +157,10 @@ class Model {
   Tensor mtp_enorm_, mtp_hnorm_, mtp_norm_;  // [1, hidden] f32
   HcWeights mtp_hc_head_;
   LayerState mtp_state_;
-  int64_t state_bytes_ = 0;
+  std::vector<StateAlloc> mtp_layout_;
+  // What each LayerState of state_ holds (per-slot buffers: rows of all slots), for copy_slot.
+  std::vector<std::vector<StateAlloc>> state_layout_;
+  int64_t state_bytes_ = 0, slot_bytes_ = 0;
   // Workspace, sized at start-up for max_num_batched_tokens rows.
   std::vector<Tensor> ws_X_;  // one per residual buffer
   Tensor ws_x_, ws_xn_, ws_f_, ws_post_, ws_comb_, ws_qlat_, ws_q_, ws_kv_, ws_a_, ws_g_, ws_o_,

@@ -49,6 +49,16 @@ Metrics::Metrics(int num_stages) : stages_(num_stages), reg_(std::make_shared<Re
                                "Speculative decoding: draft tokens verified");
   spec_accepted_ = counter("seekpipe_spec_decode_num_accepted_tokens_total",
                            "Speculative decoding: draft tokens accepted");
+  prefix_queries_ = &BuildCounter()
+                         .Name("seekpipe_prefix_cache_queries_total")
+                         .Help("Prompt tokens looked up in the prefix cache")
+                         .Register(*reg_)
+                         .Add({});
+  prefix_hits_ = &BuildCounter()
+                      .Name("seekpipe_prefix_cache_hits_total")
+                      .Help("Prompt tokens found in the prefix cache (not computed)")
+                      .Register(*reg_)
+                      .Add({});
   ttft_ = &BuildHistogram()
                .Name("seekpipe_time_to_first_token_seconds")
                .Help("From request arrival to the first generated token")
@@ -79,6 +89,13 @@ Metrics::Metrics(int num_stages) : stages_(num_stages), reg_(std::make_shared<Re
                   .Help("Sequences waiting for a slot or state blocks")
                   .Register(*reg_)
                   .Add({});
+  blocks_cached_ = &BuildGauge()
+                        .Name("seekpipe_prefix_cache_blocks")
+                        .Help(
+                            "State blocks held only by the prefix cache (evicted on demand; "
+                            "not counted as used)")
+                        .Register(*reg_)
+                        .Add({});
   blocks_used_ = &BuildGauge()
                       .Name("seekpipe_state_blocks_used")
                       .Help("State blocks in use per pipeline stage")
@@ -105,6 +122,7 @@ std::string Metrics::render(const LoopStats& s) {
   static std::mutex mu;  // render is the only writer of the gauges
   std::lock_guard<std::mutex> l(mu);
   queue_->Set(static_cast<double>(s.queued));
+  blocks_cached_->Set(static_cast<double>(s.blocks_cached));
   running_->Set(static_cast<double>(s.running));
   waiting_->Set(static_cast<double>(s.waiting + s.queued));
   if (s.preemptions > preemptions_seen_) {
@@ -118,6 +136,14 @@ std::string Metrics::render(const LoopStats& s) {
   advance(spec_drafts_, s.spec.drafts, spec_seen_.drafts);
   advance(spec_draft_tokens_, s.spec.draft_tokens, spec_seen_.draft_tokens);
   advance(spec_accepted_, s.spec.accepted_tokens, spec_seen_.accepted_tokens);
+  if (s.prefix_queries > prefix_queries_seen_) {
+    prefix_queries_->Increment(static_cast<double>(s.prefix_queries) - prefix_queries_seen_);
+    prefix_queries_seen_ = static_cast<double>(s.prefix_queries);
+  }
+  if (s.prefix_hits > prefix_hits_seen_) {
+    prefix_hits_->Increment(static_cast<double>(s.prefix_hits) - prefix_hits_seen_);
+    prefix_hits_seen_ = static_cast<double>(s.prefix_hits);
+  }
   // Every stage addresses the same block ids (stage 0's tables travel with each step), and each
   // stage's pool has the agreed (smallest stage's) size: the counts are the same on every stage.
   for (int i = 0; i < stages_; ++i) {

@@ -31,13 +31,14 @@ class Metrics {
   std::shared_ptr<prometheus::Registry> reg_;
   prometheus::Family<prometheus::Counter>* requests_;
   prometheus::Family<prometheus::Counter>* finish_;
-  prometheus::Counter *prompt_tokens_, *generation_tokens_, *preemptions_;
+  prometheus::Counter *prompt_tokens_, *generation_tokens_, *preemptions_, *prefix_queries_,
+      *prefix_hits_;
   // Speculative decoding (vLLM's spec_decode counters): verify steps, draft tokens, accepted.
   prometheus::Counter *spec_drafts_, *spec_draft_tokens_, *spec_accepted_;
   prometheus::Histogram *ttft_, *itl_, *e2e_;
-  prometheus::Gauge *queue_, *running_, *waiting_;
+  prometheus::Gauge *queue_, *running_, *waiting_, *blocks_cached_;
   prometheus::Family<prometheus::Gauge>*blocks_used_, *blocks_total_, *busy_;
-  double preemptions_seen_ = 0;
+  double preemptions_seen_ = 0, prefix_queries_seen_ = 0, prefix_hits_seen_ = 0;
   SpecCounters spec_seen_;
 };
 

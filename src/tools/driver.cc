@@ -52,6 +52,14 @@ std::vector<FlagSpec> common_flags() {
        "from the memory left after weights, at most enough for every sequence at "
        "--max-model-len; every stage uses the smallest stage's count",
        0, 1 << 30},
+      {"enable-prefix-caching", FlagKind::kBool, "",
+       "reuse the state of a cached prompt prefix (block-aligned) instead of computing it again "
+       "(on by default, as in vLLM)"},
+      {"no-enable-prefix-caching", FlagKind::kBool, "", "turn prefix caching off"},
+      {"prefix-cache-slots", FlagKind::kInt, "16",
+       "prefix caching: state slots for snapshots of cached prefixes (each as large as a "
+       "sequence's per-slot state, on every stage)",
+       1, 65536},
       {"verbose", FlagKind::kBool, "", "also print config keys the model does not use"},
       {"override-config", FlagKind::kString, "",
        "JSON object merged into config.json before it is checked (as vLLM's --hf-overrides); "
@@ -94,6 +102,33 @@ std::vector<FlagSpec> common_flags() {
        {"auto", "cpu", "cuda"}},
   };
 }
+
+Result<int> prefix_cache_slots(const Flags& f) {
+  const bool on = f.given("enable-prefix-caching") && f.boolean("enable-prefix-caching");
+  const bool off = f.given("no-enable-prefix-caching") && f.boolean("no-enable-prefix-caching");
+  if (on && off)
+    return Status::error(
+        "--enable-prefix-caching and --no-enable-prefix-caching contradict each other; give one");
+  if (f.given("enable-prefix-caching") && !on)
+    return Status::error(
+        "--enable-prefix-caching=false: to turn prefix caching off, use "
+        "--no-enable-prefix-caching");
+  if (f.given("no-enable-prefix-caching") && !off)
+    return Status::error(
+        "--no-enable-prefix-caching=false: prefix caching is on by default; drop the flag");
+  if (off && f.given("prefix-cache-slots"))
+    return Status::error(
+        "--prefix-cache-slots has no effect with --no-enable-prefix-caching; drop one of them");
+  return off ? 0 : static_cast<int>(f.i64("prefix-cache-slots"));
+}
+
+namespace {
+// After run_job checked the flags (inspect checks them itself).
+int slots_or_zero(const Flags& f) {
+  auto r = prefix_cache_slots(f);
+  return r ? *r : 0;
+}
+}  // namespace
 
 Result<std::string> resolve_device(const Flags& f) {
   const std::string d = f.str("device");
@@ -307,16 +342,17 @@ std::string fingerprint(const Flags& f, const Config& c, const Topology& t) {
   char hex[17];
   for (char ch : f.str("override-config")) h = (h ^ static_cast<uint8_t>(ch)) * 1099511628211ull;
   std::snprintf(hex, sizeof hex, "%016" PRIx64, h);
-  return str("partition=", t.partition_string(), ";config=", hex, ";layers=", c.num_layers,
-             ";load-format=", f.str("load-format"), ";seed=", f.i64("seed"),
-             ";max-num-seqs=", f.i64("max-num-seqs"),
-             ";max-num-batched-tokens=", f.i64("max-num-batched-tokens"),
-             ";max-model-len=", f.i64("max-model-len"), ";micro-batches=", f.i64("micro-batches"),
-             ";num-state-blocks=", f.i64("num-state-blocks"), ";device=", f.str("device"),
-             ";kv-cache-dtype=", f.str("kv-cache-dtype"),
-             ";activation-dtype=", f.str("activation-dtype"),
-             ";stage-timeout=", f.f64("stage-timeout"), ";speculative=", f.str("speculative"),
-             ";num-speculative-tokens=", f.i64("num-speculative-tokens"));
+  return str(
+      "partition=", t.partition_string(), ";config=", hex, ";layers=", c.num_layers,
+      ";load-format=", f.str("load-format"), ";seed=", f.i64("seed"),
+      ";max-num-seqs=", f.i64("max-num-seqs"),
+      ";max-num-batched-tokens=", f.i64("max-num-batched-tokens"),
+      ";max-model-len=", f.i64("max-model-len"), ";micro-batches=", f.i64("micro-batches"),
+      ";num-state-blocks=", f.i64("num-state-blocks"), ";prefix-cache-slots=", slots_or_zero(f),
+      ";device=", f.str("device"), ";kv-cache-dtype=", f.str("kv-cache-dtype"),
+      ";activation-dtype=", f.str("activation-dtype"), ";stage-timeout=", f.f64("stage-timeout"),
+      ";speculative=", f.str("speculative"),
+      ";num-speculative-tokens=", f.i64("num-speculative-tokens"));
 }
 
 // The fields two fingerprints disagree on, as "name: a vs b".
@@ -346,8 +382,9 @@ std::string differences(const std::string& a, const std::string& b) {
 struct StageNeed {
   int stage = 0;
   double per_seq = 0, per_seq_token = 0, work = 0, weights = 0;
+  double snapshots = 0;  // prefix-cache snapshot slots (per-slot state each)
   double total(double S, double L) const {
-    return S * (per_seq + per_seq_token * L) + work + weights;
+    return S * (per_seq + per_seq_token * L) + work + weights + snapshots;
   }
 };
 
@@ -377,6 +414,7 @@ StageNeed stage_need(const Flags& f, const Config& c, const LoadPlan& plan, int 
     n.per_seq += static_cast<double>(b.per_sequence);
     n.per_seq_token += static_cast<double>(b.per_token);
   }
+  n.snapshots = slots_or_zero(f) * n.per_seq;
   const double T = static_cast<double>(f.i64("max-num-batched-tokens"));
   n.work = T * 4.0 * (2.0 * c.hc_dim() + 2.0 * c.num_heads * c.head_dim + 8.0 * c.hidden_size) +
            (plan.head ? max_logit_rows * 4.0 * static_cast<double>(c.vocab_size) : 0.0) +
@@ -459,6 +497,7 @@ Status check_host_memory(const Flags& f, const std::vector<StageNeed>& stages,
     sum.per_seq_token += n.per_seq_token;
     sum.work += n.work;
     sum.weights += n.weights;
+    sum.snapshots += n.snapshots;
     largest = std::max(largest, n.total(S, L));
     each += str(each.empty() ? "" : ", ", n.stage, ": ", human_bytes(n.total(S, L)));
   }
@@ -475,7 +514,7 @@ Status check_host_memory(const Flags& f, const std::vector<StageNeed>& stages,
                               : str("the ", stages.size(), " stages ", where, " need ");
   // What would fit: the context or the batch that fits these stages here, or more hosts.
   std::string fits;
-  const double fixed = sum.work + sum.weights;
+  const double fixed = sum.work + sum.weights + sum.snapshots;
   const double fit_len =
       std::floor((have - fixed - S * sum.per_seq) / std::max(1.0, S * sum.per_seq_token));
   const double fit_seqs =
@@ -501,6 +540,9 @@ Status check_host_memory(const Flags& f, const std::vector<StageNeed>& stages,
           "; sequence state for --max-num-seqs ", f.i64("max-num-seqs"), " x --max-model-len ",
           f.i64("max-model-len"), ": ", human_bytes(S * (sum.per_seq + sum.per_seq_token * L)),
           sum.weights > 0 ? str("; dummy weights: ", human_bytes(sum.weights)) : std::string(),
+          sum.snapshots > 0 ? str("; prefix-cache snapshots (--prefix-cache-slots ",
+                                  slots_or_zero(f), "): ", human_bytes(sum.snapshots))
+                            : std::string(),
           ") but ", per_process ? "" : "this host has ", what, ": ", fits));
 }
 
@@ -538,7 +580,8 @@ Status check_gpu_memory(const Flags& f, const Config& c, const LoadPlan& plan, i
     if (plan.owns(t)) weights += static_cast<double>(expected_bytes(t));
   for (int l : stage_state_layers(c, plan)) {
     StateBytes b = layer_state_bytes(c, l);  // fp32 sizes: an upper bound of the bf16 state
-    state += S * (static_cast<double>(b.per_sequence) + static_cast<double>(b.per_token) * L);
+    state += (S + slots_or_zero(f)) * static_cast<double>(b.per_sequence) +
+             S * static_cast<double>(b.per_token) * L;
   }
   const double work =
       T * 4.0 * (4.0 * c.hc_dim() + 2.0 * c.num_heads * c.head_dim + 8.0 * c.hidden_size) +
@@ -671,6 +714,7 @@ int run_one_stage(const Flags& f, const Config& c, const Topology& topo, Transpo
   lim.mtp = plan.mtp;
   // Every stage's rings keep room for the drafts a verify step may write and then drop.
   lim.spec_slack = popt.speculative.mtp ? popt.speculative.num_tokens : 0;
+  lim.snapshot_slots = slots_or_zero(f);
   // Block ids travel with each step and address every stage's pool: all use the smallest count.
   auto agreed_blocks = tr.allreduce_max(-static_cast<double>(my_blocks));
   if (!agreed_blocks) tr.fail(agreed_blocks.status().message(), 4);
@@ -685,6 +729,7 @@ int run_one_stage(const Flags& f, const Config& c, const Topology& topo, Transpo
       SchedulerLimits sl{lim.max_num_seqs, lim.max_num_batched_tokens, lim.max_model_len,
                          c.vocab_size};
       sl.spec_tokens = lim.spec_slack;
+      sl.prefix_cache_slots = lim.snapshot_slots;
       sched = std::make_unique<Scheduler>(with_state_blocks(sl, *model));
       sched->set_eos(c.eos_token_id);
       built_code = 2;  // a request the scheduler refuses is the user's
@@ -730,7 +775,7 @@ Status check_memory_mpi(const Flags& f, const Config& c, const Topology& topo, T
   const HostMemory hm = host_memory();
   char buf[512];
   std::snprintf(buf, sizeof buf, "%a %a %a %a %a %a %a ", hm.bytes, hm.per_process, mine.per_seq,
-                mine.per_seq_token, mine.work, mine.weights, 0.0);
+                mine.per_seq_token, mine.work, mine.weights, mine.snapshots);
   std::vector<std::string> all;
   SP_RETURN_IF_ERROR(t.allgather(str(buf, host_key(), " ", hm.what), &all));
   struct Rank {
@@ -748,8 +793,12 @@ Status check_memory_mpi(const Flags& f, const Config& c, const Topology& topo, T
     std::getline(in >> std::ws, x.hm.what);
     x.hm.bytes = std::strtod(v[0].c_str(), nullptr);
     x.hm.per_process = std::strtod(v[1].c_str(), nullptr);
-    x.need = {r, std::strtod(v[2].c_str(), nullptr), std::strtod(v[3].c_str(), nullptr),
-              std::strtod(v[4].c_str(), nullptr), std::strtod(v[5].c_str(), nullptr)};
+    x.need = {r,
+              std::strtod(v[2].c_str(), nullptr),
+              std::strtod(v[3].c_str(), nullptr),
+              std::strtod(v[4].c_str(), nullptr),
+              std::strtod(v[5].c_str(), nullptr),
+              std::strtod(v[6].c_str(), nullptr)};
     ranks.push_back(x);
   }
   for (size_t r = 0; r < ranks.size(); ++r) {  // each process against its ulimit -v
@@ -793,6 +842,7 @@ int run_job(const Flags& f, const Job& job) {
     return fail(Status::error(str("--kv-cache-dtype ", kv,
                                   ": the CPU backend keeps its state in fp32 (it is the exact "
                                   "reference); use auto or --device cuda")));
+  if (auto slots = prefix_cache_slots(f); !slots) return fail(slots.status());
   auto fault = parse_fault(f.str("fault-inject"));
   if (!fault) return fail(fault.status());
   if (f.given("trace"))  // fail now, not after the run (and leave the file alone until then)

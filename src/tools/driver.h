@@ -15,6 +15,9 @@
 namespace sp {
 
 std::vector<FlagSpec> common_flags();
+// Snapshot slots of the prefix cache: --prefix-cache-slots, or 0 with --no-enable-prefix-caching
+// (an error for contradicting flags).
+Result<int> prefix_cache_slots(const Flags& f);
 // --device resolved to "cpu" or "cuda" (auto: cuda when built and a GPU is present).
 Result<std::string> resolve_device(const Flags& f);
 // A backend tensor as host fp32 (converted from its dtype).

@@ -206,6 +206,10 @@ int cmd_generate(const std::vector<std::string>& args) {
                         .c_str());
       generated += static_cast<int64_t>(out.size());
       prefill += static_cast<int64_t>(prompts[i].size());
+    }
+    // Prompt tokens found in the prefix cache were not computed.
+    prefill -= reports.front().prefix_hits;
+    for (size_t i = 0; i < prompts.size(); ++i) {
       for (auto& [pos, v] : logits[static_cast<int64_t>(i)]) hash.add(v.data(), V);
     }
     std::printf("generated %" PRId64 " tokens in %" PRId64
@@ -213,6 +217,11 @@ int cmd_generate(const std::vector<std::string>& args) {
                 " decode tokens)\n",
                 generated, reports.back().steps, wall, tokens / std::max(wall, 1e-9), prefill,
                 tokens - prefill);
+    if (reports.front().prefix_queries > 0)
+      std::printf("prefix cache: %" PRId64 " of %" PRId64 " prompt tokens cached (%.1f%%)\n",
+                  reports.front().prefix_hits, reports.front().prefix_queries,
+                  100.0 * static_cast<double>(reports.front().prefix_hits) /
+                      static_cast<double>(reports.front().prefix_queries));
     print_pipeline_summary(reports);
     print_spec_summary(reports);
     if (Status st = maybe_write_trace(f, reports); !st) return fail(st);
@@ -515,8 +524,10 @@ int print_pipeline_plan(const Flags& f, const Config& c) {
   std::printf("  predicted time: decode step of %d sequences at %" PRId64
               " tokens of context, memory-bound (bytes read)\n",
               co.batch, co.context);
-  std::printf("  %-6s %-9s %-26s %12s %14s %12s %10s\n", "stage", "layers", "kinds", "weights",
-              "state/seq", "state/token", "time share");
+  auto slots = prefix_cache_slots(f);
+  if (!slots) return fail(slots.status());
+  std::printf("  %-6s %-9s %-26s %12s %14s %12s %14s %10s\n", "stage", "layers", "kinds", "weights",
+              "state/seq", "state/token", "snapshots", "time share");
   for (size_t i = 0; i < costs.size(); ++i) {
     const StageCost& s = costs[i];
     int swa = 0, csa = 0, hca = 0, hash = 0;
@@ -531,10 +542,11 @@ int print_pipeline_plan(const Flags& f, const Config& c) {
     const bool last = i + 1 == costs.size();
     std::string extras = std::string(i == 0 ? "+embed" : "") + (last ? "+head" : "") +
                          (last && co.mtp ? (i == 0 ? "+mtp" : "+embed copy+mtp") : "");
-    std::printf("  %-6zu %-9s %-26s %12s %14s %10" PRId64 " B %9.1f%% %s\n", i,
+    std::printf("  %-6zu %-9s %-26s %12s %14s %10" PRId64 " B %14s %9.1f%% %s\n", i,
                 str(s.first_layer, "-", s.end_layer - 1).c_str(), kinds.c_str(),
                 human(s.weight_bytes).c_str(), human(s.state_per_seq).c_str(), s.state_per_token,
-                100 * s.time / total, extras.c_str());
+                human(int64_t{*slots} * s.state_per_seq).c_str(), 100 * s.time / total,
+                extras.c_str());
   }
   return 0;
 }
@@ -638,6 +650,13 @@ int cmd_inspect(const std::vector<std::string>& args) {
   std::printf("sequence state (fp32 reference layout): %s per sequence + %" PRId64
               " B per token; at --max-num-seqs %" PRId64 " and --max-model-len %" PRId64 ": %s\n",
               human(per_seq).c_str(), per_tok, S, Lm, human(S * (per_seq + per_tok * Lm)).c_str());
+  auto slots = prefix_cache_slots(f);
+  if (!slots) return fail(slots.status());
+  if (*slots > 0)
+    std::printf("prefix cache: %d snapshot slots (--prefix-cache-slots) x %s per sequence: %s\n",
+                *slots, human(per_seq).c_str(), human(int64_t{*slots} * per_seq).c_str());
+  else
+    std::printf("prefix cache: off\n");
   if (f.given("pp") || f.given("pp-partition")) return print_pipeline_plan(f, c);
   return 0;
 }

@@ -99,9 +99,12 @@ int cmd_serve(const std::vector<std::string>& args) {
     h = loop.hooks();
     http = std::make_unique<server::Server>(opt, loop, **text, env.topo.world);
     if (Status st = http->start(); !st) env.transport->fail(st.message(), 2);
-    std::printf("serving %s on http://%s:%d (%d stage%s, %d state blocks of %d tokens)\n",
+    const int slots = env.model->limits().snapshot_slots;
+    std::printf("serving %s on http://%s:%d (%d stage%s, %d state blocks of %d tokens, %s)\n",
                 name.c_str(), opt.host.c_str(), opt.port, env.topo.world,
-                env.topo.world > 1 ? "s" : "", env.model->num_blocks(), env.model->block_tokens());
+                env.topo.world > 1 ? "s" : "", env.model->num_blocks(), env.model->block_tokens(),
+                slots > 0 ? str("prefix caching with ", slots, " snapshot slots").c_str()
+                          : "prefix caching off");
     std::fflush(stdout);
     struct sigaction sa = {};
     sa.sa_handler = on_signal;

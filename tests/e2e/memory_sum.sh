@@ -5,7 +5,9 @@
 . "$(dirname "$0")/lib.sh"
 bin=$1 data=$2
 model=$data/configs/flash-mini  # sequence state ~780 B per sequence and token, 1/3 on a middle stage
-base=(generate --device cpu --model "$model" --load-format dummy --prompt-ids 1,2 --threads 1 --max-num-seqs 64)
+# Without the prefix cache's snapshot slots, so the sums below are the sequence state's alone
+# (the last check counts the snapshots).
+base=(generate --device cpu --model "$model" --load-format dummy --prompt-ids 1,2 --threads 1 --max-num-seqs 64 --no-enable-prefix-caching)
 
 # 1. Threads: 12.46 GiB over 5 stages (the largest 4.12 GiB) in a process with ulimit -v ~7.6 GiB.
 out=$( (ulimit -v 8000000; timeout 60 "$bin" "${base[@]}" --pp 5 --max-model-len 262144) 2>&1); rc=$?
@@ -25,3 +27,9 @@ fit=$(grep -o -- "--max-model-len [0-9]* would fit" <<<"$out" | grep -o "[0-9]*"
 [ "$fit" -lt "$len" ] || fail "mpirun: suggested --max-model-len $fit is not below $len"
 [ "$(grep -c 'error: the 5 stages' <<<"$out")" = 1 ] || fail "mpirun: the refusal is not printed once: $out"
 echo "ok: mpirun -np 5 --max-model-len $len: $(grep -o 'the 5 stages.*in total' <<<"$out"); $(grep -o 'this host has RAM.*' <<<"$out")"
+
+# 3. The prefix cache's snapshot slots are counted (and named in the refusal).
+out=$( (ulimit -v 8000000; timeout 60 "$bin" generate --device cpu --model "$model" --load-format dummy --prompt-ids 1,2 --threads 1 --max-num-seqs 64 --pp 5 --max-model-len 262144 --prefix-cache-slots 64) 2>&1); rc=$?
+[ $rc = 2 ] || fail "snapshots: exit $rc, expected 2: $out"
+grep -q "the 5 stages of this process need 12.5[0-9] GiB in total .*prefix-cache snapshots (--prefix-cache-slots 64): [0-9.]* MiB" <<<"$out" || fail "snapshots not counted: $out"
+echo "ok: snapshots: $(grep -o 'prefix-cache snapshots[^)]*): [0-9.]* MiB' <<<"$out")"

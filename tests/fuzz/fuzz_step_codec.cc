@@ -32,6 +32,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
           s.stop_offset + int64_t{s.n_stop} > static_cast<int64_t>(p.stop_tokens.size()))
         __builtin_trap();
     }
+    for (const auto* copies : {&p.copies_before, &p.copies_after})
+      for (const sp::SlotCopy& c : *copies)
+        if (c.src < 0 || c.dst < 0 || c.src == c.dst) __builtin_trap();
     if (sp::encode_step(p) != bytes) __builtin_trap();
   }
   int64_t id = 0;

@@ -154,6 +154,29 @@ TEST(CudaElementwise, ExpandGatherCopy) {
   EXPECT_EQ(read_f32(*be.gpu, c), X);
 }
 
+// Slot copies of the prefix cache: whole rows within one state tensor, contiguous and strided
+// views, bf16 and f32; both backends end with the same bits.
+TEST(CudaElementwise, CopyRowsWithinStateTensor) {
+  SP_REQUIRE_GPU();
+  Backends be;
+  for (DType dt : {DType::kF32, DType::kBF16}) {
+    const int64_t R = 37, C = 72;
+    auto v = round_bf16(random_vec(R * C, 11, 1.0f));
+    Tensor tc = make_tensor(*be.cpu, v, R, C, dt), tg = make_tensor(*be.gpu, v, R, C, dt);
+    be.cpu->copy_rows(tc, 3, 20, 9);
+    be.gpu->copy_rows(tg, 3, 20, 9);
+    be.cpu->copy_rows(tc, 30, 0, 7);
+    be.gpu->copy_rows(tg, 30, 0, 7);
+    // A column view (stride > cols) exercises the 2-D copy.
+    be.cpu->copy_rows(tc.slice_cols(8, 40), 12, 1, 5);
+    be.gpu->copy_rows(tg.slice_cols(8, 40), 12, 1, 5);
+    const auto got = read_f32(*be.gpu, tg), want = read_f32(*be.cpu, tc);
+    EXPECT_EQ(got, want);
+    EXPECT_NE(want, v);  // the copies changed something
+    for (int64_t c = 0; c < C; ++c) ASSERT_EQ(want[20 * C + c], v[3 * C + c]);
+  }
+}
+
 TEST(CudaElementwise, GreedySamplingTiesToLowerId) {
   SP_REQUIRE_GPU();
   Backends be;

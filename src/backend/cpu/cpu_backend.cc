@@ -563,6 +563,22 @@ class CpuBackend final : public Backend {
                   static_cast<const uint8_t*>(src.data) + r * src.stride * src.elem_size(),
                   row_bytes);
   }
+  void copy_rows(Tensor t, int64_t src_row, int64_t dst_row, int64_t n) override {
+    SP_CHECK(n >= 0 && src_row >= 0 && dst_row >= 0 && src_row + n <= t.rows &&
+                 dst_row + n <= t.rows && (src_row + n <= dst_row || dst_row + n <= src_row),
+             "copy_rows ", src_row, " -> ", dst_row, " x ", n, " in ", t.rows, " rows");
+    if (n == 0) return;
+    const int64_t es = t.elem_size();
+    auto* base = static_cast<uint8_t*>(t.data);
+    if (t.contiguous()) {
+      std::memcpy(base + dst_row * t.stride * es, base + src_row * t.stride * es,
+                  static_cast<size_t>(n * t.cols * es));
+      return;
+    }
+    for (int64_t r = 0; r < n; ++r)
+      std::memcpy(base + (dst_row + r) * t.stride * es, base + (src_row + r) * t.stride * es,
+                  static_cast<size_t>(t.cols * es));
+  }
   void sample(Tensor logits, const std::vector<SampleSpec>& specs, int32_t* ids,
               TokenLogprobs* lps) override {
     for (size_t i = 0; i < specs.size(); ++i)

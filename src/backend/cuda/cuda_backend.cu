@@ -253,6 +253,9 @@ class CudaBackend final : public Backend {
     cuda::gather_rows(stream_, x, batch(b), out);
   }
   void copy(Tensor src, Tensor dst) override { cuda::copy(stream_, src, dst); }
+  void copy_rows(Tensor t, int64_t src_row, int64_t dst_row, int64_t n) override {
+    cuda::copy_rows(stream_, t, src_row, dst_row, n);
+  }
 
   void sample(Tensor logits, const std::vector<SampleSpec>& specs, int32_t* ids,
               TokenLogprobs* lps) override {

@@ -385,6 +385,24 @@ void copy(cudaStream_t s, Tensor src, Tensor dst) {
                             src.rows, cudaMemcpyDeviceToDevice, s));
 }
 
+void copy_rows(cudaStream_t s, Tensor t, int64_t src_row, int64_t dst_row, int64_t n) {
+  SP_CHECK(n >= 0 && src_row >= 0 && dst_row >= 0 && src_row + n <= t.rows &&
+               dst_row + n <= t.rows && (src_row + n <= dst_row || dst_row + n <= src_row),
+           "copy_rows ", src_row, " -> ", dst_row, " x ", n, " in ", t.rows, " rows");
+  if (n == 0 || t.cols == 0) return;
+  const size_t es = static_cast<size_t>(t.elem_size());
+  auto* base = static_cast<uint8_t*>(t.data);
+  const size_t pitch = static_cast<size_t>(t.stride) * es;
+  if (t.contiguous()) {
+    SP_CUDA(cudaMemcpyAsync(base + dst_row * pitch, base + src_row * pitch,
+                            static_cast<size_t>(n * t.cols) * es, cudaMemcpyDeviceToDevice, s));
+    return;
+  }
+  SP_CUDA(cudaMemcpy2DAsync(base + dst_row * pitch, pitch, base + src_row * pitch, pitch,
+                            static_cast<size_t>(t.cols) * es, static_cast<size_t>(n),
+                            cudaMemcpyDeviceToDevice, s));
+}
+
 void sample(cudaStream_t s, Workspace&, Tensor logits, const SampleSpec* specs_dev,
             const SampleSpec*, int n, int32_t* ids_dev) {
   SP_CHECK(logits.dtype == DType::kF32, "sample: logits must be f32");

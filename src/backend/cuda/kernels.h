@@ -121,6 +121,8 @@ void hc_head(cudaStream_t s, Workspace& ws, Tensor X, const HcWeights& p, int hc
              float norm_eps, Tensor h);
 void gather_rows(cudaStream_t s, Tensor x, const DevBatch& b, Tensor out);
 void copy(cudaStream_t s, Tensor src, Tensor dst);
+// Rows [dst_row, +n) of t = rows [src_row, +n): device to device on the stream.
+void copy_rows(cudaStream_t s, Tensor t, int64_t src_row, int64_t dst_row, int64_t n);
 // One id per spec into ids_dev (device int32 [specs]); specs_dev: device copy of the specs.
 void sample(cudaStream_t s, Workspace& ws, Tensor logits, const SampleSpec* specs_dev,
             const SampleSpec* specs_host, int n, int32_t* ids_dev);
