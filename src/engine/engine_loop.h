@@ -50,7 +50,7 @@ struct LoopStats {
   int64_t waiting = 0, running = 0;
   int64_t blocks_used = 0, blocks_total = 0, block_tokens = 0;
   int64_t preemptions = 0;
-  SpecCounters spec;               // speculative decoding (zero without it)
+  SpecCounters spec;  // speculative decoding (zero without it)
   // Prefix cache (vLLM's prefix_cache_queries / prefix_cache_hits): prompt tokens looked up and
   // found cached.
   int64_t prefix_queries = 0, prefix_hits = 0;

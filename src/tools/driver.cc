@@ -342,17 +342,17 @@ std::string fingerprint(const Flags& f, const Config& c, const Topology& t) {
   char hex[17];
   for (char ch : f.str("override-config")) h = (h ^ static_cast<uint8_t>(ch)) * 1099511628211ull;
   std::snprintf(hex, sizeof hex, "%016" PRIx64, h);
-  return str(
-      "partition=", t.partition_string(), ";config=", hex, ";layers=", c.num_layers,
-      ";load-format=", f.str("load-format"), ";seed=", f.i64("seed"),
-      ";max-num-seqs=", f.i64("max-num-seqs"),
-      ";max-num-batched-tokens=", f.i64("max-num-batched-tokens"),
-      ";max-model-len=", f.i64("max-model-len"), ";micro-batches=", f.i64("micro-batches"),
-      ";num-state-blocks=", f.i64("num-state-blocks"), ";prefix-cache-slots=", slots_or_zero(f),
-      ";device=", f.str("device"), ";kv-cache-dtype=", f.str("kv-cache-dtype"),
-      ";activation-dtype=", f.str("activation-dtype"), ";stage-timeout=", f.f64("stage-timeout"),
-      ";speculative=", f.str("speculative"),
-      ";num-speculative-tokens=", f.i64("num-speculative-tokens"));
+  return str("partition=", t.partition_string(), ";config=", hex, ";layers=", c.num_layers,
+             ";load-format=", f.str("load-format"), ";seed=", f.i64("seed"),
+             ";max-num-seqs=", f.i64("max-num-seqs"),
+             ";max-num-batched-tokens=", f.i64("max-num-batched-tokens"),
+             ";max-model-len=", f.i64("max-model-len"), ";micro-batches=", f.i64("micro-batches"),
+             ";num-state-blocks=", f.i64("num-state-blocks"),
+             ";prefix-cache-slots=", slots_or_zero(f), ";device=", f.str("device"),
+             ";kv-cache-dtype=", f.str("kv-cache-dtype"),
+             ";activation-dtype=", f.str("activation-dtype"),
+             ";stage-timeout=", f.f64("stage-timeout"), ";speculative=", f.str("speculative"),
+             ";num-speculative-tokens=", f.i64("num-speculative-tokens"));
 }
 
 // The fields two fingerprints disagree on, as "name: a vs b".
