@@ -54,8 +54,10 @@ struct DeviceLinkOptions {
   double timeout_s = 0;    // --stage-timeout: the longest a transfer may wait; 0: no deadline
 };
 
-// Whether this build has the NCCL link (CUDA backend and NCCL found by CMake).
+// Whether this build has the NCCL link (CUDA backend and nccl.h found by CMake).
 bool nccl_link_built();
+// Why the NCCL link cannot be used on this machine ("" if it can): libnccl is loaded at run time.
+std::string nccl_unavailable();
 // Collective over `host`: every stage calls it at the same point. Bootstraps one communicator per
 // neighbour pair (stage s creates the ncclUniqueId of the pair (s, s+1); the ids travel over the
 // host transport: in-process with threads, over MPI under mpirun), non-blocking (polled with the

@@ -1,11 +1,17 @@
 // The NCCL DeviceLink (see device_link.h). Only this file includes nccl.h.
+//
+// libnccl is opened at run time (dlopen), not linked: it is a few hundred MB of mappings that every
+// run would pay for (and that a small `ulimit -v` could not even load), while only GPU pipelines
+// use it. A machine without it runs GPU stages over host memory (--stage-transport auto says so).
 #include <cuda_runtime.h>
+#include <dlfcn.h>
 #include <nccl.h>
 #include <sched.h>
 
 #include <chrono>
 #include <cstdio>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "parallel/device_link.h"
@@ -34,6 +40,60 @@ bool unhex(const std::string& s, void* p, size_t n) {
     static_cast<uint8_t*>(p)[i] = static_cast<uint8_t>(v(s[2 * i]) * 16 + v(s[2 * i + 1]));
   return true;
 }
+
+// The NCCL entry points, from the library opened at run time.
+struct NcclApi {
+  void* lib = nullptr;
+  decltype(&::ncclGetUniqueId) GetUniqueId = nullptr;
+  decltype(&::ncclCommInitRankConfig) CommInitRankConfig = nullptr;
+  decltype(&::ncclCommGetAsyncError) CommGetAsyncError = nullptr;
+  decltype(&::ncclCommFinalize) CommFinalize = nullptr;
+  decltype(&::ncclCommDestroy) CommDestroy = nullptr;
+  decltype(&::ncclCommAbort) CommAbort = nullptr;
+  decltype(&::ncclSend) Send = nullptr;
+  decltype(&::ncclRecv) Recv = nullptr;
+  decltype(&::ncclGetErrorString) GetErrorString = nullptr;
+  decltype(&::ncclGetLastError) GetLastError = nullptr;
+
+  NcclApi() = default;
+  NcclApi(const NcclApi&) = delete;
+  NcclApi& operator=(const NcclApi&) = delete;
+  ~NcclApi() {
+    if (lib) dlclose(lib);
+  }
+  // Empty on success, else what is missing.
+  std::string open() {
+    for (const char* name : {"libnccl.so.2", "libnccl.so"}) {
+      lib = dlopen(name, RTLD_NOW | RTLD_LOCAL);
+      if (lib) break;
+    }
+    if (!lib) {
+      const char* why = dlerror();
+      return str("cannot load libnccl.so.2 (", why ? why : "not found",
+                 "): install NCCL or put it on LD_LIBRARY_PATH");
+    }
+    std::string missing;
+    auto get = [&](auto& fn, const char* sym) {
+      fn = reinterpret_cast<std::remove_reference_t<decltype(fn)>>(dlsym(lib, sym));
+      if (!fn) missing += str(missing.empty() ? "" : ", ", sym);
+    };
+    get(GetUniqueId, "ncclGetUniqueId");
+    get(CommInitRankConfig, "ncclCommInitRankConfig");
+    get(CommGetAsyncError, "ncclCommGetAsyncError");
+    get(CommFinalize, "ncclCommFinalize");
+    get(CommDestroy, "ncclCommDestroy");
+    get(CommAbort, "ncclCommAbort");
+    get(Send, "ncclSend");
+    get(Recv, "ncclRecv");
+    get(GetErrorString, "ncclGetErrorString");
+    get(GetLastError, "ncclGetLastError");
+    if (!missing.empty())
+      return str("libnccl.so.2 lacks ", missing,
+                 " (NCCL 2.14 or newer is needed: non-blocking "
+                 "communicators)");
+    return "";
+  }
+};
 
 // One neighbour: a two-rank communicator and the stream its operations run on.
 struct Peer {
@@ -64,25 +124,25 @@ class NcclLink final : public DeviceLink {
     // Healthy end: every send has completed (the next stage received it), so the communicators
     // close normally; otherwise (a failure unwinding this stage) they are aborted, which also
     // ends any NCCL kernel still waiting for a peer.
-    bool idle = !broken_;
+    bool idle = !broken_ && !host_.failed();
     for (cudaEvent_t e : send_done_) idle = idle && cudaEventQuery(e) == cudaSuccess;
     for (Peer* p : {&prev_, &next_}) {
       if (!p->live()) continue;
       bool closed = false;
       if (idle) {
-        const ncclResult_t r = ncclCommFinalize(p->comm);
+        const ncclResult_t r = api_.CommFinalize(p->comm);
         ncclResult_t st = r;
         const Clock::time_point until = Clock::now() + std::chrono::seconds(5);
         while (st == ncclInProgress && Clock::now() < until) {
           std::this_thread::sleep_for(std::chrono::microseconds(200));
-          if (ncclCommGetAsyncError(p->comm, &st) != ncclSuccess) break;
+          if (api_.CommGetAsyncError(p->comm, &st) != ncclSuccess) break;
         }
         if (st == ncclSuccess) {
-          const ncclResult_t d = ncclCommDestroy(p->comm);
+          const ncclResult_t d = api_.CommDestroy(p->comm);
           closed = d == ncclSuccess || d == ncclInProgress;
         }
       }
-      if (!closed) ncclCommAbort(p->comm);
+      if (!closed) api_.CommAbort(p->comm);
       cudaStreamDestroy(p->stream);
     }
     for (cudaEvent_t e : send_done_) cudaEventDestroy(e);
@@ -94,12 +154,13 @@ class NcclLink final : public DeviceLink {
   std::string name() const override { return "nccl"; }
 
   Status init() {
+    if (std::string why = api_.open(); !why.empty()) return Status::error(why);
     CK(cudaSetDevice(o_.device));
     const int world = host_.world();
     // Stage s creates the id of the pair (s, s+1) and shares it with everyone (one collective).
     ncclUniqueId mine{};
     if (me_ + 1 < world)
-      if (ncclResult_t r = ncclGetUniqueId(&mine); r != ncclSuccess)
+      if (ncclResult_t r = api_.GetUniqueId(&mine); r != ncclSuccess)
         return nccl_error(r, nullptr, "ncclGetUniqueId");
     std::vector<std::string> ids;
     SP_RETURN_IF_ERROR(host_.allgather(me_ + 1 < world ? hex(&mine, sizeof mine) : "", &ids));
@@ -109,7 +170,7 @@ class NcclLink final : public DeviceLink {
       p.stage = stage;
       CK(cudaStreamCreateWithFlags(&p.stream, cudaStreamNonBlocking));
       ncclUniqueId copy = id;
-      const ncclResult_t r = ncclCommInitRankConfig(&p.comm, 2, copy, rank, &cfg);
+      const ncclResult_t r = api_.CommInitRankConfig(&p.comm, 2, copy, rank, &cfg);
       if (r != ncclSuccess && r != ncclInProgress)
         return nccl_error(r, &p, "ncclCommInitRankConfig");
       return Status::ok();
@@ -146,7 +207,7 @@ class NcclLink final : public DeviceLink {
     CK(cudaEventRecord(produced_, compute_));
     CK(cudaStreamWaitEvent(next_.stream, produced_, 0));
     SP_RETURN_IF_ERROR(
-        issue(next_, ncclSend(X.data, bytes, ncclUint8, 1, next_.comm, next_.stream), "ncclSend"));
+        issue(next_, api_.Send(X.data, bytes, ncclUint8, 1, next_.comm, next_.stream), "ncclSend"));
     CK(cudaEventRecord(send_done_[idx(slot)], next_.stream));
     bytes_ += static_cast<int64_t>(bytes);
     return Status::ok();
@@ -162,7 +223,7 @@ class NcclLink final : public DeviceLink {
     CK(cudaStreamWaitEvent(prev_.stream, send_done_[idx(slot)], 0));
     CK(cudaStreamWaitEvent(prev_.stream, compute_done_[idx(slot)], 0));
     SP_RETURN_IF_ERROR(
-        issue(prev_, ncclRecv(X.data, bytes, ncclUint8, 0, prev_.comm, prev_.stream), "ncclRecv"));
+        issue(prev_, api_.Recv(X.data, bytes, ncclUint8, 0, prev_.comm, prev_.stream), "ncclRecv"));
     CK(cudaEventRecord(received_, prev_.stream));
     SP_RETURN_IF_ERROR(
         wait_event(received_, prev_, str("the NCCL receive of step ", step, " from stage ", src)));
@@ -189,10 +250,10 @@ class NcclLink final : public DeviceLink {
 
   Status nccl_error(ncclResult_t r, const Peer* p, const char* what) {
     broken_ = true;
-    const char* last = p && p->comm ? ncclGetLastError(p->comm) : nullptr;
+    const char* last = p && p->comm ? api_.GetLastError(p->comm) : nullptr;
     return Status::error(str("stage ", me_, ": NCCL error on GPU ", o_.device,
                              p ? str(" on the link with stage ", p->stage) : std::string(), " in ",
-                             what, ": ", ncclGetErrorString(r),
+                             what, ": ", api_.GetErrorString(r),
                              last && *last ? str(" (", last, ")") : std::string()));
   }
 
@@ -209,7 +270,7 @@ class NcclLink final : public DeviceLink {
     ncclResult_t st = ncclInProgress;
     return poll(
         [&]() -> Result<bool> {
-          const ncclResult_t r = ncclCommGetAsyncError(p.comm, &st);
+          const ncclResult_t r = api_.CommGetAsyncError(p.comm, &st);
           if (r != ncclSuccess) return nccl_error(r, &p, "ncclCommGetAsyncError");
           if (st != ncclSuccess && st != ncclInProgress) return nccl_error(st, &p, what.c_str());
           return st == ncclSuccess;
@@ -229,7 +290,7 @@ class NcclLink final : public DeviceLink {
                                      "waiting for ", what, ": ", cudaGetErrorString(e)));
           }
           ncclResult_t st = ncclSuccess;
-          if (ncclCommGetAsyncError(p.comm, &st) == ncclSuccess && st != ncclSuccess &&
+          if (api_.CommGetAsyncError(p.comm, &st) == ncclSuccess && st != ncclSuccess &&
               st != ncclInProgress)
             return nccl_error(st, &p, what.c_str());
           return false;
@@ -267,6 +328,7 @@ class NcclLink final : public DeviceLink {
     }
   }
 
+  NcclApi api_;  // first member: closed last
   Transport& host_;
   DeviceLinkOptions o_;
   int me_;
@@ -284,6 +346,11 @@ class NcclLink final : public DeviceLink {
 
 bool nccl_link_built() {
   return true;
+}
+
+std::string nccl_unavailable() {
+  NcclApi api;
+  return api.open();
 }
 
 Result<std::unique_ptr<DeviceLink>> make_nccl_link(Transport& host, const DeviceLinkOptions& o) {

@@ -8,10 +8,13 @@ bool nccl_link_built() {
   return false;
 }
 
+std::string nccl_unavailable() {
+  return "this seekpipe was built without NCCL (CMake found no nccl.h next to the CUDA toolkit)";
+}
+
 Result<std::unique_ptr<DeviceLink>> make_nccl_link(Transport&, const DeviceLinkOptions&) {
   return Status::error(
-      "this seekpipe was built without NCCL (CMake found no nccl.h / libnccl next to the CUDA "
-      "toolkit)");
+      "this seekpipe was built without NCCL (CMake found no nccl.h next to the CUDA toolkit)");
 }
 
 }  // namespace sp

@@ -702,17 +702,21 @@ std::unique_ptr<DeviceLink> make_stage_link(const Flags& f, const Topology& topo
                                             Backend& be, bool gpu, const StateLimits& lim) {
   const std::string want = f.str("stage-transport");
   if (topo.world == 1 || want == "host") return nullptr;
-  const bool can = gpu && nccl_link_built();
-  auto cannot = tr.allreduce_max(can ? 0 : 1);
+  const std::string why = !gpu ? std::string("it does not run on a GPU") : nccl_unavailable();
+  auto cannot = tr.allreduce_max(why.empty() ? 0 : 1);
   if (!cannot) tr.fail(cannot.status().message(), 4);
   if (*cannot > 0) {
     if (want == "nccl")
       tr.fail(str("--stage-transport nccl: stage ", topo.rank,
-                  can ? " could, but another stage cannot use NCCL"
-                      : (gpu ? " runs in a build without NCCL" : " does not run on a GPU"),
-                  "; every stage must run on a GPU (--device cuda) in a build with NCCL, or use "
-                  "--stage-transport host"),
+                  why.empty() ? str(" could use NCCL, but another stage cannot")
+                              : str(" cannot use NCCL: ", why),
+                  "; use --stage-transport host or auto"),
               2);
+    if (!why.empty() && gpu)
+      std::fprintf(stderr,
+                   "stage %d: NCCL unavailable (%s): the boundary tensor goes through host "
+                   "memory\n",
+                   topo.rank, why.c_str());
     return nullptr;
   }
   DeviceLinkOptions o;
