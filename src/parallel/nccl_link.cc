@@ -10,6 +10,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <exception>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -104,14 +105,14 @@ struct Peer {
 };
 
 // A failed CUDA call names this stage, its GPU and the call (inside NcclLink's methods).
-#define CK(call)                                                                 \
-  do {                                                                           \
-    cudaError_t _e = (call);                                                     \
-    if (_e != cudaSuccess) {                                                     \
-      broken_ = true;                                                            \
-      return Status::error(str("stage ", me_, ": CUDA error on GPU ", o_.device, \
-                               " in " #call ": ", cudaGetErrorString(_e)));      \
-    }                                                                            \
+#define CK(call)                                                                            \
+  do {                                                                                      \
+    cudaError_t _e = (call);                                                                \
+    if (_e != cudaSuccess) {                                                                \
+      broken_ = true;                                                                       \
+      return Status::error(                                                                 \
+          str("CUDA error on GPU ", o_.device, " in " #call ": ", cudaGetErrorString(_e))); \
+    }                                                                                       \
   } while (0)
 
 class NcclLink final : public DeviceLink {
@@ -124,7 +125,8 @@ class NcclLink final : public DeviceLink {
     // Healthy end: every send has completed (the next stage received it), so the communicators
     // close normally; otherwise (a failure unwinding this stage) they are aborted, which also
     // ends any NCCL kernel still waiting for a peer.
-    bool idle = !broken_ && !host_.failed();
+    // (An exception unwinding this stage is a failure too.)
+    bool idle = !broken_ && !host_.failed() && std::uncaught_exceptions() == 0;
     for (cudaEvent_t e : send_done_) idle = idle && cudaEventQuery(e) == cudaSuccess;
     for (Peer* p : {&prev_, &next_}) {
       if (!p->live()) continue;
@@ -180,13 +182,13 @@ class NcclLink final : public DeviceLink {
     if (me_ > 0) {
       ncclUniqueId id{};
       if (!unhex(ids[me_ - 1], &id, sizeof id))
-        return Status::error(str("stage ", me_, ": malformed NCCL id from stage ", me_ - 1));
+        return Status::error(str("malformed NCCL id from stage ", me_ - 1));
       SP_RETURN_IF_ERROR(start(prev_, me_ - 1, id, 1));
     }
     if (me_ + 1 < world) SP_RETURN_IF_ERROR(start(next_, me_ + 1, mine, 0));
     // Joining takes a few seconds at most; a neighbour that never joins is caught by the deadline
-    // (at least 60 s: a cold start of the CUDA context of a big GPU can take tens of seconds).
-    const double limit = o_.timeout_s > 0 ? std::max(60.0, o_.timeout_s) : 0;
+    // (at least 30 s, whatever --stage-timeout: NCCL's own set-up of a pair takes seconds).
+    const double limit = o_.timeout_s > 0 ? std::max(30.0, o_.timeout_s) : 0;
     for (Peer* p : {&prev_, &next_})
       if (p->live()) SP_RETURN_IF_ERROR(wait_comm(*p, "joining the NCCL communicator", limit));
     send_done_.resize(static_cast<size_t>(std::max(1, o_.slots)));
@@ -251,7 +253,7 @@ class NcclLink final : public DeviceLink {
   Status nccl_error(ncclResult_t r, const Peer* p, const char* what) {
     broken_ = true;
     const char* last = p && p->comm ? api_.GetLastError(p->comm) : nullptr;
-    return Status::error(str("stage ", me_, ": NCCL error on GPU ", o_.device,
+    return Status::error(str("NCCL error on GPU ", o_.device,
                              p ? str(" on the link with stage ", p->stage) : std::string(), " in ",
                              what, ": ", api_.GetErrorString(r),
                              last && *last ? str(" (", last, ")") : std::string()));
@@ -286,8 +288,8 @@ class NcclLink final : public DeviceLink {
           if (e == cudaSuccess) return true;
           if (e != cudaErrorNotReady) {
             broken_ = true;
-            return Status::error(str("stage ", me_, ": CUDA error on GPU ", o_.device, " while ",
-                                     "waiting for ", what, ": ", cudaGetErrorString(e)));
+            return Status::error(str("CUDA error on GPU ", o_.device, " while ", "waiting for ",
+                                     what, ": ", cudaGetErrorString(e)));
           }
           ncclResult_t st = ncclSuccess;
           if (api_.CommGetAsyncError(p.comm, &st) == ncclSuccess && st != ncclSuccess &&

@@ -16,7 +16,9 @@ ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 [ "${ngpu:-0}" -ge 2 ] || { echo "skip: needs 2 GPUs, ${ngpu:-0} visible"; exit 77; }
 export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
 status=0
-bad() { echo "FAIL: $*"; status=1; }
+bad() { echo "FAIL: $*"; status=1; [ "${FAIL_FAST:-0}" = 1 ] && exit 1; }
+# Every run is bounded: a hang is a failure, never a stuck test.
+limit=${RUN_TIMEOUT:-120}
 
 dirs=("$data/tiny" "$data/small" "$data/tinyq")
 [ -n "$models" ] && [ -d "$models/kjv-v4-tiny-fp8" ] && dirs+=("$models/kjv-v4-tiny-fp8")
@@ -32,18 +34,18 @@ for m in "${dirs[@]}"; do
       [ "$pp" = 1 ] && [ "$launch" = mpirun ] && continue
       if [ "$launch" = threads ]; then run=("$bin"); ppf=(--pp "$pp"); else run=($MPIRUN -np "$pp" "$bin"); ppf=(); fi
       log="$out/verify_${name}_pp${pp}_${launch}.log"
-      timeout 300 "${run[@]}" verify --device cuda --model "$m" --golden "$m/golden.safetensors" "${ppf[@]}" >"$log" 2>&1
+      timeout "$limit" "${run[@]}" verify --device cuda --model "$m" --golden "$m/golden.safetensors" "${ppf[@]}" >"$log" 2>&1
       rc=$?
       summary="$(grep -E '^positions|^boundary' "$log" | tr '\n' ' ')"
       echo "verify $name pp $pp $launch: exit $rc: $summary"
-      [ $rc = 0 ] || { bad "verify $name pp $pp $launch"; tail -5 "$log"; }
+      [ $rc = 0 ] || { tail -15 "$log"; bad "verify $name pp $pp $launch"; }
       if [ "$pp" -gt 1 ]; then
         grep -Eq "^boundary: [1-9][0-9]* bytes device to device \(nccl\), 0 bytes through host memory" "$log" ||
           bad "verify $name pp $pp $launch: the boundary did not go device to device only"
       fi
       # One prompt alone: the same bits at every split.
       log="$out/generate_${name}_pp${pp}_${launch}.log"
-      timeout 300 "${run[@]}" generate --device cuda --model "$m" --prompt-ids "$ids" --max-tokens 12 \
+      timeout "$limit" "${run[@]}" generate --device cuda --model "$m" --prompt-ids "$ids" --max-tokens 12 \
         --micro-batches 1 "${ppf[@]}" >"$log" 2>&1 || bad "generate $name pp $pp $launch: exit $?"
       h=$(hash_of "$(cat "$log")")
       echo "  one prompt: $h"
