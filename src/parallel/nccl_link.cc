@@ -128,8 +128,12 @@ class NcclLink final : public DeviceLink {
     // (An exception unwinding this stage is a failure too.)
     bool idle = !broken_ && !host_.failed() && std::uncaught_exceptions() == 0;
     for (cudaEvent_t e : send_done_) idle = idle && cudaEventQuery(e) == cudaSuccess;
+    // A GPU whose context is broken (a fault) takes no more NCCL calls: they could hang; the
+    // communicators are left to the process's end.
+    const cudaError_t ctx = cudaStreamQuery(compute_);
+    const bool usable = ctx == cudaSuccess || ctx == cudaErrorNotReady;
     for (Peer* p : {&prev_, &next_}) {
-      if (!p->live()) continue;
+      if (!p->live() || !usable) continue;
       bool closed = false;
       if (idle) {
         const ncclResult_t r = api_.CommFinalize(p->comm);

@@ -793,7 +793,16 @@ int run_one_stage(const Flags& f, const Config& c, const Topology& topo, Transpo
   if (auto ready = tr.allreduce_max(0); !ready) tr.fail(ready.status().message(), 4);
   tr.set_stage_timeout(f.f64("stage-timeout"));
   std::vector<StageReport> reports;
-  Status st = run_stage(model, topo, tr, sched.get(), job.hooks(env), popt, &reports, link.get());
+  Status st = Status::ok();
+  try {
+    st = run_stage(model, topo, tr, sched.get(), job.hooks(env), popt, &reports, link.get());
+  } catch (const StageFailure&) {
+    throw;
+  } catch (const std::exception& e) {
+    // A CUDA error (thrown by the backend) fails the pipeline here, before this stage's GPU
+    // resources unwind: the other stages hear of it at once.
+    tr.fail(str("stage ", s, " (rank ", tr.rank(), "): ", e.what()), 4);
+  }
   if (!st) tr.fail(st.message(), 4);
   int code = job.finish(env, reports);
   auto agreed = tr.allreduce_max(code);

@@ -147,12 +147,16 @@ Result<std::vector<std::vector<int32_t>>> encode_prompts(const Flags& f,
       chat::Json messages = chat::Json::array({{{"role", "user"}, {"content", prompts[i]}}});
       auto rendered = chat::encode_chat(messages, chat::Json::array(), chat::ChatOptions{});
       if (!rendered) return Status::error(str("--prompt ", i, ": ", rendered.status().message()));
+#if SP_HAVE_TOKENIZER
       if (!(*text)->tokenizer())
         return Status::error("--chat: this seekpipe was built without the tokenizer (PCRE2)");
       auto ids = (*text)->tokenizer()->encode(*rendered);
       if (!ids) return Status::error(str("--prompt ", i, ": ", ids.status().message()));
       out.push_back(std::move(*ids));
       continue;
+#else
+      return Status::error("--chat: this seekpipe was built without the tokenizer (PCRE2)");
+#endif
     }
     auto ids = (*text)->encode(prompts[i]);
     if (!ids) return Status::error(str("--prompt ", i, ": ", ids.status().message()));

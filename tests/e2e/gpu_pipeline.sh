@@ -34,7 +34,8 @@ for m in "${dirs[@]}"; do
       [ "$pp" = 1 ] && [ "$launch" = mpirun ] && continue
       if [ "$launch" = threads ]; then run=("$bin"); ppf=(--pp "$pp"); else run=($MPIRUN -np "$pp" "$bin"); ppf=(); fi
       log="$out/verify_${name}_pp${pp}_${launch}.log"
-      timeout "$limit" "${run[@]}" verify --device cuda --model "$m" --golden "$m/golden.safetensors" "${ppf[@]}" >"$log" 2>&1
+      timeout "$limit" "${run[@]}" verify --device cuda --model "$m" --golden "$m/golden.safetensors" "${ppf[@]}" \
+        --stage-timeout 30 >"$log" 2>&1
       rc=$?
       summary="$(grep -E '^positions|^boundary' "$log" | tr '\n' ' ')"
       echo "verify $name pp $pp $launch: exit $rc: $summary"
@@ -46,7 +47,7 @@ for m in "${dirs[@]}"; do
       # One prompt alone: the same bits at every split.
       log="$out/generate_${name}_pp${pp}_${launch}.log"
       timeout "$limit" "${run[@]}" generate --device cuda --model "$m" --prompt-ids "$ids" --max-tokens 12 \
-        --micro-batches 1 "${ppf[@]}" >"$log" 2>&1 || bad "generate $name pp $pp $launch: exit $?"
+        --micro-batches 1 --stage-timeout 30 "${ppf[@]}" >"$log" 2>&1 || bad "generate $name pp $pp $launch: exit $?"
       h=$(hash_of "$(cat "$log")")
       echo "  one prompt: $h"
       if [ -z "$ref" ]; then ref=$h; elif [ "$h" != "$ref" ]; then bad "$name pp $pp $launch: $h, pp 1 had $ref"; fi
@@ -76,7 +77,7 @@ within() {
 fault_case() { # NAME EXPECT_REGEX FAULT_REGEX cmd...
   local name=$1 expect=$2 at=$3; shift 3
   local log="$out/fault_${name}.log" rc
-  rc=$(timed "$log" timeout 120 "$@")
+  rc=$(timed "$log" timeout 40 "$@")
   echo "fault $name: exit $rc: $(grep -E 'error:' "$log" | head -2 | cut -d' ' -f2- | tr '\n' ' ')"
   { [ "$rc" != 0 ] && [ "$rc" != 124 ]; } || bad "fault $name: exit $rc"
   grep -Eq -- "$expect" "$log" || bad "fault $name: expected '$expect'"
