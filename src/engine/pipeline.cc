@@ -215,9 +215,11 @@ class StageRunner {
   void send_step(StepPlan& plan, Tensor X) {
     stamp(plan);
     double t = tl_.now_us();
-    if (link_) {  // device to device; the descriptor follows through the host transport
-      check(link_->send(s_ + 1, X, slot(plan)));
+    if (link_) {  // the descriptor through the host transport, the tensor device to device
+      // Descriptor first: the receiver posts its receive when the descriptor arrives, and NCCL's
+      // first send to a peer waits for that peer to join the connection.
       check(tr_.send(s_ + 1, Channel::kStep, encode_step(plan), nullptr, 0));
+      check(link_->send(s_ + 1, X, slot(plan)));
       tl_.add("send", plan.id, t);
       return;
     }

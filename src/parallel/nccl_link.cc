@@ -64,7 +64,12 @@ struct NcclApi {
   }
   // Empty on success, else what is missing.
   std::string open() {
-    for (const char* name : {"libnccl.so.2", "libnccl.so"}) {
+#ifdef SP_NCCL_LIBRARY
+    const char* built_with = SP_NCCL_LIBRARY;  // where CMake found it, if not on the loader's path
+#else
+    const char* built_with = "libnccl.so";
+#endif
+    for (const char* name : {"libnccl.so.2", built_with}) {
       lib = dlopen(name, RTLD_NOW | RTLD_LOCAL);
       if (lib) break;
     }
