@@ -873,6 +873,15 @@ Status check_memory_mpi(const Flags& f, const Config& c, const Topology& topo, T
 
 }  // namespace
 
+std::vector<int> gpu_fitting_partition(const Flags& f, const Config& c, int stages, double cap,
+                                       int max_logit_rows) {
+  return fitting_partition(f, c, stages, cap, max_logit_rows);
+}
+
+double gpu_stage_bytes(const Flags& f, const Config& c, const LoadPlan& plan, int max_logit_rows) {
+  return gpu_need(f, c, plan, max_logit_rows).total();
+}
+
 int run_job(const Flags& f, const Job& job) {
   auto cfg = read_config(f);
   if (!cfg) return fail(cfg.status());
