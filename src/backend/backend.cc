@@ -137,6 +137,9 @@ bool cuda_backend_built() {
 bool cuda_device_available() {
   return false;
 }
+int cuda_device_count() {
+  return 0;
+}
 double cuda_copy_bandwidth_gbs(int, size_t) {
   return 0;
 }

@@ -322,6 +322,15 @@ class Backend {
   virtual void from_host(const void* src, Tensor dst) = 0;
   // Waits for all work queued so far (no-op on the CPU).
   virtual void synchronize() = 0;
+  // The device this backend runs on (a CUDA ordinal; -1 on the CPU) and the stream its ops are
+  // queued on (a cudaStream_t; null on the CPU): the NCCL stage transport orders its transfers
+  // after this stream's work with events.
+  virtual int device_ordinal() const { return -1; }
+  virtual void* native_stream() { return nullptr; }
+  // Makes the device fail as a faulty GPU does (tests: --fault-inject S:STEP:cuda): the CUDA
+  // backend queues a kernel that writes to an invalid address, so the next synchronising call
+  // reports a CUDA error; the CPU backend has no device to break (no-op).
+  virtual void inject_device_fault() {}
   // Non-finite check of the forward pass: notes whether the f32 tensor `x` holds a NaN or an Inf,
   // tagged `where` (a layer index, kNonFiniteEmbedding or kNonFiniteHead); non_finite_where() is
   // the first tag noted since begin_step, or kAllFinite. The CPU backend scans x at once (one read
@@ -347,6 +356,8 @@ std::unique_ptr<Backend> make_cpu_backend(int num_threads,
 // Whether this build has the CUDA backend, and whether a usable GPU is present.
 bool cuda_backend_built();
 bool cuda_device_available();
+// GPUs visible to this process (0 without the CUDA backend or a driver).
+int cuda_device_count();
 // Device-to-device copy bandwidth of GPU `device` (bytes read + written per second / 1e9), measured
 // with a `bytes` copy (median of 10 after a warm-up); 0 if there is no such GPU.
 double cuda_copy_bandwidth_gbs(int device, size_t bytes);

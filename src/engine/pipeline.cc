@@ -48,6 +48,8 @@ std::vector<uint8_t> encode_report(const StageReport& r) {
   put(&r.tokens, sizeof r.tokens);
   put(&r.prefix_queries, sizeof r.prefix_queries);
   put(&r.prefix_hits, sizeof r.prefix_hits);
+  put(&r.host_bytes, sizeof r.host_bytes);
+  put(&r.device_bytes, sizeof r.device_bytes);
   uint64_t n = r.events.size();
   put(&n, sizeof n);
   for (auto& e : r.events) {
@@ -76,6 +78,8 @@ StageReport decode_report(const std::vector<uint8_t>& b) {
   get(&r.tokens, sizeof r.tokens);
   get(&r.prefix_queries, sizeof r.prefix_queries);
   get(&r.prefix_hits, sizeof r.prefix_hits);
+  get(&r.host_bytes, sizeof r.host_bytes);
+  get(&r.device_bytes, sizeof r.device_bytes);
   uint64_t n;
   get(&n, sizeof n);
   r.events.resize(n);
@@ -91,8 +95,17 @@ StageReport decode_report(const std::vector<uint8_t>& b) {
   return r;
 }
 
-void maybe_fault(const PipelineOptions& opt, Transport& tr, int stage, int64_t step) {
+void maybe_fault(const PipelineOptions& opt, Transport& tr, int stage, int64_t step, Backend& be,
+                 DeviceLink* link) {
   if (opt.fault.stage != stage || opt.fault.step != step) return;
+  if (opt.fault.cuda || opt.fault.nccl) {  // the stage goes on; what it broke shows up elsewhere
+    std::fprintf(stderr, "stage %d: injected %s fault at step %lld\n", stage,
+                 opt.fault.cuda ? "CUDA" : "NCCL", static_cast<long long>(step));
+    std::fflush(stderr);
+    if (opt.fault.cuda) be.inject_device_fault();
+    if (opt.fault.nccl && link) link->drop_sends();
+    return;
+  }
   if (opt.fault.kill && tr.name() == "mpi") raise(SIGKILL);  // dies like a crashed process
   if (opt.fault.stall) {  // stops like a hung process; only the watchdog notices
     std::fprintf(stderr, "stage %d: injected stall at step %lld\n", stage,
@@ -124,9 +137,10 @@ namespace {
 class StageRunner {
  public:
   StageRunner(Model& model, const Topology& topo, Transport& tr, Scheduler* sched,
-              const StageHooks& hooks, const PipelineOptions& opt)
+              const StageHooks& hooks, const PipelineOptions& opt, DeviceLink* link)
       : model_(model),
         tr_(tr),
+        link_(link),
         sched_(sched),
         hooks_(hooks),
         opt_(opt),
@@ -149,6 +163,8 @@ class StageRunner {
   }
   // Reports travel to the last stage for the run summary and the trace.
   void exchange_reports(std::vector<StageReport>* all) {
+    tl_.report.host_bytes = tr_.host_payload_bytes();
+    tl_.report.device_bytes = link_ ? link_->device_bytes() : 0;
     if (s_ != last_) {
       check(tr_.send(last_, Channel::kReport, encode_report(tl_.report), nullptr, 0));
       return;
@@ -169,9 +185,11 @@ class StageRunner {
   int micro_batches() const { return opt_.micro_batches > 0 ? opt_.micro_batches : P_; }
   // The residual buffer of a step: steps in flight have consecutive ids, at most micro_batches of
   // them, so id modulo the buffer count never reuses a buffer still being sent.
+  int slot(const StepPlan& plan) const {
+    return static_cast<int>(plan.id % std::max(1, micro_batches()));
+  }
   Tensor residual(const StepPlan& plan) {
-    return model_.residual(static_cast<int>(plan.id % std::max(1, micro_batches())),
-                           plan.batch.num_tokens);
+    return model_.residual(slot(plan), plan.batch.num_tokens);
   }
   void check(const Status& st) {
     if (!st) tr_.fail(str("stage ", s_, " (rank ", tr_.rank(), "): ", st.message()), 4);
@@ -218,6 +236,14 @@ class StageRunner {
   void send_step(StepPlan& plan, Tensor X) {
     stamp(plan);
     double t = tl_.now_us();
+    if (link_) {  // the descriptor through the host transport, the tensor device to device
+      // Descriptor first: the receiver posts its receive when the descriptor arrives, and NCCL's
+      // first send to a peer waits for that peer to join the connection.
+      check(tr_.send(s_ + 1, Channel::kStep, encode_step(plan), nullptr, 0));
+      check(link_->send(s_ + 1, X, slot(plan)));
+      tl_.add("send", plan.id, t);
+      return;
+    }
     buf_.resize(static_cast<size_t>(X.numel() * X.elem_size()));
     model_.backend().to_host(X, buf_.data());
     check_finite(plan);
@@ -278,8 +304,9 @@ class StageRunner {
             std::max<int64_t>(1, (sched_->ready_tokens() + free_slots - 1) / free_slots));
         StepPlan plan = sched_->schedule(cap);
         if (!plan.empty()) {
-          maybe_fault(opt_, tr_, s_, plan.id);
+          maybe_fault(opt_, tr_, s_, plan.id, model_.backend(), link_);
           Tensor X = residual(plan);
+          if (link_) check(link_->reuse(slot(plan)));
           StepOutput out = compute(plan, X);
           if (P_ == 1) {
             sched_->complete(plan, out.sampled, out.drafts);
@@ -319,7 +346,7 @@ class StageRunner {
             auto p = decode_step(h, &kind);
             if (!p) return -1;
             incoming = std::move(p.value());
-            return kind == StepKind::kStep ? incoming.batch.num_tokens * row_bytes : 0;
+            return kind == StepKind::kStep && !link_ ? incoming.batch.num_tokens * row_bytes : 0;
           },
           buf_));
       if (kind == StepKind::kStop) {
@@ -327,10 +354,17 @@ class StageRunner {
         return;
       }
       tl_.add("wait", incoming.id, t);
-      maybe_fault(opt_, tr_, s_, incoming.id);
+      maybe_fault(opt_, tr_, s_, incoming.id, model_.backend(), link_);
       Tensor X = residual(incoming);
-      model_.backend().from_host(buf_.data(), X);
+      if (link_) {
+        const double tr = tl_.now_us();
+        check(link_->recv(s_ - 1, X, slot(incoming), incoming.id));
+        tl_.add("receive", incoming.id, tr);
+      } else {
+        model_.backend().from_host(buf_.data(), X);
+      }
       StepOutput out = compute(incoming, X);
+      if (link_) link_->computed(slot(incoming));
       if (is_last()) {
         stamp(incoming);
         double ts = tl_.now_us();
@@ -346,6 +380,7 @@ class StageRunner {
 
   Model& model_;
   Transport& tr_;
+  DeviceLink* link_;  // null: the boundary tensor goes through tr_
   Scheduler* sched_;
   const StageHooks& hooks_;
   const PipelineOptions& opt_;
@@ -359,9 +394,9 @@ class StageRunner {
 }  // namespace
 
 Status run_stage(Model& model, const Topology& topo, Transport& tr, Scheduler* sched,
-                 const StageHooks& hooks, const PipelineOptions& opt,
-                 std::vector<StageReport>* all) {
-  StageRunner runner(model, topo, tr, sched, hooks, opt);
+                 const StageHooks& hooks, const PipelineOptions& opt, std::vector<StageReport>* all,
+                 DeviceLink* link) {
+  StageRunner runner(model, topo, tr, sched, hooks, opt, link);
   runner.run();
   runner.exchange_reports(all);
   return Status::ok();

@@ -15,6 +15,7 @@
 #include "engine/engine.h"
 #include "engine/speculative.h"
 #include "engine/trace.h"
+#include "parallel/device_link.h"
 #include "parallel/topology.h"
 #include "parallel/transport.h"
 
@@ -35,19 +36,25 @@ struct StageReport {
   SpecCounters spec;  // last stage: speculative decoding counters (not sent between stages)
   // Stage 0: the prefix cache's prompt tokens looked up and found cached (0 when it is off).
   int64_t prefix_queries = 0, prefix_hits = 0;
+  int64_t host_bytes = 0;    // boundary tensor bytes this stage sent through host memory
+  int64_t device_bytes = 0;  // ... and device to device (DeviceLink)
   std::vector<TraceEvent> events;
 };
 
 // Reproducible failures for tests: stage `stage` fails when it reaches step `step` (kill: the
 // process dies at once, as if killed; error: it reports an error and brings the pipeline down;
 // stall: it stops without dying, as a hung GPU or driver call looks: the process stops itself
-// with SIGSTOP under mpirun, the thread blocks forever with threads).
+// with SIGSTOP under mpirun, the thread blocks forever with threads; cuda: the stage's GPU
+// faults (an invalid memory access queued before the step's kernels); nccl: the stage stops
+// sending on its NCCL link while its host messages go on, as a peer gone from NCCL looks).
 struct FaultInjection {
   int stage = -1;
   int64_t step = -1;
   bool kill = false;
   bool stall = false;
   bool at_load = false;  // STAGE:load:stall: stops while loading (at its third tensor)
+  bool cuda = false;
+  bool nccl = false;
 };
 
 // Speculative decoding (--speculative mtp --num-speculative-tokens K): the MTP draft layer on the
@@ -83,8 +90,10 @@ struct StageHooks {
 
 // Runs this transport's stage to the end of the work. `sched` is stage 0's (null elsewhere).
 // On the last stage `all` receives every stage's report (for the run summary and the trace).
+// `link` (GPU stages, NCCL): the boundary tensor goes device to device through it, the step
+// descriptors still through `tr`; null: both through `tr` (the tensor staged in host memory).
 Status run_stage(Model& model, const Topology& topo, Transport& tr, Scheduler* sched,
-                 const StageHooks& hooks, const PipelineOptions& opt,
-                 std::vector<StageReport>* all);
+                 const StageHooks& hooks, const PipelineOptions& opt, std::vector<StageReport>* all,
+                 DeviceLink* link = nullptr);
 
 }  // namespace sp

@@ -62,10 +62,13 @@ Status write_chrome_trace(const std::string& path, const std::vector<StageReport
   bool ok = std::fputs("{\"traceEvents\":[\n", f) >= 0;
   bool comma = false;
   for (const StageReport& r : reports) {
-    ok = ok && std::fprintf(f,
-                            "%s{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":1,\"tid\":%d,"
-                            "\"args\":{\"name\":\"stage %d\"}}",
-                            comma ? ",\n" : "", r.stage, r.stage) >= 0;
+    ok = ok &&
+         std::fprintf(f,
+                      "%s{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":1,\"tid\":%d,"
+                      "\"args\":{\"name\":\"stage %d\",\"boundary_bytes_device\":%lld,"
+                      "\"boundary_bytes_host\":%lld}}",
+                      comma ? ",\n" : "", r.stage, r.stage, static_cast<long long>(r.device_bytes),
+                      static_cast<long long>(r.host_bytes)) >= 0;
     comma = true;
     for (const TraceEvent& e : r.events) {
       ok = ok && std::fprintf(f,

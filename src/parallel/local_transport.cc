@@ -133,6 +133,10 @@ class Hub {
     *all = result_;
     return Status::ok();
   }
+  bool failed() {
+    std::lock_guard<std::mutex> lk(mu_);
+    return failed_;
+  }
   // Records the first failure; returns it (later failures are consequences of the first).
   std::pair<std::string, int> fail(const std::string& msg, int code) {
     std::lock_guard<std::mutex> lk(mu_);
@@ -174,6 +178,7 @@ class LocalTransport final : public Transport {
               int64_t n) override {
     Message m;
     m.header = std::move(header);
+    if (n > 0) host_payload_bytes_ += n;
     if (n > 0)
       m.data.assign(static_cast<const uint8_t*>(data), static_cast<const uint8_t*>(data) + n);
     hub_->push(rank_, dst, ch, std::move(m));
@@ -196,6 +201,7 @@ class LocalTransport final : public Transport {
     return Status::ok();
   }
   bool ready(int src, Channel ch) override { return hub_->ready(src, rank_, ch); }
+  bool failed() override { return hub_->failed(); }
   Status allgather(const std::string& mine, std::vector<std::string>* all) override {
     return exchange(mine, all);
   }

@@ -60,6 +60,7 @@ class MpiTransport final : public Transport {
     SP_MPI_CHECK(MPI_Isend(h.bytes.data(), static_cast<int>(h.bytes.size()), MPI_BYTE, dst,
                            tag(ch, false), MPI_COMM_WORLD, &h.request));
     if (n > 0) {
+      host_payload_bytes_ += n;
       pending_.push_back({});
       Pending& d = pending_.back();
       d.bytes.assign(static_cast<const uint8_t*>(data), static_cast<const uint8_t*>(data) + n);

@@ -1,6 +1,6 @@
 // How pipeline stages talk: one interface, an in-process implementation (one thread per stage) and
-// an MPI one (one process per stage, any number of machines). A NCCL transport for GPU stages will
-// plug in here with the CUDA backend.
+// an MPI one (one process per stage, any number of machines). GPU stages add a DeviceLink
+// (parallel/device_link.h, NCCL) for the boundary tensor; the step descriptors stay here.
 //
 // A message is a header (the step descriptor, or the sampled tokens) plus an optional payload of
 // bytes (the stage-boundary tensor [tokens, hc_mult, hidden] in the backend's activation dtype)
@@ -82,6 +82,15 @@ class Transport {
   virtual void keep_alive() = 0;
   // Brings every stage down promptly; `message` names this stage and what went wrong.
   [[noreturn]] virtual void fail(const std::string& message, int exit_code) = 0;
+  // Whether another stage has already failed (threads: the shared hub knows; MPI: a failing rank
+  // ends every process, so there is nothing to ask). Polled by waits outside this transport.
+  virtual bool failed() { return false; }
+  // Payload bytes this end has sent through host memory (the boundary tensor when it is not
+  // moved device to device).
+  int64_t host_payload_bytes() const { return host_payload_bytes_; }
+
+ protected:
+  int64_t host_payload_bytes_ = 0;
 };
 
 // The message of a stage whose own loading made no progress for `idle` seconds (> timeout).

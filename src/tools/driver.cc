@@ -4,6 +4,7 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cinttypes>
 #include <cmath>
@@ -20,6 +21,7 @@
 
 #include "core/checked.h"
 #include "model/strict_json.h"
+#include "parallel/device_link.h"
 
 namespace sp {
 
@@ -169,18 +171,34 @@ std::vector<FlagSpec> pipeline_flags() {
       {"trace", FlagKind::kString, "",
        "write a Chrome trace (Perfetto / chrome://tracing) of every stage to this file"},
       {"fault-inject", FlagKind::kString, "",
-       "STAGE:STEP[:kill|error|stall] makes a stage fail at a step (tests): kill ends the process "
-       "at once (mpirun), error reports and brings the pipeline down, stall stops the stage "
-       "without ending it (SIGSTOP under mpirun) for the watchdog to find; STAGE:load:stall "
-       "stops it while it loads its weights"},
+       "STAGE:STEP[:kill|error|stall|cuda|nccl] makes a stage fail at a step (tests): kill ends "
+       "the process at once (mpirun), error reports and brings the pipeline down, stall stops the "
+       "stage without ending it (SIGSTOP under mpirun) for the watchdog to find, cuda makes its "
+       "GPU fault (an invalid memory access), nccl makes it stop sending on its NCCL link while "
+       "its host messages go on; STAGE:load:stall stops it while it loads its weights"},
       {"stage-timeout", FlagKind::kFloat, "300",
        "seconds a stage may wait without hearing from the stage it waits on before the run is "
        "stopped naming that stage as stalled or unreachable (exit 5); must exceed the longest "
        "step of one stage; 0 turns the watchdog off",
        0, 1e6},
   };
+  specs.push_back(
+      {"stage-transport",
+       FlagKind::kString,
+       "auto",
+       "how the boundary tensor travels between stages: auto (nccl when every stage runs "
+       "on a GPU and this build has NCCL, else host), nccl (device to device; an error "
+       "when not possible), host (through host memory with the step descriptor)",
+       -1e300,
+       1e300,
+       {"auto", "nccl", "host"}});
+  specs.push_back(
+      {"devices", FlagKind::kString, "",
+       "GPUs of the stages on this machine, in stage order, e.g. 0,2 (--device cuda; one "
+       "per stage on this machine); default: the machine's i-th stage on GPU i"});
   specs[1].validate = validate_pp_partition;
   specs[4].validate = validate_fault_inject;
+  specs.back().validate = validate_devices;
   return specs;
 }
 
@@ -312,14 +330,17 @@ Result<FaultInjection> parse_fault(const std::string& text) {
   char mode[16] = "error";
   int n = std::sscanf(text.c_str(), "%d:%lld:%15s", &stage, &step, mode);
   std::string m = mode;
-  if (n < 2 || stage < 0 || step < 0 || (m != "kill" && m != "error" && m != "stall"))
+  if (n < 2 || stage < 0 || step < 0 ||
+      (m != "kill" && m != "error" && m != "stall" && m != "cuda" && m != "nccl"))
     return Status::error(
         str("--fault-inject '", text,
-            "': expected STAGE:STEP or STAGE:STEP:kill|error|stall, e.g. 1:3:kill"));
+            "': expected STAGE:STEP or STAGE:STEP:kill|error|stall|cuda|nccl, e.g. 1:3:kill"));
   f.stage = stage;
   f.step = step;
   f.kill = m == "kill";
   f.stall = m == "stall";
+  f.cuda = m == "cuda";
+  f.nccl = m == "nccl";
   return f;
 }
 
@@ -351,6 +372,7 @@ std::string fingerprint(const Flags& f, const Config& c, const Topology& t) {
              ";prefix-cache-slots=", slots_or_zero(f), ";device=", f.str("device"),
              ";kv-cache-dtype=", f.str("kv-cache-dtype"),
              ";activation-dtype=", f.str("activation-dtype"),
+             ";stage-transport=", f.str("stage-transport"),
              ";stage-timeout=", f.f64("stage-timeout"), ";speculative=", f.str("speculative"),
              ";num-speculative-tokens=", f.i64("num-speculative-tokens"));
 }
@@ -558,50 +580,184 @@ int threads_per_stage(const Flags& f, const Topology& topo) {
   return std::max(1, static_cast<int>(f.i64("threads")) / local);
 }
 
-// This stage's GPU: its index among the stages on this machine.
-int local_gpu(const Topology& topo) {
+// This stage's index among the stages on this machine, and their number (the threads of this
+// process, or the ranks mpirun placed on this node).
+int local_index(const Topology& topo) {
   if (launched_by_mpi()) {
     const char* r = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK");
     return r ? std::max(0, std::atoi(r)) : 0;
   }
   return topo.rank;
 }
+int local_count(const Topology& topo) {
+  if (launched_by_mpi()) {
+    const char* n = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
+    return n ? std::max(1, std::atoi(n)) : 1;
+  }
+  return topo.world;
+}
 
-// Refuses, before loading, a stage whose weights, sequence state and workspace cannot fit its GPU.
-Status check_gpu_memory(const Flags& f, const Config& c, const LoadPlan& plan, int stage, int gpu,
-                        int max_logit_rows) {
-  int64_t free_b = 0, total_b = 0;
-  SP_RETURN_IF_ERROR(cuda_memory_info(gpu, &free_b, &total_b));
+// This stage's GPU: --devices' entry for its local index, else the local index itself.
+int local_gpu(const Flags& f, const Topology& topo) {
+  const int i = local_index(topo);
+  if (!f.given("devices")) return i;
+  auto list = parse_int_list("devices", f.str("devices"));
+  return list && i < static_cast<int>(list->size()) ? (*list)[i] : i;
+}
+
+// Refuses a placement that cannot work: --devices with a count other than the stages on this
+// machine, or a GPU this process cannot see.
+Status check_placement(const Flags& f, const Topology& topo) {
+  const int s = topo.rank, here = local_count(topo), visible = cuda_device_count();
+  const std::string where = launched_by_mpi()
+                                ? str("the ", here, " ranks mpirun placed on this machine")
+                                : str("--pp ", topo.world);
+  if (f.given("devices")) {
+    auto list = parse_int_list("devices", f.str("devices"));
+    if (!list) return list.status();
+    if (static_cast<int>(list->size()) != here)
+      return Status::error(str("--devices ", f.str("devices"), " lists ", list->size(),
+                               " GPU(s) but this machine runs ", here, " stage(s) (", where,
+                               "): give one GPU per stage"));
+    const int g = (*list)[local_index(topo)];
+    if (g >= visible)
+      return Status::error(str("--devices ", f.str("devices"), ": GPU ", g, " (stage ", s,
+                               ") is not visible: this process sees ", visible,
+                               " GPU(s), ordinals 0 to ", visible - 1));
+    return Status::ok();
+  }
+  const int g = local_index(topo);
+  if (g >= visible)
+    return Status::error(str("stage ", s, " runs on GPU ", g, " (one GPU per stage: ", where,
+                             ") but this process sees only ", visible, " GPU(s); run at most ",
+                             visible, " stages per machine, or choose GPUs with --devices"));
+  return Status::ok();
+}
+
+// What a GPU stage needs: weights, sequence state at the limits (fp32 sizes: an upper bound of the
+// bf16 state) and workspace (activations, logits, kernels' scratch, the CUDA context's reserve).
+struct GpuNeed {
+  double weights = 0, state = 0, work = 0;
+  double total() const { return weights + state + work; }
+};
+
+GpuNeed gpu_need(const Flags& f, const Config& c, const LoadPlan& plan, int max_logit_rows,
+                 bool with_base_work = true) {
   const double S = static_cast<double>(f.i64("max-num-seqs")),
                L = static_cast<double>(f.i64("max-model-len")),
                T = static_cast<double>(f.i64("max-num-batched-tokens"));
-  double weights = 0, state = 0;
+  GpuNeed n;
   for (const ExpectedTensor& t : expected_tensors(c, plan.mtp))
-    if (plan.owns(t)) weights += static_cast<double>(expected_bytes(t));
+    if (plan.owns(t)) n.weights += static_cast<double>(expected_bytes(t));
   for (int l : stage_state_layers(c, plan)) {
     StateBytes b = layer_state_bytes(c, l);  // fp32 sizes: an upper bound of the bf16 state
-    state += (S + slots_or_zero(f)) * static_cast<double>(b.per_sequence) +
-             S * static_cast<double>(b.per_token) * L;
+    n.state += (S + slots_or_zero(f)) * static_cast<double>(b.per_sequence) +
+               S * static_cast<double>(b.per_token) * L;
   }
-  const double work =
-      T * 4.0 * (4.0 * c.hc_dim() + 2.0 * c.num_heads * c.head_dim + 8.0 * c.hidden_size) +
+  n.work =
+      (with_base_work
+           ? T * 4.0 * (4.0 * c.hc_dim() + 2.0 * c.num_heads * c.head_dim + 8.0 * c.hidden_size) +
+                 double{1 << 30}
+           : 0.0) +
       (plan.head ? max_logit_rows * 4.0 * static_cast<double>(c.vocab_size) : 0.0) +
-      mtp_work_bytes(c, plan, T) +
-      double{1 << 30};  // kernels' scratch and the CUDA context's own reserve
-  const double need = weights + state + work, have = static_cast<double>(free_b);
+      mtp_work_bytes(c, plan, T);
+  return n;
+}
+
+// A split of the layers over `stages` GPU stages in which every stage needs at most `cap` (empty if
+// there is none): the least cap for which packing the layers greedily from the first needs at most
+// `stages` stages (binary search), then the longest stages split until there are `stages`.
+std::vector<int> fitting_partition(const Flags& f, const Config& c, int stages, double cap,
+                                   int rows) {
+  const int n = c.num_layers;
+  if (stages < 1 || stages > n) return {};
+  std::vector<double> layer(n);
+  for (int l = 0; l < n; ++l)
+    layer[l] = gpu_need(f, c, LoadPlan{l, l + 1, false, false}, rows, false).total();
+  const double base = gpu_need(f, c, LoadPlan{0, 0, false, false}, rows).total();
+  const double embed = gpu_need(f, c, LoadPlan{0, 0, true, false}, rows, false).total();
+  const double head = gpu_need(f, c, LoadPlan{0, 0, false, true}, rows, false).total();
+  auto pack = [&](double limit) {
+    std::vector<int> parts;
+    double used = base + embed;
+    int count = 0;
+    for (int l = 0; l < n; ++l) {
+      if (count > 0 && used + layer[l] > limit) {
+        parts.push_back(count);
+        used = base;
+        count = 0;
+      }
+      if (used + layer[l] > limit) return std::vector<int>{};
+      used += layer[l];
+      ++count;
+    }
+    if (used + head > limit) return std::vector<int>{};  // the last stage also holds the head
+    parts.push_back(count);
+    return parts;
+  };
+  std::vector<int> best = pack(cap);
+  if (best.empty() || static_cast<int>(best.size()) > stages) return {};
+  double lo = 0, hi = cap;
+  for (int i = 0; i < 60; ++i) {
+    const double mid = 0.5 * (lo + hi);
+    std::vector<int> p = pack(mid);
+    if (!p.empty() && static_cast<int>(p.size()) <= stages) {
+      best = p;
+      hi = mid;
+    } else {
+      lo = mid;
+    }
+  }
+  while (static_cast<int>(best.size()) < stages) {  // splitting a stage never makes one larger
+    auto it = std::max_element(best.begin(), best.end());
+    const int half = *it / 2;
+    *it -= half;
+    best.insert(it + 1, half);
+  }
+  return best;
+}
+
+std::string join(const std::vector<int>& v) {
+  std::string out;
+  for (int x : v) out += str(out.empty() ? "" : ",", x);
+  return out;
+}
+
+// Refuses, before loading, a stage whose weights, sequence state and workspace cannot fit its GPU,
+// with what would fit: a split of the layers over these GPUs, more stages, or a shorter context.
+Status check_gpu_memory(const Flags& f, const Config& c, const Topology& topo, const LoadPlan& plan,
+                        int stage, int gpu, int max_logit_rows) {
+  int64_t free_b = 0, total_b = 0;
+  SP_RETURN_IF_ERROR(cuda_memory_info(gpu, &free_b, &total_b));
+  const GpuNeed n = gpu_need(f, c, plan, max_logit_rows);
+  const double S = static_cast<double>(f.i64("max-num-seqs")),
+               L = static_cast<double>(f.i64("max-model-len"));
+  const double need = n.total(), have = static_cast<double>(free_b);
   if (need <= have) return Status::ok();
-  const double per_len = S * std::max(1.0, state / std::max(1.0, S * L));
-  const double fit_len = std::floor((have - weights - work) / std::max(1.0, per_len));
-  return Status::error(
-      str("stage ", stage, " needs ", human_bytes(need), " on GPU ", gpu, " (weights ",
-          human_bytes(weights), ", sequence state for --max-num-seqs ", f.i64("max-num-seqs"),
-          " x --max-model-len ", f.i64("max-model-len"), " at most ", human_bytes(state),
-          ", workspace ", human_bytes(work), ") but only ", human_bytes(have), " of ",
-          human_bytes(static_cast<double>(total_b)), " is free: ", human_bytes(need - have),
-          " missing; ",
-          fit_len >= 1 ? str("--max-model-len ", static_cast<int64_t>(fit_len), " would fit, or ")
-                       : std::string("the weights alone do not fit: "),
-          "use more pipeline stages"));
+  std::string fits;
+  // Assumes the other GPUs have as much free memory as this one.
+  if (std::vector<int> p = fitting_partition(f, c, topo.world, have, max_logit_rows); !p.empty()) {
+    fits = str("--pp-partition ", join(p), " would fit");
+  } else {
+    for (int more = topo.world + 1; more <= c.num_layers; ++more)
+      if (std::vector<int> q = fitting_partition(f, c, more, have, max_logit_rows); !q.empty()) {
+        fits = str("--pp ", more, " --pp-partition ", join(q), " would fit (GPUs like this one)");
+        break;
+      }
+  }
+  const double per_len = S * std::max(1.0, n.state / std::max(1.0, S * L));
+  const double fit_len = std::floor((have - n.weights - n.work) / std::max(1.0, per_len));
+  if (fit_len >= 1)
+    fits += str(fits.empty() ? "" : ", or ", "--max-model-len ", static_cast<int64_t>(fit_len),
+                " would fit");
+  if (fits.empty()) fits = "no split of the layers fits GPUs like this one at these limits";
+  return Status::error(str("stage ", stage, " needs ", human_bytes(need), " on GPU ", gpu,
+                           " (weights ", human_bytes(n.weights),
+                           ", sequence state for --max-num-seqs ", f.i64("max-num-seqs"),
+                           " x --max-model-len ", f.i64("max-model-len"), " at most ",
+                           human_bytes(n.state), ", workspace ", human_bytes(n.work), ") but only ",
+                           human_bytes(have), " of ", human_bytes(static_cast<double>(total_b)),
+                           " is free: ", human_bytes(need - have), " missing; ", fits));
 }
 
 // The stage's backend: the CPU backend, or the CUDA backend on this stage's GPU.
@@ -610,7 +766,7 @@ std::unique_ptr<Backend> make_stage_backend(const Flags& f, const Topology& topo
   if (!device) tr.fail(device.status().message(), 2);
   if (*device == "cpu") return make_cpu_backend(threads_per_stage(f, topo));
   const std::string kv = f.str("kv-cache-dtype");
-  auto be = make_cuda_backend(local_gpu(topo), kv == "fp32" ? DType::kF32 : DType::kBF16,
+  auto be = make_cuda_backend(local_gpu(f, topo), kv == "fp32" ? DType::kF32 : DType::kBF16,
                               f.str("activation-dtype") == "bf16" ? DType::kBF16 : DType::kF32);
   if (!be) tr.fail(str("stage ", topo.rank, ": ", be.status().message()), 2);
   return std::move(*be);
@@ -640,7 +796,7 @@ int64_t stage_state_blocks(const Flags& f, const Config& c, const LoadPlan& plan
   double left = 0;
   if (gpu) {
     int64_t free_b = 0, total_b = 0;
-    if (!cuda_memory_info(local_gpu(topo), &free_b, &total_b)) return cap;
+    if (!cuda_memory_info(local_gpu(f, topo), &free_b, &total_b)) return cap;
     left = 0.9 * static_cast<double>(free_b) - weights - work - double{1 << 30};
   } else {
     const double avail =
@@ -650,6 +806,42 @@ int64_t stage_state_blocks(const Flags& f, const Config& c, const LoadPlan& plan
   }
   const int64_t fit = static_cast<int64_t>(std::max(0.0, left / per_block));
   return std::clamp<int64_t>(fit, 1, cap);
+}
+
+// The boundary tensor's path (--stage-transport): NCCL when every stage can use it (decided
+// together: one allreduce, so the stages never disagree), else null (host memory).
+std::unique_ptr<DeviceLink> make_stage_link(const Flags& f, const Topology& topo, Transport& tr,
+                                            Backend& be, bool gpu, const StateLimits& lim) {
+  const std::string want = f.str("stage-transport");
+  if (topo.world == 1 || want == "host") return nullptr;
+  const std::string why = !gpu ? std::string("it does not run on a GPU") : nccl_unavailable();
+  auto cannot = tr.allreduce_max(why.empty() ? 0 : 1);
+  if (!cannot) tr.fail(cannot.status().message(), 4);
+  if (*cannot > 0) {
+    if (want == "nccl")
+      tr.fail(str("--stage-transport nccl: stage ", topo.rank,
+                  why.empty() ? str(" could use NCCL, but another stage cannot")
+                              : str(" cannot use NCCL: ", why),
+                  "; use --stage-transport host or auto"),
+              2);
+    if (!why.empty() && gpu)
+      std::fprintf(stderr,
+                   "stage %d: NCCL unavailable (%s): the boundary tensor goes through host "
+                   "memory\n",
+                   topo.rank, why.c_str());
+    return nullptr;
+  }
+  DeviceLinkOptions o;
+  o.device = be.device_ordinal();
+  o.stream = be.native_stream();
+  o.slots = std::max(1, lim.residual_buffers);
+  o.timeout_s = f.f64("stage-timeout");
+  auto link = make_nccl_link(tr, o);
+  if (!link)
+    tr.fail(str("stage ", topo.rank, " (rank ", tr.rank(),
+                "): NCCL stage transport: ", link.status().message()),
+            4);
+  return std::move(*link);
 }
 
 // One stage's whole life: load its part, run, finish. Returns its exit code.
@@ -664,12 +856,14 @@ int run_one_stage(const Flags& f, const Config& c, const Topology& topo, Transpo
   const int logit_rows = max_logit_rows(f, job);
   const bool gpu = resolve_device(f).value() == "cuda";
   tr.set_stage_timeout(f.f64("stage-timeout"));
+  if (gpu)
+    if (Status st = check_placement(f, topo); !st) tr.fail(st.message(), 2);
   std::unique_ptr<ModelWeights> weights;
   int64_t my_blocks = 0;
   const bool load_stall = popt.fault.at_load && popt.fault.stage == s;
   Status loaded = tr.start_up(0, [&](const std::function<void()>& tick) -> Status {
     if (gpu)  // the host memory of CPU stages is checked for all the stages of a host at start-up
-      SP_RETURN_IF_ERROR(check_gpu_memory(f, c, plan, s, local_gpu(topo), logit_rows));
+      SP_RETURN_IF_ERROR(check_gpu_memory(f, c, topo, plan, s, local_gpu(f, topo), logit_rows));
     ProgressFn printer = progress_printer(s);
     int64_t tensors = 0;
     ProgressFn progress = [&](int64_t done, int64_t total) {
@@ -747,7 +941,17 @@ int run_one_stage(const Flags& f, const Config& c, const Topology& topo, Transpo
     drafter = make_mtp_drafter(*model, popt.speculative.num_tokens);
     hooks.drafter = drafter.get();
   }
-  Status st = run_stage(*model, topo, tr, sched.get(), hooks, popt, &reports);
+  std::unique_ptr<DeviceLink> link = make_stage_link(f, topo, tr, *backend, gpu, lim);
+  Status st = Status::ok();
+  try {
+    st = run_stage(*model, topo, tr, sched.get(), hooks, popt, &reports, link.get());
+  } catch (const StageFailure&) {
+    throw;
+  } catch (const std::exception& e) {
+    // A CUDA error (thrown by the backend) fails the pipeline here, before this stage's GPU
+    // resources unwind: the other stages hear of it at once.
+    tr.fail(str("stage ", s, " (rank ", tr.rank(), "): ", e.what()), 4);
+  }
   if (!st) tr.fail(st.message(), 4);
   int code = job.finish(env, reports);
   auto agreed = tr.allreduce_max(code);
@@ -823,6 +1027,15 @@ Status check_memory_mpi(const Flags& f, const Config& c, const Topology& topo, T
 
 }  // namespace
 
+std::vector<int> gpu_fitting_partition(const Flags& f, const Config& c, int stages, double cap,
+                                       int max_logit_rows) {
+  return fitting_partition(f, c, stages, cap, max_logit_rows);
+}
+
+double gpu_stage_bytes(const Flags& f, const Config& c, const LoadPlan& plan, int max_logit_rows) {
+  return gpu_need(f, c, plan, max_logit_rows).total();
+}
+
 int run_job(const Flags& f, const Job& job) {
   auto cfg = read_config(f);
   if (!cfg) return fail(cfg.status());
@@ -845,6 +1058,28 @@ int run_job(const Flags& f, const Job& job) {
   if (auto slots = prefix_cache_slots(f); !slots) return fail(slots.status());
   auto fault = parse_fault(f.str("fault-inject"));
   if (!fault) return fail(fault.status());
+  if (f.given("devices") && *dev != "cuda")
+    return fail(Status::error(str("--devices ", f.str("devices"),
+                                  ": GPU placement is for --device cuda; this run uses the cpu")));
+  if (f.str("stage-transport") == "nccl" && *dev != "cuda")
+    return fail(Status::error(
+        "--stage-transport nccl: the boundary tensor goes device to device only between GPU "
+        "stages (--device cuda); this run uses the cpu: use auto or host"));
+  if (f.str("stage-transport") == "nccl" && !nccl_link_built())
+    return fail(Status::error(
+        "--stage-transport nccl: this seekpipe was built without NCCL (CMake found no nccl.h / "
+        "libnccl); use auto or host"));
+  if ((fault->cuda && *dev != "cuda") ||
+      (fault->nccl && (*dev != "cuda" || f.str("stage-transport") == "host" || !nccl_link_built())))
+    return fail(Status::error(str("--fault-inject ", f.str("fault-inject"), ": ",
+                                  fault->cuda ? "a CUDA fault needs --device cuda"
+                                              : "an NCCL fault needs the NCCL stage transport "
+                                                "(--device cuda, a build with NCCL, "
+                                                "--stage-transport auto or nccl)")));
+  // NVLink SHARP (multicast) is off unless the user set it: it is not needed for point-to-point
+  // sends and its multicast objects fail on machines that do not lend them (see
+  // docs/pipeline_parallel.md).
+  setenv("NCCL_NVLS_ENABLE", "0", 0);
   if (f.given("trace"))  // fail now, not after the run (and leave the file alone until then)
     if (Status st = check_trace_path(f.str("trace")); !st) return fail(st);
   PipelineOptions popt;

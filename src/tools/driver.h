@@ -50,6 +50,12 @@ constexpr int kMaxSpeculativeTokens = 8;
 Result<SpeculativeConfig> speculative_config(const Flags& f);
 // "1.23 GiB", "4.56 MiB", "7.8 KiB".
 std::string human_bytes(double bytes);
+// GPU memory plan: the bytes GPU stage `plan` needs (weights, sequence state at the flags' limits,
+// workspace), and a split of the layers over `stages` stages in which each needs at most `cap`
+// (empty if there is none): what a refused GPU memory check suggests.
+double gpu_stage_bytes(const Flags& f, const Config& c, const LoadPlan& plan, int max_logit_rows);
+std::vector<int> gpu_fitting_partition(const Flags& f, const Config& c, int stages, double cap,
+                                       int max_logit_rows);
 // Runs the job; returns the process exit code (errors are printed and give 2).
 int run_job(const Flags& f, const Job& job);
 int fail(const Status& s);

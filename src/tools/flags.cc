@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <set>
 #include <sstream>
 
 #include "core/checked.h"
@@ -91,15 +92,37 @@ Status validate_fault_inject(const std::string& flag, const std::string& value) 
   const bool ok =
       (parts.size() == 2 || parts.size() == 3) &&
       parse_int64_strict(parts[0], &v, 0, kMaxStages - 1) &&
-      (at_load ||
-       (parse_int64_strict(parts[1], &v, 0, int64_t{1} << 62) &&
-        (parts.size() == 2 || parts[2] == "kill" || parts[2] == "error" || parts[2] == "stall")));
+      (at_load || (parse_int64_strict(parts[1], &v, 0, int64_t{1} << 62) &&
+                   (parts.size() == 2 || parts[2] == "kill" || parts[2] == "error" ||
+                    parts[2] == "stall" || parts[2] == "cuda" || parts[2] == "nccl")));
   if (!ok)
     return Status::error(
         sp::str("--", flag, " '", brief(value),
-                "': expected STAGE:STEP or STAGE:STEP:kill|error|stall with STAGE in "
+                "': expected STAGE:STEP or STAGE:STEP:kill|error|stall|cuda|nccl with STAGE in "
                 "[0, ",
                 kMaxStages, ") and STEP >= 0, e.g. 1:3:kill, or STAGE:load:stall"));
+  return Status::ok();
+}
+
+Status validate_devices(const std::string& flag, const std::string& value) {
+  std::vector<std::string> parts;
+  std::stringstream ss(value);
+  std::string part;
+  while (std::getline(ss, part, ',')) parts.push_back(part);
+  if (!value.empty() && value.back() == ',') parts.push_back("");
+  std::set<int64_t> seen;
+  for (const std::string& p : parts) {
+    int64_t v;
+    if (!parse_int64_strict(p, &v, 0, kMaxStages - 1))
+      return Status::error(sp::str("--", flag, " '", brief(value),
+                                   "': expected GPU ordinals like 0,2,3 (each an integer in [0, ",
+                                   kMaxStages, "))"));
+    if (!seen.insert(v).second)
+      return Status::error(sp::str("--", flag, " '", brief(value), "': GPU ", v,
+                                   " is listed twice; each stage needs its own GPU"));
+  }
+  if (parts.empty())
+    return Status::error(sp::str("--", flag, ": expected GPU ordinals like 0,2,3, got nothing"));
   return Status::ok();
 }
 

@@ -54,7 +54,10 @@ Result<std::vector<int32_t>> parse_int_list(const std::string& flag, const std::
 constexpr int kMaxStages = 4096;
 constexpr int kMaxLayersPerStage = 1 << 20;
 Status validate_pp_partition(const std::string& flag, const std::string& value);
-// --fault-inject: STAGE:STEP[:kill|error|stall], STAGE in [0, kMaxStages), STEP in [0, 2^62].
+// --fault-inject: STAGE:STEP[:kill|error|stall|cuda|nccl], STAGE in [0, kMaxStages), STEP in [0,
+// 2^62].
 Status validate_fault_inject(const std::string& flag, const std::string& value);
+// --devices: distinct GPU ordinals, comma-separated, each in [0, kMaxStages).
+Status validate_devices(const std::string& flag, const std::string& value);
 
 }  // namespace sp

@@ -80,6 +80,15 @@ void print_pipeline_summary(const std::vector<StageReport>& reports) {
                 &r == &reports.back() ? "" : ",");
   }
   std::printf("; bubble %.1f%%\n", 100 * (1 - busy_sum / static_cast<double>(reports.size())));
+  // Where the boundary tensors went: the NCCL path moves none through host memory.
+  int64_t host = 0, device = 0;
+  for (const StageReport& r : reports) {
+    host += r.host_bytes;
+    device += r.device_bytes;
+  }
+  std::printf("boundary: %" PRId64 " bytes device to device (nccl), %" PRId64
+              " bytes through host memory\n",
+              device, host);
 }
 
 // The last stage's speculative decoding counters (nothing without speculation).

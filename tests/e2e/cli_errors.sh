@@ -23,6 +23,16 @@ if ! nvidia-smi -L >/dev/null 2>&1; then
 fi
 expect_error 2 "--kv-cache-dtype fp8: not supported yet" -- "$bin" generate --device cpu --model "$data/tiny" --prompt-ids 1 --kv-cache-dtype fp8
 expect_error 2 "--kv-cache-dtype bf16: the CPU backend keeps its state in fp32" -- "$bin" generate --device cpu --model "$data/tiny" --prompt-ids 1 --kv-cache-dtype bf16
+# GPU placement and the stage transport: every mistake named, also on a machine without a GPU.
+expect_error 2 "--devices 0,1: GPU placement is for --device cuda" -- "$bin" generate --device cpu --model "$data/tiny" --prompt-ids 1 --pp 2 --devices 0,1
+expect_error 2 "--devices '0,0': GPU 0 is listed twice" -- "$bin" generate --device cpu --model "$data/tiny" --prompt-ids 1 --pp 2 --devices 0,0
+expect_error 2 "--devices '0,x': expected GPU ordinals" -- "$bin" generate --device cpu --model "$data/tiny" --prompt-ids 1 --pp 2 --devices 0,x
+expect_error 2 "--devices '-1': expected GPU ordinals" -- "$bin" generate --device cpu --model "$data/tiny" --prompt-ids 1 --devices=-1
+expect_error 2 "--stage-transport: expected one of auto, nccl, host" -- "$bin" generate --device cpu --model "$data/tiny" --prompt-ids 1 --stage-transport ib
+expect_error 2 "--stage-transport nccl: the boundary tensor goes device to device only between GPU stages" -- "$bin" generate --device cpu --model "$data/tiny" --prompt-ids 1 --pp 2 --stage-transport nccl
+expect_error 2 "--fault-inject 0:1:cuda: a CUDA fault needs --device cuda" -- "$bin" generate --device cpu --model "$data/tiny" --prompt-ids 1 --pp 2 --fault-inject 0:1:cuda
+expect_error 2 "--fault-inject 0:1:nccl: an NCCL fault needs the NCCL stage transport" -- "$bin" generate --device cpu --model "$data/tiny" --prompt-ids 1 --pp 2 --fault-inject 0:1:nccl
+expect_error 2 "--fault-inject '0:1:gpu': expected STAGE:STEP or STAGE:STEP:kill\|error\|stall\|cuda\|nccl" -- "$bin" generate --device cpu --model "$data/tiny" --prompt-ids 1 --fault-inject 0:1:gpu
 # A verify that misses the tolerance fails with exit 1.
 expect_error 1 "" -- "$bin" verify --device cpu --model "$data/tiny" --golden "$data/tiny/golden.safetensors" --atol 1e-9
 "$bin" generate --device cpu --help | grep -q -- "--max-num-batched-tokens" || fail "--help lacks flags"

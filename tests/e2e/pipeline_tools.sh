@@ -7,7 +7,10 @@ trace=$(mktemp --suffix .json)
 out=$("$bin" generate --device cpu --model "$data/small" --prompt-ids 1,2,3,4,5 --prompt-ids 9,8,7 --max-tokens 6 --threads 1 \
       --pp 3 --trace "$trace") || fail "generate --trace: $out"
 grep -q "bubble" <<<"$out" || fail "no pipeline summary: $out"
-python3 - "$trace" <<'PY' || fail "bad trace"
+# The CPU pipeline stages the boundary in host memory: stages 0 and 1 send it, the last sends none.
+summary=$(grep -E "^boundary: 0 bytes device to device \(nccl\), [1-9][0-9]* bytes through host memory" <<<"$out") ||
+  fail "no boundary line: $out"
+python3 - "$trace" "$(grep -oE '[0-9]+ bytes through' <<<"$summary" | cut -d' ' -f1)" <<'PY' || fail "bad trace"
 import json, sys
 t = json.load(open(sys.argv[1]))["traceEvents"]
 stages = {e["tid"] for e in t if e.get("ph") == "X"}
@@ -15,6 +18,11 @@ names = {e["cat"] for e in t if e.get("ph") == "X"}
 assert stages == {0, 1, 2}, stages
 assert {"compute", "send", "wait"} <= names, names
 assert all(e["dur"] >= 0 for e in t if e.get("ph") == "X")
+meta = {e["tid"]: e["args"] for e in t if e.get("ph") == "M"}
+host = [meta[s]["boundary_bytes_host"] for s in (0, 1, 2)]
+assert host[0] > 0 and host[1] > 0 and host[2] == 0, host
+assert sum(host) == int(sys.argv[2]), (host, sys.argv[2])
+assert all(meta[s]["boundary_bytes_device"] == 0 for s in (0, 1, 2)), meta
 print("trace ok:", len(t), "events")
 PY
 rm -f "$trace"

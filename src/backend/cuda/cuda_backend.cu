@@ -4,18 +4,30 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <stdexcept>
 
 #include "backend/cuda/kernels.h"
 
 namespace sp {
 namespace cuda {
 
+// A failed CUDA call is an error of the GPU (a fault, a lost device, memory) as often as of the
+// code: it is thrown, so the stage that hit it brings the pipeline down naming itself and the GPU
+// (the driver catches it), instead of aborting the process without saying which stage it was.
 void check_cuda(cudaError_t e, const char* what, const char* file, int line) {
   if (e == cudaSuccess) return;
-  std::fprintf(stderr, "CUDA error at %s:%d: %s: %s (%s)\n", file, line, what,
-               cudaGetErrorString(e), cudaGetErrorName(e));
-  std::abort();
+  int dev = -1;
+  cudaGetDevice(&dev);
+  throw std::runtime_error(str("CUDA error on GPU ", dev, ": ", cudaGetErrorString(e), " (",
+                               cudaGetErrorName(e), ") in ", what, " at ", file, ":", line));
 }
+
+namespace {
+// --fault-inject S:STEP:cuda: an out-of-bounds write, the commonest real GPU fault.
+__global__ void fault_kernel(int* p) {
+  p[threadIdx.x] = 1;
+}
+}  // namespace
 
 Workspace::~Workspace() {
   for (void* p : ptr_)
@@ -76,6 +88,7 @@ class CudaBackend final : public Backend {
   void use_on_this_thread() override { SP_CUDA(cudaSetDevice(device_)); }
 
   void reserve(const BackendLimits& lim) override {
+    SP_CUDA(cudaSetDevice(device_));
     lim_ = lim;
     grow_meta(meta_bytes(lim.max_tokens, lim.max_seqs, lim.max_blocks, lim.max_logit_rows));
     specs_host_ =
@@ -93,6 +106,7 @@ class CudaBackend final : public Backend {
   }
 
   Tensor alloc(int64_t rows, int64_t cols, DType dtype) override {
+    SP_CUDA(cudaSetDevice(device_));
     const size_t bytes = static_cast<size_t>(std::max<int64_t>(rows * cols * dtype_size(dtype), 1));
     void* p = device_alloc(bytes);
     SP_CUDA(cudaMemsetAsync(p, 0, bytes, stream_));
@@ -138,6 +152,9 @@ class CudaBackend final : public Backend {
   }
 
   void begin_step(const BatchView& b) override {
+    // The stage's thread owns this device, but a step may be driven from another thread (the
+    // server's loop): every step selects it (a cheap driver call).
+    SP_CUDA(cudaSetDevice(device_));
     const int T = b.num_tokens, C = static_cast<int>(b.chunks.size()),
               B = static_cast<int>(b.block_tables.size()),
               L = static_cast<int>(b.logit_rows.size());
@@ -286,6 +303,7 @@ class CudaBackend final : public Backend {
 
   void to_host(Tensor src, void* dst) override {
     if (src.numel() == 0) return;
+    SP_CUDA(cudaSetDevice(device_));
     const size_t es = static_cast<size_t>(src.elem_size());
     SP_CUDA(cudaMemcpy2DAsync(dst, src.cols * es, src.data, src.stride * es, src.cols * es,
                               src.rows, cudaMemcpyDeviceToHost, stream_));
@@ -293,12 +311,20 @@ class CudaBackend final : public Backend {
   }
   void from_host(const void* src, Tensor dst) override {
     if (dst.numel() == 0) return;
+    SP_CUDA(cudaSetDevice(device_));
     const size_t es = static_cast<size_t>(dst.elem_size());
     SP_CUDA(cudaMemcpy2DAsync(dst.data, dst.stride * es, src, dst.cols * es, dst.cols * es,
                               dst.rows, cudaMemcpyHostToDevice, stream_));
     sync_with_flag();
   }
   void synchronize() override { sync_with_flag(); }
+  int device_ordinal() const override { return device_; }
+  void* native_stream() override { return stream_; }
+  void inject_device_fault() override {
+    SP_CUDA(cudaSetDevice(device_));
+    cuda::fault_kernel<<<1, 32, 0, stream_>>>(reinterpret_cast<int*>(uintptr_t{16}));
+    SP_CUDA_LAUNCH();
+  }
 
  private:
   const DevBatch& batch(const BatchView& b) {
@@ -401,6 +427,15 @@ bool cuda_device_available() {
     return false;
   }
   return n > 0;
+}
+
+int cuda_device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return n;
 }
 
 double cuda_copy_bandwidth_gbs(int device, size_t bytes) {
