@@ -89,12 +89,11 @@ Status validate_fault_inject(const std::string& flag, const std::string& value) 
   if (!value.empty() && value.back() == ':') parts.push_back("");
   int64_t v;
   const bool at_load = parts.size() == 3 && parts[1] == "load" && parts[2] == "stall";
-  const bool ok =
-      (parts.size() == 2 || parts.size() == 3) &&
-      parse_int64_strict(parts[0], &v, 0, kMaxStages - 1) &&
-      (at_load || (parse_int64_strict(parts[1], &v, 0, int64_t{1} << 62) &&
-                   (parts.size() == 2 || parts[2] == "kill" || parts[2] == "error" ||
-                    parts[2] == "stall" || parts[2] == "cuda" || parts[2] == "nccl")));
+  const bool ok = (parts.size() == 2 || parts.size() == 3) &&
+                  parse_int64_strict(parts[0], &v, 0, kMaxStages - 1) &&
+                  (at_load || (parse_int64_strict(parts[1], &v, 0, int64_t{1} << 62) &&
+                               (parts.size() == 2 || parts[2] == "kill" || parts[2] == "error" ||
+                                parts[2] == "stall" || parts[2] == "cuda" || parts[2] == "nccl")));
   if (!ok)
     return Status::error(
         sp::str("--", flag, " '", brief(value),
