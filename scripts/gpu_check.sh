@@ -45,6 +45,48 @@ if [ "${FULL_WIDTH:-1}" = 1 ]; then
   echo "flash4 verify --device cuda: exit $rc: $(grep -E '^positions|^verify' "$OUT/flash4_cuda.log" | tr '\n' ' ')"
   [ $rc = 0 ] || { status=1; tail -5 "$OUT/flash4_cuda.log"; }
 fi
+# Speculative decoding and prefix caching on the GPU (SPEC=1): the MTP layer against its golden;
+# generate with --speculative mtp (K = 1, 3; pp 1 and 2) against the same run without it (the
+# tokens agree except where a near-tie flips: CUDA kernels are deterministic per batch shape, and a
+# verify step has another shape than a one-token decode); a second prompt sharing a 300-token
+# prefix with the first hits the prefix cache and generates what it does without the cache.
+if [ "${SPEC:-1}" = 1 ]; then
+  for m in tests/data/tiny models/kjv-v4-tiny-fp8; do
+    timeout 120 "$BUILD/seekpipe" verify --device cuda --model "$m" --golden "$m/golden.safetensors" \
+      --mtp-golden "$m/mtp_golden.safetensors" >"$OUT/mtp_$(basename "$m").log" 2>&1
+    echo "verify --mtp-golden $m: exit $?: $(grep -E '^mtp positions|^mtp verify' "$OUT/mtp_$(basename "$m").log" | tr '\n' ' ')"
+  done
+  m=models/kjv-v4-tiny-fp8
+  gen=(generate --device cuda --model "$m" --prompt-ids 0,9,100,200,300,400,500,600,700
+       --prompt-ids 0,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20 --prompt-ids 0,42,79,260,2175
+       --max-tokens 64 --ignore-eos)
+  timeout 120 "$BUILD/seekpipe" "${gen[@]}" >"$OUT/spec_base.log" 2>&1
+  echo "generate (no speculation): exit $?"
+  for k in 1 3; do
+    for pp in 1 2; do
+      log="$OUT/spec_k${k}_pp${pp}.log"
+      timeout 120 "$BUILD/seekpipe" "${gen[@]}" --speculative mtp --num-speculative-tokens $k --pp $pp >"$log" 2>&1
+      rc=$?
+      same=$(python3 - "$OUT/spec_base.log" "$log" <<'PY'
+import sys
+def ids(p):
+    return [l.split(":", 1)[1].split("(")[0].split() for l in open(p) if "output ids" in l]
+a, b = ids(sys.argv[1]), ids(sys.argv[2])
+n = sum(len(x) for x in a)
+same = sum(1 for x, y in zip(a, b) for i in range(min(len(x), len(y))) if x[:i + 1] == y[:i + 1])
+print("%d of %d tokens equal to the run without speculation (common prefix per prompt)" % (same, n))
+PY
+)
+      echo "spec k $k pp $pp: exit $rc: $same; $(grep -E '^speculative|^boundary' "$log" | tr '\n' ' ')"
+    done
+  done
+  long=$(python3 -c "import random; r=random.Random(5); print(','.join(str(r.randrange(2, 4000)) for _ in range(300)))")
+  for cache in --enable-prefix-caching --no-enable-prefix-caching; do
+    timeout 120 "$BUILD/seekpipe" generate --device cuda --model "$m" --max-num-seqs 1 --max-tokens 16 \
+      --ignore-eos --prompt-ids "$long,11,12" --prompt-ids "$long,13,14,15" $cache >"$OUT/prefix$cache.log" 2>&1
+    echo "prefix $cache: exit $?: $(grep -E 'prefix cache|output ids' "$OUT/prefix$cache.log" | tr '\n' ' ')"
+  done
+fi
 # Quality: teacher-forced held-out loss, CPU vs GPU, on both trained models.
 for m in models/kjv-v4-tiny models/kjv-v4-tiny-fp8; do
   [ -d "$m" ] && [ "${SCORE:-1}" = 1 ] || continue
