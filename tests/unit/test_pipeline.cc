@@ -309,5 +309,61 @@ TEST(StepCodec, RoundTrip) {
   EXPECT_EQ(s->at(1).token, 4);
 }
 
+// Speculative decoding's fields: a verify group's draft rows and stop tokens, the token after each
+// chunk, the drafts coming back with the sampled tokens; indices outside the step are refused.
+TEST(StepCodec, SpeculativeFieldsRoundTripAndAreChecked) {
+  StepPlan p;
+  p.batch.num_tokens = 3;
+  p.batch.token_ids = {5, 6, 7};
+  p.batch.positions = {4, 5, 6};
+  p.batch.chunk_of = {0, 0, 0};
+  SeqChunk a;
+  a.n_tokens = 3;
+  a.start_pos = 4;
+  a.num_blocks = 1;
+  p.batch.chunks = {a};
+  p.batch.block_tables = {0};
+  p.chunk_request = {10};
+  p.batch.logit_rows = {0, 1, 2};
+  p.logit_request = {10, 10, 10};
+  p.logit_position = {4, 5, 6};
+  SampleRow r{0, 10, SamplingParams{}};
+  r.n_draft = 2;
+  r.n_stop = 2;
+  r.draft = 1;
+  p.samples = {r};
+  p.stop_tokens = {1, 9};
+  p.chunk_next = {-1};
+  StepKind kind;
+  auto q = decode_step(encode_step(p), &kind);
+  ASSERT_TRUE(q.is_ok()) << q.status().message();
+  EXPECT_EQ(q->samples[0].n_draft, 2);
+  EXPECT_EQ(q->stop_tokens, p.stop_tokens);
+  EXPECT_EQ(q->chunk_next, p.chunk_next);
+  StepPlan bad = p;
+  bad.samples[0].n_draft = 3;  // past the logit rows
+  EXPECT_FALSE(decode_step(encode_step(bad), &kind).is_ok());
+  bad = p;
+  bad.samples[0].n_stop = 3;  // past the stop tokens
+  EXPECT_FALSE(decode_step(encode_step(bad), &kind).is_ok());
+  bad = p;
+  bad.chunk_next = {-1, 4};  // one per chunk
+  EXPECT_FALSE(decode_step(encode_step(bad), &kind).is_ok());
+  Drafted d;
+  d.request = 10;
+  d.n = 2;
+  d.tokens[0] = 3;
+  d.tokens[1] = 4;
+  int64_t step = 0;
+  std::vector<Drafted> got;
+  auto s = decode_sampled(encode_sampled(5, {{10, 6}}, {}, {d}), &step, nullptr, &got);
+  ASSERT_TRUE(s.is_ok());
+  ASSERT_EQ(got.size(), 1u);
+  EXPECT_EQ(got[0].n, 2);
+  EXPECT_EQ(got[0].tokens[1], 4);
+  d.n = kMaxSpecTokens + 1;
+  EXPECT_FALSE(decode_sampled(encode_sampled(5, {{10, 6}}, {}, {d}), &step, nullptr, &got).is_ok());
+}
+
 }  // namespace
 }  // namespace sp
