@@ -299,8 +299,9 @@ class Backend {
   // q: [T, H*dh]  kv: [T, dh]  o: [T, H*dh]
   virtual void attention(Tensor q, Tensor kv, const AttentionArgs& args, const BatchView& b,
                          const LayerState& st, const Tensor* selected, Tensor o) = 0;
-  // Writes this step's kv rows (each chunk's last `window` ones) into the slots' window rings of
-  // `ring_rows` rows per slot (after attention read them).
+  // Writes this step's kv rows (each chunk's last `ring_rows` ones: a verify chunk longer than the
+  // window may be rolled back to its first rows) into the slots' window rings of `ring_rows` rows
+  // per slot (after attention read them).
   virtual void window_update(Tensor kv, int window, int ring_rows, const BatchView& b,
                              Tensor ring) = 0;
   // Routed + shared experts.   x: [T, D] -> y: [T, D]

@@ -53,6 +53,7 @@ class MtpDrafter : public DraftSource {
     // Passes 2 .. K: each drafting sequence's last MTP row again, one position on, with its own
     // output streams and the draft just made.
     std::vector<int32_t> prev_rows = mb.logit_rows;
+    std::vector<Seq> done;  // sequences whose drafts end here (near max_model_len)
     for (int k = 1; k < k_ && !seqs.empty(); ++k) {
       BatchView cb;
       std::vector<int32_t> from;
@@ -60,22 +61,26 @@ class MtpDrafter : public DraftSource {
       for (size_t i = 0; i < seqs.size(); ++i) {
         Seq& s = seqs[i];
         const int64_t pos = s.last + k;  // the MTP position of this pass
-        if (pos + 1 >= m_.limits().max_model_len) continue;
+        if (pos + 1 >= m_.limits().max_model_len) {
+          done.push_back(std::move(s));
+          continue;
+        }
         add_chunk_table(cb, s.chunk, s.table, pos);
         cb.token_ids.push_back(s.drafts.back());
         cb.logit_rows.push_back(cb.num_tokens - 1);
         from.push_back(prev_rows[i]);
         next.push_back(std::move(s));
       }
-      if (cb.num_tokens == 0) break;
       seqs = std::move(next);
+      if (cb.num_tokens == 0) break;
       Tensor in2 = m_.mtp_hidden().slice_rows(0, cb.num_tokens);
       gather(m_.mtp_streams(std::max(mb.num_tokens, cb.num_tokens)), from, in2, cb);
       Tensor l2 = m_.mtp_forward(cb, in2, m_.mtp_streams(cb.num_tokens));
       draw(l2, seqs, k);
       prev_rows = cb.logit_rows;
     }
-    for (Seq& s : seqs) {
+    for (Seq& s : seqs) done.push_back(std::move(s));
+    for (Seq& s : done) {
       Drafted d;
       d.request = s.request;
       d.n = static_cast<int32_t>(s.drafts.size());

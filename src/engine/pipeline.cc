@@ -223,8 +223,9 @@ class StageRunner {
   // A GPU backend brings its non-finite flag back with the step's device-to-host copy (sampled
   // ids, or the boundary tensor): asked after that copy, the check waits for nothing more.
   void check_finite(const StepPlan& plan) {
-    if (int w = model_.backend().non_finite_where(); w != Backend::kAllFinite)
-      check(Status::error(non_finite_message(model_, w, plan.id)));
+    int w = is_last() ? head_.target_non_finite() : Backend::kAllFinite;
+    if (w == Backend::kAllFinite) w = model_.backend().non_finite_where();
+    if (w != Backend::kAllFinite) check(Status::error(non_finite_message(model_, w, plan.id)));
   }
 
   // This stage's (busy, wall) seconds, appended to what a step carries down the pipeline.
@@ -239,6 +240,9 @@ class StageRunner {
     if (link_) {  // the descriptor through the host transport, the tensor device to device
       // Descriptor first: the receiver posts its receive when the descriptor arrives, and NCCL's
       // first send to a peer waits for that peer to join the connection.
+      // No host copy brings the non-finite flag back here: reading it waits for the step's
+      // kernels, which the send waits for anyway; a broken step is named before it goes on.
+      check_finite(plan);
       check(tr_.send(s_ + 1, Channel::kStep, encode_step(plan), nullptr, 0));
       check(link_->send(s_ + 1, X, slot(plan)));
       tl_.add("send", plan.id, t);

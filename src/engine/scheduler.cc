@@ -235,12 +235,20 @@ StepPlan Scheduler::schedule(int token_cap) {
         s->num_scheduled >= static_cast<int64_t>(s->tokens.size()))
       continue;
     // Drafts ride along within the token budget, as long as every token they could yield is
-    // still wanted (max_new_tokens, max_model_len).
+    // still wanted (max_new_tokens, max_model_len), leaving one token for each later decode.
     const int64_t known = static_cast<int64_t>(s->tokens.size());
-    const int nd = static_cast<int>(std::max<int64_t>(
+    int64_t later = 0;
+    for (size_t j = i + 1; j < running_.size(); ++j) {
+      const Sequence* q = running_[j].get();
+      later += q->finish == FinishReason::kNone && q->num_scheduled >= q->prefill_end &&
+               q->num_scheduled < static_cast<int64_t>(q->tokens.size());
+    }
+    int nd = static_cast<int>(std::max<int64_t>(
         0, std::min<int64_t>({static_cast<int64_t>(s->drafts.size()),
                               int64_t{s->req.max_new_tokens} - s->generated - 1,
-                              lim_.max_model_len - known - 1, int64_t{hard_budget} - 1})));
+                              lim_.max_model_len - known - 1, int64_t{hard_budget} - 1 - later})));
+    // No free blocks for the drafts' positions: decode without them (drafts never preempt).
+    if (nd > 0 && !blocks_.ensure(s->req.id, s->num_scheduled + 1 + nd)) nd = 0;
     if (!grow(s, s->num_scheduled + 1 + nd)) {
       bool others = false;
       for (auto& q : running_) others |= q.get() != s && blocks_.has(q->req.id);

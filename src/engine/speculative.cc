@@ -136,7 +136,12 @@ StepOutput HeadStage::finish(const StepPlan& plan, Tensor X,
     for (size_t i = 0; i < b.logit_rows.size(); ++i)
       if (stands[i])
         on_logits(plan.logit_request[i], plan.logit_position[i], host_logits_.data() + i * V);
+  target_non_finite_ = Backend::kAllFinite;
   if (!drafter_) return out;
+  // The draft layer's own steps reset the backend's non-finite flag: read the target's first (after
+  // sampling it costs no wait), and draft nothing from a broken step.
+  target_non_finite_ = be.non_finite_where();
+  if (target_non_finite_ != Backend::kAllFinite) return out;
   // What stands of every chunk, and the token after each standing row.
   std::vector<ChunkAfterVerify> chunks;
   for (size_t ci = 0; ci < b.chunks.size(); ++ci) {

@@ -92,6 +92,9 @@ class HeadStage {
                     const std::function<void(int64_t, int64_t, const float*)>& on_logits);
   // Verify steps, drafts verified and accepted so far.
   const SpecCounters& spec_counters() const { return spec_; }
+  // Where the step's target pass first produced a NaN / Inf (Backend::non_finite_where), read
+  // before the draft layer runs (its steps reset the backend's flag); kAllFinite if none.
+  int target_non_finite() const { return target_non_finite_; }
 
  private:
   Model& model_;
@@ -99,6 +102,7 @@ class HeadStage {
   std::vector<float> host_logits_;
   std::map<int, DraftDists> q_;
   SpecCounters spec_;
+  int target_non_finite_ = Backend::kAllFinite;
 };
 
 }  // namespace sp

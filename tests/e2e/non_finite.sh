@@ -58,6 +58,10 @@ else
   echo "note: $gpus GPU(s): the pp 3 cases need 3"
 fi
 run "$device: Inf in the head, pp 1" "$dir/inf" 0 "the head (logits)" -- "$bin" generate
+# With speculative decoding the MTP layer runs after the head on the last stage: the target's
+# NaN is still named where it first appears, not in the draft layer.
+run "$device: NaN weight in layer 2, speculative" "$dir/nan" 0 "layer 2" -- "$bin" generate --speculative mtp --num-speculative-tokens 2
+run "$device: Inf in the head, speculative" "$dir/inf" 0 "the head (logits)" -- "$bin" generate --speculative mtp
 # The unpoisoned checkpoint still runs.
 "$bin" generate --device $device --model "$data/tiny" --prompt-ids 1,2,3 --max-tokens 4 --threads 1 >/dev/null || fail "clean tiny"
 echo "ok: the clean checkpoint runs"

@@ -227,9 +227,9 @@ std::vector<Request> requests(const Config& c) {
 // Runs the requests at `stages` stages (threads), with `k` drafts per step from `drafter_ref`
 // (0: no speculation), a small token budget (chunked prefill).
 RunResult run_split(const std::string& name, int stages, int k,
-                    const std::map<int64_t, std::vector<int32_t>>* drafter_ref) {
+                    const std::map<int64_t, std::vector<int32_t>>* drafter_ref, int budget = 8) {
   const Config& c = config_of(name);
-  const int budget = 8, seqs = 4;
+  const int seqs = 4;
   Topology topo{stages, 0, vllm_partition(c.num_layers, stages)};
   auto tr = make_local_transports(stages);
   RunResult res;
@@ -338,11 +338,12 @@ TEST_P(SpecRollback, RejectedDraftsLeaveTokensLogitsAndCachesAsWithout) {
   const Config& c = config_of(name);
   const RunResult ref = run_split(name, 1, 0, nullptr);
   ASSERT_EQ(ref.tokens.size(), 3u);
-  for (int k : {1, 3}) {
+  // K = 8 with a budget of 16: verify chunks of 9 positions, longer than the window (8).
+  for (int k : {1, 3, 8}) {
     for (int stages : {1, 2, 3}) {
       if (stages > c.num_layers) continue;
       SCOPED_TRACE("k " + std::to_string(k) + ", " + std::to_string(stages) + " stages");
-      const RunResult got = run_split(name, stages, k, &ref.tokens);
+      const RunResult got = run_split(name, stages, k, &ref.tokens, k == 8 ? 16 : 8);
       EXPECT_EQ(got.tokens, ref.tokens);
       EXPECT_EQ(got.logits.size(), ref.logits.size());
       EXPECT_TRUE(got.logits == ref.logits) << "logits differ";

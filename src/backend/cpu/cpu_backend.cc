@@ -468,7 +468,9 @@ class CpuBackend final : public Backend {
                      Tensor ring) override {
     SP_CHECK(ring_rows >= window, "window ring of ", ring_rows, " rows for a window of ", window);
     for (const SeqChunk& ch : b.chunks) {
-      for (int i = std::max(0, ch.n_tokens - window); i < ch.n_tokens; ++i) {
+      // The last ring_rows positions: a verify chunk longer than the window must still leave its
+      // first positions (which may be all that stands after the rollback) in the ring.
+      for (int i = std::max(0, ch.n_tokens - ring_rows); i < ch.n_tokens; ++i) {
         const int64_t p = ch.start_pos + i;
         std::memcpy(ring.row(static_cast<int64_t>(ch.slot) * ring_rows + p % ring_rows),
                     kv.row(ch.offset + i), kv.cols * sizeof(float));

@@ -351,8 +351,9 @@ int num_sms() {
 __global__ void window_update_kernel(const void* kv, int64_t kv_stride, bool kv_bf, void* ring,
                                      int64_t ring_stride, bool ring_bf, int cols, int window,
                                      int ring_rows, DevBatch b) {
+  (void)window;  // the ring holds more: each chunk's last ring_rows positions are written
   const SeqChunk ch = b.chunks[blockIdx.y];
-  const int i = max(0, ch.n_tokens - window) + static_cast<int>(blockIdx.x);
+  const int i = max(0, ch.n_tokens - ring_rows) + static_cast<int>(blockIdx.x);
   if (i >= ch.n_tokens) return;
   const int64_t p = ch.start_pos + i;
   const void* src = attn::row_ptr(kv, ch.offset + i, kv_stride, kv_bf);
@@ -447,7 +448,8 @@ void window_update(cudaStream_t s, Tensor kv, int window, int ring_rows, const D
   SP_CHECK(kv.cols == ring.cols, "window_update: kv ", kv.cols, " cols, ring ", ring.cols);
   SP_CHECK(ring_rows >= window, "window_update: ring of ", ring_rows, " rows, window ", window);
   int rows = 0;
-  for (const SeqChunk& ch : hb.chunks) rows = std::max(rows, std::min(ch.n_tokens, window));
+  // Each chunk's last ring_rows positions (speculative rollback keeps the slack rows valid).
+  for (const SeqChunk& ch : hb.chunks) rows = std::max(rows, std::min(ch.n_tokens, ring_rows));
   if (rows == 0) return;
   window_update_kernel<<<dim3(rows, hb.chunks.size()), 128, 0, s>>>(
       kv.data, kv.stride, attn::is_bf16(kv), ring.data, ring.stride, attn::is_bf16(ring),
