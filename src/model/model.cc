@@ -412,9 +412,6 @@ void Model::run_layers(const BatchView& b, Tensor X, const LayerHook& hook) {
     decoder_block(layers_[li], state_[li], b, X);
     if (hook) hook(layers_[li].index, X);
   }
-  // The MTP layer reads the pre-hc_head streams: keep them where the draft can find them.
-  if (ws_mtp_hidden_.data && w_.plan.end_layer == c_.num_layers)
-    be_.copy(X, ws_mtp_hidden_.slice_rows(0, b.num_tokens));
 }
 
 Tensor Model::head_rows(const BatchView& b, Tensor X, const HcWeights& hc, const Tensor& norm) {

@@ -91,8 +91,9 @@ class Model {
   int64_t state_bytes() const { return state_bytes_; }
   // The state of the layers this model runs, in layer order (tests compare caches through it).
   const std::vector<LayerState>& layer_states() const { return state_; }
-  // The last layer's output streams, kept for the MTP draft layer: [tokens, hc * hidden]
-  // (allocated for max_num_batched_tokens rows; empty unless limits.mtp on the head's stage).
+  // A buffer for the MTP draft layer's input streams (the drafter gathers the standing rows of the
+  // last layer's output into it): [max_num_batched_tokens, hc * hidden]; empty unless limits.mtp
+  // on the head's stage.
   Tensor mtp_hidden() const { return ws_mtp_hidden_; }
   // A buffer for the MTP layer's output streams (mtp_forward's X_out, and X_in of a chained draft),
   // `rows` of [max_num_batched_tokens, hc * hidden]; apart from the residual buffers, which belong
