@@ -199,7 +199,8 @@ StepPlan Scheduler::schedule(int token_cap) {
       SampleRow row{static_cast<int32_t>(b.logit_rows.size() - 1 - nd), s->req.id, s->req.sampling};
       row.n_draft = nd;
       row.draft = lim_.spec_tokens > 0 && spec_eligible(s->req);
-      if (nd > 0 && !s->req.sampling.ignore_eos) {
+      // The tokens that end the request: a verify group's tokens stop there, no drafts follow one.
+      if ((nd > 0 || row.draft) && !s->req.sampling.ignore_eos) {
         row.stop_offset = static_cast<int32_t>(plan.stop_tokens.size());
         if (eos_ >= 0) plan.stop_tokens.push_back(static_cast<int32_t>(eos_));
         plan.stop_tokens.insert(plan.stop_tokens.end(), s->req.stop_token_ids.begin(),
