@@ -310,6 +310,23 @@ void Model::embed(const BatchView& b, Tensor X) {
   be_.note_non_finite(X, Backend::kNonFiniteEmbedding);
 }
 
+// One compressor (the attention's, or the indexer's): projections, then the backend's pooling into
+// the slot's input ring and the entry pool.
+void Model::compressor(const LayerView& L, const CompressorView& w, int overlap, int dim,
+                       const BatchView& b, Tensor xn, Tensor a, Tensor g, Tensor ring,
+                       Tensor entries) {
+  be_.linear(xn, w.wkv, a);
+  be_.linear(xn, w.wgate, g);
+  const CompressorArgs ca{&w,
+                          &rope_compress_,
+                          L.ratio,
+                          overlap,
+                          dim,
+                          c_.rms_norm_eps,
+                          compressor_ring_rows(c_, L.index, lim_.spec_slack)};
+  be_.compress(a, g, ca, b, ring, entries);
+}
+
 void Model::attention_block(const LayerView& L, LayerState& st, const BatchView& b, Tensor xn,
                             Tensor f) {
   const int T = b.num_tokens, dh = c_.head_dim;
@@ -331,32 +348,14 @@ void Model::attention_block(const LayerView& L, LayerState& st, const BatchView&
   if (L.ratio > 0) {
     const int k = c_.compressor_overlap(L.index);
     Tensor a = ws_a_.view(T, int64_t{k} * dh), g = ws_g_.view(T, int64_t{k} * dh);
-    be_.linear(xn, L.compressor.wkv, a);
-    be_.linear(xn, L.compressor.wgate, g);
-    CompressorArgs ca{&L.compressor,
-                      &rope_compress_,
-                      L.ratio,
-                      k,
-                      dh,
-                      eps,
-                      compressor_ring_rows(c_, L.index, lim_.spec_slack)};
-    be_.compress(a, g, ca, b, st.cmp_buf, st.cmp);
+    compressor(L, L.compressor, k, dh, b, xn, a, g, st.cmp_buf, st.cmp);
   }
   const Tensor* sel = nullptr;
   Tensor selected;
   if (L.kind == AttnKind::kCSA) {
     const int id = c_.index_head_dim, ih = c_.index_n_heads;
     Tensor ia = ws_ia_.slice_rows(0, T), ig = ws_ig_.slice_rows(0, T);
-    be_.linear(xn, L.idx_compressor.wkv, ia);
-    be_.linear(xn, L.idx_compressor.wgate, ig);
-    CompressorArgs ca{&L.idx_compressor,
-                      &rope_compress_,
-                      L.ratio,
-                      2,
-                      id,
-                      eps,
-                      compressor_ring_rows(c_, L.index, lim_.spec_slack)};
-    be_.compress(ia, ig, ca, b, st.idx_buf, st.idx);
+    compressor(L, L.idx_compressor, 2, id, b, xn, ia, ig, st.idx_buf, st.idx);
     Tensor iq = ws_iq_.slice_rows(0, T), iw = ws_iw_.slice_rows(0, T);
     be_.linear(qlat, L.idx_wq_b, iq);
     be_.rope(iq, id, rope_compress_, b, false);

@@ -135,6 +135,8 @@ class Model {
   // One decoder block (mHC, attention, mHC, MoE) in place on X: the main layers and the MTP layer.
   void decoder_block(const LayerView& L, LayerState& st, const BatchView& b, Tensor X);
   void attention_block(const LayerView& L, LayerState& st, const BatchView& b, Tensor xn, Tensor f);
+  void compressor(const LayerView& L, const CompressorView& w, int overlap, int dim,
+                  const BatchView& b, Tensor xn, Tensor a, Tensor g, Tensor ring, Tensor entries);
   // logits of b.logit_rows through an hc_head, a final norm and the head.
   Tensor head_rows(const BatchView& b, Tensor X, const HcWeights& hc, const Tensor& norm);
 
