@@ -47,8 +47,9 @@ struct Timing {
 };
 
 Timing run_once(const Config& c, const ModelWeights& w, Backend& be, int batch, int context,
-                int decode_steps, int budget) {
+                int decode_steps, int budget, bool graphs) {
   StateLimits lim;
+  lim.step_graphs = graphs;
   lim.max_num_seqs = batch;
   lim.max_model_len = context + decode_steps + 1;
   lim.max_num_batched_tokens = std::max(budget, batch);
@@ -126,8 +127,10 @@ int bench_main(int argc, char** argv) {
   double copy_gbs = 0;
   if (*dev == "cuda") copy_gbs = cuda_copy_bandwidth_gbs(0, size_t{4} << 30);
   const double bytes_tok = decode_bytes_per_token(c);
-  std::printf("device %s (activations %s); decode weight bytes per token (batch 1) %.3f GB",
-              dev->c_str(), f.str("activation-dtype").c_str(), bytes_tok / 1e9);
+  std::printf("device %s (activations %s%s); decode weight bytes per token (batch 1) %.3f GB",
+              dev->c_str(), f.str("activation-dtype").c_str(),
+              f.given("enforce-eager") && f.boolean("enforce-eager") ? ", eager" : ", CUDA graphs",
+              bytes_tok / 1e9);
   if (copy_gbs > 0)
     std::printf("; copy bandwidth %.0f GB/s -> floor %.3f ms/token", copy_gbs,
                 bytes_tok / (copy_gbs * 1e9) * 1e3);
@@ -140,7 +143,8 @@ int bench_main(int argc, char** argv) {
       if (!be) return fail(be.status());
       Timing t =
           run_once(c, **w, **be, batch, static_cast<int>(f.i64("context")),
-                   static_cast<int>(f.i64("decode-steps")), static_cast<int>(f.i64("prefill")));
+                   static_cast<int>(f.i64("decode-steps")), static_cast<int>(f.i64("prefill")),
+                   !(f.given("enforce-eager") && f.boolean("enforce-eager")));
       std::vector<double> d = t.decode_steps;
       std::sort(d.begin(), d.end());
       const double med = d.empty() ? 0 : d[d.size() / 2];
