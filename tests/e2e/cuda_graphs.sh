@@ -10,9 +10,14 @@
 bin=$1 data=$2
 out=$("$bin" generate --device cuda --model "$data/tiny" --prompt-ids 1,2,3 --max-tokens 1 2>&1) || {
   echo "skipped: no CUDA GPU or no CUDA backend: $out"; exit 77; }
+# pp 2 on one GPU: both stages on GPU 0, boundary through host memory (NCCL takes one rank per GPU).
+pp2=(--pp 2)
+[ "$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')" -ge 2 ] || pp2=(--pp 2 --devices 0,0 --stage-transport host)
 for m in tiny small tinyq; do
   for pp in 1 2; do
-    run=(generate --device cuda --model "$data/$m" --pp "$pp" --ignore-eos --max-num-seqs 3
+    split=(--pp 1)
+    [ "$pp" = 2 ] && split=("${pp2[@]}")
+    run=(generate --device cuda --model "$data/$m" "${split[@]}" --ignore-eos --max-num-seqs 3
          --prompt-ids 1,2,3,4,5 --prompt-ids 7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23
          --prompt-ids 30 --prompt-ids 40,41 --max-tokens 40)
     eager=$("$bin" "${run[@]}" --enforce-eager 2>&1) || fail "$m pp $pp eager: $eager"
