@@ -153,13 +153,19 @@ struct BackendLimits {
 struct StepGraphKey {
   int part = 0;  // 0: the decoder layers of a stage
   int tokens = 0;
+  int chunk_tokens = 0;  // every chunk's tokens
   const void* residual = nullptr;
   bool operator<(const StepGraphKey& o) const {
     if (part != o.part) return part < o.part;
     if (tokens != o.tokens) return tokens < o.tokens;
+    if (chunk_tokens != o.chunk_tokens) return chunk_tokens < o.chunk_tokens;
     return residual < o.residual;
   }
 };
+// Steps whose chunks all have the same number of tokens, at most this many (decode: 1; a verify
+// step of speculative decoding: 1 + drafts), are decode-shaped: their launches depend on the
+// token count, the chunk length and the limits only.
+constexpr int kGraphChunkTokens = 16;
 
 struct CompressorArgs {
   const CompressorView* w;
@@ -275,7 +281,7 @@ class Backend {
   virtual void begin_step(const BatchView& b) = 0;
   // Runs `body` (ops of the current step). A backend that records graphs (the CUDA backend with
   // BackendLimits.step_graphs) may instead replay what an earlier step with the same key queued:
-  // callers use it only for decode-shaped steps (every chunk one token), whose launches depend on
+  // callers use it only for decode-shaped steps (kGraphChunkTokens), whose launches depend on
   // nothing but the key, the limits and device memory. Bit-identical either way.
   virtual void run_graph(const StepGraphKey& key, const std::function<void()>& body) {
     (void)key;

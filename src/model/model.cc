@@ -415,12 +415,15 @@ void Model::run_layers(const BatchView& b, Tensor X, const LayerHook& hook) {
       if (hook) hook(layers_[li].index, X);
     }
   };
-  // A decode step (every chunk one token) launches the same kernels with the same arguments as
-  // every other decode step of its size on this residual buffer: the backend may replay it.
-  const bool decode = std::all_of(b.chunks.begin(), b.chunks.end(),
-                                  [](const SeqChunk& ch) { return ch.n_tokens == 1; });
-  if (decode && !hook && !layers_.empty() && b.num_tokens > 0)
-    be_.run_graph(StepGraphKey{0, b.num_tokens, X.data}, layers);
+  // A decode-shaped step (every chunk the same few tokens: one, or a verify group of speculative
+  // decoding) launches the same kernels with the same arguments as every other such step of its
+  // shape on this residual buffer: the backend may replay it.
+  const int n = b.chunks.empty() ? 0 : b.chunks.front().n_tokens;
+  const bool uniform = n >= 1 && n <= kGraphChunkTokens &&
+                       std::all_of(b.chunks.begin(), b.chunks.end(),
+                                   [n](const SeqChunk& ch) { return ch.n_tokens == n; });
+  if (uniform && !hook && !layers_.empty())
+    be_.run_graph(StepGraphKey{0, b.num_tokens, n, X.data}, layers);
   else
     layers();
 }

@@ -31,3 +31,14 @@ for m in tiny small tinyq; do
     echo "ok: $m pp $pp: $(hash_of "$graphs"); $replayed"
   done
 done
+# Speculative decoding's verify steps (chunks of 1 + 2 drafts) are replayed too.
+run=(generate --device cuda --model "$data/tiny" --ignore-eos --max-num-seqs 3 --speculative mtp
+     --num-speculative-tokens 2 --prompt-ids 1,2,3,4,5 --prompt-ids 7,8,9,10,11,12,13 --prompt-ids 30
+     --max-tokens 40)
+eager=$("$bin" "${run[@]}" --enforce-eager 2>&1) || fail "speculative eager: $eager"
+graphs=$("$bin" "${run[@]}" 2>&1) || fail "speculative graphs: $graphs"
+replayed=$(grep '^cuda graphs' <<<"$graphs") || fail "speculative: no step replayed: $graphs"
+[ "$(hash_of "$eager")" = "$(hash_of "$graphs")" ] || fail "speculative: logits differ"
+[ "$(grep 'output ids' <<<"$eager")" = "$(grep 'output ids' <<<"$graphs")" ] ||
+  fail "speculative: tokens differ"
+echo "ok: tiny --speculative mtp K 2: $(hash_of "$graphs"); $replayed; $(grep '^speculative' <<<"$graphs")"

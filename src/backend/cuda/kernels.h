@@ -33,7 +33,7 @@ struct DevBatch {
   int num_chunks = 0;
   int num_logit_rows = 0;
   int block_tokens = 0;
-  // Decode-shaped step (every chunk one token): launch sizes come from the limits (max_positions
+  // Decode-shaped step (kGraphChunkTokens): launch sizes come from the limits (max_positions
   // positions per sequence), never from this step's positions, so the launches are the same for
   // every such step of num_tokens tokens and can be replayed from a graph.
   int static_shapes = 0;
