@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# CUDA graphs: decode steps recorded once per (batch size, residual buffer) and replayed give the
-# same tokens and the same logits, bit for bit, as launching every kernel (--enforce-eager). Four
-# prompts of different lengths, at most three at a time (the fourth joins when one ends, in a mixed
-# prefill + decode step that runs eagerly); 40 new tokens cross the tiny fixture's window ring (8 rows), the compressors' windows (4 and 16 positions)
-# and the indexer's top-k (3 entries). pp 1 and pp 2 (two residual buffers per stage). The run
-# summary must show replayed steps (so the test fails if graphs are silently off). Exit 77
-# (skipped) without a GPU.
+# CUDA graphs: decode-shaped steps recorded once per shape and replayed give the same tokens and
+# the same logits, bit for bit, as launching every kernel (--enforce-eager). Four prompts of
+# different lengths, at most three at a time (the fourth joins when one ends, in a mixed prefill +
+# decode step that runs eagerly); 40 new tokens cross the fixtures' window rings, compressor
+# windows and indexer top-k. pp 1 and pp 2 (two residual buffers per stage), and speculative
+# decoding's verify steps. The run summary must show replayed steps (so the test fails if graphs
+# are silently off). Exit 77 (skipped) without a GPU.
 . "$(dirname "$0")/lib.sh"
 bin=$1 data=$2
 out=$("$bin" generate --device cuda --model "$data/tiny" --prompt-ids 1,2,3 --max-tokens 1 2>&1) || {
