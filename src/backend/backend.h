@@ -289,6 +289,10 @@ class Backend {
   }
   // Steps run_graph replayed from a recording so far.
   virtual int64_t graph_replays() const { return 0; }
+  // Brackets work for an external profiler that starts paused (the CUDA backend calls
+  // cudaProfilerStart / cudaProfilerStop: `ncu --profile-from-start off` profiles only what is in
+  // between); no-op elsewhere.
+  virtual void profile(bool on) { (void)on; }
 
   // out[t] = table[ids[t]]  (exact upcast)            out: [T, hidden]
   virtual void embed(const Matrix& table, const BatchView& b, Tensor out) = 0;

@@ -7,6 +7,8 @@
 #include <memory>
 #include <stdexcept>
 
+#include <cuda_profiler_api.h>
+
 #include "backend/cuda/kernels.h"
 
 namespace sp {
@@ -204,6 +206,10 @@ class CudaBackend final : public Backend {
   }
 
   int64_t graph_replays() const override { return graph_launches_; }
+  void profile(bool on) override {
+    SP_CUDA(cudaStreamSynchronize(stream_));
+    SP_CUDA(on ? cudaProfilerStart() : cudaProfilerStop());
+  }
 
   // First step of a key: run eagerly (the workspace reaches its size for the key); second: record
   // it into a graph (nothing may wait or allocate meanwhile) and launch that; later: launch the
