@@ -5,6 +5,7 @@
 //
 //   seekpipe_bench_model --model DIR [--load-format dummy] [--override-config JSON] --device cuda
 //                        [--batch 1,8,32] [--context 4096] [--decode-steps 32] [--prefill 4096]
+//                        [--enforce-eager] [--profile-step N]
 #include <algorithm>
 #include <chrono>
 #include <cinttypes>
@@ -47,8 +48,9 @@ struct Timing {
 };
 
 Timing run_once(const Config& c, const ModelWeights& w, Backend& be, int batch, int context,
-                int decode_steps, int budget) {
+                int decode_steps, int budget, bool graphs, int profile_step) {
   StateLimits lim;
+  lim.step_graphs = graphs;
   lim.max_num_seqs = batch;
   lim.max_model_len = context + decode_steps + 1;
   lim.max_num_batched_tokens = std::max(budget, batch);
@@ -75,6 +77,8 @@ Timing run_once(const Config& c, const ModelWeights& w, Backend& be, int batch, 
         plan.batch.chunks.begin(), plan.batch.chunks.end(),
         [&](const SeqChunk& ch) { return ch.n_tokens == 1 && ch.start_pos >= context; });
     be.synchronize();
+    const bool profiled = decode && static_cast<int>(t.decode_steps.size()) == profile_step;
+    if (profiled) be.profile(true);
     auto t0 = Clock::now();
     Tensor X = model.residual(0, plan.batch.num_tokens);
     model.begin_step(plan.batch);
@@ -83,6 +87,7 @@ Timing run_once(const Config& c, const ModelWeights& w, Backend& be, int batch, 
     StepOutput out = head.finish(plan, X, nullptr);
     be.synchronize();
     const double dt = seconds_since(t0);
+    if (profiled) be.profile(false);
     if (decode) {
       t.decode_steps.push_back(dt);
     } else {
@@ -102,6 +107,10 @@ int bench_main(int argc, char** argv) {
   specs.push_back({"decode-steps", FlagKind::kInt, "32", "timed decode steps", 1, 1 << 20});
   specs.push_back({"prefill", FlagKind::kInt, "4096", "tokens per prefill step (the token budget)",
                    1, 1 << 20});
+  specs.push_back({"profile-step", FlagKind::kInt, "-1",
+                   "decode step (0-based) bracketed for a profiler that starts paused "
+                   "(ncu --profile-from-start off); -1: none",
+                   -1, 1 << 20});
   Flags f(specs);
   std::vector<std::string> args(argv + 1, argv + argc);
   if (Status st = f.parse(args); !st) return fail(st);
@@ -126,8 +135,10 @@ int bench_main(int argc, char** argv) {
   double copy_gbs = 0;
   if (*dev == "cuda") copy_gbs = cuda_copy_bandwidth_gbs(0, size_t{4} << 30);
   const double bytes_tok = decode_bytes_per_token(c);
-  std::printf("device %s (activations %s); decode weight bytes per token (batch 1) %.3f GB",
-              dev->c_str(), f.str("activation-dtype").c_str(), bytes_tok / 1e9);
+  std::printf("device %s (activations %s%s); decode weight bytes per token (batch 1) %.3f GB",
+              dev->c_str(), f.str("activation-dtype").c_str(),
+              f.given("enforce-eager") && f.boolean("enforce-eager") ? ", eager" : ", CUDA graphs",
+              bytes_tok / 1e9);
   if (copy_gbs > 0)
     std::printf("; copy bandwidth %.0f GB/s -> floor %.3f ms/token", copy_gbs,
                 bytes_tok / (copy_gbs * 1e9) * 1e3);
@@ -140,7 +151,9 @@ int bench_main(int argc, char** argv) {
       if (!be) return fail(be.status());
       Timing t =
           run_once(c, **w, **be, batch, static_cast<int>(f.i64("context")),
-                   static_cast<int>(f.i64("decode-steps")), static_cast<int>(f.i64("prefill")));
+                   static_cast<int>(f.i64("decode-steps")), static_cast<int>(f.i64("prefill")),
+                   !(f.given("enforce-eager") && f.boolean("enforce-eager")),
+                   static_cast<int>(f.i64("profile-step")));
       std::vector<double> d = t.decode_steps;
       std::sort(d.begin(), d.end());
       const double med = d.empty() ? 0 : d[d.size() / 2];

@@ -19,6 +19,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -143,7 +144,28 @@ struct BackendLimits {
   int max_blocks = 0;      // block-table entries per step
   int64_t vocab = 0;
   int block_tokens = 0;  // positions per state block
+  int64_t max_model_len = 0;  // positions per sequence (bounds the launch sizes of graph steps)
+  bool step_graphs = false;   // run_graph may record and replay steps (CUDA graphs)
 };
+
+// What a recorded step is replayed for: the step's token count and residual buffer (every other
+// address a step's ops use is fixed at start-up), and which part of the forward pass.
+struct StepGraphKey {
+  int part = 0;  // 0: the decoder layers of a stage
+  int tokens = 0;
+  int chunk_tokens = 0;  // every chunk's tokens
+  const void* residual = nullptr;
+  bool operator<(const StepGraphKey& o) const {
+    if (part != o.part) return part < o.part;
+    if (tokens != o.tokens) return tokens < o.tokens;
+    if (chunk_tokens != o.chunk_tokens) return chunk_tokens < o.chunk_tokens;
+    return residual < o.residual;
+  }
+};
+// Steps whose chunks all have the same number of tokens, at most this many (decode: 1; a verify
+// step of speculative decoding: 1 + drafts), are decode-shaped: their launches depend on the
+// token count, the chunk length and the limits only.
+constexpr int kGraphChunkTokens = 16;
 
 struct CompressorArgs {
   const CompressorView* w;
@@ -257,6 +279,20 @@ class Backend {
 
   // The step's metadata; every op until the next begin_step reads it (from the backend's copy).
   virtual void begin_step(const BatchView& b) = 0;
+  // Runs `body` (ops of the current step). A backend that records graphs (the CUDA backend with
+  // BackendLimits.step_graphs) may instead replay what an earlier step with the same key queued:
+  // callers use it only for decode-shaped steps (kGraphChunkTokens), whose launches depend on
+  // nothing but the key, the limits and device memory. Bit-identical either way.
+  virtual void run_graph(const StepGraphKey& key, const std::function<void()>& body) {
+    (void)key;
+    body();
+  }
+  // Steps run_graph replayed from a recording so far.
+  virtual int64_t graph_replays() const { return 0; }
+  // Brackets work for an external profiler that starts paused (the CUDA backend calls
+  // cudaProfilerStart / cudaProfilerStop: `ncu --profile-from-start off` profiles only what is in
+  // between); no-op elsewhere.
+  virtual void profile(bool on) { (void)on; }
 
   // out[t] = table[ids[t]]  (exact upcast)            out: [T, hidden]
   virtual void embed(const Matrix& table, const BatchView& b, Tensor out) = 0;

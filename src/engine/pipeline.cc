@@ -50,6 +50,7 @@ std::vector<uint8_t> encode_report(const StageReport& r) {
   put(&r.prefix_hits, sizeof r.prefix_hits);
   put(&r.host_bytes, sizeof r.host_bytes);
   put(&r.device_bytes, sizeof r.device_bytes);
+  put(&r.graph_steps, sizeof r.graph_steps);
   uint64_t n = r.events.size();
   put(&n, sizeof n);
   for (auto& e : r.events) {
@@ -80,6 +81,7 @@ StageReport decode_report(const std::vector<uint8_t>& b) {
   get(&r.prefix_hits, sizeof r.prefix_hits);
   get(&r.host_bytes, sizeof r.host_bytes);
   get(&r.device_bytes, sizeof r.device_bytes);
+  get(&r.graph_steps, sizeof r.graph_steps);
   uint64_t n;
   get(&n, sizeof n);
   r.events.resize(n);
@@ -165,6 +167,7 @@ class StageRunner {
   void exchange_reports(std::vector<StageReport>* all) {
     tl_.report.host_bytes = tr_.host_payload_bytes();
     tl_.report.device_bytes = link_ ? link_->device_bytes() : 0;
+    tl_.report.graph_steps = model_.backend().graph_replays();
     if (s_ != last_) {
       check(tr_.send(last_, Channel::kReport, encode_report(tl_.report), nullptr, 0));
       return;

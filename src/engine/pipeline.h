@@ -38,6 +38,7 @@ struct StageReport {
   int64_t prefix_queries = 0, prefix_hits = 0;
   int64_t host_bytes = 0;    // boundary tensor bytes this stage sent through host memory
   int64_t device_bytes = 0;  // ... and device to device (DeviceLink)
+  int64_t graph_steps = 0;   // steps whose layers ran as a replayed CUDA graph
   std::vector<TraceEvent> events;
 };
 

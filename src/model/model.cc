@@ -113,6 +113,8 @@ Model::Model(const Config& c, const ModelWeights& w, Backend& be, const StateLim
   bl.max_blocks = static_cast<int>(S * per_seq_blocks);
   bl.vocab = c.vocab_size;
   bl.block_tokens = block_tokens_;
+  bl.max_model_len = lim.max_model_len;
+  bl.step_graphs = lim.step_graphs;
   be_.reserve(bl);
   upload_weights(on_progress);
   int64_t bytes = 0;
@@ -407,10 +409,23 @@ void Model::check_step(const BatchView& b) const {
 
 void Model::run_layers(const BatchView& b, Tensor X, const LayerHook& hook) {
   check_step(b);
-  for (size_t li = 0; li < layers_.size(); ++li) {
-    decoder_block(layers_[li], state_[li], b, X);
-    if (hook) hook(layers_[li].index, X);
-  }
+  auto layers = [&] {
+    for (size_t li = 0; li < layers_.size(); ++li) {
+      decoder_block(layers_[li], state_[li], b, X);
+      if (hook) hook(layers_[li].index, X);
+    }
+  };
+  // A decode-shaped step (every chunk the same few tokens: one, or a verify group of speculative
+  // decoding) launches the same kernels with the same arguments as every other such step of its
+  // shape on this residual buffer: the backend may replay it.
+  const int n = b.chunks.empty() ? 0 : b.chunks.front().n_tokens;
+  const bool uniform = n >= 1 && n <= kGraphChunkTokens &&
+                       std::all_of(b.chunks.begin(), b.chunks.end(),
+                                   [n](const SeqChunk& ch) { return ch.n_tokens == n; });
+  if (uniform && !hook && !layers_.empty())
+    be_.run_graph(StepGraphKey{0, b.num_tokens, n, X.data}, layers);
+  else
+    layers();
 }
 
 Tensor Model::head_rows(const BatchView& b, Tensor X, const HcWeights& hc, const Tensor& norm) {

@@ -34,6 +34,9 @@ struct StateLimits {
   // Prefix caching: extra state slots (after the max_num_seqs sequence slots) that hold snapshots
   // of a slot's per-slot state; no step ever runs a sequence in one.
   int snapshot_slots = 0;
+  // Decode steps recorded once per (token count, residual buffer) and replayed as CUDA graphs on
+  // a backend that can (--enforce-eager turns it off).
+  bool step_graphs = true;
 };
 
 // One buffer of a layer's sequence state, for one sequence: `rows` x `cols`, or, when `per_entry`,

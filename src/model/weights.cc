@@ -1,10 +1,12 @@
 #include "model/weights.h"
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstring>
 #include <map>
+#include <thread>
 
 #include "core/checked.h"
 
@@ -549,6 +551,91 @@ const uint8_t* bf16_to_e4m3_table() {
   return t.data();
 }
 
+// One tensor of dummy weights (values from the seed and the tensor's name only, so the order and
+// the thread that makes them do not matter); its buffers are appended to `bufs`.
+Bound dummy_tensor(const ExpectedTensor& t, const Config& c, uint64_t seed,
+                   std::vector<std::vector<uint8_t>>* bufs) {
+  const uint8_t* enc8 = bf16_to_e4m3_table();
+  auto keep = [&](std::vector<uint8_t>&& v) {
+    bufs->push_back(std::move(v));
+    return bufs->back().data();
+  };
+  const uint64_t key = splitmix(seed ^ name_hash(t.name));
+  const int64_t n = numel(t.shape);
+  Bound b;
+  if (t.role == TensorRole::kParam) {
+    std::vector<uint8_t> buf(static_cast<size_t>(n) * 4);
+    float* f = reinterpret_cast<float*>(buf.data());
+    const std::string& nm = t.name;
+    for (int64_t i = 0; i < n; ++i) {
+      float u = uniform(key, i);
+      float v;
+      if (ends_with(nm, "_fn"))
+        v = u * std::sqrt(3.0f / static_cast<float>(t.shape[1]));
+      else if (ends_with(nm, "_base"))
+        v = 0.5f * u;
+      else if (ends_with(nm, "_scale"))
+        v = 1.0f + 0.25f * u;
+      else if (ends_with(nm, "norm.weight"))
+        v = 1.0f + 0.05f * u;
+      else
+        v = 0.1f * u;  // attn_sink, ape, gate.bias
+      f[i] = v;
+    }
+    b.dtype = DType::kF32;
+    b.data = keep(std::move(buf));
+  } else if (t.role == TensorRole::kIndex) {
+    std::vector<uint8_t> buf(static_cast<size_t>(n) * 4);
+    int32_t* p = reinterpret_cast<int32_t*>(buf.data());
+    const int64_t k = t.shape[1];
+    for (int64_t r = 0; r < t.shape[0]; ++r) {
+      int64_t start =
+          static_cast<int64_t>(splitmix(key + r) % static_cast<uint64_t>(c.n_routed_experts));
+      for (int64_t j = 0; j < k; ++j)
+        p[r * k + j] = static_cast<int32_t>((start + j) % c.n_routed_experts);
+    }
+    b.dtype = DType::kI32;
+    b.data = keep(std::move(buf));
+  } else {
+    const int64_t out = t.shape[0], in = t.shape[1];
+    // std 1/sqrt(in) keeps every projection's output O(1); the embedding rows have std 1.
+    const float amp =
+        t.part == Part::kEmbed ? std::sqrt(3.0f) : std::sqrt(3.0f / static_cast<float>(in));
+    b.format = t.format;
+    if (t.format == WeightFormat::kFloat) {
+      std::vector<uint8_t> buf(static_cast<size_t>(n) * 2);
+      uint16_t* p = reinterpret_cast<uint16_t*>(buf.data());
+      for (int64_t i = 0; i < n; ++i) p[i] = f32_to_bf16(amp * uniform(key, i));
+      b.dtype = DType::kBF16;
+      b.data = keep(std::move(buf));
+    } else if (t.format == WeightFormat::kFP8) {
+      const int sexp = static_cast<int>(std::ceil(std::log2(amp / 448.0f)));
+      const float inv = std::ldexp(1.0f, -sexp);
+      std::vector<uint8_t> buf(static_cast<size_t>(n));
+      for (int64_t i = 0; i < n; ++i) buf[i] = enc8[f32_to_bf16(amp * inv * uniform(key, i))];
+      std::vector<uint8_t> sbuf(static_cast<size_t>(ceil_div(out, 128) * ceil_div(in, 128)),
+                                static_cast<uint8_t>(sexp + 127));
+      b.dtype = DType::kE4M3;
+      b.data = keep(std::move(buf));
+      b.scale = keep(std::move(sbuf));
+    } else {
+      // Uniform e2m1 codes have rms ~2.93; pick the power-of-two scale that gives std
+      // ~1/sqrt(in).
+      const int sexp = static_cast<int>(
+          std::lround(std::log2(1.0f / (std::sqrt(static_cast<float>(in)) * 2.93f))));
+      std::vector<uint8_t> buf(static_cast<size_t>(n / 2));
+      for (int64_t i = 0; i < n / 2; ++i) buf[i] = static_cast<uint8_t>(splitmix(key + i) >> 56);
+      std::vector<uint8_t> sbuf(static_cast<size_t>(out * (in / 32)),
+                                static_cast<uint8_t>(sexp + 127));
+      b.dtype = DType::kI8;
+      b.data = keep(std::move(buf));
+      b.scale = keep(std::move(sbuf));
+    }
+    b.scale_dtype = DType::kE8M0;
+  }
+  return b;
+}
+
 }  // namespace
 
 Result<std::unique_ptr<ModelWeights>> dummy_weights(const Config& c, const LoadPlan& plan,
@@ -559,99 +646,40 @@ Result<std::unique_ptr<ModelWeights>> dummy_weights(const Config& c, const LoadP
   w->plan = plan;
   const auto ex = expected_tensors(c, plan.mtp);
   std::map<std::string, Bound> bound;
-  int64_t total = 0, done = 0;
+  int64_t total = 0;
   for (auto& t : ex)
     if (plan.owns(t)) total += expected_bytes(t);
   w->owned.reserve(ex.size() * 2);
-  const uint8_t* enc8 = bf16_to_e4m3_table();
-  for (auto& t : ex) {
-    if (!plan.owns(t)) continue;
-    const uint64_t key = splitmix(seed ^ name_hash(t.name));
-    const int64_t n = numel(t.shape);
-    Bound b;
-    if (t.role == TensorRole::kParam) {
-      std::vector<uint8_t> buf(static_cast<size_t>(n) * 4);
-      float* f = reinterpret_cast<float*>(buf.data());
-      const std::string& nm = t.name;
-      for (int64_t i = 0; i < n; ++i) {
-        float u = uniform(key, i);
-        float v;
-        if (ends_with(nm, "_fn"))
-          v = u * std::sqrt(3.0f / static_cast<float>(t.shape[1]));
-        else if (ends_with(nm, "_base"))
-          v = 0.5f * u;
-        else if (ends_with(nm, "_scale"))
-          v = 1.0f + 0.25f * u;
-        else if (ends_with(nm, "norm.weight"))
-          v = 1.0f + 0.05f * u;
-        else
-          v = 0.1f * u;  // attn_sink, ape, gate.bias
-        f[i] = v;
-      }
-      b.dtype = DType::kF32;
-      w->owned.push_back(std::move(buf));
-      b.data = w->owned.back().data();
-    } else if (t.role == TensorRole::kIndex) {
-      std::vector<uint8_t> buf(static_cast<size_t>(n) * 4);
-      int32_t* p = reinterpret_cast<int32_t*>(buf.data());
-      const int64_t k = t.shape[1];
-      for (int64_t r = 0; r < t.shape[0]; ++r) {
-        int64_t start =
-            static_cast<int64_t>(splitmix(key + r) % static_cast<uint64_t>(c.n_routed_experts));
-        for (int64_t j = 0; j < k; ++j)
-          p[r * k + j] = static_cast<int32_t>((start + j) % c.n_routed_experts);
-      }
-      b.dtype = DType::kI32;
-      w->owned.push_back(std::move(buf));
-      b.data = w->owned.back().data();
-    } else {
-      const int64_t out = t.shape[0], in = t.shape[1];
-      // std 1/sqrt(in) keeps every projection's output O(1); the embedding rows have std 1.
-      const float amp =
-          t.part == Part::kEmbed ? std::sqrt(3.0f) : std::sqrt(3.0f / static_cast<float>(in));
-      b.format = t.format;
-      if (t.format == WeightFormat::kFloat) {
-        std::vector<uint8_t> buf(static_cast<size_t>(n) * 2);
-        uint16_t* p = reinterpret_cast<uint16_t*>(buf.data());
-        for (int64_t i = 0; i < n; ++i) p[i] = f32_to_bf16(amp * uniform(key, i));
-        b.dtype = DType::kBF16;
-        w->owned.push_back(std::move(buf));
-        b.data = w->owned.back().data();
-      } else if (t.format == WeightFormat::kFP8) {
-        const int sexp = static_cast<int>(std::ceil(std::log2(amp / 448.0f)));
-        const float inv = std::ldexp(1.0f, -sexp);
-        std::vector<uint8_t> buf(static_cast<size_t>(n));
-        for (int64_t i = 0; i < n; ++i) buf[i] = enc8[f32_to_bf16(amp * inv * uniform(key, i))];
-        std::vector<uint8_t> sbuf(static_cast<size_t>(ceil_div(out, 128) * ceil_div(in, 128)),
-                                  static_cast<uint8_t>(sexp + 127));
-        b.dtype = DType::kE4M3;
-        w->owned.push_back(std::move(buf));
-        b.data = w->owned.back().data();
-        w->owned.push_back(std::move(sbuf));
-        b.scale = w->owned.back().data();
-      } else {
-        // Uniform e2m1 codes have rms ~2.93; pick the power-of-two scale that gives std
-        // ~1/sqrt(in).
-        const int sexp = static_cast<int>(
-            std::lround(std::log2(1.0f / (std::sqrt(static_cast<float>(in)) * 2.93f))));
-        std::vector<uint8_t> buf(static_cast<size_t>(n / 2));
-        for (int64_t i = 0; i < n / 2; ++i) buf[i] = static_cast<uint8_t>(splitmix(key + i) >> 56);
-        std::vector<uint8_t> sbuf(static_cast<size_t>(out * (in / 32)),
-                                  static_cast<uint8_t>(sexp + 127));
-        b.dtype = DType::kI8;
-        w->owned.push_back(std::move(buf));
-        b.data = w->owned.back().data();
-        w->owned.push_back(std::move(sbuf));
-        b.scale = w->owned.back().data();
-      }
-      b.scale_dtype = DType::kE8M0;
+  // Tensors are made in parallel (each thread takes the next tensor), then bound in order.
+  std::vector<const ExpectedTensor*> jobs;
+  for (auto& t : ex)
+    if (plan.owns(t)) jobs.push_back(&t);
+  bf16_to_e4m3_table();  // built once, before the threads share it
+  std::vector<Bound> made(jobs.size());
+  std::vector<std::vector<std::vector<uint8_t>>> bufs(jobs.size());
+  std::atomic<size_t> next{0};
+  std::atomic<int64_t> made_bytes{0};
+  auto work = [&](bool report) {
+    for (size_t i; (i = next.fetch_add(1)) < jobs.size();) {
+      made[i] = dummy_tensor(*jobs[i], c, seed, &bufs[i]);
+      const int64_t d = made_bytes.fetch_add(expected_bytes(*jobs[i])) + expected_bytes(*jobs[i]);
+      if (report && progress) progress(d, total);
     }
+  };
+  const unsigned hw = std::max(1u, std::min(16u, std::thread::hardware_concurrency()));
+  std::vector<std::thread> threads;
+  for (unsigned i = 1; i < hw; ++i) threads.emplace_back(work, false);
+  work(true);  // this thread reports progress (the load watchdog's ticks)
+  for (auto& th : threads) th.join();
+  if (progress) progress(total, total);
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    for (auto& v : bufs[i]) w->owned.push_back(std::move(v));
+    const ExpectedTensor& t = *jobs[i];
+    Bound& b = made[i];
     bound[t.name] = b;
     w->stats.tensors += 1 + (b.scale ? 1 : 0);
     w->stats.bytes += expected_bytes(t);
     w->stats.accessed.insert(t.name);
-    done += expected_bytes(t);
-    if (progress) progress(done, total);
   }
   Assembler as(c, *w, bound);
   as.set_shapes(ex);

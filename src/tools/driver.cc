@@ -82,6 +82,9 @@ std::vector<FlagSpec> common_flags() {
        -1e300,
        1e300,
        {"auto", "bf16", "fp32"}},
+      {"enforce-eager", FlagKind::kBool, "",
+       "cuda: launch every step's kernels one by one instead of replaying decode steps from "
+       "CUDA graphs (as vLLM's flag; results are bit-identical either way)"},
       {"speculative",
        FlagKind::kString,
        "none",
@@ -909,6 +912,7 @@ int run_one_stage(const Flags& f, const Config& c, const Topology& topo, Transpo
   // Every stage's rings keep room for the drafts a verify step may write and then drop.
   lim.spec_slack = popt.speculative.mtp ? popt.speculative.num_tokens : 0;
   lim.snapshot_slots = slots_or_zero(f);
+  lim.step_graphs = !(f.given("enforce-eager") && f.boolean("enforce-eager"));
   // Block ids travel with each step and address every stage's pool: all use the smallest count.
   auto agreed_blocks = tr.allreduce_max(-static_cast<double>(my_blocks));
   if (!agreed_blocks) tr.fail(agreed_blocks.status().message(), 4);

@@ -91,6 +91,17 @@ void print_pipeline_summary(const std::vector<StageReport>& reports) {
               device, host);
 }
 
+// Decode steps replayed from CUDA graphs, per stage (nothing on the CPU or with --enforce-eager).
+void print_graph_summary(const std::vector<StageReport>& reports) {
+  int64_t any = 0;
+  for (const StageReport& r : reports) any += r.graph_steps;
+  if (any == 0) return;
+  std::printf("cuda graphs: decode steps replayed per stage");
+  for (const StageReport& r : reports)
+    std::printf(" %" PRId64 "%s", r.graph_steps, &r == &reports.back() ? "" : ",");
+  std::printf("\n");
+}
+
 // The last stage's speculative decoding counters (nothing without speculation).
 void print_spec_summary(const std::vector<StageReport>& reports) {
   if (reports.empty() || reports.back().spec.drafts == 0) return;
@@ -233,6 +244,7 @@ int cmd_generate(const std::vector<std::string>& args) {
                       static_cast<double>(reports.front().prefix_queries));
     print_pipeline_summary(reports);
     print_spec_summary(reports);
+    print_graph_summary(reports);
     if (Status st = maybe_write_trace(f, reports); !st) return fail(st);
     std::printf("logits_hash=%016" PRIx64 "\n", hash.h);
     return 0;

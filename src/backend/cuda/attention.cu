@@ -24,6 +24,7 @@ using attn::store_f;
 constexpr int kHG = 8;   // heads per block
 constexpr int kTR = 32;  // rows per tile
 constexpr int kThreads = 256;
+constexpr int kMaxSplits = 64;
 
 struct AttnParams {
   const void* q;
@@ -43,7 +44,7 @@ struct AttnParams {
   int topk, H, dh, W, ratio, kind;  // kind: 0 sliding, 1 HCA, 2 CSA
   int ring_rows;                    // window ring rows per slot
   float scale;
-  int splits, rows_per_split;
+  int splits;
   bool q_bf, kv_bf, ring_bf, cmp_bf, o_bf;
 };
 
@@ -105,8 +106,11 @@ __global__ void __launch_bounds__(kThreads, 2) attention_kernel(AttnParams P, De
   int nwin;
   const int nrows = token_rows(P, p, &nwin);
   const int64_t p0 = p - nwin + 1;
-  const int r_begin = split * P.rows_per_split;
-  const int r_end = min(nrows, r_begin + P.rows_per_split);
+  // This token's rows split evenly (in whole tiles) over the splits: the split count is fixed by
+  // the launch, the split sizes follow this token's own rows.
+  const int rows_per_split = ((nrows + kTR - 1) / kTR + P.splits - 1) / P.splits * kTR;
+  const int r_begin = split * rows_per_split;
+  const int r_end = min(nrows, r_begin + rows_per_split);
 
   // This warp's 4 heads' query slices: dims 4 * lane + 128 * c.
   const int hh = warp & 1, rg = warp >> 1;
@@ -398,24 +402,23 @@ void attention(cudaStream_t s, Workspace& ws, Tensor q, Tensor kv, const Attenti
     P.sel = selected->ptr<int32_t>(), P.sel_stride = selected->stride,
     P.topk = static_cast<int>(selected->cols);
   }
-  // Rows per token (window + compressed) and the split of the rows over blocks.
-  int max_rows = 0;
-  for (int t = 0; t < T; ++t) {
-    const int64_t p = hb.positions[t];
-    int n = static_cast<int>(std::min<int64_t>(p + 1, P.W));
-    if (P.kind == 1) n += static_cast<int>((p + 1) / P.ratio);
-    if (P.kind == 2) n += P.topk;
-    max_rows = std::max(max_rows, n);
-  }
+  // The split of each token's rows over blocks: as many splits as give the grid about two blocks
+  // per SM, at most one per tile of the most rows a token can have (window + top-k for CSA;
+  // window + every compressed entry of the longest sequence for HCA). Fixed by the kind, the
+  // limits and T only, never by this step's positions: a token's result does not depend on the
+  // other tokens of its step, and decode steps launch alike (CUDA graphs).
+  int64_t max_rows = P.W;
+  if (P.kind == 2) max_rows += P.topk;
+  if (P.kind == 1 && b.max_positions > 0) max_rows += b.max_positions / P.ratio;
+  if (P.kind == 1 && b.max_positions <= 0)  // no limit given (op tests): the longest sequence
+    for (int t = 0; t < T; ++t)
+      max_rows = std::max<int64_t>(max_rows, P.W + (hb.positions[t] + 1) / P.ratio);
   const int hgroups = (P.H + kHG - 1) / kHG;
   const int64_t base = static_cast<int64_t>(T) * hgroups;
-  const int max_tiles = std::max(1, (max_rows + kTR - 1) / kTR);
-  int splits = static_cast<int>(
-      std::min<int64_t>(max_tiles, std::max<int64_t>(1, (2 * num_sms() + base - 1) / base)));
-  const int tiles_per_split = (max_tiles + splits - 1) / splits;
-  splits = (max_tiles + tiles_per_split - 1) / tiles_per_split;
+  const int64_t max_tiles = std::max<int64_t>(1, (max_rows + kTR - 1) / kTR);
+  const int splits = static_cast<int>(std::min<int64_t>(
+      {max_tiles, std::max<int64_t>(1, (2 * num_sms() + base - 1) / base), kMaxSplits}));
   P.splits = splits;
-  P.rows_per_split = tiles_per_split * kTR;
   if (splits > 1) P.part = ws.get<float>(0, static_cast<size_t>(T) * P.H * splits * (P.dh + 2));
   dim3 grid(T, hgroups, splits);
   const int nc = (P.dh + 127) / 128;

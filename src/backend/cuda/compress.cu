@@ -181,9 +181,12 @@ void compress(cudaStream_t s, Workspace&, Tensor a, Tensor g, const CompressorAr
   P.cache = cache.data, P.cache_stride = cache.stride, P.cache_bf = attn::is_bf16(cache);
   P.r = r, P.k = k, P.d = d, P.rope_dim = args.rope->rope_dim, P.block_tokens = b.block_tokens;
   P.eps = args.eps;
+  // A chunk of n tokens completes at most ceil(n / r) windows; blocks past a chunk's completed
+  // windows return at once. Sized by the chunk lengths only (not the positions), so every decode
+  // step launches alike (CUDA graphs).
   int64_t windows = 0;
   for (const SeqChunk& ch : hb.chunks)
-    windows = std::max<int64_t>(windows, (ch.start_pos + ch.n_tokens) / r - ch.start_pos / r);
+    windows = std::max<int64_t>(windows, (static_cast<int64_t>(ch.n_tokens) + r - 1) / r);
   const int nchunks = static_cast<int>(hb.chunks.size());
   if (windows > 0) {
     compress_entries_kernel<<<dim3(static_cast<unsigned>(windows), nchunks), kCmpThreads,

@@ -3,8 +3,11 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
 #include <memory>
 #include <stdexcept>
+
+#include <cuda_profiler_api.h>
 
 #include "backend/cuda/kernels.h"
 
@@ -40,6 +43,7 @@ void* Workspace::get(int slot, size_t bytes) {
     size_.resize(slot + 1, 0);
   }
   if (bytes > size_[slot]) {
+    if (capturing_) throw GraphCaptureAbort{};
     // Growing: nothing queued may still use the old buffer.
     SP_CUDA(cudaStreamSynchronize(stream_));
     if (ptr_[slot]) SP_CUDA(cudaFree(ptr_[slot]));
@@ -72,6 +76,7 @@ class CudaBackend final : public Backend {
   }
   ~CudaBackend() override {
     cudaStreamSynchronize(stream_);
+    clear_graphs();
     ws_.reset();
     for (void* p : allocs_) cudaFree(p);
     for (void* p : pinned_) cudaFreeHost(p);
@@ -90,7 +95,7 @@ class CudaBackend final : public Backend {
   void reserve(const BackendLimits& lim) override {
     SP_CUDA(cudaSetDevice(device_));
     lim_ = lim;
-    grow_meta(meta_bytes(lim.max_tokens, lim.max_seqs, lim.max_blocks, lim.max_logit_rows));
+    grow_meta(lim.max_tokens, lim.max_seqs, lim.max_blocks, lim.max_logit_rows);
     specs_host_ =
         static_cast<SampleSpec*>(pinned(sizeof(SampleSpec) * std::max(1, lim.max_logit_rows)));
     specs_dev_ = static_cast<SampleSpec*>(
@@ -158,42 +163,100 @@ class CudaBackend final : public Backend {
     const int T = b.num_tokens, C = static_cast<int>(b.chunks.size()),
               B = static_cast<int>(b.block_tables.size()),
               L = static_cast<int>(b.logit_rows.size());
-    grow_meta(meta_bytes(T, C, B, L));
+    grow_meta(T, C, B, L);
     // Two pinned staging buffers: the one written now was last copied two steps ago.
     cur_ ^= 1;
     SP_CUDA(cudaEventSynchronize(meta_ready_[cur_]));
     uint8_t* h = static_cast<uint8_t*>(meta_host_[cur_]);
-    size_t off = 0;
-    auto put = [&](const void* src, size_t n) {
-      const size_t at = off;
+    // Every array at the same offset every step (sized for the capacity): a recorded step's
+    // kernels read the next step's metadata at the addresses they were recorded with.
+    const MetaLayout& m = meta_layout_;
+    auto put = [&](size_t at, const void* src, size_t n) {
       if (n) std::memcpy(h + at, src, n);
-      off += align16(n);
-      return at;
     };
-    const size_t o_tok = put(b.token_ids.data(), 4 * static_cast<size_t>(T));
-    const size_t o_pos = put(b.positions.data(), 4 * static_cast<size_t>(T));
-    const size_t o_cof = put(b.chunk_of.data(), 4 * static_cast<size_t>(T));
-    const size_t o_chk = put(b.chunks.data(), sizeof(SeqChunk) * static_cast<size_t>(C));
-    const size_t o_blk = put(b.block_tables.data(), 4 * static_cast<size_t>(B));
-    const size_t o_lr = put(b.logit_rows.data(), 4 * static_cast<size_t>(L));
-    SP_CUDA(cudaMemcpyAsync(meta_dev_, h, off, cudaMemcpyHostToDevice, stream_));
+    put(m.tok, b.token_ids.data(), 4 * static_cast<size_t>(T));
+    put(m.pos, b.positions.data(), 4 * static_cast<size_t>(T));
+    put(m.cof, b.chunk_of.data(), 4 * static_cast<size_t>(T));
+    put(m.chk, b.chunks.data(), sizeof(SeqChunk) * static_cast<size_t>(C));
+    put(m.blk, b.block_tables.data(), 4 * static_cast<size_t>(B));
+    put(m.lr, b.logit_rows.data(), 4 * static_cast<size_t>(L));
+    SP_CUDA(cudaMemcpyAsync(meta_dev_, h, m.bytes, cudaMemcpyHostToDevice, stream_));
     SP_CUDA(cudaEventRecord(meta_ready_[cur_], stream_));
     const uint8_t* d = static_cast<const uint8_t*>(meta_dev_);
     dev_.num_tokens = T;
     dev_.num_chunks = C;
     dev_.num_logit_rows = L;
     dev_.block_tokens = lim_.block_tokens;
-    dev_.token_ids = reinterpret_cast<const int32_t*>(d + o_tok);
-    dev_.positions = reinterpret_cast<const int32_t*>(d + o_pos);
-    dev_.chunk_of = reinterpret_cast<const int32_t*>(d + o_cof);
-    dev_.chunks = reinterpret_cast<const SeqChunk*>(d + o_chk);
-    dev_.block_tables = reinterpret_cast<const int32_t*>(d + o_blk);
-    dev_.logit_rows = reinterpret_cast<const int32_t*>(d + o_lr);
+    dev_.max_positions = lim_.max_model_len;
+    const int n = C > 0 ? b.chunks.front().n_tokens : 0;
+    dev_.static_shapes = lim_.max_model_len > 0 && n >= 1 && n <= kGraphChunkTokens &&
+                         std::all_of(b.chunks.begin(), b.chunks.end(),
+                                     [n](const SeqChunk& ch) { return ch.n_tokens == n; });
+    dev_.token_ids = reinterpret_cast<const int32_t*>(d + m.tok);
+    dev_.positions = reinterpret_cast<const int32_t*>(d + m.pos);
+    dev_.chunk_of = reinterpret_cast<const int32_t*>(d + m.cof);
+    dev_.chunks = reinterpret_cast<const SeqChunk*>(d + m.chk);
+    dev_.block_tables = reinterpret_cast<const int32_t*>(d + m.blk);
+    dev_.logit_rows = reinterpret_cast<const int32_t*>(d + m.lr);
     dev_.host = &b;
     // The non-finite flag starts clean every step (stream-ordered: no wait here).
     if (out_dev_) SP_CUDA(cudaMemsetAsync(out_dev_, 0x7f, sizeof(int32_t), stream_));
     nf_where_ = kAllFinite;
     nf_dirty_ = false;
+  }
+
+  int64_t graph_replays() const override { return graph_launches_; }
+  void profile(bool on) override {
+    SP_CUDA(cudaStreamSynchronize(stream_));
+    SP_CUDA(on ? cudaProfilerStart() : cudaProfilerStop());
+  }
+
+  // First step of a key: run eagerly (the workspace reaches its size for the key); second: record
+  // it into a graph (nothing may wait or allocate meanwhile) and launch that; later: launch the
+  // graph. A step that cannot be recorded (something grows) runs eagerly from then on.
+  void run_graph(const StepGraphKey& key, const std::function<void()>& body) override {
+    if (!lim_.step_graphs || lim_.max_model_len <= 0) return body();
+    auto it = graphs_.find(key);
+    if (it == graphs_.end()) {
+      if (graphs_.size() >= kMaxGraphs) return body();
+      it = graphs_.emplace(key, StepGraph{}).first;
+    }
+    StepGraph& g = it->second;
+    if (g.exec) {
+      SP_CUDA(cudaGraphLaunch(g.exec, stream_));
+      if (g.notes_flag) nf_dirty_ = true;
+      ++graph_launches_;
+      return;
+    }
+    if (g.failed || g.runs++ == 0) return body();
+    const bool dirty = nf_dirty_;
+    nf_dirty_ = false;
+    SP_CUDA(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+    ws_->set_capturing(true);
+    bool recorded = true;
+    try {
+      body();
+    } catch (...) {  // GraphCaptureAbort, or a call a capture refuses: run it eagerly below
+      recorded = false;
+    }
+    ws_->set_capturing(false);
+    cudaGraph_t graph = nullptr;
+    const cudaError_t e = cudaStreamEndCapture(stream_, &graph);
+    const bool notes = nf_dirty_;
+    nf_dirty_ = dirty;
+    if (!recorded || e != cudaSuccess || graph == nullptr) {
+      cudaGetLastError();
+      if (graph) cudaGraphDestroy(graph);
+      g.failed = true;
+      return body();  // eagerly: a real error is raised here
+    }
+    const cudaError_t ie = cudaGraphInstantiate(&g.exec, graph, 0);
+    cudaGraphDestroy(graph);
+    SP_CUDA(ie);
+    g.notes_flag = notes;
+    SP_CUDA(cudaGraphLaunch(g.exec, stream_));
+    if (notes) nf_dirty_ = true;
+    ++graph_launches_;
   }
 
   // One read of x per call, on the stream, nothing waited for; the flag reaches the host with the
@@ -350,19 +413,39 @@ class CudaBackend final : public Backend {
                                                  : key - 1;
     nf_dirty_ = false;
   }
-  static size_t meta_bytes(int T, int C, int B, int L) {
-    return 3 * align16(4 * static_cast<size_t>(T)) + align16(sizeof(SeqChunk) * C) +
-           align16(4 * static_cast<size_t>(B)) + align16(4 * static_cast<size_t>(L));
-  }
-  void grow_meta(size_t bytes) {
-    if (bytes <= meta_cap_) return;
+  struct MetaLayout {
+    int T = 0, C = 0, B = 0, L = 0;  // capacities
+    size_t tok = 0, pos = 0, cof = 0, chk = 0, blk = 0, lr = 0, bytes = 0;
+  };
+  // Grows the metadata buffers to hold a step of T tokens, C chunks, B block-table entries and L
+  // logit rows (at least the limits). Moving them invalidates every recorded step.
+  void grow_meta(int T, int C, int B, int L) {
+    MetaLayout& m = meta_layout_;
+    if (meta_dev_ && T <= m.T && C <= m.C && B <= m.B && L <= m.L) return;
     SP_CUDA(cudaStreamSynchronize(stream_));
-    for (void* p : meta_host_)
+    clear_graphs();
+    m.T = std::max({T, m.T, lim_.max_tokens, 1});
+    m.C = std::max({C, m.C, lim_.max_seqs, 1});
+    m.B = std::max({B, m.B, lim_.max_blocks, 1});
+    m.L = std::max({L, m.L, lim_.max_logit_rows, 1});
+    m.tok = 0;
+    m.pos = m.tok + align16(4 * static_cast<size_t>(m.T));
+    m.cof = m.pos + align16(4 * static_cast<size_t>(m.T));
+    m.chk = m.cof + align16(4 * static_cast<size_t>(m.T));
+    m.blk = m.chk + align16(sizeof(SeqChunk) * static_cast<size_t>(m.C));
+    m.lr = m.blk + align16(4 * static_cast<size_t>(m.B));
+    m.bytes = m.lr + align16(4 * static_cast<size_t>(m.L));
+    for (void*& p : meta_host_) {
       if (p) release_pinned(p);
+      p = pinned(m.bytes);
+    }
     if (meta_dev_) release_device(meta_dev_);
-    meta_cap_ = std::max<size_t>(bytes, 4096);
-    for (auto& p : meta_host_) p = pinned(meta_cap_);
-    meta_dev_ = device_alloc(meta_cap_);
+    meta_dev_ = device_alloc(m.bytes);
+  }
+  void clear_graphs() {
+    for (auto& [key, g] : graphs_)
+      if (g.exec) cudaGraphExecDestroy(g.exec);
+    graphs_.clear();
   }
   void* device_alloc(size_t bytes) {
     void* p = nullptr;
@@ -401,7 +484,16 @@ class CudaBackend final : public Backend {
   void* meta_host_[2] = {nullptr, nullptr};
   cudaEvent_t meta_ready_[2];
   void* meta_dev_ = nullptr;
-  size_t meta_cap_ = 0;
+  MetaLayout meta_layout_;
+  struct StepGraph {
+    int runs = 0;                      // eager runs so far (the first sizes the workspace)
+    bool failed = false;               // could not be recorded: always eager
+    bool notes_flag = false;           // the step queues non-finite checks
+    cudaGraphExec_t exec = nullptr;
+  };
+  static constexpr size_t kMaxGraphs = 256;
+  std::map<StepGraphKey, StepGraph> graphs_;
+  int64_t graph_launches_ = 0;
   int cur_ = 0;
   DevBatch dev_;
   SampleSpec* specs_host_ = nullptr;

@@ -199,8 +199,14 @@ void indexer_topk(cudaStream_t s, Workspace& ws, Tensor q, Tensor weights, int h
   P.heads = heads, P.dim = dim, P.ratio = ratio, P.topk = topk;
   P.qscale = 1.0f / std::sqrt(static_cast<float>(dim));
   P.wscale = 1.0f / std::sqrt(static_cast<float>(heads));
+  // Entries of the longest sequence: of this step, or, for a decode-shaped step, of the limit
+  // (the score blocks past a token's own entries return at once), so that every decode step
+  // launches alike (CUDA graphs). The selection does not depend on which.
   int max_n = 0;
-  for (int t = 0; t < T; ++t) max_n = std::max(max_n, (hb.positions[t] + 1) / ratio);
+  if (b.static_shapes)
+    max_n = static_cast<int>(b.max_positions / ratio);
+  else
+    for (int t = 0; t < T; ++t) max_n = std::max(max_n, (hb.positions[t] + 1) / ratio);
   P.ld = std::max(1, max_n);
   const int sub = static_cast<int>(std::clamp<int64_t>(kMaxScoreFloats / P.ld, 1, T));
   P.scores = ws.get<float>(0, static_cast<size_t>(sub) * P.ld);

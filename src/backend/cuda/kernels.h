@@ -33,6 +33,11 @@ struct DevBatch {
   int num_chunks = 0;
   int num_logit_rows = 0;
   int block_tokens = 0;
+  // Decode-shaped step (kGraphChunkTokens): launch sizes come from the limits (max_positions
+  // positions per sequence), never from this step's positions, so the launches are the same for
+  // every such step of num_tokens tokens and can be replayed from a graph.
+  int static_shapes = 0;
+  int64_t max_positions = 0;
   const int32_t* token_ids = nullptr;     // [num_tokens]
   const int32_t* positions = nullptr;     // [num_tokens]
   const int32_t* chunk_of = nullptr;      // [num_tokens]
@@ -56,6 +61,8 @@ __device__ __forceinline__ int64_t dev_entry_row(const DevBatch& b, const SeqChu
 // that stays valid until the next get() of the same slot; different slots never overlap. It grows
 // (cudaMalloc, after synchronising the stream) only when a request is larger than any before, so a
 // warmed-up decode step allocates nothing.
+struct GraphCaptureAbort {};
+
 class Workspace {
  public:
   explicit Workspace(cudaStream_t stream) : stream_(stream) {}
@@ -65,9 +72,13 @@ class Workspace {
   T* get(int slot, size_t count) {
     return static_cast<T*>(get(slot, count * sizeof(T)));
   }
+  // While a step is recorded into a graph nothing may grow (growing waits for the stream): get()
+  // throws GraphCaptureAbort instead and the step runs without a graph.
+  void set_capturing(bool on) { capturing_ = on; }
 
  private:
   cudaStream_t stream_;
+  bool capturing_ = false;
   std::vector<void*> ptr_;
   std::vector<size_t> size_;
 };
