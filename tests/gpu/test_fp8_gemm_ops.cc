@@ -74,9 +74,16 @@ TEST(Fp8Quant, BitExactAgainstHostRule) {
     int64_t M, K, pad;
     DType dt;
   };
-  const Case cases[] = {{5, 4096, 0, DType::kF32},   {129, 1024, 0, DType::kBF16},
-                        {7, 192, 0, DType::kF32},    {64, 320, 4, DType::kF32},
-                        {33, 8192, 0, DType::kBF16}, {130, 256, 8, DType::kBF16}};
+  const Case cases[] = {{5, 4096, 0, DType::kF32},
+                        {129, 1024, 0, DType::kBF16},
+                        {7, 192, 0, DType::kF32},
+                        {64, 320, 4, DType::kF32},
+                        {33, 8192, 0, DType::kBF16},
+                        {130, 256, 8, DType::kBF16},
+                        // Rows not 16-byte aligned (scalar loads), K not a multiple of 8.
+                        {9, 1024, 1, DType::kF32},
+                        {6, 512, 2, DType::kBF16},
+                        {4, 100, 0, DType::kF32}};
   for (const Case& c : cases) {
     const int64_t Mg = (c.M + 3) / 4 * 4, G = (c.K + 127) / 128;
     auto xv = awkward_x(c.M, c.K, 17 + c.M, c.dt == DType::kBF16);
@@ -188,6 +195,7 @@ TEST(Fp8Gemm, CublasLtAgainstCpuOnQuantisedActivations) {
       {200, 256, 256, f32, f32},
       {131, 256, 128, bf16, bf16},
       {150, 256, 192, f32, f32},
+      {140, 256, 320, bf16, f32},
       {133, 528, 4096, f32, f32, true},
   };
   for (const GemmCase& c : cases) {

@@ -40,39 +40,49 @@ __device__ __forceinline__ float load_f(const __nv_bfloat16* p) {
   return __bfloat162float(*p);
 }
 
-// One warp per (row, 128-column group), 4 consecutive columns per lane; 8 groups per block.
-// grid: (Mg, ceil(groups / 8)).
+// 16 lanes per (row, 128-column group), 8 consecutive columns per lane (one 16-byte load of bf16,
+// two of f32; one 8-byte store); a block of 256 threads covers 16 groups of one row.
+// grid: (Mg, ceil(groups / 16)).
 template <typename XT>
 __global__ void __launch_bounds__(256)
     quant_kernel(const XT* x, int64_t ldx, int64_t M, int64_t K, int64_t Mg, int vec, uint8_t* q,
                  float* scales) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t groups = (K + 127) / 128;
-  const int64_t g = static_cast<int64_t>(blockIdx.y) * 8 + warp;
+  const int64_t g = static_cast<int64_t>(blockIdx.y) * 16 + threadIdx.x / 16;
   const int64_t m = blockIdx.x;
-  if (g >= groups) return;
-  const int64_t k0 = g * 128 + lane * 4;
-  float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  const int64_t k0 = g * 128 + (threadIdx.x % 16) * 8;
+  float v[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) v[j] = 0.0f;
   if (m < M && k0 < K) {
     const XT* p = x + m * ldx + k0;
-    if (vec && k0 + 4 <= K) {
+    if (vec && k0 + 8 <= K) {
       if constexpr (sizeof(XT) == 4) {
-        const float4 t = *reinterpret_cast<const float4*>(p);
-        v[0] = t.x, v[1] = t.y, v[2] = t.z, v[3] = t.w;
+        const float4 a = reinterpret_cast<const float4*>(p)[0];
+        const float4 b = reinterpret_cast<const float4*>(p)[1];
+        v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z,
+        v[7] = b.w;
       } else {
-        const uint2 t = *reinterpret_cast<const uint2*>(p);
-        v[0] = __uint_as_float(t.x << 16), v[1] = __uint_as_float(t.x & 0xffff0000u);
-        v[2] = __uint_as_float(t.y << 16), v[3] = __uint_as_float(t.y & 0xffff0000u);
+        const uint4 t = *reinterpret_cast<const uint4*>(p);
+        const uint32_t w[4] = {t.x, t.y, t.z, t.w};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          v[2 * j] = __uint_as_float(w[j] << 16);
+          v[2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
+        }
       }
     } else {
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
+      for (int j = 0; j < 8; ++j)
         if (k0 + j < K) v[j] = load_f(p + j);
     }
   }
-  float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
+  float amax = 0.0f;
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  for (int j = 0; j < 8; ++j) amax = fmaxf(amax, fabsf(v[j]));
+    // Within the 16 lanes of the group (xor offsets below 16 stay in the half-warp).
+#pragma unroll
+  for (int o = 8; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  if (g * 128 >= K) return;  // after the shuffles: every lane of the warp took part
   float s = 1.0f, inv = 1.0f;
   if (m < M) {
     // s = 2^ceil(log2(a / 448)) with a / 448 rounded to fp32 first (the reference's order).
@@ -83,18 +93,20 @@ __global__ void __launch_bounds__(256)
     s = __uint_as_float(static_cast<uint32_t>(e + 127) << 23);
     inv = __uint_as_float(static_cast<uint32_t>(127 - e) << 23);
   }
-  uint32_t packed = 0;
+  uint32_t packed[2] = {0, 0};
 #pragma unroll
-  for (int j = 0; j < 4; ++j)
-    packed |= static_cast<uint32_t>(__nv_cvt_float_to_fp8(v[j] * inv, __NV_SATFINITE, __NV_E4M3))
-              << (8 * j);
+  for (int j = 0; j < 8; ++j)
+    packed[j / 4] |=
+        static_cast<uint32_t>(__nv_cvt_float_to_fp8(v[j] * inv, __NV_SATFINITE, __NV_E4M3))
+        << (8 * (j % 4));
   uint8_t* dst = q + m * K + k0;
-  if (k0 + 4 <= K) {
-    *reinterpret_cast<uint32_t*>(dst) = packed;
+  if (k0 + 8 <= K && (K % 8) == 0) {
+    *reinterpret_cast<uint2*>(dst) = make_uint2(packed[0], packed[1]);
   } else {
-    for (int j = 0; j < 4 && k0 + j < K; ++j) dst[j] = static_cast<uint8_t>(packed >> (8 * j));
+    for (int j = 0; j < 8 && k0 + j < K; ++j)
+      dst[j] = static_cast<uint8_t>(packed[j / 4] >> (8 * (j % 4)));
   }
-  if (lane == 0) scales[g * Mg + m] = s;
+  if (threadIdx.x % 16 == 0) scales[g * Mg + m] = s;
 }
 
 __device__ __forceinline__ float e8m0_f(uint8_t v) {
@@ -102,13 +114,14 @@ __device__ __forceinline__ float e8m0_f(uint8_t v) {
   return __uint_as_float(bits);
 }
 
-// out [rows, cols] fp32 (row-major, compact) = the weight's block scales.
+// out [rows, ld_out] fp32 (columns [0, cols) of each row) = the weight's block scales.
 __global__ void weight_scale_kernel(const uint8_t* s, int f32, int64_t rows, int64_t cols,
-                                    int64_t ld_in, float* out) {
+                                    int64_t ld_in, int64_t ld_out, float* out) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= rows * cols) return;
   const int64_t r = i / cols, c = i % cols;
-  out[i] = f32 ? reinterpret_cast<const float*>(s)[r * ld_in + c] : e8m0_f(s[r * ld_in + c]);
+  out[r * ld_out + c] =
+      f32 ? reinterpret_cast<const float*>(s)[r * ld_in + c] : e8m0_f(s[r * ld_in + c]);
 }
 
 // y [M, N] (y's dtype, row stride ldy) = d [M, N] (bf16 or f32, row stride ldd).
@@ -138,14 +151,14 @@ int64_t round_up(int64_t a, int64_t b) {
 void quantize_act_fp8(cudaStream_t s, Tensor x, int64_t Mg, uint8_t* q, float* scales) {
   SP_CHECK(x.dtype == DType::kF32 || x.dtype == DType::kBF16, "quantize_act_fp8: x dtype ",
            dtype_name(x.dtype));
-  SP_CHECK(Mg >= x.rows && x.cols % 4 == 0, "quantize_act_fp8: Mg ", Mg, " rows ", x.rows, " K ",
-           x.cols);
+  SP_CHECK(Mg >= x.rows, "quantize_act_fp8: Mg ", Mg, " < rows ", x.rows);
   if (Mg == 0 || x.cols == 0) return;
   const int64_t groups = (x.cols + 127) / 128;
   const int esz = static_cast<int>(x.elem_size());
+  // 16-byte loads: 8 bf16 or 4 f32 per load, from 16-byte aligned rows.
   const int vec =
-      (x.stride % 4 == 0 && reinterpret_cast<uintptr_t>(x.data) % (4 * esz) == 0) ? 1 : 0;
-  const dim3 grid(static_cast<unsigned>(Mg), static_cast<unsigned>((groups + 7) / 8));
+      (x.stride % (16 / esz) == 0 && reinterpret_cast<uintptr_t>(x.data) % 16 == 0) ? 1 : 0;
+  const dim3 grid(static_cast<unsigned>(Mg), static_cast<unsigned>((groups + 15) / 16));
   if (x.dtype == DType::kF32)
     quant_kernel<float><<<grid, 256, 0, s>>>(static_cast<const float*>(x.data), x.stride, x.rows,
                                              x.cols, Mg, vec, q, scales);
@@ -173,12 +186,15 @@ const float* LtGemm::prepare(cudaStream_t s, const Matrix& w) {
            w.name, ": fp8 weight scales");
   auto it = wscale_.find(w.scale);
   if (it != wscale_.end()) return it->second;
-  const int64_t rows = (w.out + 127) / 128, cols = (w.in + 127) / 128;
+  // cuBLASLt reads 128x128 block scales with a row stride of ceil(K/128) rounded up to 4 (16
+  // bytes); the padding columns are zero.
+  const int64_t rows = (w.out + 127) / 128, cols = (w.in + 127) / 128, ld = round_up(cols, 4);
   float* p = nullptr;
-  SP_CUDA(cudaMalloc(&p, static_cast<size_t>(rows * cols) * sizeof(float)));
+  SP_CUDA(cudaMalloc(&p, static_cast<size_t>(rows * ld) * sizeof(float)));
+  SP_CUDA(cudaMemsetAsync(p, 0, static_cast<size_t>(rows * ld) * sizeof(float), s));
   const int64_t n = rows * cols;
   weight_scale_kernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, s>>>(
-      w.scale, w.scale_dtype == DType::kF32 ? 1 : 0, rows, cols, w.scale_cols, p);
+      w.scale, w.scale_dtype == DType::kF32 ? 1 : 0, rows, cols, w.scale_cols, ld, p);
   SP_CUDA_LAUNCH();
   wscale_.emplace(w.scale, p);
   return p;
@@ -271,11 +287,18 @@ bool LtGemm::run(cudaStream_t s, Workspace& ws, Tensor x, const Matrix& w, Tenso
   SP_LT(cublasLtMatrixLayoutInit(&a, CUDA_R_8F_E4M3, K, N, K));
   SP_LT(cublasLtMatrixLayoutInit(&b, CUDA_R_8F_E4M3, K, Mg, K));
   SP_LT(cublasLtMatrixLayoutInit(&dl, p.d_type, N, Mg, ldd));
-  // The bucket's algorithm on this exact shape (a host-side check, no device work).
-  cublasLtMatmulHeuristicResult_t chk{};
-  if (cublasLtMatmulAlgoCheck(handle_, desc, &a, &b, &dl, &dl, &p.algo, &chk) !=
-          CUBLAS_STATUS_SUCCESS ||
-      chk.workspaceSize > kLtWorkspaceBytes) {
+  // The bucket's algorithm on this exact shape: checked once per shape (a host-side check that
+  // costs about as much as a small GEMM), remembered.
+  const CheckKey ck{Mg, N, K, ldd, static_cast<int>(p.d_type)};
+  auto ci = checked_.find(ck);
+  if (ci == checked_.end()) {
+    cublasLtMatmulHeuristicResult_t chk{};
+    const bool ok = cublasLtMatmulAlgoCheck(handle_, desc, &a, &b, &dl, &dl, &p.algo, &chk) ==
+                        CUBLAS_STATUS_SUCCESS &&
+                    chk.workspaceSize <= kLtWorkspaceBytes;
+    ci = checked_.emplace(ck, ok).first;
+  }
+  if (!ci->second) {
     ++declined_;
     return false;
   }

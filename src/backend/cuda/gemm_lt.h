@@ -7,8 +7,9 @@
 // cuBLASLt is column-major: y [M, N] row-major is D [N, M] column-major, computed as
 // D = op(A) B with A = W (e4m3 [N, K] row-major = K x N column-major, op T) and B = q (the
 // quantised x, [Mg, K] row-major = K x Mg column-major). Scale layouts:
-// - weights: fp32 [ceil(N/128), ceil(K/128)] row-major (the checkpoint's layout, E8M0 decoded once
-//   per weight into a cached buffer; F32-scaled weights are copied the same way);
+// - weights: fp32 [ceil(N/128), ceil(K/128)] row-major with the row stride rounded up to a multiple
+//   of 4 (what cuBLASLt reads; a compact stride gives wrong results when ceil(K/128) % 4 != 0),
+//   the E8M0 scales decoded once per weight into a cached buffer (F32 scales copied the same way);
 // - activations: fp32 [ceil(K/128), Mg] row-major (the row index is contiguous), Mg = M rounded up
 //   to a multiple of 4 (16-byte aligned columns); when Mg > M the GEMM runs on Mg rows (the
 //   quantiser zero-fills the padding) into a scratch output and the M rows are copied to y.
@@ -67,6 +68,9 @@ class LtGemm {
   // (M bucket, N, K, y is bf16)
   using Key = std::tuple<int64_t, int64_t, int64_t, int>;
   Plan& plan(int64_t bucket, int64_t N, int64_t K, bool y_bf16);
+  // (Mg, N, K, ldd, D type): whether the bucket's algorithm takes this exact shape.
+  using CheckKey = std::tuple<int64_t, int64_t, int64_t, int64_t, int>;
+  std::map<CheckKey, bool> checked_;
 
   cublasLtHandle_t handle_ = nullptr;
   std::map<Key, Plan> plans_;
