@@ -146,7 +146,7 @@ double cuda_copy_bandwidth_gbs(int, size_t) {
 Status cuda_memory_info(int, int64_t*, int64_t*) {
   return Status::error("this seekpipe was built without the CUDA backend");
 }
-Result<std::unique_ptr<Backend>> make_cuda_backend(int, DType, DType) {
+Result<std::unique_ptr<Backend>> make_cuda_backend(int, DType, DType, ActQuant) {
   return Status::error(
       "--device cuda: this seekpipe was built without the CUDA backend (CMake found no nvcc); "
       "rebuild on a machine with the CUDA toolkit, or use --device cpu");

@@ -400,12 +400,19 @@ int cuda_device_count();
 double cuda_copy_bandwidth_gbs(int device, size_t bytes);
 // Free and total bytes of GPU `device` (an error if not built or no such GPU).
 Status cuda_memory_info(int device, int64_t* free_bytes, int64_t* total_bytes);
+// Activation quantisation before the FP8 projections (--activation-quant): none (the exact
+// paths), or fp8: the reference's dynamic 1x128 e4m3 quantisation with power-of-two scales before
+// every FP8 `linear` of at least 128 rows (not the grouped wo_a, nor the compressors), the GEMM on
+// cuBLASLt's block-scaled FP8 tensor cores.
+enum class ActQuant { kNone, kFP8 };
+
 // The CUDA backend on device `device` (an error if not built or no such GPU).
 // `kv_dtype`: storage of the window rings and compressed entries (bf16; fp32 for diagnosis);
 // `act_dtype`: the activations between ops. With fp32 the backend matches the CPU oracle to ~1e-6
 // relative; with bf16 to ~5e-3, which flips top-1 on random-weight models with near-tied logits.
 // The residual streams are fp32 either way.
 Result<std::unique_ptr<Backend>> make_cuda_backend(int device, DType kv_dtype = DType::kBF16,
-                                                   DType act_dtype = DType::kF32);
+                                                   DType act_dtype = DType::kF32,
+                                                   ActQuant act_quant = ActQuant::kNone);
 
 }  // namespace sp

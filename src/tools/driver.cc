@@ -85,6 +85,15 @@ std::vector<FlagSpec> common_flags() {
       {"enforce-eager", FlagKind::kBool, "",
        "cuda: launch every step's kernels one by one instead of replaying decode steps from "
        "CUDA graphs (as vLLM's flag; results are bit-identical either way)"},
+      {"activation-quant",
+       FlagKind::kString,
+       "none",
+       "quantisation of the activations before the FP8 projections: none (exact), or fp8 (cuda "
+       "only: the reference's 1x128 e4m3 quantisation with power-of-two scales, and cuBLASLt's "
+       "block-scaled FP8 GEMM, for projections of at least 128 rows)",
+       -1e300,
+       1e300,
+       {"none", "fp8"}},
       {"speculative",
        FlagKind::kString,
        "none",
@@ -375,6 +384,7 @@ std::string fingerprint(const Flags& f, const Config& c, const Topology& t) {
              ";prefix-cache-slots=", slots_or_zero(f), ";device=", f.str("device"),
              ";kv-cache-dtype=", f.str("kv-cache-dtype"),
              ";activation-dtype=", f.str("activation-dtype"),
+             ";activation-quant=", f.str("activation-quant"),
              ";stage-transport=", f.str("stage-transport"),
              ";stage-timeout=", f.f64("stage-timeout"), ";speculative=", f.str("speculative"),
              ";num-speculative-tokens=", f.i64("num-speculative-tokens"));
@@ -769,8 +779,10 @@ std::unique_ptr<Backend> make_stage_backend(const Flags& f, const Topology& topo
   if (!device) tr.fail(device.status().message(), 2);
   if (*device == "cpu") return make_cpu_backend(threads_per_stage(f, topo));
   const std::string kv = f.str("kv-cache-dtype");
-  auto be = make_cuda_backend(local_gpu(f, topo), kv == "fp32" ? DType::kF32 : DType::kBF16,
-                              f.str("activation-dtype") == "bf16" ? DType::kBF16 : DType::kF32);
+  auto be =
+      make_cuda_backend(local_gpu(f, topo), kv == "fp32" ? DType::kF32 : DType::kBF16,
+                        f.str("activation-dtype") == "bf16" ? DType::kBF16 : DType::kF32,
+                        f.str("activation-quant") == "fp8" ? ActQuant::kFP8 : ActQuant::kNone);
   if (!be) tr.fail(str("stage ", topo.rank, ": ", be.status().message()), 2);
   return std::move(*be);
 }
@@ -1055,6 +1067,10 @@ int run_job(const Flags& f, const Job& job) {
     return fail(
         Status::error("--activation-dtype bf16: the CPU backend computes in fp32 (it is "
                       "the exact reference); use auto or --device cuda"));
+  if (*dev == "cpu" && f.str("activation-quant") != "none")
+    return fail(Status::error(str("--activation-quant ", f.str("activation-quant"),
+                                  ": the CPU backend computes in fp32 (it is the exact "
+                                  "reference); use none or --device cuda")));
   if (*dev == "cpu" && kv != "auto" && kv != "fp32")
     return fail(Status::error(str("--kv-cache-dtype ", kv,
                                   ": the CPU backend keeps its state in fp32 (it is the exact "

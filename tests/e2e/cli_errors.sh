@@ -23,6 +23,7 @@ if ! nvidia-smi -L >/dev/null 2>&1; then
 fi
 expect_error 2 "--kv-cache-dtype fp8: not supported yet" -- "$bin" generate --device cpu --model "$data/tiny" --prompt-ids 1 --kv-cache-dtype fp8
 expect_error 2 "--kv-cache-dtype bf16: the CPU backend keeps its state in fp32" -- "$bin" generate --device cpu --model "$data/tiny" --prompt-ids 1 --kv-cache-dtype bf16
+expect_error 2 "--activation-quant fp8: the CPU backend computes in fp32" -- "$bin" generate --device cpu --model "$data/tiny" --prompt-ids 1 --activation-quant fp8
 # GPU placement and the stage transport: every mistake named, also on a machine without a GPU.
 expect_error 2 "--devices 0,1: GPU placement is for --device cuda" -- "$bin" generate --device cpu --model "$data/tiny" --prompt-ids 1 --pp 2 --devices 0,1
 expect_error 2 "--devices '0,0': GPU 0 is listed twice" -- "$bin" generate --device cpu --model "$data/tiny" --prompt-ids 1 --pp 2 --devices 0,0

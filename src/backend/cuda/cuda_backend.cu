@@ -9,6 +9,7 @@
 
 #include <cuda_profiler_api.h>
 
+#include "backend/cuda/gemm_lt.h"
 #include "backend/cuda/kernels.h"
 
 namespace sp {
@@ -67,16 +68,31 @@ size_t align16(size_t n) {
 
 class CudaBackend final : public Backend {
  public:
-  CudaBackend(int device, DType kv_dtype, DType act_dtype)
+  CudaBackend(int device, DType kv_dtype, DType act_dtype, ActQuant act_quant)
       : device_(device), state_dtype_(kv_dtype), act_dtype_(act_dtype) {
     SP_CUDA(cudaSetDevice(device));
     SP_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     ws_ = std::make_unique<Workspace>(stream_);
+    if (act_quant == ActQuant::kFP8) {
+      lt_ = std::make_unique<cuda::LtGemm>(device);
+      ws_->fp8_gemm = lt_.get();
+    }
     for (auto& e : meta_ready_) SP_CUDA(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
   }
   ~CudaBackend() override {
     cudaStreamSynchronize(stream_);
     clear_graphs();
+    if (lt_) {
+      // How much of the run the fp8 path covered (the projections below its row threshold, and
+      // shapes it declines, ran on the exact kernels).
+      std::fprintf(stderr,
+                   "cuda: --activation-quant fp8: %lld FP8 projections through cuBLASLt, %lld "
+                   "declined by shape, %lld below %lld rows (exact kernels)\n",
+                   static_cast<long long>(lt_->taken()), static_cast<long long>(lt_->declined()),
+                   static_cast<long long>(fp8_linear_calls_ - lt_->taken() - lt_->declined()),
+                   static_cast<long long>(cuda::kLtMinRows));
+      lt_.reset();
+    }
     ws_.reset();
     for (void* p : allocs_) cudaFree(p);
     for (void* p : pinned_) cudaFreeHost(p);
@@ -139,6 +155,8 @@ class CudaBackend final : public Backend {
       m.scale = p + align16(vb);
     }
     m.device = Device::kCuda;
+    // The fp8 path's fp32 copy of the block scales, made once here rather than on first use.
+    if (lt_ && m.format == WeightFormat::kFP8 && m.scale) lt_->prepare(stream_, m);
     // The host bytes may be a mapped file: finish before the caller may unmap it.
     SP_CUDA(cudaStreamSynchronize(stream_));
     return m;
@@ -288,6 +306,7 @@ class CudaBackend final : public Backend {
   void linear(Tensor x, const Matrix& w, Tensor y) override {
     SP_CHECK(x.cols == w.in && y.cols == w.out && x.rows == y.rows, w.name, ": x ", x.rows, "x",
              x.cols, " y ", y.rows, "x", y.cols, " W ", w.out, "x", w.in);
+    if (w.format == WeightFormat::kFP8) ++fp8_linear_calls_;
     cuda::linear(stream_, *ws_, x, w, y);
   }
   void grouped_linear(Tensor x, const Matrix& w, int groups, Tensor y) override {
@@ -479,6 +498,8 @@ class CudaBackend final : public Backend {
   DType state_dtype_, act_dtype_;
   cudaStream_t stream_ = nullptr;
   std::unique_ptr<Workspace> ws_;
+  std::unique_ptr<cuda::LtGemm> lt_;  // --activation-quant fp8
+  int64_t fp8_linear_calls_ = 0;      // linear() calls with an FP8 weight
   BackendLimits lim_;
   std::vector<void*> allocs_, pinned_;
   void* meta_host_[2] = {nullptr, nullptr};
@@ -575,7 +596,8 @@ Status cuda_memory_info(int device, int64_t* free_bytes, int64_t* total_bytes) {
   return Status::ok();
 }
 
-Result<std::unique_ptr<Backend>> make_cuda_backend(int device, DType kv_dtype, DType act_dtype) {
+Result<std::unique_ptr<Backend>> make_cuda_backend(int device, DType kv_dtype, DType act_dtype,
+                                                   ActQuant act_quant) {
   int n = 0;
   if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
     cudaGetLastError();
@@ -592,7 +614,8 @@ Result<std::unique_ptr<Backend>> make_cuda_backend(int device, DType kv_dtype, D
                              "); this build targets Hopper (sm_90a) only"));
   SP_CHECK(kv_dtype == DType::kBF16 || kv_dtype == DType::kF32, "kv dtype");
   SP_CHECK(act_dtype == DType::kBF16 || act_dtype == DType::kF32, "act dtype");
-  return std::unique_ptr<Backend>(std::make_unique<CudaBackend>(device, kv_dtype, act_dtype));
+  return std::unique_ptr<Backend>(
+      std::make_unique<CudaBackend>(device, kv_dtype, act_dtype, act_quant));
 }
 
 }  // namespace sp

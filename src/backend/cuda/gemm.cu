@@ -365,6 +365,7 @@ void run_linear(cudaStream_t s, Workspace& ws, Tensor x, const Matrix& w, Tensor
            w.name, ": scale dtype");
   const int64_t M = x.rows, N = w.out, K = w.in;
   if (M == 0 || N == 0) return;
+  if (gstride == 0 && fp8_linear(s, ws, x, w, y)) return;  // --activation-quant fp8 (gemm_lt.cu)
   const DevMat dm = dev_mat(w);
   const bool x_bf16 = x.dtype == DType::kBF16;
   const bool exact_bf16 =

@@ -57,6 +57,8 @@ __device__ __forceinline__ int64_t dev_entry_row(const DevBatch& b, const SeqChu
          w % per_block;
 }
 
+class LtGemm;  // gemm_lt.h
+
 // Scratch device memory, reused across ops. get(slot, bytes) returns a buffer of at least `bytes`
 // that stays valid until the next get() of the same slot; different slots never overlap. It grows
 // (cudaMalloc, after synchronising the stream) only when a request is larger than any before, so a
@@ -75,6 +77,9 @@ class Workspace {
   // While a step is recorded into a graph nothing may grow (growing waits for the stream): get()
   // throws GraphCaptureAbort instead and the step runs without a graph.
   void set_capturing(bool on) { capturing_ = on; }
+  // The FP8 projections through cuBLASLt (--activation-quant fp8), set by the backend that owns
+  // both; null: every projection runs on this backend's own kernels.
+  LtGemm* fp8_gemm = nullptr;
 
  private:
   cudaStream_t stream_;
@@ -96,6 +101,9 @@ void linear(cudaStream_t s, Workspace& ws, Tensor x, const Matrix& w, Tensor y);
 // Block-diagonal grouped projection: y[:, g*N/G:(g+1)*N/G] = x[:, g*K:(g+1)*K] W_g^T with W viewed
 // [G, N/G, K] (w.out = N, w.in = K = x.cols / G).
 void grouped_linear(cudaStream_t s, Workspace& ws, Tensor x, const Matrix& w, int groups, Tensor y);
+// The --activation-quant fp8 path of linear() (gemm_lt.cu): true when it computed y (FP8 weight,
+// ws.fp8_gemm set, M large enough and a shape cuBLASLt takes), false with nothing enqueued.
+bool fp8_linear(cudaStream_t s, Workspace& ws, Tensor x, const Matrix& w, Tensor y);
 // out[t] = table[token_ids[t]] (exact decode, then stored in out's dtype).
 void embed(cudaStream_t s, const Matrix& table, const DevBatch& b, Tensor out);
 
