@@ -97,6 +97,31 @@ float time_ms(cudaStream_t s, int reps, Fn fn) {
   return t[t.size() / 2];
 }
 
+// Median over `reps` of the time per call of `batch` back-to-back calls fn(i) (i rotates the
+// inputs): the device stays busy, so the host's launch latency is not counted (as in a decode step
+// that the host enqueues ahead).
+template <typename Fn>
+float time_batch_ms(cudaStream_t s, int reps, int batch, Fn fn) {
+  for (int i = 0; i < batch; ++i) fn(i);
+  std::vector<float> t;
+  cudaEvent_t a, b;
+  SP_CUDA(cudaEventCreate(&a));
+  SP_CUDA(cudaEventCreate(&b));
+  for (int r = 0; r < reps; ++r) {
+    SP_CUDA(cudaEventRecord(a, s));
+    for (int i = 0; i < batch; ++i) fn(r * batch + i);
+    SP_CUDA(cudaEventRecord(b, s));
+    SP_CUDA(cudaEventSynchronize(b));
+    float ms = 0;
+    SP_CUDA(cudaEventElapsedTime(&ms, a, b));
+    t.push_back(ms / batch);
+  }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
 struct Shape {
   const char* name;
   WeightFormat f;
@@ -106,6 +131,8 @@ struct Shape {
 
 // V4-Flash's projections at decode (M = 1..64) and prefill (M = 4096), bf16 and fp32 activations:
 // GB/s of weight bytes and its fraction of the copy bandwidth measured in the same run; TFLOP/s.
+// "us" is the time per call of back-to-back calls; "us 1" of one call alone between two events
+// (launch latency included).
 void bench_linear(cudaStream_t s, Workspace& ws, int64_t l2, double copy_gbs) {
   const Shape shapes[] = {
       {"wq_a fp8", WeightFormat::kFP8, 1024, 4096, 1},
@@ -116,8 +143,8 @@ void bench_linear(cudaStream_t s, Workspace& ws, int64_t l2, double copy_gbs) {
       {"expert w1 fp4", WeightFormat::kFP4, 2048, 4096, 1},
       {"head bf16", WeightFormat::kFloat, 129280, 4096, 1},
   };
-  std::printf("%-14s %4s %6s %7s %6s %10s %9s %7s %9s\n", "linear", "x", "M", "N", "K", "us",
-              "GB/s", "of copy", "TFLOP/s");
+  std::printf("%-14s %4s %6s %7s %6s %9s %9s %9s %7s %9s\n", "linear", "x", "M", "N", "K", "us",
+              "us 1", "GB/s", "of copy", "TFLOP/s");
   for (const Shape& sh : shapes) {
     Matrix probe = device_matrix(sh.f, sh.N, sh.K, 1);
     const int64_t bytes = probe.nbytes();
@@ -130,17 +157,19 @@ void bench_linear(cudaStream_t s, Workspace& ws, int64_t l2, double copy_gbs) {
         Tensor x = device_tensor(M, sh.K * sh.groups, xd, 7);
         Tensor y = device_tensor(M, sh.N, DType::kBF16, 8);
         const double flop = 2.0 * M * sh.N * sh.K;
-        const int reps = flop > 1e12 ? 5 : 30;
-        const float ms = time_ms(s, reps, [&](int i) {
+        const bool big = flop > 1e12;
+        auto call = [&](int i) {
           if (sh.groups > 1)
             grouped_linear(s, ws, x, ws_m[i % copies], sh.groups, y);
           else
             linear(s, ws, x, ws_m[i % copies], y);
-        });
+        };
+        const float ms = time_batch_ms(s, big ? 3 : 10, big ? copies : std::max(copies, 16), call);
+        const float ms1 = big ? ms : time_ms(s, 20, call);
         const double gbs = bytes / (ms * 1e-3) / 1e9;
-        std::printf("%-14s %4s %6lld %7lld %6lld %10.1f %9.0f %6.0f%% %9.1f\n", sh.name,
+        std::printf("%-14s %4s %6lld %7lld %6lld %9.1f %9.1f %9.0f %6.0f%% %9.1f\n", sh.name,
                     dtype_name(xd), static_cast<long long>(M), static_cast<long long>(sh.N),
-                    static_cast<long long>(sh.K), ms * 1e3, gbs, 100.0 * gbs / copy_gbs,
+                    static_cast<long long>(sh.K), ms * 1e3, ms1 * 1e3, gbs, 100.0 * gbs / copy_gbs,
                     flop / (ms * 1e-3) / 1e12);
         cudaFree(x.data);
         cudaFree(y.data);

@@ -146,7 +146,7 @@ struct Gemv1Args {
 };
 
 template <int F, typename XT, int R>
-__global__ void __launch_bounds__(kG1Threads) gemv1_kernel(Gemv1Args a) {
+__global__ void __launch_bounds__(kG1Threads, 2) gemv1_kernel(Gemv1Args a) {
   constexpr int V = FmtTraits<F>::kVals;
   constexpr int kBytesPerVal2 = F == kWF32 ? 8 : F == kWFP8 ? 2 : F == kWFP4 ? 1 : 4;
   constexpr int U = kG1Unroll;
@@ -154,44 +154,72 @@ __global__ void __launch_bounds__(kG1Threads) gemv1_kernel(Gemv1Args a) {
   __shared__ float red[kG1Threads / 32][R];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int wk = a.wk, rg = warp / wk, wki = warp % wk;
-  const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * (kG1Threads / 32 / wk) + rg) * R;
+  const int gpb = kG1Threads / 32 / wk;  // row groups per block tile
   const int64_t N = a.w.out, K = a.w.in;
-  const int nv = n0 >= N ? 0 : (N - n0 < R ? static_cast<int>(N - n0) : R);
   const int64_t nchunks = (K + V - 1) / V;
   const int T = wk * 32, t = wki * 32 + lane;
+  // Every warp of a block runs the same sequence of (tile, iteration) units, so the barriers of
+  // the wk > 1 reduction are reached by all.
+  const int iters = static_cast<int>((nchunks + int64_t{T} * U - 1) / (int64_t{T} * U));
+  const int64_t ntiles = (N + int64_t{gpb} * R - 1) / (int64_t{gpb} * R);
   const bool deferred = kScaled && !a.w.scale_f32;
   const bool wvec = a.w.vec != 0, xvec = a.xvec != 0;
+
+  uint4 wc[U][R];
+  float sc[U][R];
+  // Issues the loads of unit (tile, it): chunks t + (it U + u) T of the warp's R rows.
+  auto load = [&](int64_t tile, int it) {
+    const int64_t n0 = (tile * gpb + rg) * R;
+    const int nv = n0 >= N ? 0 : (N - n0 < R ? static_cast<int>(N - n0) : R);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t c = t + (static_cast<int64_t>(it) * U + u) * T;
+      const int64_t k0 = c * V;
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const bool ok = c < nchunks && r < nv;
+        wc[u][r] = ok ? ld_chunk(a.w.data + (n0 + r) * a.w.row_bytes, k0 * kBytesPerVal2 / 2,
+                                 a.w.row_bytes, wvec)
+                      : make_uint4(0, 0, 0, 0);
+        if constexpr (F == kWFP8) {
+          // The R rows (R divides 128, n0 % R == 0) share one 128 x 128 scale block.
+          sc[u][r] =
+              r == 0 ? (c < nchunks && nv > 0 ? chunk_scale<F>(a.w, n0, k0) : 0.0f) : sc[u][0];
+        } else {
+          sc[u][r] = ok ? chunk_scale<F>(a.w, n0 + r, k0) : 0.0f;
+        }
+      }
+    }
+  };
+
   float acc[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) acc[r] = 0.0f;
-  if (nv > 0) {
-    const XT* xr = static_cast<const XT*>(a.x) + (n0 / a.rows_per_group) * a.gstride;
-    const uint8_t* rows[R];
+  int64_t tile = blockIdx.x;
+  int it = 0;
+  if (tile < ntiles) load(tile, it);
+  while (tile < ntiles) {
+    uint4 cw[U][R];
+    float cs[U][R];
 #pragma unroll
-    for (int r = 0; r < R; ++r) rows[r] = a.w.data + (n0 + (r < nv ? r : 0)) * a.w.row_bytes;
-    for (int64_t c0 = t; c0 < nchunks; c0 += static_cast<int64_t>(T) * U) {
-      uint4 wc[U][R];
-      float sc[U][R];
+    for (int u = 0; u < U; ++u)
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int64_t c = c0 + static_cast<int64_t>(u) * T;
-        const int64_t k0 = c * V;
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          const bool ok = c < nchunks && r < nv;
-          wc[u][r] = ok ? ld_chunk(rows[r], k0 * kBytesPerVal2 / 2, a.w.row_bytes, wvec)
-                        : make_uint4(0, 0, 0, 0);
-          if constexpr (F == kWFP8) {
-            // The R rows (R divides 128, n0 % R == 0) share one 128 x 128 scale block.
-            sc[u][r] = r == 0 ? (c < nchunks ? chunk_scale<F>(a.w, n0, k0) : 0.0f) : sc[u][0];
-          } else {
-            sc[u][r] = ok ? chunk_scale<F>(a.w, n0 + r, k0) : 0.0f;
-          }
-        }
-      }
+      for (int r = 0; r < R; ++r) cw[u][r] = wc[u][r], cs[u][r] = sc[u][r];
+    const int64_t ctile = tile;
+    const int cit = it;
+    if (++it == iters) {
+      it = 0;
+      tile += gridDim.x;
+    }
+    if (tile < ntiles) load(tile, it);  // in flight while this unit computes
+
+    const int64_t n0 = (ctile * gpb + rg) * R;
+    const int nv = n0 >= N ? 0 : (N - n0 < R ? static_cast<int>(N - n0) : R);
+    if (nv > 0) {
+      const XT* xr = static_cast<const XT*>(a.x) + (n0 / a.rows_per_group) * a.gstride;
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        const int64_t c = c0 + static_cast<int64_t>(u) * T;
+        const int64_t c = t + (static_cast<int64_t>(cit) * U + u) * T;
         if (c >= nchunks) break;
         const int64_t k0 = c * V;
         float part[R];
@@ -204,36 +232,53 @@ __global__ void __launch_bounds__(kG1Threads) gemv1_kernel(Gemv1Args a) {
 #pragma unroll
           for (int r = 0; r < R; ++r) {
             float wv[4];
-            decode4<F>(wc[u][r], p, deferred ? 1.0f : sc[u][r], wv);
+            decode4<F>(cw[u][r], p, deferred ? 1.0f : cs[u][r], wv);
 #pragma unroll
             for (int i = 0; i < 4; ++i) part[r] = fmaf(wv[i], xv[i], part[r]);
           }
         }
 #pragma unroll
-        for (int r = 0; r < R; ++r) acc[r] = fmaf(part[r], deferred ? sc[u][r] : 1.0f, acc[r]);
+        for (int r = 0; r < R; ++r) acc[r] = fmaf(part[r], deferred ? cs[u][r] : 1.0f, acc[r]);
       }
     }
-  }
+    if (cit != iters - 1) continue;
+
+      // The tile's last unit: reduce and write the R rows.
 #pragma unroll
-  for (int r = 0; r < R; ++r) acc[r] = warp_sum(acc[r]);
-  float v = acc[0];
+    for (int r = 0; r < R; ++r) acc[r] = warp_sum(acc[r]);
+    float v = acc[0];
 #pragma unroll
-  for (int r = 1; r < R; ++r)
-    if (lane == r) v = acc[r];
-  if (wk > 1) {
-    if (lane < R) red[warp][lane] = v;
-    __syncthreads();
-    if (wki == 0 && lane < R) {
-      v = 0.0f;
-      for (int j = 0; j < wk; ++j) v += red[warp + j][lane];
+    for (int r = 1; r < R; ++r)
+      if (lane == r) v = acc[r];
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[r] = 0.0f;
+    if (wk > 1) {
+      if (lane < R) red[warp][lane] = v;
+      __syncthreads();
+      if (wki == 0 && lane < R) {
+        v = 0.0f;
+        for (int j = 0; j < wk; ++j) v += red[warp + j][lane];
+      }
+      __syncthreads();
+    }
+    if (wki == 0 && lane < nv) {
+      if (a.y_bf16)
+        static_cast<__nv_bfloat16*>(a.y)[n0 + lane] = __float2bfloat16_rn(v);
+      else
+        static_cast<float*>(a.y)[n0 + lane] = v;
     }
   }
-  if (wki == 0 && lane < nv) {
-    if (a.y_bf16)
-      static_cast<__nv_bfloat16*>(a.y)[n0 + lane] = __float2bfloat16_rn(v);
-    else
-      static_cast<float*>(a.y)[n0 + lane] = v;
-  }
+}
+
+// Resident blocks of a kernel on the current device (the grid of the persistent kernels; the
+// results do not depend on it).
+template <typename Kern>
+int resident_blocks(Kern k, int threads) {
+  int dev = 0, sms = 0, per_sm = 0;
+  SP_CUDA(cudaGetDevice(&dev));
+  SP_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  SP_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k, threads, 0));
+  return std::max(1, sms * std::max(1, per_sm));
 }
 
 template <int F, typename XT>
@@ -248,11 +293,13 @@ void launch_gemv1_x(cudaStream_t s, Gemv1Args a, bool one_row) {
   while (wk < 8 && groups * wk < 4096 && chunks > int64_t{32} * wk) wk *= 2;
   a.wk = wk;
   const int64_t rows_per_block = int64_t{kG1Threads / 32 / wk} * R;
-  const unsigned grid = static_cast<unsigned>((a.w.out + rows_per_block - 1) / rows_per_block);
-  if (one_row)
-    gemv1_kernel<F, XT, 1><<<grid, kG1Threads, 0, s>>>(a);
-  else
-    gemv1_kernel<F, XT, 4><<<grid, kG1Threads, 0, s>>>(a);
+  const int64_t tiles = (a.w.out + rows_per_block - 1) / rows_per_block;
+  auto kern = one_row ? gemv1_kernel<F, XT, 1> : gemv1_kernel<F, XT, 4>;
+  static const int resident1 = resident_blocks(gemv1_kernel<F, XT, 1>, kG1Threads);
+  static const int resident4 = resident_blocks(gemv1_kernel<F, XT, 4>, kG1Threads);
+  const unsigned grid =
+      static_cast<unsigned>(std::min<int64_t>(tiles, one_row ? resident1 : resident4));
+  kern<<<grid, kG1Threads, 0, s>>>(a);
   SP_CUDA_LAUNCH();
 }
 
@@ -602,34 +649,36 @@ __global__ void __launch_bounds__(kTcWarps * 32, NT <= 2 ? 2 : 1) tc_skinny_kern
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
   const int rb = warp / kTcWK, wk = warp % kTcWK;
   const int64_t N = a.w.out, K = a.w.in;
-  const int64_t nb = static_cast<int64_t>(blockIdx.x) * kTcRows + rb * 16 * kTcRT;
   const int64_t steps = (K + KS - 1) / KS;
   const int64_t s0 = static_cast<int64_t>(blockIdx.y) * a.steps_per_split;
   const int64_t s1 = steps < s0 + a.steps_per_split ? steps : s0 + a.steps_per_split;
-  const int64_t col0 =
-      (static_cast<int64_t>(blockIdx.x) * kTcRows / a.rows_per_group) * a.gstride + tq * V;
+  const int64_t tiles = (N + kTcRows - 1) / kTcRows;
+  // Every warp of the block runs the same (tile, iteration) units: iteration it covers the
+  // warp's steps s0 + wk + (it U + u) kTcWK (those at or past s1 load and add nothing).
+  const int iters = static_cast<int>((s1 - s0 + int64_t{kTcWK} * U - 1) / (int64_t{kTcWK} * U));
   const bool wvec = a.w.vec != 0;
 
-  const uint8_t* wrow[kTcRT][2];
-  int64_t wn[kTcRT][2];
-  bool wok[kTcRT][2];
+  uint4 raw[U][kTcRT][2];
+  float sc[U][kTcRT][2];
+  auto load = [&](int64_t tile, int it) {
+    const int64_t nb = tile * kTcRows + rb * 16 * kTcRT;
 #pragma unroll
-  for (int rt = 0; rt < kTcRT; ++rt)
+    for (int u = 0; u < U; ++u) {
+      const int64_t st = s0 + wk + (static_cast<int64_t>(it) * U + u) * kTcWK;
+      const int64_t k0 = st * KS + tq * V;
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t n = nb + rt * 16 + g + 8 * h;
-      wok[rt][h] = n < N;
-      wn[rt][h] = n < N ? n : 0;
-      wrow[rt][h] = a.w.data + wn[rt][h] * a.w.row_bytes;
+      for (int rt = 0; rt < kTcRT; ++rt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int64_t n = nb + rt * 16 + g + 8 * h;
+          const bool ok = st < s1 && n < N && k0 < K;
+          raw[u][rt][h] = ok ? ld_chunk(a.w.data + n * a.w.row_bytes, k0 * kBytesPerVal2 / 2,
+                                        a.w.row_bytes, wvec)
+                             : make_uint4(0, 0, 0, 0);
+          sc[u][rt][h] = ok ? chunk_scale<F>(a.w, n, k0) : 0.0f;
+        }
     }
-  const __nv_bfloat16* xhp[NT];
-  const __nv_bfloat16* xlp[NT];
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    const int64_t m = nt * 8 + g;
-    xhp[nt] = m < a.M ? a.xh + m * a.ldp + col0 : nullptr;
-    xlp[nt] = LO && m < a.M ? a.xl + m * a.ldp + col0 : nullptr;
-  }
+  };
 
   float acc[kTcRT][NT][4];
 #pragma unroll
@@ -639,28 +688,10 @@ __global__ void __launch_bounds__(kTcWarps * 32, NT <= 2 ? 2 : 1) tc_skinny_kern
 #pragma unroll
       for (int q = 0; q < 4; ++q) acc[rt][nt][q] = 0.0f;
 
-  uint4 raw[U][kTcRT][2];
-  float sc[U][kTcRT][2];
-  auto load = [&](int64_t st0) {
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t st = st0 + static_cast<int64_t>(u) * kTcWK;
-      const int64_t k0 = st * KS + tq * V;
-#pragma unroll
-      for (int rt = 0; rt < kTcRT; ++rt)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const bool ok = st < s1 && wok[rt][h] && k0 < K;
-          raw[u][rt][h] = ok ? ld_chunk(wrow[rt][h], k0 * kBytesPerVal2 / 2, a.w.row_bytes, wvec)
-                             : make_uint4(0, 0, 0, 0);
-          sc[u][rt][h] = ok ? chunk_scale<F>(a.w, wn[rt][h], k0) : 0.0f;
-        }
-    }
-  };
-
-  int64_t st = s0 + wk;
-  if (st < s1) load(st);
-  while (st < s1) {
+  int64_t tile = blockIdx.x;
+  int it = 0;
+  if (tile < tiles && iters > 0) load(tile, it);
+  while (tile < tiles && iters > 0) {
     uint4 cur[U][kTcRT][2];
     float cs[U][kTcRT][2];
 #pragma unroll
@@ -669,26 +700,36 @@ __global__ void __launch_bounds__(kTcWarps * 32, NT <= 2 ? 2 : 1) tc_skinny_kern
       for (int rt = 0; rt < kTcRT; ++rt)
 #pragma unroll
         for (int h = 0; h < 2; ++h) cur[u][rt][h] = raw[u][rt][h], cs[u][rt][h] = sc[u][rt][h];
-    const int64_t nst = st + static_cast<int64_t>(U) * kTcWK;
-    if (nst < s1) load(nst);
+    const int64_t ctile = tile;
+    const int cit = it;
+    if (++it == iters) {
+      it = 0;
+      tile += gridDim.x;
+    }
+    if (tile < tiles) load(tile, it);  // in flight while this unit computes
+
+    // Activations of this lane's tokens at the tile's group.
+    const int64_t col0 = (ctile * kTcRows / a.rows_per_group) * a.gstride + tq * V;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int64_t su = st + static_cast<int64_t>(u) * kTcWK;
+      const int64_t su = s0 + wk + (static_cast<int64_t>(cit) * U + u) * kTcWK;
       if (su >= s1) break;
       uint32_t aw[kTcRT][2][V / 2];
 #pragma unroll
       for (int rt = 0; rt < kTcRT; ++rt)
 #pragma unroll
         for (int h = 0; h < 2; ++h) dequant_pairs<F>(cur[u][rt][h], cs[u][rt][h], aw[rt][h]);
-      const int64_t xo = su * KS;
+      const int64_t xo = col0 + su * KS;
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
+        const int64_t m = nt * 8 + g;
 #pragma unroll
         for (int q = 0; q < V / 8; ++q) {
           uint4 bh = make_uint4(0, 0, 0, 0), bl = make_uint4(0, 0, 0, 0);
-          if (xhp[nt] != nullptr) {
-            bh = __ldg(reinterpret_cast<const uint4*>(xhp[nt] + xo + 8 * q));
-            if constexpr (LO) bl = __ldg(reinterpret_cast<const uint4*>(xlp[nt] + xo + 8 * q));
+          if (m < a.M) {
+            bh = __ldg(reinterpret_cast<const uint4*>(a.xh + m * a.ldp + xo + 8 * q));
+            if constexpr (LO)
+              bl = __ldg(reinterpret_cast<const uint4*>(a.xl + m * a.ldp + xo + 8 * q));
           }
 #pragma unroll
           for (int jj = 0; jj < 2; ++jj) {
@@ -706,61 +747,71 @@ __global__ void __launch_bounds__(kTcWarps * 32, NT <= 2 ? 2 : 1) tc_skinny_kern
         }
       }
     }
-    st = nst;
-  }
+    if (cit != iters - 1) continue;
 
-  // The kTcWK warps of a row group add up: in each round the upper half hands its accumulators to
-  // the lower half.
+      // The tile's last unit. The kTcWK warps of a row group add up: in each round the upper half
+      // hands its accumulators to the lower half.
 #pragma unroll
-  for (int hh = kTcWK / 2; hh >= 1; hh /= 2) {
-    if (wk >= hh && wk < 2 * hh) {
-      float* dst = red + (rb * (kTcWK / 2) + (wk - hh)) * kAcc * 32;
+    for (int hh = kTcWK / 2; hh >= 1; hh /= 2) {
+      if (wk >= hh && wk < 2 * hh) {
+        float* dst = red + (rb * (kTcWK / 2) + (wk - hh)) * kAcc * 32;
 #pragma unroll
-      for (int rt = 0; rt < kTcRT; ++rt)
+        for (int rt = 0; rt < kTcRT; ++rt)
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
+          for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-          for (int q = 0; q < 4; ++q) dst[((rt * NT + nt) * 4 + q) * 32 + lane] = acc[rt][nt][q];
-    }
-    __syncthreads();
-    if (wk < hh) {
-      const float* src = red + (rb * (kTcWK / 2) + wk) * kAcc * 32;
-#pragma unroll
-      for (int rt = 0; rt < kTcRT; ++rt)
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-          for (int q = 0; q < 4; ++q) acc[rt][nt][q] += src[((rt * NT + nt) * 4 + q) * 32 + lane];
-    }
-    __syncthreads();
-  }
-  if (wk != 0) return;
-#pragma unroll
-  for (int rt = 0; rt < kTcRT; ++rt)
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const int64_t n = nb + rt * 16 + g + (q >= 2 ? 8 : 0);
-        const int64_t m = nt * 8 + 2 * tq + (q & 1);
-        if (n >= N || m >= a.M) continue;
-        const float v = acc[rt][nt][q];
-        if (a.splits > 1)
-          static_cast<float*>(a.y)[(blockIdx.y * a.M + m) * N + n] = v;
-        else if (a.y_bf16)
-          static_cast<__nv_bfloat16*>(a.y)[m * a.ldy + n] = __float2bfloat16_rn(v);
-        else
-          static_cast<float*>(a.y)[m * a.ldy + n] = v;
+            for (int q = 0; q < 4; ++q) dst[((rt * NT + nt) * 4 + q) * 32 + lane] = acc[rt][nt][q];
       }
+      __syncthreads();
+      if (wk < hh) {
+        const float* src = red + (rb * (kTcWK / 2) + wk) * kAcc * 32;
+#pragma unroll
+        for (int rt = 0; rt < kTcRT; ++rt)
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) acc[rt][nt][q] += src[((rt * NT + nt) * 4 + q) * 32 + lane];
+      }
+      __syncthreads();
+    }
+    const int64_t nb = ctile * kTcRows + rb * 16 * kTcRT;
+#pragma unroll
+    for (int rt = 0; rt < kTcRT; ++rt)
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int64_t n = nb + rt * 16 + g + (q >= 2 ? 8 : 0);
+          const int64_t m = nt * 8 + 2 * tq + (q & 1);
+          const float v = acc[rt][nt][q];
+          acc[rt][nt][q] = 0.0f;
+          if (wk != 0 || n >= N || m >= a.M) continue;
+          if (a.splits > 1)
+            static_cast<float*>(a.y)[(blockIdx.y * a.M + m) * N + n] = v;
+          else if (a.y_bf16)
+            static_cast<__nv_bfloat16*>(a.y)[m * a.ldy + n] = __float2bfloat16_rn(v);
+          else
+            static_cast<float*>(a.y)[m * a.ldy + n] = v;
+        }
+  }
+}
+
+template <int F, int NT, bool LO>
+void launch_tc_k(cudaStream_t s, const TcArgs& a, dim3 grid) {
+  // Persistent: at most the resident blocks (split evenly over the K splits) walk the row tiles.
+  static const int resident = resident_blocks(tc_skinny_kernel<F, NT, LO>, kTcWarps * 32);
+  const unsigned per_split = std::max(1u, static_cast<unsigned>(resident) / grid.y);
+  grid.x = std::min(grid.x, per_split);
+  tc_skinny_kernel<F, NT, LO><<<grid, kTcWarps * 32, 0, s>>>(a);
+  SP_CUDA_LAUNCH();
 }
 
 template <int F, int NT>
 void launch_tc_nt(cudaStream_t s, const TcArgs& a, dim3 grid) {
   if (a.xl != nullptr)
-    tc_skinny_kernel<F, NT, true><<<grid, kTcWarps * 32, 0, s>>>(a);
+    launch_tc_k<F, NT, true>(s, a, grid);
   else
-    tc_skinny_kernel<F, NT, false><<<grid, kTcWarps * 32, 0, s>>>(a);
-  SP_CUDA_LAUNCH();
+    launch_tc_k<F, NT, false>(s, a, grid);
 }
 
 template <int F>
@@ -865,12 +916,12 @@ void run_linear(cudaStream_t s, Workspace& ws, Tensor x, const Matrix& w, Tensor
     a.y_bf16 = y_bf16 ? 1 : 0;
     a.rows_per_group = rows_per_group;
     a.gstride = gstride;
-    // Split K across blocks until the grid has about two blocks per SM of an H100 (a fixed
+    // Split K across blocks while the grid stays within two blocks per SM of an H100 (a fixed
     // target: the summation order depends on the shape only), each warp keeping a step.
     const int64_t gx = (N + kTcRows - 1) / kTcRows;
     constexpr int64_t kTargetBlocks = 264;
     int64_t splits =
-        std::clamp<int64_t>((kTargetBlocks + gx - 1) / gx, 1, std::max<int64_t>(1, steps / kTcWK));
+        std::clamp<int64_t>(kTargetBlocks / gx, 1, std::max<int64_t>(1, steps / kTcWK));
     const int64_t per = (steps + splits - 1) / splits;
     splits = (steps + per - 1) / per;
     a.steps_per_split = per;
