@@ -97,40 +97,83 @@ float time_ms(cudaStream_t s, int reps, Fn fn) {
   return t[t.size() / 2];
 }
 
+// Median over `reps` of the time per call of `batch` back-to-back calls fn(i) (i rotates the
+// inputs): the device stays busy, so the host's launch latency is not counted (as in a decode step
+// that the host enqueues ahead).
+template <typename Fn>
+float time_batch_ms(cudaStream_t s, int reps, int batch, Fn fn) {
+  for (int i = 0; i < batch; ++i) fn(i);
+  std::vector<float> t;
+  cudaEvent_t a, b;
+  SP_CUDA(cudaEventCreate(&a));
+  SP_CUDA(cudaEventCreate(&b));
+  for (int r = 0; r < reps; ++r) {
+    SP_CUDA(cudaEventRecord(a, s));
+    for (int i = 0; i < batch; ++i) fn(r * batch + i);
+    SP_CUDA(cudaEventRecord(b, s));
+    SP_CUDA(cudaEventSynchronize(b));
+    float ms = 0;
+    SP_CUDA(cudaEventElapsedTime(&ms, a, b));
+    t.push_back(ms / batch);
+  }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
 struct Shape {
   const char* name;
   WeightFormat f;
   int64_t N, K;
+  int groups;
 };
 
-void bench_linear(cudaStream_t s, Workspace& ws, int64_t l2) {
+// V4-Flash's projections at decode (M = 1..64) and prefill (M = 4096), bf16 and fp32 activations:
+// GB/s of weight bytes and its fraction of the copy bandwidth measured in the same run; TFLOP/s.
+// "us" is the time per call of back-to-back calls; "us 1" of one call alone between two events
+// (launch latency included).
+void bench_linear(cudaStream_t s, Workspace& ws, int64_t l2, double copy_gbs) {
   const Shape shapes[] = {
-      {"wq_a fp8", WeightFormat::kFP8, 1024, 4096},
-      {"wq_b fp8", WeightFormat::kFP8, 32768, 1024},
-      {"wo_b fp8", WeightFormat::kFP8, 4096, 8192},
-      {"expert w1 fp4", WeightFormat::kFP4, 2048, 4096},
-      {"expert w2 fp4", WeightFormat::kFP4, 4096, 2048},
-      {"head bf16", WeightFormat::kFloat, 129280, 4096},
+      {"wq_a fp8", WeightFormat::kFP8, 1024, 4096, 1},
+      {"wq_b fp8", WeightFormat::kFP8, 32768, 1024, 1},
+      {"wkv fp8", WeightFormat::kFP8, 512, 4096, 1},
+      {"wo_a fp8 g8", WeightFormat::kFP8, 8192, 4096, 8},
+      {"wo_b fp8", WeightFormat::kFP8, 4096, 8192, 1},
+      {"expert w1 fp4", WeightFormat::kFP4, 2048, 4096, 1},
+      {"head bf16", WeightFormat::kFloat, 129280, 4096, 1},
   };
-  std::printf("%-14s %6s %7s %6s %10s %9s %9s\n", "linear", "M", "N", "K", "us", "GB/s", "TFLOP/s");
+  std::printf("%-14s %4s %6s %7s %6s %9s %9s %9s %7s %9s\n", "linear", "x", "M", "N", "K", "us",
+              "us 1", "GB/s", "of copy", "TFLOP/s");
   for (const Shape& sh : shapes) {
     Matrix probe = device_matrix(sh.f, sh.N, sh.K, 1);
     const int64_t bytes = probe.nbytes();
     const int copies = static_cast<int>(std::max<int64_t>(1, (4 * l2 + bytes - 1) / bytes + 1));
     std::vector<Matrix> ws_m{probe};
     for (int c = 1; c < copies; ++c) ws_m.push_back(device_matrix(sh.f, sh.N, sh.K, 1 + c));
-    for (int64_t M : {1, 8, 32, 64, 4096}) {
-      Tensor x = device_tensor(M, sh.K, DType::kBF16, 7);
-      Tensor y = device_tensor(M, sh.N, DType::kBF16, 8);
-      const double flop = 2.0 * M * sh.N * sh.K;
-      const int reps = flop > 1e12 ? 5 : 30;
-      const float ms = time_ms(s, reps, [&](int i) { linear(s, ws, x, ws_m[i % copies], y); });
-      std::printf("%-14s %6lld %7lld %6lld %10.1f %9.0f %9.1f\n", sh.name,
-                  static_cast<long long>(M), static_cast<long long>(sh.N),
-                  static_cast<long long>(sh.K), ms * 1e3, bytes / (ms * 1e-3) / 1e9,
-                  flop / (ms * 1e-3) / 1e12);
-      cudaFree(x.data);
-      cudaFree(y.data);
+    for (DType xd : {DType::kBF16, DType::kF32}) {
+      for (int64_t M : {1, 2, 4, 8, 16, 32, 64, 4096}) {
+        if (sh.f == WeightFormat::kFP4 && M > 64) continue;
+        Tensor x = device_tensor(M, sh.K * sh.groups, xd, 7);
+        Tensor y = device_tensor(M, sh.N, DType::kBF16, 8);
+        const double flop = 2.0 * M * sh.N * sh.K;
+        const bool big = flop > 1e12;
+        auto call = [&](int i) {
+          if (sh.groups > 1)
+            grouped_linear(s, ws, x, ws_m[i % copies], sh.groups, y);
+          else
+            linear(s, ws, x, ws_m[i % copies], y);
+        };
+        const float ms = time_batch_ms(s, big ? 3 : 10, big ? copies : std::max(copies, 16), call);
+        const float ms1 = big ? ms : time_ms(s, 20, call);
+        const double gbs = bytes / (ms * 1e-3) / 1e9;
+        std::printf("%-14s %4s %6lld %7lld %6lld %9.1f %9.1f %9.0f %6.0f%% %9.1f\n", sh.name,
+                    dtype_name(xd), static_cast<long long>(M), static_cast<long long>(sh.N),
+                    static_cast<long long>(sh.K), ms * 1e3, ms1 * 1e3, gbs, 100.0 * gbs / copy_gbs,
+                    flop / (ms * 1e-3) / 1e12);
+        cudaFree(x.data);
+        cudaFree(y.data);
+      }
     }
     for (Matrix& m : ws_m) free_matrix(m);
   }
@@ -210,10 +253,11 @@ int main() {
     SP_CUDA(cudaMalloc(&b, n));
     const float ms = time_ms(
         s, 10, [&](int) { SP_CUDA(cudaMemcpyAsync(b, a, n, cudaMemcpyDeviceToDevice, s)); });
-    std::printf("copy 1 GB: %.0f GB/s (read + write)\n\n", 2.0 * n / (ms * 1e-3) / 1e9);
+    const double copy_gbs = 2.0 * n / (ms * 1e-3) / 1e9;
+    std::printf("copy 1 GB: %.0f GB/s (read + write)\n\n", copy_gbs);
     cudaFree(a);
     cudaFree(b);
-    bench_linear(s, ws, prop.l2CacheSize);
+    bench_linear(s, ws, prop.l2CacheSize, copy_gbs);
     bench_moe(s, ws);
   }
   SP_CUDA(cudaStreamDestroy(s));

@@ -183,19 +183,77 @@ TEST(CudaLinear, FlashShapes) {
   check_linear(be, {fp8, 8, 8192, 512, DType::kBF16, DType::kBF16, 8, 0, seed++});
   for (int64_t M : {1, 8})
     check_linear(be, {bf16, M, 129280, 4096, DType::kBF16, DType::kF32, 1, 0, seed++});  // head
+  // fp32 activations (the default): wq_b, wo_b, wo_a (8 groups of 1024 rows), head.
+  for (int64_t M : {1, 4, 32}) {
+    check_linear(be, {fp8, M, 32768, 1024, DType::kF32, DType::kBF16, 1, 0, seed++});
+    check_linear(be, {fp8, M, 4096, 8192, DType::kF32, DType::kF32, 1, 0, seed++});
+    check_linear(be, {fp8, M, 8192, 1024, DType::kF32, DType::kBF16, 8, 0, seed++});
+  }
+  check_linear(be, {bf16, 1, 129280, 4096, DType::kF32, DType::kF32, 1, 0, seed++});
+}
+
+// The dispatcher's paths by M: M = 1 the one-row GEMV (every format); M = 2..64 the skinny
+// tensor-core kernel for weights exact in bf16 (BF16, FP8/FP4 with E8M0 scales), with fp32
+// activations split into two bf16 halves; M > 64 the tensor-core tiles (fp32 activations split the
+// same way); the remaining formats (F32, F16, F32-scaled FP8/FP4) the CUDA-core GEMV. The shapes
+// below put every path at its edges: M around the tile sizes (8, 16, 32, 64), N not a multiple of
+// the 64-row blocks, K not a multiple of a k-step, fp32 and bf16 activations and outputs.
+TEST(CudaLinear, SkinnyAndOneRowEveryPath) {
+  SP_REQUIRE_GPU();
+  Backends be;
+  uint64_t seed = 4000;
+  for (const Fmt& f : kFormats) {
+    const int64_t K = f.f == WeightFormat::kFP4 ? 224 : f.dtype == DType::kBF16 ? 203 : 200;
+    for (int64_t M : {1, 2, 3, 8, 9, 17, 33, 64, 65})
+      for (DType xd : {DType::kF32, DType::kBF16})
+        for (DType yd : {DType::kF32, DType::kBF16})
+          check_linear(be, {f, M, 301, K, xd, yd, 1, M == 9 ? 5 : 0, seed++});
+  }
+}
+
+// Long K: the skinny kernel's K split across blocks (ordered partials) and the one-row GEMV's K
+// split across warps; fp32 activations against the fp32 bound.
+TEST(CudaLinear, LongKSplits) {
+  SP_REQUIRE_GPU();
+  Backends be;
+  const Fmt fp8 = kFormats[3], fp4 = kFormats[5], bf16 = kFormats[1];
+  uint64_t seed = 4500;
+  for (int64_t M : {1, 2, 4, 8, 16, 33, 64}) {
+    check_linear(be, {fp8, M, 1024, 4096, DType::kF32, DType::kF32, 1, 0, seed++});
+    check_linear(be, {bf16, M, 777, 1000, DType::kF32, DType::kF32, 1, 0, seed++});
+    check_linear(be, {fp4, M, 512, 2048, DType::kF32, DType::kBF16, 1, 0, seed++});
+    check_linear(be, {fp8, M, 200, 8192, DType::kBF16, DType::kF32, 1, 0, seed++});
+  }
+}
+
+// Grouped projections on the skinny path (64-row blocks inside a group, K tails inside a group)
+// and where it cannot tile (groups of 75 rows: CUDA-core GEMV), fp32 activations.
+TEST(CudaLinear, GroupedSkinnyFp32) {
+  SP_REQUIRE_GPU();
+  Backends be;
+  uint64_t seed = 5000;
+  for (const Fmt& f : {kFormats[1], kFormats[3], kFormats[5]}) {
+    const int64_t K = f.f == WeightFormat::kFP4 ? 224 : 200;
+    for (int64_t M : {1, 2, 9, 64, 65}) {
+      check_linear(be, {f, M, 512, K, DType::kF32, DType::kF32, 4, 0, seed++});
+      check_linear(be, {f, M, 300, 64, DType::kF32, DType::kBF16, 4, 0, seed++});
+    }
+  }
 }
 
 TEST(CudaLinear, Deterministic) {
   SP_REQUIRE_GPU();
   Backends be;
-  for (int64_t M : {3, 64, 300}) {
-    LinearCase c{kFormats[3], M, 1024, 1024, DType::kBF16, DType::kF32, 1, 0, 77};
-    std::vector<float> a, b;
-    check_linear(be, c, &a);
-    check_linear(be, c, &b);
-    ASSERT_EQ(a.size(), b.size());
-    EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0) << "M=" << M;
-  }
+  for (DType xd : {DType::kBF16, DType::kF32})
+    for (int64_t M : {1, 3, 8, 64, 300}) {
+      LinearCase c{kFormats[3], M, 1024, 4096, xd, DType::kF32, 1, 0, 77};
+      std::vector<float> a, b;
+      check_linear(be, c, &a);
+      check_linear(be, c, &b);
+      ASSERT_EQ(a.size(), b.size());
+      EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0)
+          << "M=" << M << " x=" << dtype_name(xd);
+    }
 }
 
 TEST(CudaEmbed, EveryFormatExact) {
