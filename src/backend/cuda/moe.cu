@@ -179,16 +179,14 @@ __global__ void moe_sort_kernel(const int32_t* eidx, int T, int K, int E, int* m
   sort_pairs(eidx, T, K, E, meta, pairs, pos_of, sh, sh + E + 1);
 }
 
-// Small steps: routing and the sort in one block. Warp w routes tokens w, w + nw, ... (the same
-// selection and weights as moe_route_kernel: the best biased score, ties to the lower id, K
-// times; weights summed in selection order), then the block sorts. shared: [nw][E] floats.
-constexpr int kRouteSortThreads = 512, kRouteSortMaxE = 512, kRouteSortMaxT = 64;
-__global__ void __launch_bounds__(kRouteSortThreads)
-    moe_route_sort_kernel(const float* logits, int T, int E, int K, int hash,
-                          const int32_t* tid2eid, const int32_t* ids, const float* bias,
-                          float routed_scale, int32_t* eidx, float* ew, int* meta, int* pairs,
-                          int* pos_of) {
-  extern __shared__ float sm[];
+// Routing of tokens warp, warp + nw, ... by the warps of one block (the same selection and
+// weights as moe_route_kernel: the best biased score, ties to the lower id, K times; weights
+// summed in selection order). bs: shared [nw][E] floats. Logits are read through L2 (another
+// block of the same launch may have written them).
+__device__ __forceinline__ void route_tokens(const float* logits, int T, int E, int K, int hash,
+                                             const int32_t* tid2eid, const int32_t* ids,
+                                             const float* bias, float routed_scale, int32_t* eidx,
+                                             float* ew, float* sm) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   float* bs = sm + warp * E;
   for (int t = warp; t < T; t += nw) {
@@ -197,7 +195,7 @@ __global__ void __launch_bounds__(kRouteSortThreads)
     if (hash) {
       if (lane < K) chosen = tid2eid[static_cast<int64_t>(ids[t]) * K + lane];
     } else {
-      for (int e = lane; e < E; e += 32) bs[e] = sqrtf(softplus_dev(lg[e])) + bias[e];
+      for (int e = lane; e < E; e += 32) bs[e] = sqrtf(softplus_dev(__ldcg(lg + e))) + bias[e];
       __syncwarp();
       for (int j = 0; j < K; ++j) {
         float bv = -INFINITY;
@@ -218,7 +216,7 @@ __global__ void __launch_bounds__(kRouteSortThreads)
         __syncwarp();
       }
     }
-    const float sj = lane < K ? sqrtf(softplus_dev(lg[chosen])) : 0.0f;
+    const float sj = lane < K ? sqrtf(softplus_dev(__ldcg(lg + chosen))) : 0.0f;
     float sum = 0.0f;
     for (int j = 0; j < K; ++j) sum += __shfl_sync(0xffffffffu, sj, j);
     if (lane < K) {
@@ -228,8 +226,101 @@ __global__ void __launch_bounds__(kRouteSortThreads)
     __syncwarp();
   }
   __syncthreads();  // eidx (global) written by this block is visible to it after the barrier
+}
+
+// Small steps: routing and the sort in one block. shared: [nw][E] floats.
+constexpr int kRouteSortThreads = 512, kRouteSortMaxE = 512, kRouteSortMaxT = 64;
+__global__ void __launch_bounds__(kRouteSortThreads)
+    moe_route_sort_kernel(const float* logits, int T, int E, int K, int hash,
+                          const int32_t* tid2eid, const int32_t* ids, const float* bias,
+                          float routed_scale, int32_t* eidx, float* ew, int* meta, int* pairs,
+                          int* pos_of) {
+  extern __shared__ float sm[];
+  route_tokens(logits, T, E, K, hash, tid2eid, ids, bias, routed_scale, eidx, ew, sm);
   int* sh = reinterpret_cast<int*>(sm);
   sort_pairs(eidx, T, K, E, meta, pairs, pos_of, sh, sh + E + 1);
+}
+
+// Decode steps (T <= 8, BF16 gate with 16-byte aligned rows): the gate GEMV, then routing and
+// the sort by the last block to finish, in one launch. Warp w of block b owns gate row
+// 4 b + w: lane l takes the 8-value chunks l, l + 32, ... (8 loads in flight), each applied to
+// the T tokens read through L1; a warp-shuffle sum. The last block (an integer counter, reset
+// by that block) then runs route_tokens and sort_pairs on the logits.
+constexpr int kGateThreads = 128, kGateMaxT = 8;
+struct GateRouteArgs {
+  DevMat gate;
+  const void* x = nullptr;  // [T, ldx]
+  int64_t ldx = 0;
+  int xvec = 0;
+  int T = 0, E = 0, K = 0, hash = 0;
+  const int32_t* tid2eid = nullptr;
+  const int32_t* ids = nullptr;
+  const float* bias = nullptr;
+  float routed_scale = 0.0f;
+  float* logits = nullptr;  // [T, E]
+  int32_t* eidx = nullptr;
+  float* ew = nullptr;
+  int *meta = nullptr, *pairs = nullptr, *pos_of = nullptr;
+  unsigned* counter = nullptr;  // 0 between launches
+};
+
+template <typename XT>
+__global__ void __launch_bounds__(kGateThreads) moe_gate_route_kernel(GateRouteArgs a) {
+  __shared__ float sm[(kGateThreads / 32) * kRouteSortMaxE];
+  __shared__ bool last;
+  constexpr int U = 8;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * (kGateThreads / 32) + warp;
+  if (n < a.E) {
+    const int64_t K = a.gate.in, nch = (K + 7) / 8;
+    const uint8_t* row = a.gate.data + n * a.gate.row_bytes;
+    float acc[kGateMaxT];
+#pragma unroll
+    for (int m = 0; m < kGateMaxT; ++m) acc[m] = 0.0f;
+    for (int64_t cb = 0; cb < nch; cb += 32 * U) {
+      uint4 wc[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int64_t c = cb + lane + 32 * u;
+        wc[u] = c < nch ? ld_chunk(row, c * 16, a.gate.row_bytes, true) : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int64_t c = cb + lane + 32 * u;
+        if (c >= nch) continue;
+#pragma unroll
+        for (int m = 0; m < kGateMaxT; ++m) {
+          if (m >= a.T) break;
+          const XT* xr = static_cast<const XT*>(a.x) + m * a.ldx;
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf) {
+            float wv[4], xv[4];
+            decode4<kWBF16>(wc[u], hf, 1.0f, wv);
+            load_x4(xr, 8 * c + 4 * hf, K, a.xvec != 0, xv);
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[m] = fmaf(wv[i], xv[i], acc[m]);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < kGateMaxT; ++m) {
+      if (m >= a.T) break;
+      const float v = warp_sum(acc[m]);
+      if (lane == 0) a.logits[m * a.E + n] = v;
+    }
+  }
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(a.counter, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  if (threadIdx.x == 0) *a.counter = 0;
+  route_tokens(a.logits, a.T, a.E, a.K, a.hash, a.tid2eid, a.ids, a.bias, a.routed_scale, a.eidx,
+               a.ew, sm);
+  int* sh = reinterpret_cast<int*>(sm);
+  sort_pairs(a.eidx, a.T, a.K, a.E, a.meta, a.pairs, a.pos_of, sh, sh + a.E + 1);
 }
 
 struct ExpertArgs {
@@ -356,7 +447,8 @@ constexpr int kDecUpRows = 2;      // rows of W1 (and of W3) per warp step
 constexpr int kDecDownRows = 4;    // rows of W2 per warp step
 constexpr int kDecUpBlock = 16;    // a block's W1/W3 rows: a multiple of kDecWarps * 2
 constexpr int kDecDownBlock = 32;  // a block's W2 rows: a multiple of kDecWarps * 4
-constexpr int64_t kDecTargetBlocks = 1024;
+constexpr int64_t kDecUpMinRows = 64, kDecDownMinRows = 128;
+constexpr int64_t kDecTargetBlocks = 264;       // two per SM of an H100 / H200 (132 SMs)
 constexpr int64_t kDecSmemBudget = 160 * 1024;  // staged activations per block, bytes
 
 // An activation row of kpad floats is staged in shared memory with float4 slot f at
@@ -366,18 +458,45 @@ __device__ __forceinline__ int swz(int f) {
   return (f & ~7) | ((f & 7) ^ ((f >> 3) & 7));
 }
 
-__device__ __forceinline__ void prefetch_l2(const void* p) {
-  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+// Starts moving [p, p + bytes) into L2 (no registers held; skipped unless 16-byte aligned).
+__device__ __forceinline__ void prefetch_l2(const void* p, int64_t bytes) {
+  if (((reinterpret_cast<uintptr_t>(p) | static_cast<uintptr_t>(bytes)) & 15) != 0 || bytes <= 0)
+    return;
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p),
+               "r"(static_cast<uint32_t>(bytes))
+               : "memory");
 }
 
-// Values [4p, 4p + 4) of a chunk without its scale (FP4: times 2^-14, as decode4 before the
-// scale; chunk_scale carries the 2^14). The scale is applied once per chunk and token instead.
+// Lane l < 2 G R of a warp prefetches rows [n0, n0 + R) of matrix g (their values, then their
+// scale rows), so a warp step's loads find them in L2: issued one step ahead.
+template <int R>
+__device__ __forceinline__ void prefetch_rows(const DevMat& w, int g, int64_t n0, int64_t n_end) {
+  const int lane = threadIdx.x & 31;
+  const int i = lane - 2 * R * g;
+  if (i < 0 || i >= 2 * R || n0 + i % R >= n_end) return;
+  const int64_t n = n0 + i % R;
+  if (i < R) {
+    prefetch_l2(w.data + n * w.row_bytes, w.row_bytes);
+  } else {
+    const int esize = w.scale_f32 ? 4 : 1;
+    if (w.fmt == kWFP4)
+      prefetch_l2(w.scale + n * w.scale_cols * esize, w.scale_cols * esize);
+    else if (i == R)
+      prefetch_l2(w.scale + (n / 128) * w.scale_cols * esize, w.scale_cols * esize);
+  }
+}
+
+// The values of one 32-bit word of a chunk, in order, without the chunk's scale (applied once
+// per chunk and token instead, or to the decoded values). FP8: 4 values (e4m3 -> f16 exact).
+// FP4: 8 values times 2^-14 (chunk_scale carries the 2^14): e2m1 (s e e m) placed at f16 bits
+// 15 and 11..9 is that f16 (normals and the 0.5 subnormal alike). Values i and i + 4 sit at the
+// same place in the word's two 16-bit halves, so one shift and mask pair builds both halves of
+// an f16 pair.
 template <int F>
-__device__ __forceinline__ void dec_raw4(const uint4& c, int p, float (&v)[4]) {
+__device__ __forceinline__ void dec_word(uint32_t w, float (&v)[F == kWFP4 ? 8 : 4]) {
   if constexpr (F == kWFP8) {
-    const uint32_t a = word_of(c, p);
-    const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2(a & 0xffff, __NV_E4M3);
-    const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2(a >> 16, __NV_E4M3);
+    const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2(w & 0xffff, __NV_E4M3);
+    const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2(w >> 16, __NV_E4M3);
     const float2 fl = __half22float2(*reinterpret_cast<const __half2*>(&lo));
     const float2 fh = __half22float2(*reinterpret_cast<const __half2*>(&hi));
     v[0] = fl.x;
@@ -385,18 +504,22 @@ __device__ __forceinline__ void dec_raw4(const uint4& c, int p, float (&v)[4]) {
     v[2] = fh.x;
     v[3] = fh.y;
   } else {
-    const uint32_t q = (word_of(c, p / 2) >> (16 * (p % 2))) & 0xffff;
-    const uint32_t h01 =
-        ((q & 0x7u) << 9) | ((q & 0x8u) << 12) | ((q & 0x70u) << 21) | ((q & 0x80u) << 24);
-    const uint32_t q2 = q >> 8;
-    const uint32_t h23 =
-        ((q2 & 0x7u) << 9) | ((q2 & 0x8u) << 12) | ((q2 & 0x70u) << 21) | ((q2 & 0x80u) << 24);
-    const float2 f01 = __half22float2(*reinterpret_cast<const __half2*>(&h01));
-    const float2 f23 = __half22float2(*reinterpret_cast<const __half2*>(&h23));
-    v[0] = f01.x;
-    v[1] = f01.y;
-    v[2] = f23.x;
-    v[3] = f23.y;
+    const uint32_t h04 = ((w & 0x00070007u) << 9) | ((w & 0x00080008u) << 12);
+    const uint32_t h15 = ((w & 0x00700070u) << 5) | ((w & 0x00800080u) << 8);
+    const uint32_t h26 = ((w & 0x07000700u) << 1) | ((w & 0x08000800u) << 4);
+    const uint32_t h37 = ((w & 0x70007000u) >> 3) | (w & 0x80008000u);
+    const float2 f04 = __half22float2(*reinterpret_cast<const __half2*>(&h04));
+    const float2 f15 = __half22float2(*reinterpret_cast<const __half2*>(&h15));
+    const float2 f26 = __half22float2(*reinterpret_cast<const __half2*>(&h26));
+    const float2 f37 = __half22float2(*reinterpret_cast<const __half2*>(&h37));
+    v[0] = f04.x;
+    v[4] = f04.y;
+    v[1] = f15.x;
+    v[5] = f15.y;
+    v[2] = f26.x;
+    v[6] = f26.y;
+    v[3] = f37.x;
+    v[7] = f37.y;
   }
 }
 
@@ -475,27 +598,31 @@ __device__ __forceinline__ void dec_accum(const RowGroup<G>& rg, const float* xs
           for (int m = 0; m < NT; ++m) part[s][m] = 0.0f;
       }
 #pragma unroll
-      for (int p = 0; p < P; ++p) {
-        float wv[S][4];
+      for (int q = 0; q < 4; ++q) {  // the chunk's 32-bit words: 8 FP4 or 4 FP8 values each
+        constexpr int VW = F == kWFP4 ? 8 : 4;
+        float wv[S][VW];
 #pragma unroll
         for (int s = 0; s < S; ++s) {
-          dec_raw4<F>(wc[u][s], p, wv[s]);
+          dec_word<F>(word_of(wc[u][s], q), wv[s]);
           if constexpr (!kDefer) {
 #pragma unroll
-            for (int i = 0; i < 4; ++i) wv[s][i] *= sc[u][s];
+            for (int i = 0; i < VW; ++i) wv[s][i] *= sc[u][s];
           }
         }
-        const int off = 4 * ((lsw + p) ^ hsw);
 #pragma unroll
-        for (int m = 0; m < NT; ++m) {
-          const float4 xv = *reinterpret_cast<const float4*>(xc + m * kpad + off);
+        for (int hf = 0; hf < VW / 4; ++hf) {
+          const int off = 4 * ((lsw + q * (VW / 4) + hf) ^ hsw);
 #pragma unroll
-          for (int s = 0; s < S; ++s) {
-            float& d = kDefer ? part[s][m] : acc[s][m];
-            d = fmaf(wv[s][0], xv.x, d);
-            d = fmaf(wv[s][1], xv.y, d);
-            d = fmaf(wv[s][2], xv.z, d);
-            d = fmaf(wv[s][3], xv.w, d);
+          for (int m = 0; m < NT; ++m) {
+            const float4 xv = *reinterpret_cast<const float4*>(xc + m * kpad + off);
+#pragma unroll
+            for (int s = 0; s < S; ++s) {
+              float& d = kDefer ? part[s][m] : acc[s][m];
+              d = fmaf(wv[s][4 * hf + 0], xv.x, d);
+              d = fmaf(wv[s][4 * hf + 1], xv.y, d);
+              d = fmaf(wv[s][4 * hf + 2], xv.z, d);
+              d = fmaf(wv[s][4 * hf + 3], xv.w, d);
+            }
           }
         }
       }
@@ -535,6 +662,8 @@ __device__ __forceinline__ void dec_up_rows(const DecArgs& a, const DevMat& w1, 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int64_t n0 = n_begin + warp * R; n0 < n_end; n0 += kDecWarps * R) {
     const int nv = static_cast<int>(n_end - n0 < R ? n_end - n0 : R);
+    prefetch_rows<R>(w1, 0, n0 + kDecWarps * R, n_end);
+    prefetch_rows<R>(w3, 1, n0 + kDecWarps * R, n_end);
     RowGroup<2> rg;
     set_rows(rg, 0, w1, n0, nv);
     set_rows(rg, 1, w3, n0, nv);
@@ -573,6 +702,7 @@ __device__ __forceinline__ void dec_down_rows(const DecArgs& a, const DevMat& w2
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int64_t n0 = n_begin + warp * R; n0 < n_end; n0 += kDecWarps * R) {
     const int nv = static_cast<int>(n_end - n0 < R ? n_end - n0 : R);
+    prefetch_rows<R>(w2, 0, n0 + kDecWarps * R, n_end);
     RowGroup<1> rg;
     set_rows(rg, 0, w2, n0, nv);
     for (int m0 = 0; m0 < count; m0 += NT) {
@@ -635,20 +765,13 @@ __global__ void __launch_bounds__(kDecThreads, 2) moe_dec_kernel(DecArgs a) {
   const int64_t n_begin = static_cast<int64_t>(blockIdx.x) * a.rows_per_block;
   if (n_begin >= w.out) return;
   const int64_t n_end = n_begin + a.rows_per_block < w.out ? n_begin + a.rows_per_block : w.out;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  // The first weight bytes of this warp start moving while the activations are staged.
-  {
-    constexpr int R = kUp ? kDecUpRows : kDecDownRows;
-    const int64_t n = n_begin + warp * R;
-    for (int r = 0; r < R; ++r) {
-      if (n + r >= n_end) break;
-      for (int u = 0; u < 4; ++u) {
-        const int64_t b = (lane + 32 * u) * 16;
-        if (b >= w.row_bytes) break;
-        prefetch_l2(w.data + (n + r) * w.row_bytes + b);
-        if constexpr (kUp) prefetch_l2(ex.w3.data + (n + r) * ex.w3.row_bytes + b);
-      }
-    }
+  const int warp = threadIdx.x >> 5;
+  // The first step's weight bytes start moving while the activations are staged.
+  if constexpr (kUp) {
+    prefetch_rows<kDecUpRows>(ex.w1, 0, n_begin + warp * kDecUpRows, n_end);
+    prefetch_rows<kDecUpRows>(ex.w3, 1, n_begin + warp * kDecUpRows, n_end);
+  } else {
+    prefetch_rows<kDecDownRows>(ex.w2, 0, n_begin + warp * kDecDownRows, n_end);
   }
   const int64_t K = w.in;
   const int nf = a.kpad / 4;
@@ -702,6 +825,16 @@ __global__ void moe_combine_kernel(const float* o, int64_t D, const int32_t* eid
   }
 }
 
+// Rows per block of the decode kernels: about kDecTargetBlocks blocks over the slots, but at
+// least min_rows (each warp several steps, so the block's start-up is paid once per several
+// steps and the next step's rows are prefetched while one is computed), a multiple of `mult`.
+int dec_rows_per_block(int64_t rows, int64_t slots, int64_t min_rows, int64_t mult) {
+  const int64_t most = std::max<int64_t>(1, (rows + min_rows - 1) / min_rows);
+  const int64_t per_expert = std::clamp<int64_t>((kDecTargetBlocks + slots - 1) / slots, 1, most);
+  const int64_t r = (rows + per_expert - 1) / per_expert;
+  return static_cast<int>((r + mult - 1) / mult * mult);
+}
+
 template <typename XT, bool kUp>
 void launch_dec(cudaStream_t s, dim3 grid, size_t smem, const DecArgs& a) {
   if (smem > 48 * 1024)
@@ -748,8 +881,10 @@ void prepare_moe(MoeWeights& moe, cudaStream_t s) {
   }
   void* p = nullptr;
   const size_t bytes = h.size() * sizeof(DevExpert);
-  SP_CUDA(cudaMalloc(&p, bytes));
+  // The table, then the gate kernel's block counter (zero between launches).
+  SP_CUDA(cudaMalloc(&p, bytes + 16));
   SP_CUDA(cudaMemcpyAsync(p, h.data(), bytes, cudaMemcpyHostToDevice, s));
+  SP_CUDA(cudaMemsetAsync(static_cast<uint8_t*>(p) + bytes, 0, 16, s));
   SP_CUDA(cudaStreamSynchronize(s));  // h goes away
   reg.ptrs.push_back(p);
   reg.dec_ok.push_back(dec);
@@ -804,7 +939,6 @@ void moe(cudaStream_t s, Workspace& ws, Tensor x, const MoeArgs& a, const DevBat
     const int64_t TK = Tc * K, npairs = TK + Tc;
     const Tensor xc = x.slice_rows(c0, Tc), yc = y.slice_rows(c0, Tc);
     float* logits = ws.get<float>(kWsLogits, static_cast<size_t>(Tc * E));
-    linear(s, ws, xc, L.gate, Tensor{logits, Tc, E, E, DType::kF32, Device::kCuda});
     int32_t* eidx = ws.get<int32_t>(kWsRoute, static_cast<size_t>(2 * TK));
     float* ew = reinterpret_cast<float*>(eidx + TK);
     int* meta = ws.get<int>(kWsMeta, static_cast<size_t>(3 * (E + 1) + 1));
@@ -812,7 +946,40 @@ void moe(cudaStream_t s, Workspace& ws, Tensor x, const MoeArgs& a, const DevBat
     int* pos_of = pairs + npairs;
     const int32_t* tid2eid = hash ? L.tid2eid.ptr<int32_t>() : nullptr;
     const float* bias = hash ? nullptr : L.gate_bias.ptr<float>();
-    if (Tc <= kRouteSortMaxT && E <= kRouteSortMaxE) {
+    const DevMat gate = dev_mat(L.gate);
+    const bool gx_vec =
+        x.stride % 4 == 0 && reinterpret_cast<uintptr_t>(x.data) % (4 * x.elem_size()) == 0;
+    if (Tc <= kGateMaxT && E <= kRouteSortMaxE && gate.fmt == kWBF16 && gate.vec) {
+      GateRouteArgs g;
+      g.gate = gate;
+      g.x = xc.data;
+      g.ldx = x.stride;
+      g.xvec = gx_vec ? 1 : 0;
+      g.T = static_cast<int>(Tc);
+      g.E = static_cast<int>(E);
+      g.K = static_cast<int>(K);
+      g.hash = hash ? 1 : 0;
+      g.tid2eid = tid2eid;
+      g.ids = b.token_ids + c0;
+      g.bias = bias;
+      g.routed_scale = a.routed_scale;
+      g.logits = logits;
+      g.eidx = eidx;
+      g.ew = ew;
+      g.meta = meta;
+      g.pairs = pairs;
+      g.pos_of = pos_of;
+      g.counter = reinterpret_cast<unsigned*>(static_cast<uint8_t*>(L.table.data) +
+                                              L.table.rows * L.table.stride);
+      const unsigned grid =
+          static_cast<unsigned>((E + kGateThreads / 32 - 1) / (kGateThreads / 32));
+      if (x_bf16)
+        moe_gate_route_kernel<__nv_bfloat16><<<grid, kGateThreads, 0, s>>>(g);
+      else
+        moe_gate_route_kernel<float><<<grid, kGateThreads, 0, s>>>(g);
+      SP_CUDA_LAUNCH();
+    } else if (Tc <= kRouteSortMaxT && E <= kRouteSortMaxE) {
+      linear(s, ws, xc, L.gate, Tensor{logits, Tc, E, E, DType::kF32, Device::kCuda});
       const size_t smem =
           std::max<size_t>((kRouteSortThreads / 32) * E * sizeof(float), 2 * (E + 1) * sizeof(int));
       moe_route_sort_kernel<<<1, kRouteSortThreads, smem, s>>>(
@@ -820,6 +987,7 @@ void moe(cudaStream_t s, Workspace& ws, Tensor x, const MoeArgs& a, const DevBat
           tid2eid, b.token_ids + c0, bias, a.routed_scale, eidx, ew, meta, pairs, pos_of);
       SP_CUDA_LAUNCH();
     } else {
+      linear(s, ws, xc, L.gate, Tensor{logits, Tc, E, E, DType::kF32, Device::kCuda});
       moe_route_kernel<<<static_cast<unsigned>(Tc), 256, 2 * E * sizeof(float), s>>>(
           logits, static_cast<int>(E), static_cast<int>(K), hash ? 1 : 0, tid2eid, b.token_ids + c0,
           bias, a.routed_scale, eidx, ew);
@@ -869,10 +1037,7 @@ void moe(cudaStream_t s, Workspace& ws, Tensor x, const MoeArgs& a, const DevBat
       da.out = h;
       da.ldo = ldh;
       da.kpad = static_cast<int>(kpad_up);
-      da.rows_per_block = static_cast<int>(
-          std::max<int64_t>(1, (Imax * slots + kDecTargetBlocks * kDecUpBlock - 1) /
-                                   (kDecTargetBlocks * kDecUpBlock)) *
-          kDecUpBlock);
+      da.rows_per_block = dec_rows_per_block(Imax, slots, kDecUpMinRows, kDecUpBlock);
       const dim3 grid(static_cast<unsigned>((Imax + da.rows_per_block - 1) / da.rows_per_block),
                       slots);
       const size_t smem = static_cast<size_t>(staged * kpad_up * 4);
@@ -896,10 +1061,7 @@ void moe(cudaStream_t s, Workspace& ws, Tensor x, const MoeArgs& a, const DevBat
       da.out = o;
       da.ldo = D;
       da.kpad = static_cast<int>(kpad_down);
-      da.rows_per_block =
-          static_cast<int>(std::max<int64_t>(1, (D * slots + kDecTargetBlocks * kDecDownBlock - 1) /
-                                                    (kDecTargetBlocks * kDecDownBlock)) *
-                           kDecDownBlock);
+      da.rows_per_block = dec_rows_per_block(D, slots, kDecDownMinRows, kDecDownBlock);
       const dim3 grid(static_cast<unsigned>((D + da.rows_per_block - 1) / da.rows_per_block),
                       slots);
       launch_dec<float, false>(s, grid, static_cast<size_t>(staged * kpad_down * 4), da);
