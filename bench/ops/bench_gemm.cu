@@ -1,6 +1,6 @@
 // bench_ops: times the CUDA projections and the MoE on V4-Flash shapes (random weights generated on
 // the device; each case rotates among enough weight copies to exceed 4x the L2 cache). Prints one
-// table: time per call, GB/s of weight bytes, TFLOP/s.
+// table: time per call, GB/s of weight bytes, TFLOP/s. BENCH_MOE_ONLY=1 skips the projections.
 #include <cuda_runtime.h>
 
 #include <algorithm>
