@@ -1,10 +1,11 @@
 // bench_ops: times the CUDA projections and the MoE on V4-Flash shapes (random weights generated on
 // the device; each case rotates among enough weight copies to exceed 4x the L2 cache). Prints one
-// table: time per call, GB/s of weight bytes, TFLOP/s.
+// table: time per call, GB/s of weight bytes, TFLOP/s. BENCH_MOE_ONLY=1 skips the projections.
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <random>
 #include <vector>
 
@@ -179,7 +180,11 @@ void bench_linear(cudaStream_t s, Workspace& ws, int64_t l2, double copy_gbs) {
   }
 }
 
-void bench_moe(cudaStream_t s, Workspace& ws) {
+// The whole moe() call (gate, route, sort, experts, combine) on V4-Flash shapes: FP4 routed
+// experts, FP8 shared expert, learned routing. GB/s counts the weight bytes a call touches (the
+// experts hit, the shared expert, the gate), each once; "of copy" is that against the copy
+// bandwidth measured at start-up.
+void bench_moe(cudaStream_t s, Workspace& ws, double copy_gbs) {
   const int E = 256, D = 4096, I = 2048, K = 6, vocab = 4096;
   MoeWeights w;
   w.kind = MlpKind::kMoe;
@@ -205,31 +210,45 @@ void bench_moe(cudaStream_t s, Workspace& ws) {
   SP_CUDA(cudaMalloc(&ids_d, ids.size() * 4));
   SP_CUDA(cudaMemcpy(ids_d, ids.data(), ids.size() * 4, cudaMemcpyHostToDevice));
   const double expert_bytes = 3.0 * w.w1[0].nbytes(), shared_bytes = 3.0 * w.sw1.nbytes();
-  std::printf("\n%-14s %6s %10s %12s %9s\n", "moe (Flash)", "T", "us", "experts hit", "GB/s");
-  for (int T : {1, 8, 32, 64}) {
-    constexpr int kInputs = 8;  // distinct inputs hit distinct experts
-    std::vector<Tensor> xs;
-    for (int i = 0; i < kInputs; ++i) xs.push_back(device_tensor(T, D, DType::kBF16, 40 + i));
-    Tensor y = device_tensor(T, D, DType::kBF16, 9);
-    BatchView host;
-    host.num_tokens = T;
-    DevBatch b;
-    b.num_tokens = T;
-    b.token_ids = ids_d;
-    b.host = &host;
-    MoeArgs a{&w, K, 1.5f, 10.0f};
-    const float ms = time_ms(s, 40, [&](int i) { moe(s, ws, xs[i % kInputs], a, b, y); });
-    // Hit count of the last call (the sort's metadata: the active count follows 3 (E + 1) ints).
-    moe(s, ws, xs[0], a, b, y);
-    int nact = 0;
-    const int* meta = static_cast<const int*>(ws.get(11, 0));
-    SP_CUDA(cudaMemcpyAsync(&nact, meta + 3 * (E + 1), 4, cudaMemcpyDeviceToHost, s));
-    SP_CUDA(cudaStreamSynchronize(s));
-    const double bytes = (nact - 1) * expert_bytes + shared_bytes + w.gate.nbytes();
-    std::printf("%-14s %6d %10.1f %12d %9.0f\n", "moe", T, ms * 1e3, nact - 1,
-                bytes / (ms * 1e-3) / 1e9);
-    for (auto& x : xs) cudaFree(x.data);
-    cudaFree(y.data);
+  {
+    // The gate alone (part of every call): [T, 4096] x [256, 4096]^T bf16.
+    Tensor x = device_tensor(1, D, DType::kBF16, 40);
+    Tensor lg = device_tensor(1, E, DType::kF32, 41);
+    const float ms = time_ms(s, 40, [&](int) { linear(s, ws, x, w.gate, lg); });
+    std::printf("\nmoe gate alone (T = 1): %.1f us\n", ms * 1e3);
+    cudaFree(x.data);
+    cudaFree(lg.data);
+  }
+  std::printf("%-14s %6s %5s %10s %12s %9s %8s\n", "moe (Flash)", "T", "x", "us", "experts hit",
+              "GB/s", "of copy");
+  for (DType xd : {DType::kBF16, DType::kF32}) {
+    for (int T : {1, 2, 4, 8, 16, 32, 64}) {
+      constexpr int kInputs = 8;  // distinct inputs hit distinct experts
+      std::vector<Tensor> xs;
+      for (int i = 0; i < kInputs; ++i) xs.push_back(device_tensor(T, D, xd, 40 + i));
+      Tensor y = device_tensor(T, D, xd, 9);
+      BatchView host;
+      host.num_tokens = T;
+      DevBatch b;
+      b.num_tokens = T;
+      b.token_ids = ids_d;
+      b.host = &host;
+      MoeArgs a{&w, K, 1.5f, 10.0f};
+      const float ms = time_ms(s, 40, [&](int i) { moe(s, ws, xs[i % kInputs], a, b, y); });
+      // Hit count of the last call (the sort's metadata: the active count follows 3 (E + 1)
+      // ints).
+      moe(s, ws, xs[0], a, b, y);
+      int nact = 0;
+      const int* meta = static_cast<const int*>(ws.get(11, 0));
+      SP_CUDA(cudaMemcpyAsync(&nact, meta + 3 * (E + 1), 4, cudaMemcpyDeviceToHost, s));
+      SP_CUDA(cudaStreamSynchronize(s));
+      const double bytes = (nact - 1) * expert_bytes + shared_bytes + w.gate.nbytes();
+      const double gbs = bytes / (ms * 1e-3) / 1e9;
+      std::printf("%-14s %6d %5s %10.1f %12d %9.0f %7.0f%%\n", "moe", T, dtype_name(xd), ms * 1e3,
+                  nact - 1, gbs, 100.0 * gbs / copy_gbs);
+      for (auto& x : xs) cudaFree(x.data);
+      cudaFree(y.data);
+    }
   }
 }
 
@@ -257,8 +276,8 @@ int main() {
     std::printf("copy 1 GB: %.0f GB/s (read + write)\n\n", copy_gbs);
     cudaFree(a);
     cudaFree(b);
-    bench_linear(s, ws, prop.l2CacheSize, copy_gbs);
-    bench_moe(s, ws);
+    if (!getenv("BENCH_MOE_ONLY")) bench_linear(s, ws, prop.l2CacheSize, copy_gbs);
+    bench_moe(s, ws, copy_gbs);
   }
   SP_CUDA(cudaStreamDestroy(s));
   return 0;

@@ -1,8 +1,13 @@
 // Parity of the CUDA MoE (routing, routed experts, shared expert) against the CPU backend: hash and
 // learned routing, small and V4-Flash shapes, f32 / bf16 activations, and bitwise determinism.
+// Both expert paths run: the decode kernels take every expert of at most 8 tokens (all of them at
+// T <= 8), the general kernels the rest (the shared expert, which has every token, from T = 9 on;
+// routed experts too at the small shape's T = 64 and 300).
 // Routing decisions are compared through the output: a different expert choice moves a token's
 // output far beyond the bound (random scores have no ties within 1e-6 at these sizes).
+#include <algorithm>
 #include <cstdio>
+#include <thread>
 
 #include "tests/gpu/op_harness.h"
 
@@ -75,6 +80,14 @@ void build_layer(Backends& be, const MoeShape& s, uint64_t seed, int pool, MoeLa
   }
 }
 
+// The CPU oracle with the machine's threads (its results do not depend on the thread count): the
+// V4-Flash cases are ~100 G multiply-adds.
+void use_fast_cpu(Backends& be) {
+  const int n = std::clamp(static_cast<int>(std::thread::hardware_concurrency()), 2, 16);
+  be.cpu = make_cpu_backend(n);
+  be.cpu->reserve(Backends::default_limits());
+}
+
 BatchView batch_of(int T, int vocab, uint64_t seed) {
   BatchView b;
   b.num_tokens = T;
@@ -129,13 +142,14 @@ double check_moe(Backends& be, MoeLayer& L, const MoeShape& s, int T, DType xd, 
 TEST(CudaMoe, SmallHashAndLearned) {
   SP_REQUIRE_GPU();
   Backends be;
-  // D and I not multiples of 128 (the FP8 shared expert has partial blocks).
+  // D and I not multiples of 128 (the FP8 shared expert has partial blocks); D = 320 is 10 FP4
+  // chunks a row, so most lanes of the decode kernels' warps have no chunk.
   for (bool hash : {false, true}) {
     MoeShape s{16, 320, 96, 4, hash, 500};
     MoeLayer L;
     build_layer(be, s, hash ? 11 : 12, 4, L);
     uint64_t seed = 100;
-    for (int T : {1, 5, 64, 300})
+    for (int T : {1, 2, 3, 5, 9, 64, 300})
       for (DType xd : {DType::kF32, DType::kBF16})
         for (DType yd : {DType::kF32, DType::kBF16}) check_moe(be, L, s, T, xd, yd, seed++);
   }
@@ -144,14 +158,17 @@ TEST(CudaMoe, SmallHashAndLearned) {
 TEST(CudaMoe, FlashSized) {
   SP_REQUIRE_GPU();
   Backends be;
+  use_fast_cpu(be);
   for (bool hash : {false, true}) {
     MoeShape s{256, 4096, 2048, 6, hash, 4096};
     MoeLayer L;
     build_layer(be, s, hash ? 21 : 22, 8, L);
-    for (int T : {1, 8}) {
+    for (int T : {1, 2, 3, 8, 33, 64}) {
+      check_moe(be, L, s, T, DType::kF32, DType::kF32, 600 + T);
       check_moe(be, L, s, T, DType::kBF16, DType::kBF16, 700 + T);
-      check_moe(be, L, s, T, DType::kBF16, DType::kF32, 800 + T);
     }
+    check_moe(be, L, s, 1, DType::kBF16, DType::kF32, 801);
+    check_moe(be, L, s, 8, DType::kF32, DType::kBF16, 808);
   }
 }
 
@@ -161,11 +178,13 @@ TEST(CudaMoe, Deterministic) {
   MoeShape s{32, 256, 128, 6, false, 100};
   MoeLayer L;
   build_layer(be, s, 31, 4, L);
-  std::vector<float> a, b;
-  check_moe(be, L, s, 64, DType::kBF16, DType::kF32, 5, &a);
-  check_moe(be, L, s, 64, DType::kBF16, DType::kF32, 5, &b);
-  ASSERT_EQ(a.size(), b.size());
-  EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0);
+  for (int T : {3, 64}) {  // decode kernels only; both paths
+    std::vector<float> a, b;
+    check_moe(be, L, s, T, DType::kBF16, DType::kF32, 5, &a);
+    check_moe(be, L, s, T, DType::kBF16, DType::kF32, 5, &b);
+    ASSERT_EQ(a.size(), b.size());
+    EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0) << "T=" << T;
+  }
 }
 
 }  // namespace
