@@ -143,7 +143,7 @@ struct BackendLimits {
   int max_logit_rows = 0;  // head rows per step
   int max_blocks = 0;      // block-table entries per step
   int64_t vocab = 0;
-  int block_tokens = 0;  // positions per state block
+  int block_tokens = 0;       // positions per state block
   int64_t max_model_len = 0;  // positions per sequence (bounds the launch sizes of graph steps)
   bool step_graphs = false;   // run_graph may record and replay steps (CUDA graphs)
 };

@@ -3,21 +3,19 @@
 # the same logits, bit for bit, as launching every kernel (--enforce-eager). Four prompts of
 # different lengths, at most three at a time (the fourth joins when one ends, in a mixed prefill +
 # decode step that runs eagerly); 40 new tokens cross the fixtures' window rings, compressor
-# windows and indexer top-k. pp 1 and pp 2 (two residual buffers per stage), and speculative
-# decoding's verify steps. The run summary must show replayed steps (so the test fails if graphs
+# windows and indexer top-k. pp 1 and, with two GPUs, pp 2 (two residual buffers per stage), and
+# speculative decoding's verify steps. The run summary must show replayed steps (so the test fails if graphs
 # are silently off). Exit 77 (skipped) without a GPU.
 . "$(dirname "$0")/lib.sh"
 bin=$1 data=$2
 out=$("$bin" generate --device cuda --model "$data/tiny" --prompt-ids 1,2,3 --max-tokens 1 2>&1) || {
   echo "skipped: no CUDA GPU or no CUDA backend: $out"; exit 77; }
-# pp 2 on one GPU: both stages on GPU 0, boundary through host memory (NCCL takes one rank per GPU).
-pp2=(--pp 2)
-[ "$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')" -ge 2 ] || pp2=(--pp 2 --devices 0,0 --stage-transport host)
+# pp 2 needs a GPU per stage.
+splits="1"
+[ "$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')" -ge 2 ] && splits="1 2"
 for m in tiny small tinyq; do
-  for pp in 1 2; do
-    split=(--pp 1)
-    [ "$pp" = 2 ] && split=("${pp2[@]}")
-    run=(generate --device cuda --model "$data/$m" "${split[@]}" --ignore-eos --max-num-seqs 3
+  for pp in $splits; do
+    run=(generate --device cuda --model "$data/$m" --pp "$pp" --ignore-eos --max-num-seqs 3
          --prompt-ids 1,2,3,4,5 --prompt-ids 7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23
          --prompt-ids 30 --prompt-ids 40,41 --max-tokens 40)
     eager=$("$bin" "${run[@]}" --enforce-eager 2>&1) || fail "$m pp $pp eager: $eager"

@@ -1,4 +1,6 @@
 // The CUDA backend: device memory, the step's metadata on the device, and the op dispatch.
+#include <cuda_profiler_api.h>
+
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -6,8 +8,6 @@
 #include <map>
 #include <memory>
 #include <stdexcept>
-
-#include <cuda_profiler_api.h>
 
 #include "backend/cuda/gemm_lt.h"
 #include "backend/cuda/kernels.h"
@@ -507,9 +507,9 @@ class CudaBackend final : public Backend {
   void* meta_dev_ = nullptr;
   MetaLayout meta_layout_;
   struct StepGraph {
-    int runs = 0;                      // eager runs so far (the first sizes the workspace)
-    bool failed = false;               // could not be recorded: always eager
-    bool notes_flag = false;           // the step queues non-finite checks
+    int runs = 0;             // eager runs so far (the first sizes the workspace)
+    bool failed = false;      // could not be recorded: always eager
+    bool notes_flag = false;  // the step queues non-finite checks
     cudaGraphExec_t exec = nullptr;
   };
   static constexpr size_t kMaxGraphs = 256;
