@@ -6,14 +6,76 @@
 // fixed order; the quantiser is one warp per (row, group) with a fixed shuffle reduction.
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
+#include <dlfcn.h>
 
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "backend/cuda/gemm_lt.h"
 
 namespace sp::cuda {
 namespace {
+
+// cuBLASLt is opened at run time (dlopen), not linked: its library maps several hundred MB at
+// start-up, which every process would pay (one under a small `ulimit -v` could not even start),
+// although only --activation-quant fp8 uses it.
+struct LtApi {
+  decltype(&cublasLtCreate) Create = nullptr;
+  decltype(&cublasLtDestroy) Destroy = nullptr;
+  decltype(&cublasLtGetStatusName) StatusName = nullptr;
+  decltype(&cublasLtGetStatusString) StatusString = nullptr;
+  decltype(&cublasLtMatmul) Matmul = nullptr;
+  decltype(&cublasLtMatmulAlgoCheck) AlgoCheck = nullptr;
+  decltype(&cublasLtMatmulAlgoGetHeuristic) Heuristic = nullptr;
+  decltype(&cublasLtMatmulDescInit_internal) DescInit = nullptr;
+  decltype(&cublasLtMatmulDescSetAttribute) DescSetAttribute = nullptr;
+  decltype(&cublasLtMatmulPreferenceCreate) PrefCreate = nullptr;
+  decltype(&cublasLtMatmulPreferenceDestroy) PrefDestroy = nullptr;
+  decltype(&cublasLtMatmulPreferenceSetAttribute) PrefSetAttribute = nullptr;
+  decltype(&cublasLtMatrixLayoutInit_internal) LayoutInit = nullptr;
+  std::string error;  // why it could not be opened (empty: usable)
+};
+
+const LtApi& lt() {
+  static const LtApi api = [] {
+    LtApi a;
+    const std::string major = std::to_string(CUBLAS_VER_MAJOR);
+    void* lib = nullptr;
+    for (const std::string& name : {"libcublasLt.so." + major, std::string("libcublasLt.so")}) {
+      lib = dlopen(name.c_str(), RTLD_NOW | RTLD_LOCAL);
+      if (lib) break;
+    }
+    if (!lib) {
+      const char* why = dlerror();
+      a.error = str("cannot load libcublasLt.so.", major, " (", why ? why : "not found",
+                    "): --activation-quant fp8 needs the CUDA toolkit's cuBLASLt ", major,
+                    " on the loader's path");
+      return a;
+    }
+    std::string missing;
+    auto get = [&](auto& fn, const char* sym) {
+      fn = reinterpret_cast<std::remove_reference_t<decltype(fn)>>(dlsym(lib, sym));
+      if (!fn) missing += str(missing.empty() ? "" : ", ", sym);
+    };
+    get(a.Create, "cublasLtCreate");
+    get(a.Destroy, "cublasLtDestroy");
+    get(a.StatusName, "cublasLtGetStatusName");
+    get(a.StatusString, "cublasLtGetStatusString");
+    get(a.Matmul, "cublasLtMatmul");
+    get(a.AlgoCheck, "cublasLtMatmulAlgoCheck");
+    get(a.Heuristic, "cublasLtMatmulAlgoGetHeuristic");
+    get(a.DescInit, "cublasLtMatmulDescInit_internal");
+    get(a.DescSetAttribute, "cublasLtMatmulDescSetAttribute");
+    get(a.PrefCreate, "cublasLtMatmulPreferenceCreate");
+    get(a.PrefDestroy, "cublasLtMatmulPreferenceDestroy");
+    get(a.PrefSetAttribute, "cublasLtMatmulPreferenceSetAttribute");
+    get(a.LayoutInit, "cublasLtMatrixLayoutInit_internal");
+    if (!missing.empty()) a.error = str("libcublasLt.so.", major, " lacks ", missing);
+    return a;
+  }();
+  return api;
+}
 
 // Workspace slots of this path (gemm.cu uses 8, moe.cu 10-14).
 constexpr int kWsLtQ = 40, kWsLtScale = 41, kWsLtWork = 42, kWsLtOut = 43;
@@ -22,15 +84,14 @@ void check_lt(cublasStatus_t st, const char* what, const char* file, int line) {
   if (st == CUBLAS_STATUS_SUCCESS) return;
   int dev = -1;
   cudaGetDevice(&dev);
-  throw std::runtime_error(str("cuBLASLt error on GPU ", dev, ": ", cublasLtGetStatusName(st), " (",
-                               cublasLtGetStatusString(st), ") in ", what, " at ", file, ":",
-                               line));
+  throw std::runtime_error(str("cuBLASLt error on GPU ", dev, ": ", lt().StatusName(st), " (",
+                               lt().StatusString(st), ") in ", what, " at ", file, ":", line));
 }
 #define SP_LT(call) check_lt((call), #call, __FILE__, __LINE__)
 
 template <typename T>
 void set_attr(cublasLtMatmulDesc_t d, cublasLtMatmulDescAttributes_t a, const T& v) {
-  SP_LT(cublasLtMatmulDescSetAttribute(d, a, &v, sizeof(v)));
+  SP_LT(lt().DescSetAttribute(d, a, &v, sizeof(v)));
 }
 
 __device__ __forceinline__ float load_f(const float* p) {
@@ -169,8 +230,9 @@ void quantize_act_fp8(cudaStream_t s, Tensor x, int64_t Mg, uint8_t* q, float* s
 }
 
 LtGemm::LtGemm(int device) {
+  if (!lt().error.empty()) throw std::runtime_error(lt().error);
   SP_CUDA(cudaSetDevice(device));
-  SP_LT(cublasLtCreate(&handle_));
+  SP_LT(lt().Create(&handle_));
   SP_CUDA(cudaMalloc(&dummy_scales_, 256));
   SP_CUDA(cudaMemset(dummy_scales_, 0, 256));
 }
@@ -178,7 +240,7 @@ LtGemm::LtGemm(int device) {
 LtGemm::~LtGemm() {
   for (auto& kv : wscale_) cudaFree(kv.second);
   cudaFree(dummy_scales_);
-  if (handle_) cublasLtDestroy(handle_);
+  if (handle_) lt().Destroy(handle_);
 }
 
 const float* LtGemm::prepare(cudaStream_t s, const Matrix& w) {
@@ -210,7 +272,7 @@ LtGemm::Plan& LtGemm::plan(int64_t bucket, int64_t N, int64_t K, bool y_bf16) {
   for (int t = 0; t < (y_bf16 ? 1 : 2); ++t) {
     const cudaDataType_t dt = types[t];
     cublasLtMatmulDesc_t desc = &p.desc;
-    SP_LT(cublasLtMatmulDescInit(desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    SP_LT(lt().DescInit(desc, sizeof(*desc), CUBLAS_COMPUTE_32F, CUDA_R_32F));
     set_attr(desc, CUBLASLT_MATMUL_DESC_TRANSA, static_cast<int32_t>(CUBLAS_OP_T));
     set_attr(desc, CUBLASLT_MATMUL_DESC_TRANSB, static_cast<int32_t>(CUBLAS_OP_N));
     set_attr(desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE,
@@ -221,19 +283,17 @@ LtGemm::Plan& LtGemm::plan(int64_t bucket, int64_t N, int64_t K, bool y_bf16) {
     set_attr(desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, static_cast<const void*>(dummy_scales_));
     set_attr(desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, static_cast<const void*>(dummy_scales_));
     cublasLtMatrixLayoutOpaque_t a, b, d;
-    SP_LT(cublasLtMatrixLayoutInit(&a, CUDA_R_8F_E4M3, K, N, K));
-    SP_LT(cublasLtMatrixLayoutInit(&b, CUDA_R_8F_E4M3, K, bucket, K));
-    SP_LT(cublasLtMatrixLayoutInit(&d, dt, N, bucket, N));
+    SP_LT(lt().LayoutInit(&a, sizeof(a), CUDA_R_8F_E4M3, K, N, K));
+    SP_LT(lt().LayoutInit(&b, sizeof(b), CUDA_R_8F_E4M3, K, bucket, K));
+    SP_LT(lt().LayoutInit(&d, sizeof(d), dt, N, bucket, N));
     cublasLtMatmulPreference_t pref = nullptr;
-    SP_LT(cublasLtMatmulPreferenceCreate(&pref));
+    SP_LT(lt().PrefCreate(&pref));
     const uint64_t wsb = kLtWorkspaceBytes;
-    SP_LT(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsb,
-                                               sizeof(wsb)));
+    SP_LT(lt().PrefSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsb, sizeof(wsb)));
     cublasLtMatmulHeuristicResult_t res{};
     int found = 0;
-    const cublasStatus_t st =
-        cublasLtMatmulAlgoGetHeuristic(handle_, desc, &a, &b, &d, &d, pref, 1, &res, &found);
-    cublasLtMatmulPreferenceDestroy(pref);
+    const cublasStatus_t st = lt().Heuristic(handle_, desc, &a, &b, &d, &d, pref, 1, &res, &found);
+    lt().PrefDestroy(pref);
     if (st == CUBLAS_STATUS_SUCCESS && found > 0 && res.state == CUBLAS_STATUS_SUCCESS) {
       p.algo = res.algo;
       p.d_type = dt;
@@ -284,18 +344,18 @@ bool LtGemm::run(cudaStream_t s, Workspace& ws, Tensor x, const Matrix& w, Tenso
   set_attr(desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, static_cast<const void*>(wsc));
   set_attr(desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, static_cast<const void*>(sc));
   cublasLtMatrixLayoutOpaque_t a, b, dl;
-  SP_LT(cublasLtMatrixLayoutInit(&a, CUDA_R_8F_E4M3, K, N, K));
-  SP_LT(cublasLtMatrixLayoutInit(&b, CUDA_R_8F_E4M3, K, Mg, K));
-  SP_LT(cublasLtMatrixLayoutInit(&dl, p.d_type, N, Mg, ldd));
+  SP_LT(lt().LayoutInit(&a, sizeof(a), CUDA_R_8F_E4M3, K, N, K));
+  SP_LT(lt().LayoutInit(&b, sizeof(b), CUDA_R_8F_E4M3, K, Mg, K));
+  SP_LT(lt().LayoutInit(&dl, sizeof(dl), p.d_type, N, Mg, ldd));
   // The bucket's algorithm on this exact shape: checked once per shape (a host-side check that
   // costs about as much as a small GEMM), remembered.
   const CheckKey ck{Mg, N, K, ldd, static_cast<int>(p.d_type)};
   auto ci = checked_.find(ck);
   if (ci == checked_.end()) {
     cublasLtMatmulHeuristicResult_t chk{};
-    const bool ok = cublasLtMatmulAlgoCheck(handle_, desc, &a, &b, &dl, &dl, &p.algo, &chk) ==
-                        CUBLAS_STATUS_SUCCESS &&
-                    chk.workspaceSize <= kLtWorkspaceBytes;
+    const bool ok =
+        lt().AlgoCheck(handle_, desc, &a, &b, &dl, &dl, &p.algo, &chk) == CUBLAS_STATUS_SUCCESS &&
+        chk.workspaceSize <= kLtWorkspaceBytes;
     ci = checked_.emplace(ck, ok).first;
   }
   if (!ci->second) {
@@ -304,8 +364,8 @@ bool LtGemm::run(cudaStream_t s, Workspace& ws, Tensor x, const Matrix& w, Tenso
   }
   quantize_act_fp8(s, x, Mg, q, sc);
   const float alpha = 1.0f, beta = 0.0f;
-  SP_LT(cublasLtMatmul(handle_, desc, &alpha, w.data, &a, q, &b, &beta, d, &dl, d, &dl, &p.algo,
-                       lws, kLtWorkspaceBytes, s));
+  SP_LT(lt().Matmul(handle_, desc, &alpha, w.data, &a, q, &b, &beta, d, &dl, d, &dl, &p.algo, lws,
+                    kLtWorkspaceBytes, s));
   if (!direct) {
     const int64_t total = M * N;
     copy_out_kernel<<<static_cast<unsigned>((total + 255) / 256), 256, 0, s>>>(
