@@ -614,6 +614,9 @@ Result<std::unique_ptr<Backend>> make_cuda_backend(int device, DType kv_dtype, D
                              "); this build targets Hopper (sm_90a) only"));
   SP_CHECK(kv_dtype == DType::kBF16 || kv_dtype == DType::kF32, "kv dtype");
   SP_CHECK(act_dtype == DType::kBF16 || act_dtype == DType::kF32, "act dtype");
+  if (act_quant == ActQuant::kFP8)
+    if (std::string why = cuda::lt_unavailable(); !why.empty())
+      return Status::error(str("--activation-quant fp8: ", why));
   return std::unique_ptr<Backend>(
       std::make_unique<CudaBackend>(device, kv_dtype, act_dtype, act_quant));
 }

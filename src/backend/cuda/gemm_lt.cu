@@ -380,4 +380,8 @@ bool fp8_linear(cudaStream_t s, Workspace& ws, Tensor x, const Matrix& w, Tensor
   return ws.fp8_gemm != nullptr && ws.fp8_gemm->run(s, ws, x, w, y);
 }
 
+std::string lt_unavailable() {
+  return lt().error;
+}
+
 }  // namespace sp::cuda

@@ -20,6 +20,7 @@
 
 #include <cstdint>
 #include <map>
+#include <string>
 #include <tuple>
 #include <unordered_map>
 
@@ -38,6 +39,9 @@ constexpr size_t kLtWorkspaceBytes = size_t{32} << 20;
 // s = 2^ceil(log2(a / 448)) (a / 448 rounded to fp32 first, as the reference), q = e4m3_rne(x / s)
 // saturated to +-448. Rows M..Mg-1 are written as zeros with scale 1.
 void quantize_act_fp8(cudaStream_t s, Tensor x, int64_t Mg, uint8_t* q, float* scales);
+
+// Empty when cuBLASLt could be opened (it is opened at run time), else why not.
+std::string lt_unavailable();
 
 class LtGemm {
  public:
