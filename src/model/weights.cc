@@ -5,7 +5,9 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <exception>
 #include <map>
+#include <mutex>
 #include <thread>
 
 #include "core/checked.h"
@@ -495,6 +497,8 @@ Result<std::unique_ptr<ModelWeights>> load_weights(const Config& c, const std::s
     if (t.role != TensorRole::kIndex || !bound.count(t.name)) continue;
     const Bound& b = bound[t.name];
     const int64_t n = numel(t.shape);
+    const int64_t k = c.experts_per_tok;
+    std::vector<int64_t> row;  // a token's experts, which must be distinct (as top-k's are)
     for (int64_t i = 0; i < n; ++i) {
       int64_t v;
       if (b.dtype == DType::kI64) {
@@ -508,6 +512,11 @@ Result<std::unique_ptr<ModelWeights>> load_weights(const Config& c, const std::s
         return Status::error(str(t.name, "[", i / c.experts_per_tok, "][", i % c.experts_per_tok,
                                  "] = ", v, ": expected an expert index in [0, ",
                                  c.n_routed_experts, ")"));
+      if (i % k == 0) row.clear();
+      if (std::find(row.begin(), row.end(), v) != row.end())
+        return Status::error(str(t.name, "[", i / k, "] names expert ", v, " twice: expected ", k,
+                                 " distinct experts per token"));
+      row.push_back(v);
     }
   }
   Assembler as(c, *w, bound);
@@ -659,18 +668,33 @@ Result<std::unique_ptr<ModelWeights>> dummy_weights(const Config& c, const LoadP
   std::vector<std::vector<std::vector<uint8_t>>> bufs(jobs.size());
   std::atomic<size_t> next{0};
   std::atomic<int64_t> made_bytes{0};
+  // The first exception (out of host memory) stops the others and is raised here once every
+  // thread has ended.
+  std::mutex err_mu;
+  std::exception_ptr err;
   auto work = [&](bool report) {
-    for (size_t i; (i = next.fetch_add(1)) < jobs.size();) {
-      made[i] = dummy_tensor(*jobs[i], c, seed, &bufs[i]);
-      const int64_t d = made_bytes.fetch_add(expected_bytes(*jobs[i])) + expected_bytes(*jobs[i]);
-      if (report && progress) progress(d, total);
+    try {
+      for (size_t i; (i = next.fetch_add(1)) < jobs.size();) {
+        made[i] = dummy_tensor(*jobs[i], c, seed, &bufs[i]);
+        const int64_t b = expected_bytes(*jobs[i]);
+        const int64_t d = made_bytes.fetch_add(b) + b;
+        if (report && progress) progress(d, total);
+      }
+    } catch (...) {
+      next = jobs.size();
+      std::lock_guard<std::mutex> lock(err_mu);
+      if (!err) err = std::current_exception();
     }
   };
   const unsigned hw = std::max(1u, std::min(16u, std::thread::hardware_concurrency()));
   std::vector<std::thread> threads;
-  for (unsigned i = 1; i < hw; ++i) threads.emplace_back(work, false);
+  try {
+    for (unsigned i = 1; i < hw; ++i) threads.emplace_back(work, false);
+  } catch (...) {  // could not start more threads: the ones started and this one do the work
+  }
   work(true);  // this thread reports progress (the load watchdog's ticks)
   for (auto& th : threads) th.join();
+  if (err) std::rethrow_exception(err);
   if (progress) progress(total, total);
   for (size_t i = 0; i < jobs.size(); ++i) {
     for (auto& v : bufs[i]) w->owned.push_back(std::move(v));

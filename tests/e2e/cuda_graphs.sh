@@ -29,6 +29,18 @@ for m in tiny small tinyq; do
     echo "ok: $m pp $pp: $(hash_of "$graphs"); $replayed"
   done
 done
+# A larger step after a recording reallocates workspace buffers the recording points at: one
+# sequence at a time, a short prompt (its decode steps recorded), then a 120-token prompt (its
+# prefill grows the workspace), then short ones again: the replays after it must use the new
+# buffers (the graphs are recorded again), with the same bits as eager launches.
+long=$(seq -s, 2 121)
+run=(generate --device cuda --model "$data/small" --ignore-eos --max-num-seqs 1 --max-tokens 12
+     --prompt-ids 1,2,3 --prompt-ids "$long" --prompt-ids 4,5,6 --prompt-ids 7,8)
+eager=$("$bin" "${run[@]}" --enforce-eager 2>&1) || fail "workspace growth eager: $eager"
+graphs=$("$bin" "${run[@]}" 2>&1) || fail "workspace growth graphs: $graphs"
+replayed=$(grep '^cuda graphs' <<<"$graphs") || fail "workspace growth: no step replayed: $graphs"
+[ "$(hash_of "$eager")" = "$(hash_of "$graphs")" ] || fail "workspace growth: logits differ"
+echo "ok: small, a long prompt between short ones: $(hash_of "$graphs"); $replayed"
 # Speculative decoding's verify steps (chunks of 1 + 2 drafts) are replayed too.
 run=(generate --device cuda --model "$data/tiny" --ignore-eos --max-num-seqs 3 --speculative mtp
      --num-speculative-tokens 2 --prompt-ids 1,2,3,4,5 --prompt-ids 7,8,9,10,11,12,13 --prompt-ids 30

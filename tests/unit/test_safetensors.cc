@@ -307,6 +307,23 @@ TEST(Checkpoint, Tid2eidOutOfRange) {
   EXPECT_NE(e.find("tid2eid"), std::string::npos) << e;
 }
 
+// A token routed twice to one expert: the hash-routing table must name distinct experts per
+// token, as a top-k does (the CUDA MoE sizes its per-expert work on that).
+TEST(Checkpoint, Tid2eidRepeatsAnExpert) {
+  TempDir d;
+  auto dir = edited_tiny(d, [&](auto& ts, auto& extra) {
+    for (auto& t : ts)
+      if (t.name == "layers.0.ffn.gate.tid2eid") {
+        extra.emplace_back(t.data, t.data + t.nbytes);
+        std::memcpy(extra.back().data() + 8, extra.back().data(), 8);  // [0][1] = [0][0] (I64)
+        t.data = extra.back().data();
+      }
+  });
+  std::string e = load_error(dir);
+  EXPECT_NE(e.find("twice"), std::string::npos) << e;
+  EXPECT_NE(e.find("layers.0.ffn.gate.tid2eid[0]"), std::string::npos) << e;
+}
+
 TEST(Checkpoint, Tid2eidIsCheckedBeforeNarrowing) {
   TempDir d;
   auto dir = edited_tiny(d, [&](auto& ts, auto& extra) {

@@ -332,12 +332,7 @@ template <int NC>
 void launch_attention(cudaStream_t s, const AttnParams& P, const DevBatch& b, dim3 grid) {
   constexpr int DP = NC * 128;
   const size_t smem = (kTR * DP + 2 * kTR * kHG) * sizeof(float);
-  static bool attr_set = false;
-  if (!attr_set) {
-    SP_CUDA(cudaFuncSetAttribute(attention_kernel<NC>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 static_cast<int>(smem)));
-    attr_set = true;
-  }
+  allow_dynamic_smem(reinterpret_cast<const void*>(attention_kernel<NC>), smem);
   attention_kernel<NC><<<grid, kThreads, smem, s>>>(P, b);
   SP_CUDA_LAUNCH();
 }

@@ -7,6 +7,8 @@
 #include <cstring>
 #include <map>
 #include <memory>
+#include <mutex>
+#include <set>
 #include <stdexcept>
 
 #include "backend/cuda/gemm_lt.h"
@@ -51,8 +53,29 @@ void* Workspace::get(int slot, size_t bytes) {
     size_t n = std::max<size_t>(bytes, 256);
     SP_CUDA(cudaMalloc(&ptr_[slot], n));
     size_[slot] = n;
+    ++epoch_;
   }
   return ptr_[slot];
+}
+
+void allow_dynamic_smem(const void* func, size_t bytes) {
+  if (bytes <= 48 * 1024) return;  // the default limit
+  static std::mutex mu;
+  static std::set<std::pair<const void*, int>> done;
+  static std::map<int, int> optin;
+  int dev = 0;
+  SP_CUDA(cudaGetDevice(&dev));
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = optin.find(dev);
+  if (it == optin.end()) {
+    int v = 0;
+    SP_CUDA(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    it = optin.emplace(dev, v).first;
+  }
+  SP_CHECK(bytes <= static_cast<size_t>(it->second), "a kernel needs ", bytes,
+           " bytes of shared memory, GPU ", dev, " allows ", it->second);
+  if (done.insert({func, dev}).second)
+    SP_CUDA(cudaFuncSetAttribute(func, cudaFuncAttributeMaxDynamicSharedMemorySize, it->second));
 }
 
 }  // namespace cuda
@@ -198,7 +221,9 @@ class CudaBackend final : public Backend {
     put(m.chk, b.chunks.data(), sizeof(SeqChunk) * static_cast<size_t>(C));
     put(m.blk, b.block_tables.data(), 4 * static_cast<size_t>(B));
     put(m.lr, b.logit_rows.data(), 4 * static_cast<size_t>(L));
-    SP_CUDA(cudaMemcpyAsync(meta_dev_, h, m.bytes, cudaMemcpyHostToDevice, stream_));
+    // Up to the end of this step's block tables (the largest array, last), not the capacity.
+    const size_t used = m.blk + 4 * static_cast<size_t>(B);
+    SP_CUDA(cudaMemcpyAsync(meta_dev_, h, used, cudaMemcpyHostToDevice, stream_));
     SP_CUDA(cudaEventRecord(meta_ready_[cur_], stream_));
     const uint8_t* d = static_cast<const uint8_t*>(meta_dev_);
     dev_.num_tokens = T;
@@ -234,6 +259,13 @@ class CudaBackend final : public Backend {
   // graph. A step that cannot be recorded (something grows) runs eagerly from then on.
   void run_graph(const StepGraphKey& key, const std::function<void()>& body) override {
     if (!lim_.step_graphs || lim_.max_model_len <= 0) return body();
+    // A workspace buffer was reallocated since the graphs were recorded (a larger step ran
+    // eagerly): they point at freed memory. Record them again (growth waited for the stream, so
+    // no recorded launch is still running).
+    if (ws_->epoch() != graphs_epoch_) {
+      clear_graphs();
+      graphs_epoch_ = ws_->epoch();
+    }
     auto it = graphs_.find(key);
     if (it == graphs_.end()) {
       if (graphs_.size() >= kMaxGraphs) return body();
@@ -268,9 +300,16 @@ class CudaBackend final : public Backend {
       g.failed = true;
       return body();  // eagerly: a real error is raised here
     }
-    const cudaError_t ie = cudaGraphInstantiate(&g.exec, graph, 0);
+    cudaGraphExec_t exec = nullptr;
+    const cudaError_t ie = cudaGraphInstantiate(&exec, graph, 0);
     cudaGraphDestroy(graph);
-    SP_CUDA(ie);
+    if (ie != cudaSuccess || exec == nullptr || ws_->epoch() != graphs_epoch_) {
+      cudaGetLastError();
+      if (ie == cudaSuccess && exec) cudaGraphExecDestroy(exec);
+      g.failed = true;
+      return body();
+    }
+    g.exec = exec;
     g.notes_flag = notes;
     SP_CUDA(cudaGraphLaunch(g.exec, stream_));
     if (notes) nf_dirty_ = true;
@@ -451,9 +490,9 @@ class CudaBackend final : public Backend {
     m.pos = m.tok + align16(4 * static_cast<size_t>(m.T));
     m.cof = m.pos + align16(4 * static_cast<size_t>(m.T));
     m.chk = m.cof + align16(4 * static_cast<size_t>(m.T));
-    m.blk = m.chk + align16(sizeof(SeqChunk) * static_cast<size_t>(m.C));
-    m.lr = m.blk + align16(4 * static_cast<size_t>(m.B));
-    m.bytes = m.lr + align16(4 * static_cast<size_t>(m.L));
+    m.lr = m.chk + align16(sizeof(SeqChunk) * static_cast<size_t>(m.C));
+    m.blk = m.lr + align16(4 * static_cast<size_t>(m.L));  // last: the copy ends at its use
+    m.bytes = m.blk + align16(4 * static_cast<size_t>(m.B));
     for (void*& p : meta_host_) {
       if (p) release_pinned(p);
       p = pinned(m.bytes);
@@ -514,6 +553,7 @@ class CudaBackend final : public Backend {
   };
   static constexpr size_t kMaxGraphs = 256;
   std::map<StepGraphKey, StepGraph> graphs_;
+  int64_t graphs_epoch_ = 0;  // the workspace's epoch the graphs were recorded in
   int64_t graph_launches_ = 0;
   int cur_ = 0;
   DevBatch dev_;

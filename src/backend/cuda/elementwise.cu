@@ -321,8 +321,7 @@ void hc_launch(cudaStream_t s, Tensor X, const HcWeights& p, int hc, int iters, 
       using TI = decltype(ti);
       using TO = decltype(to);
       auto k = hc_kernel<TI, TO>;
-      SP_CUDA(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                   static_cast<int>(smem)));
+      allow_dynamic_smem(reinterpret_cast<const void*>(k), smem);
       k<<<static_cast<unsigned>(X.rows), kThreads, smem, s>>>(
           X.ptr<TI>(), X.stride, p.fn.f32(), p.base.f32(), p.scale.f32(), hc, D, iters, hc_eps,
           norm_eps, head, out.ptr<TO>(), out.stride, head ? nullptr : post.f32(),

@@ -77,6 +77,9 @@ class Workspace {
   // While a step is recorded into a graph nothing may grow (growing waits for the stream): get()
   // throws GraphCaptureAbort instead and the step runs without a graph.
   void set_capturing(bool on) { capturing_ = on; }
+  // Counts reallocations: a recorded graph holds the buffers it was recorded with, so the graphs
+  // recorded before a reallocation must not be replayed after it.
+  int64_t epoch() const { return epoch_; }
   // The FP8 projections through cuBLASLt (--activation-quant fp8), set by the backend that owns
   // both; null: every projection runs on this backend's own kernels.
   LtGemm* fp8_gemm = nullptr;
@@ -84,6 +87,7 @@ class Workspace {
  private:
   cudaStream_t stream_;
   bool capturing_ = false;
+  int64_t epoch_ = 0;
   std::vector<void*> ptr_;
   std::vector<size_t> size_;
 };
@@ -94,6 +98,13 @@ void check_cuda(cudaError_t e, const char* what, const char* file, int line);
 // After a launch: checks the launch itself (not a sync).
 #define SP_CUDA_LAUNCH() \
   ::sp::cuda::check_cuda(cudaGetLastError(), "kernel launch", __FILE__, __LINE__)
+
+// Lets `func` (a __global__ function) launch with up to `bytes` of dynamic shared memory on the
+// current device: raises its limit to the device's opt-in maximum, once per (function, device),
+// and never lowers it (a recorded graph's launches keep the limit they were recorded with; a
+// process-wide "done" flag would miss the other GPUs of a threads pipeline). An error when
+// `bytes` is over the device's maximum.
+void allow_dynamic_smem(const void* func, size_t bytes);
 
 // ---- gemm.cu: projections --------------------------------------------------------------------
 // y = x W^T. x: [M, K] f32 or bf16, y: [M, N] f32 or bf16; fp32 accumulation.

@@ -72,7 +72,7 @@ __global__ void moe_route_kernel(const float* logits, int E, int K, int hash,
   const int64_t t = blockIdx.x;
   for (int e = threadIdx.x; e < E; e += blockDim.x) {
     s[e] = sqrtf(softplus_dev(logits[t * E + e]));
-    if (!hash) biased[e] = s[e] + bias[e];
+    if (!hash) biased[e] = s[e] + bias[e] != s[e] + bias[e] ? -INFINITY : s[e] + bias[e];  // NaN
   }
   __syncthreads();
   if (hash) {
@@ -195,7 +195,12 @@ __device__ __forceinline__ void route_tokens(const float* logits, int T, int E, 
     if (hash) {
       if (lane < K) chosen = tid2eid[static_cast<int64_t>(ids[t]) * K + lane];
     } else {
-      for (int e = lane; e < E; e += 32) bs[e] = sqrtf(softplus_dev(__ldcg(lg + e))) + bias[e];
+      // A NaN score selects like -inf (the lowest ids): an index always comes out; the NaN
+      // itself reaches the routing weights and the non-finite check names the layer.
+      for (int e = lane; e < E; e += 32) {
+        const float v = sqrtf(softplus_dev(__ldcg(lg + e))) + bias[e];
+        bs[e] = v != v ? -INFINITY : v;
+      }
       __syncwarp();
       for (int j = 0; j < K; ++j) {
         float bv = -INFINITY;
@@ -837,10 +842,7 @@ int dec_rows_per_block(int64_t rows, int64_t slots, int64_t min_rows, int64_t mu
 
 template <typename XT, bool kUp>
 void launch_dec(cudaStream_t s, dim3 grid, size_t smem, const DecArgs& a) {
-  if (smem > 48 * 1024)
-    SP_CUDA(cudaFuncSetAttribute(moe_dec_kernel<XT, kUp>,
-                                 cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 static_cast<int>(smem)));
+  allow_dynamic_smem(reinterpret_cast<const void*>(moe_dec_kernel<XT, kUp>), smem);
   moe_dec_kernel<XT, kUp><<<grid, kDecThreads, smem, s>>>(a);
   SP_CUDA_LAUNCH();
 }
