@@ -131,18 +131,28 @@ Result<Timing> run_once(const Config& c, const ModelWeights& w, Backend& be, int
                         const std::vector<int>& ks) {
   const bool spec = !ks.empty();
   const int kmax = spec ? ks.back() : 0;
-  // Positions the timed steps may add to a sequence: one a decode step, at most K + 1 a verify
-  // step (all drafts accepted). Requests may generate that many tokens and K more, so no draft is
-  // ever cut short by max_new_tokens or max_model_len.
-  int64_t advance = decode_steps;
+  // Positions the steps may add to a sequence: one a decode step, at most K + 1 a verify step (all
+  // drafts accepted). Requests may generate that many tokens and K more, so no sequence ends and no
+  // draft is cut short by max_new_tokens or max_model_len before the timed steps end.
+  // The sequences prefilled first decode one token a step while the others still prefill (the
+  // scheduler puts decodes first): at most one a step until every prompt is in, and each such step
+  // prefills at least budget - (B - 1) tokens. Without these tokens in max_new_tokens, the first
+  // sequences would finish before the last timed steps, which would then time fewer than B.
+  const int64_t tokens = std::max<int64_t>(budget, int64_t{batch} * (kmax + 1));
+  const int64_t per_prefill_step = tokens - (batch - 1);
+  int64_t advance = (int64_t{batch} * context + per_prefill_step - 1) / per_prefill_step;
+  advance += decode_steps;
   for (int k : ks) advance += int64_t{decode_steps} * (k + 1);
-  const int64_t new_tokens = spec ? advance + kmax + 2 : decode_steps + 1;
-  if (new_tokens > (int64_t{1} << 30)) return Status::error("--decode-steps too large");
+  const int64_t new_tokens = advance + kmax + 2;
+  if (tokens > (int64_t{1} << 30) || context + new_tokens > (int64_t{1} << 30))
+    return Status::error(str("benchmark: a context of ", context, " + ", new_tokens,
+                             " generated tokens is too long (--batch, --context, --prefill, "
+                             "--decode-steps)"));
   StateLimits lim;
   lim.step_graphs = graphs;
   lim.max_num_seqs = batch;
   lim.max_model_len = context + new_tokens;
-  lim.max_num_batched_tokens = std::max(budget, batch * (kmax + 1));
+  lim.max_num_batched_tokens = static_cast<int>(tokens);
   lim.max_logit_rows = lim.max_num_batched_tokens;
   // The MTP layer (weights, its window state, workspace) and max(K) rows of slack in every ring:
   // a verify step writes K positions that the next step may drop.
@@ -184,7 +194,7 @@ Result<Timing> run_once(const Config& c, const ModelWeights& w, Backend& be, int
                                    [&](const SeqChunk& ch) { return ch.start_pos >= context; });
     const int phase = timed ? done / decode_steps : 0;
     const int k_step = timed ? k_of_step(done) : 0;
-    if (timed && spec)
+    if (timed)
       for (const SeqChunk& ch : plan.batch.chunks)
         if (ch.n_tokens != k_step + 1 || static_cast<int>(plan.batch.chunks.size()) != batch)
           return Status::error(str("benchmark: step ", done, " after the prefill has ",
