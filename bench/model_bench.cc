@@ -2,6 +2,9 @@
 // server): B sequences prefilled to a context of C tokens, then decode steps of B tokens each.
 // Reports the median decode step time, decode tokens/s, prefill tokens/s, and next to the batch-1
 // step time its floor: the weight bytes a decode token reads over the measured copy bandwidth.
+// Every timed step runs all B sequences (the requests may generate every token the steps before
+// the last timed one can add, the decodes of the first sequences while the others prefill
+// included).
 //
 //   seekpipe_bench_model --model DIR [--load-format dummy] [--override-config JSON] --device cuda
 //                        [--batch 1,8,32] [--context 4096] [--decode-steps 32] [--prefill 4096]
@@ -24,11 +27,13 @@
 #include <cinttypes>
 #include <cmath>
 #include <cstdio>
+#include <map>
 #include <memory>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "core/status.h"
 #include "engine/engine.h"
 #include "engine/speculative.h"
 #include "model/weights.h"
