@@ -337,16 +337,6 @@ void launch_attention(cudaStream_t s, const AttnParams& P, const DevBatch& b, di
   SP_CUDA_LAUNCH();
 }
 
-int num_sms() {
-  static int n = 0;
-  if (n == 0) {
-    int dev = 0;
-    SP_CUDA(cudaGetDevice(&dev));
-    SP_CUDA(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
-  }
-  return n;
-}
-
 __global__ void window_update_kernel(const void* kv, int64_t kv_stride, bool kv_bf, void* ring,
                                      int64_t ring_stride, bool ring_bf, int cols, int window,
                                      int ring_rows, DevBatch b) {

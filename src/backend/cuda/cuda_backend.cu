@@ -58,6 +58,16 @@ void* Workspace::get(int slot, size_t bytes) {
   return ptr_[slot];
 }
 
+int num_sms() {
+  static int n = 0;  // the first GPU's; every GPU this backend runs on is a Hopper of one kind
+  if (n == 0) {
+    int dev = 0;
+    SP_CUDA(cudaGetDevice(&dev));
+    SP_CUDA(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+  }
+  return n;
+}
+
 void allow_dynamic_smem(const void* func, size_t bytes) {
   if (bytes <= 48 * 1024) return;  // the default limit
   static std::mutex mu;

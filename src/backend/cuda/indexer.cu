@@ -1,5 +1,6 @@
 // Lightning indexer: scores of every visible compressed entry, then the top-k per token.
-//   1. indexer_score_kernel: one block per (token, tile of 64 entries): the [heads x dim] x
+//   1. indexer_score_kernel: blocks per token striding over its tiles of 64 entries: the [heads x
+//   dim] x
 //      [dim x 64] product through shared memory in 64-head x 32-dim tiles (each thread a 4 x 4
 //      register tile), relu, scale, the head weights, and the sum over heads in a fixed order;
 //      scores into Workspace scratch [tokens, entries].
@@ -49,69 +50,72 @@ __global__ void __launch_bounds__(kScoreThreads) indexer_score_kernel(IdxParams 
   __shared__ const void* kptr[kET];
   const int tl = blockIdx.y, t = P.t0 + tl;
   const int n = (b.positions[t] + 1) / P.ratio;
-  const int e0 = blockIdx.x * kET;
-  if (e0 >= n) return;
   const SeqChunk ch = b.chunks[b.chunk_of[t]];
-  const int tid = threadIdx.x, hg = tid / 16, eg = tid % 16;
-  if (tid < kET) {
-    const int w = e0 + tid;
-    kptr[tid] =
-        w < n ? attn::row_ptr(P.keys, dev_entry_row(b, ch, w, P.ratio), P.keys_stride, P.keys_bf)
-              : nullptr;
-  }
-  const void* qrow = attn::row_ptr(P.q, t, P.q_stride, P.q_bf);
-  const float* wrow = P.wt + static_cast<int64_t>(t) * P.wt_stride;
-  float score = 0.0f;  // entry e0 + tid (tid < kET)
-  __syncthreads();
-  for (int h0 = 0; h0 < P.heads; h0 += kHT) {
-    float acc[4][4] = {};
-    for (int k0 = 0; k0 < P.dim; k0 += kDT) {
-      // Q tile [kDT][kHT] and key tile [kDT][kET] (zeros outside).
-#pragma unroll
-      for (int i = 0; i < kDT * kHT / kScoreThreads; ++i) {
-        const int idx = tid + i * kScoreThreads, h = idx / kDT, kk = idx % kDT;
-        const int hh = h0 + h, d = k0 + kk;
-        Qs[kk][h] = (hh < P.heads && d < P.dim)
-                        ? load_f(qrow, static_cast<int64_t>(hh) * P.dim + d, P.q_bf)
-                        : 0.0f;
-      }
-#pragma unroll
-      for (int i = 0; i < kDT * kET / kScoreThreads; ++i) {
-        const int idx = tid + i * kScoreThreads, e = idx / kDT, kk = idx % kDT;
-        const int d = k0 + kk;
-        Ks[kk][e] = (kptr[e] && d < P.dim) ? load_f(kptr[e], d, P.keys_bf) : 0.0f;
-      }
-      __syncthreads();
-#pragma unroll 8
-      for (int kk = 0; kk < kDT; ++kk) {
-        const float4 qa = *reinterpret_cast<const float4*>(&Qs[kk][hg * 4]);
-        const float4 kb = *reinterpret_cast<const float4*>(&Ks[kk][eg * 4]);
-        const float qv[4] = {qa.x, qa.y, qa.z, qa.w}, kv[4] = {kb.x, kb.y, kb.z, kb.w};
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-#pragma unroll
-          for (int j = 0; j < 4; ++j) acc[i][j] += qv[i] * kv[j];
-      }
-      __syncthreads();
-    }
-    // relu, scale, head weight; this thread's 4 heads summed in order.
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      float s = 0.0f;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int hh = h0 + hg * 4 + i;
-        if (hh < P.heads) s += fmaxf(acc[i][j], 0.0f) * P.qscale * (wrow[hh] * P.wscale);
-      }
-      red[hg][eg * 4 + j] = s;
-    }
-    __syncthreads();
+  // The token's tiles of 64 entries, strided over the grid's x blocks (the grid is sized by the
+  // token count, not by the entries: a step launches alike whatever its sequences' lengths).
+  for (int e0 = blockIdx.x * kET; e0 < n; e0 += gridDim.x * kET) {
+    const int tid = threadIdx.x, hg = tid / 16, eg = tid % 16;
     if (tid < kET) {
-      for (int i = 0; i < kHT / 4; ++i) score += red[i][tid];
+      const int w = e0 + tid;
+      kptr[tid] =
+          w < n ? attn::row_ptr(P.keys, dev_entry_row(b, ch, w, P.ratio), P.keys_stride, P.keys_bf)
+                : nullptr;
     }
+    const void* qrow = attn::row_ptr(P.q, t, P.q_stride, P.q_bf);
+    const float* wrow = P.wt + static_cast<int64_t>(t) * P.wt_stride;
+    float score = 0.0f;  // entry e0 + tid (tid < kET)
     __syncthreads();
+    for (int h0 = 0; h0 < P.heads; h0 += kHT) {
+      float acc[4][4] = {};
+      for (int k0 = 0; k0 < P.dim; k0 += kDT) {
+        // Q tile [kDT][kHT] and key tile [kDT][kET] (zeros outside).
+#pragma unroll
+        for (int i = 0; i < kDT * kHT / kScoreThreads; ++i) {
+          const int idx = tid + i * kScoreThreads, h = idx / kDT, kk = idx % kDT;
+          const int hh = h0 + h, d = k0 + kk;
+          Qs[kk][h] = (hh < P.heads && d < P.dim)
+                          ? load_f(qrow, static_cast<int64_t>(hh) * P.dim + d, P.q_bf)
+                          : 0.0f;
+        }
+#pragma unroll
+        for (int i = 0; i < kDT * kET / kScoreThreads; ++i) {
+          const int idx = tid + i * kScoreThreads, e = idx / kDT, kk = idx % kDT;
+          const int d = k0 + kk;
+          Ks[kk][e] = (kptr[e] && d < P.dim) ? load_f(kptr[e], d, P.keys_bf) : 0.0f;
+        }
+        __syncthreads();
+#pragma unroll 8
+        for (int kk = 0; kk < kDT; ++kk) {
+          const float4 qa = *reinterpret_cast<const float4*>(&Qs[kk][hg * 4]);
+          const float4 kb = *reinterpret_cast<const float4*>(&Ks[kk][eg * 4]);
+          const float qv[4] = {qa.x, qa.y, qa.z, qa.w}, kv[4] = {kb.x, kb.y, kb.z, kb.w};
+#pragma unroll
+          for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) acc[i][j] += qv[i] * kv[j];
+        }
+        __syncthreads();
+      }
+      // relu, scale, head weight; this thread's 4 heads summed in order.
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        float s = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int hh = h0 + hg * 4 + i;
+          if (hh < P.heads) s += fmaxf(acc[i][j], 0.0f) * P.qscale * (wrow[hh] * P.wscale);
+        }
+        red[hg][eg * 4 + j] = s;
+      }
+      __syncthreads();
+      if (tid < kET) {
+        for (int i = 0; i < kHT / 4; ++i) score += red[i][tid];
+      }
+      __syncthreads();
+    }
+    if (tid < kET && e0 + tid < n) P.scores[static_cast<int64_t>(tl) * P.ld + e0 + tid] = score;
+    __syncthreads();  // kptr and the tiles are reused by the next tile
   }
-  if (tid < kET && e0 + tid < n) P.scores[static_cast<int64_t>(tl) * P.ld + e0 + tid] = score;
 }
 
 __global__ void __launch_bounds__(kSelThreads) indexer_select_kernel(IdxParams P, DevBatch b) {
@@ -210,11 +214,15 @@ void indexer_topk(cudaStream_t s, Workspace& ws, Tensor q, Tensor weights, int h
   P.ld = std::max(1, max_n);
   const int sub = static_cast<int>(std::clamp<int64_t>(kMaxScoreFloats / P.ld, 1, T));
   P.scores = ws.get<float>(0, static_cast<size_t>(sub) * P.ld);
-  const int tiles = std::max(1, (max_n + kET - 1) / kET);
+  // Blocks per token: enough for about two per SM over the step's tokens, at most one per tile of
+  // the longest sequence (each block strides over its token's tiles).
+  const int64_t all_tiles = std::max(1, (max_n + kET - 1) / kET);
   for (int t0 = 0; t0 < T; t0 += sub) {
     P.t0 = t0;
     const int nt = std::min(sub, T - t0);
     if (max_n > topk) {  // otherwise every visible entry is selected: no scores needed
+      const int tiles = static_cast<int>(
+          std::min<int64_t>(all_tiles, std::max<int64_t>(1, (2 * num_sms() + nt - 1) / nt)));
       indexer_score_kernel<<<dim3(tiles, nt), kScoreThreads, 0, s>>>(P, b);
       SP_CUDA_LAUNCH();
     }

@@ -105,6 +105,9 @@ void check_cuda(cudaError_t e, const char* what, const char* file, int line);
 // process-wide "done" flag would miss the other GPUs of a threads pipeline). An error when
 // `bytes` is over the device's maximum.
 void allow_dynamic_smem(const void* func, size_t bytes);
+// Streaming multiprocessors of the GPU (launch sizing: a fixed count for a given card, so results
+// do not depend on the run).
+int num_sms();
 
 // ---- gemm.cu: projections --------------------------------------------------------------------
 // y = x W^T. x: [M, K] f32 or bf16, y: [M, N] f32 or bf16; fp32 accumulation.
