@@ -10,83 +10,26 @@
 #include <vector>
 
 #include "backend/cuda/gemm_lt.h"
+#include "bench_util.cuh"
 
 namespace sp::cuda {
 namespace {
 
-__global__ void fill_bytes(uint8_t* p, int64_t n, uint64_t seed, int kind) {
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
-       i += int64_t{gridDim.x} * blockDim.x) {
-    uint64_t z = (i + 1) * 0x9e3779b97f4a7c15ull + seed;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    z ^= z >> 31;
-    uint8_t b = static_cast<uint8_t>(z);
-    if (kind == 1 && (b & 0x7f) == 0x7f) b &= 0xfe;                           // e4m3 without NaN
-    if (kind == 2) b = static_cast<uint8_t>(118 + (z >> 8) % 4);              // e8m0 scales ~2^-9
-    if (kind == 3) b = (i % 2) ? static_cast<uint8_t>(0x3c + (b & 0x3)) : b;  // small bf16
-    if (kind == 4) b = (i % 4 == 3) ? static_cast<uint8_t>(0x3c + (b & 0x3)) : b;  // small f32
-    p[i] = b;
-  }
-}
-
-void fill(void* p, int64_t n, uint64_t seed, int kind) {
-  fill_bytes<<<1024, 256>>>(static_cast<uint8_t*>(p), n, seed, kind);
-  SP_CUDA_LAUNCH();
-}
-
-void* dalloc(size_t n) {
-  void* p = nullptr;
-  SP_CUDA(cudaMalloc(&p, n));
-  return p;
-}
+using namespace bench;
 
 Matrix fp8_matrix(int64_t out, int64_t in, uint64_t seed) {
-  Matrix m;
-  m.name = "bench";
-  m.format = WeightFormat::kFP8;
-  m.dtype = DType::kE4M3;
-  m.out = out;
-  m.in = in;
-  m.scale_cols = (in + 127) / 128;
-  m.device = Device::kCuda;
-  void* d = dalloc(m.value_bytes());
-  fill(d, m.value_bytes(), seed, 1);
-  m.data = static_cast<uint8_t*>(d);
-  void* s = dalloc(m.scale_bytes());
-  fill(s, m.scale_bytes(), seed + 1, 2);
-  m.scale = static_cast<uint8_t*>(s);
-  return m;
+  return device_matrix(WeightFormat::kFP8, out, in, seed);
 }
 
 Tensor tensor(int64_t rows, int64_t cols, DType dt, uint64_t seed) {
-  void* p = dalloc(rows * cols * dtype_size(dt));
-  fill(p, rows * cols * dtype_size(dt), seed, dt == DType::kF32 ? 4 : 3);
-  return Tensor{p, rows, cols, cols, dt, Device::kCuda};
+  return device_tensor(rows, cols, dt, seed, dt == DType::kF32 ? 4 : 3);
 }
 
 // Median over 5 rounds of the mean time of `reps` back-to-back calls (queued without waiting, as a
-// forward pass queues them), after warm-up.
+// forward pass queues them), after 3 warm-up calls.
 template <typename Fn>
-float time_ms(cudaStream_t s, int reps, Fn fn) {
-  for (int i = 0; i < 3; ++i) fn(i);
-  std::vector<float> t;
-  cudaEvent_t a, b;
-  SP_CUDA(cudaEventCreate(&a));
-  SP_CUDA(cudaEventCreate(&b));
-  for (int round = 0; round < 5; ++round) {
-    SP_CUDA(cudaEventRecord(a, s));
-    for (int r = 0; r < reps; ++r) fn(round * reps + r);
-    SP_CUDA(cudaEventRecord(b, s));
-    SP_CUDA(cudaEventSynchronize(b));
-    float ms = 0;
-    SP_CUDA(cudaEventElapsedTime(&ms, a, b));
-    t.push_back(ms / reps);
-  }
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
+float time_queued_ms(cudaStream_t s, int reps, Fn fn) {
+  return time_batch_ms(s, 5, reps, fn, 3);
 }
 
 void lt_ok(cublasStatus_t st, const char* what) {
@@ -129,7 +72,7 @@ double lt_peak(cudaStream_t s, int64_t n, bool fp8) {
   double tf = 0;
   if (found > 0) {
     const float alpha = 1, beta = 0;
-    const float ms = time_ms(s, 4, [&](int) {
+    const float ms = time_queued_ms(s, 4, [&](int) {
       lt_ok(cublasLtMatmul(h, desc, &alpha, A, la, B, lb, &beta, D, ld, D, ld, &res.algo, ws,
                            kLtWorkspaceBytes, s),
             "matmul");
@@ -202,18 +145,18 @@ int main(int argc, char** argv) {
         const double flop = 2.0 * M * sh.N * sh.K;
         const int reps = flop > 2e12 ? 2 : flop > 1e11 ? 5 : 20;
         const float t_exact =
-            time_ms(s, reps, [&](int i) { linear(s, ws, xb, wm[i % copies], y); });
+            time_queued_ms(s, reps, [&](int i) { linear(s, ws, xb, wm[i % copies], y); });
         // The fp8 path at any M (min_rows 1: below kLtMinRows too, to place the threshold).
         bool took = true;
-        const float t_lt = time_ms(
+        const float t_lt = time_queued_ms(
             s, reps, [&](int i) { took = lt.run(s, ws_lt, xb, wm[i % copies], y, 1) && took; });
-        const float t_ltf = time_ms(
+        const float t_ltf = time_queued_ms(
             s, reps, [&](int i) { took = lt.run(s, ws_lt, xf, wm[i % copies], y, 1) && took; });
         const int64_t Mg = (M + 3) / 4 * 4, G = (sh.K + 127) / 128;
         uint8_t* q = static_cast<uint8_t*>(dalloc(Mg * sh.K));
         float* sc = static_cast<float*>(dalloc(G * Mg * 4));
-        const float t_qb = time_ms(s, 10, [&](int) { quantize_act_fp8(s, xb, Mg, q, sc); });
-        const float t_qf = time_ms(s, 10, [&](int) { quantize_act_fp8(s, xf, Mg, q, sc); });
+        const float t_qb = time_queued_ms(s, 10, [&](int) { quantize_act_fp8(s, xb, Mg, q, sc); });
+        const float t_qf = time_queued_ms(s, 10, [&](int) { quantize_act_fp8(s, xf, Mg, q, sc); });
         cudaFree(q);
         cudaFree(sc);
         auto tf = [&](float ms) { return flop / (ms * 1e-3) / 1e12; };
