@@ -161,4 +161,19 @@ inline HostMatrix random_matrix(WeightFormat f, int64_t out, int64_t in, uint64_
   return h;
 }
 
+// Turns h's E8M0 scales into F32 scales that are not powers of two (as Base checkpoints store
+// them): each the E8M0 value times a factor in [1, 1.9) drawn from `seed`.
+inline void use_f32_scales(HostMatrix& h, uint64_t seed) {
+  std::mt19937_64 rng(seed * 13 + 5);
+  std::uniform_real_distribution<float> u(1.0f, 1.9f);
+  std::vector<uint8_t> s(h.scale.size() * 4);
+  for (size_t i = 0; i < h.scale.size(); ++i) {
+    const float v = e8m0_to_f32(h.scale[i]) * u(rng);
+    std::memcpy(s.data() + i * 4, &v, 4);
+  }
+  h.scale = std::move(s);
+  h.m.scale_dtype = DType::kF32;
+  h.m.scale = h.scale.data();
+}
+
 }  // namespace sp::test

@@ -130,17 +130,7 @@ TEST(Fp8Quant, BitExactAgainstHostRule) {
 // An FP8 weight with E8M0 scales, or F32 scales that are not powers of two (Base checkpoints).
 HostMatrix fp8_matrix(int64_t N, int64_t K, uint64_t seed, bool f32_scales) {
   HostMatrix h = random_matrix(WeightFormat::kFP8, N, K, seed);
-  if (f32_scales) {
-    std::mt19937_64 rng(seed * 13 + 5);
-    std::uniform_real_distribution<float> u(1.0f, 1.9f);
-    std::vector<uint8_t> s(h.scale.size() * 4);
-    for (size_t i = 0; i < h.scale.size(); ++i) {
-      const float v = e8m0_to_f32(h.scale[i]) * u(rng);
-      std::memcpy(s.data() + i * 4, &v, 4);
-    }
-    h.scale = std::move(s);
-    h.m.scale_dtype = DType::kF32;
-  }
+  if (f32_scales) use_f32_scales(h, seed);
   h.m.data = h.data.data();
   h.m.scale = h.scale.data();
   return h;

@@ -41,17 +41,7 @@ HostMatrix make_matrix(const Fmt& fmt, int64_t out, int64_t in, uint64_t seed) {
     }
     h.m.dtype = DType::kF16;
   }
-  if (fmt.f != WeightFormat::kFloat && fmt.scale == DType::kF32) {
-    std::mt19937_64 rng(seed * 13 + 5);
-    std::uniform_real_distribution<float> u(1.0f, 1.9f);
-    std::vector<uint8_t> s(h.scale.size() * 4);
-    for (size_t i = 0; i < h.scale.size(); ++i) {
-      const float v = e8m0_to_f32(h.scale[i]) * u(rng);
-      std::memcpy(s.data() + i * 4, &v, 4);
-    }
-    h.scale = std::move(s);
-    h.m.scale_dtype = DType::kF32;
-  }
+  if (fmt.f != WeightFormat::kFloat && fmt.scale == DType::kF32) use_f32_scales(h, seed);
   h.m.data = h.data.data();
   h.m.scale = h.scale.empty() ? nullptr : h.scale.data();
   return h;
