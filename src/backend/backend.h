@@ -166,6 +166,14 @@ struct StepGraphKey {
 // step of speculative decoding: 1 + drafts), are decode-shaped: their launches depend on the
 // token count, the chunk length and the limits only.
 constexpr int kGraphChunkTokens = 16;
+// A step's chunk length when it is decode-shaped (kGraphChunkTokens), else 0.
+inline int decode_shaped_chunk(const BatchView& b) {
+  const int n = b.chunks.empty() ? 0 : b.chunks.front().n_tokens;
+  if (n < 1 || n > kGraphChunkTokens) return 0;
+  for (const SeqChunk& ch : b.chunks)
+    if (ch.n_tokens != n) return 0;
+  return n;
+}
 
 struct CompressorArgs {
   const CompressorView* w;

@@ -418,11 +418,8 @@ void Model::run_layers(const BatchView& b, Tensor X, const LayerHook& hook) {
   // A decode-shaped step (every chunk the same few tokens: one, or a verify group of speculative
   // decoding) launches the same kernels with the same arguments as every other such step of its
   // shape on this residual buffer: the backend may replay it.
-  const int n = b.chunks.empty() ? 0 : b.chunks.front().n_tokens;
-  const bool uniform = n >= 1 && n <= kGraphChunkTokens &&
-                       std::all_of(b.chunks.begin(), b.chunks.end(),
-                                   [n](const SeqChunk& ch) { return ch.n_tokens == n; });
-  if (uniform && !hook && !layers_.empty())
+  const int n = decode_shaped_chunk(b);
+  if (n > 0 && !hook && !layers_.empty())
     be_.run_graph(StepGraphKey{0, b.num_tokens, n, X.data}, layers);
   else
     layers();

@@ -241,10 +241,7 @@ class CudaBackend final : public Backend {
     dev_.num_logit_rows = L;
     dev_.block_tokens = lim_.block_tokens;
     dev_.max_positions = lim_.max_model_len;
-    const int n = C > 0 ? b.chunks.front().n_tokens : 0;
-    dev_.static_shapes = lim_.max_model_len > 0 && n >= 1 && n <= kGraphChunkTokens &&
-                         std::all_of(b.chunks.begin(), b.chunks.end(),
-                                     [n](const SeqChunk& ch) { return ch.n_tokens == n; });
+    dev_.static_shapes = lim_.max_model_len > 0 && decode_shaped_chunk(b) > 0;
     dev_.token_ids = reinterpret_cast<const int32_t*>(d + m.tok);
     dev_.positions = reinterpret_cast<const int32_t*>(d + m.pos);
     dev_.chunk_of = reinterpret_cast<const int32_t*>(d + m.cof);
