@@ -26,20 +26,17 @@
 #include <vector>
 
 #include "backend/cuda/gemm_core.cuh"
+#include "backend/cuda/moe_decode.cuh"
 
 namespace sp::cuda {
 namespace {
-
-// The per-expert descriptors prepare_moe uploads; expert E (the last) is the shared expert.
-struct DevExpert {
-  DevMat w1, w2, w3;
-};
 
 // Device tables live until exit (one per MoE layer, allocated once at load).
 struct TableRegistry {
   std::mutex mu;
   std::vector<void*> ptrs;
   std::vector<bool> dec_ok;  // per table: every expert FP4 / FP8 (the decode kernels' formats)
+  std::vector<bool> tc_ok;   // per table: the tensor-core kernels' formats (tc_experts_ok)
   ~TableRegistry() {
     for (void* p : ptrs) cudaFree(p);  // errors at exit (context gone) are ignored
   }
@@ -876,6 +873,7 @@ void prepare_moe(MoeWeights& moe, cudaStream_t s) {
       SP_CUDA(cudaStreamSynchronize(s));
       SP_CUDA(cudaFree(*it));
       reg.dec_ok.erase(reg.dec_ok.begin() + (it - reg.ptrs.begin()));
+      reg.tc_ok.erase(reg.tc_ok.begin() + (it - reg.ptrs.begin()));
       reg.ptrs.erase(it);
     }
   }
@@ -888,6 +886,7 @@ void prepare_moe(MoeWeights& moe, cudaStream_t s) {
   SP_CUDA(cudaStreamSynchronize(s));  // h goes away
   reg.ptrs.push_back(p);
   reg.dec_ok.push_back(dec);
+  reg.tc_ok.push_back(dec && tc_experts_ok(h.data(), static_cast<int64_t>(h.size())));
   const int64_t w = static_cast<int64_t>(sizeof(DevExpert));
   moe.table = Tensor{p, E + 1, w, w, DType::kI8, Device::kCuda};
 }
@@ -920,12 +919,15 @@ void moe(cudaStream_t s, Workspace& ws, Tensor x, const MoeArgs& a, const DevBat
       (x.stride % 4 == 0 && reinterpret_cast<uintptr_t>(x.data) % (4 * x.elem_size()) == 0) ? 1 : 0;
   // The decode kernels take the experts of at most dec_max tokens: as many as the staged
   // activations of the widest input (D for W1/W3, I for W2) fit the shared-memory budget.
-  bool dec_ok = false;
+  bool dec_ok = false, tc_ok = false;
   {
     TableRegistry& reg = registry();
     std::lock_guard<std::mutex> lock(reg.mu);
     auto it = std::find(reg.ptrs.begin(), reg.ptrs.end(), L.table.data);
-    dec_ok = it != reg.ptrs.end() && reg.dec_ok[static_cast<size_t>(it - reg.ptrs.begin())];
+    if (it != reg.ptrs.end()) {
+      dec_ok = reg.dec_ok[static_cast<size_t>(it - reg.ptrs.begin())];
+      tc_ok = reg.tc_ok[static_cast<size_t>(it - reg.ptrs.begin())];
+    }
   }
   const int64_t kpad_up = (D + 31) / 32 * 32, kpad_down = (Imax + 31) / 32 * 32;
   int dec_max = 0;
@@ -933,6 +935,11 @@ void moe(cudaStream_t s, Workspace& ws, Tensor x, const MoeArgs& a, const DevBat
     dec_max = kDecMaxTok;
     while (dec_max > 0 && dec_max * std::max(kpad_up, kpad_down) * 4 > kDecSmemBudget) dec_max /= 2;
   }
+  // With the tensor-core kernels (moe_decode.cu): one token on the decode kernels, 2..64 tokens on
+  // the tensor cores, more on the general kernels.
+  if (dec_max < kTcMinTok - 1) tc_ok = false;  // someone must take the experts of one token
+  if (tc_ok) dec_max = kTcMinTok - 1;
+  const int general_min = tc_ok ? kTcMaxTok : dec_max;  // the general kernels take more tokens
 
   for (int64_t c0 = 0; c0 < T; c0 += kTokenChunk) {
     const int64_t Tc = std::min(kTokenChunk, T - c0);
@@ -1015,8 +1022,8 @@ void moe(cudaStream_t s, Workspace& ws, Tensor x, const MoeArgs& a, const DevBat
     ea.xvec = xvec;
     ea.out = h;
     ea.ldo = ldh;
-    ea.dec_max = dec_max;
-    const bool general = Tc > dec_max;  // some expert may have more tokens than dec_max
+    ea.dec_max = general_min;
+    const bool general = Tc > general_min;  // some expert may have more tokens
     DecArgs da;
     da.tab = tab;
     da.meta = meta;
@@ -1075,6 +1082,23 @@ void moe(cudaStream_t s, Workspace& ws, Tensor x, const MoeArgs& a, const DevBat
       const dim3 down_grid(static_cast<unsigned>((D + kDownRows - 1) / kDownRows), slots);
       moe_down_kernel<<<down_grid, down_threads, 0, s>>>(ea);
       SP_CUDA_LAUNCH();
+    }
+    if (tc_ok) {
+      MoeTcStep ts;
+      ts.tab = tab;
+      ts.meta = meta;
+      ts.pairs = pairs;
+      ts.T = static_cast<int>(Tc);
+      ts.K = static_cast<int>(K);
+      ts.E = static_cast<int>(E);
+      ts.x = xc.data;
+      ts.ldx = x.stride;
+      ts.x_bf16 = x_bf16;
+      ts.D = D;
+      ts.Imax = Imax;
+      ts.limit = a.swiglu_limit;
+      ts.o = o;
+      moe_tc(s, ws, ts);
     }
     moe_combine_kernel<<<static_cast<unsigned>(Tc), 256, 0, s>>>(
         o, D, eidx, ew, pos_of, static_cast<int>(Tc), static_cast<int>(K), yc.data, y.stride,
