@@ -31,8 +31,8 @@ SP_FPBITS_FN uint32_t byte_perm(uint32_t a, uint32_t b, uint32_t sel) {
 #else
   const uint64_t v = (static_cast<uint64_t>(b) << 32) | a;
   uint32_t r = 0;
-  for (int i = 0; i < 4; ++i) r |= static_cast<uint32_t>((v >> (8 * ((sel >> (4 * i)) & 7))) & 0xff)
-                                   << (8 * i);
+  for (int i = 0; i < 4; ++i)
+    r |= static_cast<uint32_t>((v >> (8 * ((sel >> (4 * i)) & 7))) & 0xff) << (8 * i);
   return r;
 #endif
 }
@@ -55,11 +55,11 @@ SP_FPBITS_FN void e2m1x8_to_bf16(uint32_t w, uint32_t (&out)[4]) {
 // FP8: w0 holds v0..v3, w1 v4..v7 (byte i = value i). Bytes regrouped as (v0, v1, v4, v5) and
 // (v2, v3, v6, v7); each e4m3 byte (s eeee mmm) goes to bf16 bit 15 (sign), bits 10..7 (the
 // exponent field's low 4 bits) and 6..4 (the top mantissa bits): 2^(e - 127)(1 + m/8) for e >= 1,
-// the subnormal (m/8) 2^-126 for e = 0, i.e. the e4m3 value times 2^-120. NaN (0x7f, 0xff) becomes a
-// finite value (checkpoints hold none).
+// the subnormal (m/8) 2^-126 for e = 0, i.e. the e4m3 value times 2^-120. NaN (0x7f, 0xff) becomes
+// a finite value (checkpoints hold none).
 SP_FPBITS_FN void e4m3x8_to_bf16(uint32_t w0, uint32_t w1, uint32_t (&out)[4]) {
-  const uint32_t r01 = byte_perm(w0, w1, 0x5410u);  // v0 v1 v4 v5
-  const uint32_t r23 = byte_perm(w0, w1, 0x7632u);  // v2 v3 v6 v7
+  const uint32_t r01 = byte_perm(w0, w1, 0x5410u);                   // v0 v1 v4 v5
+  const uint32_t r23 = byte_perm(w0, w1, 0x7632u);                   // v2 v3 v6 v7
   out[0] = ((r01 << 8) & 0x80008000u) | ((r01 << 4) & 0x07f007f0u);  // (v0, v4)
   out[1] = (r01 & 0x80008000u) | ((r01 >> 4) & 0x07f007f0u);         // (v1, v5)
   out[2] = ((r23 << 8) & 0x80008000u) | ((r23 << 4) & 0x07f007f0u);  // (v2, v6)
@@ -69,9 +69,9 @@ SP_FPBITS_FN void e4m3x8_to_bf16(uint32_t w0, uint32_t w1, uint32_t (&out)[4]) {
 // Decoded value times 2^kFp4Shift (FP4) / 2^kFp8Shift (FP8) is the format's value.
 constexpr int kFp4Shift = 126, kFp8Shift = 120;
 
-// E8M0 scale byte s (2^(s - 127)): the multiply by 2^(s - 127 + shift) is exact (the product a normal
-// bf16) for every value of the format when the factor is a normal bf16 and the smallest non-zero
-// magnitude (FP4 0.5, FP8 2^-9) times 2^(s - 127) is at least 2^-126.
+// E8M0 scale byte s (2^(s - 127)): the multiply by 2^(s - 127 + shift) is exact (the product a
+// normal bf16) for every value of the format when the factor is a normal bf16 and the smallest
+// non-zero magnitude (FP4 0.5, FP8 2^-9) times 2^(s - 127) is at least 2^-126.
 SP_FPBITS_FN bool fp4_scale_fast(uint32_t s) {
   return s >= 2 && s <= 128;
 }

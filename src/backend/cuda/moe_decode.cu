@@ -28,11 +28,11 @@ namespace sp::cuda {
 namespace {
 
 constexpr int kTcThreads = 256, kTcWarps = kTcThreads / 32;
-constexpr int kTcKParts = 2;                                 // warps splitting a row tile's K
-constexpr int kTcTileRows = 16 * (kTcWarps / kTcKParts);     // rows of a block tile (64)
-constexpr int kTcSmallTok = 8;                               // one n tile: 2..8 tokens
-constexpr int64_t kTcTargetBlocks = 528;                     // four per SM of an H100 / H200
-constexpr int kWsStageX = 16, kWsStageH = 17;                // workspace slots (moe.cu: 9..14)
+constexpr int kTcKParts = 2;                              // warps splitting a row tile's K
+constexpr int kTcTileRows = 16 * (kTcWarps / kTcKParts);  // rows of a block tile (64)
+constexpr int kTcSmallTok = 8;                            // one n tile: 2..8 tokens
+constexpr int64_t kTcTargetBlocks = 528;                  // four per SM of an H100 / H200
+constexpr int kWsStageX = 16, kWsStageH = 17;             // workspace slots (moe.cu: 9..14)
 
 struct TcArgs {
   const DevExpert* tab = nullptr;
@@ -54,9 +54,8 @@ struct TcArgs {
   int rows_per_block = 0;  // a multiple of kTcTileRows
 };
 
-__device__ __forceinline__ void mma_bf16_16816(float (&c)[4], uint32_t a0, uint32_t a1,
-                                               uint32_t a2, uint32_t a3, uint32_t b0,
-                                               uint32_t b1) {
+__device__ __forceinline__ void mma_bf16_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                               uint32_t a3, uint32_t b0, uint32_t b1) {
   asm volatile(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
       "{%8,%9}, {%0,%1,%2,%3};"
@@ -245,8 +244,8 @@ __device__ __forceinline__ void tc_expert(const TcArgs& a, const DevExpert& ex, 
               mma_bf16_16816(acc[gi][nt], A[gi][0][2 * i], A[gi][1][2 * i], A[gi][0][2 * i + 1],
                              A[gi][1][2 * i + 1], b0, b1);
               if constexpr (LO)
-                mma_bf16_16816(acc[gi][nt], A[gi][0][2 * i], A[gi][1][2 * i],
-                               A[gi][0][2 * i + 1], A[gi][1][2 * i + 1], l0, l1);
+                mma_bf16_16816(acc[gi][nt], A[gi][0][2 * i], A[gi][1][2 * i], A[gi][0][2 * i + 1],
+                               A[gi][1][2 * i + 1], l0, l1);
             }
           }
         }
@@ -284,10 +283,8 @@ __device__ __forceinline__ void tc_expert(const TcArgs& a, const DevExpert& ex, 
             const float gt = fminf(acc[0][nt][q], a.limit);
             const float up = fminf(fmaxf(acc[1][nt][q], -a.limit), a.limit);
             const float hv = gt * (1.0f / (1.0f + expf(-gt))) * up;
-            const int64_t at = static_cast<int64_t>(start + m) * a.ldh + ((n & ~int64_t{7}) |
-                                                                          fpbits::stage_pos(
-                                                                              static_cast<int>(
-                                                                                  n & 7)));
+            const int64_t at = static_cast<int64_t>(start + m) * a.ldh +
+                               ((n & ~int64_t{7}) | fpbits::stage_pos(static_cast<int>(n & 7)));
             const __nv_bfloat16 hi = __float2bfloat16_rn(hv);
             a.hh[at] = hi;
             a.hl[at] = __float2bfloat16_rn(hv - __bfloat162float(hi));
@@ -394,16 +391,17 @@ void moe_tc(cudaStream_t s, Workspace& ws, const MoeTcStep& st) {
   const bool lo_x = !st.x_bf16;
   // The tokens, staged (rows of ldp values, zero past D; chunks never read past D rounded to 32).
   const int64_t ldp = (st.D + 31) / 32 * 32;
-  __nv_bfloat16* xh = ws.get<__nv_bfloat16>(kWsStageX, static_cast<size_t>((lo_x ? 2 : 1) * T * ldp));
+  __nv_bfloat16* xh =
+      ws.get<__nv_bfloat16>(kWsStageX, static_cast<size_t>((lo_x ? 2 : 1) * T * ldp));
   __nv_bfloat16* xl = lo_x ? xh + T * ldp : nullptr;
   {
     const unsigned grid = static_cast<unsigned>(std::min<int64_t>((T * ldp + 255) / 256, 1024));
     if (st.x_bf16)
-      tc_stage_kernel<__nv_bfloat16><<<grid, 256, 0, s>>>(
-          static_cast<const __nv_bfloat16*>(st.x), st.ldx, st.D, T, ldp, xh, xl);
+      tc_stage_kernel<__nv_bfloat16><<<grid, 256, 0, s>>>(static_cast<const __nv_bfloat16*>(st.x),
+                                                          st.ldx, st.D, T, ldp, xh, xl);
     else
-      tc_stage_kernel<float><<<grid, 256, 0, s>>>(static_cast<const float*>(st.x), st.ldx, st.D,
-                                                  T, ldp, xh, xl);
+      tc_stage_kernel<float>
+          <<<grid, 256, 0, s>>>(static_cast<const float*>(st.x), st.ldx, st.D, T, ldp, xh, xl);
     SP_CUDA_LAUNCH();
   }
   // h as hi + lo in stage order, a row per (expert, token) pair.
@@ -435,7 +433,8 @@ void moe_tc(cudaStream_t s, Workspace& ws, const MoeTcStep& st) {
   int nr = 0;
   ranges[nr++] = {kTcMinTok, kTcSmallTok, std::min<int64_t>(st.E, TK) + 1};
   if (T > kTcSmallTok)
-    ranges[nr++] = {kTcSmallTok + 1, kTcMaxTok, std::min<int64_t>(st.E, TK / (kTcSmallTok + 1)) + 1};
+    ranges[nr++] = {kTcSmallTok + 1, kTcMaxTok,
+                    std::min<int64_t>(st.E, TK / (kTcSmallTok + 1)) + 1};
   for (int pass = 0; pass < 2; ++pass) {
     const bool up = pass == 0;
     const int64_t rows = up ? st.Imax : st.D;
