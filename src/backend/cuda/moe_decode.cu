@@ -31,8 +31,9 @@ constexpr int kTcThreads = 256, kTcWarps = kTcThreads / 32;
 constexpr int kTcKParts = 2;                              // warps splitting a row tile's K
 constexpr int kTcTileRows = 16 * (kTcWarps / kTcKParts);  // rows of a block tile (64)
 constexpr int kTcSmallTok = 8;                            // one n tile: 2..8 tokens
-constexpr int64_t kTcTargetBlocks = 528;                  // four per SM of an H100 / H200
-constexpr int kWsStageX = 16, kWsStageH = 17;             // workspace slots (moe.cu: 9..14)
+constexpr int kTcAhead = 8;  // steps a warp prefetches into L2 ahead of its loads (even: its own)
+constexpr int64_t kTcTargetBlocks = 528;       // four per SM of an H100 / H200
+constexpr int kWsStageX = 16, kWsStageH = 17;  // workspace slots (moe.cu: 9..14)
 
 struct TcArgs {
   const DevExpert* tab = nullptr;
@@ -77,6 +78,11 @@ __device__ __forceinline__ uint32_t bf16x2_scale_f32(uint32_t p, float f1, float
   const float hi = __uint_as_float(p & 0xffff0000u) * f1 * f2;
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// Starts moving [p, p + bytes) into L2 (no registers held). p and bytes: multiples of 16.
+__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
 }
 
 // The scale of one (row, chunk): the bf16 pair factor of the fast route, or 0 for the fp32 route.
@@ -203,8 +209,20 @@ __device__ __forceinline__ void tc_expert(const TcArgs& a, const DevExpert& ex, 
           }
         }
     };
+    // L2 prefetch kTcAhead steps ahead of the loads (a step is 64 bytes of a row in every format):
+    // lane l < 16 G takes row r0 + l % 16 of matrix l / 16.
+    auto prefetch = [&](int64_t s0, int64_t ns) {
+      if (lane >= 16 * G) return;
+      const DevMat& w = lane < 16 ? wa : wb;
+      const int64_t n = r0 + (lane & 15), b0 = s0 * 64;
+      const int64_t b1 = b0 + ns * 64 < w.row_bytes ? b0 + ns * 64 : w.row_bytes;
+      if (w.vec != 0 && n < N && b0 < b1)
+        prefetch_l2(w.data + n * w.row_bytes + b0, static_cast<uint32_t>(b1 - b0));
+    };
+    if (kp == 0) prefetch(0, kTcAhead);
     load(kp);
     for (int64_t st = kp; st < steps; st += kTcKParts) {
+      prefetch(st + kTcAhead, 1);
       uint4 cur[G][2];
       uint32_t cs[G][2];
 #pragma unroll

@@ -13,10 +13,17 @@ struct DevExpert {
 
 // Experts with kTcMinTok..kTcMaxTok tokens take the tensor-core kernels when every expert of the
 // layer is FP4 / FP8 with E8M0 scales and an intermediate size that is a multiple of 16
-// (tc_experts_ok). One token stays on the CUDA-core decode kernel: an m16n8k16 MMA would spend 7
-// of its 8 token columns on nothing, and that kernel applies the decoded weights to the token
-// with FMAs straight from registers.
-constexpr int kTcMinTok = 2, kTcMaxTok = 64;
+// (tc_experts_ok); fewer tokens take the CUDA-core decode kernels of moe.cu, more the general
+// kernels. One token stays on the CUDA-core kernel by default (an m16n8k16 MMA spends 7 of its 8
+// token columns on nothing there, and that kernel applies the decoded weights straight from
+// registers); whether the tensor cores' cheaper decode wins at one token too is a measurement
+// (build with -DSP_MOE_TC_MIN_TOKENS=1 to route single tokens to the tensor cores).
+#ifndef SP_MOE_TC_MIN_TOKENS
+#define SP_MOE_TC_MIN_TOKENS 2
+#endif
+constexpr int kTcMinTok = SP_MOE_TC_MIN_TOKENS, kTcMaxTok = 64;
+static_assert(kTcMinTok >= 1 && kTcMinTok <= 8,
+              "the first tensor-core launch takes up to 8 tokens");
 
 bool tc_experts_ok(const DevExpert* h, int64_t n);
 
