@@ -9,14 +9,16 @@
 //   up       h = silu(min(W1 x, L)) * clamp(W3 x, -L, L) for every token of every hit expert
 //   down     o = W2 h
 //   combine  y[t] = sum over the token's experts in ascending id of w * o, then + shared o
-// Two pairs of up/down kernels, chosen per expert by its token count (so the result depends on
+// Three pairs of up/down kernels, chosen per expert by its token count (so the result depends on
 // the routing, never on the run):
-// - decode (count <= dec_max, the common case at decode: FP4 / FP8 experts only): each warp owns
-//   whole rows (2 rows of W1 and W3, or 4 rows of W2) and streams them in 16-byte chunks, every
-//   lane with 4-8 chunk loads (and their scales) in flight before any use; the expert's tokens
-//   (up to 8) are staged in shared memory once per block, in f32, swizzled so a quarter-warp's
-//   16-byte reads hit distinct banks, and applied 1, 2 or 4 at a time (a template parameter, so
-//   one token does not pay for four); a warp-shuffle reduction per row.
+// - decode (count <= dec_max, FP4 / FP8 experts only; with the tensor-core kernels on, one token):
+//   each warp owns whole rows (2 rows of W1 and W3, or 4 rows of W2) and streams them in 16-byte
+//   chunks, every lane with 4-8 chunk loads (and their scales) in flight before any use; the
+//   expert's tokens (up to 8) are staged in shared memory once per block, in f32, swizzled so a
+//   quarter-warp's 16-byte reads hit distinct banks, and applied 1, 2 or 4 at a time (a template
+//   parameter, so one token does not pay for four); a warp-shuffle reduction per row.
+// - tensor cores (kTcMinTok..kTcMaxTok tokens, every expert FP4 / FP8 with E8M0 scales):
+//   moe_decode.cu, mma.sync with the expert's rows as M and its tokens as N.
 // - general (larger counts, other formats): per (hit expert, 2 rows of W1/W3 or 4 rows of W2),
 //   each weight chunk read once and applied to 8 tokens at a time, block-wide reductions.
 // Grids are sized for the most experts a step can hit; blocks of slots past the hit count exit.

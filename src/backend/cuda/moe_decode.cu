@@ -319,7 +319,7 @@ __device__ __forceinline__ void tc_expert(const TcArgs& a, const DevExpert& ex, 
 // grid (row blocks, expert slots): block (x, y) takes rows [x rows_per_block, ...) of the y-th
 // expert of the launch's token range.
 template <bool kUp, int NT, bool LO>
-__global__ void __launch_bounds__(kTcThreads) moe_tc_kernel(TcArgs a) {
+__global__ void __launch_bounds__(kTcThreads, NT <= 2 ? 2 : 1) moe_tc_kernel(TcArgs a) {
   constexpr int G = kUp ? 2 : 1;
   __shared__ float red[(kTcWarps / kTcKParts) * G * NT * 4 * 32];
   const int e = nth_expert(a);
