@@ -17,13 +17,14 @@
 //   expert's tokens (up to 8) are staged in shared memory once per block, in f32, swizzled so a
 //   quarter-warp's 16-byte reads hit distinct banks, and applied 1, 2 or 4 at a time (a template
 //   parameter, so one token does not pay for four); a warp-shuffle reduction per row.
-// - tensor cores (kTcMinTok..kTcMaxTok tokens, every expert FP4 / FP8 with E8M0 scales):
+// - tensor cores (kTcMinTok tokens or more, every expert FP4 / FP8 with E8M0 scales):
 //   moe_decode.cu, mma.sync with the expert's rows as M and its tokens as N.
-// - general (larger counts, other formats): per (hit expert, 2 rows of W1/W3 or 4 rows of W2),
+// - general (larger counts of other formats): per (hit expert, 2 rows of W1/W3 or 4 rows of W2),
 //   each weight chunk read once and applied to 8 tokens at a time, block-wide reductions.
 // Grids are sized for the most experts a step can hit; blocks of slots past the hit count exit.
 // Every sum has a fixed order (no float atomics), so results are bitwise reproducible.
 #include <algorithm>
+#include <limits>
 #include <mutex>
 #include <vector>
 
@@ -937,11 +938,12 @@ void moe(cudaStream_t s, Workspace& ws, Tensor x, const MoeArgs& a, const DevBat
     dec_max = kDecMaxTok;
     while (dec_max > 0 && dec_max * std::max(kpad_up, kpad_down) * 4 > kDecSmemBudget) dec_max /= 2;
   }
-  // With the tensor-core kernels (moe_decode.cu): one token on the decode kernels, 2..64 tokens on
-  // the tensor cores, more on the general kernels.
+  // With the tensor-core kernels (moe_decode.cu): one token on the decode kernels, more on the
+  // tensor cores (the general kernels then take nothing).
   if (dec_max < kTcMinTok - 1) tc_ok = false;  // someone must take the experts of one token
   if (tc_ok) dec_max = kTcMinTok - 1;
-  const int general_min = tc_ok ? kTcMaxTok : dec_max;  // the general kernels take more tokens
+  // The general kernels take the experts of more tokens.
+  const int general_min = tc_ok ? std::numeric_limits<int>::max() : dec_max;
 
   for (int64_t c0 = 0; c0 < T; c0 += kTokenChunk) {
     const int64_t Tc = std::min(kTokenChunk, T - c0);

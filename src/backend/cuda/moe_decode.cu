@@ -1,15 +1,16 @@
-// Tensor-core kernels for the routed and shared experts of 2..64 tokens (decode steps, speculative
-// verify steps, small prefill chunks).
+// Tensor-core kernels for the routed and shared experts of 2 tokens and more (decode steps,
+// speculative verify steps, prefill).
 //
 // The expert's weight rows are the M side of mma.sync m16n8k16 (bf16 operands, fp32 accumulate),
-// its tokens the N side in tiles of 8. A warp owns a 16-row tile (of W1 and W3 for the up kernel,
+// its tokens the N side in tiles of 8 (up to 8 tiles; more tokens go 64 at a time, the weight
+// tile re-read from L2 for each group). A warp owns a 16-row tile (of W1 and W3 for the up kernel,
 // of W2 for the down kernel) and half of K; lane (g, q) streams the 16-byte chunks q, q + 4, ... of
 // rows g and g + 8 (FP4: 32 values, FP8: 16 values, one scale each) with the next step's chunks in
 // flight, decodes them to bf16 pairs by integer bit moves and one bf16x2 multiply by the scale
 // (fp_bits.h), and uses them as the A fragments of 8 (FP4) or 4 (FP8) MMAs. The k order inside a
 // step is a permutation of the real k: every lane supplies the A and the B values of the same
 // virtual k, so the activations are read at the lane's own chunk, staged in the decoders' pair
-// order (stage_pos). Each weight byte is read once per step, whatever the expert's token count.
+// order (stage_pos). Each weight byte is read from memory once per step.
 //
 // Activations are exact through the split x = hi + lo (two bf16, two MMAs into one fp32
 // accumulator; about 2.5e-6 relative, as the projections' skinny kernel): the tokens are staged
@@ -20,6 +21,7 @@
 // from the sorted step metadata on the device (the n-th expert whose token count is in the
 // kernel's range), so the grid depends on the token count T only (CUDA graphs replay it).
 #include <algorithm>
+#include <limits>
 
 #include "backend/cuda/fp_bits.h"
 #include "backend/cuda/moe_decode.cuh"
@@ -161,159 +163,164 @@ __device__ __forceinline__ void tc_expert(const TcArgs& a, const DevExpert& ex, 
   const DevMat& wb = kUp ? ex.w3 : ex.w2;
   const int64_t N = wa.out;
   const int64_t nchunks = (wa.in + V - 1) / V, steps = (nchunks + 3) / 4;
-  const int nts = (count + 7) / 8;
-  // This lane's token of each n tile: its activation row offset, or -1 past the expert's tokens.
-  int64_t xo[NT];
   const int TK = a.T * a.K;
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    const int m = nt * 8 + g;
-    xo[nt] = -1;
-    if (m < count) {
-      if constexpr (kUp) {
-        const int p = a.pairs[start + m];
-        xo[nt] = (p < TK ? p / a.K : p - TK) * a.ldx;
-      } else {
-        xo[nt] = static_cast<int64_t>(start + m) * a.ldx;
-      }
-    }
-  }
 
-  for (int64_t tb = n_begin; tb < n_end; tb += kTcTileRows) {
-    const int64_t r0 = tb + rt * 16;
-    float acc[G][NT][4];
+  for (int64_t tb = n_begin; tb < n_end; tb += kTcTileRows)
+    for (int m0 = 0; m0 < count; m0 += 8 * NT) {  // more than 8 NT tokens: weights again from L2
+      const int64_t r0 = tb + rt * 16;
+      const int nts = (count - m0 + 7) / 8 < NT ? (count - m0 + 7) / 8 : NT;
+      // This lane's token of each n tile: its activation row offset, or -1 past the expert's
+      // tokens.
+      int64_t xo[NT];
 #pragma unroll
-    for (int gi = 0; gi < G; ++gi)
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) acc[gi][nt][q] = 0.0f;
-
-    uint4 raw[G][2];
-    uint32_t rsc[G][2];
-    auto load = [&](int64_t st) {
-      const int64_t c = st * 4 + tq;
-#pragma unroll
-      for (int gi = 0; gi < G; ++gi)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const DevMat& w = gi == 0 ? wa : wb;
-          const int64_t n = r0 + g + 8 * h;
-          const bool ok = st < steps && c < nchunks && n < N;
-          raw[gi][h] = make_uint4(0, 0, 0, 0);
-          rsc[gi][h] = 127;  // any fast-route scale: the values are zero
-          if (ok) {
-            raw[gi][h] = ld_chunk(w.data + n * w.row_bytes, c * 16, w.row_bytes, w.vec != 0);
-            const int64_t si = F == kWFP4 ? n * w.scale_cols + c : (n / 128) * w.scale_cols + c / 8;
-            rsc[gi][h] = __ldg(w.scale + si);
+      for (int nt = 0; nt < NT; ++nt) {
+        const int m = m0 + nt * 8 + g;
+        xo[nt] = -1;
+        if (m < count) {
+          if constexpr (kUp) {
+            const int p = a.pairs[start + m];
+            xo[nt] = (p < TK ? p / a.K : p - TK) * a.ldx;
+          } else {
+            xo[nt] = static_cast<int64_t>(start + m) * a.ldx;
           }
         }
-    };
-    // L2 prefetch kTcAhead steps ahead of the loads (a step is 64 bytes of a row in every format):
-    // lane l < 16 G takes row r0 + l % 16 of matrix l / 16.
-    auto prefetch = [&](int64_t s0, int64_t ns) {
-      if (lane >= 16 * G) return;
-      const DevMat& w = lane < 16 ? wa : wb;
-      const int64_t n = r0 + (lane & 15), b0 = s0 * 64;
-      const int64_t b1 = b0 + ns * 64 < w.row_bytes ? b0 + ns * 64 : w.row_bytes;
-      if (w.vec != 0 && n < N && b0 < b1)
-        prefetch_l2(w.data + n * w.row_bytes + b0, static_cast<uint32_t>(b1 - b0));
-    };
-    if (kp == 0) prefetch(0, kTcAhead);
-    load(kp);
-    for (int64_t st = kp; st < steps; st += kTcKParts) {
-      prefetch(st + kTcAhead, 1);
-      uint4 cur[G][2];
-      uint32_t cs[G][2];
+      }
+      float acc[G][NT][4];
 #pragma unroll
       for (int gi = 0; gi < G; ++gi)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) cur[gi][h] = raw[gi][h], cs[gi][h] = rsc[gi][h];
-      if (st + kTcKParts < steps) load(st + kTcKParts);  // in flight while this step computes
-      const int64_t c = st * 4 + tq;
-      const bool cok = c < nchunks;
-      uint32_t fac[G][2];
+        for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-      for (int gi = 0; gi < G; ++gi)
-#pragma unroll
-        for (int h = 0; h < 2; ++h) fac[gi][h] = fast_factor<F>(cs[gi][h]);
-#pragma unroll
-      for (int j = 0; j < NG; ++j) {
-        uint32_t A[G][2][4];
+          for (int q = 0; q < 4; ++q) acc[gi][nt][q] = 0.0f;
+
+      uint4 raw[G][2];
+      uint32_t rsc[G][2];
+      auto load = [&](int64_t st) {
+        const int64_t c = st * 4 + tq;
 #pragma unroll
         for (int gi = 0; gi < G; ++gi)
 #pragma unroll
-          for (int h = 0; h < 2; ++h) dec_group<F>(cur[gi][h], j, cs[gi][h], fac[gi][h], A[gi][h]);
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          if (nt >= nts) break;  // uniform over the block
-          uint4 bh = make_uint4(0, 0, 0, 0), bl = make_uint4(0, 0, 0, 0);
-          if (cok && xo[nt] >= 0) {
-            const int64_t off = xo[nt] + c * V + 8 * j;
-            bh = __ldg(reinterpret_cast<const uint4*>(a.xh + off));
-            if constexpr (LO) bl = __ldg(reinterpret_cast<const uint4*>(a.xl + off));
+          for (int h = 0; h < 2; ++h) {
+            const DevMat& w = gi == 0 ? wa : wb;
+            const int64_t n = r0 + g + 8 * h;
+            const bool ok = st < steps && c < nchunks && n < N;
+            raw[gi][h] = make_uint4(0, 0, 0, 0);
+            rsc[gi][h] = 127;  // any fast-route scale: the values are zero
+            if (ok) {
+              raw[gi][h] = ld_chunk(w.data + n * w.row_bytes, c * 16, w.row_bytes, w.vec != 0);
+              const int64_t si =
+                  F == kWFP4 ? n * w.scale_cols + c : (n / 128) * w.scale_cols + c / 8;
+              rsc[gi][h] = __ldg(w.scale + si);
+            }
           }
+      };
+      // L2 prefetch kTcAhead steps ahead of the loads (a step is 64 bytes of a row in every
+      // format): lane l < 16 G takes row r0 + l % 16 of matrix l / 16.
+      auto prefetch = [&](int64_t s0, int64_t ns) {
+        if (lane >= 16 * G) return;
+        const DevMat& w = lane < 16 ? wa : wb;
+        const int64_t n = r0 + (lane & 15), b0 = s0 * 64;
+        const int64_t b1 = b0 + ns * 64 < w.row_bytes ? b0 + ns * 64 : w.row_bytes;
+        if (w.vec != 0 && n < N && b0 < b1)
+          prefetch_l2(w.data + n * w.row_bytes + b0, static_cast<uint32_t>(b1 - b0));
+      };
+      if (kp == 0) prefetch(0, kTcAhead);
+      load(kp);
+      for (int64_t st = kp; st < steps; st += kTcKParts) {
+        prefetch(st + kTcAhead, 1);
+        uint4 cur[G][2];
+        uint32_t cs[G][2];
 #pragma unroll
-          for (int i = 0; i < 2; ++i) {
-            const uint32_t b0 = i ? bh.z : bh.x, b1 = i ? bh.w : bh.y;
-            const uint32_t l0 = i ? bl.z : bl.x, l1 = i ? bl.w : bl.y;
+        for (int gi = 0; gi < G; ++gi)
 #pragma unroll
-            for (int gi = 0; gi < G; ++gi) {
-              mma_bf16_16816(acc[gi][nt], A[gi][0][2 * i], A[gi][1][2 * i], A[gi][0][2 * i + 1],
-                             A[gi][1][2 * i + 1], b0, b1);
-              if constexpr (LO)
+          for (int h = 0; h < 2; ++h) cur[gi][h] = raw[gi][h], cs[gi][h] = rsc[gi][h];
+        if (st + kTcKParts < steps) load(st + kTcKParts);  // in flight while this step computes
+        const int64_t c = st * 4 + tq;
+        const bool cok = c < nchunks;
+        uint32_t fac[G][2];
+#pragma unroll
+        for (int gi = 0; gi < G; ++gi)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) fac[gi][h] = fast_factor<F>(cs[gi][h]);
+#pragma unroll
+        for (int j = 0; j < NG; ++j) {
+          uint32_t A[G][2][4];
+#pragma unroll
+          for (int gi = 0; gi < G; ++gi)
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+              dec_group<F>(cur[gi][h], j, cs[gi][h], fac[gi][h], A[gi][h]);
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            if (nt >= nts) break;  // uniform over the block
+            uint4 bh = make_uint4(0, 0, 0, 0), bl = make_uint4(0, 0, 0, 0);
+            if (cok && xo[nt] >= 0) {
+              const int64_t off = xo[nt] + c * V + 8 * j;
+              bh = __ldg(reinterpret_cast<const uint4*>(a.xh + off));
+              if constexpr (LO) bl = __ldg(reinterpret_cast<const uint4*>(a.xl + off));
+            }
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+              const uint32_t b0 = i ? bh.z : bh.x, b1 = i ? bh.w : bh.y;
+              const uint32_t l0 = i ? bl.z : bl.x, l1 = i ? bl.w : bl.y;
+#pragma unroll
+              for (int gi = 0; gi < G; ++gi) {
                 mma_bf16_16816(acc[gi][nt], A[gi][0][2 * i], A[gi][1][2 * i], A[gi][0][2 * i + 1],
-                               A[gi][1][2 * i + 1], l0, l1);
+                               A[gi][1][2 * i + 1], b0, b1);
+                if constexpr (LO)
+                  mma_bf16_16816(acc[gi][nt], A[gi][0][2 * i], A[gi][1][2 * i], A[gi][0][2 * i + 1],
+                                 A[gi][1][2 * i + 1], l0, l1);
+              }
             }
           }
         }
       }
-    }
 
-    // The K halves of a row tile: the upper hands its sums to the lower (fixed order).
-    constexpr int kAcc = G * NT * 4;
-    float* slot = red + rt * kAcc * 32;
-    if (kp == 1) {
+      // The K halves of a row tile: the upper hands its sums to the lower (fixed order).
+      constexpr int kAcc = G * NT * 4;
+      float* slot = red + rt * kAcc * 32;
+      if (kp == 1) {
 #pragma unroll
-      for (int gi = 0; gi < G; ++gi)
+        for (int gi = 0; gi < G; ++gi)
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
+          for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-          for (int q = 0; q < 4; ++q) slot[((gi * NT + nt) * 4 + q) * 32 + lane] = acc[gi][nt][q];
-    }
-    __syncthreads();
-    if (kp == 0) {
+            for (int q = 0; q < 4; ++q) slot[((gi * NT + nt) * 4 + q) * 32 + lane] = acc[gi][nt][q];
+      }
+      __syncthreads();
+      if (kp == 0) {
 #pragma unroll
-      for (int gi = 0; gi < G; ++gi)
+        for (int gi = 0; gi < G; ++gi)
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
+          for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-          for (int q = 0; q < 4; ++q) acc[gi][nt][q] += slot[((gi * NT + nt) * 4 + q) * 32 + lane];
+            for (int q = 0; q < 4; ++q)
+              acc[gi][nt][q] += slot[((gi * NT + nt) * 4 + q) * 32 + lane];
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        if (nt >= nts) break;
+        for (int nt = 0; nt < NT; ++nt) {
+          if (nt >= nts) break;
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const int64_t n = r0 + g + (q >= 2 ? 8 : 0);
-          const int m = nt * 8 + 2 * tq + (q & 1);
-          if (n >= N || m >= count) continue;
-          if constexpr (kUp) {
-            const float gt = fminf(acc[0][nt][q], a.limit);
-            const float up = fminf(fmaxf(acc[1][nt][q], -a.limit), a.limit);
-            const float hv = gt * (1.0f / (1.0f + expf(-gt))) * up;
-            const int64_t at = static_cast<int64_t>(start + m) * a.ldh +
-                               ((n & ~int64_t{7}) | fpbits::stage_pos(static_cast<int>(n & 7)));
-            const __nv_bfloat16 hi = __float2bfloat16_rn(hv);
-            a.hh[at] = hi;
-            a.hl[at] = __float2bfloat16_rn(hv - __bfloat162float(hi));
-          } else {
-            a.o[static_cast<int64_t>(start + m) * a.ldo + n] = acc[0][nt][q];
+          for (int q = 0; q < 4; ++q) {
+            const int64_t n = r0 + g + (q >= 2 ? 8 : 0);
+            const int m = m0 + nt * 8 + 2 * tq + (q & 1);
+            if (n >= N || m >= count) continue;
+            if constexpr (kUp) {
+              const float gt = fminf(acc[0][nt][q], a.limit);
+              const float up = fminf(fmaxf(acc[1][nt][q], -a.limit), a.limit);
+              const float hv = gt * (1.0f / (1.0f + expf(-gt))) * up;
+              const int64_t at = static_cast<int64_t>(start + m) * a.ldh +
+                                 ((n & ~int64_t{7}) | fpbits::stage_pos(static_cast<int>(n & 7)));
+              const __nv_bfloat16 hi = __float2bfloat16_rn(hv);
+              a.hh[at] = hi;
+              a.hl[at] = __float2bfloat16_rn(hv - __bfloat162float(hi));
+            } else {
+              a.o[static_cast<int64_t>(start + m) * a.ldo + n] = acc[0][nt][q];
+            }
           }
         }
       }
+      __syncthreads();  // red is reused by the next tile
     }
-    __syncthreads();  // red is reused by the next tile
-  }
 }
 
 // grid (row blocks, expert slots): block (x, y) takes rows [x rows_per_block, ...) of the y-th
@@ -440,19 +447,23 @@ void moe_tc(cudaStream_t s, Workspace& ws, const MoeTcStep& st) {
   a.ldh = ldh;
   a.o = st.o;
   a.ldo = st.D;
-  // Two token ranges, so the experts of a few tokens (the common case) do not carry the registers
-  // of the widest n tiles: 2..8 tokens (slots: every expert that can be hit), 9..64 (at most TK / 9
-  // routed experts, plus the shared expert).
+  // Three token ranges, so the experts of a few tokens (the common case in decode) do not carry
+  // the registers of the widest n tiles: 2..8 tokens (slots: every expert that can be hit), 9..64
+  // (at most TK / 9 routed experts, plus the shared expert) and more (TK / 65 + 1; groups of 64
+  // tokens, each group's pass over a row tile re-reading its weights from L2).
   struct Range {
     int cmin, cmax;
     int64_t slots;
   };
-  Range ranges[2];
+  Range ranges[3];
   int nr = 0;
   ranges[nr++] = {kTcMinTok, kTcSmallTok, std::min<int64_t>(st.E, TK) + 1};
   if (T > kTcSmallTok)
     ranges[nr++] = {kTcSmallTok + 1, kTcMaxTok,
                     std::min<int64_t>(st.E, TK / (kTcSmallTok + 1)) + 1};
+  if (T > kTcMaxTok)
+    ranges[nr++] = {kTcMaxTok + 1, std::numeric_limits<int>::max(),
+                    std::min<int64_t>(st.E, TK / (kTcMaxTok + 1)) + 1};
   for (int pass = 0; pass < 2; ++pass) {
     const bool up = pass == 0;
     const int64_t rows = up ? st.Imax : st.D;

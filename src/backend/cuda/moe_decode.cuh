@@ -11,13 +11,14 @@ struct DevExpert {
   DevMat w1, w2, w3;
 };
 
-// Experts with kTcMinTok..kTcMaxTok tokens take the tensor-core kernels when every expert of the
-// layer is FP4 / FP8 with E8M0 scales and an intermediate size that is a multiple of 16
-// (tc_experts_ok); fewer tokens take the CUDA-core decode kernels of moe.cu, more the general
-// kernels. One token stays on the CUDA-core kernel by default (an m16n8k16 MMA spends 7 of its 8
-// token columns on nothing there, and that kernel applies the decoded weights straight from
-// registers); whether the tensor cores' cheaper decode wins at one token too is a measurement
-// (build with -DSP_MOE_TC_MIN_TOKENS=1 to route single tokens to the tensor cores).
+// Experts of kTcMinTok tokens or more take the tensor-core kernels (kTcMaxTok at a time) when
+// every expert of the layer is FP4 / FP8 with E8M0 scales and an intermediate size that is a
+// multiple of 16 (tc_experts_ok); fewer tokens take the CUDA-core decode kernels of moe.cu, other
+// formats the decode and general kernels. One token stays on the CUDA-core kernel by default (an
+// m16n8k16 MMA spends 7 of its 8 token columns on nothing there, and that kernel applies the
+// decoded weights straight from registers); whether the tensor cores' cheaper decode wins at one
+// token too is a measurement (build with -DSP_MOE_TC_MIN_TOKENS=1 to route single tokens to the
+// tensor cores).
 #ifndef SP_MOE_TC_MIN_TOKENS
 #define SP_MOE_TC_MIN_TOKENS 2
 #endif
@@ -41,8 +42,8 @@ struct MoeTcStep {
 };
 
 // Enqueues the staging of the tokens, the up kernels (h = SwiGLU(W1 x, W3 x), kept as bf16 hi + lo)
-// and the down kernels (o = W2 h) for the experts of kTcMinTok..kTcMaxTok tokens. Launch sizes
-// depend on T, K, E, D and Imax only.
+// and the down kernels (o = W2 h) for the experts of kTcMinTok tokens or more. Launch sizes depend
+// on T, K, E, D and Imax only.
 void moe_tc(cudaStream_t s, Workspace& ws, const MoeTcStep& st);
 
 }  // namespace sp::cuda
