@@ -1,12 +1,13 @@
 // Routed and shared experts.
 //
-// One moe() call is five to eight launches over a chunk of up to 1024 tokens:
+// One moe() call is four to fourteen launches over a chunk of up to 1024 tokens:
 //   gate     logits = x gate^T (f32)                          linear()
 //   route    per token: sqrt(softplus) scores, hash or biased top-k (ties to the lower id), weights
 //   sort     a counting sort of the (token, slot) pairs by expert, tokens ascending inside an
 //            expert; the shared expert is expert E and gets every token (route and sort are one
 //            single-block launch up to 64 tokens)
-//   up       h = silu(min(W1 x, L)) * clamp(W3 x, -L, L) for every token of every hit expert
+//   up       h = silu(min(W1 x, L)) * clamp(W3 x, -L, L) for every token of every hit expert (the
+//            tensor-core path first stages the tokens as bf16 hi + lo: moe_decode.cu)
 //   down     o = W2 h
 //   combine  y[t] = sum over the token's experts in ascending id of w * o, then + shared o
 // Three pairs of up/down kernels, chosen per expert by its token count (so the result depends on
