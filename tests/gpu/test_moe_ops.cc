@@ -45,8 +45,11 @@ struct MoeLayer {
 // (E8M0 1, 128, 129, 2: both sides of each end of the bf16 multiply's exact range).
 // tc_off: the shared expert's scales as F32 (the same values), which turns the tensor-core kernels
 // off for the layer: the decode kernels take up to 8 tokens, the general kernels the rest.
+// fp8_odd: the shared (FP8) expert's W2 scale blocks of rows 0..127, 128..255, 256.. get 2^7, 2^8
+// and 2^9 (E8M0 134, 135, 136: the top of the bf16 multiply's exact range and past it), its W1
+// column blocks 1 and 2 get 2^-117 and 2^-118 (E8M0 10, 9: the bottom of the range and past it).
 void build_layer(Backends& be, const MoeShape& s, uint64_t seed, int pool, MoeLayer& L, int hot = 0,
-                 bool odd_scales = false, bool tc_off = false) {
+                 bool odd_scales = false, bool tc_off = false, bool fp8_odd = false) {
   std::mt19937_64 rng(seed);
   for (int i = 0; i < pool; ++i) {
     L.pool_w13.push_back(random_matrix(WeightFormat::kFP4, s.I, s.D, seed + 10 + i));
@@ -56,6 +59,15 @@ void build_layer(Backends& be, const MoeShape& s, uint64_t seed, int pool, MoeLa
   L.sw1 = random_matrix(WeightFormat::kFP8, s.I, s.D, seed + 2);
   L.sw2 = random_matrix(WeightFormat::kFP8, s.D, s.I, seed + 3);
   L.sw3 = random_matrix(WeightFormat::kFP8, s.I, s.D, seed + 4);
+  if (fp8_odd) {
+    const uint8_t top[3] = {134, 135, 136}, bottom[2] = {10, 9};
+    for (size_t i = 0; i < L.sw2.scale.size(); ++i)  // [ceil(D / 128), ceil(I / 128)]
+      L.sw2.scale[i] = top[std::min<size_t>(i / L.sw2.m.scale_cols, 2)];
+    for (size_t i = 0; i < L.sw1.scale.size(); ++i) {  // [ceil(I / 128), ceil(D / 128)]
+      const size_t col = i % L.sw1.m.scale_cols;
+      if (col >= 1) L.sw1.scale[i] = bottom[std::min<size_t>(col - 1, 1)];
+    }
+  }
   if (tc_off) {
     HostMatrix* sw[3] = {&L.sw1, &L.sw2, &L.sw3};
     for (int i = 0; i < 3; ++i) {
@@ -235,6 +247,20 @@ TEST(CudaMoe, ScaleRoutes) {
   }
   uint64_t seed = 1100;
   for (int T : {1, 3, 12})
+    for (DType xd : {DType::kF32, DType::kBF16}) check_moe(be, L, s, T, xd, DType::kF32, seed++);
+}
+
+// The FP8 (shared) expert's scales outside the bf16 multiply's exact range take the fp32 route too
+// (its output, scaled up by 2^7..2^9, dominates the layer's here): T = 1 (decode kernels), 3, 12
+// and 70 (tensor cores: one n tile, two, and more than 64 tokens).
+TEST(CudaMoe, ScaleRoutesFp8) {
+  SP_REQUIRE_GPU();
+  Backends be;
+  MoeShape s{16, 320, 96, 4, false, 500};
+  MoeLayer L;
+  build_layer(be, s, 61, 4, L, 0, false, false, true);
+  uint64_t seed = 1300;
+  for (int T : {1, 3, 12, 70})
     for (DType xd : {DType::kF32, DType::kBF16}) check_moe(be, L, s, T, xd, DType::kF32, seed++);
 }
 
