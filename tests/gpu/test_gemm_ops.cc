@@ -231,6 +231,76 @@ TEST(CudaLinear, GroupedSkinnyFp32) {
   }
 }
 
+// e4m3 NaN codes (0x7f, 0xff): the CPU decodes them to NaN, so every output of a row holding one
+// is NaN. The GPU paths must give NaN exactly there (the one-row GEMV's integer decode turns the
+// chunk's scale into NaN; the other paths decode to NaN) and the CPU's values elsewhere. Rows with
+// a NaN code at the start, in a K tail and in a chunk of the second 128-block; M = 1 (one-row
+// GEMV, E8M0 and F32 scales, split-K warps at K = 4096), 3 (skinny), 300 (tiles).
+TEST(CudaLinear, E4m3NanCodesLikeCpu) {
+  SP_REQUIRE_GPU();
+  Backends be;
+  uint64_t seed = 6000;
+  for (const Fmt& f : {kFormats[3], kFormats[4]})
+    for (int64_t K : {200, 4096})
+      for (int64_t M : {1, 3, 300}) {
+        if (K == 4096 && M == 300) continue;
+        const int64_t N = 260;
+        HostMatrix hm = make_matrix(f, N, K, seed);
+        const int64_t nan_rows[] = {0, 5, 130, 259};
+        const int64_t nan_cols[] = {0, K - 1, 140, K / 2 + 3};
+        for (int i = 0; i < 4; ++i)
+          hm.data[static_cast<size_t>(nan_rows[i] * K + nan_cols[i])] = i % 2 ? 0xff : 0x7f;
+        Matrix mc = be.cpu->upload(hm.m);
+        Matrix mg = be.gpu->upload(hm.m);
+        auto xv = random_vec(M * K, seed + 100, 1.0f);
+        ++seed;
+        Tensor xc = make_tensor(*be.cpu, xv, M, K, DType::kF32);
+        Tensor xg = make_tensor(*be.gpu, xv, M, K, DType::kF32);
+        Tensor yc = be.cpu->alloc(M, N, DType::kF32);
+        Tensor yg = poisoned(*be.gpu, M, N, DType::kF32);
+        be.cpu->linear(xc, mc, yc);
+        be.gpu->linear(xg, mg, yg);
+        be.gpu->synchronize();
+        const auto ref = read_f32(*be.cpu, yc);
+        const auto got = read_f32(*be.gpu, yg);
+        std::vector<float> rf, gf;
+        int64_t nan_ref = 0, mismatched = 0;
+        for (size_t i = 0; i < ref.size(); ++i) {
+          nan_ref += std::isnan(ref[i]) ? 1 : 0;
+          if (std::isnan(ref[i]) != std::isnan(got[i]) || std::isinf(got[i])) ++mismatched;
+          if (!std::isnan(ref[i]) && std::isfinite(got[i])) {
+            rf.push_back(ref[i]);
+            gf.push_back(got[i]);
+          }
+        }
+        const double err = rel_l2(gf, rf);
+        std::printf("  nan codes %-9s M=%-4lld K=%-5lld nan outputs %lld  rel_l2=%.3g\n", f.name,
+                    static_cast<long long>(M), static_cast<long long>(K),
+                    static_cast<long long>(nan_ref), err);
+        EXPECT_EQ(nan_ref, 4 * M) << f.name;  // the CPU oracle: 4 rows, every token
+        EXPECT_EQ(mismatched, 0) << f.name << " M=" << M << " K=" << K;
+        EXPECT_LE(err, 1e-5) << f.name << " M=" << M << " K=" << K;
+      }
+}
+
+// The one-row GEMV on FP8 / FP4 with E8M0 scales computes the chunk sums of weights decoded times
+// 2^-8 (FP8) or 2^-14 (FP4) and scales them back: on the CPU oracle's bound at Flash-like K, fp32
+// activations and output, both scale kinds, rows grouped and not.
+TEST(CudaLinear, OneRowIntegerDecode) {
+  SP_REQUIRE_GPU();
+  Backends be;
+  uint64_t seed = 6500;
+  for (const Fmt& f : {kFormats[3], kFormats[4], kFormats[5], kFormats[6]}) {
+    for (int64_t K : {128, 512, 4096}) {
+      check_linear(be, {f, 1, 384, K, DType::kF32, DType::kF32, 1, 0, seed++});
+      check_linear(be, {f, 1, 384, K, DType::kBF16, DType::kF32, 1, 0, seed++});
+    }
+    // Grouped: 4 groups of 96 rows (R = 4 rows per warp) and of 75 rows (one row per warp).
+    check_linear(be, {f, 1, 384, 256, DType::kF32, DType::kF32, 4, 0, seed++});
+    check_linear(be, {f, 1, 300, 256, DType::kF32, DType::kF32, 4, 0, seed++});
+  }
+}
+
 TEST(CudaLinear, Deterministic) {
   SP_REQUIRE_GPU();
   Backends be;

@@ -1,14 +1,21 @@
 // Parity of the CUDA MoE (routing, routed experts, shared expert) against the CPU backend: hash and
 // learned routing, small and V4-Flash shapes, f32 / bf16 activations, and bitwise determinism.
-// Both expert paths run: the decode kernels take every expert of at most 8 tokens (all of them at
-// T <= 8), the general kernels the rest (the shared expert, which has every token, from T = 9 on;
-// routed experts too at the small shape's T = 64 and 300).
+// Every expert path runs. Layers of FP4 routed / FP8 shared experts with E8M0 scales (V4-Flash's
+// formats) have the tensor-core kernels on: the CUDA-core decode kernels take the experts of one
+// token (all of them at T = 1), the tensor-core kernels (moe_decode.cu) those of 2..8 tokens (one n
+// tile), of 9..64 tokens (up to 8 n tiles: the shared expert, which has every token, from T = 9 to
+// 64) and of more (64 at a time: the shared expert from T = 65 on, routed experts at the small
+// shape's T = 300 and in FlashMixedPaths, whose gate bias sends every token to three hot experts).
+// ScaleRoutes gives some experts E8M0 scales outside the range of the bf16 scale multiply, so the
+// fp32 route of the decode runs too. WithoutTensorCores gives the shared expert F32 scales, which
+// leaves the layer to the decode kernels (up to 8 tokens) and the general kernels.
 // Routing decisions are compared through the output: a different expert choice moves a token's
 // output far beyond the bound (random scores have no ties within 1e-6 at these sizes).
 #include <algorithm>
 #include <cstdio>
 #include <thread>
 
+#include "core/dtype.h"
 #include "tests/gpu/op_harness.h"
 
 namespace sp::test {
@@ -27,12 +34,22 @@ struct MoeLayer {
   std::vector<HostMatrix> pool_w13, pool_w2;
   std::vector<std::vector<uint8_t>> scales;  // per expert: w1, w2, w3
   HostMatrix gate, sw1, sw2, sw3;
+  std::vector<float> f32_scales[3];  // the shared expert's scales as F32 (tc_off)
   std::vector<float> bias;
   std::vector<int32_t> tid2eid;
   MoeWeights cpu, gpu;
 };
 
-void build_layer(Backends& be, const MoeShape& s, uint64_t seed, int pool, MoeLayer& L) {
+// hot: experts 0..hot-1 get a gate bias of 100 (learned routing picks them for every token).
+// odd_scales: experts 1, 3, 5 and 7 (of the first 8) get scales of 2^-126, 2^1, 2^2 and 2^-125
+// (E8M0 1, 128, 129, 2: both sides of each end of the bf16 multiply's exact range).
+// tc_off: the shared expert's scales as F32 (the same values), which turns the tensor-core kernels
+// off for the layer: the decode kernels take up to 8 tokens, the general kernels the rest.
+// fp8_odd: the shared (FP8) expert's W2 scale blocks of rows 0..127, 128..255, 256.. get 2^7, 2^8
+// and 2^9 (E8M0 134, 135, 136: the top of the bf16 multiply's exact range and past it), its W1
+// column blocks 1 and 2 get 2^-117 and 2^-118 (E8M0 10, 9: the bottom of the range and past it).
+void build_layer(Backends& be, const MoeShape& s, uint64_t seed, int pool, MoeLayer& L, int hot = 0,
+                 bool odd_scales = false, bool tc_off = false, bool fp8_odd = false) {
   std::mt19937_64 rng(seed);
   for (int i = 0; i < pool; ++i) {
     L.pool_w13.push_back(random_matrix(WeightFormat::kFP4, s.I, s.D, seed + 10 + i));
@@ -42,7 +59,25 @@ void build_layer(Backends& be, const MoeShape& s, uint64_t seed, int pool, MoeLa
   L.sw1 = random_matrix(WeightFormat::kFP8, s.I, s.D, seed + 2);
   L.sw2 = random_matrix(WeightFormat::kFP8, s.D, s.I, seed + 3);
   L.sw3 = random_matrix(WeightFormat::kFP8, s.I, s.D, seed + 4);
+  if (fp8_odd) {
+    const uint8_t top[3] = {134, 135, 136}, bottom[2] = {10, 9};
+    for (size_t i = 0; i < L.sw2.scale.size(); ++i)  // [ceil(D / 128), ceil(I / 128)]
+      L.sw2.scale[i] = top[std::min<size_t>(i / L.sw2.m.scale_cols, 2)];
+    for (size_t i = 0; i < L.sw1.scale.size(); ++i) {  // [ceil(I / 128), ceil(D / 128)]
+      const size_t col = i % L.sw1.m.scale_cols;
+      if (col >= 1) L.sw1.scale[i] = bottom[std::min<size_t>(col - 1, 1)];
+    }
+  }
+  if (tc_off) {
+    HostMatrix* sw[3] = {&L.sw1, &L.sw2, &L.sw3};
+    for (int i = 0; i < 3; ++i) {
+      for (uint8_t b : sw[i]->scale) L.f32_scales[i].push_back(e8m0_to_f32(b));
+      sw[i]->m.scale = reinterpret_cast<const uint8_t*>(L.f32_scales[i].data());
+      sw[i]->m.scale_dtype = DType::kF32;
+    }
+  }
   L.bias = random_vec(s.E, seed + 5, 0.05f);
+  for (int e = 0; e < hot; ++e) L.bias[e] = 100.0f;
   L.tid2eid.resize(static_cast<size_t>(s.vocab) * s.K);
   for (int v = 0; v < s.vocab; ++v) {
     std::vector<int> perm(s.E);
@@ -56,6 +91,13 @@ void build_layer(Backends& be, const MoeShape& s, uint64_t seed, int pool, MoeLa
   for (auto& sc : L.scales) {
     sc.resize(static_cast<size_t>(s.I) * s.D / 32);  // w1, w3: [I, D/32]; w2: [D, I/32]
     for (auto& b : sc) b = static_cast<uint8_t>(127 - 6 + rng() % 3);
+  }
+  if (odd_scales) {
+    const uint8_t odd[4] = {1, 128, 129, 2};
+    for (int i = 0; i < 4 && 2 * i + 1 < s.E; ++i)
+      for (int m = 0; m < 3; ++m)
+        for (size_t j = 0; j < L.scales[3 * (2 * i + 1) + m].size(); j += 3)
+          L.scales[3 * (2 * i + 1) + m][j] = odd[i];  // every third group: mixed with normal ones
   }
   for (MoeWeights* mw : {&L.cpu, &L.gpu}) {
     Backend& b = mw == &L.cpu ? *be.cpu : *be.gpu;
@@ -172,13 +214,81 @@ TEST(CudaMoe, FlashSized) {
   }
 }
 
+// Experts above the tensor-core kernels' 64 tokens next to experts below it, at V4-Flash shapes:
+// three hot experts take every token (T of them each), the other three choices spread over the
+// remaining 253 experts (1, 2..8 or a few more tokens each).
+TEST(CudaMoe, FlashMixedPaths) {
+  SP_REQUIRE_GPU();
+  Backends be;
+  use_fast_cpu(be);
+  MoeShape s{256, 4096, 2048, 6, false, 4096};
+  MoeLayer L;
+  build_layer(be, s, 23, 8, L, 3);
+  for (int T : {9, 40, 64, 65, 100}) {
+    check_moe(be, L, s, T, DType::kF32, DType::kF32, 900 + T);
+    check_moe(be, L, s, T, DType::kBF16, DType::kBF16, 1000 + T);
+  }
+}
+
+// Scales outside the exact range of the bf16 scale multiply take the fp32 route of the decode (the
+// CUDA-core kernels and the tensor-core kernels both): T = 1 (decode kernels), 3 and 12 (tensor
+// cores, one and two n tiles); every token goes to the odd experts through hash routing.
+TEST(CudaMoe, ScaleRoutes) {
+  SP_REQUIRE_GPU();
+  Backends be;
+  MoeShape s{16, 320, 96, 4, true, 500};
+  MoeLayer L;
+  build_layer(be, s, 41, 4, L, 0, true);
+  for (int v = 0; v < s.vocab; ++v)
+    for (int j = 0; j < s.K; ++j) L.tid2eid[static_cast<size_t>(v) * s.K + j] = 2 * j + 1;
+  for (MoeWeights* mw : {&L.cpu, &L.gpu}) {
+    Backend& b = mw == &L.cpu ? *be.cpu : *be.gpu;
+    mw->tid2eid = b.upload(Tensor::of(L.tid2eid.data(), s.vocab, s.K, DType::kI32));
+  }
+  uint64_t seed = 1100;
+  for (int T : {1, 3, 12})
+    for (DType xd : {DType::kF32, DType::kBF16}) check_moe(be, L, s, T, xd, DType::kF32, seed++);
+}
+
+// The FP8 (shared) expert's scales outside the bf16 multiply's exact range take the fp32 route too
+// (its output, scaled up by 2^7..2^9, dominates the layer's here): T = 1 (decode kernels), 3, 12
+// and 70 (tensor cores: one n tile, two, and more than 64 tokens).
+TEST(CudaMoe, ScaleRoutesFp8) {
+  SP_REQUIRE_GPU();
+  Backends be;
+  MoeShape s{16, 320, 96, 4, false, 500};
+  MoeLayer L;
+  build_layer(be, s, 61, 4, L, 0, false, false, true);
+  uint64_t seed = 1300;
+  for (int T : {1, 3, 12, 70})
+    for (DType xd : {DType::kF32, DType::kBF16}) check_moe(be, L, s, T, xd, DType::kF32, seed++);
+}
+
+// A layer the tensor-core kernels do not take (F32 scales on the shared expert): the decode kernels
+// up to 8 tokens, the general kernels beyond, as before them.
+TEST(CudaMoe, WithoutTensorCores) {
+  SP_REQUIRE_GPU();
+  Backends be;
+  MoeShape s{16, 320, 96, 4, false, 500};
+  MoeLayer L;
+  build_layer(be, s, 51, 4, L, 0, false, true);
+  uint64_t seed = 1200;
+  for (int T : {1, 3, 9, 64, 300})
+    for (DType xd : {DType::kF32, DType::kBF16}) check_moe(be, L, s, T, xd, DType::kF32, seed++);
+  std::vector<float> a, b;  // the general kernels' bits, twice
+  check_moe(be, L, s, 64, DType::kBF16, DType::kF32, 5, &a);
+  check_moe(be, L, s, 64, DType::kBF16, DType::kF32, 5, &b);
+  ASSERT_EQ(a.size(), b.size());
+  EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0);
+}
+
 TEST(CudaMoe, Deterministic) {
   SP_REQUIRE_GPU();
   Backends be;
   MoeShape s{32, 256, 128, 6, false, 100};
   MoeLayer L;
   build_layer(be, s, 31, 4, L);
-  for (int T : {3, 64}) {  // decode kernels only; both paths
+  for (int T : {3, 33, 64, 100}) {  // tensor cores: 2..8, 9..64 and > 64 tokens
     std::vector<float> a, b;
     check_moe(be, L, s, T, DType::kBF16, DType::kF32, 5, &a);
     check_moe(be, L, s, T, DType::kBF16, DType::kF32, 5, &b);

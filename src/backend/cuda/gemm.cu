@@ -130,8 +130,15 @@ void launch_gemv(cudaStream_t s, const GemvArgs& a, bool x_bf16) {
 // c = t, t + 32 wk, ... of each row (t its index among the row group's lanes) and issues the loads
 // of kG1Unroll chunks of all R rows before decoding any. Each chunk's products are summed, then
 // scaled by the chunk's scale (E8M0 scales are powers of two, so this equals scaling each weight);
-// F32 scales multiply the weights first, as the CPU does. Warp shuffles reduce; with wk > 1 the
-// warps' sums are added in warp order through shared memory.
+// F32 scales (S32) multiply the weights first, as the CPU does. Warp shuffles reduce; with wk > 1
+// the warps' sums are added in warp order through shared memory.
+//
+// FP8 and FP4 decode with integer ops to f16 (weight_bits.h: e4m3 times 2^-8, e2m1 times 2^-14),
+// then f16 -> f32; no conversion instructions on the 8-bit formats and no multiply per value for
+// E8M0 scales. The FP8 chunk sum, a sum of products scaled by exactly 2^-8, is multiplied back by
+// 2^8 before its scale, so every partial sum has the bits the unscaled decode would give (products
+// below 2^-118 aside, where fp32 loses bits either way). A chunk holding an e4m3 NaN code gets a
+// NaN scale: its row's output is NaN, as with a NaN decode and as on the CPU.
 
 constexpr int kG1Threads = 256, kG1Unroll = 2;
 
@@ -145,12 +152,77 @@ struct Gemv1Args {
   int64_t rows_per_group = 0, gstride = 0;
 };
 
-template <int F, typename XT, int R>
+// part[r] += sum over the chunk's values of W[r, k] * x[k], in k order, for one chunk per row.
+// S32: the weights are multiplied by the (F32) scale cs[r] first; otherwise the scale is left to
+// the caller (FP8: the sum is 2^-8 times the unscaled one).
+template <int F, typename XT, int R, bool S32>
+__device__ __forceinline__ void gemv1_chunk(const uint4 (&cw)[R], const float (&cs)[R],
+                                            const XT* xr, int64_t k0, int64_t K, bool xvec,
+                                            float (&part)[R]) {
+  if constexpr (F == kWFP8) {
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+      float xv[4];
+      load_x4(xr, k0 + 4 * p, K, xvec, xv);
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        float wv[4];
+        decode4_e4m3_raw(word_of(cw[r], p), wv);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          // F32 scales: (w 2^-8 * 2^8) * s rounds once, like the CPU's w * s.
+          const float wi = S32 ? (wv[i] * 256.0f) * cs[r] : wv[i];
+          part[r] = fmaf(wi, xv[i], part[r]);
+        }
+      }
+    }
+  } else if constexpr (F == kWFP4) {
+    // Word p holds values 8p .. 8p + 7; pair i of its decode holds values i and i + 4.
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+      float xa[4], xb[4];
+      load_x4(xr, k0 + 8 * p, K, xvec, xa);
+      load_x4(xr, k0 + 8 * p + 4, K, xvec, xb);
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        uint32_t h[4];
+        e2m1x8_to_f16x2_bits(word_of(cw[r], p), h);
+        float lo[4], hi[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const float2 f = f16x2_bits_to_float2(h[i]);
+          lo[i] = S32 ? f.x * cs[r] : f.x;
+          hi[i] = S32 ? f.y * cs[r] : f.y;
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) part[r] = fmaf(lo[i], xa[i], part[r]);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) part[r] = fmaf(hi[i], xb[i], part[r]);
+      }
+    }
+  } else {
+    constexpr int V = FmtTraits<F>::kVals;
+#pragma unroll
+    for (int p = 0; p < V / 4; ++p) {
+      float xv[4];
+      load_x4(xr, k0 + 4 * p, K, xvec, xv);
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        float wv[4];
+        decode4<F>(cw[r], p, 1.0f, wv);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) part[r] = fmaf(wv[i], xv[i], part[r]);
+      }
+    }
+  }
+}
+
+template <int F, typename XT, int R, bool S32>
 __global__ void __launch_bounds__(kG1Threads, 2) gemv1_kernel(Gemv1Args a) {
   constexpr int V = FmtTraits<F>::kVals;
   constexpr int kBytesPerVal2 = F == kWF32 ? 8 : F == kWFP8 ? 2 : F == kWFP4 ? 1 : 4;
   constexpr int U = kG1Unroll;
-  constexpr bool kScaled = F == kWFP8 || F == kWFP4;
+  constexpr bool kDeferred = (F == kWFP8 || F == kWFP4) && !S32;
   __shared__ float red[kG1Threads / 32][R];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int wk = a.wk, rg = warp / wk, wki = warp % wk;
@@ -162,7 +234,6 @@ __global__ void __launch_bounds__(kG1Threads, 2) gemv1_kernel(Gemv1Args a) {
   // the wk > 1 reduction are reached by all.
   const int iters = static_cast<int>((nchunks + int64_t{T} * U - 1) / (int64_t{T} * U));
   const int64_t ntiles = (N + int64_t{gpb} * R - 1) / (int64_t{gpb} * R);
-  const bool deferred = kScaled && !a.w.scale_f32;
   const bool wvec = a.w.vec != 0, xvec = a.xvec != 0;
 
   uint4 wc[U][R];
@@ -221,24 +292,22 @@ __global__ void __launch_bounds__(kG1Threads, 2) gemv1_kernel(Gemv1Args a) {
       for (int u = 0; u < U; ++u) {
         const int64_t c = t + (static_cast<int64_t>(cit) * U + u) * T;
         if (c >= nchunks) break;
-        const int64_t k0 = c * V;
+        if constexpr (F == kWFP8) {
+#pragma unroll
+          for (int r = 0; r < R; ++r)
+            if (chunk_has_e4m3_nan(cw[u][r])) cs[u][r] = __int_as_float(0x7fc00000);
+        }
         float part[R];
 #pragma unroll
         for (int r = 0; r < R; ++r) part[r] = 0.0f;
+        gemv1_chunk<F, XT, R, S32>(cw[u], cs[u], xr, c * V, K, xvec, part);
 #pragma unroll
-        for (int p = 0; p < V / 4; ++p) {
-          float xv[4];
-          load_x4(xr, k0 + 4 * p, K, xvec, xv);
-#pragma unroll
-          for (int r = 0; r < R; ++r) {
-            float wv[4];
-            decode4<F>(cw[u][r], p, deferred ? 1.0f : cs[u][r], wv);
-#pragma unroll
-            for (int i = 0; i < 4; ++i) part[r] = fmaf(wv[i], xv[i], part[r]);
-          }
+        for (int r = 0; r < R; ++r) {
+          if constexpr (kDeferred)
+            acc[r] = fmaf(F == kWFP8 ? part[r] * 256.0f : part[r], cs[u][r], acc[r]);
+          else
+            acc[r] += part[r];
         }
-#pragma unroll
-        for (int r = 0; r < R; ++r) acc[r] = fmaf(part[r], deferred ? cs[u][r] : 1.0f, acc[r]);
       }
     }
     if (cit != iters - 1) continue;
@@ -281,7 +350,7 @@ int resident_blocks(Kern k, int threads) {
   return std::max(1, sms * std::max(1, per_sm));
 }
 
-template <int F, typename XT>
+template <int F, typename XT, bool S32>
 void launch_gemv1_x(cudaStream_t s, Gemv1Args a, bool one_row) {
   const int V = F == kWF32 ? 4 : F == kWFP8 ? 16 : F == kWFP4 ? 32 : 8;
   const int R = one_row ? 1 : 4;
@@ -294,21 +363,32 @@ void launch_gemv1_x(cudaStream_t s, Gemv1Args a, bool one_row) {
   a.wk = wk;
   const int64_t rows_per_block = int64_t{kG1Threads / 32 / wk} * R;
   const int64_t tiles = (a.w.out + rows_per_block - 1) / rows_per_block;
-  auto kern = one_row ? gemv1_kernel<F, XT, 1> : gemv1_kernel<F, XT, 4>;
-  static const int resident1 = resident_blocks(gemv1_kernel<F, XT, 1>, kG1Threads);
-  static const int resident4 = resident_blocks(gemv1_kernel<F, XT, 4>, kG1Threads);
+  auto kern = one_row ? gemv1_kernel<F, XT, 1, S32> : gemv1_kernel<F, XT, 4, S32>;
+  static const int resident1 = resident_blocks(gemv1_kernel<F, XT, 1, S32>, kG1Threads);
+  static const int resident4 = resident_blocks(gemv1_kernel<F, XT, 4, S32>, kG1Threads);
   const unsigned grid =
       static_cast<unsigned>(std::min<int64_t>(tiles, one_row ? resident1 : resident4));
   kern<<<grid, kG1Threads, 0, s>>>(a);
   SP_CUDA_LAUNCH();
 }
 
+template <int F, bool S32>
+void launch_gemv1_s(cudaStream_t s, const Gemv1Args& a, bool x_bf16, bool one_row) {
+  if (x_bf16)
+    launch_gemv1_x<F, __nv_bfloat16, S32>(s, a, one_row);
+  else
+    launch_gemv1_x<F, float, S32>(s, a, one_row);
+}
+
 template <int F>
 void launch_gemv1_f(cudaStream_t s, const Gemv1Args& a, bool x_bf16, bool one_row) {
-  if (x_bf16)
-    launch_gemv1_x<F, __nv_bfloat16>(s, a, one_row);
-  else
-    launch_gemv1_x<F, float>(s, a, one_row);
+  if constexpr (F == kWFP8 || F == kWFP4) {
+    if (a.w.scale_f32) {
+      launch_gemv1_s<F, true>(s, a, x_bf16, one_row);
+      return;
+    }
+  }
+  launch_gemv1_s<F, false>(s, a, x_bf16, one_row);
 }
 
 void launch_gemv1(cudaStream_t s, const Gemv1Args& a, bool x_bf16) {

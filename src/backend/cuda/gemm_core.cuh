@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "backend/cuda/kernels.h"
+#include "backend/cuda/weight_bits.h"
 
 namespace sp::cuda {
 
@@ -179,6 +180,28 @@ __device__ __forceinline__ void decode4(const uint4& c, int p, float s, float (&
     v[2] = f23.x * s;
     v[3] = f23.y * s;
   }
+}
+
+// An f16 pair given as bits (low half first) in fp32: exact, subnormals included.
+__device__ __forceinline__ float2 f16x2_bits_to_float2(uint32_t h) {
+  return __half22float2(*reinterpret_cast<const __half2*>(&h));
+}
+
+// The 4 e4m3 values of one word (byte i = value i) in fp32, times 2^-8 and without the scale:
+// integer ops to f16 (weight_bits.h), then f16 -> f32. NaN codes read as +-1.875 (check the chunk
+// with e4m3x16_has_nan).
+__device__ __forceinline__ void decode4_e4m3_raw(uint32_t word, float (&v)[4]) {
+  uint32_t lo, hi;
+  e4m3x4_to_f16x2_bits(word, lo, hi);
+  const float2 a = f16x2_bits_to_float2(lo), b = f16x2_bits_to_float2(hi);
+  v[0] = a.x;
+  v[1] = a.y;
+  v[2] = b.x;
+  v[3] = b.y;
+}
+
+__device__ __forceinline__ bool chunk_has_e4m3_nan(const uint4& c) {
+  return e4m3x16_has_nan(c.x, c.y, c.z, c.w);
 }
 
 __device__ __forceinline__ float to_float(float v) {

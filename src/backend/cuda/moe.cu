@@ -1,45 +1,46 @@
 // Routed and shared experts.
 //
-// One moe() call is five to eight launches over a chunk of up to 1024 tokens:
+// One moe() call is four to fourteen launches over a chunk of up to 1024 tokens:
 //   gate     logits = x gate^T (f32)                          linear()
 //   route    per token: sqrt(softplus) scores, hash or biased top-k (ties to the lower id), weights
 //   sort     a counting sort of the (token, slot) pairs by expert, tokens ascending inside an
 //            expert; the shared expert is expert E and gets every token (route and sort are one
 //            single-block launch up to 64 tokens)
-//   up       h = silu(min(W1 x, L)) * clamp(W3 x, -L, L) for every token of every hit expert
+//   up       h = silu(min(W1 x, L)) * clamp(W3 x, -L, L) for every token of every hit expert (the
+//            tensor-core path first stages the tokens as bf16 hi + lo: moe_decode.cu)
 //   down     o = W2 h
 //   combine  y[t] = sum over the token's experts in ascending id of w * o, then + shared o
-// Two pairs of up/down kernels, chosen per expert by its token count (so the result depends on
+// Three pairs of up/down kernels, chosen per expert by its token count (so the result depends on
 // the routing, never on the run):
-// - decode (count <= dec_max, the common case at decode: FP4 / FP8 experts only): each warp owns
-//   whole rows (2 rows of W1 and W3, or 4 rows of W2) and streams them in 16-byte chunks, every
-//   lane with 4-8 chunk loads (and their scales) in flight before any use; the expert's tokens
-//   (up to 8) are staged in shared memory once per block, in f32, swizzled so a quarter-warp's
-//   16-byte reads hit distinct banks, and applied 1, 2 or 4 at a time (a template parameter, so
-//   one token does not pay for four); a warp-shuffle reduction per row.
-// - general (larger counts, other formats): per (hit expert, 2 rows of W1/W3 or 4 rows of W2),
+// - decode (count <= dec_max, FP4 / FP8 experts only; with the tensor-core kernels on, one token):
+//   each warp owns whole rows (2 rows of W1 and W3, or 4 rows of W2) and streams them in 16-byte
+//   chunks, every lane with 4-8 chunk loads (and their scales) in flight before any use; the
+//   expert's tokens (up to 8) are staged in shared memory once per block, in f32, swizzled so a
+//   quarter-warp's 16-byte reads hit distinct banks, and applied 1, 2 or 4 at a time (a template
+//   parameter, so one token does not pay for four); a warp-shuffle reduction per row.
+// - tensor cores (kTcMinTok tokens or more, every expert FP4 / FP8 with E8M0 scales):
+//   moe_decode.cu, mma.sync with the expert's rows as M and its tokens as N.
+// - general (larger counts of other formats): per (hit expert, 2 rows of W1/W3 or 4 rows of W2),
 //   each weight chunk read once and applied to 8 tokens at a time, block-wide reductions.
 // Grids are sized for the most experts a step can hit; blocks of slots past the hit count exit.
 // Every sum has a fixed order (no float atomics), so results are bitwise reproducible.
 #include <algorithm>
+#include <limits>
 #include <mutex>
 #include <vector>
 
 #include "backend/cuda/gemm_core.cuh"
+#include "backend/cuda/moe_decode.cuh"
 
 namespace sp::cuda {
 namespace {
-
-// The per-expert descriptors prepare_moe uploads; expert E (the last) is the shared expert.
-struct DevExpert {
-  DevMat w1, w2, w3;
-};
 
 // Device tables live until exit (one per MoE layer, allocated once at load).
 struct TableRegistry {
   std::mutex mu;
   std::vector<void*> ptrs;
   std::vector<bool> dec_ok;  // per table: every expert FP4 / FP8 (the decode kernels' formats)
+  std::vector<bool> tc_ok;   // per table: the tensor-core kernels' formats (tc_experts_ok)
   ~TableRegistry() {
     for (void* p : ptrs) cudaFree(p);  // errors at exit (context gone) are ignored
   }
@@ -878,6 +879,7 @@ void prepare_moe(MoeWeights& moe, cudaStream_t s) {
       SP_CUDA(cudaStreamSynchronize(s));
       SP_CUDA(cudaFree(*it));
       reg.dec_ok.erase(reg.dec_ok.begin() + (it - reg.ptrs.begin()));
+      reg.tc_ok.erase(reg.tc_ok.begin() + (it - reg.ptrs.begin()));
       reg.ptrs.erase(it);
     }
   }
@@ -890,6 +892,7 @@ void prepare_moe(MoeWeights& moe, cudaStream_t s) {
   SP_CUDA(cudaStreamSynchronize(s));  // h goes away
   reg.ptrs.push_back(p);
   reg.dec_ok.push_back(dec);
+  reg.tc_ok.push_back(dec && tc_experts_ok(h.data(), static_cast<int64_t>(h.size())));
   const int64_t w = static_cast<int64_t>(sizeof(DevExpert));
   moe.table = Tensor{p, E + 1, w, w, DType::kI8, Device::kCuda};
 }
@@ -922,12 +925,15 @@ void moe(cudaStream_t s, Workspace& ws, Tensor x, const MoeArgs& a, const DevBat
       (x.stride % 4 == 0 && reinterpret_cast<uintptr_t>(x.data) % (4 * x.elem_size()) == 0) ? 1 : 0;
   // The decode kernels take the experts of at most dec_max tokens: as many as the staged
   // activations of the widest input (D for W1/W3, I for W2) fit the shared-memory budget.
-  bool dec_ok = false;
+  bool dec_ok = false, tc_ok = false;
   {
     TableRegistry& reg = registry();
     std::lock_guard<std::mutex> lock(reg.mu);
     auto it = std::find(reg.ptrs.begin(), reg.ptrs.end(), L.table.data);
-    dec_ok = it != reg.ptrs.end() && reg.dec_ok[static_cast<size_t>(it - reg.ptrs.begin())];
+    if (it != reg.ptrs.end()) {
+      dec_ok = reg.dec_ok[static_cast<size_t>(it - reg.ptrs.begin())];
+      tc_ok = reg.tc_ok[static_cast<size_t>(it - reg.ptrs.begin())];
+    }
   }
   const int64_t kpad_up = (D + 31) / 32 * 32, kpad_down = (Imax + 31) / 32 * 32;
   int dec_max = 0;
@@ -935,6 +941,12 @@ void moe(cudaStream_t s, Workspace& ws, Tensor x, const MoeArgs& a, const DevBat
     dec_max = kDecMaxTok;
     while (dec_max > 0 && dec_max * std::max(kpad_up, kpad_down) * 4 > kDecSmemBudget) dec_max /= 2;
   }
+  // With the tensor-core kernels (moe_decode.cu): one token on the decode kernels, more on the
+  // tensor cores (the general kernels then take nothing).
+  if (dec_max < kTcMinTok - 1) tc_ok = false;  // someone must take the experts of one token
+  if (tc_ok) dec_max = kTcMinTok - 1;
+  // The general kernels take the experts of more tokens.
+  const int general_min = tc_ok ? std::numeric_limits<int>::max() : dec_max;
 
   for (int64_t c0 = 0; c0 < T; c0 += kTokenChunk) {
     const int64_t Tc = std::min(kTokenChunk, T - c0);
@@ -1017,8 +1029,8 @@ void moe(cudaStream_t s, Workspace& ws, Tensor x, const MoeArgs& a, const DevBat
     ea.xvec = xvec;
     ea.out = h;
     ea.ldo = ldh;
-    ea.dec_max = dec_max;
-    const bool general = Tc > dec_max;  // some expert may have more tokens than dec_max
+    ea.dec_max = general_min;
+    const bool general = Tc > general_min;  // some expert may have more tokens
     DecArgs da;
     da.tab = tab;
     da.meta = meta;
@@ -1077,6 +1089,23 @@ void moe(cudaStream_t s, Workspace& ws, Tensor x, const MoeArgs& a, const DevBat
       const dim3 down_grid(static_cast<unsigned>((D + kDownRows - 1) / kDownRows), slots);
       moe_down_kernel<<<down_grid, down_threads, 0, s>>>(ea);
       SP_CUDA_LAUNCH();
+    }
+    if (tc_ok) {
+      MoeTcStep ts;
+      ts.tab = tab;
+      ts.meta = meta;
+      ts.pairs = pairs;
+      ts.T = static_cast<int>(Tc);
+      ts.K = static_cast<int>(K);
+      ts.E = static_cast<int>(E);
+      ts.x = xc.data;
+      ts.ldx = x.stride;
+      ts.x_bf16 = x_bf16;
+      ts.D = D;
+      ts.Imax = Imax;
+      ts.limit = a.swiglu_limit;
+      ts.o = o;
+      moe_tc(s, ws, ts);
     }
     moe_combine_kernel<<<static_cast<unsigned>(Tc), 256, 0, s>>>(
         o, D, eidx, ew, pos_of, static_cast<int>(Tc), static_cast<int>(K), yc.data, y.stride,

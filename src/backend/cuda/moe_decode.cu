@@ -1,0 +1,493 @@
+// Tensor-core kernels for the routed and shared experts of 2 tokens and more (decode steps,
+// speculative verify steps, prefill).
+//
+// The expert's weight rows are the M side of mma.sync m16n8k16 (bf16 operands, fp32 accumulate),
+// its tokens the N side in tiles of 8 (up to 8 tiles; more tokens go 64 at a time, the weight
+// tile re-read from L2 for each group). A warp owns a 16-row tile (of W1 and W3 for the up kernel,
+// of W2 for the down kernel) and half of K; lane (g, q) streams the 16-byte chunks q, q + 4, ... of
+// rows g and g + 8 (FP4: 32 values, FP8: 16 values, one scale each) with the next step's chunks in
+// flight, decodes them to bf16 pairs by integer bit moves and one bf16x2 multiply by the scale
+// (fp_bits.h), and uses them as the A fragments of 8 (FP4) or 4 (FP8) MMAs. The k order inside a
+// step is a permutation of the real k: every lane supplies the A and the B values of the same
+// virtual k, so the activations are read at the lane's own chunk, staged in the decoders' pair
+// order (stage_pos). Each weight byte is read from memory once per step.
+//
+// Activations are exact through the split x = hi + lo (two bf16, two MMAs into one fp32
+// accumulator; about 2.5e-6 relative, as the projections' skinny kernel): the tokens are staged
+// once per step (tc_stage_kernel), h is written by the up kernel as hi + lo directly.
+//
+// Fixed reduction order: the two warps of a row tile (the two halves of K's steps, interleaved)
+// add through shared memory, lower half first; no float atomics. The expert of a block is found
+// from the sorted step metadata on the device (the n-th expert whose token count is in the
+// kernel's range), so the grid depends on the token count T only (CUDA graphs replay it).
+#include <algorithm>
+#include <limits>
+
+#include "backend/cuda/fp_bits.h"
+#include "backend/cuda/moe_decode.cuh"
+
+namespace sp::cuda {
+namespace {
+
+constexpr int kTcThreads = 256, kTcWarps = kTcThreads / 32;
+constexpr int kTcKParts = 2;                              // warps splitting a row tile's K
+constexpr int kTcTileRows = 16 * (kTcWarps / kTcKParts);  // rows of a block tile (64)
+constexpr int kTcSmallTok = 8;                            // one n tile: 2..8 tokens
+constexpr int kTcAhead = 8;  // steps a warp prefetches into L2 ahead of its loads (even: its own)
+constexpr int64_t kTcTargetBlocks = 528;       // four per SM of an H100 / H200
+constexpr int kWsStageX = 16, kWsStageH = 17;  // workspace slots (moe.cu: 9..14)
+
+struct TcArgs {
+  const DevExpert* tab = nullptr;
+  const int* meta = nullptr;
+  const int* pairs = nullptr;
+  int T = 0, K = 0, E = 0;
+  int cmin = 0, cmax = 0;  // the experts this launch takes: cmin <= count <= cmax
+  // up: the staged tokens [T, ldx]; down: h [pairs, ldx]; bf16 in stage order (xl: the lo halves,
+  // null for bf16 tokens)
+  const __nv_bfloat16* xh = nullptr;
+  const __nv_bfloat16* xl = nullptr;
+  int64_t ldx = 0;
+  __nv_bfloat16* hh = nullptr;  // up: h [pairs, ldh] hi, stage order
+  __nv_bfloat16* hl = nullptr;  // up: its lo halves
+  int64_t ldh = 0;
+  float* o = nullptr;  // down: [pairs, ldo]
+  int64_t ldo = 0;
+  float limit = 0.0f;
+  int rows_per_block = 0;  // a multiple of kTcTileRows
+};
+
+__device__ __forceinline__ void mma_bf16_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                               uint32_t a3, uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// a * b per bf16 half, round to nearest (exact here: b is a power of two and the product normal).
+__device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {
+  uint32_t d;
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(0x80008000u));
+  return d;
+}
+
+// The fp32 route for scales outside the bf16 multiply's exact range: each half times 2^shift
+// (the format's value, exact in fp32), times the scale, rounded to bf16.
+__device__ __forceinline__ uint32_t bf16x2_scale_f32(uint32_t p, float f1, float f2) {
+  const float lo = __uint_as_float(p << 16) * f1 * f2;
+  const float hi = __uint_as_float(p & 0xffff0000u) * f1 * f2;
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// Starts moving [p, p + bytes) into L2 (no registers held). p and bytes: multiples of 16.
+__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+}
+
+// The scale of one (row, chunk): the bf16 pair factor of the fast route, or 0 for the fp32 route.
+template <int F>
+__device__ __forceinline__ uint32_t fast_factor(uint32_t s) {
+  if constexpr (F == kWFP4)
+    return fpbits::fp4_scale_fast(s) ? fpbits::pair_scale(s, fpbits::kFp4Shift) : 0u;
+  else
+    return fpbits::fp8_scale_fast(s) ? fpbits::pair_scale(s, fpbits::kFp8Shift) : 0u;
+}
+
+// Pairs of the 8-value group j of a chunk (FP4: word j; FP8: words 2j, 2j + 1), scaled.
+template <int F>
+__device__ __forceinline__ void dec_group(const uint4& c, int j, uint32_t s, uint32_t fac,
+                                          uint32_t (&o)[4]) {
+  if constexpr (F == kWFP4)
+    fpbits::e2m1x8_to_bf16(word_of(c, j), o);
+  else
+    fpbits::e4m3x8_to_bf16(word_of(c, 2 * j), word_of(c, 2 * j + 1), o);
+  if (fac != 0u) {
+#pragma unroll
+    for (int p = 0; p < 4; ++p) o[p] = bf16x2_mul(o[p], fac);
+  } else {
+    const float f1 = F == kWFP4 ? 0x1p126f : 0x1p120f;
+    const float f2 = e8m0_dev(static_cast<uint8_t>(s));
+#pragma unroll
+    for (int p = 0; p < 4; ++p) o[p] = bf16x2_scale_f32(o[p], f1, f2);
+  }
+}
+
+// The expert of this block: the blockIdx.y-th (in expert order) of those with cmin <= count <=
+// cmax, or -1. Every thread gets the answer.
+__device__ int nth_expert(const TcArgs& a) {
+  __shared__ int wcnt[kTcWarps];
+  __shared__ int found;
+  const int E1 = a.E + 1, nact = a.meta[3 * E1];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int want = static_cast<int>(blockIdx.y);
+  if (threadIdx.x == 0) found = -1;
+  int base = 0;
+  for (int i0 = 0; i0 < nact; i0 += kTcThreads) {
+    const int i = i0 + static_cast<int>(threadIdx.x);
+    int e = -1;
+    bool in = false;
+    if (i < nact) {
+      e = a.meta[2 * E1 + i];
+      const int c = a.meta[e];
+      in = c >= a.cmin && c <= a.cmax;
+    }
+    const unsigned bal = __ballot_sync(0xffffffffu, in);
+    if (lane == 0) wcnt[warp] = __popc(bal);
+    __syncthreads();
+    int before = 0, total = 0;
+    for (int w = 0; w < kTcWarps; ++w) {
+      before += w < warp ? wcnt[w] : 0;
+      total += wcnt[w];
+    }
+    if (in && base + before + __popc(bal & ((1u << lane) - 1u)) == want) found = e;
+    base += total;
+    __syncthreads();
+    if (base > want) break;  // uniform: every thread has the same base
+  }
+  __syncthreads();
+  return found;
+}
+
+// Rows [n_begin, n_end) of one expert's W1 and W3 (kUp: SwiGLU fused, h written as hi + lo) or W2.
+template <int F, bool kUp, int NT, bool LO>
+__device__ __forceinline__ void tc_expert(const TcArgs& a, const DevExpert& ex, int count,
+                                          int start, int64_t n_begin, int64_t n_end, float* red) {
+  constexpr int G = kUp ? 2 : 1;
+  constexpr int V = FmtTraits<F>::kVals, NG = V / 8;  // values and 8-value groups per chunk
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+  const int rt = warp / kTcKParts, kp = warp % kTcKParts;
+  const DevMat& wa = kUp ? ex.w1 : ex.w2;
+  const DevMat& wb = kUp ? ex.w3 : ex.w2;
+  const int64_t N = wa.out;
+  const int64_t nchunks = (wa.in + V - 1) / V, steps = (nchunks + 3) / 4;
+  const int TK = a.T * a.K;
+
+  for (int64_t tb = n_begin; tb < n_end; tb += kTcTileRows)
+    for (int m0 = 0; m0 < count; m0 += 8 * NT) {  // more than 8 NT tokens: weights again from L2
+      const int64_t r0 = tb + rt * 16;
+      const int nts = (count - m0 + 7) / 8 < NT ? (count - m0 + 7) / 8 : NT;
+      // This lane's token of each n tile: its activation row offset, or -1 past the expert's
+      // tokens.
+      int64_t xo[NT];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const int m = m0 + nt * 8 + g;
+        xo[nt] = -1;
+        if (m < count) {
+          if constexpr (kUp) {
+            const int p = a.pairs[start + m];
+            xo[nt] = (p < TK ? p / a.K : p - TK) * a.ldx;
+          } else {
+            xo[nt] = static_cast<int64_t>(start + m) * a.ldx;
+          }
+        }
+      }
+      float acc[G][NT][4];
+#pragma unroll
+      for (int gi = 0; gi < G; ++gi)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int q = 0; q < 4; ++q) acc[gi][nt][q] = 0.0f;
+
+      uint4 raw[G][2];
+      uint32_t rsc[G][2];
+      auto load = [&](int64_t st) {
+        const int64_t c = st * 4 + tq;
+#pragma unroll
+        for (int gi = 0; gi < G; ++gi)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const DevMat& w = gi == 0 ? wa : wb;
+            const int64_t n = r0 + g + 8 * h;
+            const bool ok = st < steps && c < nchunks && n < N;
+            raw[gi][h] = make_uint4(0, 0, 0, 0);
+            rsc[gi][h] = 127;  // any fast-route scale: the values are zero
+            if (ok) {
+              raw[gi][h] = ld_chunk(w.data + n * w.row_bytes, c * 16, w.row_bytes, w.vec != 0);
+              const int64_t si =
+                  F == kWFP4 ? n * w.scale_cols + c : (n / 128) * w.scale_cols + c / 8;
+              rsc[gi][h] = __ldg(w.scale + si);
+            }
+          }
+      };
+      // L2 prefetch kTcAhead steps ahead of the loads (a step is 64 bytes of a row in every
+      // format): lane l < 16 G takes row r0 + l % 16 of matrix l / 16.
+      auto prefetch = [&](int64_t s0, int64_t ns) {
+        if (lane >= 16 * G) return;
+        const DevMat& w = lane < 16 ? wa : wb;
+        const int64_t n = r0 + (lane & 15), b0 = s0 * 64;
+        const int64_t b1 = b0 + ns * 64 < w.row_bytes ? b0 + ns * 64 : w.row_bytes;
+        if (w.vec != 0 && n < N && b0 < b1)
+          prefetch_l2(w.data + n * w.row_bytes + b0, static_cast<uint32_t>(b1 - b0));
+      };
+      if (kp == 0) prefetch(0, kTcAhead);
+      load(kp);
+      for (int64_t st = kp; st < steps; st += kTcKParts) {
+        prefetch(st + kTcAhead, 1);
+        uint4 cur[G][2];
+        uint32_t cs[G][2];
+#pragma unroll
+        for (int gi = 0; gi < G; ++gi)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) cur[gi][h] = raw[gi][h], cs[gi][h] = rsc[gi][h];
+        if (st + kTcKParts < steps) load(st + kTcKParts);  // in flight while this step computes
+        const int64_t c = st * 4 + tq;
+        const bool cok = c < nchunks;
+        uint32_t fac[G][2];
+#pragma unroll
+        for (int gi = 0; gi < G; ++gi)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) fac[gi][h] = fast_factor<F>(cs[gi][h]);
+#pragma unroll
+        for (int j = 0; j < NG; ++j) {
+          uint32_t A[G][2][4];
+#pragma unroll
+          for (int gi = 0; gi < G; ++gi)
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+              dec_group<F>(cur[gi][h], j, cs[gi][h], fac[gi][h], A[gi][h]);
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            if (nt >= nts) break;  // uniform over the block
+            uint4 bh = make_uint4(0, 0, 0, 0), bl = make_uint4(0, 0, 0, 0);
+            if (cok && xo[nt] >= 0) {
+              const int64_t off = xo[nt] + c * V + 8 * j;
+              bh = __ldg(reinterpret_cast<const uint4*>(a.xh + off));
+              if constexpr (LO) bl = __ldg(reinterpret_cast<const uint4*>(a.xl + off));
+            }
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+              const uint32_t b0 = i ? bh.z : bh.x, b1 = i ? bh.w : bh.y;
+              const uint32_t l0 = i ? bl.z : bl.x, l1 = i ? bl.w : bl.y;
+#pragma unroll
+              for (int gi = 0; gi < G; ++gi) {
+                mma_bf16_16816(acc[gi][nt], A[gi][0][2 * i], A[gi][1][2 * i], A[gi][0][2 * i + 1],
+                               A[gi][1][2 * i + 1], b0, b1);
+                if constexpr (LO)
+                  mma_bf16_16816(acc[gi][nt], A[gi][0][2 * i], A[gi][1][2 * i], A[gi][0][2 * i + 1],
+                                 A[gi][1][2 * i + 1], l0, l1);
+              }
+            }
+          }
+        }
+      }
+
+      // The K halves of a row tile: the upper hands its sums to the lower (fixed order).
+      constexpr int kAcc = G * NT * 4;
+      float* slot = red + rt * kAcc * 32;
+      if (kp == 1) {
+#pragma unroll
+        for (int gi = 0; gi < G; ++gi)
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) slot[((gi * NT + nt) * 4 + q) * 32 + lane] = acc[gi][nt][q];
+      }
+      __syncthreads();
+      if (kp == 0) {
+#pragma unroll
+        for (int gi = 0; gi < G; ++gi)
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int q = 0; q < 4; ++q)
+              acc[gi][nt][q] += slot[((gi * NT + nt) * 4 + q) * 32 + lane];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          if (nt >= nts) break;
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            const int64_t n = r0 + g + (q >= 2 ? 8 : 0);
+            const int m = m0 + nt * 8 + 2 * tq + (q & 1);
+            if (n >= N || m >= count) continue;
+            if constexpr (kUp) {
+              const float gt = fminf(acc[0][nt][q], a.limit);
+              const float up = fminf(fmaxf(acc[1][nt][q], -a.limit), a.limit);
+              const float hv = gt * (1.0f / (1.0f + expf(-gt))) * up;
+              const int64_t at = static_cast<int64_t>(start + m) * a.ldh +
+                                 ((n & ~int64_t{7}) | fpbits::stage_pos(static_cast<int>(n & 7)));
+              const __nv_bfloat16 hi = __float2bfloat16_rn(hv);
+              a.hh[at] = hi;
+              a.hl[at] = __float2bfloat16_rn(hv - __bfloat162float(hi));
+            } else {
+              a.o[static_cast<int64_t>(start + m) * a.ldo + n] = acc[0][nt][q];
+            }
+          }
+        }
+      }
+      __syncthreads();  // red is reused by the next tile
+    }
+}
+
+// grid (row blocks, expert slots): block (x, y) takes rows [x rows_per_block, ...) of the y-th
+// expert of the launch's token range.
+template <bool kUp, int NT, bool LO>
+__global__ void __launch_bounds__(kTcThreads, NT <= 2 ? 2 : 1) moe_tc_kernel(TcArgs a) {
+  constexpr int G = kUp ? 2 : 1;
+  __shared__ float red[(kTcWarps / kTcKParts) * G * NT * 4 * 32];
+  const int e = nth_expert(a);
+  if (e < 0) return;
+  const int E1 = a.E + 1;
+  const int count = a.meta[e], start = a.meta[E1 + e];
+  const DevExpert& ex = a.tab[e];
+  const DevMat& w = kUp ? ex.w1 : ex.w2;
+  const int64_t n_begin = static_cast<int64_t>(blockIdx.x) * a.rows_per_block;
+  if (n_begin >= w.out) return;
+  const int64_t n_end = n_begin + a.rows_per_block < w.out ? n_begin + a.rows_per_block : w.out;
+  if (w.fmt == kWFP4)
+    tc_expert<kWFP4, kUp, NT, LO>(a, ex, count, start, n_begin, n_end, red);
+  else
+    tc_expert<kWFP8, kUp, NT, LO>(a, ex, count, start, n_begin, n_end, red);
+}
+
+// xh[m, c] = bf16(x[m, src(c)]) and xl the rest (f32 x), src the inverse of stage_pos inside each
+// 8 columns; zero from cols on.
+template <typename XT>
+__global__ void tc_stage_kernel(const XT* x, int64_t ldx, int64_t cols, int64_t M, int64_t ldp,
+                                __nv_bfloat16* xh, __nv_bfloat16* xl) {
+  const int64_t total = M * ldp;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t m = i / ldp, c = i - m * ldp;
+    const int64_t src = (c & ~int64_t{7}) | (((c & 7) >> 1) + 4 * (c & 1));
+    const float v = src < cols ? to_float(x[m * ldx + src]) : 0.0f;
+    const __nv_bfloat16 h = __float2bfloat16_rn(v);
+    xh[i] = h;
+    if (xl != nullptr) xl[i] = __float2bfloat16_rn(v - __bfloat162float(h));
+  }
+}
+
+// lo: the activations have lo halves (f32 tokens; h always).
+template <bool kUp, int NT>
+void launch_tc_nt(cudaStream_t s, const TcArgs& a, dim3 grid, bool lo) {
+  if constexpr (kUp) {
+    if (!lo) {
+      moe_tc_kernel<true, NT, false><<<grid, kTcThreads, 0, s>>>(a);
+      SP_CUDA_LAUNCH();
+      return;
+    }
+  }
+  moe_tc_kernel<kUp, NT, true><<<grid, kTcThreads, 0, s>>>(a);
+  SP_CUDA_LAUNCH();
+}
+
+// NT: n tiles of 8 tokens for the launch's largest count (1, 2, 4 or 8).
+template <bool kUp>
+void launch_tc(cudaStream_t s, const TcArgs& a, dim3 grid, bool lo) {
+  const int nt = (std::min(a.cmax, a.T) + 7) / 8;
+  if (nt <= 1)
+    launch_tc_nt<kUp, 1>(s, a, grid, lo);
+  else if (nt <= 2)
+    launch_tc_nt<kUp, 2>(s, a, grid, lo);
+  else if (nt <= 4)
+    launch_tc_nt<kUp, 4>(s, a, grid, lo);
+  else
+    launch_tc_nt<kUp, 8>(s, a, grid, lo);
+}
+
+// Rows per block: about kTcTargetBlocks blocks over the slots, a multiple of kTcTileRows.
+int tc_rows_per_block(int64_t rows, int64_t slots) {
+  const int64_t tiles = (rows + kTcTileRows - 1) / kTcTileRows;
+  const int64_t per_expert = std::clamp<int64_t>((kTcTargetBlocks + slots - 1) / slots, 1, tiles);
+  return static_cast<int>((tiles + per_expert - 1) / per_expert * kTcTileRows);
+}
+
+}  // namespace
+
+bool tc_experts_ok(const DevExpert* h, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    for (const DevMat* m : {&h[i].w1, &h[i].w2, &h[i].w3}) {
+      if ((m->fmt != kWFP4 && m->fmt != kWFP8) || m->scale_f32) return false;
+    }
+    // h is read back by whole chunks: every chunk of W2's rows written by the up kernel.
+    if (h[i].w2.in % 16 != 0 || h[i].w3.fmt != h[i].w1.fmt) return false;
+  }
+  return true;
+}
+
+void moe_tc(cudaStream_t s, Workspace& ws, const MoeTcStep& st) {
+  const int T = st.T;
+  if (T < kTcMinTok) return;
+  const int64_t TK = int64_t{T} * st.K, npairs = TK + T;
+  const bool lo_x = !st.x_bf16;
+  // The tokens, staged (rows of ldp values, zero past D; chunks never read past D rounded to 32).
+  const int64_t ldp = (st.D + 31) / 32 * 32;
+  __nv_bfloat16* xh =
+      ws.get<__nv_bfloat16>(kWsStageX, static_cast<size_t>((lo_x ? 2 : 1) * T * ldp));
+  __nv_bfloat16* xl = lo_x ? xh + T * ldp : nullptr;
+  {
+    const unsigned grid = static_cast<unsigned>(std::min<int64_t>((T * ldp + 255) / 256, 1024));
+    if (st.x_bf16)
+      tc_stage_kernel<__nv_bfloat16><<<grid, 256, 0, s>>>(static_cast<const __nv_bfloat16*>(st.x),
+                                                          st.ldx, st.D, T, ldp, xh, xl);
+    else
+      tc_stage_kernel<float>
+          <<<grid, 256, 0, s>>>(static_cast<const float*>(st.x), st.ldx, st.D, T, ldp, xh, xl);
+    SP_CUDA_LAUNCH();
+  }
+  // h as hi + lo in stage order, a row per (expert, token) pair.
+  const int64_t ldh = (st.Imax + 31) / 32 * 32;
+  __nv_bfloat16* hh = ws.get<__nv_bfloat16>(kWsStageH, static_cast<size_t>(2 * npairs * ldh));
+  __nv_bfloat16* hl = hh + npairs * ldh;
+
+  TcArgs a;
+  a.tab = st.tab;
+  a.meta = st.meta;
+  a.pairs = st.pairs;
+  a.T = T;
+  a.K = st.K;
+  a.E = st.E;
+  a.limit = st.limit;
+  a.hh = hh;
+  a.hl = hl;
+  a.ldh = ldh;
+  a.o = st.o;
+  a.ldo = st.D;
+  // Three token ranges, so the experts of a few tokens (the common case in decode) do not carry
+  // the registers of the widest n tiles: 2..8 tokens (slots: every expert that can be hit), 9..64
+  // (at most TK / 9 routed experts, plus the shared expert) and more (TK / 65 + 1; groups of 64
+  // tokens, each group's pass over a row tile re-reading its weights from L2).
+  struct Range {
+    int cmin, cmax;
+    int64_t slots;
+  };
+  Range ranges[3];
+  int nr = 0;
+  ranges[nr++] = {kTcMinTok, kTcSmallTok, std::min<int64_t>(st.E, TK) + 1};
+  if (T > kTcSmallTok)
+    ranges[nr++] = {kTcSmallTok + 1, kTcMaxTok,
+                    std::min<int64_t>(st.E, TK / (kTcSmallTok + 1)) + 1};
+  if (T > kTcMaxTok)
+    ranges[nr++] = {kTcMaxTok + 1, std::numeric_limits<int>::max(),
+                    std::min<int64_t>(st.E, TK / (kTcMaxTok + 1)) + 1};
+  for (int pass = 0; pass < 2; ++pass) {
+    const bool up = pass == 0;
+    const int64_t rows = up ? st.Imax : st.D;
+    if (up) {
+      a.xh = xh;
+      a.xl = xl;
+      a.ldx = ldp;
+    } else {
+      a.xh = hh;
+      a.xl = hl;
+      a.ldx = ldh;
+    }
+    for (int r = 0; r < nr; ++r) {
+      a.cmin = ranges[r].cmin;
+      a.cmax = ranges[r].cmax;
+      a.rows_per_block = tc_rows_per_block(rows, ranges[r].slots);
+      const dim3 grid(static_cast<unsigned>((rows + a.rows_per_block - 1) / a.rows_per_block),
+                      static_cast<unsigned>(ranges[r].slots));
+      if (up)
+        launch_tc<true>(s, a, grid, lo_x);
+      else
+        launch_tc<false>(s, a, grid, true);
+    }
+  }
+}
+
+}  // namespace sp::cuda
