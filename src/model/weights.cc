@@ -552,7 +552,8 @@ bool ends_with(const std::string& s, const std::string& suf) {
 // A matrix's amplitude: std 1/sqrt(in) keeps every projection's output O(1); the embedding rows
 // have std 1.
 float dummy_amp(const ExpectedTensor& t) {
-  return t.part == Part::kEmbed ? std::sqrt(3.0f) : std::sqrt(3.0f / static_cast<float>(t.shape[1]));
+  return t.part == Part::kEmbed ? std::sqrt(3.0f)
+                                : std::sqrt(3.0f / static_cast<float>(t.shape[1]));
 }
 // The power-of-two scale exponent of an FP8 matrix: the amplitude fits e4m3's 448.
 int dummy_fp8_scale_exp(float amp) {
@@ -666,10 +667,10 @@ Bound dummy_tensor(const ExpectedTensor& t, const Config& c, uint64_t seed,
 
 void for_each_matrix(const ModelWeights& w, const std::function<void(const Linear&)>& fn) {
   auto layer = [&](const LayerWeights& L) {
-    for (const Linear* m : {&L.wq_a, &L.wq_b, &L.wkv, &L.wo_a, &L.wo_b, &L.compressor.wkv,
-                            &L.compressor.wgate, &L.idx_wq_b, &L.idx_weights_proj,
-                            &L.idx_compressor.wkv, &L.idx_compressor.wgate, &L.gate, &L.sw1,
-                            &L.sw2, &L.sw3})
+    for (const Linear* m :
+         {&L.wq_a, &L.wq_b, &L.wkv, &L.wo_a, &L.wo_b, &L.compressor.wkv, &L.compressor.wgate,
+          &L.idx_wq_b, &L.idx_weights_proj, &L.idx_compressor.wkv, &L.idx_compressor.wgate, &L.gate,
+          &L.sw1, &L.sw2, &L.sw3})
       fn(*m);
     for (const auto* experts : {&L.w1, &L.w2, &L.w3})
       for (const Linear& m : *experts) fn(m);
@@ -715,7 +716,7 @@ Result<std::unique_ptr<ModelWeights>> dummy_weights(const Config& c, const LoadP
         if (where == DummyMatrices::kAtUpload && t.role == TensorRole::kMatrix) {
           Bound& b = made[i];
           b.format = t.format;
-          b.dtype = t.format == WeightFormat::kFloat  ? DType::kBF16
+          b.dtype = t.format == WeightFormat::kFloat ? DType::kBF16
                     : t.format == WeightFormat::kFP8 ? DType::kE4M3
                                                      : DType::kI8;
           b.scale_dtype = DType::kE8M0;

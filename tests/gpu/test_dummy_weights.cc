@@ -89,9 +89,9 @@ TEST(DummyWeightsGpu, AwkwardAndLargeShapesMatchTheHostGenerator) {
     WeightFormat f;
     int64_t out, in;
   };
-  const Case cases[] = {{WeightFormat::kFloat, 3, 77},     {WeightFormat::kFloat, 4096, 4097},
-                        {WeightFormat::kFP8, 1, 1},        {WeightFormat::kFP8, 130, 200},
-                        {WeightFormat::kFP8, 2049, 4097},  {WeightFormat::kFP4, 5, 64},
+  const Case cases[] = {{WeightFormat::kFloat, 3, 77},    {WeightFormat::kFloat, 4096, 4097},
+                        {WeightFormat::kFP8, 1, 1},       {WeightFormat::kFP8, 130, 200},
+                        {WeightFormat::kFP8, 2049, 4097}, {WeightFormat::kFP4, 5, 64},
                         {WeightFormat::kFP4, 4096, 2048}};
   int k = 0;
   for (const Case& cs : cases) {

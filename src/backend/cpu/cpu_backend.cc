@@ -127,10 +127,10 @@ class CpuBackend final : public Backend {
         1 << 16);
     m.data = v.data();
     if (host.format != WeightFormat::kFloat)
-      m.scale = matrices_
-                    .emplace_back(static_cast<size_t>(host.scale_bytes()),
-                                  dummy_scale_byte(host.dummy))
-                    .data();
+      m.scale =
+          matrices_
+              .emplace_back(static_cast<size_t>(host.scale_bytes()), dummy_scale_byte(host.dummy))
+              .data();
     m.dummy = DummyGen{};
     return m;
   }

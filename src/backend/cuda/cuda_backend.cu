@@ -193,7 +193,8 @@ class CudaBackend final : public Backend {
                                 stream_));
       }
       cuda::dummy_values(stream_, host, p, e4m3_table_);
-      if (sb > 0) SP_CUDA(cudaMemsetAsync(p + align16(vb), dummy_scale_byte(host.dummy), sb, stream_));
+      if (sb > 0)
+        SP_CUDA(cudaMemsetAsync(p + align16(vb), dummy_scale_byte(host.dummy), sb, stream_));
       m.dummy = DummyGen{};
     } else {
       SP_CUDA(cudaMemcpyAsync(p, host.data, vb, cudaMemcpyHostToDevice, stream_));
@@ -561,7 +562,7 @@ class CudaBackend final : public Backend {
   cudaStream_t stream_ = nullptr;
   std::unique_ptr<Workspace> ws_;
   std::unique_ptr<cuda::LtGemm> lt_;  // --activation-quant fp8
-  uint8_t* e4m3_table_ = nullptr;      // [65536] bf16 -> e4m3 codes: dummy FP8 weights, first use
+  uint8_t* e4m3_table_ = nullptr;     // [65536] bf16 -> e4m3 codes: dummy FP8 weights, first use
   int64_t fp8_linear_calls_ = 0;      // linear() calls with an FP8 weight
   BackendLimits lim_;
   std::vector<void*> allocs_, pinned_;

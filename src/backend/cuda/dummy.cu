@@ -72,7 +72,8 @@ void dummy_values(cudaStream_t s, const Matrix& m, uint8_t* values, const uint8_
   constexpr int kThreads = 256;
   // Enough blocks to fill the GPU several times over; each thread strides over the rest.
   const int64_t want = (units + kThreads - 1) / kThreads;
-  const int blocks = static_cast<int>(want < int64_t{num_sms()} * 32 ? want : int64_t{num_sms()} * 32);
+  const int blocks =
+      static_cast<int>(want < int64_t{num_sms()} * 32 ? want : int64_t{num_sms()} * 32);
   switch (m.format) {
     case WeightFormat::kFloat:
       dummy_bf16_kernel<<<blocks, kThreads, 0, s>>>(m.dummy.key, m.dummy.mul, units,
