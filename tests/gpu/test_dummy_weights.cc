@@ -46,8 +46,9 @@ void expect_same_on_device(Backend& gpu, const Matrix& d, const Matrix& h) {
   while (first < got.size() && got[first] == want[first]) ++first;
   EXPECT_EQ(first, got.size()) << "first differing byte " << first << " of " << got.size();
   ASSERT_EQ(u.scale_bytes(), h.scale_bytes());
-  if (h.scale_bytes() > 0)
+  if (h.scale_bytes() > 0) {
     EXPECT_EQ(device_bytes(gpu, u.scale, u.scale_bytes()), host_bytes(h.scale, h.scale_bytes()));
+  }
 }
 
 TEST(DummyWeightsGpu, EveryMatrixOfFlashMiniMatchesTheHostGenerator) {
