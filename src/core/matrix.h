@@ -13,6 +13,19 @@
 
 namespace sp {
 
+// A generated (--load-format dummy) matrix described by its generator's parameters instead of its
+// bytes: the backend's upload makes the bytes where they will live (core/dummy.h is the host
+// generator, the CUDA backend has a kernel that computes the same bytes on the device). Values
+// unit i (an element for kFloat / kFP8, a packed byte for kFP4) is a function of (key, i) only.
+struct DummyGen {
+  bool on = false;
+  uint64_t key = 0;  // splitmix64(seed ^ fnv1a(name))
+  // kFloat: the amplitude (bf16 value = round(mul * u)); kFP8: amplitude * 2^-scale_exp (e4m3 code
+  // = encode(round_bf16(mul * u))); kFP4: unused (the packed byte is the hash's top byte).
+  float mul = 0.0f;
+  int scale_exp = 0;  // kFP8 / kFP4: every ue8m0 scale byte is scale_exp + 127
+};
+
 struct Matrix {
   std::string name;
   WeightFormat format = WeightFormat::kFloat;
@@ -23,7 +36,10 @@ struct Matrix {
   DType scale_dtype = DType::kE8M0;  // E8M0 upstream; F32 accepted as well
   int64_t scale_cols = 0;
   Device device = Device::kHost;
-  bool valid() const { return data != nullptr; }
+  // With dummy.on, data and scale are null until a backend's upload generates them (value dtype
+  // BF16 for kFloat, E4M3 for kFP8, I8 for kFP4; scales E8M0).
+  DummyGen dummy;
+  bool valid() const { return data != nullptr || dummy.on; }
   // Writes the exact fp32 values of row n (host matrices only).
   void decode_row(int64_t n, float* dst) const;
   // Storage bytes of the values and of the scales.

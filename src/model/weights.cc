@@ -11,6 +11,7 @@
 #include <thread>
 
 #include "core/checked.h"
+#include "core/dummy.h"
 
 namespace sp {
 
@@ -214,6 +215,7 @@ struct Bound {
   WeightFormat format = WeightFormat::kFloat;
   const uint8_t* scale = nullptr;
   DType scale_dtype = DType::kE8M0;
+  DummyGen gen;  // a described dummy matrix: no bytes (data and scale null)
 };
 
 // Builds the ModelWeights structure from bound storage; `get` returns the storage of a name.
@@ -241,6 +243,7 @@ class Assembler {
     m.data = b.data;
     m.scale = b.scale;
     m.scale_dtype = b.scale_dtype;
+    m.dummy = b.gen;
     m.scale_cols = b.format == WeightFormat::kFP8 ? ceil_div(m.in, 128) : m.in / 32;
     return m;
   }
@@ -530,34 +533,54 @@ Result<std::unique_ptr<ModelWeights>> load_weights(const Config& c, const std::s
 
 namespace {
 
+// The generator's primitives live in core/dummy.h (the backends make described matrices' bytes
+// with them); the per-tensor loops below are the host generator every other path must match.
 uint64_t splitmix(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
+  return dummy_splitmix(x);
 }
 uint64_t name_hash(const std::string& s) {
-  uint64_t h = 1469598103934665603ull;
-  for (char ch : s) h = (h ^ static_cast<uint8_t>(ch)) * 1099511628211ull;
-  return h;
+  return dummy_name_hash(s);
 }
 // Uniform in [-1, 1).
 inline float uniform(uint64_t key, int64_t i) {
-  return static_cast<float>(splitmix(key + static_cast<uint64_t>(i)) >> 40) * (2.0f / 16777216.0f) -
-         1.0f;
+  return dummy_uniform(key, i);
 }
 bool ends_with(const std::string& s, const std::string& suf) {
   return s.size() >= suf.size() && s.compare(s.size() - suf.size(), suf.size(), suf) == 0;
 }
 
-// e4m3 code of every bf16 bit pattern: a fast, approximate (bf16-truncated) encoder for dummy data.
-const uint8_t* bf16_to_e4m3_table() {
-  static std::vector<uint8_t> t = [] {
-    std::vector<uint8_t> v(65536);
-    for (int i = 0; i < 65536; ++i) v[i] = f32_to_e4m3(bf16_to_f32(static_cast<uint16_t>(i)));
-    return v;
-  }();
-  return t.data();
+// A matrix's amplitude: std 1/sqrt(in) keeps every projection's output O(1); the embedding rows
+// have std 1.
+float dummy_amp(const ExpectedTensor& t) {
+  return t.part == Part::kEmbed ? std::sqrt(3.0f)
+                                : std::sqrt(3.0f / static_cast<float>(t.shape[1]));
+}
+// The power-of-two scale exponent of an FP8 matrix: the amplitude fits e4m3's 448.
+int dummy_fp8_scale_exp(float amp) {
+  return static_cast<int>(std::ceil(std::log2(amp / 448.0f)));
+}
+// Of an FP4 matrix: uniform e2m1 codes have rms ~2.93; the power of two that gives std
+// ~1/sqrt(in).
+int dummy_fp4_scale_exp(int64_t in) {
+  return static_cast<int>(
+      std::lround(std::log2(1.0f / (std::sqrt(static_cast<float>(in)) * 2.93f))));
+}
+
+// A matrix described by its generator's parameters (no bytes): what dummy_tensor would write.
+DummyGen dummy_matrix_gen(const ExpectedTensor& t, uint64_t seed) {
+  DummyGen g;
+  g.on = true;
+  g.key = splitmix(seed ^ name_hash(t.name));
+  const float amp = dummy_amp(t);
+  if (t.format == WeightFormat::kFloat) {
+    g.mul = amp;
+  } else if (t.format == WeightFormat::kFP8) {
+    g.scale_exp = dummy_fp8_scale_exp(amp);
+    g.mul = amp * std::ldexp(1.0f, -g.scale_exp);  // dummy_tensor's (amp * inv), rounded once
+  } else {
+    g.scale_exp = dummy_fp4_scale_exp(t.shape[1]);
+  }
+  return g;
 }
 
 // One tensor of dummy weights (values from the seed and the tensor's name only, so the order and
@@ -607,9 +630,7 @@ Bound dummy_tensor(const ExpectedTensor& t, const Config& c, uint64_t seed,
     b.data = keep(std::move(buf));
   } else {
     const int64_t out = t.shape[0], in = t.shape[1];
-    // std 1/sqrt(in) keeps every projection's output O(1); the embedding rows have std 1.
-    const float amp =
-        t.part == Part::kEmbed ? std::sqrt(3.0f) : std::sqrt(3.0f / static_cast<float>(in));
+    const float amp = dummy_amp(t);
     b.format = t.format;
     if (t.format == WeightFormat::kFloat) {
       std::vector<uint8_t> buf(static_cast<size_t>(n) * 2);
@@ -618,7 +639,7 @@ Bound dummy_tensor(const ExpectedTensor& t, const Config& c, uint64_t seed,
       b.dtype = DType::kBF16;
       b.data = keep(std::move(buf));
     } else if (t.format == WeightFormat::kFP8) {
-      const int sexp = static_cast<int>(std::ceil(std::log2(amp / 448.0f)));
+      const int sexp = dummy_fp8_scale_exp(amp);
       const float inv = std::ldexp(1.0f, -sexp);
       std::vector<uint8_t> buf(static_cast<size_t>(n));
       for (int64_t i = 0; i < n; ++i) buf[i] = enc8[f32_to_bf16(amp * inv * uniform(key, i))];
@@ -628,10 +649,7 @@ Bound dummy_tensor(const ExpectedTensor& t, const Config& c, uint64_t seed,
       b.data = keep(std::move(buf));
       b.scale = keep(std::move(sbuf));
     } else {
-      // Uniform e2m1 codes have rms ~2.93; pick the power-of-two scale that gives std
-      // ~1/sqrt(in).
-      const int sexp = static_cast<int>(
-          std::lround(std::log2(1.0f / (std::sqrt(static_cast<float>(in)) * 2.93f))));
+      const int sexp = dummy_fp4_scale_exp(in);
       std::vector<uint8_t> buf(static_cast<size_t>(n / 2));
       for (int64_t i = 0; i < n / 2; ++i) buf[i] = static_cast<uint8_t>(splitmix(key + i) >> 56);
       std::vector<uint8_t> sbuf(static_cast<size_t>(out * (in / 32)),
@@ -647,8 +665,27 @@ Bound dummy_tensor(const ExpectedTensor& t, const Config& c, uint64_t seed,
 
 }  // namespace
 
+void for_each_matrix(const ModelWeights& w, const std::function<void(const Linear&)>& fn) {
+  auto layer = [&](const LayerWeights& L) {
+    for (const Linear* m :
+         {&L.wq_a, &L.wq_b, &L.wkv, &L.wo_a, &L.wo_b, &L.compressor.wkv, &L.compressor.wgate,
+          &L.idx_wq_b, &L.idx_weights_proj, &L.idx_compressor.wkv, &L.idx_compressor.wgate, &L.gate,
+          &L.sw1, &L.sw2, &L.sw3})
+      fn(*m);
+    for (const auto* experts : {&L.w1, &L.w2, &L.w3})
+      for (const Linear& m : *experts) fn(m);
+  };
+  fn(w.embed);
+  fn(w.head);
+  for (const LayerWeights& L : w.layers) layer(L);
+  fn(w.mtp.e_proj);
+  fn(w.mtp.h_proj);
+  layer(w.mtp.block);
+}
+
 Result<std::unique_ptr<ModelWeights>> dummy_weights(const Config& c, const LoadPlan& plan,
-                                                    uint64_t seed, const ProgressFn& progress) {
+                                                    uint64_t seed, const ProgressFn& progress,
+                                                    DummyMatrices where) {
   auto t0 = std::chrono::steady_clock::now();
   if (plan.mtp) SP_RETURN_IF_ERROR(check_mtp_config(c));
   auto w = std::make_unique<ModelWeights>();
@@ -675,7 +712,18 @@ Result<std::unique_ptr<ModelWeights>> dummy_weights(const Config& c, const LoadP
   auto work = [&](bool report) {
     try {
       for (size_t i; (i = next.fetch_add(1)) < jobs.size();) {
-        made[i] = dummy_tensor(*jobs[i], c, seed, &bufs[i]);
+        const ExpectedTensor& t = *jobs[i];
+        if (where == DummyMatrices::kAtUpload && t.role == TensorRole::kMatrix) {
+          Bound& b = made[i];
+          b.format = t.format;
+          b.dtype = t.format == WeightFormat::kFloat ? DType::kBF16
+                    : t.format == WeightFormat::kFP8 ? DType::kE4M3
+                                                     : DType::kI8;
+          b.scale_dtype = DType::kE8M0;
+          b.gen = dummy_matrix_gen(t, seed);
+        } else {
+          made[i] = dummy_tensor(t, c, seed, &bufs[i]);
+        }
         const int64_t b = expected_bytes(*jobs[i]);
         const int64_t d = made_bytes.fetch_add(b) + b;
         if (report && progress) progress(d, total);
@@ -701,7 +749,7 @@ Result<std::unique_ptr<ModelWeights>> dummy_weights(const Config& c, const LoadP
     const ExpectedTensor& t = *jobs[i];
     Bound& b = made[i];
     bound[t.name] = b;
-    w->stats.tensors += 1 + (b.scale ? 1 : 0);
+    w->stats.tensors += 1 + (b.scale || (b.gen.on && b.format != WeightFormat::kFloat) ? 1 : 0);
     w->stats.bytes += expected_bytes(t);
     w->stats.accessed.insert(t.name);
   }

@@ -133,6 +133,10 @@ struct ModelWeights {
   const LayerWeights& layer(int global) const { return layers[global - plan.first_layer]; }
 };
 
+// Calls fn on every matrix the weights hold (valid or not: absent ones have out == 0), in a fixed
+// order: embed, head, each layer's, then the MTP layer's.
+void for_each_matrix(const ModelWeights& w, const std::function<void(const Linear&)>& fn);
+
 using ProgressFn = std::function<void(int64_t done_bytes, int64_t total_bytes)>;
 
 // Validates the checkpoint against the config (missing, unexpected, wrong shape or dtype: errors
@@ -140,9 +144,17 @@ using ProgressFn = std::function<void(int64_t done_bytes, int64_t total_bytes)>;
 Result<std::unique_ptr<ModelWeights>> load_weights(const Config& c, const std::string& dir,
                                                    const LoadPlan& plan,
                                                    const ProgressFn& progress);
+// Where dummy_weights makes the matrices' bytes. kHost: here, in host buffers the weights own.
+// kAtUpload: matrices only carry their generator's parameters (Matrix::dummy, no bytes) and each
+// backend's upload makes the bytes where they live (the CUDA backend on the device: a stage needs
+// no host memory for them); f32 parameters and index tables, which are small, are made here.
+// Both give the same bytes.
+enum class DummyMatrices { kHost, kAtUpload };
+
 // Weights of the config's shapes and upstream formats generated from a seed (--load-format dummy).
 // Values are scaled so activations stay O(1).
 Result<std::unique_ptr<ModelWeights>> dummy_weights(const Config& c, const LoadPlan& plan,
-                                                    uint64_t seed, const ProgressFn& progress);
+                                                    uint64_t seed, const ProgressFn& progress,
+                                                    DummyMatrices where = DummyMatrices::kHost);
 
 }  // namespace sp

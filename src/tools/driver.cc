@@ -886,8 +886,10 @@ int run_one_stage(const Flags& f, const Config& c, const Topology& topo, Transpo
       tick();
       if (load_stall && ++tensors == 3) stall_loading(s, tr.name() == "mpi");
     };
+    // A GPU stage's dummy matrices are made on the device at upload (no host copy of them).
     auto w = f.str("load-format") == "dummy"
-                 ? dummy_weights(c, plan, static_cast<uint64_t>(f.i64("seed")), progress)
+                 ? dummy_weights(c, plan, static_cast<uint64_t>(f.i64("seed")), progress,
+                                 gpu ? DummyMatrices::kAtUpload : DummyMatrices::kHost)
                  : load_weights(c, f.str("model"), plan, progress);
     if (!w) return Status::error(str("stage ", s, " (rank ", s, "): ", w.status().message()));
     weights = std::move(*w);

@@ -133,10 +133,12 @@ Result<std::vector<std::vector<float>>> mtp_logits_one_stage(
   SP_RETURN_IF_ERROR(check_mtp_config(c));
   SP_ASSIGN_OR_RETURN(std::string dev, resolve_device(f));
   const LoadPlan plan = LoadPlan::whole(c, /*mtp=*/true);
-  SP_ASSIGN_OR_RETURN(std::unique_ptr<ModelWeights> w,
-                      f.str("load-format") == "dummy"
-                          ? dummy_weights(c, plan, static_cast<uint64_t>(f.i64("seed")), nullptr)
-                          : load_weights(c, f.str("model"), plan, nullptr));
+  SP_ASSIGN_OR_RETURN(
+      std::unique_ptr<ModelWeights> w,
+      f.str("load-format") == "dummy"
+          ? dummy_weights(c, plan, static_cast<uint64_t>(f.i64("seed")), nullptr,
+                          dev == "cpu" ? DummyMatrices::kHost : DummyMatrices::kAtUpload)
+          : load_weights(c, f.str("model"), plan, nullptr));
   std::unique_ptr<Backend> be;
   if (dev == "cpu") {
     be = make_cpu_backend(static_cast<int>(f.i64("threads")));

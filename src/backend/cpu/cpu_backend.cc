@@ -10,6 +10,7 @@
 #include <list>
 
 #include "backend/backend.h"
+#include "core/dummy.h"
 #include "core/thread_pool.h"
 
 namespace sp {
@@ -111,9 +112,28 @@ class CpuBackend final : public Backend {
     return st;
   }
 
-  // Matrices stay where the loader put them (mapped checkpoint or generated buffers); small
-  // tensors are copied, so the caller's buffer may go away.
-  Matrix upload(const Matrix& host) override { return host; }
+  // Matrices stay where the loader put them (mapped checkpoint or generated buffers); a described
+  // dummy matrix (Matrix::dummy) gets its bytes made here by the host generator, on the pool's
+  // threads. Small tensors are copied, so the caller's buffer may go away.
+  Matrix upload(const Matrix& host) override {
+    if (!host.dummy.on || host.data) return host;
+    Matrix m = host;
+    const int64_t units = dummy_value_units(host);
+    std::vector<uint8_t>& v = matrices_.emplace_back(static_cast<size_t>(host.value_bytes()));
+    const int64_t unit_bytes = host.format == WeightFormat::kFloat ? 2 : 1;
+    pool_.parallel_for(
+        units,
+        [&](int64_t b, int64_t e) { fill_dummy_values(host, b, e, v.data() + b * unit_bytes); },
+        1 << 16);
+    m.data = v.data();
+    if (host.format != WeightFormat::kFloat)
+      m.scale =
+          matrices_
+              .emplace_back(static_cast<size_t>(host.scale_bytes()), dummy_scale_byte(host.dummy))
+              .data();
+    m.dummy = DummyGen{};
+    return m;
+  }
   Tensor upload(const Tensor& host) override {
     Tensor t = alloc(host.rows, host.cols, host.dtype);
     copy(host, t);
@@ -648,6 +668,7 @@ class CpuBackend final : public Backend {
   int64_t min_work_;
   BackendLimits lim_;
   std::list<std::vector<float>> storage_;
+  std::list<std::vector<uint8_t>> matrices_;  // described dummy matrices' bytes and scales
 };
 
 }  // namespace

@@ -13,6 +13,7 @@
 
 #include "backend/cuda/gemm_lt.h"
 #include "backend/cuda/kernels.h"
+#include "core/dummy.h"
 
 namespace sp {
 namespace cuda {
@@ -181,11 +182,24 @@ class CudaBackend final : public Backend {
     const size_t vb = static_cast<size_t>(host.value_bytes()),
                  sb = static_cast<size_t>(host.scale_bytes());
     uint8_t* p = static_cast<uint8_t*>(device_alloc(align16(vb) + sb));
-    SP_CUDA(cudaMemcpyAsync(p, host.data, vb, cudaMemcpyHostToDevice, stream_));
     m.data = p;
-    if (sb > 0) {
-      SP_CUDA(cudaMemcpyAsync(p + align16(vb), host.scale, sb, cudaMemcpyHostToDevice, stream_));
-      m.scale = p + align16(vb);
+    if (sb > 0) m.scale = p + align16(vb);
+    if (host.dummy.on && !host.data) {
+      // --load-format dummy: the bytes are made here, equal to the host generator's.
+      SP_CHECK(host.scale_dtype == DType::kE8M0, host.name, ": described scales are E8M0");
+      if (host.format == WeightFormat::kFP8 && !e4m3_table_) {
+        e4m3_table_ = static_cast<uint8_t*>(device_alloc(65536));
+        SP_CUDA(cudaMemcpyAsync(e4m3_table_, bf16_to_e4m3_table(), 65536, cudaMemcpyHostToDevice,
+                                stream_));
+      }
+      cuda::dummy_values(stream_, host, p, e4m3_table_);
+      if (sb > 0)
+        SP_CUDA(cudaMemsetAsync(p + align16(vb), dummy_scale_byte(host.dummy), sb, stream_));
+      m.dummy = DummyGen{};
+    } else {
+      SP_CUDA(cudaMemcpyAsync(p, host.data, vb, cudaMemcpyHostToDevice, stream_));
+      if (sb > 0)
+        SP_CUDA(cudaMemcpyAsync(p + align16(vb), host.scale, sb, cudaMemcpyHostToDevice, stream_));
     }
     m.device = Device::kCuda;
     // The fp8 path's fp32 copy of the block scales, made once here rather than on first use.
@@ -545,6 +559,7 @@ class CudaBackend final : public Backend {
   cudaStream_t stream_ = nullptr;
   std::unique_ptr<Workspace> ws_;
   std::unique_ptr<cuda::LtGemm> lt_;  // --activation-quant fp8
+  uint8_t* e4m3_table_ = nullptr;     // [65536] bf16 -> e4m3 codes: dummy FP8 weights, first use
   int64_t fp8_linear_calls_ = 0;      // linear() calls with an FP8 weight
   BackendLimits lim_;
   std::vector<void*> allocs_, pinned_;

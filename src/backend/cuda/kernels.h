@@ -171,4 +171,11 @@ constexpr int32_t kNonFiniteKeyClean = 0x7f7f7f7f, kNonFiniteKeyHead = 1 << 30;
 // <= `key` (an earlier place of this step was non-finite).
 void note_non_finite(cudaStream_t s, Tensor x, int32_t key, int32_t* flag);
 
+// ---- dummy.cu: --load-format dummy weights made on the device ----------------------------------
+// Writes the value bytes of the described matrix m (m.dummy.on: kFloat as bf16, kFP8 as e4m3,
+// kFP4 as packed bytes) to `values` (device, value_bytes()), identical to the host generator's
+// (core/dummy.h); e4m3_table: the device copy of bf16_to_e4m3_table() (65,536 bytes). The scales
+// (every byte dummy_scale_byte) are the caller's memset.
+void dummy_values(cudaStream_t s, const Matrix& m, uint8_t* values, const uint8_t* e4m3_table);
+
 }  // namespace sp::cuda
