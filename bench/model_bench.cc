@@ -65,23 +65,6 @@ double median(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
-// Bytes of weights one decode token reads: everything the stage owns except the routed experts,
-// plus experts_per_tok routed experts per layer and one row of the embedding.
-double decode_bytes_per_token(const Config& c) {
-  double bytes = 0, expert = 0;
-  for (const ExpectedTensor& t : expected_tensors(c)) {
-    const double b = static_cast<double>(expected_bytes(t));
-    if (t.name.find(".ffn.experts.") != std::string::npos) {
-      if (t.name.find(".ffn.experts.0.") != std::string::npos) expert += b;
-    } else if (t.name == "embed.weight") {
-      bytes += b / static_cast<double>(c.vocab_size);
-    } else {
-      bytes += b;
-    }
-  }
-  return bytes + expert * c.experts_per_tok * c.num_layers;
-}
-
 // The step times of one speculative phase (one K).
 struct SpecPhase {
   int k = 0;

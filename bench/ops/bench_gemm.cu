@@ -1,6 +1,7 @@
 // bench_ops: times the CUDA projections and the MoE on V4-Flash shapes (random weights generated on
 // the device; each case rotates among enough weight copies to exceed 4x the L2 cache). Prints one
-// table: time per call, GB/s of weight bytes, TFLOP/s. BENCH_MOE_ONLY=1 skips the projections.
+// table: time per call, GB/s of weight bytes, TFLOP/s. BENCH_MOE_ONLY=1 skips the projections;
+// BENCH_COPY_ONLY=1 measures the copy bandwidth alone.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -169,8 +170,11 @@ int main() {
     std::printf("copy 1 GB: %.0f GB/s (read + write)\n\n", copy_gbs);
     cudaFree(a);
     cudaFree(b);
-    if (!getenv("BENCH_MOE_ONLY")) bench_linear(s, ws, prop.l2CacheSize, copy_gbs);
-    bench_moe(s, ws, copy_gbs);
+    // BENCH_COPY_ONLY=1: the ceiling alone (the floors of the whole-model benchmarks use it).
+    if (!getenv("BENCH_COPY_ONLY")) {
+      if (!getenv("BENCH_MOE_ONLY")) bench_linear(s, ws, prop.l2CacheSize, copy_gbs);
+      bench_moe(s, ws, copy_gbs);
+    }
   }
   SP_CUDA(cudaStreamDestroy(s));
   return 0;

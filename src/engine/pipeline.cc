@@ -216,7 +216,10 @@ class StageRunner {
     }
     // Snapshots after everything this stage runs for the step (the MTP layer's pass included).
     for (const SlotCopy& c : plan.copies_after) model_.copy_slot(c.src, c.dst);
-    if (is_last()) check_finite(plan);  // read with the sampled ids; other stages: send_step
+    // Reading the non-finite flag waits for the step's kernels (the last stage reads it with the
+    // sampled ids): so on a GPU the "compute" span (busy time, the trace) covers the device's
+    // work, not just its launches. Nothing is lost: the send waits for those kernels anyway.
+    check_finite(plan);
     tl_.add("compute", plan.id, t);
     tl_.report.steps++;
     tl_.report.tokens += plan.batch.num_tokens;
@@ -242,10 +245,8 @@ class StageRunner {
     double t = tl_.now_us();
     if (link_) {  // the descriptor through the host transport, the tensor device to device
       // Descriptor first: the receiver posts its receive when the descriptor arrives, and NCCL's
-      // first send to a peer waits for that peer to join the connection.
-      // No host copy brings the non-finite flag back here: reading it waits for the step's
-      // kernels, which the send waits for anyway; a broken step is named before it goes on.
-      check_finite(plan);
+      // first send to a peer waits for that peer to join the connection. compute() has checked
+      // the step's values: a broken step is named before it goes on.
       check(tr_.send(s_ + 1, Channel::kStep, encode_step(plan), nullptr, 0));
       check(link_->send(s_ + 1, X, slot(plan)));
       tl_.add("send", plan.id, t);
@@ -253,7 +254,6 @@ class StageRunner {
     }
     buf_.resize(static_cast<size_t>(X.numel() * X.elem_size()));
     model_.backend().to_host(X, buf_.data());
-    check_finite(plan);
     check(tr_.send(s_ + 1, Channel::kStep, encode_step(plan), buf_.data(),
                    static_cast<int64_t>(buf_.size())));
     tl_.add("send", plan.id, t);

@@ -162,6 +162,22 @@ int64_t expected_bytes(const ExpectedTensor& t) {
   return 0;
 }
 
+double decode_bytes_per_token(const Config& c) {
+  double bytes = 0, expert = 0;
+  for (const ExpectedTensor& t : expected_tensors(c)) {
+    const double b = static_cast<double>(expected_bytes(t));
+    if (t.name.find(".ffn.experts.") != std::string::npos) {
+      if (t.name.find(".ffn.experts.0.") != std::string::npos) expert += b;
+    } else if (t.name == "embed.weight") {
+      bytes += b / static_cast<double>(c.vocab_size);
+    } else {
+      bytes += b;
+    }
+  }
+  // `expert`: one routed expert of every layer (expert 0's tensors, all experts alike).
+  return bytes + expert * c.experts_per_tok;
+}
+
 Status check_mtp_config(const Config& c) {
   if (c.dspark) {
     std::string keys;

@@ -47,6 +47,10 @@ Status check_mtp_config(const Config& c);
 std::string mtp_prefix();
 // Storage bytes of one expected tensor including its scales.
 int64_t expected_bytes(const ExpectedTensor& t);
+// Weight bytes one decode token reads (batch 1): every tensor of the main model except the routed
+// experts, plus experts_per_tok routed experts per layer and one row of the embedding. Over the
+// copy bandwidth of one GPU this is a decode step's floor at any pipeline split.
+double decode_bytes_per_token(const Config& c);
 
 // A weight matrix [out, in] as stored (the checkpoint's bytes).
 using Linear = Matrix;

@@ -667,6 +667,8 @@ int cmd_inspect(const std::vector<std::string>& args) {
                 human(embed).c_str());
   }
   std::printf("  total                     %s\n", human(total).c_str());
+  std::printf("weights one decode token reads (batch 1, %d routed experts a layer): %.3f GB\n",
+              c.experts_per_tok, decode_bytes_per_token(c) / 1e9);
   const int64_t S = f.i64("max-num-seqs"), Lm = f.i64("max-model-len");
   std::printf("sequence state (fp32 reference layout): %s per sequence + %" PRId64
               " B per token; at --max-num-seqs %" PRId64 " and --max-model-len %" PRId64 ": %s\n",
