@@ -171,7 +171,10 @@ double check_moe(Backends& be, MoeLayer& L, const MoeShape& s, int T, DType xd, 
   int64_t unwritten = 0;
   for (float v : got) unwritten += std::isfinite(v) ? 0 : 1;
   const double err = rel_l2(got, ref);
-  const double tol = yd == DType::kBF16 ? 1e-2 : 1e-5;
+  // fp32 output: experts of two or more tokens run on the tensor cores with each fp32 activation
+  // split into bf16 hi + lo (about 2^-17 relative), through two chained projections and SwiGLU:
+  // up to ~2e-5 measured on an H200 at awkward scales, so 3e-5 here (fp32 ops elsewhere: 1e-5).
+  const double tol = yd == DType::kBF16 ? 1e-2 : 3e-5;
   std::printf("  moe E=%d D=%d I=%d K=%d %s T=%-4d x=%s y=%s  rel_l2=%.3g\n", s.E, s.D, s.I, s.K,
               s.hash ? "hash   " : "learned", T, dtype_name(xd), dtype_name(yd), err);
   EXPECT_EQ(unwritten, 0) << "T=" << T;

@@ -8,7 +8,6 @@
 #include <map>
 #include <memory>
 #include <mutex>
-#include <set>
 #include <stdexcept>
 
 #include "backend/cuda/gemm_lt.h"
@@ -23,6 +22,8 @@ namespace cuda {
 // (the driver catches it), instead of aborting the process without saying which stage it was.
 void check_cuda(cudaError_t e, const char* what, const char* file, int line) {
   if (e == cudaSuccess) return;
+  // Clear a non-sticky error, so the next launch check does not report it again as its own.
+  cudaGetLastError();
   int dev = -1;
   cudaGetDevice(&dev);
   throw std::runtime_error(str("CUDA error on GPU ", dev, ": ", cudaGetErrorString(e), " (",
@@ -72,7 +73,7 @@ int num_sms() {
 void allow_dynamic_smem(const void* func, size_t bytes) {
   if (bytes <= 48 * 1024) return;  // the default limit
   static std::mutex mu;
-  static std::set<std::pair<const void*, int>> done;
+  static std::map<std::pair<const void*, int>, size_t> raised;  // (function, device) -> limit
   static std::map<int, int> optin;
   int dev = 0;
   SP_CUDA(cudaGetDevice(&dev));
@@ -85,8 +86,14 @@ void allow_dynamic_smem(const void* func, size_t bytes) {
   }
   SP_CHECK(bytes <= static_cast<size_t>(it->second), "a kernel needs ", bytes,
            " bytes of shared memory, GPU ", dev, " allows ", it->second);
-  if (done.insert({func, dev}).second)
-    SP_CUDA(cudaFuncSetAttribute(func, cudaFuncAttributeMaxDynamicSharedMemorySize, it->second));
+  // The limit asked for, not the device's maximum: a kernel with static shared memory as well may
+  // not raise its dynamic limit past the maximum less that (cudaErrorInvalidValue).
+  size_t& limit = raised[{func, dev}];
+  if (bytes > limit) {
+    SP_CUDA(cudaFuncSetAttribute(func, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 static_cast<int>(bytes)));
+    limit = bytes;
+  }
 }
 
 }  // namespace cuda
