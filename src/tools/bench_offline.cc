@@ -3,6 +3,7 @@
 // their tokens where it pops them from the requests' channel; the other stages only run.
 #include "tools/bench_offline.h"
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cinttypes>
@@ -194,7 +195,9 @@ int cmd_bench_offline(const std::vector<std::string>& args) {
   const std::vector<BenchPrompt> warmups = random_dataset(warm, warm_rng);
   const int concurrency = static_cast<int>(f.i64("max-concurrency"));
   const int64_t max_seqs = f.i64("max-num-seqs");
-  if (concurrency == 0 ? ds.num_prompts > max_seqs : concurrency > max_seqs)
+  const int64_t parallel =
+      concurrency == 0 ? ds.num_prompts : std::min(concurrency, ds.num_prompts);
+  if (parallel > max_seqs)
     std::fprintf(stderr,
                  "note: at most --max-num-seqs %" PRId64
                  " sequences run at once; the other requests wait in the engine's queue\n",
@@ -235,8 +238,10 @@ int cmd_bench_offline(const std::vector<std::string>& args) {
         drive(loop, warmups, concurrency, seed, "warm-up requests", abandon, &wall);
       const auto outcomes = drive(loop, prompts, concurrency, seed, "requests", abandon, &wall);
       const BenchSummary s = summarize(outcomes, wall);
-      message = {
-          {"result", bench_json(name, s)}, {"first_error", s.first_error}, {"load_s", load_s}};
+      message = {{"result", bench_json(name, s)},
+                 {"first_error", s.first_error},
+                 {"load_s", load_s},
+                 {"requests", per_request_json(outcomes)}};
       loop.shutdown();
     });
     return h;
@@ -278,7 +283,10 @@ int cmd_bench_offline(const std::vector<std::string>& args) {
     result["stages"] = env.topo.world;
     result["stage_busy"] = busy;
     result["bubble"] = reports.empty() ? 0.0 : 1 - busy_sum / static_cast<double>(reports.size());
-    if (Status st = emit_bench_json(result, f.str("result-json")); !st) return fail(st);
+    // The file also has each request's lengths and times (vLLM's detailed result); the line not.
+    json file = result;
+    file["requests"] = m.at("requests");
+    if (Status st = emit_bench_json(result, file, f.str("result-json")); !st) return fail(st);
     return s.successful == s.num_prompts ? 0 : 1;
   };
   const int code = run_job(f, job);

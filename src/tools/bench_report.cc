@@ -167,11 +167,28 @@ BenchSummary summary_from_json(const json& j) {
   return s;
 }
 
+json per_request_json(const std::vector<RequestOutcome>& outcomes) {
+  json a = json::array();
+  for (const RequestOutcome& o : outcomes) {
+    json r = {{"input_tokens", o.prompt_tokens},
+              {"output_tokens", o.output_tokens},
+              {"ttft_ms", o.ttft * 1e3},
+              {"e2e_ms", o.e2e * 1e3}};
+    if (!o.ok) r["error"] = o.error;
+    a.push_back(std::move(r));
+  }
+  return a;
+}
+
 Status emit_bench_json(const json& result, const std::string& path) {
+  return emit_bench_json(result, result, path);
+}
+
+Status emit_bench_json(const json& result, const json& file, const std::string& path) {
   std::printf("json: %s\n", result.dump().c_str());
   if (path.empty()) return Status::ok();
   std::ofstream out(path);
-  out << result.dump(2) << "\n";
+  out << file.dump(2) << "\n";
   if (!out) return Status::error(str("--result-json: cannot write ", path));
   return Status::ok();
 }

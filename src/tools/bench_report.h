@@ -73,7 +73,13 @@ void print_bench_table(const BenchSummary& s);
 nlohmann::json bench_json(const std::string& model, const BenchSummary& s);
 // Inverse of bench_json (the summary travels from the driving stage to the printing one).
 BenchSummary summary_from_json(const nlohmann::json& j);
-// Prints `json: {...}` and, with a path, writes the result there (an error names --result-json).
+// Each request's lengths and times (ms), as vLLM's detailed result: input_tokens, output_tokens,
+// ttft_ms, e2e_ms, and error for a failed one.
+nlohmann::json per_request_json(const std::vector<RequestOutcome>& outcomes);
+// Prints `json: {...}` and, with a path, writes `file` there (pretty; an error names
+// --result-json).
 Status emit_bench_json(const nlohmann::json& result, const std::string& path);
+Status emit_bench_json(const nlohmann::json& result, const nlohmann::json& file,
+                       const std::string& path);
 
 }  // namespace sp
