@@ -5,6 +5,7 @@
 
 #include <vector>
 
+#include "core/status.h"
 #include "engine/pipeline.h"
 #include "tools/flags.h"
 
