@@ -2,8 +2,9 @@
 # bench offline on the tiny fixture (CPU): bench serve's random workload through the engine loop
 # in process. MODE local: pp 1 and --pp 2 (threads) count every request and token, the JSON file
 # parses and has each request, the same seed draws the same dataset at every split, concurrency 1
-# runs the requests one after another, a request the engine refuses is a failure (exit 1), and
-# the flag mistakes are errors before the model loads; MODE mpi: the same counts under mpirun -np 2.
+# runs the requests one after another, a request the engine refuses is a failure (exit 1), a stage
+# failing mid-run ends the run (exit 3), and the flag mistakes are errors before the model loads;
+# MODE mpi: the same counts under mpirun -np 2.
 . "$(dirname "$0")/lib.sh"
 bin=$1 data=$2 mode_set=$3
 model=$data/tiny
@@ -99,6 +100,12 @@ out=$("$bin" "${common[@]}" --num-prompts 3 --random-input-len 300 --random-outp
 grep -Eq "^Failed requests: +3$" <<<"$out" || fail "refused requests not counted: $out"
 grep -q "first error: .*state blocks" <<<"$out" || fail "no first error: $out"
 echo "ok: refused requests count as failed, exit 1"
+
+# A stage failing mid-run ends the benchmark with the pipeline's error (exit 3), not a hang or crash.
+out=$(timeout 120 "$bin" "${common[@]}" --pp 2 --num-prompts 4 --random-input-len 20 --random-output-len 6 --fault-inject 1:3:error 2>&1); rc=$?
+[ $rc = 3 ] || fail "a failing stage: expected exit 3, got $rc: $out"
+grep -q "stage 1 (rank 1) failed: injected fault at step 3" <<<"$out" || fail "a failing stage is not named: $out"
+echo "ok: a stage failing mid-run ends it with exit 3"
 
 # Flag mistakes: before the model loads (no 'loaded' line), exit 2.
 expect_error 2 "--vocab-size 300 exceeds the model's vocab_size 256" -- "$bin" "${common[@]}" --vocab-size 300
