@@ -184,6 +184,8 @@ int cmd_bench_offline(const std::vector<std::string>& args) {
                           max_in + max_out, " tokens a request (with --random-range-ratio ",
                           ds.range_ratio, "), more than --max-model-len ", f.i64("max-model-len"),
                           "; raise --max-model-len or shorten the requests")));
+  if (f.given("result-json"))
+    if (Status st = check_result_json_path(f.str("result-json")); !st) return fail(st);
   const uint64_t seed = static_cast<uint64_t>(f.i64("seed"));
   std::mt19937_64 rng(seed);
   const std::vector<BenchPrompt> prompts = random_dataset(ds, rng);
@@ -204,7 +206,7 @@ int cmd_bench_offline(const std::vector<std::string>& args) {
                  max_seqs);
   const std::string name = model_name(f.str("model"));
 
-  // Every request fits the queue: none is refused for its length.
+  // Every request fits the engine loop's queue: none is refused for a full queue.
   EngineLoop loop(ds.num_prompts + warm.num_prompts);
   std::atomic<bool> abandon{false};
   std::thread driver;

@@ -1,9 +1,14 @@
 #include "tools/bench_report.h"
 
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <cinttypes>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
+#include <filesystem>
 #include <fstream>
 
 namespace sp {
@@ -165,6 +170,19 @@ BenchSummary summary_from_json(const json& j) {
   s.itl = stat_from_json(j.at("itl"));
   s.e2e = stat_from_json(j.at("e2e_latency"));
   return s;
+}
+
+Status check_result_json_path(const std::string& path) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  const fs::path p(path);
+  if (path.empty() || fs::is_directory(p, ec))
+    return Status::error(str("--result-json '", path, "': expected a file name"));
+  const fs::path dir = p.has_parent_path() ? p.parent_path() : fs::path(".");
+  if (::access(dir.c_str(), W_OK | X_OK) != 0)
+    return Status::error(str("--result-json: cannot write ", path, ": directory ", dir.string(),
+                             ": ", std::strerror(errno)));
+  return Status::ok();
 }
 
 json per_request_json(const std::vector<RequestOutcome>& outcomes) {

@@ -73,6 +73,9 @@ void print_bench_table(const BenchSummary& s);
 nlohmann::json bench_json(const std::string& model, const BenchSummary& s);
 // Inverse of bench_json (the summary travels from the driving stage to the printing one).
 BenchSummary summary_from_json(const nlohmann::json& j);
+// --result-json's path, checked before the run (not after it): a file or nothing there, in a
+// writable directory.
+Status check_result_json_path(const std::string& path);
 // Each request's lengths and times (ms), as vLLM's detailed result: input_tokens, output_tokens,
 // ttft_ms, e2e_ms, and error for a failed one.
 nlohmann::json per_request_json(const std::vector<RequestOutcome>& outcomes);

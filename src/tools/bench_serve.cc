@@ -122,6 +122,8 @@ int cmd_bench_serve(const std::vector<std::string>& args) {
       return 0;
     }
   if (Status st = f.parse(args); !st) return fail(st);
+  if (f.given("result-json"))
+    if (Status st = check_result_json_path(f.str("result-json")); !st) return fail(st);
   const std::string host = f.str("host");
   const int port = static_cast<int>(f.i64("port"));
   std::string model = f.str("model");

@@ -111,6 +111,7 @@ echo "ok: a stage failing mid-run ends it with exit 3"
 expect_error 2 "--vocab-size 300 exceeds the model's vocab_size 256" -- "$bin" "${common[@]}" --vocab-size 300
 expect_error 2 "--random-input-len 4000 \+ --random-output-len 200 need up to 4000 \+ 200 = 4200 tokens .*more than --max-model-len 4096" -- "$bin" "${common[@]}" --random-input-len 4000 --random-output-len 200
 expect_error 2 "with --random-range-ratio 0.5\), more than --max-model-len 100" -- "$bin" "${common[@]}" --random-input-len 60 --random-output-len 10 --random-range-ratio 0.5 --max-model-len 100
+expect_error 2 "--result-json: cannot write $tmp/no/such/dir/r.json: directory" -- "$bin" "${common[@]}" --result-json "$tmp/no/such/dir/r.json"
 expect_error 2 "unknown flag --request-rate" -- "$bin" "${common[@]}" --request-rate 4
 expect_error 2 "--max-concurrency: expected an integer" -- "$bin" "${common[@]}" --max-concurrency -1
 expect_error 2 "--model is required" -- "$bin" bench offline --num-prompts 2
