@@ -4,19 +4,16 @@
 
 #include <httplib.h>
 
-#include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <cinttypes>
-#include <cmath>
 #include <condition_variable>
 #include <cstdio>
-#include <fstream>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <thread>
 
+#include "tools/bench_report.h"
 #include "tools/driver.h"
 #include "tools/flags.h"
 
@@ -26,19 +23,10 @@ namespace {
 using Clock = std::chrono::steady_clock;
 using json = nlohmann::json;
 
-struct Outcome {
-  bool ok = false;
-  std::string error;
-  int prompt_tokens = 0;
-  int output_tokens = 0;
-  double ttft = 0, e2e = 0;
-  std::vector<double> itl;  // gaps between streamed chunks after the first
-};
-
 // One streamed /v1/completions request; times every SSE chunk that carries text.
-Outcome run_request(const std::string& host, int port, const std::string& api_key, const json& body,
-                    double timeout_s) {
-  Outcome o;
+RequestOutcome run_request(const std::string& host, int port, const std::string& api_key,
+                           const json& body, double timeout_s) {
+  RequestOutcome o;
   httplib::Client cli(host, port);
   cli.set_read_timeout(static_cast<time_t>(timeout_s), 0);
   cli.set_connection_timeout(10, 0);
@@ -104,28 +92,6 @@ Outcome run_request(const std::string& host, int port, const std::string& api_ke
   return o;
 }
 
-struct Stat {
-  double mean = 0, median = 0, p90 = 0, p99 = 0;
-};
-
-Stat stats(std::vector<double> v) {
-  Stat s;
-  if (v.empty()) return s;
-  std::sort(v.begin(), v.end());
-  double sum = 0;
-  for (double x : v) sum += x;
-  s.mean = sum / static_cast<double>(v.size());
-  auto pct = [&](double p) {
-    const double idx = p * static_cast<double>(v.size() - 1);
-    const size_t lo = static_cast<size_t>(std::floor(idx)), hi = std::min(v.size() - 1, lo + 1);
-    return v[lo] + (v[hi] - v[lo]) * (idx - static_cast<double>(lo));
-  };
-  s.median = pct(0.5);
-  s.p90 = pct(0.9);
-  s.p99 = pct(0.99);
-  return s;
-}
-
 }  // namespace
 
 int cmd_bench_serve(const std::vector<std::string>& args) {
@@ -134,20 +100,19 @@ int cmd_bench_serve(const std::vector<std::string>& args) {
       {"port", FlagKind::kInt, "8000", "server port", 1, 65535},
       {"api-key", FlagKind::kString, "", "sent as Authorization: Bearer KEY"},
       {"model", FlagKind::kString, "", "model name for the requests (default: the server's first)"},
-      {"num-prompts", FlagKind::kInt, "100", "requests to send", 1, 1 << 24},
-      {"random-input-len", FlagKind::kInt, "1024", "prompt tokens (random dataset)", 1, 1 << 24},
-      {"random-output-len", FlagKind::kInt, "128", "output tokens (ignore_eos)", 1, 1 << 24},
-      {"random-range-ratio", FlagKind::kFloat, "0",
-       "lengths uniform in [len * (1 - r), len * (1 + r)]", 0, 1},
+      bench_flag("num-prompts"),
+      bench_flag("random-input-len"),
+      bench_flag("random-output-len"),
+      bench_flag("random-range-ratio"),
       {"request-rate", FlagKind::kFloat, "0",
        "requests per second (Poisson arrivals); 0 sends all at once (vLLM's inf)", 0, 1e9},
-      {"max-concurrency", FlagKind::kInt, "0", "most requests in flight; 0 = no limit", 0, 1 << 20},
+      bench_flag("max-concurrency"),
       {"seed", FlagKind::kInt, "0", "seed of the dataset and the arrival times", 0, 9.2e18},
       {"vocab-size", FlagKind::kInt, "1000",
        "prompts are random token ids below this (keep it within the model's vocabulary)", 1,
        1 << 30},
       {"timeout", FlagKind::kFloat, "600", "seconds a single request may take", 1, 1e6},
-      {"result-json", FlagKind::kString, "", "also write the results to this JSON file"},
+      bench_flag("result-json"),
   };
   Flags f(specs);
   for (auto& a : args)
@@ -157,6 +122,8 @@ int cmd_bench_serve(const std::vector<std::string>& args) {
       return 0;
     }
   if (Status st = f.parse(args); !st) return fail(st);
+  if (f.given("result-json"))
+    if (Status st = check_result_json_path(f.str("result-json")); !st) return fail(st);
   const std::string host = f.str("host");
   const int port = static_cast<int>(f.i64("port"));
   std::string model = f.str("model");
@@ -179,27 +146,22 @@ int cmd_bench_serve(const std::vector<std::string>& args) {
     }
   }
   const int n = static_cast<int>(f.i64("num-prompts"));
-  const int64_t vocab = f.i64("vocab-size");
   std::mt19937_64 rng(static_cast<uint64_t>(f.i64("seed")));
-  const double ratio = f.f64("random-range-ratio");
-  auto length = [&](int64_t len) {
-    const int64_t lo = std::max<int64_t>(1, static_cast<int64_t>(std::floor(len * (1 - ratio))));
-    const int64_t hi = std::max(lo, static_cast<int64_t>(std::ceil(len * (1 + ratio))));
-    return std::uniform_int_distribution<int64_t>(lo, hi)(rng);
-  };
+  BenchDataset ds;
+  ds.num_prompts = n;
+  ds.input_len = f.i64("random-input-len");
+  ds.output_len = f.i64("random-output-len");
+  ds.range_ratio = f.f64("random-range-ratio");
+  ds.vocab = f.i64("vocab-size");
   std::vector<json> bodies;
-  for (int i = 0; i < n; ++i) {
-    const int64_t in = length(f.i64("random-input-len")), out = length(f.i64("random-output-len"));
-    std::vector<int64_t> ids(static_cast<size_t>(in));
-    for (auto& t : ids) t = std::uniform_int_distribution<int64_t>(0, vocab - 1)(rng);
+  for (const BenchPrompt& p : random_dataset(ds, rng))
     bodies.push_back({{"model", model},
-                      {"prompt", ids},
-                      {"max_tokens", out},
+                      {"prompt", p.ids},
+                      {"max_tokens", p.output_len},
                       {"ignore_eos", true},
                       {"temperature", 0},
                       {"stream", true},
                       {"stream_options", {{"include_usage", true}}}});
-  }
   const double rate = f.f64("request-rate");
   const int max_conc = static_cast<int>(f.i64("max-concurrency"));
   std::vector<double> arrival(static_cast<size_t>(n), 0.0);
@@ -208,7 +170,7 @@ int cmd_bench_serve(const std::vector<std::string>& args) {
     double t = 0;
     for (auto& a : arrival) a = (t += gap(rng));
   }
-  std::vector<Outcome> outcomes(static_cast<size_t>(n));
+  std::vector<RequestOutcome> outcomes(static_cast<size_t>(n));
   std::mutex mu;
   std::condition_variable cv;
   int in_flight = 0;
@@ -236,66 +198,11 @@ int cmd_bench_serve(const std::vector<std::string>& args) {
   for (auto& t : threads) t.join();
   const double wall = std::chrono::duration<double>(Clock::now() - t0).count();
   std::fprintf(stderr, "\n");
-  int ok = 0;
-  int64_t in_tok = 0, out_tok = 0;
-  std::vector<double> ttft, tpot, itl, e2e;
-  std::string first_error;
-  for (const Outcome& o : outcomes) {
-    if (!o.ok) {
-      if (first_error.empty()) first_error = o.error;
-      continue;
-    }
-    ++ok;
-    in_tok += o.prompt_tokens;
-    out_tok += o.output_tokens;
-    ttft.push_back(o.ttft * 1e3);
-    e2e.push_back(o.e2e * 1e3);
-    if (o.output_tokens > 1) tpot.push_back((o.e2e - o.ttft) * 1e3 / (o.output_tokens - 1));
-    for (double g : o.itl) itl.push_back(g * 1e3);
-  }
-  const Stat st_ttft = stats(ttft), st_tpot = stats(tpot), st_itl = stats(itl), st_e2e = stats(e2e);
-  std::printf("============ Serving Benchmark Result ============\n");
-  std::printf("%-40s %12d\n", "Successful requests:", ok);
-  std::printf("%-40s %12d\n", "Failed requests:", n - ok);
-  std::printf("%-40s %12.2f\n", "Benchmark duration (s):", wall);
-  std::printf("%-40s %12" PRId64 "\n", "Total input tokens:", in_tok);
-  std::printf("%-40s %12" PRId64 "\n", "Total generated tokens:", out_tok);
-  std::printf("%-40s %12.2f\n", "Request throughput (req/s):", ok / wall);
-  std::printf("%-40s %12.2f\n", "Output token throughput (tok/s):", out_tok / wall);
-  std::printf("%-40s %12.2f\n", "Total token throughput (tok/s):", (in_tok + out_tok) / wall);
-  auto row = [](const char* name, const Stat& s) {
-    std::printf("%-12s mean %10.2f  median %10.2f  p90 %10.2f  p99 %10.2f  (ms)\n", name, s.mean,
-                s.median, s.p90, s.p99);
-  };
-  row("TTFT", st_ttft);
-  row("TPOT", st_tpot);
-  row("ITL", st_itl);
-  row("E2E latency", st_e2e);
-  if (!first_error.empty()) std::printf("first error: %s\n", first_error.c_str());
-  auto sj = [](const Stat& s) {
-    return json{{"mean_ms", s.mean}, {"median_ms", s.median}, {"p90_ms", s.p90}, {"p99_ms", s.p99}};
-  };
-  json result = {{"model", model},
-                 {"num_prompts", n},
-                 {"successful", ok},
-                 {"failed", n - ok},
-                 {"duration_s", wall},
-                 {"total_input_tokens", in_tok},
-                 {"total_output_tokens", out_tok},
-                 {"request_throughput", ok / wall},
-                 {"output_throughput", out_tok / wall},
-                 {"total_token_throughput", (in_tok + out_tok) / wall},
-                 {"ttft", sj(st_ttft)},
-                 {"tpot", sj(st_tpot)},
-                 {"itl", sj(st_itl)},
-                 {"e2e_latency", sj(st_e2e)}};
-  std::printf("json: %s\n", result.dump().c_str());
-  if (f.given("result-json")) {
-    std::ofstream out(f.str("result-json"));
-    out << result.dump(2) << "\n";
-    if (!out) return fail(Status::error(str("--result-json: cannot write ", f.str("result-json"))));
-  }
-  return ok == n ? 0 : 1;
+  const BenchSummary summary = summarize(outcomes, wall);
+  print_bench_table(summary);
+  if (Status st = emit_bench_json(bench_json(model, summary), f.str("result-json")); !st)
+    return fail(st);
+  return summary.successful == n ? 0 : 1;
 }
 
 }  // namespace sp

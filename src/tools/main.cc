@@ -16,10 +16,12 @@
 #include "engine/engine.h"
 #include "model/model.h"
 #include "model/safetensors.h"
+#include "tools/bench_offline.h"
 #include "tools/driver.h"
 #include "tools/flags.h"
 #include "tools/golden.h"
 #include "tools/mtp_check.h"
+#include "tools/run_summary.h"
 #include "tools/text_commands.h"
 #if SP_HAVE_SERVER
 #include "tools/bench_serve.h"
@@ -40,6 +42,8 @@ constexpr const char* kUsage =
     "  inspect    print the parsed config, the tensor table and the memory each part needs\n"
     "  golden     write a golden file (greedy tokens, every position's logits) from this engine\n"
     "  serve      the OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, ...)\n"
+    "  bench      bench serve: load a running server with random requests (as vllm bench serve);\n"
+    "             bench offline: the same workload and report in this process, without HTTP\n"
     "run 'seekpipe COMMAND --help' for the flags of a command\n";
 
 // FNV-1a over the bits of every logit, in request and position order.
@@ -66,57 +70,6 @@ bool wants_help(const std::vector<std::string>& args) {
   for (auto& a : args)
     if (a == "--help" || a == "-h") return true;
   return false;
-}
-
-// Busy fraction of each stage and the pipeline bubble, from the stages' reports.
-void print_pipeline_summary(const std::vector<StageReport>& reports) {
-  if (reports.size() < 2) return;
-  double busy_sum = 0;
-  std::printf("pipeline:");
-  for (const StageReport& r : reports) {
-    double busy = r.wall_s > 0 ? r.busy_s / r.wall_s : 0;
-    busy_sum += busy;
-    std::printf(" stage %d busy %.1f%% (%" PRId64 " steps)%s", r.stage, 100 * busy, r.steps,
-                &r == &reports.back() ? "" : ",");
-  }
-  std::printf("; bubble %.1f%%\n", 100 * (1 - busy_sum / static_cast<double>(reports.size())));
-  // Where the boundary tensors went: the NCCL path moves none through host memory.
-  int64_t host = 0, device = 0;
-  for (const StageReport& r : reports) {
-    host += r.host_bytes;
-    device += r.device_bytes;
-  }
-  std::printf("boundary: %" PRId64 " bytes device to device (nccl), %" PRId64
-              " bytes through host memory\n",
-              device, host);
-}
-
-// Decode steps replayed from CUDA graphs, per stage (nothing on the CPU or with --enforce-eager).
-void print_graph_summary(const std::vector<StageReport>& reports) {
-  int64_t any = 0;
-  for (const StageReport& r : reports) any += r.graph_steps;
-  if (any == 0) return;
-  std::printf("cuda graphs: decode steps replayed per stage");
-  for (const StageReport& r : reports)
-    std::printf(" %" PRId64 "%s", r.graph_steps, &r == &reports.back() ? "" : ",");
-  std::printf("\n");
-}
-
-// The last stage's speculative decoding counters (nothing without speculation).
-void print_spec_summary(const std::vector<StageReport>& reports) {
-  if (reports.empty() || reports.back().spec.drafts == 0) return;
-  const SpecCounters& s = reports.back().spec;
-  std::printf("speculative: %" PRId64 " verify steps, %" PRId64 " draft tokens, %" PRId64
-              " accepted: acceptance rate %.3f, mean accepted length %.3f\n",
-              s.drafts, s.draft_tokens, s.accepted_tokens, s.acceptance_rate(),
-              s.mean_accepted_length());
-}
-
-Status maybe_write_trace(const Flags& f, const std::vector<StageReport>& reports) {
-  if (!f.given("trace")) return Status::ok();
-  SP_RETURN_IF_ERROR(write_chrome_trace(f.str("trace"), reports));
-  std::printf("trace written to %s\n", f.str("trace").c_str());
-  return Status::ok();
 }
 
 int cmd_generate(const std::vector<std::string>& args) {
@@ -237,11 +190,7 @@ int cmd_generate(const std::vector<std::string>& args) {
                 " decode tokens)\n",
                 generated, reports.back().steps, wall, tokens / std::max(wall, 1e-9), prefill,
                 tokens - prefill);
-    if (reports.front().prefix_queries > 0)
-      std::printf("prefix cache: %" PRId64 " of %" PRId64 " prompt tokens cached (%.1f%%)\n",
-                  reports.front().prefix_hits, reports.front().prefix_queries,
-                  100.0 * static_cast<double>(reports.front().prefix_hits) /
-                      static_cast<double>(reports.front().prefix_queries));
+    print_prefix_summary(reports);
     print_pipeline_summary(reports);
     print_spec_summary(reports);
     print_graph_summary(reports);
@@ -715,17 +664,23 @@ int main(int argc, char** argv) try {
 #endif
   }
   if (cmd == "bench") {
-    if (args.empty() || args[0] != "serve") {
-      std::fprintf(stderr, "error: expected 'seekpipe bench serve [flags]'\n");
+    const std::string sub = args.empty() ? "" : args[0];
+    if (sub != "serve" && sub != "offline") {
+      std::fprintf(stderr,
+                   "error: expected 'seekpipe bench serve [flags]' or 'seekpipe bench offline "
+                   "[flags]', got '%s'\n",
+                   sub.c_str());
       return 2;
     }
     args.erase(args.begin());
+    if (sub == "offline") return sp::cmd_bench_offline(args);
 #if SP_HAVE_SERVER
     return sp::cmd_bench_serve(args);
 #else
     std::fprintf(stderr,
                  "error: this seekpipe was built without the server (bench serve needs "
-                 "cpp-httplib: libcpp-httplib-dev)\n");
+                 "cpp-httplib: libcpp-httplib-dev); 'seekpipe bench offline' runs the same "
+                 "workload without HTTP\n");
     return 2;
 #endif
   }
