@@ -14,7 +14,8 @@ from collections import defaultdict
 
 
 def short(name):
-    name = name.replace("(anonymous namespace)::", "")
+    # ncu writes an anonymous namespace as "<unnamed>::" or "unnamed>::" (not template arguments)
+    name = re.sub(r"<?unnamed>::", "", name.replace("(anonymous namespace)::", ""))
     name = re.sub(r"\(.*$", "", name)  # arguments
     depth, out = 0, []
     for ch in name:  # template arguments folded
