@@ -101,9 +101,9 @@ void check_cuda(cudaError_t e, const char* what, const char* file, int line);
 
 // Lets `func` (a __global__ function) launch with up to `bytes` of dynamic shared memory on the
 // current device: raises its limit to `bytes` when that is above the limit set so far for this
-// (function, device), and never lowers it (a recorded graph's launches keep the limit they were recorded with; a
-// process-wide "done" flag would miss the other GPUs of a threads pipeline). An error when
-// `bytes` is over the device's maximum.
+// (function, device), and never lowers it (a recorded graph's launches keep the limit they were
+// recorded with; a process-wide "done" flag would miss the other GPUs of a threads pipeline). An
+// error when `bytes` is over the device's maximum.
 void allow_dynamic_smem(const void* func, size_t bytes);
 // Streaming multiprocessors of the GPU (launch sizing: a fixed count for a given card, so results
 // do not depend on the run).
