@@ -8,7 +8,8 @@
 //
 //   seekpipe_bench_model --model DIR [--load-format dummy] [--override-config JSON] --device cuda
 //                        [--batch 1,8,32] [--context 4096] [--decode-steps 32] [--prefill 4096]
-//                        [--enforce-eager] [--profile-step N] [--speculative-tokens 1,2,3]
+//                        [--enforce-eager] [--profile-step N] [--profile-prefill]
+//                        [--speculative-tokens 1,2,3]
 //
 // --speculative-tokens K1,K2,..: MTP speculative decoding's step times as well. The model is built
 // with its MTP layer (a config or checkpoint without one is refused) and rings with max(K) rows of
@@ -116,7 +117,7 @@ class TimedDrafter : public DraftSource {
 // `ks` (ascending, distinct), then `decode_steps` timed verify steps for each K in turn.
 Result<Timing> run_once(const Config& c, const ModelWeights& w, Backend& be, int batch, int context,
                         int decode_steps, int budget, bool graphs, int profile_step,
-                        const std::vector<int>& ks) {
+                        bool profile_prefill, const std::vector<int>& ks) {
   const bool spec = !ks.empty();
   const int kmax = spec ? ks.back() : 0;
   // Positions the steps may add to a sequence: one a decode step, at most K + 1 a verify step (all
@@ -171,6 +172,7 @@ Result<Timing> run_once(const Config& c, const ModelWeights& w, Backend& be, int
   const int total = decode_steps * phases;
   auto k_of_step = [&](int i) { return i / decode_steps == 0 ? 0 : ks[i / decode_steps - 1]; };
   int done = 0;
+  bool prefill_profiled = false;
   while (done < total) {
     StepPlan plan = sched.schedule();
     if (plan.empty()) {
@@ -199,7 +201,10 @@ Result<Timing> run_once(const Config& c, const ModelWeights& w, Backend& be, int
       t.spec[static_cast<size_t>(phase - 1)].context = plan.batch.chunks.front().start_pos;
     const SpecCounters before = head.spec_counters();
     be.synchronize();
-    const bool profiled = timed && phase == 0 && done == profile_step;
+    // The profiled step: decode step `profile_step`, or (--profile-prefill) the first prefill step.
+    const bool profiled = (timed && phase == 0 && done == profile_step) ||
+                          (!timed && profile_prefill && !prefill_profiled);
+    prefill_profiled = prefill_profiled || (profiled && !timed);
     if (profiled) be.profile(true);
     auto t0 = Clock::now();
     Tensor X = model.residual(0, plan.batch.num_tokens);
@@ -246,6 +251,9 @@ int bench_main(int argc, char** argv) {
                    "decode step (0-based) bracketed for a profiler that starts paused "
                    "(ncu --profile-from-start off); -1: none",
                    -1, 1 << 20});
+  specs.push_back({"profile-prefill", FlagKind::kBool, "",
+                   "bracket the first prefill step (--prefill tokens of the first sequence) for "
+                   "the profiler instead of, or as well as, a decode step"});
   specs.push_back({"speculative-tokens", FlagKind::kIntList, "",
                    "also time MTP speculative decoding with K = each of these draft tokens (1..8): "
                    "a target step verifying K drafts per sequence, the drafter's K passes, and "
@@ -323,7 +331,8 @@ int bench_main(int argc, char** argv) {
       auto t = run_once(c, **w, **be, batch, static_cast<int>(f.i64("context")),
                         static_cast<int>(f.i64("decode-steps")), static_cast<int>(f.i64("prefill")),
                         !(f.given("enforce-eager") && f.boolean("enforce-eager")),
-                        static_cast<int>(f.i64("profile-step")), ks);
+                        static_cast<int>(f.i64("profile-step")),
+                        f.given("profile-prefill") && f.boolean("profile-prefill"), ks);
       if (!t) return fail(t.status());
       const double med = median(t->decode_steps);
       char ratio[32] = "-";

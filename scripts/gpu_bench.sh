@@ -5,7 +5,8 @@
 #      cuBLASLt FP8 / bf16 GEMM ceilings and the --activation-quant fp8 projections);
 #   2. the whole model: V4-Flash's config with 4 layers, dummy weights, decode at batch 1, 8, 32, 64
 #      with CONTEXT tokens of context (default 4096), prefill tokens/s with PREFILL-token steps;
-#   3. one decode step at batch 1 per kernel (ncu, if installed): bench/kernel_profile.py's table;
+#   3. one decode step at batch 1 and one PREFILL-token prefill step per kernel (ncu, if installed):
+#      bench/kernel_profile.py's tables;
 #   4. the peer: Hugging Face transformers on the same dimensions (bench/transformers_peer.py), if
 #      torch and transformers are installed.
 # Steps can be skipped: OPS=0 MODEL=0 PROFILE=0 PEER=0. Usage: scripts/gpu_bench.sh
@@ -42,6 +43,12 @@ if [ "${PROFILE:-1}" = 1 ] && command -v ncu >/dev/null; then
     --decode-steps 4 --profile-step 2 --enforce-eager >"$OUT/ncu.csv" 2>"$OUT/ncu.err"
   echo "ncu exit $? ($SECONDS s)"
   python3 bench/kernel_profile.py "$OUT/ncu.csv" | tee "$OUT/kernels.md" | head -60
+  # The first prefill step (PREFILL tokens of one sequence), per kernel.
+  timeout 400 ncu --csv --profile-from-start off --metrics gpu__time_duration.sum \
+    "$B/seekpipe_bench_model" "${flash[@]}" --batch 1 --context "$PREFILL" --prefill "$PREFILL" \
+    --decode-steps 1 --profile-prefill --enforce-eager >"$OUT/ncu_prefill.csv" 2>"$OUT/ncu_prefill.err"
+  echo "ncu prefill exit $? ($SECONDS s)"
+  python3 bench/kernel_profile.py "$OUT/ncu_prefill.csv" | tee "$OUT/kernels_prefill.md" | head -40
 fi
 if [ "${PEER:-1}" = 1 ] && python3 -c "import torch, transformers" 2>/dev/null; then
   timeout 500 python3 bench/transformers_peer.py tests/data/configs/deepseek-v4-flash --layers 4 \
