@@ -59,11 +59,11 @@ if [ "${SINGLE:-1}" = 1 ]; then
     log="$OUT/single_$split.log"
     timeout 400 "$B/seekpipe" generate "${flash[@]}" --pp-partition "$split" --max-num-seqs 1 \
       --max-model-len $((PROMPT + OUTPUT + 64)) --prompt-ids "$prompt" --max-tokens "$OUTPUT" \
-      --ignore-eos --trace "$OUT/single_$split.json" >"$log" 2>&1
+      --ignore-eos --trace "$OUT/single_$split.trace.json" >"$log" 2>&1
     echo "single request, $split split: exit $? ($SECONDS s)"
     grep -E "^generated|^pipeline|^boundary|^cuda graphs|^error|memory" "$log"
     # Step 0 is the prefill (one chunk of PROMPT tokens); the decode steps follow.
-    python3 bench/trace_summary.py "$OUT/single_$split.json" --from-step 2 | tee "$OUT/single_$split.md"
+    python3 bench/trace_summary.py "$OUT/single_$split.trace.json" --from-step 2 | tee "$OUT/single_$split.md"
   done
 fi
 if [ "${MTP:-1}" = 1 ]; then
@@ -72,10 +72,10 @@ if [ "${MTP:-1}" = 1 ]; then
     log="$OUT/mtp_k$k.log"
     timeout 400 "$B/seekpipe" generate "${flash[@]}" --pp-partition "${MTP_SPLIT:-vllm}" --max-num-seqs 1 \
       --max-model-len $((PROMPT + OUTPUT + 64)) --prompt-ids "$prompt" --max-tokens "$OUTPUT" \
-      --ignore-eos --speculative mtp --num-speculative-tokens "$k" --trace "$OUT/mtp_k$k.json" >"$log" 2>&1
+      --ignore-eos --speculative mtp --num-speculative-tokens "$k" --trace "$OUT/mtp_k$k.trace.json" >"$log" 2>&1
     echo "mtp K=$k: exit $? ($SECONDS s)"
     grep -E "^generated|^speculative|^pipeline|^cuda graphs|^error" "$log"
-    python3 bench/trace_summary.py "$OUT/mtp_k$k.json" --from-step 2 | tee "$OUT/mtp_k$k.md"
+    python3 bench/trace_summary.py "$OUT/mtp_k$k.trace.json" --from-step 2 | tee "$OUT/mtp_k$k.md"
   done
 fi
 if [ "${SERVE:-1}" = 1 ]; then
@@ -85,11 +85,11 @@ if [ "${SERVE:-1}" = 1 ]; then
     timeout "${SERVE_TIMEOUT:-580}" "$B/seekpipe" bench offline "${flash[@]}" --pp-partition "${SERVE_SPLIT:-vllm}" \
       --max-num-seqs "$c" --max-model-len $((IN + OUTLEN + 64)) --random-input-len "$IN" \
       --random-output-len "$OUTLEN" --num-prompts $((c * ${NUM_FACTOR:-2})) --max-concurrency "$c" \
-      --num-warmups "${WARMUP:-$c}" --trace "$OUT/serve_c$c.json" --result-json "$OUT/serve_c$c.json.result" \
+      --num-warmups "${WARMUP:-$c}" --trace "$OUT/serve_c$c.trace.json" --result-json "$OUT/serve_c$c.result.json" \
       ${SERVE_FLAGS:-} >"$log" 2>&1
     echo "bench offline, concurrency $c: exit $? ($SECONDS s)"
     sed -n '/Serving Benchmark Result/,/E2E/p' "$log"
     grep -E "^pipeline|^cuda graphs|^error" "$log"
-    [ -f "$OUT/serve_c$c.json" ] && python3 bench/trace_summary.py "$OUT/serve_c$c.json" | tee "$OUT/serve_c$c.md"
+    [ -f "$OUT/serve_c$c.trace.json" ] && python3 bench/trace_summary.py "$OUT/serve_c$c.trace.json" | tee "$OUT/serve_c$c.md"
   done
 fi
