@@ -4,17 +4,17 @@
 // run would pay for (and that a small `ulimit -v` could not even load), while only GPU pipelines
 // use it. A machine without it runs GPU stages over host memory (--stage-transport auto says so).
 #include <cuda_runtime.h>
-#include <dlfcn.h>
 #include <nccl.h>
 #include <sched.h>
 
 #include <chrono>
 #include <cstdio>
 #include <exception>
+#include <memory>
 #include <thread>
-#include <type_traits>
 #include <vector>
 
+#include "core/dynlib.h"
 #include "parallel/device_link.h"
 
 namespace sp {
@@ -44,7 +44,7 @@ bool unhex(const std::string& s, void* p, size_t n) {
 
 // The NCCL entry points, from the library opened at run time.
 struct NcclApi {
-  void* lib = nullptr;
+  std::unique_ptr<DynLib> lib;
   decltype(&::ncclGetUniqueId) GetUniqueId = nullptr;
   decltype(&::ncclCommInitRankConfig) CommInitRankConfig = nullptr;
   decltype(&::ncclCommGetAsyncError) CommGetAsyncError = nullptr;
@@ -56,12 +56,6 @@ struct NcclApi {
   decltype(&::ncclGetErrorString) GetErrorString = nullptr;
   decltype(&::ncclGetLastError) GetLastError = nullptr;
 
-  NcclApi() = default;
-  NcclApi(const NcclApi&) = delete;
-  NcclApi& operator=(const NcclApi&) = delete;
-  ~NcclApi() {
-    if (lib) dlclose(lib);
-  }
   // Empty on success, else what is missing.
   std::string open() {
 #ifdef SP_NCCL_LIBRARY
@@ -69,34 +63,23 @@ struct NcclApi {
 #else
     const char* built_with = "libnccl.so";
 #endif
-    for (const char* name : {"libnccl.so.2", built_with}) {
-      lib = dlopen(name, RTLD_NOW | RTLD_LOCAL);
-      if (lib) break;
-    }
-    if (!lib) {
-      const char* why = dlerror();
-      return str("cannot load libnccl.so.2 (", why ? why : "not found",
+    lib = std::make_unique<DynLib>(std::vector<std::string>{"libnccl.so.2", built_with});
+    if (!lib->loaded())
+      return str("cannot load libnccl.so.2 (", lib->load_error(),
                  "): install NCCL or put it on LD_LIBRARY_PATH");
-    }
-    std::string missing;
-    auto get = [&](auto& fn, const char* sym) {
-      fn = reinterpret_cast<std::remove_reference_t<decltype(fn)>>(dlsym(lib, sym));
-      if (!fn) missing += str(missing.empty() ? "" : ", ", sym);
-    };
-    get(GetUniqueId, "ncclGetUniqueId");
-    get(CommInitRankConfig, "ncclCommInitRankConfig");
-    get(CommGetAsyncError, "ncclCommGetAsyncError");
-    get(CommFinalize, "ncclCommFinalize");
-    get(CommDestroy, "ncclCommDestroy");
-    get(CommAbort, "ncclCommAbort");
-    get(Send, "ncclSend");
-    get(Recv, "ncclRecv");
-    get(GetErrorString, "ncclGetErrorString");
-    get(GetLastError, "ncclGetLastError");
-    if (!missing.empty())
-      return str("libnccl.so.2 lacks ", missing,
-                 " (NCCL 2.14 or newer is needed: non-blocking "
-                 "communicators)");
+    lib->get(GetUniqueId, "ncclGetUniqueId");
+    lib->get(CommInitRankConfig, "ncclCommInitRankConfig");
+    lib->get(CommGetAsyncError, "ncclCommGetAsyncError");
+    lib->get(CommFinalize, "ncclCommFinalize");
+    lib->get(CommDestroy, "ncclCommDestroy");
+    lib->get(CommAbort, "ncclCommAbort");
+    lib->get(Send, "ncclSend");
+    lib->get(Recv, "ncclRecv");
+    lib->get(GetErrorString, "ncclGetErrorString");
+    lib->get(GetLastError, "ncclGetLastError");
+    if (!lib->missing().empty())
+      return str("libnccl.so.2 lacks ", lib->missing(),
+                 " (NCCL 2.14 or newer is needed: non-blocking communicators)");
     return "";
   }
 };

@@ -6,13 +6,12 @@
 // fixed order; the quantiser is one warp per (row, group) with a fixed shuffle reduction.
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
-#include <dlfcn.h>
 
 #include <stdexcept>
 #include <string>
-#include <type_traits>
 
 #include "backend/cuda/gemm_lt.h"
+#include "core/dynlib.h"
 
 namespace sp::cuda {
 namespace {
@@ -41,37 +40,28 @@ const LtApi& lt() {
   static const LtApi api = [] {
     LtApi a;
     const std::string major = std::to_string(CUBLAS_VER_MAJOR);
-    void* lib = nullptr;
-    for (const std::string& name : {"libcublasLt.so." + major, std::string("libcublasLt.so")}) {
-      lib = dlopen(name.c_str(), RTLD_NOW | RTLD_LOCAL);
-      if (lib) break;
-    }
-    if (!lib) {
-      const char* why = dlerror();
-      a.error = str("cannot load libcublasLt.so.", major, " (", why ? why : "not found",
+    // Never closed: its functions may be called until the process ends.
+    DynLib& lib = *new DynLib({"libcublasLt.so." + major, "libcublasLt.so"});
+    if (!lib.loaded()) {
+      a.error = str("cannot load libcublasLt.so.", major, " (", lib.load_error(),
                     "): --activation-quant fp8 needs the CUDA toolkit's cuBLASLt ", major,
                     " on the loader's path");
       return a;
     }
-    std::string missing;
-    auto get = [&](auto& fn, const char* sym) {
-      fn = reinterpret_cast<std::remove_reference_t<decltype(fn)>>(dlsym(lib, sym));
-      if (!fn) missing += str(missing.empty() ? "" : ", ", sym);
-    };
-    get(a.Create, "cublasLtCreate");
-    get(a.Destroy, "cublasLtDestroy");
-    get(a.StatusName, "cublasLtGetStatusName");
-    get(a.StatusString, "cublasLtGetStatusString");
-    get(a.Matmul, "cublasLtMatmul");
-    get(a.AlgoCheck, "cublasLtMatmulAlgoCheck");
-    get(a.Heuristic, "cublasLtMatmulAlgoGetHeuristic");
-    get(a.DescInit, "cublasLtMatmulDescInit_internal");
-    get(a.DescSetAttribute, "cublasLtMatmulDescSetAttribute");
-    get(a.PrefCreate, "cublasLtMatmulPreferenceCreate");
-    get(a.PrefDestroy, "cublasLtMatmulPreferenceDestroy");
-    get(a.PrefSetAttribute, "cublasLtMatmulPreferenceSetAttribute");
-    get(a.LayoutInit, "cublasLtMatrixLayoutInit_internal");
-    if (!missing.empty()) a.error = str("libcublasLt.so.", major, " lacks ", missing);
+    lib.get(a.Create, "cublasLtCreate");
+    lib.get(a.Destroy, "cublasLtDestroy");
+    lib.get(a.StatusName, "cublasLtGetStatusName");
+    lib.get(a.StatusString, "cublasLtGetStatusString");
+    lib.get(a.Matmul, "cublasLtMatmul");
+    lib.get(a.AlgoCheck, "cublasLtMatmulAlgoCheck");
+    lib.get(a.Heuristic, "cublasLtMatmulAlgoGetHeuristic");
+    lib.get(a.DescInit, "cublasLtMatmulDescInit_internal");
+    lib.get(a.DescSetAttribute, "cublasLtMatmulDescSetAttribute");
+    lib.get(a.PrefCreate, "cublasLtMatmulPreferenceCreate");
+    lib.get(a.PrefDestroy, "cublasLtMatmulPreferenceDestroy");
+    lib.get(a.PrefSetAttribute, "cublasLtMatmulPreferenceSetAttribute");
+    lib.get(a.LayoutInit, "cublasLtMatrixLayoutInit_internal");
+    if (!lib.missing().empty()) a.error = str("libcublasLt.so.", major, " lacks ", lib.missing());
     return a;
   }();
   return api;
