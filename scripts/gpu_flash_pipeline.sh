@@ -4,6 +4,8 @@
 # docs/benchmarks.md. Builds what it needs, then (each step skippable with STEP=0):
 #   COPY    the copy bandwidth of one GPU (bench_ops) and the floor of a decode token: the weight
 #           bytes it reads (`seekpipe inspect`) over that bandwidth;
+#   NCCL    bench_nccl: NCCL send / receive between GPUs 0 and 1 at the boundary tensor's sizes
+#           (one-way time and bandwidth), the reference for the stages' receive times;
 #   PLAN    `seekpipe inspect`: the layers, memory and predicted time share of each stage, for
 #           vLLM's split and --pp-partition auto;
 #   SINGLE  one request alone (PROMPT tokens of prompt, OUTPUT new tokens), for each split in
@@ -45,6 +47,11 @@ if [ "${COPY:-1}" = 1 ]; then
   [ -n "$gbs" ] && [ -n "$bytes" ] &&
     python3 -c "print('floor: %s GB a decode token / %s GB/s = %.3f ms' % ('$bytes', '$gbs', $bytes / $gbs * 1e3))" |
     tee "$OUT/floor.txt"
+fi
+if [ "${NCCL:-1}" = 1 ] && [ "$PP" -ge 2 ]; then
+  # The boundary's reference: NCCL send / receive between GPUs 0 and 1 at its sizes.
+  cmake --build "$B" --target bench_nccl >>"$OUT/build.log" 2>&1 &&
+    timeout 120 "$B/bench_nccl" | tee "$OUT/nccl.log"
 fi
 if [ "${PLAN:-1}" = 1 ]; then
   for split in $SPLITS; do
