@@ -248,8 +248,10 @@ __global__ void __launch_bounds__(kThreads)
   for (int j0 = 0; j0 < P; j0 += kThreads / 8) {
     const int j = j0 + static_cast<int>(threadIdx.x) / 8, sub = threadIdx.x % 8;
     float s = 0.0f;
-    if (j < P)
+    if (j < P) {
+#pragma unroll 4
       for (int c = sub; c < nchunk; c += 8) s += pt[static_cast<int64_t>(c) * P + j];
+    }
     s += __shfl_xor_sync(0xffffffffu, s, 4);
     s += __shfl_xor_sync(0xffffffffu, s, 2);
     s += __shfl_xor_sync(0xffffffffu, s, 1);
