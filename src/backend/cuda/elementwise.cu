@@ -115,7 +115,8 @@ __global__ void rope_kernel(T* x, int64_t xs, int heads, int head_dim, int rope_
 //     chunks in a fixed order (every block of the token the same way, so the same bits), then
 //     rho = 1 / sqrt(sum u^2 / W + eps), mix_j = rho * (fn_j . u), pre_j, and x = sum_j pre_j u_j
 //     over the block's slice of D; for hc_pre one more block per token forms post and runs the
-//     Sinkhorn iterations on comb (one element per thread, in the CPU backend's order).
+//     Sinkhorn iterations on comb (one element per thread, in the CPU backend's order; for hc_mult
+//     <= 5 one warp exchanging by shuffles, without barriers).
 // The CPU backend normalises first (fn_j . (u rho)); here rho multiplies the finished dot product
 // (one rounding of the sum instead of one per term: both within fp32 rounding of the reference,
 // whose summation order differs anyway), which lets one pass over X give the squares and the dots.
@@ -228,6 +229,61 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// One token's comb through the Sinkhorn iterations, element e = j hc + k held by thread e (e <
+// hc^2; the other threads take part in the exchanges with a value nobody reads); returns the
+// thread's element. Operations and their order are the CPU backend's: row softmax over the last
+// index plus hc_eps, a column normalisation, then (iters - 1) row and column normalisations, each
+// sum in index order. Warp: hc^2 <= 32, warp 0 alone, values exchanged by shuffles; otherwise every
+// thread of the block, through `buf` ([2][kThreads] floats of shared memory, one buffer written
+// while the other is read, so one barrier per step).
+template <bool Warp>
+__device__ float sinkhorn_comb(float v, int hc, int iters, float hc_eps, float* buf) {
+  const int e = threadIdx.x;
+  const bool act = e < hc * hc;
+  const int j = act ? e / hc : 0, k = act ? e % hc : 0;
+  int phase = 0;
+  float mine = v;
+  auto publish = [&](float x) {
+    if constexpr (Warp) {
+      mine = x;
+    } else {
+      phase ^= 1;
+      buf[phase * kThreads + e] = x;
+      __syncthreads();
+    }
+  };
+  auto read = [&](int i) {
+    if constexpr (Warp)
+      return __shfl_sync(0xffffffffu, mine, i);
+    else
+      return buf[phase * kThreads + i];
+  };
+  publish(v);
+  float mx = -INFINITY;
+  for (int q = 0; q < hc; ++q) mx = fmaxf(mx, read(j * hc + q));
+  float s = 0.0f;
+  for (int q = 0; q < hc; ++q) s += expf(read(j * hc + q) - mx);
+  v = expf(v - mx) / s + hc_eps;
+  auto col_norm = [&] {
+    publish(v);
+    float c = 0.0f;
+    for (int q = 0; q < hc; ++q) c += read(q * hc + k);
+    v = v / (c + hc_eps);
+  };
+  auto row_norm = [&] {
+    publish(v);
+    float c = 0.0f;
+    for (int q = 0; q < hc; ++q) c += read(j * hc + q);
+    v = v / (c + hc_eps);
+  };
+  col_norm();
+  for (int it = 0; it < iters - 1; ++it) {
+    row_norm();
+    col_norm();
+  }
+  return v;
+}
+
 // Kernel 2. Block (t, y): y < gridDim.y - sinkhorn forms x[t] over columns [y kHcSlice, ...);
 // with `sinkhorn` (hc_pre) the last y forms post[t] and comb[t] instead. mix = (2 + hc) hc for
 // hc_pre, hc for hc_head (pre only).
@@ -239,7 +295,7 @@ __global__ void __launch_bounds__(kThreads)
                        float* comb, int64_t cs) {
   __shared__ float m[kHcMaxP];
   __shared__ float pre[kHcMaxHc];
-  __shared__ float cb[2][kHcMaxHc * kHcMaxHc];
+  __shared__ float cb[2][kThreads];
   const int64_t t = blockIdx.x;
   const int P = mix + 1;
   // Sum over the chunks: 8 lanes per value, lane s taking chunks s, s + 8, ... in order, then a
@@ -262,58 +318,17 @@ __global__ void __launch_bounds__(kThreads)
   if (sinkhorn && blockIdx.y == gridDim.y - 1) {
     const int e = threadIdx.x, n = hc * hc;
     if (e < hc) post[t * ps + e] = 2.0f * sigmoidf(affine(m[hc + e] * r, scale[1], base[hc + e]));
-    // Up to 32 elements: warp 0 alone, __syncwarp between the steps; else the whole block.
-    const bool small = n <= 32;
-    if (small && e >= 32) return;
-    auto bar = [&] {
-      if (small)
-        __syncwarp();
-      else
-        __syncthreads();
-    };
-    const bool act = e < n;
-    const int j = act ? e / hc : 0, k = act ? e % hc : 0;
-    float* a = cb[0];
-    float* b = cb[1];
-    if (act) a[e] = affine(m[2 * hc + e] * r, scale[2], base[2 * hc + e]);
-    bar();
-    if (act) {  // row softmax over the last index, + hc_eps
-      float mx = -INFINITY;
-      for (int q = 0; q < hc; ++q) mx = fmaxf(mx, a[j * hc + q]);
-      float s = 0.0f;
-      for (int q = 0; q < hc; ++q) s += expf(a[j * hc + q] - mx);
-      b[e] = expf(a[e] - mx) / s + hc_eps;
+    // Up to 32 elements: warp 0 alone, in registers and shuffles; else the whole block, through
+    // shared memory.
+    const float logit = e < n ? affine(m[2 * hc + e] * r, scale[2], base[2 * hc + e]) : 0.0f;
+    float v;
+    if (n <= 32) {
+      if (e >= 32) return;
+      v = sinkhorn_comb<true>(logit, hc, iters, hc_eps, nullptr);
+    } else {
+      v = sinkhorn_comb<false>(logit, hc, iters, hc_eps, &cb[0][0]);
     }
-    bar();
-    // Each step reads one buffer and writes the other (one barrier per step).
-    auto col_norm = [&] {
-      float* tmp = a;
-      a = b;
-      b = tmp;
-      if (act) {
-        float s = 0.0f;
-        for (int q = 0; q < hc; ++q) s += a[q * hc + k];
-        b[e] = a[e] / (s + hc_eps);
-      }
-      bar();
-    };
-    auto row_norm = [&] {
-      float* tmp = a;
-      a = b;
-      b = tmp;
-      if (act) {
-        float s = 0.0f;
-        for (int q = 0; q < hc; ++q) s += a[j * hc + q];
-        b[e] = a[e] / (s + hc_eps);
-      }
-      bar();
-    };
-    col_norm();
-    for (int it = 0; it < iters - 1; ++it) {
-      row_norm();
-      col_norm();
-    }
-    if (act) comb[t * cs + e] = b[e];
+    if (e < n) comb[t * cs + e] = v;
     return;
   }
   const int tid = threadIdx.x;
