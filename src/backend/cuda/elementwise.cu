@@ -305,7 +305,7 @@ __global__ void __launch_bounds__(kThreads)
     const int j = j0 + static_cast<int>(threadIdx.x) / 8, sub = threadIdx.x % 8;
     float s = 0.0f;
     if (j < P) {
-#pragma unroll 4
+#pragma unroll 16  // up to 128 chunks: every load in flight at once
       for (int c = sub; c < nchunk; c += 8) s += pt[static_cast<int64_t>(c) * P + j];
     }
     s += __shfl_xor_sync(0xffffffffu, s, 4);
