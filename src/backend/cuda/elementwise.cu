@@ -105,83 +105,242 @@ __global__ void rope_kernel(T* x, int64_t xs, int heads, int head_dim, int rope_
   }
 }
 
-// mHC collapse. One block per token; the token's streams live in shared memory as fp32.
-// mix = (2 + hc) * hc logits m = fn . normalised(u), then pre / post / Sinkhorn(comb), then
-// x = sum_j pre_j u_j. With `head`, mix = hc and only pre is formed (hc_head).
-template <typename TI, typename TO>
-__global__ void hc_kernel(const TI* X, int64_t xs, const float* fn, const float* base,
-                          const float* scale, int hc, int64_t D, int iters, float hc_eps,
-                          float norm_eps, bool head, TO* out, int64_t os, float* post, int64_t ps,
-                          float* comb, int64_t cs) {
-  extern __shared__ float smem[];
-  const int64_t W = hc * D;
-  const int mix = head ? hc : (2 + hc) * hc;
-  float* u = smem;        // [W]
-  float* m = smem + W;    // [mix]
-  float* pre = m + mix;   // [hc]
-  float* red = pre + 16;  // [32]
-  const int64_t t = blockIdx.x;
-  const TI* src = X + t * xs;
-  float ss = 0;
-  for (int64_t k = threadIdx.x; k < W; k += blockDim.x) {
-    float v = ld(src, k);
-    u[k] = v;
-    ss += v * v;
+// ---- mHC collapse (hc_pre, hc_head) ------------------------------------------------------------
+// Two launches whose grids depend only on T and the shapes (so decode steps replay from graphs):
+//  1. hc_mix_kernel, blocks of (K-chunk c, tile of kHcTile tokens): for each token of the tile the
+//     chunk's partial dot products fn_j . u (j < mix) and its partial sum of squares u . u, each
+//     accumulated by a lane over its columns in order, then summed over the warp by a fixed
+//     shuffle tree; written to the workspace as part[t][c][0..mix] (index mix: the squares).
+//  2. hc_collapse_kernel, blocks of (token t, slice of D): sums the token's partials over the
+//     chunks in a fixed order (every block of the token the same way, so the same bits), then
+//     rho = 1 / sqrt(sum u^2 / W + eps), mix_j = rho * (fn_j . u), pre_j, and x = sum_j pre_j u_j
+//     over the block's slice of D; for hc_pre one more block per token forms post and runs the
+//     Sinkhorn iterations on comb (one element per thread, in the CPU backend's order; for hc_mult
+//     <= 5 one warp exchanging by shuffles, without barriers).
+// The CPU backend normalises first (fn_j . (u rho)); here rho multiplies the finished dot product
+// (one rounding of the sum instead of one per term: both within fp32 rounding of the reference,
+// whose summation order differs anyway), which lets one pass over X give the squares and the dots.
+// The chunk count falls as T grows (about kHcTargetBlocks blocks in kernel 1): at T = 1 the 1.5 MB
+// of V4-Flash's fn is read by 128 blocks; at prefill sizes each block walks the whole row (a chunk
+// count of 1 or 2) with fn from L2.
+constexpr int kWarps = kThreads / 32;
+constexpr int kHcTile = kWarps;  // tokens per block of kernel 1: warp w sums the squares of token w
+constexpr int kHcRows = 3;       // mix rows per warp per pass (24 = 8 warps x 3 for hc_mult 4)
+constexpr int kHcStep = 128;     // columns of one warp step: 32 lanes x 4 consecutive columns
+constexpr int kHcTargetBlocks = 1024;
+constexpr int kHcSlice = 1024;  // D columns per block of kernel 2
+constexpr int kHcMaxHc = 16;
+constexpr int kHcMaxP = (2 + kHcMaxHc) * kHcMaxHc + 1;  // mix logits + the sum of squares
+constexpr int kWsHc = 20;                               // workspace slot: the partials
+static_assert(kHcMaxHc * kHcMaxHc <= kThreads, "Sinkhorn: one element per thread");
+
+// Four consecutive elements k..k+3 of a row as fp32. Vec: one 16-byte (f32) or 8-byte (bf16) load
+// (the caller checked alignment and that k + 3 < n); otherwise element loads, zero past n.
+template <bool Vec>
+__device__ __forceinline__ float4 load4(const float* p, int64_t k, int64_t n) {
+  if constexpr (Vec) {
+    return *reinterpret_cast<const float4*>(p + k);
+  } else {
+    return make_float4(k < n ? p[k] : 0.0f, k + 1 < n ? p[k + 1] : 0.0f,
+                       k + 2 < n ? p[k + 2] : 0.0f, k + 3 < n ? p[k + 3] : 0.0f);
   }
-  ss = block_sum(ss, red);
-  const float r = 1.0f / sqrtf(ss / static_cast<float>(W) + norm_eps);
-  // One warp per mixing logit (fixed lane order, then a fixed shuffle tree).
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nwarps = blockDim.x / 32;
-  for (int j = warp; j < mix; j += nwarps) {
-    const float* f = fn + static_cast<int64_t>(j) * W;
-    float acc = 0;
-    for (int64_t k = lane; k < W; k += 32) acc += (u[k] * r) * f[k];
-    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-    if (lane == 0) m[j] = acc;
+}
+template <bool Vec>
+__device__ __forceinline__ float4 load4(const __nv_bfloat16* p, int64_t k, int64_t n) {
+  if constexpr (Vec) {
+    const uint2 w = *reinterpret_cast<const uint2*>(p + k);  // element k in the low half
+    return make_float4(__uint_as_float(w.x << 16), __uint_as_float(w.x & 0xffff0000u),
+                       __uint_as_float(w.y << 16), __uint_as_float(w.y & 0xffff0000u));
+  } else {
+    return make_float4(k < n ? ld(p, k) : 0.0f, k + 1 < n ? ld(p, k + 1) : 0.0f,
+                       k + 2 < n ? ld(p, k + 2) : 0.0f, k + 3 < n ? ld(p, k + 3) : 0.0f);
   }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    for (int j = 0; j < hc; ++j) pre[j] = sigmoidf(m[j] * scale[0] + base[j]) + hc_eps;
-    if (!head) {
-      for (int j = 0; j < hc; ++j)
-        post[t * ps + j] = 2.0f * sigmoidf(m[hc + j] * scale[1] + base[hc + j]);
-      float c[16 * 16];
-      for (int j = 0; j < hc; ++j) {  // row softmax, then Sinkhorn
-        float mx = -INFINITY;
-        for (int k = 0; k < hc; ++k) {
-          c[j * hc + k] = m[2 * hc + j * hc + k] * scale[2] + base[2 * hc + j * hc + k];
-          mx = fmaxf(mx, c[j * hc + k]);
-        }
-        float s = 0;
-        for (int k = 0; k < hc; ++k) s += (c[j * hc + k] = expf(c[j * hc + k] - mx));
-        for (int k = 0; k < hc; ++k) c[j * hc + k] = c[j * hc + k] / s + hc_eps;
+}
+
+__device__ __forceinline__ float dot4(float4 a, float4 b, float acc) {
+  acc = fmaf(a.x, b.x, acc);
+  acc = fmaf(a.y, b.y, acc);
+  acc = fmaf(a.z, b.z, acc);
+  return fmaf(a.w, b.w, acc);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// a * s + b with two roundings, as the CPU backend computes it (no contraction into an FMA).
+__device__ __forceinline__ float affine(float a, float s, float b) {
+  return __fadd_rn(__fmul_rn(a, s), b);
+}
+
+// Kernel 1. X: [T, W] rows of stride xs; fn: [mix, W] rows of stride fs; chunk c covers columns
+// [c kc, min(W, (c + 1) kc)), kc a multiple of kHcStep; part: [T, gridDim.x, mix + 1].
+template <typename TI, bool Vec>
+__global__ void __launch_bounds__(kThreads)
+    hc_mix_kernel(const TI* X, int64_t xs, int64_t T, const float* fn, int64_t fs, int mix,
+                  int64_t W, int64_t kc, float* part) {
+  const int c = blockIdx.x, nchunk = gridDim.x, P = mix + 1;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.y) * kHcTile;
+  const int nt = static_cast<int>(min(static_cast<int64_t>(kHcTile), T - t0));
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t kbeg = c * kc, kend = min(W, kbeg + kc);
+  // Pass p: this warp's rows j0 + kWarps * i (i < kHcRows); pass 0 always runs (the squares).
+  for (int j0 = warp; j0 == warp || j0 < mix; j0 += kWarps * kHcRows) {
+    float acc[kHcTile][kHcRows];
+#pragma unroll
+    for (int t = 0; t < kHcTile; ++t)
+#pragma unroll
+      for (int i = 0; i < kHcRows; ++i) acc[t][i] = 0.0f;
+    float ss = 0.0f;
+    for (int64_t k = kbeg + 4 * lane; k < kend; k += kHcStep) {
+      float4 f[kHcRows];
+#pragma unroll
+      for (int i = 0; i < kHcRows; ++i) {
+        const int j = j0 + kWarps * i;
+        f[i] = j < mix ? load4<Vec>(fn + j * fs, k, W) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
       }
-      auto col_norm = [&] {
-        for (int k = 0; k < hc; ++k) {
-          float s = 0;
-          for (int j = 0; j < hc; ++j) s += c[j * hc + k];
-          for (int j = 0; j < hc; ++j) c[j * hc + k] /= s + hc_eps;
+#pragma unroll
+      for (int t = 0; t < kHcTile; ++t) {
+        if (t < nt) {
+          const float4 u = load4<Vec>(X + (t0 + t) * xs, k, W);
+#pragma unroll
+          for (int i = 0; i < kHcRows; ++i) acc[t][i] = dot4(u, f[i], acc[t][i]);
+          if (j0 == warp && t == warp) ss = dot4(u, u, ss);
         }
-      };
-      auto row_norm = [&] {
-        for (int j = 0; j < hc; ++j) {
-          float s = 0;
-          for (int k = 0; k < hc; ++k) s += c[j * hc + k];
-          for (int k = 0; k < hc; ++k) c[j * hc + k] /= s + hc_eps;
-        }
-      };
-      col_norm();
-      for (int it = 0; it < iters - 1; ++it) {
-        row_norm();
-        col_norm();
       }
-      for (int i = 0; i < hc * hc; ++i) comb[t * cs + i] = c[i];
+    }
+#pragma unroll
+    for (int t = 0; t < kHcTile; ++t) {
+      if (t >= nt) break;
+      float* dst = part + ((t0 + t) * nchunk + c) * P;
+#pragma unroll
+      for (int i = 0; i < kHcRows; ++i) {
+        const int j = j0 + kWarps * i;
+        if (j >= mix) break;  // warp-uniform
+        const float v = warp_sum(acc[t][i]);
+        if (lane == 0) dst[j] = v;
+      }
+    }
+    if (j0 == warp && warp < nt) {
+      const float v = warp_sum(ss);
+      if (lane == 0) part[((t0 + warp) * nchunk + c) * P + mix] = v;
     }
   }
+}
+
+// One token's comb through the Sinkhorn iterations, element e = j hc + k held by thread e (e <
+// hc^2; the other threads take part in the exchanges with a value nobody reads); returns the
+// thread's element. Operations and their order are the CPU backend's: row softmax over the last
+// index plus hc_eps, a column normalisation, then (iters - 1) row and column normalisations, each
+// sum in index order. Warp: hc^2 <= 32, warp 0 alone, values exchanged by shuffles; otherwise every
+// thread of the block, through `buf` ([2][kThreads] floats of shared memory, one buffer written
+// while the other is read, so one barrier per step).
+template <bool Warp>
+__device__ float sinkhorn_comb(float v, int hc, int iters, float hc_eps, float* buf) {
+  const int e = threadIdx.x;
+  const bool act = e < hc * hc;
+  const int j = act ? e / hc : 0, k = act ? e % hc : 0;
+  int phase = 0;
+  float mine = v;
+  auto publish = [&](float x) {
+    if constexpr (Warp) {
+      mine = x;
+    } else {
+      phase ^= 1;
+      buf[phase * kThreads + e] = x;
+      __syncthreads();
+    }
+  };
+  auto read = [&](int i) {
+    if constexpr (Warp)
+      return __shfl_sync(0xffffffffu, mine, i);
+    else
+      return buf[phase * kThreads + i];
+  };
+  publish(v);
+  float mx = -INFINITY;
+  for (int q = 0; q < hc; ++q) mx = fmaxf(mx, read(j * hc + q));
+  float s = 0.0f;
+  for (int q = 0; q < hc; ++q) s += expf(read(j * hc + q) - mx);
+  v = expf(v - mx) / s + hc_eps;
+  auto col_norm = [&] {
+    publish(v);
+    float c = 0.0f;
+    for (int q = 0; q < hc; ++q) c += read(q * hc + k);
+    v = v / (c + hc_eps);
+  };
+  auto row_norm = [&] {
+    publish(v);
+    float c = 0.0f;
+    for (int q = 0; q < hc; ++q) c += read(j * hc + q);
+    v = v / (c + hc_eps);
+  };
+  col_norm();
+  for (int it = 0; it < iters - 1; ++it) {
+    row_norm();
+    col_norm();
+  }
+  return v;
+}
+
+// Kernel 2. Block (t, y): y < gridDim.y - sinkhorn forms x[t] over columns [y kHcSlice, ...);
+// with `sinkhorn` (hc_pre) the last y forms post[t] and comb[t] instead. mix = (2 + hc) hc for
+// hc_pre, hc for hc_head (pre only).
+template <typename TI, typename TO>
+__global__ void __launch_bounds__(kThreads)
+    hc_collapse_kernel(const TI* X, int64_t xs, const float* part, int nchunk, int hc, int mix,
+                       int64_t D, const float* base, const float* scale, int iters, float hc_eps,
+                       float norm_eps, bool sinkhorn, TO* out, int64_t os, float* post, int64_t ps,
+                       float* comb, int64_t cs) {
+  __shared__ float m[kHcMaxP];
+  __shared__ float pre[kHcMaxHc];
+  __shared__ float cb[2][kThreads];
+  const int64_t t = blockIdx.x;
+  const int P = mix + 1;
+  // Sum over the chunks: 8 lanes per value, lane s taking chunks s, s + 8, ... in order, then a
+  // fixed 3-step shuffle tree (every lane of the 8 ends with the same bits).
+  const float* pt = part + t * nchunk * P;
+  for (int j0 = 0; j0 < P; j0 += kThreads / 8) {
+    const int j = j0 + static_cast<int>(threadIdx.x) / 8, sub = threadIdx.x % 8;
+    float s = 0.0f;
+    if (j < P) {
+#pragma unroll 16  // up to 128 chunks: every load in flight at once
+      for (int c = sub; c < nchunk; c += 8) s += pt[static_cast<int64_t>(c) * P + j];
+    }
+    s += __shfl_xor_sync(0xffffffffu, s, 4);
+    s += __shfl_xor_sync(0xffffffffu, s, 2);
+    s += __shfl_xor_sync(0xffffffffu, s, 1);
+    if (sub == 0 && j < P) m[j] = s;
+  }
   __syncthreads();
-  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-    float s = 0;
-    for (int j = 0; j < hc; ++j) s += pre[j] * u[j * D + d];
+  const float r = 1.0f / sqrtf(m[mix] / static_cast<float>(hc * D) + norm_eps);
+  if (sinkhorn && blockIdx.y == gridDim.y - 1) {
+    const int e = threadIdx.x, n = hc * hc;
+    if (e < hc) post[t * ps + e] = 2.0f * sigmoidf(affine(m[hc + e] * r, scale[1], base[hc + e]));
+    // Up to 32 elements: warp 0 alone, in registers and shuffles; else the whole block, through
+    // shared memory.
+    const float logit = e < n ? affine(m[2 * hc + e] * r, scale[2], base[2 * hc + e]) : 0.0f;
+    float v;
+    if (n <= 32) {
+      if (e >= 32) return;
+      v = sinkhorn_comb<true>(logit, hc, iters, hc_eps, nullptr);
+    } else {
+      v = sinkhorn_comb<false>(logit, hc, iters, hc_eps, &cb[0][0]);
+    }
+    if (e < n) comb[t * cs + e] = v;
+    return;
+  }
+  const int tid = threadIdx.x;
+  if (tid < hc) pre[tid] = sigmoidf(affine(m[tid] * r, scale[0], base[tid])) + hc_eps;
+  __syncthreads();
+  const TI* src = X + t * xs;
+  const int64_t d1 = min(D, (blockIdx.y + 1) * static_cast<int64_t>(kHcSlice));
+  for (int64_t d = blockIdx.y * static_cast<int64_t>(kHcSlice) + threadIdx.x; d < d1;
+       d += kThreads) {
+    float s = 0.0f;
+#pragma unroll 4
+    for (int j = 0; j < hc; ++j) s += pre[j] * ld(src, j * D + d);
     st(out + t * os, d, s);
   }
 }
@@ -309,23 +468,51 @@ void rope(cudaStream_t s, Tensor x, int head_dim, const RopeView& r, const DevBa
 
 namespace {
 
-void hc_launch(cudaStream_t s, Tensor X, const HcWeights& p, int hc, int iters, float hc_eps,
-               float norm_eps, bool head, Tensor out, Tensor post, Tensor comb) {
-  SP_CHECK(hc >= 1 && hc <= 16, "CUDA mHC supports hc_mult up to 16, got ", hc);
-  if (X.rows == 0) return;
-  const int64_t D = X.cols / hc;
+void hc_launch(cudaStream_t s, Workspace& ws, Tensor X, const HcWeights& p, int hc, int iters,
+               float hc_eps, float norm_eps, bool head, Tensor out, Tensor post, Tensor comb) {
+  SP_CHECK(hc >= 1 && hc <= kHcMaxHc, "CUDA mHC supports hc_mult up to ", kHcMaxHc, ", got ", hc);
+  const int64_t T = X.rows, W = X.cols, D = W / hc;
   const int mix = head ? hc : (2 + hc) * hc;
-  const size_t smem = (static_cast<size_t>(X.cols) + mix + 16 + 32) * sizeof(float);
+  SP_CHECK(W == hc * D && p.fn.rows >= mix && p.fn.cols == W && p.base.cols >= mix &&
+               out.rows == T && out.cols == D,
+           "mHC shapes: X ", T, "x", W, ", fn ", p.fn.rows, "x", p.fn.cols, ", out ", out.rows, "x",
+           out.cols, ", hc ", hc);
+  if (T == 0) return;
+  // Launch sizes from T and the shapes only: about kHcTargetBlocks blocks in kernel 1.
+  const int64_t tiles = (T + kHcTile - 1) / kHcTile;
+  SP_CHECK(tiles <= 65535, "mHC: ", T, " tokens in one call");
+  const int64_t steps = (W + kHcStep - 1) / kHcStep;
+  int64_t nchunk = std::clamp<int64_t>(kHcTargetBlocks / tiles, 1, steps);
+  const int64_t per = (steps + nchunk - 1) / nchunk;  // steps per chunk
+  nchunk = (steps + per - 1) / per;
+  const int P = mix + 1;
+  float* part = ws.get<float>(kWsHc, static_cast<size_t>(T * nchunk * P));
+  const int64_t fs = p.fn.rows > 1 ? p.fn.stride : W;
+  const int64_t xs = T > 1 ? X.stride : W;
+  const float* fn = p.fn.f32();
+  const int64_t slices = (D + kHcSlice - 1) / kHcSlice;
+  const bool sinkhorn = !head;
   dispatch_act(X.dtype, [&](auto ti) {
+    using TI = decltype(ti);
+    const bool vec = W % 4 == 0 && xs % 4 == 0 && fs % 4 == 0 &&
+                     reinterpret_cast<uintptr_t>(X.data) % (4 * sizeof(TI)) == 0 &&
+                     reinterpret_cast<uintptr_t>(fn) % 16 == 0;
+    const dim3 g1(static_cast<unsigned>(nchunk), static_cast<unsigned>(tiles));
+    if (vec)
+      hc_mix_kernel<TI, true>
+          <<<g1, kThreads, 0, s>>>(X.ptr<TI>(), xs, T, fn, fs, mix, W, per * kHcStep, part);
+    else
+      hc_mix_kernel<TI, false>
+          <<<g1, kThreads, 0, s>>>(X.ptr<TI>(), xs, T, fn, fs, mix, W, per * kHcStep, part);
+    SP_CUDA_LAUNCH();
     dispatch_act(out.dtype, [&](auto to) {
-      using TI = decltype(ti);
       using TO = decltype(to);
-      auto k = hc_kernel<TI, TO>;
-      allow_dynamic_smem(reinterpret_cast<const void*>(k), smem);
-      k<<<static_cast<unsigned>(X.rows), kThreads, smem, s>>>(
-          X.ptr<TI>(), X.stride, p.fn.f32(), p.base.f32(), p.scale.f32(), hc, D, iters, hc_eps,
-          norm_eps, head, out.ptr<TO>(), out.stride, head ? nullptr : post.f32(),
-          head ? 0 : post.stride, head ? nullptr : comb.f32(), head ? 0 : comb.stride);
+      const dim3 g2(static_cast<unsigned>(T), static_cast<unsigned>(slices + (sinkhorn ? 1 : 0)));
+      hc_collapse_kernel<TI, TO><<<g2, kThreads, 0, s>>>(
+          X.ptr<TI>(), xs, part, static_cast<int>(nchunk), hc, mix, D, p.base.f32(), p.scale.f32(),
+          iters, hc_eps, norm_eps, sinkhorn, out.ptr<TO>(), out.stride,
+          sinkhorn ? post.f32() : nullptr, sinkhorn ? post.stride : 0,
+          sinkhorn ? comb.f32() : nullptr, sinkhorn ? comb.stride : 0);
     });
   });
   SP_CUDA_LAUNCH();
@@ -333,15 +520,15 @@ void hc_launch(cudaStream_t s, Tensor X, const HcWeights& p, int hc, int iters, 
 
 }  // namespace
 
-void hc_pre(cudaStream_t s, Workspace&, Tensor X, const HcWeights& p, int hc, int iters,
+void hc_pre(cudaStream_t s, Workspace& ws, Tensor X, const HcWeights& p, int hc, int iters,
             float hc_eps, float norm_eps, Tensor x, Tensor post, Tensor comb) {
   SP_CHECK(post.dtype == DType::kF32 && comb.dtype == DType::kF32, "hc_pre: post/comb not f32");
-  hc_launch(s, X, p, hc, iters, hc_eps, norm_eps, false, x, post, comb);
+  hc_launch(s, ws, X, p, hc, iters, hc_eps, norm_eps, false, x, post, comb);
 }
 
-void hc_head(cudaStream_t s, Workspace&, Tensor X, const HcWeights& p, int hc, float hc_eps,
+void hc_head(cudaStream_t s, Workspace& ws, Tensor X, const HcWeights& p, int hc, float hc_eps,
              float norm_eps, Tensor h) {
-  hc_launch(s, X, p, hc, 0, hc_eps, norm_eps, true, h, Tensor{}, Tensor{});
+  hc_launch(s, ws, X, p, hc, 0, hc_eps, norm_eps, true, h, Tensor{}, Tensor{});
 }
 
 void hc_post(cudaStream_t s, Tensor f, Tensor post, Tensor comb, int hc, Tensor X) {
