@@ -1,7 +1,8 @@
 // bench_ops: times the CUDA projections and the MoE on V4-Flash shapes (random weights generated on
 // the device; each case rotates among enough weight copies to exceed 4x the L2 cache). Prints one
 // table: time per call, GB/s of weight bytes, TFLOP/s. BENCH_MOE_ONLY=1 skips the projections;
-// BENCH_COPY_ONLY=1 measures the copy bandwidth alone.
+// BENCH_COPY_ONLY=1 measures the copy bandwidth alone; BENCH_SMALL_ONLY=1 times only the small
+// decode kernels (bench_small.cu: norms, sampling, the non-finite check, gate and combine).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -13,6 +14,7 @@
 #include "bench_util.cuh"
 
 namespace sp::cuda {
+void bench_small(cudaStream_t s, Workspace& ws, double copy_gbs);  // bench_small.cu
 namespace {
 
 using namespace bench;
@@ -171,9 +173,12 @@ int main() {
     cudaFree(a);
     cudaFree(b);
     // BENCH_COPY_ONLY=1: the ceiling alone (the floors of the whole-model benchmarks use it).
-    if (!getenv("BENCH_COPY_ONLY")) {
+    if (getenv("BENCH_SMALL_ONLY")) {
+      bench_small(s, ws, copy_gbs);
+    } else if (!getenv("BENCH_COPY_ONLY")) {
       if (!getenv("BENCH_MOE_ONLY")) bench_linear(s, ws, prop.l2CacheSize, copy_gbs);
       bench_moe(s, ws, copy_gbs);
+      bench_small(s, ws, copy_gbs);
     }
   }
   SP_CUDA(cudaStreamDestroy(s));
