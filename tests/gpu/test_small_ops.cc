@@ -93,6 +93,8 @@ TEST(CudaElementwise, RmsNormDecodeAndPrefillShapes) {
     check_norm(be, 17, 64 * 512, 512, false, xd, xd, 0, true);
     check_norm(be, 3, 4096, 4096, true, xd, DType::kF32, 1, false);  // misaligned rows
     check_norm(be, 2, 1024, 1024, true, xd, xd, 2, true);
+    check_norm(be, 3, 4096, 4096, true, xd, xd, 4, true);  // aligned view, stride > cols
+    check_norm(be, 17, 2048, 1024, true, xd, DType::kF32, 4, false);
   }
   check_norm(be, 4096, 4096, 4096, true, DType::kBF16, DType::kBF16, 0, false);  // prefill
 }
