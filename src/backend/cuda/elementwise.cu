@@ -120,11 +120,13 @@ __global__ void __launch_bounds__(kNormMaxThreads)
   const TI* src = x + row * xs + g * group;
   TO* dst = y + row * ys + g * group;
   const int nvec = group / 4;
-  float4 v[kNormVecs];
+  float4 v[kNormVecs], wv[kNormVecs];  // the weight's loads in flight with x's
 #pragma unroll
   for (int j = 0; j < kNormVecs; ++j) {
     const int i = threadIdx.x + j * blockDim.x;
     v[j] = i < nvec ? ld4(src + 4 * i) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    wv[j] = i < nvec && w ? *reinterpret_cast<const float4*>(w + 4 * i)
+                          : make_float4(1.0f, 1.0f, 1.0f, 1.0f);
   }
   float ss = 0;
 #pragma unroll
@@ -142,10 +144,7 @@ __global__ void __launch_bounds__(kNormMaxThreads)
     const int i = threadIdx.x + j * blockDim.x;
     if (i >= nvec) continue;
     float4 o = make_float4(v[j].x * r, v[j].y * r, v[j].z * r, v[j].w * r);
-    if (w) {
-      const float4 wv = *reinterpret_cast<const float4*>(w + 4 * i);
-      o = make_float4(wv.x * o.x, wv.y * o.y, wv.z * o.z, wv.w * o.w);
-    }
+    if (w) o = make_float4(wv[j].x * o.x, wv[j].y * o.y, wv[j].z * o.z, wv[j].w * o.w);
     st4(dst + 4 * i, o);
   }
 }
@@ -370,6 +369,7 @@ __global__ void argmax_final_kernel(const float* logits, int64_t ls, const Sampl
                                     const ArgBest* part, int slices, int32_t* ids) {
   const SampleSpec sp = specs[blockIdx.x];
   if (sp.temperature > 0.0f) return;
+  const float first = logits[static_cast<int64_t>(sp.row) * ls];  // in flight with the partials
   const ArgBest* p = part + static_cast<int64_t>(blockIdx.x) * slices;
   float bv = -INFINITY;
   int32_t bi = kNoId;
@@ -380,10 +380,7 @@ __global__ void argmax_final_kernel(const float* logits, int64_t ls, const Sampl
     const int32_t oi = __shfl_xor_sync(0xffffffffu, bi, o);
     arg_take(ov, oi, bv, bi);
   }
-  if (threadIdx.x == 0) {
-    const float first = logits[static_cast<int64_t>(sp.row) * ls];
-    ids[blockIdx.x] = first != first || bi == kNoId ? 0 : bi;
-  }
+  if (threadIdx.x == 0) ids[blockIdx.x] = first != first || bi == kNoId ? 0 : bi;
 }
 
 int grid_for(int64_t n) {

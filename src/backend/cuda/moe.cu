@@ -841,6 +841,7 @@ __global__ void __launch_bounds__(kCombineThreads)
   __shared__ int pos[kMaxTopK];
   __shared__ float wt[kMaxTopK];
   const int t = blockIdx.y;
+  const int64_t sp = pos_of[T * K + t];  // in flight with warp 0's loads
   if (threadIdx.x < 32) {
     const int j = threadIdx.x;
     const int e = j < K ? eidx[t * K + j] : 0x7fffffff;
@@ -854,7 +855,6 @@ __global__ void __launch_bounds__(kCombineThreads)
     if (j < K) pos[rank] = p, wt[rank] = w;
   }
   __syncthreads();
-  const int64_t sp = pos_of[T * K + t];
   const int64_t d0 = 4 * (static_cast<int64_t>(blockIdx.x) * kCombineThreads + threadIdx.x);
   if (d0 >= D) return;
   float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f}, sv[4];
