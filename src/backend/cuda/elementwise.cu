@@ -323,9 +323,8 @@ __global__ void __launch_bounds__(kArgmaxThreads)
     argmax_slice_kernel(const float* logits, int64_t ls, int64_t vocab, const SampleSpec* specs,
                         int vec, ArgBest* part) {
   __shared__ ArgBest sh[kArgmaxThreads / 32];
-  const SampleSpec sp = specs[blockIdx.y];
-  if (sp.temperature > 0.0f) return;  // sampled on the host
-  const float* row = logits + static_cast<int64_t>(sp.row) * ls;
+  if (specs[blockIdx.y].temperature > 0.0f) return;  // sampled on the host
+  const float* row = logits + static_cast<int64_t>(specs[blockIdx.y].row) * ls;
   const int64_t s0 = static_cast<int64_t>(blockIdx.x) * kArgmaxSlice;
   float bv = -INFINITY;
   int32_t bi = kNoId;
@@ -367,9 +366,9 @@ __global__ void __launch_bounds__(kArgmaxThreads)
 // Pass 2: one warp per row over its `slices` partials.
 __global__ void argmax_final_kernel(const float* logits, int64_t ls, const SampleSpec* specs,
                                     const ArgBest* part, int slices, int32_t* ids) {
-  const SampleSpec sp = specs[blockIdx.x];
-  if (sp.temperature > 0.0f) return;
-  const float first = logits[static_cast<int64_t>(sp.row) * ls];  // in flight with the partials
+  if (specs[blockIdx.x].temperature > 0.0f) return;
+  const float first =
+      logits[static_cast<int64_t>(specs[blockIdx.x].row) * ls];  // with the partials
   const ArgBest* p = part + static_cast<int64_t>(blockIdx.x) * slices;
   float bv = -INFINITY;
   int32_t bi = kNoId;
