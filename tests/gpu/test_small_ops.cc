@@ -159,8 +159,12 @@ TEST(CudaElementwise, GreedySamplingSlicesTiesAndNaN) {
       check_greedy(be, n, V, V, 0, V + n, plain, "random");
       check_greedy(be, n, V, V, 0, V + n + 1, poisoned, "ties/NaN");
     }
-    check_greedy(be, 10, V, V + 4, 4, V + 3, poisoned, "aligned view");     // float4 path, stride
-    check_greedy(be, 10, V, V + 3, 1, V + 4, poisoned, "misaligned view");  // scalar path
+    // A view 4 columns in (the float4 path where V % 4 == 0) and one 1 column in (scalar path).
+    check_greedy(be, 10, V, V + 4, 4, V + 3, poisoned, "aligned view");
+    check_greedy(be, 10, V, V + 3, 1, V + 4, poisoned, "misaligned view");
+    // Rows padded to a multiple of 4 from an aligned start: the float4 path, and for a vocab not
+    // a multiple of 4 its last, partial vector (read value by value).
+    check_greedy(be, 10, V, (V + 3) / 4 * 4 + 4, 0, V + 5, poisoned, "padded rows");
   }
   check_greedy(be, 256, 129280, 129280, 0, 9, poisoned, "256 rows");
 }
