@@ -185,7 +185,9 @@ __global__ void moe_sort_kernel(const int32_t* eidx, int T, int K, int E, int* m
 // weights as moe_route_kernel: the best biased score, ties to the lower id, K times; weights
 // summed in selection order). bs: shared [nw][E] floats. Logits are read through L2 (another
 // block of the same launch may have written them).
-// kShared: logits and bias in this block's shared memory (plain loads).
+// kShared: logits and bias in this block's shared memory (plain loads). A lane's scores are loaded
+// at once (E <= 32 * kRouteLaneScores, which both callers check), not one L2 round trip each.
+constexpr int kRouteLaneScores = 16;
 template <bool kShared = false>
 __device__ __forceinline__ void route_tokens(const float* logits, int T, int E, int K, int hash,
                                              const int32_t* tid2eid, const int32_t* ids,
@@ -207,8 +209,18 @@ __device__ __forceinline__ void route_tokens(const float* logits, int T, int E, 
     } else {
       // A NaN score selects like -inf (the lowest ids): an index always comes out; the NaN
       // itself reaches the routing weights and the non-finite check names the layer.
-      for (int e = lane; e < E; e += 32) {
-        const float v = sqrtf(softplus_dev(logit(lg + e))) + bias[e];
+      float lv[kRouteLaneScores], lb[kRouteLaneScores];
+#pragma unroll
+      for (int i = 0; i < kRouteLaneScores; ++i) {
+        const int e = lane + 32 * i;
+        lv[i] = e < E ? logit(lg + e) : 0.0f;
+        lb[i] = e < E ? bias[e] : 0.0f;
+      }
+#pragma unroll
+      for (int i = 0; i < kRouteLaneScores; ++i) {
+        const int e = lane + 32 * i;
+        if (e >= E) break;
+        const float v = sqrtf(softplus_dev(lv[i])) + lb[i];
         bs[e] = v != v ? -INFINITY : v;
       }
       __syncwarp();
@@ -245,6 +257,7 @@ __device__ __forceinline__ void route_tokens(const float* logits, int T, int E, 
 
 // Small steps: routing and the sort in one block. shared: [nw][E] floats.
 constexpr int kRouteSortThreads = 512, kRouteSortMaxE = 512, kRouteSortMaxT = 64;
+static_assert(kRouteSortMaxE <= 32 * kRouteLaneScores, "route_tokens' per-lane scores");
 __global__ void __launch_bounds__(kRouteSortThreads)
     moe_route_sort_kernel(const float* logits, int T, int E, int K, int hash,
                           const int32_t* tid2eid, const int32_t* ids, const float* bias,
