@@ -347,9 +347,10 @@ TEST(CudaMoe, DecodeGateSlices) {
   }
 }
 
-// The combine's scalar path (D not a multiple of 4: BF16 routed experts on the general kernels;
-// the gate rows are not 16-byte aligned either, so the T <= 64 gate is linear() + the one-block
-// route and sort) next to its vector path on the same experts at D = 96.
+// The combine's scalar path (D = 90, not a multiple of 4: BF16 routed experts on the general
+// kernels; the gate rows are not 16-byte aligned either, so up to 64 tokens the gate is linear()
+// and the one-block route and sort) next to its vector path at D = 96 (where the decode gate
+// takes T <= 8).
 TEST(CudaMoe, CombineScalarAndVectorColumns) {
   SP_REQUIRE_GPU();
   Backends be;
