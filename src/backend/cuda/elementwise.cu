@@ -292,6 +292,7 @@ constexpr int kArgmaxThreads = 256, kArgmaxPerThread = 8;
 constexpr int kArgmaxSlice = kArgmaxThreads * kArgmaxPerThread;
 constexpr int32_t kNoId = 0x7fffffff;  // no candidate (every value seen was NaN)
 constexpr int kWsArgmax = 24;          // workspace slot: the slices' best [rows, slices]
+constexpr int kArgmaxRowsFloor = 256;  // 128 KB at V4's vocab
 
 struct ArgBest {
   float v;
@@ -554,7 +555,10 @@ void sample(cudaStream_t s, Workspace& ws, Tensor logits, const SampleSpec* spec
   SP_CHECK(logits.cols < kNoId, "sample: vocab ", logits.cols, " over the int32 ids");
   if (n == 0 || logits.cols == 0) return;
   const int slices = static_cast<int>((logits.cols + kArgmaxSlice - 1) / kArgmaxSlice);
-  ArgBest* part = static_cast<ArgBest*>(ws.get(kWsArgmax, sizeof(ArgBest) * slices * n));
+  // Sized for at least kArgmaxRowsFloor rows, so that sampling batches up to that size never grow
+  // the workspace (a reallocation drops the recorded decode graphs).
+  ArgBest* part = static_cast<ArgBest*>(
+      ws.get(kWsArgmax, sizeof(ArgBest) * slices * std::max(n, kArgmaxRowsFloor)));
   const int vec = logits.stride % 4 == 0 && reinterpret_cast<uintptr_t>(logits.data) % 16 == 0;
   argmax_slice_kernel<<<dim3(static_cast<unsigned>(slices), static_cast<unsigned>(n)),
                         kArgmaxThreads, 0, s>>>(logits.f32(), logits.stride, logits.cols, specs_dev,

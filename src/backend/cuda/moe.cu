@@ -1047,7 +1047,9 @@ void moe(cudaStream_t s, Workspace& ws, Tensor x, const MoeArgs& a, const DevBat
       const int64_t slices = (nch + most - 1) / most;
       GateRouteArgs g;
       g.slice_chunks = (nch + slices - 1) / slices;
-      g.part = ws.get<float>(kWsGatePart, static_cast<size_t>(slices * Tc * E));
+      // Sized for kGateMaxT tokens whatever Tc, so that decode steps of 1..8 tokens share one
+      // buffer (a reallocation drops the recorded decode graphs).
+      g.part = ws.get<float>(kWsGatePart, static_cast<size_t>(slices * kGateMaxT * E));
       g.gate = gate;
       g.x = xc.data;
       g.ldx = x.stride;
