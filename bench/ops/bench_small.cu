@@ -134,15 +134,22 @@ void bench_small(cudaStream_t s, Workspace& ws, double copy_gbs) {
     for (DType xd : {DType::kF32, DType::kBF16}) {
       for (int T : {1, 8, 64, 4096}) {
         if (T == 4096 && cols > 4096) continue;
-        Tensor x = rand_tensor(T, cols, xd, 4 + T), y = rand_tensor(T, cols, xd, 5 + T);
-        float us, us1;
-        time_us(
-            s, [&] { rms_norm(s, x, &w, group, 1e-6f, y); }, &us, &us1);
+        // The register path on aligned rows, and the strided loop (the kernel every norm ran on
+        // before) on the same shape seen one column in (rows not aligned).
+        Tensor x = rand_tensor(T, cols + 1, xd, 4 + T), y = rand_tensor(T, cols + 1, xd, 5 + T);
+        Tensor xa = rand_tensor(T, cols, xd, 4 + T), ya = rand_tensor(T, cols, xd, 5 + T);
+        const double bytes = 2.0 * T * cols * dtype_size(xd) + group * 4.0;
         char shape[64];
         std::snprintf(shape, sizeof shape, "%s %s", name, dtype_name(xd));
-        row("rms_norm", shape, T, us, us1, 2.0 * T * cols * dtype_size(xd) + group * 4.0, copy_gbs);
-        cudaFree(x.data);
-        cudaFree(y.data);
+        float us, us1;
+        time_us(
+            s, [&] { rms_norm(s, xa, &w, group, 1e-6f, ya); }, &us, &us1);
+        row("rms_norm", shape, T, us, us1, bytes, copy_gbs);
+        const Tensor xv = x.slice_cols(1, cols), yv = y.slice_cols(1, cols);
+        time_us(
+            s, [&] { rms_norm(s, xv, &w, group, 1e-6f, yv); }, &us, &us1);
+        row("rms_norm (loop)", shape, T, us, us1, bytes, copy_gbs);
+        for (Tensor t : {x, y, xa, ya}) cudaFree(t.data);
       }
     }
     cudaFree(w.data);
