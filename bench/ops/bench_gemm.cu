@@ -1,8 +1,10 @@
 // bench_ops: times the CUDA projections and the MoE on V4-Flash shapes (random weights generated on
 // the device; each case rotates among enough weight copies to exceed 4x the L2 cache). Prints one
-// table: time per call, GB/s of weight bytes, TFLOP/s; then mHC pre / hc_head. BENCH_MOE_ONLY=1
-// skips the projections (and mHC); BENCH_HC_ONLY=1 runs mHC alone; BENCH_COPY_ONLY=1 measures the
-// copy bandwidth alone.
+// table: time per call, GB/s of weight bytes, TFLOP/s; then mHC pre / hc_head and the small decode
+// kernels (bench_small.cu: norms, sampling, the non-finite check, gate and combine).
+// BENCH_MOE_ONLY=1 skips the projections, mHC and the small kernels; BENCH_HC_ONLY=1 runs mHC
+// alone; BENCH_SMALL_ONLY=1 the small kernels alone; BENCH_COPY_ONLY=1 measures the copy bandwidth
+// alone.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -14,6 +16,7 @@
 #include "bench_util.cuh"
 
 namespace sp::cuda {
+void bench_small(cudaStream_t s, Workspace& ws, double copy_gbs);  // bench_small.cu
 namespace {
 
 using namespace bench;
@@ -231,10 +234,15 @@ int main() {
     // BENCH_COPY_ONLY=1: the ceiling alone (the floors of the whole-model benchmarks use it).
     if (getenv("BENCH_HC_ONLY")) {
       bench_hc(s, ws, prop.l2CacheSize, copy_gbs);
+    } else if (getenv("BENCH_SMALL_ONLY")) {
+      bench_small(s, ws, copy_gbs);
     } else if (!getenv("BENCH_COPY_ONLY")) {
       if (!getenv("BENCH_MOE_ONLY")) bench_linear(s, ws, prop.l2CacheSize, copy_gbs);
       bench_moe(s, ws, copy_gbs);
-      if (!getenv("BENCH_MOE_ONLY")) bench_hc(s, ws, prop.l2CacheSize, copy_gbs);
+      if (!getenv("BENCH_MOE_ONLY")) {
+        bench_hc(s, ws, prop.l2CacheSize, copy_gbs);
+        bench_small(s, ws, copy_gbs);
+      }
     }
   }
   SP_CUDA(cudaStreamDestroy(s));

@@ -84,6 +84,71 @@ __global__ void rms_norm_kernel(const TI* x, int64_t xs, const float* w, int gro
   }
 }
 
+// Four consecutive activations as fp32 (vector loads: f32 rows 16-byte aligned, bf16 rows 8-byte
+// aligned) and back.
+__device__ __forceinline__ float4 ld4(const float* p) {
+  return *reinterpret_cast<const float4*>(p);
+}
+__device__ __forceinline__ float4 ld4(const __nv_bfloat16* p) {
+  const uint2 u = *reinterpret_cast<const uint2*>(p);
+  return make_float4(__uint_as_float(u.x << 16), __uint_as_float(u.x & 0xffff0000u),
+                     __uint_as_float(u.y << 16), __uint_as_float(u.y & 0xffff0000u));
+}
+__device__ __forceinline__ void st4(float* p, float4 v) {
+  *reinterpret_cast<float4*>(p) = v;
+}
+__device__ __forceinline__ void st4(__nv_bfloat16* p, float4 v) {
+  const __nv_bfloat162 a = __floats2bfloat162_rn(v.x, v.y), b = __floats2bfloat162_rn(v.z, v.w);
+  uint2 u;
+  u.x = *reinterpret_cast<const uint32_t*>(&a);
+  u.y = *reinterpret_cast<const uint32_t*>(&b);
+  *reinterpret_cast<uint2*>(p) = u;
+}
+
+// RMS norm of one group per block, the group's values held in registers between the sum of squares
+// and the scaling (one read of x, every load of a thread in flight at once): thread i takes the
+// 4-value vectors i, i + blockDim, ... (at most kNormVecs). The host sizes the block so that the
+// vectors fit (group <= 4 * kNormVecs * 1024) and checks the alignment of x, y and w. Sums: a
+// thread's vectors in order, then block_sum's fixed tree; deterministic for a given group size.
+constexpr int kNormVecs = 4, kNormMaxThreads = 1024;
+template <typename TI, typename TO>
+__global__ void __launch_bounds__(kNormMaxThreads)
+    rms_norm_vec_kernel(const TI* x, int64_t xs, const float* w, int group, int groups, float eps,
+                        TO* y, int64_t ys) {
+  __shared__ float red[kNormMaxThreads / 32];
+  const int64_t row = blockIdx.x / groups, g = blockIdx.x % groups;
+  const TI* src = x + row * xs + g * group;
+  TO* dst = y + row * ys + g * group;
+  const int nvec = group / 4;
+  float4 v[kNormVecs], wv[kNormVecs];  // the weight's loads in flight with x's
+#pragma unroll
+  for (int j = 0; j < kNormVecs; ++j) {
+    const int i = threadIdx.x + j * blockDim.x;
+    v[j] = i < nvec ? ld4(src + 4 * i) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    wv[j] = i < nvec && w ? *reinterpret_cast<const float4*>(w + 4 * i)
+                          : make_float4(1.0f, 1.0f, 1.0f, 1.0f);
+  }
+  float ss = 0;
+#pragma unroll
+  for (int j = 0; j < kNormVecs; ++j) {
+    ss += v[j].x * v[j].x;
+    ss += v[j].y * v[j].y;
+    ss += v[j].z * v[j].z;
+    ss += v[j].w * v[j].w;
+  }
+  ss = block_sum(ss, red);
+  const float r = 1.0f / sqrtf(ss / static_cast<float>(group) + eps);
+  // In place (y == x) is safe: each thread writes only the values it read into registers.
+#pragma unroll
+  for (int j = 0; j < kNormVecs; ++j) {
+    const int i = threadIdx.x + j * blockDim.x;
+    if (i >= nvec) continue;
+    float4 o = make_float4(v[j].x * r, v[j].y * r, v[j].z * r, v[j].w * r);
+    if (w) o = make_float4(wv[j].x * o.x, wv[j].y * o.y, wv[j].z * o.z, wv[j].w * o.w);
+    st4(dst + 4 * i, o);
+  }
+}
+
 template <typename T>
 __global__ void rope_kernel(T* x, int64_t xs, int heads, int head_dim, int rope_dim,
                             const float* inv_freq, const int32_t* positions, int rows,
@@ -376,38 +441,105 @@ __global__ void gather_kernel(const T* x, int64_t xs, const int32_t* rows, int n
   }
 }
 
-// Greedy rows: the first maximum (ties to the lower id). One block per spec.
-__global__ void argmax_kernel(const float* logits, int64_t ls, int64_t vocab,
-                              const SampleSpec* specs, int32_t* ids) {
-  __shared__ float bv[kThreads];
-  __shared__ int64_t bi[kThreads];
-  const SampleSpec sp = specs[blockIdx.x];
-  if (sp.temperature > 0.0f) return;  // sampled on the host
-  const float* row = logits + static_cast<int64_t>(sp.row) * ls;
-  float best = -INFINITY;
-  int64_t idx = vocab;
-  for (int64_t i = threadIdx.x; i < vocab; i += blockDim.x) {
-    const float v = row[i];
-    if (idx == vocab || v > best) {  // strided i grows: the first maximum stays
-      best = v;
-      idx = i;
-    }
+// Greedy rows: the CPU's rule (sample_logits_row: the first maximum, a NaN never wins, and a NaN at
+// id 0 keeps id 0), i.e. the lowest id of the largest non-NaN value, or 0 when id 0 is NaN or every
+// value is. A row is split over slices of kArgmaxSlice logits, one block each (pass 1: the
+// slice's best (value, id) into the workspace), then pass 2 picks the best of the row's slices.
+// (value, id) pairs under "larger value, then lower id" are a total order over the non-NaN
+// values, so the result is the same whatever the order of the comparisons (deterministic).
+constexpr int kArgmaxThreads = 256, kArgmaxPerThread = 8;
+constexpr int kArgmaxSlice = kArgmaxThreads * kArgmaxPerThread;
+constexpr int32_t kNoId = 0x7fffffff;  // no candidate (every value seen was NaN)
+constexpr int kWsArgmax = 24;          // workspace slot: the slices' best [rows, slices]
+constexpr int kArgmaxRowsFloor = 256;  // 128 KB at V4's vocab
+
+struct ArgBest {
+  float v;
+  int32_t i;
+};
+
+// (v, i) replaces (bv, bi) when it is a candidate that beats it (an absent one is beaten by any).
+__device__ __forceinline__ void arg_take(float v, int32_t i, float& bv, int32_t& bi) {
+  if (i != kNoId && (bi == kNoId || v > bv || (v == bv && i < bi))) bv = v, bi = i;
+}
+
+// Reduces (bv, bi) over the block; thread 0 gets the result. `sh`: kArgmaxThreads / 32 entries.
+__device__ __forceinline__ void arg_block(float& bv, int32_t& bi, ArgBest* sh) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+    const int32_t oi = __shfl_xor_sync(0xffffffffu, bi, o);
+    arg_take(ov, oi, bv, bi);
   }
-  bv[threadIdx.x] = best;
-  bi[threadIdx.x] = idx;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) sh[warp] = ArgBest{bv, bi};
   __syncthreads();
-  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-    if (threadIdx.x < s) {
-      const float v = bv[threadIdx.x + s];
-      const int64_t j = bi[threadIdx.x + s];
-      if (v > bv[threadIdx.x] || (v == bv[threadIdx.x] && j < bi[threadIdx.x])) {
-        bv[threadIdx.x] = v;
-        bi[threadIdx.x] = j;
-      }
+  if (threadIdx.x == 0)
+    for (int w = 1; w < static_cast<int>(blockDim.x / 32); ++w) arg_take(sh[w].v, sh[w].i, bv, bi);
+}
+
+// Pass 1: grid (slices, rows). vec: rows 16-byte aligned (float4 loads).
+__global__ void __launch_bounds__(kArgmaxThreads)
+    argmax_slice_kernel(const float* logits, int64_t ls, int64_t vocab, const SampleSpec* specs,
+                        int vec, ArgBest* part) {
+  __shared__ ArgBest sh[kArgmaxThreads / 32];
+  if (specs[blockIdx.y].temperature > 0.0f) return;  // sampled on the host
+  const float* row = logits + static_cast<int64_t>(specs[blockIdx.y].row) * ls;
+  const int64_t s0 = static_cast<int64_t>(blockIdx.x) * kArgmaxSlice;
+  float bv = -INFINITY;
+  int32_t bi = kNoId;
+  auto see = [&](float v, int64_t i) {
+    if (v == v) arg_take(v, static_cast<int32_t>(i), bv, bi);
+  };
+  if (vec) {
+    float4 q[kArgmaxPerThread / 4];
+#pragma unroll
+    for (int j = 0; j < kArgmaxPerThread / 4; ++j) {
+      const int64_t i = s0 + 4 * (threadIdx.x + j * kArgmaxThreads);
+      q[j] = i + 4 <= vocab
+                 ? *reinterpret_cast<const float4*>(row + i)
+                 : make_float4(i < vocab ? row[i] : NAN, i + 1 < vocab ? row[i + 1] : NAN,
+                               i + 2 < vocab ? row[i + 2] : NAN, NAN);
     }
-    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < kArgmaxPerThread / 4; ++j) {
+      const int64_t i = s0 + 4 * (threadIdx.x + j * kArgmaxThreads);
+      see(q[j].x, i);
+      see(q[j].y, i + 1);
+      see(q[j].z, i + 2);
+      see(q[j].w, i + 3);
+    }
+  } else {
+    float q[kArgmaxPerThread];
+#pragma unroll
+    for (int j = 0; j < kArgmaxPerThread; ++j) {
+      const int64_t i = s0 + threadIdx.x + j * kArgmaxThreads;
+      q[j] = i < vocab ? row[i] : NAN;
+    }
+#pragma unroll
+    for (int j = 0; j < kArgmaxPerThread; ++j) see(q[j], s0 + threadIdx.x + j * kArgmaxThreads);
   }
-  if (threadIdx.x == 0) ids[blockIdx.x] = static_cast<int32_t>(bi[0] < vocab ? bi[0] : 0);
+  arg_block(bv, bi, sh);
+  if (threadIdx.x == 0) part[static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x] = {bv, bi};
+}
+
+// Pass 2: one warp per row over its `slices` partials.
+__global__ void argmax_final_kernel(const float* logits, int64_t ls, const SampleSpec* specs,
+                                    const ArgBest* part, int slices, int32_t* ids) {
+  if (specs[blockIdx.x].temperature > 0.0f) return;
+  const float first =
+      logits[static_cast<int64_t>(specs[blockIdx.x].row) * ls];  // with the partials
+  const ArgBest* p = part + static_cast<int64_t>(blockIdx.x) * slices;
+  float bv = -INFINITY;
+  int32_t bi = kNoId;
+  for (int k = threadIdx.x; k < slices; k += 32) arg_take(p[k].v, p[k].i, bv, bi);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+    const int32_t oi = __shfl_xor_sync(0xffffffffu, bi, o);
+    arg_take(ov, oi, bv, bi);
+  }
+  if (threadIdx.x == 0) ids[blockIdx.x] = first != first || bi == kNoId ? 0 : bi;
 }
 
 int grid_for(int64_t n) {
@@ -441,12 +573,27 @@ void rms_norm(cudaStream_t s, Tensor x, const Tensor* weight, int group, float e
   const int64_t blocks = x.rows * groups;
   if (blocks == 0) return;
   const float* w = weight ? weight->f32() : nullptr;
+  // The register path: groups of whole 4-value vectors that fit one block, every row and the weight
+  // aligned for the vector loads. The block is as small as holds the group in kNormVecs vectors a
+  // thread (a 4096-wide row: 256 threads, every load in flight at once).
+  auto aligned = [](const Tensor& t) {
+    return t.stride % 4 == 0 && reinterpret_cast<uintptr_t>(t.data) % (4 * t.elem_size()) == 0;
+  };
+  const bool vec = group % 4 == 0 && group <= 4 * kNormVecs * kNormMaxThreads && aligned(x) &&
+                   aligned(y) && (!w || reinterpret_cast<uintptr_t>(w) % 16 == 0);
+  const int nvec = group / 4;
+  const int vec_threads =
+      std::clamp(((nvec + kNormVecs - 1) / kNormVecs + 31) & ~31, 32, kNormMaxThreads);
   dispatch_act(x.dtype, [&](auto ti) {
     dispatch_act(y.dtype, [&](auto to) {
       using TI = decltype(ti);
       using TO = decltype(to);
-      rms_norm_kernel<TI, TO><<<static_cast<unsigned>(blocks), kThreads, 0, s>>>(
-          x.ptr<TI>(), x.stride, w, group, groups, eps, y.ptr<TO>(), y.stride);
+      if (vec)
+        rms_norm_vec_kernel<TI, TO><<<static_cast<unsigned>(blocks), vec_threads, 0, s>>>(
+            x.ptr<TI>(), x.stride, w, group, groups, eps, y.ptr<TO>(), y.stride);
+      else
+        rms_norm_kernel<TI, TO><<<static_cast<unsigned>(blocks), kThreads, 0, s>>>(
+            x.ptr<TI>(), x.stride, w, group, groups, eps, y.ptr<TO>(), y.stride);
     });
   });
   SP_CUDA_LAUNCH();
@@ -589,39 +736,68 @@ void copy_rows(cudaStream_t s, Tensor t, int64_t src_row, int64_t dst_row, int64
                             cudaMemcpyDeviceToDevice, s));
 }
 
-void sample(cudaStream_t s, Workspace&, Tensor logits, const SampleSpec* specs_dev,
+void sample(cudaStream_t s, Workspace& ws, Tensor logits, const SampleSpec* specs_dev,
             const SampleSpec*, int n, int32_t* ids_dev) {
   SP_CHECK(logits.dtype == DType::kF32, "sample: logits must be f32");
-  if (n == 0) return;
-  argmax_kernel<<<n, kThreads, 0, s>>>(logits.f32(), logits.stride, logits.cols, specs_dev,
+  SP_CHECK(logits.cols < kNoId, "sample: vocab ", logits.cols, " over the int32 ids");
+  if (n == 0 || logits.cols == 0) return;
+  const int slices = static_cast<int>((logits.cols + kArgmaxSlice - 1) / kArgmaxSlice);
+  // Sized for at least kArgmaxRowsFloor rows, so that sampling batches up to that size never grow
+  // the workspace (a reallocation drops the recorded decode graphs).
+  ArgBest* part = static_cast<ArgBest*>(
+      ws.get(kWsArgmax, sizeof(ArgBest) * slices * std::max(n, kArgmaxRowsFloor)));
+  const int vec = logits.stride % 4 == 0 && reinterpret_cast<uintptr_t>(logits.data) % 16 == 0;
+  argmax_slice_kernel<<<dim3(static_cast<unsigned>(slices), static_cast<unsigned>(n)),
+                        kArgmaxThreads, 0, s>>>(logits.f32(), logits.stride, logits.cols, specs_dev,
+                                                vec, part);
+  SP_CUDA_LAUNCH();
+  argmax_final_kernel<<<n, 32, 0, s>>>(logits.f32(), logits.stride, specs_dev, part, slices,
                                        ids_dev);
   SP_CUDA_LAUNCH();
 }
 
 namespace {
 
-// Per row: the largest magnitude's bits (an exponent of all ones is a NaN or an Inf). Vector loads
-// where the rows allow them; one warp vote and one atomic per warp that saw a non-finite value.
-__global__ void non_finite_kernel(const float* x, int64_t stride, int64_t rows, int64_t cols,
-                                  bool vec4, int32_t key, int32_t* flag) {
+// The largest magnitude's bits of a part of the tensor (an exponent of all ones is a NaN or an
+// Inf). Grid (column tiles, row groups): block (bx, by) reads columns [bx * tile, + tile) of rows
+// by, by + gridDim.y, ..., each thread kNfPer elements or 4-value vectors of a row with all its
+// loads in flight at once; one warp vote and one atomic per warp that saw a non-finite value.
+// The launch depends on the shape only; the flag is an integer minimum, so the result is exact.
+constexpr int kNfThreads = 256, kNfPer = 4, kNfMaxRowGroups = 1024;
+__global__ void __launch_bounds__(kNfThreads)
+    non_finite_kernel(const float* x, int64_t stride, int64_t rows, int64_t cols, bool vec4,
+                      int32_t key, int32_t* flag) {
   __shared__ bool seen;  // read once per block, so the whole block returns or none of it
   if (threadIdx.x == 0) seen = *reinterpret_cast<volatile int32_t*>(flag) <= key;
   __syncthreads();
   if (seen) return;
   uint32_t m = 0;
-  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+  const int64_t tile = static_cast<int64_t>(kNfThreads) * kNfPer * (vec4 ? 4 : 1);
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * tile;
+  for (int64_t r = blockIdx.y; r < rows; r += gridDim.y) {
     const float* row = x + r * stride;
     if (vec4) {
-      const float4* v = reinterpret_cast<const float4*>(row);
-      for (int64_t c = threadIdx.x; c < cols / 4; c += blockDim.x) {
-        const float4 q = v[c];
-        m = max(m,
-                max(max(__float_as_uint(q.x) & 0x7fffffffu, __float_as_uint(q.y) & 0x7fffffffu),
-                    max(__float_as_uint(q.z) & 0x7fffffffu, __float_as_uint(q.w) & 0x7fffffffu)));
+      float4 q[kNfPer];
+#pragma unroll
+      for (int j = 0; j < kNfPer; ++j) {
+        const int64_t c = c0 + 4 * (threadIdx.x + j * static_cast<int64_t>(kNfThreads));
+        q[j] = c < cols ? *reinterpret_cast<const float4*>(row + c) : make_float4(0, 0, 0, 0);
       }
+#pragma unroll
+      for (int j = 0; j < kNfPer; ++j)
+        m = max(
+            m,
+            max(max(__float_as_uint(q[j].x) & 0x7fffffffu, __float_as_uint(q[j].y) & 0x7fffffffu),
+                max(__float_as_uint(q[j].z) & 0x7fffffffu, __float_as_uint(q[j].w) & 0x7fffffffu)));
     } else {
-      for (int64_t c = threadIdx.x; c < cols; c += blockDim.x)
-        m = max(m, __float_as_uint(row[c]) & 0x7fffffffu);
+      float q[kNfPer];
+#pragma unroll
+      for (int j = 0; j < kNfPer; ++j) {
+        const int64_t c = c0 + threadIdx.x + j * static_cast<int64_t>(kNfThreads);
+        q[j] = c < cols ? row[c] : 0.0f;
+      }
+#pragma unroll
+      for (int j = 0; j < kNfPer; ++j) m = max(m, __float_as_uint(q[j]) & 0x7fffffffu);
     }
   }
   if (__any_sync(0xffffffffu, m >= 0x7f800000u) && threadIdx.x % 32 == 0) atomicMin(flag, key);
@@ -634,8 +810,13 @@ void note_non_finite(cudaStream_t s, Tensor x, int32_t key, int32_t* flag) {
   if (x.numel() == 0) return;
   const bool vec4 =
       x.cols % 4 == 0 && x.stride % 4 == 0 && reinterpret_cast<uintptr_t>(x.data) % 16 == 0;
-  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(x.rows, 1024));
-  non_finite_kernel<<<blocks, kThreads, 0, s>>>(x.f32(), x.stride, x.rows, x.cols, vec4, key, flag);
+  // Column tiles of kNfThreads * kNfPer elements (vectors: 4x that): a row of V4-Flash's residual
+  // (16,384 values) is 4 blocks, a row of its logits (129,280) 32; rows go to blockIdx.y, at most
+  // kNfMaxRowGroups of them (more rows: a block strides over them).
+  const int64_t tile = int64_t{kNfThreads} * kNfPer * (vec4 ? 4 : 1);
+  const dim3 grid(static_cast<unsigned>((x.cols + tile - 1) / tile),
+                  static_cast<unsigned>(std::min<int64_t>(x.rows, kNfMaxRowGroups)));
+  non_finite_kernel<<<grid, kNfThreads, 0, s>>>(x.f32(), x.stride, x.rows, x.cols, vec4, key, flag);
   SP_CUDA_LAUNCH();
 }
 
