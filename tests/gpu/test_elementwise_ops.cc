@@ -82,7 +82,11 @@ struct HcSet {
 
 HcSet make_hc(Backends& be, int hc, int64_t D, bool head, uint64_t seed) {
   const int mix = head ? hc : (2 + hc) * hc;
-  auto fn = random_vec(mix * hc * D, seed, 0.02f);
+  // The logits' spread independent of the width (Flash's at hc * D = 16384): at small widths a
+  // fixed amplitude would give logits so flat that 20 Sinkhorn iterations converge whatever their
+  // order, and a wrong order, a missing iteration or a race would pass.
+  auto fn =
+      random_vec(mix * hc * D, seed, 0.02f * std::sqrt(16384.0f / static_cast<float>(hc * D)));
   auto base = random_vec(mix, seed + 1, 0.5f);
   std::vector<float> scale = head ? std::vector<float>{0.7f} : std::vector<float>{0.7f, 0.9f, 1.1f};
   HcSet s;
@@ -168,7 +172,11 @@ TEST(CudaElementwise, MhcPreAndHead) {
                                     {17, 3, 45, 0, 0},
                                     {1, 2, 50, 0, 0},
                                     {40, 2, 50, 0, 0},
-                                    {9, 16, 64, 0, 0}})
+                                    {9, 16, 64, 0, 0},
+                                    {3, 5, 64, 0, 0},  // the last Sinkhorn in one warp (25 values)
+                                    {3, 6, 64, 0, 0},  // the first over the block (36)
+                                    {2, 1, 64, 0, 0},  // hc_mult 1: a one-value Sinkhorn
+                                    {8200, 2, 50, 0, 0}})  // one chunk, T past 8192 partial rows
     check_mhc(be, T, hc, D, pad, off);
 }
 

@@ -620,10 +620,13 @@ void hc_launch(cudaStream_t s, Workspace& ws, Tensor X, const HcWeights& p, int 
   SP_CHECK(hc >= 1 && hc <= kHcMaxHc, "CUDA mHC supports hc_mult up to ", kHcMaxHc, ", got ", hc);
   const int64_t T = X.rows, W = X.cols, D = W / hc;
   const int mix = head ? hc : (2 + hc) * hc;
-  SP_CHECK(W == hc * D && p.fn.rows >= mix && p.fn.cols == W && p.base.cols >= mix &&
-               out.rows == T && out.cols == D,
-           "mHC shapes: X ", T, "x", W, ", fn ", p.fn.rows, "x", p.fn.cols, ", out ", out.rows, "x",
-           out.cols, ", hc ", hc);
+  SP_CHECK(D >= 1 && W == hc * D && p.fn.rows >= mix && p.fn.cols == W && p.base.cols >= mix &&
+               p.scale.cols >= (head ? 1 : 3) && out.rows == T && out.cols == D,
+           "mHC shapes: X ", T, "x", W, ", fn ", p.fn.rows, "x", p.fn.cols, ", scale ",
+           p.scale.cols, ", out ", out.rows, "x", out.cols, ", hc ", hc);
+  SP_CHECK(head || (post.rows >= T && post.cols >= hc && comb.rows >= T && comb.cols >= hc * hc),
+           "mHC shapes: post ", post.rows, "x", post.cols, ", comb ", comb.rows, "x", comb.cols,
+           " for ", T, " tokens of hc ", hc);
   if (T == 0) return;
   // Launch sizes from T and the shapes only: about kHcTargetBlocks blocks in kernel 1.
   const int64_t tiles = (T + kHcTile - 1) / kHcTile;
@@ -633,7 +636,10 @@ void hc_launch(cudaStream_t s, Workspace& ws, Tensor X, const HcWeights& p, int 
   const int64_t per = (steps + nchunk - 1) / nchunk;  // steps per chunk
   nchunk = (steps + per - 1) / per;
   const int P = mix + 1;
-  float* part = ws.get<float>(kWsHc, static_cast<size_t>(T * nchunk * P));
+  // At least the size of 8192 tokens' partials from the first call on (the memory estimate counts
+  // that much): a decode step after a smaller one would otherwise grow the workspace (T * nchunk
+  // peaks at T = 64) and drop the recorded graphs.
+  float* part = ws.get<float>(kWsHc, static_cast<size_t>(std::max<int64_t>(T * nchunk, 8192) * P));
   const int64_t fs = p.fn.rows > 1 ? p.fn.stride : W;
   const int64_t xs = T > 1 ? X.stride : W;
   const float* fn = p.fn.f32();
