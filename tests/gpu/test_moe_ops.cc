@@ -310,8 +310,9 @@ TEST(CudaMoe, Deterministic) {
 // The decode gate (T <= 8: the gate GEMV over (row groups of 8, K slices of at most 128 chunks),
 // the routing and the sort in its last block) at the shapes that change its grid, next to the
 // T > 8 paths: V4-Flash's gate in F32 (1,024 chunks a row: 8 slices), V4-Pro's E and D (384 x
-// 7168 bf16: 7 slices of 128 chunks, 48 row groups), E = 20 (a last row group of 4 rows) and a
-// one-slice gate; learned and hash routing; identical bits run twice.
+// 7168 bf16: 7 slices of 128 chunks, 48 row groups), E = 20 (a last row group of 4 rows), a
+// one-slice gate and two gates whose last K slice is short; learned and hash routing; identical
+// bits run twice.
 TEST(CudaMoe, DecodeGateSlices) {
   SP_REQUIRE_GPU();
   Backends be;
@@ -327,6 +328,8 @@ TEST(CudaMoe, DecodeGateSlices) {
       {{20, 320, 96, 4, false, 500}, DType::kBF16},
       {{20, 320, 96, 4, true, 500}, DType::kF32},
       {{16, 64, 64, 2, false, 100}, DType::kBF16},
+      {{32, 2080, 96, 4, false, 500}, DType::kBF16},  // 260 chunks: slices of 87, 87, 86
+      {{32, 4160, 96, 4, true, 500}, DType::kF32},    // 1,040 chunks: 9 of 116, the last 112
   };
   uint64_t seed = 1400;
   for (const Case& c : cases) {
@@ -355,7 +358,7 @@ TEST(CudaMoe, CombineScalarAndVectorColumns) {
   SP_REQUIRE_GPU();
   Backends be;
   uint64_t seed = 1700;
-  for (int D : {90, 96}) {
+  for (int D : {90, 96, 1030, 1056}) {  // 1030 / 1056: three column tiles, the last one short
     MoeShape s{12, D, 40, 3, false, 300};
     MoeLayer L;
     build_layer(be, s, seed, 3, L, 0, false, false, false, DType::kBF16, true);

@@ -478,14 +478,15 @@ __device__ __forceinline__ void arg_block(float& bv, int32_t& bi, ArgBest* sh) {
     for (int w = 1; w < static_cast<int>(blockDim.x / 32); ++w) arg_take(sh[w].v, sh[w].i, bv, bi);
 }
 
-// Pass 1: grid (slices, rows). vec: rows 16-byte aligned (float4 loads).
+// Pass 1: grid (rows, slices): rows on x, which has no 65,535 limit. vec: rows 16-byte aligned
+// (float4 loads).
 __global__ void __launch_bounds__(kArgmaxThreads)
     argmax_slice_kernel(const float* logits, int64_t ls, int64_t vocab, const SampleSpec* specs,
                         int vec, ArgBest* part) {
   __shared__ ArgBest sh[kArgmaxThreads / 32];
-  if (specs[blockIdx.y].temperature > 0.0f) return;  // sampled on the host
-  const float* row = logits + static_cast<int64_t>(specs[blockIdx.y].row) * ls;
-  const int64_t s0 = static_cast<int64_t>(blockIdx.x) * kArgmaxSlice;
+  if (specs[blockIdx.x].temperature > 0.0f) return;  // sampled on the host
+  const float* row = logits + static_cast<int64_t>(specs[blockIdx.x].row) * ls;
+  const int64_t s0 = static_cast<int64_t>(blockIdx.y) * kArgmaxSlice;
   float bv = -INFINITY;
   int32_t bi = kNoId;
   auto see = [&](float v, int64_t i) {
@@ -520,7 +521,7 @@ __global__ void __launch_bounds__(kArgmaxThreads)
     for (int j = 0; j < kArgmaxPerThread; ++j) see(q[j], s0 + threadIdx.x + j * kArgmaxThreads);
   }
   arg_block(bv, bi, sh);
-  if (threadIdx.x == 0) part[static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x] = {bv, bi};
+  if (threadIdx.x == 0) part[static_cast<int64_t>(blockIdx.x) * gridDim.y + blockIdx.y] = {bv, bi};
 }
 
 // Pass 2: one warp per row over its `slices` partials.
@@ -753,7 +754,8 @@ void sample(cudaStream_t s, Workspace& ws, Tensor logits, const SampleSpec* spec
   ArgBest* part = static_cast<ArgBest*>(
       ws.get(kWsArgmax, sizeof(ArgBest) * slices * std::max(n, kArgmaxRowsFloor)));
   const int vec = logits.stride % 4 == 0 && reinterpret_cast<uintptr_t>(logits.data) % 16 == 0;
-  argmax_slice_kernel<<<dim3(static_cast<unsigned>(slices), static_cast<unsigned>(n)),
+  SP_CHECK(slices <= 65535, "sample: vocab ", logits.cols, " over ", 65535, " slices");
+  argmax_slice_kernel<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(slices)),
                         kArgmaxThreads, 0, s>>>(logits.f32(), logits.stride, logits.cols, specs_dev,
                                                 vec, part);
   SP_CUDA_LAUNCH();
