@@ -137,7 +137,7 @@ void bench_moe(cudaStream_t s, Workspace& ws, double copy_gbs) {
       // ints).
       moe(s, ws, xs[0], a, b, y);
       int nact = 0;
-      const int* meta = static_cast<const int*>(ws.get(11, 0));
+      const int* meta = static_cast<const int*>(ws.get(kWsMoeMeta, 0));
       SP_CUDA(cudaMemcpyAsync(&nact, meta + 3 * (E + 1), 4, cudaMemcpyDeviceToHost, s));
       SP_CUDA(cudaStreamSynchronize(s));
       const double bytes = (nact - 1) * expert_bytes + shared_bytes + w.gate.nbytes();

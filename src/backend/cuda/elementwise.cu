@@ -196,7 +196,6 @@ constexpr int kHcTargetBlocks = 1024;
 constexpr int kHcSlice = 1024;  // D columns per block of kernel 2
 constexpr int kHcMaxHc = 16;
 constexpr int kHcMaxP = (2 + kHcMaxHc) * kHcMaxHc + 1;  // mix logits + the sum of squares
-constexpr int kWsHc = 20;                               // workspace slot: the partials
 static_assert(kHcMaxHc * kHcMaxHc <= kThreads, "Sinkhorn: one element per thread");
 
 // Four consecutive elements k..k+3 of a row as fp32. Vec: one 16-byte (f32) or 8-byte (bf16) load
@@ -450,7 +449,6 @@ __global__ void gather_kernel(const T* x, int64_t xs, const int32_t* rows, int n
 constexpr int kArgmaxThreads = 256, kArgmaxPerThread = 8;
 constexpr int kArgmaxSlice = kArgmaxThreads * kArgmaxPerThread;
 constexpr int32_t kNoId = 0x7fffffff;  // no candidate (every value seen was NaN)
-constexpr int kWsArgmax = 24;          // workspace slot: the slices' best [rows, slices]
 constexpr int kArgmaxRowsFloor = 256;  // 128 KB at V4's vocab
 
 struct ArgBest {

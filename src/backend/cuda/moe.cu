@@ -50,8 +50,6 @@ TableRegistry& registry() {
   return r;
 }
 
-constexpr int kWsLogits = 9, kWsRoute = 10, kWsMeta = 11, kWsPairs = 12, kWsH = 13, kWsO = 14;
-constexpr int kWsGatePart = 25;  // the decode gate's partial logits [slices, T, E]
 constexpr int64_t kTokenChunk = 1024;
 constexpr int kMaxTopK = 16;
 constexpr int kUpRows = 2, kDownRows = 4, kTok = 8;
@@ -1027,11 +1025,11 @@ void moe(cudaStream_t s, Workspace& ws, Tensor x, const MoeArgs& a, const DevBat
     const int64_t Tc = std::min(kTokenChunk, T - c0);
     const int64_t TK = Tc * K, npairs = TK + Tc;
     const Tensor xc = x.slice_rows(c0, Tc), yc = y.slice_rows(c0, Tc);
-    float* logits = ws.get<float>(kWsLogits, static_cast<size_t>(Tc * E));
-    int32_t* eidx = ws.get<int32_t>(kWsRoute, static_cast<size_t>(2 * TK));
+    float* logits = ws.get<float>(kWsMoeLogits, static_cast<size_t>(Tc * E));
+    int32_t* eidx = ws.get<int32_t>(kWsMoeRoute, static_cast<size_t>(2 * TK));
     float* ew = reinterpret_cast<float*>(eidx + TK);
-    int* meta = ws.get<int>(kWsMeta, static_cast<size_t>(3 * (E + 1) + 1));
-    int* pairs = ws.get<int>(kWsPairs, static_cast<size_t>(2 * npairs));
+    int* meta = ws.get<int>(kWsMoeMeta, static_cast<size_t>(3 * (E + 1) + 1));
+    int* pairs = ws.get<int>(kWsMoePairs, static_cast<size_t>(2 * npairs));
     int* pos_of = pairs + npairs;
     const int32_t* tid2eid = hash ? L.tid2eid.ptr<int32_t>() : nullptr;
     const float* bias = hash ? nullptr : L.gate_bias.ptr<float>();
@@ -1049,7 +1047,7 @@ void moe(cudaStream_t s, Workspace& ws, Tensor x, const MoeArgs& a, const DevBat
       g.slice_chunks = (nch + slices - 1) / slices;
       // Sized for kGateMaxT tokens whatever Tc, so that decode steps of 1..8 tokens share one
       // buffer (a reallocation drops the recorded decode graphs).
-      g.part = ws.get<float>(kWsGatePart, static_cast<size_t>(slices * kGateMaxT * E));
+      g.part = ws.get<float>(kWsMoeGatePart, static_cast<size_t>(slices * kGateMaxT * E));
       g.gate = gate;
       g.x = xc.data;
       g.ldx = x.stride;
@@ -1105,8 +1103,8 @@ void moe(cudaStream_t s, Workspace& ws, Tensor x, const MoeArgs& a, const DevBat
     // At most min(E, T*K) routed experts are hit, plus the shared one.
     const unsigned slots = static_cast<unsigned>(std::min<int64_t>(E, TK) + 1);
     const int64_t ldh = (Imax + 3) / 4 * 4;
-    float* h = ws.get<float>(kWsH, static_cast<size_t>(npairs * ldh));
-    float* o = ws.get<float>(kWsO, static_cast<size_t>(npairs * D));
+    float* h = ws.get<float>(kWsMoeH, static_cast<size_t>(npairs * ldh));
+    float* o = ws.get<float>(kWsMoeO, static_cast<size_t>(npairs * D));
     ExpertArgs ea;
     ea.tab = tab;
     ea.meta = meta;
