@@ -76,29 +76,6 @@ Tensor device_tensor(int64_t rows, int64_t cols, DType dt, uint64_t seed, int ki
   return Tensor{p, rows, cols, cols, dt, Device::kCuda};
 }
 
-// Median of `reps` timed calls of fn(i) (i rotates the inputs), after warm-up.
-template <typename Fn>
-float time_ms(cudaStream_t s, int reps, Fn fn) {
-  for (int i = 0; i < 3; ++i) fn(i);
-  std::vector<float> t;
-  cudaEvent_t a, b;
-  SP_CUDA(cudaEventCreate(&a));
-  SP_CUDA(cudaEventCreate(&b));
-  for (int r = 0; r < reps; ++r) {
-    SP_CUDA(cudaEventRecord(a, s));
-    fn(r);
-    SP_CUDA(cudaEventRecord(b, s));
-    SP_CUDA(cudaEventSynchronize(b));
-    float ms = 0;
-    SP_CUDA(cudaEventElapsedTime(&ms, a, b));
-    t.push_back(ms);
-  }
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
-}
-
 // Median over `reps` of the time per call of `batch` back-to-back calls fn(i) (i rotates the
 // inputs), after `warmup` calls (default `batch`): the device stays busy, so the host's launch
 // latency is not counted (as in a decode step that the host enqueues ahead).
@@ -122,6 +99,13 @@ float time_batch_ms(cudaStream_t s, int reps, int batch, Fn fn, int warmup = -1)
   cudaEventDestroy(b);
   std::sort(t.begin(), t.end());
   return t[t.size() / 2];
+}
+
+// Median of `reps` timed calls of fn(i) (i rotates the inputs), each timed alone (the host's
+// launch latency included), after 3 warm-up calls.
+template <typename Fn>
+float time_ms(cudaStream_t s, int reps, Fn fn) {
+  return time_batch_ms(s, reps, 1, fn, 3);
 }
 
 void* dalloc(size_t n) {

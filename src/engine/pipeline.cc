@@ -216,9 +216,14 @@ class StageRunner {
     }
     // Snapshots after everything this stage runs for the step (the MTP layer's pass included).
     for (const SlotCopy& c : plan.copies_after) model_.copy_slot(c.src, c.dst);
-    // Reading the non-finite flag waits for the step's kernels (the last stage reads it with the
-    // sampled ids): so on a GPU the "compute" span (busy time, the trace) covers the device's
-    // work, not just its launches. Nothing is lost: the send waits for those kernels anyway.
+    // The host transport's copy of the boundary tensor brings the non-finite flag back with it
+    // (the last stage's does with the sampled ids). Reading the flag waits for the step's
+    // kernels, so on a GPU the "compute" span (busy time, the trace) covers the device's work,
+    // not just its launches; nothing is lost, the send waits for those kernels anyway.
+    if (!is_last() && !link_) {
+      buf_.resize(static_cast<size_t>(X.numel() * X.elem_size()));
+      model_.backend().to_host(X, buf_.data());
+    }
     check_finite(plan);
     tl_.add("compute", plan.id, t);
     tl_.report.steps++;
@@ -252,8 +257,7 @@ class StageRunner {
       tl_.add("send", plan.id, t);
       return;
     }
-    buf_.resize(static_cast<size_t>(X.numel() * X.elem_size()));
-    model_.backend().to_host(X, buf_.data());
+    // compute() left the boundary tensor in buf_.
     check(tr_.send(s_ + 1, Channel::kStep, encode_step(plan), buf_.data(),
                    static_cast<int64_t>(buf_.size())));
     tl_.add("send", plan.id, t);
