@@ -167,8 +167,12 @@ TEST(CudaElementwise, GreedySamplingSlicesTiesAndNaN) {
     check_greedy(be, 10, V, (V + 3) / 4 * 4 + 4, 0, V + 5, poisoned, "padded rows");
   }
   check_greedy(be, 256, 129280, 129280, 0, 9, poisoned, "256 rows");
-  // Past the scratch's 256-row floor: the workspace slot grows.
-  check_greedy(be, 300, 129280, 129280, 0, 11, poisoned, "300 rows");
+  // Past the scratch's 256-row floor: the workspace slot grows (a backend reserved for 300
+  // logit rows; the default harness limit is 256).
+  BackendLimits lim = Backends::default_limits();
+  lim.max_logit_rows = 300;
+  Backends wide(lim);
+  check_greedy(wide, 300, 129280, 129280, 0, 11, poisoned, "300 rows");
 }
 
 }  // namespace
