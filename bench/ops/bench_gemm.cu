@@ -1,7 +1,10 @@
 // bench_ops: times the CUDA projections and the MoE on V4-Flash shapes (random weights generated on
 // the device; each case rotates among enough weight copies to exceed 4x the L2 cache). Prints one
-// table: time per call, GB/s of weight bytes, TFLOP/s. BENCH_MOE_ONLY=1 skips the projections;
-// BENCH_COPY_ONLY=1 measures the copy bandwidth alone.
+// table: time per call, GB/s of weight bytes, TFLOP/s; then mHC pre / hc_head and the small decode
+// kernels (bench_small.cu: norms, sampling, the non-finite check, gate and combine).
+// BENCH_MOE_ONLY=1 skips the projections, mHC and the small kernels; BENCH_HC_ONLY=1 runs mHC
+// alone; BENCH_SMALL_ONLY=1 the small kernels alone; BENCH_COPY_ONLY=1 measures the copy bandwidth
+// alone.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -13,6 +16,7 @@
 #include "bench_util.cuh"
 
 namespace sp::cuda {
+void bench_small(cudaStream_t s, Workspace& ws, double copy_gbs);  // bench_small.cu
 namespace {
 
 using namespace bench;
@@ -133,7 +137,7 @@ void bench_moe(cudaStream_t s, Workspace& ws, double copy_gbs) {
       // ints).
       moe(s, ws, xs[0], a, b, y);
       int nact = 0;
-      const int* meta = static_cast<const int*>(ws.get(11, 0));
+      const int* meta = static_cast<const int*>(ws.get(kWsMoeMeta, 0));
       SP_CUDA(cudaMemcpyAsync(&nact, meta + 3 * (E + 1), 4, cudaMemcpyDeviceToHost, s));
       SP_CUDA(cudaStreamSynchronize(s));
       const double bytes = (nact - 1) * expert_bytes + shared_bytes + w.gate.nbytes();
@@ -142,6 +146,63 @@ void bench_moe(cudaStream_t s, Workspace& ws, double copy_gbs) {
                   nact - 1, gbs, 100.0 * gbs / copy_gbs);
       for (auto& x : xs) cudaFree(x.data);
       cudaFree(y.data);
+    }
+  }
+}
+
+// mHC pre (hc_pre) and hc_head on V4-Flash shapes (hc_mult 4, hidden 4096: fn [24, 16384] f32,
+// 1.5 MB; X [T, 16384] f32, the residual streams): each call rotates among enough fn / X copies
+// to exceed 4x the L2 cache, as a decode step whose 86 calls each read another layer's fn. GB/s
+// counts fn + X read once and x written (f32); "of copy" is that against the copy bandwidth.
+void bench_hc(cudaStream_t s, Workspace& ws, int64_t l2, double copy_gbs) {
+  const int hc = 4;
+  const int64_t D = 4096, W = hc * D;
+  std::printf("\n%-14s %6s %5s %9s %9s %9s %8s\n", "mhc (Flash)", "T", "x", "us", "us 1", "GB/s",
+              "of copy");
+  for (bool head : {false, true}) {
+    const int mix = head ? hc : (2 + hc) * hc;
+    for (int64_t T : {1, 8, 64, 4096}) {
+      if (head && T > 8) continue;  // hc_head runs on the sampled rows only
+      const double bytes = 4.0 * (mix * W + T * W + T * D);
+      const int copies = static_cast<int>(std::max<int64_t>(
+          2, (4 * l2 + static_cast<int64_t>(bytes) - 1) / static_cast<int64_t>(bytes) + 1));
+      std::vector<HcWeights> ps;
+      std::vector<Tensor> Xs;
+      for (int c = 0; c < copies; ++c) {
+        HcWeights p;
+        p.fn = device_tensor(mix, W, DType::kF32, 60 + c, 4);
+        p.base = device_tensor(1, mix, DType::kF32, 61 + c, 4);
+        p.scale = device_tensor(1, head ? 1 : 3, DType::kF32, 62 + c, 4);
+        ps.push_back(p);
+        Xs.push_back(device_tensor(T, W, DType::kF32, 70 + c, 4));
+      }
+      for (DType xd : {DType::kF32, DType::kBF16}) {
+        Tensor x = device_tensor(T, D, xd, 80);
+        Tensor post = device_tensor(T, hc, DType::kF32, 81, 4);
+        Tensor comb = device_tensor(T, hc * hc, DType::kF32, 82, 4);
+        auto call = [&](int i) {
+          const int c = i % copies;
+          if (head)
+            hc_head(s, ws, Xs[c], ps[c], hc, 1e-6f, 1e-6f, x);
+          else
+            hc_pre(s, ws, Xs[c], ps[c], hc, 20, 1e-6f, 1e-6f, x, post, comb);
+        };
+        const float ms = time_batch_ms(s, 10, std::max(copies, 16), call);
+        const float ms1 = time_ms(s, 20, call);
+        const double gbs = bytes / (ms * 1e-3) / 1e9;
+        std::printf("%-14s %6lld %5s %9.1f %9.1f %9.0f %7.0f%%\n", head ? "hc_head" : "hc_pre",
+                    static_cast<long long>(T), dtype_name(xd), ms * 1e3, ms1 * 1e3, gbs,
+                    100.0 * gbs / copy_gbs);
+        cudaFree(x.data);
+        cudaFree(post.data);
+        cudaFree(comb.data);
+      }
+      for (int c = 0; c < copies; ++c) {
+        cudaFree(ps[c].fn.data);
+        cudaFree(ps[c].base.data);
+        cudaFree(ps[c].scale.data);
+        cudaFree(Xs[c].data);
+      }
     }
   }
 }
@@ -171,9 +232,17 @@ int main() {
     cudaFree(a);
     cudaFree(b);
     // BENCH_COPY_ONLY=1: the ceiling alone (the floors of the whole-model benchmarks use it).
-    if (!getenv("BENCH_COPY_ONLY")) {
+    if (getenv("BENCH_HC_ONLY")) {
+      bench_hc(s, ws, prop.l2CacheSize, copy_gbs);
+    } else if (getenv("BENCH_SMALL_ONLY")) {
+      bench_small(s, ws, copy_gbs);
+    } else if (!getenv("BENCH_COPY_ONLY")) {
       if (!getenv("BENCH_MOE_ONLY")) bench_linear(s, ws, prop.l2CacheSize, copy_gbs);
       bench_moe(s, ws, copy_gbs);
+      if (!getenv("BENCH_MOE_ONLY")) {
+        bench_hc(s, ws, prop.l2CacheSize, copy_gbs);
+        bench_small(s, ws, copy_gbs);
+      }
     }
   }
   SP_CUDA(cudaStreamDestroy(s));

@@ -667,10 +667,13 @@ GpuNeed gpu_need(const Flags& f, const Config& c, const LoadPlan& plan, int max_
     n.state += (S + slots_or_zero(f)) * static_cast<double>(b.per_sequence) +
                S * static_cast<double>(b.per_token) * L;
   }
+  // The mHC partials of the CUDA backend (elementwise.cu): at most (mix + 1) x max(T + 7, 8192)
+  // floats.
+  const double hc_partials = 4.0 * (c.hc_mix() + 1) * std::max(T + 7.0, 8192.0);
   n.work =
       (with_base_work
            ? T * 4.0 * (4.0 * c.hc_dim() + 2.0 * c.num_heads * c.head_dim + 8.0 * c.hidden_size) +
-                 double{1 << 30}
+                 hc_partials + double{1 << 30}
            : 0.0) +
       (plan.head ? max_logit_rows * 4.0 * static_cast<double>(c.vocab_size) : 0.0) +
       mtp_work_bytes(c, plan, T);

@@ -1,6 +1,7 @@
 // Parity of the CUDA backend's norms, rope, mHC mixing, copies and greedy sampling against the CPU
 // backend, on random inputs of awkward and V4-Flash shapes.
 #include <cmath>
+#include <cstring>
 
 #include "tests/gpu/op_harness.h"
 
@@ -81,7 +82,11 @@ struct HcSet {
 
 HcSet make_hc(Backends& be, int hc, int64_t D, bool head, uint64_t seed) {
   const int mix = head ? hc : (2 + hc) * hc;
-  auto fn = random_vec(mix * hc * D, seed, 0.02f);
+  // The logits' spread independent of the width (Flash's at hc * D = 16384): at small widths a
+  // fixed amplitude would give logits so flat that 20 Sinkhorn iterations converge whatever their
+  // order, and a wrong order, a missing iteration or a race would pass.
+  auto fn =
+      random_vec(mix * hc * D, seed, 0.02f * std::sqrt(16384.0f / static_cast<float>(hc * D)));
   auto base = random_vec(mix, seed + 1, 0.5f);
   std::vector<float> scale = head ? std::vector<float>{0.7f} : std::vector<float>{0.7f, 0.9f, 1.1f};
   HcSet s;
@@ -93,39 +98,108 @@ HcSet make_hc(Backends& be, int hc, int64_t D, bool head, uint64_t seed) {
   return s;
 }
 
-TEST(CudaElementwise, MhcPrePostHead) {
+bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+// A GPU tensor of `dtype` filled with NaN (so an element the kernel misses shows).
+Tensor nan_tensor(Backend& be, int64_t rows, int64_t cols, DType dtype) {
+  return make_tensor(be, std::vector<float>(static_cast<size_t>(rows * cols), NAN), rows, cols,
+                     dtype);
+}
+
+// mHC pre and head on one shape against the CPU backend: X stored f32 and bf16 (the same values),
+// x / h stored f32 and bf16; post and comb f32. X is a column view [T, hc * D] of a [T, hc * D +
+// pad] tensor starting at column `off` (pad or off not a multiple of 4: the kernels' element-load
+// path). Every GPU call runs twice, outputs poisoned with NaN in between: the same bits.
+void check_mhc(Backends& be, int T, int hc, int64_t D, int64_t pad, int64_t off) {
+  SCOPED_TRACE(testing::Message() << "T " << T << " hc " << hc << " D " << D << " pad " << pad
+                                  << " off " << off);
+  const int64_t W = hc * D, ld = W + pad;
+  auto Xv = round_bf16(random_vec(T * ld, 1000 + T * 31 + hc, 1.0f));
+  HcSet pre = make_hc(be, hc, D, false, 11 + hc), head = make_hc(be, hc, D, true, 12 + hc);
+  Tensor Xc = make_tensor(*be.cpu, Xv, T, ld, DType::kF32).slice_cols(off, W);
+  Tensor xc = be.cpu->alloc(T, D, DType::kF32), hh = be.cpu->alloc(T, D, DType::kF32);
+  Tensor pc = be.cpu->alloc(T, hc, DType::kF32), cc = be.cpu->alloc(T, hc * hc, DType::kF32);
+  be.cpu->hc_pre(Xc, pre.cpu, hc, 20, 1e-6f, 1e-6f, xc, pc, cc);
+  be.cpu->hc_head(Xc, head.cpu, hc, 1e-6f, 1e-6f, hh);
+  const auto x_ref = read_f32(*be.cpu, xc), h_ref = read_f32(*be.cpu, hh);
+  const auto p_ref = read_f32(*be.cpu, pc), c_ref = read_f32(*be.cpu, cc);
+  for (DType xd : {DType::kF32, DType::kBF16}) {
+    Tensor Xg = make_tensor(*be.gpu, Xv, T, ld, xd).slice_cols(off, W);
+    for (DType od : {DType::kF32, DType::kBF16}) {
+      SCOPED_TRACE(testing::Message() << "X " << dtype_name(xd) << " out " << dtype_name(od));
+      const double tol = od == DType::kF32 ? 1e-5 : 1e-2;
+      std::vector<float> first[4];
+      for (int run = 0; run < 2; ++run) {
+        Tensor xg = nan_tensor(*be.gpu, T, D, od), hg = nan_tensor(*be.gpu, T, D, od);
+        Tensor pg = nan_tensor(*be.gpu, T, hc, DType::kF32);
+        Tensor cg = nan_tensor(*be.gpu, T, hc * hc, DType::kF32);
+        be.gpu->hc_pre(Xg, pre.gpu, hc, 20, 1e-6f, 1e-6f, xg, pg, cg);
+        be.gpu->hc_head(Xg, head.gpu, hc, 1e-6f, 1e-6f, hg);
+        std::vector<float> got[4] = {read_f32(*be.gpu, xg), read_f32(*be.gpu, pg),
+                                     read_f32(*be.gpu, cg), read_f32(*be.gpu, hg)};
+        if (run == 0) {
+          EXPECT_LE(rel_l2(got[0], x_ref), tol) << "x";
+          EXPECT_LE(rel_l2(got[1], p_ref), 1e-5) << "post";
+          EXPECT_LE(rel_l2(got[2], c_ref), 1e-5) << "comb";
+          EXPECT_LE(rel_l2(got[3], h_ref), tol) << "head";
+          for (int i = 0; i < 4; ++i) first[i] = std::move(got[i]);
+        } else {
+          for (int i = 0; i < 4; ++i) EXPECT_TRUE(same_bits(got[i], first[i])) << "output " << i;
+        }
+      }
+    }
+  }
+}
+
+// Decode and MTP-verify sizes (T = 1..64: many K-chunks), prefill sizes (one or a few chunks) on
+// V4-Flash's shapes (hc_mult 4, hidden 4096); then strided and misaligned views (element loads),
+// a width that is not a multiple of 4 or of a warp step, hc_mult 7 and 16 (mix rows over several
+// passes, the Sinkhorn over the whole block instead of one warp), a width of one warp step (one
+// chunk at every T) and a hidden size that is not a multiple of the collapse kernel's slice.
+TEST(CudaElementwise, MhcPreAndHead) {
+  SP_REQUIRE_GPU();
+  Backends be;
+  for (int T : {1, 2, 3, 17, 64, 300, 2048}) check_mhc(be, T, 4, 4096, 0, 0);
+  for (auto [T, hc, D, pad, off] : {std::tuple{5, 4, 4096, 4, 0},
+                                    {9, 4, 4096, 1, 0},
+                                    {1, 4, 4096, 3, 1},
+                                    {3, 4, 256, 0, 0},
+                                    {5, 4, 1100, 0, 0},
+                                    {2, 7, 96, 0, 0},
+                                    {33, 7, 96, 0, 0},
+                                    {17, 3, 45, 0, 0},
+                                    {1, 2, 50, 0, 0},
+                                    {40, 2, 50, 0, 0},
+                                    {9, 16, 64, 0, 0},
+                                    {3, 5, 64, 0, 0},  // the last Sinkhorn in one warp (25 values)
+                                    {3, 6, 64, 0, 0},  // the first over the block (36)
+                                    {2, 1, 64, 0, 0},  // hc_mult 1: a one-value Sinkhorn
+                                    {8200, 2, 50, 0, 0}})  // one chunk, T past 8192 partial rows
+    check_mhc(be, T, hc, D, pad, off);
+}
+
+TEST(CudaElementwise, MhcPost) {
   SP_REQUIRE_GPU();
   Backends be;
   for (auto [T, hc, D] : {std::tuple{1, 4, 4096}, {3, 4, 256}, {65, 4, 4096}, {2, 7, 96}}) {
     const int64_t W = int64_t{hc} * D;
     auto Xv = round_bf16(random_vec(T * W, T + hc, 1.0f));
-    HcSet pre = make_hc(be, hc, D, false, 11), head = make_hc(be, hc, D, true, 12);
     Tensor Xc = make_tensor(*be.cpu, Xv, T, W, DType::kF32);
     Tensor Xg = make_tensor(*be.gpu, Xv, T, W, DType::kBF16);
-    Tensor xc = be.cpu->alloc(T, D, DType::kF32), xg = be.gpu->alloc(T, D, DType::kBF16);
-    Tensor pc = be.cpu->alloc(T, hc, DType::kF32), pg = be.gpu->alloc(T, hc, DType::kF32);
-    Tensor cc = be.cpu->alloc(T, hc * hc, DType::kF32), cg = be.gpu->alloc(T, hc * hc, DType::kF32);
-    be.cpu->hc_pre(Xc, pre.cpu, hc, 20, 1e-6f, 1e-6f, xc, pc, cc);
-    be.gpu->hc_pre(Xg, pre.gpu, hc, 20, 1e-6f, 1e-6f, xg, pg, cg);
-    EXPECT_LE(rel_l2(read_f32(*be.gpu, pg), read_f32(*be.cpu, pc)), 1e-5) << "post " << T;
-    EXPECT_LE(rel_l2(read_f32(*be.gpu, cg), read_f32(*be.cpu, cc)), 1e-5) << "comb " << T;
-    EXPECT_LE(rel_l2(read_f32(*be.gpu, xg), read_f32(*be.cpu, xc)), 1e-2) << "x " << T;
-    // hc_post on the same sublayer output (rounded to bf16 for both).
+    auto pv = random_vec(T * hc, 7, 1.0f), cv = random_vec(T * hc * hc, 8, 0.5f);
+    Tensor pc = make_tensor(*be.cpu, pv, T, hc, DType::kF32);
+    Tensor cc = make_tensor(*be.cpu, cv, T, hc * hc, DType::kF32);
+    Tensor pg = make_tensor(*be.gpu, pv, T, hc, DType::kF32);
+    Tensor cg = make_tensor(*be.gpu, cv, T, hc * hc, DType::kF32);
+    // The same sublayer output (rounded to bf16) on both sides.
     auto fv = round_bf16(random_vec(T * D, 99, 1.0f));
     Tensor fc = make_tensor(*be.cpu, fv, T, D, DType::kF32);
     Tensor fg = make_tensor(*be.gpu, fv, T, D, DType::kBF16);
-    // Same comb/post on both sides: the CPU's.
-    Tensor pg2 = make_tensor(*be.gpu, read_f32(*be.cpu, pc), T, hc, DType::kF32);
-    Tensor cg2 = make_tensor(*be.gpu, read_f32(*be.cpu, cc), T, hc * hc, DType::kF32);
     be.cpu->hc_post(fc, pc, cc, hc, Xc);
-    be.gpu->hc_post(fg, pg2, cg2, hc, Xg);
+    be.gpu->hc_post(fg, pg, cg, hc, Xg);
     EXPECT_LE(rel_l2(read_f32(*be.gpu, Xg), read_f32(*be.cpu, Xc)), 1e-2) << "post X " << T;
-    Tensor hcpu = be.cpu->alloc(T, D, DType::kF32), hgpu = be.gpu->alloc(T, D, DType::kBF16);
-    Tensor Xg2 = make_tensor(*be.gpu, round_bf16(read_f32(*be.cpu, Xc)), T, W, DType::kBF16);
-    Tensor Xc2 = make_tensor(*be.cpu, round_bf16(read_f32(*be.cpu, Xc)), T, W, DType::kF32);
-    be.cpu->hc_head(Xc2, head.cpu, hc, 1e-6f, 1e-6f, hcpu);
-    be.gpu->hc_head(Xg2, head.gpu, hc, 1e-6f, 1e-6f, hgpu);
-    EXPECT_LE(rel_l2(read_f32(*be.gpu, hgpu), read_f32(*be.cpu, hcpu)), 1e-2) << "head " << T;
   }
 }
 

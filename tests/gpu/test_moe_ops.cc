@@ -48,14 +48,19 @@ struct MoeLayer {
 // fp8_odd: the shared (FP8) expert's W2 scale blocks of rows 0..127, 128..255, 256.. get 2^7, 2^8
 // and 2^9 (E8M0 134, 135, 136: the top of the bf16 multiply's exact range and past it), its W1
 // column blocks 1 and 2 get 2^-117 and 2^-118 (E8M0 10, 9: the bottom of the range and past it).
+// gate_dtype: the gate's storage (BF16 as released; F32 takes the decode gate's F32 variant).
+// float_experts: BF16 routed experts (neither the decode nor the tensor-core kernels: the general
+// ones), which allows a D that is not a multiple of 32 (or of 4: the combine's scalar path).
 void build_layer(Backends& be, const MoeShape& s, uint64_t seed, int pool, MoeLayer& L, int hot = 0,
-                 bool odd_scales = false, bool tc_off = false, bool fp8_odd = false) {
+                 bool odd_scales = false, bool tc_off = false, bool fp8_odd = false,
+                 DType gate_dtype = DType::kBF16, bool float_experts = false) {
   std::mt19937_64 rng(seed);
+  const WeightFormat ef = float_experts ? WeightFormat::kFloat : WeightFormat::kFP4;
   for (int i = 0; i < pool; ++i) {
-    L.pool_w13.push_back(random_matrix(WeightFormat::kFP4, s.I, s.D, seed + 10 + i));
-    L.pool_w2.push_back(random_matrix(WeightFormat::kFP4, s.D, s.I, seed + 1000 + i));
+    L.pool_w13.push_back(random_matrix(ef, s.I, s.D, seed + 10 + i));
+    L.pool_w2.push_back(random_matrix(ef, s.D, s.I, seed + 1000 + i));
   }
-  L.gate = random_matrix(WeightFormat::kFloat, s.E, s.D, seed + 1, DType::kBF16, 0.05f);
+  L.gate = random_matrix(WeightFormat::kFloat, s.E, s.D, seed + 1, gate_dtype, 0.05f);
   L.sw1 = random_matrix(WeightFormat::kFP8, s.I, s.D, seed + 2);
   L.sw2 = random_matrix(WeightFormat::kFP8, s.D, s.I, seed + 3);
   L.sw3 = random_matrix(WeightFormat::kFP8, s.I, s.D, seed + 4);
@@ -108,9 +113,11 @@ void build_layer(Backends& be, const MoeShape& s, uint64_t seed, int pool, MoeLa
     for (int e = 0; e < s.E; ++e) {
       Matrix w1 = L.pool_w13[e % pool].m, w3 = L.pool_w13[(e + 1) % pool].m,
              w2 = L.pool_w2[e % pool].m;
-      w1.scale = L.scales[3 * e].data();
-      w2.scale = L.scales[3 * e + 1].data();
-      w3.scale = L.scales[3 * e + 2].data();
+      if (!float_experts) {
+        w1.scale = L.scales[3 * e].data();
+        w2.scale = L.scales[3 * e + 1].data();
+        w3.scale = L.scales[3 * e + 2].data();
+      }
       mw->w1.push_back(b.upload(w1));
       mw->w2.push_back(b.upload(w2));
       mw->w3.push_back(b.upload(w3));
@@ -297,6 +304,73 @@ TEST(CudaMoe, Deterministic) {
     check_moe(be, L, s, T, DType::kBF16, DType::kF32, 5, &b);
     ASSERT_EQ(a.size(), b.size());
     EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0) << "T=" << T;
+  }
+}
+
+// The decode gate (T <= 8: the gate GEMV over (row groups of 8, K slices of at most 128 chunks),
+// the routing and the sort in its last block) at the shapes that change its grid, next to the
+// T > 8 paths: V4-Flash's gate in F32 (1,024 chunks a row: 8 slices), V4-Pro's E and D (384 x
+// 7168 bf16: 7 slices of 128 chunks, 48 row groups), E = 20 (a last row group of 4 rows), a
+// one-slice gate and two gates whose last K slice is short; learned and hash routing; identical
+// bits run twice.
+TEST(CudaMoe, DecodeGateSlices) {
+  SP_REQUIRE_GPU();
+  Backends be;
+  use_fast_cpu(be);
+  struct Case {
+    MoeShape s;
+    DType gate;
+  };
+  const Case cases[] = {
+      {{256, 4096, 256, 6, false, 4096}, DType::kF32},
+      {{256, 4096, 256, 6, true, 4096}, DType::kF32},
+      {{384, 7168, 256, 6, false, 4096}, DType::kBF16},
+      {{20, 320, 96, 4, false, 500}, DType::kBF16},
+      {{20, 320, 96, 4, true, 500}, DType::kF32},
+      {{16, 64, 64, 2, false, 100}, DType::kBF16},
+      {{32, 2080, 96, 4, false, 500}, DType::kBF16},  // 260 chunks: slices of 87, 87, 86
+      {{32, 4160, 96, 4, true, 500}, DType::kF32},    // 1,040 chunks: 9 of 116, the last 112
+  };
+  uint64_t seed = 1400;
+  for (const Case& c : cases) {
+    MoeLayer L;
+    build_layer(be, c.s, seed, 4, L, 0, false, false, false, c.gate);
+    for (int T : {1, 2, 3, 8, 17, 64, 300}) {
+      check_moe(be, L, c.s, T, DType::kF32, DType::kF32, seed + T);
+      check_moe(be, L, c.s, T, DType::kBF16, DType::kBF16, seed + 1000 + T);
+    }
+    for (int T : {1, 8}) {  // bits run twice
+      std::vector<float> a, b;
+      check_moe(be, L, c.s, T, DType::kBF16, DType::kF32, seed + 7, &a);
+      check_moe(be, L, c.s, T, DType::kBF16, DType::kF32, seed + 7, &b);
+      ASSERT_EQ(a.size(), b.size());
+      EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0) << "T=" << T;
+    }
+    seed += 100;
+  }
+}
+
+// The combine's scalar path (D = 90, not a multiple of 4: BF16 routed experts on the general
+// kernels; the gate rows are not 16-byte aligned either, so up to 64 tokens the gate is linear()
+// and the one-block route and sort) next to its vector path at D = 96 (where the decode gate
+// takes T <= 8).
+TEST(CudaMoe, CombineScalarAndVectorColumns) {
+  SP_REQUIRE_GPU();
+  Backends be;
+  uint64_t seed = 1700;
+  for (int D : {90, 96, 1030, 1056}) {  // 1030 / 1056: three column tiles, the last one short
+    MoeShape s{12, D, 40, 3, false, 300};
+    MoeLayer L;
+    build_layer(be, s, seed, 3, L, 0, false, false, false, DType::kBF16, true);
+    for (int T : {1, 2, 3, 17, 64, 300})
+      for (DType yd : {DType::kF32, DType::kBF16})
+        check_moe(be, L, s, T, DType::kF32, yd, seed + T);
+    std::vector<float> a, b;
+    check_moe(be, L, s, 3, DType::kBF16, DType::kF32, seed + 5, &a);
+    check_moe(be, L, s, 3, DType::kBF16, DType::kF32, seed + 5, &b);
+    ASSERT_EQ(a.size(), b.size());
+    EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0);
+    seed += 100;
   }
 }
 

@@ -39,10 +39,17 @@ TEST(NonFinite, FlagKernelMatchesCpuScan) {
   struct Shape {
     int64_t rows, cols, stride;
   };
-  // Vector and scalar paths, one row and more rows than the kernel's blocks, a strided view, the
-  // width of V4-Flash's residual (hc_mult 4 x hidden 4096).
-  const Shape shapes[] = {{1, 4, 4},      {3, 7, 7},          {2, 9, 12},   {5, 16384, 16384},
-                          {2048, 64, 64}, {1500, 1028, 1028}, {4, 100, 104}};
+  // Vector and scalar paths, one row and more rows than the kernel's row groups (1,024), a strided
+  // view, the width of V4-Flash's residual (hc_mult 4 x hidden 4096) at T = 1, 2, 3, 17, 64 and
+  // 300 (4 column tiles of 4,096 values a row), its logits (129,280: 32 tiles), an odd vocab
+  // (scalar path: 127 tiles of 1,024 values, the last one partial), 4,097 columns (scalar path, a
+  // last tile of one value) and 4,100 (vector path, a last tile of one vector).
+  const Shape shapes[] = {{1, 4, 4},           {3, 7, 7},           {2, 9, 12},
+                          {5, 16384, 16384},   {2048, 64, 64},      {1500, 1028, 1028},
+                          {4, 100, 104},       {1, 16384, 16384},   {2, 16384, 16384},
+                          {3, 16384, 16388},   {17, 16384, 16384},  {64, 16384, 16384},
+                          {300, 16384, 16384}, {1, 129280, 129280}, {3, 129280, 129280},
+                          {2, 129281, 129281}, {3, 4097, 4097},     {2, 4100, 4100}};
   const float bad[] = {INFINITY, -INFINITY, qnan, -qnan};
   int cases = 0;
   for (const Shape& s : shapes) {
@@ -70,7 +77,7 @@ TEST(NonFinite, FlagKernelMatchesCpuScan) {
       ++cases;
     }
   }
-  EXPECT_EQ(cases, 7 * 13);
+  EXPECT_EQ(cases, 18 * 13);
 }
 
 // The first place of a step wins, whatever follows; begin_step starts clean; the tags map back.

@@ -404,7 +404,8 @@ void attention(cudaStream_t s, Workspace& ws, Tensor q, Tensor kv, const Attenti
   const int splits = static_cast<int>(std::min<int64_t>(
       {max_tiles, std::max<int64_t>(1, (2 * num_sms() + base - 1) / base), kMaxSplits}));
   P.splits = splits;
-  if (splits > 1) P.part = ws.get<float>(0, static_cast<size_t>(T) * P.H * splits * (P.dh + 2));
+  if (splits > 1)
+    P.part = ws.get<float>(kWsAttnPartials, static_cast<size_t>(T) * P.H * splits * (P.dh + 2));
   dim3 grid(T, hgroups, splits);
   const int nc = (P.dh + 127) / 128;
   switch (nc) {

@@ -24,8 +24,6 @@
 namespace sp::cuda {
 namespace {
 
-constexpr int kWsSplitK = 8;  // workspace slot: split-K partials [splits, M, N] f32
-
 struct GemvArgs {
   DevMat w;
   const void* x = nullptr;  // [M, ldx] f32 or bf16
@@ -686,7 +684,6 @@ void launch_mma_f(cudaStream_t s, const MmaArgs& p, int bm, dim3 grid) {
 
 constexpr int kTcWarps = 8, kTcWK = 4, kTcRT = 2;
 constexpr int kTcRows = 16 * kTcRT * (kTcWarps / kTcWK);  // rows per block (64)
-constexpr int kWsX = 15;  // workspace slot: activations converted to bf16 (hi, lo)
 
 struct TcArgs {
   DevMat w;
@@ -927,7 +924,7 @@ std::pair<const __nv_bfloat16*, const __nv_bfloat16*> split_x(cudaStream_t s, Wo
                                                               const Tensor& x, int64_t ldp) {
   const bool lo = x.dtype == DType::kF32;
   const int64_t n = x.rows * ldp;
-  __nv_bfloat16* xh = ws.get<__nv_bfloat16>(kWsX, static_cast<size_t>((lo ? 2 : 1) * n));
+  __nv_bfloat16* xh = ws.get<__nv_bfloat16>(kWsGemmX, static_cast<size_t>((lo ? 2 : 1) * n));
   __nv_bfloat16* xl = lo ? xh + n : nullptr;
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>((n + 255) / 256, 2048));
   if (lo)

@@ -68,7 +68,6 @@ const LtApi& lt() {
 }
 
 // Workspace slots of this path (gemm.cu uses 8, moe.cu 10-14).
-constexpr int kWsLtQ = 40, kWsLtScale = 41, kWsLtWork = 42, kWsLtOut = 43;
 
 void check_lt(cublasStatus_t st, const char* what, const char* file, int line) {
   if (st == CUBLAS_STATUS_SUCCESS) return;

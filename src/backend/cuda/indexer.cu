@@ -213,7 +213,7 @@ void indexer_topk(cudaStream_t s, Workspace& ws, Tensor q, Tensor weights, int h
     for (int t = 0; t < T; ++t) max_n = std::max(max_n, (hb.positions[t] + 1) / ratio);
   P.ld = std::max(1, max_n);
   const int sub = static_cast<int>(std::clamp<int64_t>(kMaxScoreFloats / P.ld, 1, T));
-  P.scores = ws.get<float>(0, static_cast<size_t>(sub) * P.ld);
+  P.scores = ws.get<float>(kWsIndexerScores, static_cast<size_t>(sub) * P.ld);
   // Blocks per token: enough for about two per SM over the step's tokens, at most one per tile of
   // the longest sequence (each block strides over its token's tiles).
   const int64_t all_tiles = std::max(1, (max_n + kET - 1) / kET);

@@ -65,6 +65,30 @@ class LtGemm;  // gemm_lt.h
 // warmed-up decode step allocates nothing.
 struct GraphCaptureAbort {};
 
+// The workspace's slots, one list so that no two ops share a buffer that is live in both. A slot
+// is an op's scratch within one call; ops that never run inside one another may share one.
+enum WsSlot : int {
+  kWsAttnPartials = 0,   // attention.cu: split partials [T, H, splits, dh + 2]
+  kWsIndexerScores = 0,  // indexer.cu: scores (the indexer runs before the attention reads)
+  kWsSplitK = 8,         // gemm.cu: split-K partials [splits, M, N] f32
+  kWsMoeLogits = 9,      // moe.cu: router logits [T, E]
+  kWsMoeRoute = 10,      // moe.cu: selected experts and weights [T, 2 K]
+  kWsMoeMeta = 11,       // moe.cu: per-expert counts and offsets
+  kWsMoePairs = 12,      // moe.cu: (token, expert) pairs sorted by expert
+  kWsMoeH = 13,          // moe.cu: expert hidden activations [pairs, I]
+  kWsMoeO = 14,          // moe.cu: expert outputs [pairs, D]
+  kWsGemmX = 15,         // gemm.cu: activations converted to bf16 (hi, lo)
+  kWsMoeStageX = 16,     // moe_decode.cu: staged x (bf16 hi, lo)
+  kWsMoeStageH = 17,     // moe_decode.cu: staged hidden activations
+  kWsHc = 20,            // elementwise.cu: mHC partial mix sums
+  kWsArgmax = 24,        // elementwise.cu: greedy sampling's per-slice best [rows, slices]
+  kWsMoeGatePart = 25,   // moe.cu: the decode gate's partial logits [slices, T, E]
+  kWsLtQ = 40,           // gemm_lt.cu: quantised activations
+  kWsLtScale = 41,       // gemm_lt.cu: activation scales
+  kWsLtWork = 42,        // gemm_lt.cu: cuBLASLt workspace
+  kWsLtOut = 43,         // gemm_lt.cu: output before conversion
+};
+
 class Workspace {
  public:
   explicit Workspace(cudaStream_t stream) : stream_(stream) {}

@@ -50,7 +50,6 @@ TableRegistry& registry() {
   return r;
 }
 
-constexpr int kWsLogits = 9, kWsRoute = 10, kWsMeta = 11, kWsPairs = 12, kWsH = 13, kWsO = 14;
 constexpr int64_t kTokenChunk = 1024;
 constexpr int kMaxTopK = 16;
 constexpr int kUpRows = 2, kDownRows = 4, kTok = 8;
@@ -184,10 +183,20 @@ __global__ void moe_sort_kernel(const int32_t* eidx, int T, int K, int E, int* m
 // weights as moe_route_kernel: the best biased score, ties to the lower id, K times; weights
 // summed in selection order). bs: shared [nw][E] floats. Logits are read through L2 (another
 // block of the same launch may have written them).
+// kShared: logits and bias in this block's shared memory (plain loads). A lane's scores are loaded
+// at once (E <= 32 * kRouteLaneScores, which both callers check), not one L2 round trip each.
+constexpr int kRouteLaneScores = 16;
+template <bool kShared = false>
 __device__ __forceinline__ void route_tokens(const float* logits, int T, int E, int K, int hash,
                                              const int32_t* tid2eid, const int32_t* ids,
                                              const float* bias, float routed_scale, int32_t* eidx,
                                              float* ew, float* sm) {
+  auto logit = [](const float* p) {
+    if constexpr (kShared)
+      return *p;
+    else
+      return __ldcg(p);
+  };
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   float* bs = sm + warp * E;
   for (int t = warp; t < T; t += nw) {
@@ -198,8 +207,18 @@ __device__ __forceinline__ void route_tokens(const float* logits, int T, int E, 
     } else {
       // A NaN score selects like -inf (the lowest ids): an index always comes out; the NaN
       // itself reaches the routing weights and the non-finite check names the layer.
-      for (int e = lane; e < E; e += 32) {
-        const float v = sqrtf(softplus_dev(__ldcg(lg + e))) + bias[e];
+      float lv[kRouteLaneScores], lb[kRouteLaneScores];
+#pragma unroll
+      for (int i = 0; i < kRouteLaneScores; ++i) {
+        const int e = lane + 32 * i;
+        lv[i] = e < E ? logit(lg + e) : 0.0f;
+        lb[i] = e < E ? bias[e] : 0.0f;
+      }
+#pragma unroll
+      for (int i = 0; i < kRouteLaneScores; ++i) {
+        const int e = lane + 32 * i;
+        if (e >= E) break;
+        const float v = sqrtf(softplus_dev(lv[i])) + lb[i];
         bs[e] = v != v ? -INFINITY : v;
       }
       __syncwarp();
@@ -222,7 +241,7 @@ __device__ __forceinline__ void route_tokens(const float* logits, int T, int E, 
         __syncwarp();
       }
     }
-    const float sj = lane < K ? sqrtf(softplus_dev(__ldcg(lg + chosen))) : 0.0f;
+    const float sj = lane < K ? sqrtf(softplus_dev(logit(lg + chosen))) : 0.0f;
     float sum = 0.0f;
     for (int j = 0; j < K; ++j) sum += __shfl_sync(0xffffffffu, sj, j);
     if (lane < K) {
@@ -236,6 +255,7 @@ __device__ __forceinline__ void route_tokens(const float* logits, int T, int E, 
 
 // Small steps: routing and the sort in one block. shared: [nw][E] floats.
 constexpr int kRouteSortThreads = 512, kRouteSortMaxE = 512, kRouteSortMaxT = 64;
+static_assert(kRouteSortMaxE <= 32 * kRouteLaneScores, "route_tokens' per-lane scores");
 __global__ void __launch_bounds__(kRouteSortThreads)
     moe_route_sort_kernel(const float* logits, int T, int E, int K, int hash,
                           const int32_t* tid2eid, const int32_t* ids, const float* bias,
@@ -247,12 +267,16 @@ __global__ void __launch_bounds__(kRouteSortThreads)
   sort_pairs(eidx, T, K, E, meta, pairs, pos_of, sh, sh + E + 1);
 }
 
-// Decode steps (T <= 8, BF16 gate with 16-byte aligned rows): the gate GEMV, then routing and
-// the sort by the last block to finish, in one launch. Warp w of block b owns gate row
-// 4 b + w: lane l takes the 8-value chunks l, l + 32, ... (8 loads in flight), each applied to
-// the T tokens read through L1; a warp-shuffle sum. The last block (an integer counter, reset
-// by that block) then runs route_tokens and sort_pairs on the logits.
-constexpr int kGateThreads = 128, kGateMaxT = 8;
+// Decode steps (T <= 8, BF16 or F32 gate with 16-byte aligned rows): the gate GEMV, then routing
+// and the sort by the last block to finish, in one launch. The GEMV is spread over a grid of (row
+// groups, K slices): warp w of block (b, s) owns gate row kGateRows * b + w over the chunks of
+// slice s (at most 32 * kGateLaneChunks chunks: every lane's loads in flight at once), each chunk
+// applied to the T tokens read through L1; a warp-shuffle sum into the partials [slices, T, E].
+// The last block (an integer counter, reset by that block) sums each logit's partials in slice
+// order into shared memory, routes (a warp per token, from shared memory) and sorts. Every sum has
+// a fixed order, so the bits depend on the shapes only.
+constexpr int kGateThreads = 256, kGateMaxT = 8, kGateRows = kGateThreads / 32;
+constexpr int kGateLaneChunks = 4;
 struct GateRouteArgs {
   DevMat gate;
   const void* x = nullptr;  // [T, ldx]
@@ -263,49 +287,52 @@ struct GateRouteArgs {
   const int32_t* ids = nullptr;
   const float* bias = nullptr;
   float routed_scale = 0.0f;
-  float* logits = nullptr;  // [T, E]
+  float* part = nullptr;     // [slices, T, E]
+  int64_t slice_chunks = 0;  // 16-byte chunks of a row per K slice
   int32_t* eidx = nullptr;
   float* ew = nullptr;
   int *meta = nullptr, *pairs = nullptr, *pos_of = nullptr;
   unsigned* counter = nullptr;  // 0 between launches
 };
 
-template <typename XT>
+template <int F, typename XT>
 __global__ void __launch_bounds__(kGateThreads) moe_gate_route_kernel(GateRouteArgs a) {
-  __shared__ float sm[(kGateThreads / 32) * kRouteSortMaxE];
+  __shared__ float lgs[kGateMaxT * kRouteSortMaxE];  // the logits [T, E]
+  __shared__ float bias_s[kRouteSortMaxE];
+  __shared__ float sm[kGateRows * kRouteSortMaxE];  // routing's scores; then the sort's counts
   __shared__ bool last;
-  constexpr int U = 8;
+  constexpr int V = FmtTraits<F>::kVals;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * (kGateThreads / 32) + warp;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * kGateRows + warp;
   if (n < a.E) {
-    const int64_t K = a.gate.in, nch = (K + 7) / 8;
+    const int64_t K = a.gate.in, nch = (K + V - 1) / V;
+    const int64_t c0 = static_cast<int64_t>(blockIdx.y) * a.slice_chunks;
+    const int64_t c1 = c0 + a.slice_chunks < nch ? c0 + a.slice_chunks : nch;
     const uint8_t* row = a.gate.data + n * a.gate.row_bytes;
     float acc[kGateMaxT];
 #pragma unroll
     for (int m = 0; m < kGateMaxT; ++m) acc[m] = 0.0f;
-    for (int64_t cb = 0; cb < nch; cb += 32 * U) {
-      uint4 wc[U];
+    uint4 wc[kGateLaneChunks];
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int64_t c = cb + lane + 32 * u;
-        wc[u] = c < nch ? ld_chunk(row, c * 16, a.gate.row_bytes, true) : make_uint4(0, 0, 0, 0);
-      }
+    for (int u = 0; u < kGateLaneChunks; ++u) {
+      const int64_t c = c0 + lane + 32 * u;
+      wc[u] = c < c1 ? ld_chunk(row, c * 16, a.gate.row_bytes, true) : make_uint4(0, 0, 0, 0);
+    }
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int64_t c = cb + lane + 32 * u;
-        if (c >= nch) continue;
+    for (int u = 0; u < kGateLaneChunks; ++u) {
+      const int64_t c = c0 + lane + 32 * u;
+      if (c >= c1) break;
 #pragma unroll
-        for (int m = 0; m < kGateMaxT; ++m) {
-          if (m >= a.T) break;
-          const XT* xr = static_cast<const XT*>(a.x) + m * a.ldx;
+      for (int m = 0; m < kGateMaxT; ++m) {
+        if (m >= a.T) break;
+        const XT* xr = static_cast<const XT*>(a.x) + m * a.ldx;
 #pragma unroll
-          for (int hf = 0; hf < 2; ++hf) {
-            float wv[4], xv[4];
-            decode4<kWBF16>(wc[u], hf, 1.0f, wv);
-            load_x4(xr, 8 * c + 4 * hf, K, a.xvec != 0, xv);
+        for (int p = 0; p < V / 4; ++p) {
+          float wv[4], xv[4];
+          decode4<F>(wc[u], p, 1.0f, wv);
+          load_x4(xr, V * c + 4 * p, K, a.xvec != 0, xv);
 #pragma unroll
-            for (int i = 0; i < 4; ++i) acc[m] = fmaf(wv[i], xv[i], acc[m]);
-          }
+          for (int i = 0; i < 4; ++i) acc[m] = fmaf(wv[i], xv[i], acc[m]);
         }
       }
     }
@@ -313,18 +340,27 @@ __global__ void __launch_bounds__(kGateThreads) moe_gate_route_kernel(GateRouteA
     for (int m = 0; m < kGateMaxT; ++m) {
       if (m >= a.T) break;
       const float v = warp_sum(acc[m]);
-      if (lane == 0) a.logits[m * a.E + n] = v;
+      if (lane == 0) a.part[(static_cast<int64_t>(blockIdx.y) * a.T + m) * a.E + n] = v;
     }
   }
   __threadfence();
   __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(a.counter, 1u) == gridDim.x - 1;
+  if (threadIdx.x == 0) last = atomicAdd(a.counter, 1u) == gridDim.x * gridDim.y - 1;
   __syncthreads();
   if (!last) return;
   __threadfence();
   if (threadIdx.x == 0) *a.counter = 0;
-  route_tokens(a.logits, a.T, a.E, a.K, a.hash, a.tid2eid, a.ids, a.bias, a.routed_scale, a.eidx,
-               a.ew, sm);
+  const int TE = a.T * a.E, slices = static_cast<int>(gridDim.y);
+  for (int i = threadIdx.x; i < TE; i += blockDim.x) {
+    float v = 0.0f;
+    for (int k = 0; k < slices; ++k) v += __ldcg(a.part + static_cast<int64_t>(k) * TE + i);
+    lgs[i] = v;
+  }
+  if (!a.hash)
+    for (int e = threadIdx.x; e < a.E; e += blockDim.x) bias_s[e] = a.bias[e];
+  __syncthreads();
+  route_tokens<true>(lgs, a.T, a.E, a.K, a.hash, a.tid2eid, a.ids, bias_s, a.routed_scale, a.eidx,
+                     a.ew, sm);
   int* sh = reinterpret_cast<int*>(sm);
   sort_pairs(a.eidx, a.T, a.K, a.E, a.meta, a.pairs, a.pos_of, sh, sh + a.E + 1);
 }
@@ -802,32 +838,69 @@ __global__ void __launch_bounds__(kDecThreads, 2) moe_dec_kernel(DecArgs a) {
 }
 
 // y[t] = sum over the token's experts in ascending id of w * o, then + the shared expert's o.
-__global__ void moe_combine_kernel(const float* o, int64_t D, const int32_t* eidx, const float* ew,
-                                   const int* pos_of, int T, int K, void* y, int64_t ldy,
-                                   int y_bf16) {
+// Grid (column tiles, tokens): a token's row is spread over ceil(D / (4 * kCombineThreads))
+// blocks, each thread 4 consecutive columns (one float4 of each of the token's K + 1 expert
+// outputs in flight at once when kVec). Warp 0 of every block orders the token's choices by
+// expert id (a rank by comparison: ids ascending, equal ids in selection order, as a stable
+// insertion sort). The sum per column is in that fixed order, so the bits do not depend on the
+// tiling.
+constexpr int kCombineThreads = 128;
+template <bool kVec>
+__global__ void __launch_bounds__(kCombineThreads)
+    moe_combine_kernel(const float* o, int64_t D, const int32_t* eidx, const float* ew,
+                       const int* pos_of, int T, int K, void* y, int64_t ldy, int y_bf16) {
   __shared__ int pos[kMaxTopK];
   __shared__ float wt[kMaxTopK];
-  const int t = blockIdx.x;
-  if (threadIdx.x == 0) {
-    int ex[kMaxTopK];
-    for (int j = 0; j < K; ++j) {
-      int e = eidx[t * K + j], p = pos_of[t * K + j];
-      float w = ew[t * K + j];
-      int i = j;
-      for (; i > 0 && ex[i - 1] > e; --i) ex[i] = ex[i - 1], pos[i] = pos[i - 1], wt[i] = wt[i - 1];
-      ex[i] = e, pos[i] = p, wt[i] = w;
+  const int t = blockIdx.y;
+  const int64_t sp = pos_of[T * K + t];  // in flight with warp 0's loads
+  if (threadIdx.x < 32) {
+    const int j = threadIdx.x;
+    const int e = j < K ? eidx[t * K + j] : 0x7fffffff;
+    const int p = j < K ? pos_of[t * K + j] : 0;
+    const float w = j < K ? ew[t * K + j] : 0.0f;
+    int rank = 0;
+    for (int i = 0; i < K; ++i) {
+      const int ei = __shfl_sync(0xffffffffu, e, i);
+      rank += ei < e || (ei == e && i < j) ? 1 : 0;
     }
+    if (j < K) pos[rank] = p, wt[rank] = w;
   }
   __syncthreads();
-  const int64_t sp = pos_of[T * K + t];
-  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-    float acc = 0.0f;
-    for (int j = 0; j < K; ++j) acc = __fadd_rn(acc, __fmul_rn(o[pos[j] * D + d], wt[j]));
-    const float v = __fadd_rn(acc, o[sp * D + d]);
+  const int64_t d0 = 4 * (static_cast<int64_t>(blockIdx.x) * kCombineThreads + threadIdx.x);
+  if (d0 >= D) return;
+  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f}, sv[4];
+  if (kVec) {
+    float4 v[kMaxTopK];
+#pragma unroll
+    for (int j = 0; j < kMaxTopK; ++j)
+      if (j < K) v[j] = *reinterpret_cast<const float4*>(o + pos[j] * D + d0);
+    const float4 sh = *reinterpret_cast<const float4*>(o + sp * D + d0);
+#pragma unroll
+    for (int j = 0; j < kMaxTopK; ++j) {
+      if (j >= K) break;
+      acc[0] = __fadd_rn(acc[0], __fmul_rn(v[j].x, wt[j]));
+      acc[1] = __fadd_rn(acc[1], __fmul_rn(v[j].y, wt[j]));
+      acc[2] = __fadd_rn(acc[2], __fmul_rn(v[j].z, wt[j]));
+      acc[3] = __fadd_rn(acc[3], __fmul_rn(v[j].w, wt[j]));
+    }
+    sv[0] = sh.x, sv[1] = sh.y, sv[2] = sh.z, sv[3] = sh.w;
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      if (d0 + i >= D) break;
+      for (int j = 0; j < K; ++j)
+        acc[i] = __fadd_rn(acc[i], __fmul_rn(o[pos[j] * D + d0 + i], wt[j]));
+      sv[i] = o[sp * D + d0 + i];
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if (d0 + i >= D) break;
+    const float v = __fadd_rn(acc[i], sv[i]);
     if (y_bf16)
-      static_cast<__nv_bfloat16*>(y)[t * ldy + d] = __float2bfloat16_rn(v);
+      static_cast<__nv_bfloat16*>(y)[t * ldy + d0 + i] = __float2bfloat16_rn(v);
     else
-      static_cast<float*>(y)[t * ldy + d] = v;
+      static_cast<float*>(y)[t * ldy + d0 + i] = v;
   }
 }
 
@@ -952,19 +1025,29 @@ void moe(cudaStream_t s, Workspace& ws, Tensor x, const MoeArgs& a, const DevBat
     const int64_t Tc = std::min(kTokenChunk, T - c0);
     const int64_t TK = Tc * K, npairs = TK + Tc;
     const Tensor xc = x.slice_rows(c0, Tc), yc = y.slice_rows(c0, Tc);
-    float* logits = ws.get<float>(kWsLogits, static_cast<size_t>(Tc * E));
-    int32_t* eidx = ws.get<int32_t>(kWsRoute, static_cast<size_t>(2 * TK));
+    float* logits = ws.get<float>(kWsMoeLogits, static_cast<size_t>(Tc * E));
+    int32_t* eidx = ws.get<int32_t>(kWsMoeRoute, static_cast<size_t>(2 * TK));
     float* ew = reinterpret_cast<float*>(eidx + TK);
-    int* meta = ws.get<int>(kWsMeta, static_cast<size_t>(3 * (E + 1) + 1));
-    int* pairs = ws.get<int>(kWsPairs, static_cast<size_t>(2 * npairs));
+    int* meta = ws.get<int>(kWsMoeMeta, static_cast<size_t>(3 * (E + 1) + 1));
+    int* pairs = ws.get<int>(kWsMoePairs, static_cast<size_t>(2 * npairs));
     int* pos_of = pairs + npairs;
     const int32_t* tid2eid = hash ? L.tid2eid.ptr<int32_t>() : nullptr;
     const float* bias = hash ? nullptr : L.gate_bias.ptr<float>();
     const DevMat gate = dev_mat(L.gate);
     const bool gx_vec =
         x.stride % 4 == 0 && reinterpret_cast<uintptr_t>(x.data) % (4 * x.elem_size()) == 0;
-    if (Tc <= kGateMaxT && E <= kRouteSortMaxE && gate.fmt == kWBF16 && gate.vec) {
+    if (Tc <= kGateMaxT && E <= kRouteSortMaxE && (gate.fmt == kWBF16 || gate.fmt == kWF32) &&
+        gate.vec) {
+      // K slices of at most 32 * kGateLaneChunks chunks (V4-Flash's bf16 gate, 512 chunks a row:
+      // 4 slices, 32 x 4 = 128 blocks), balanced.
+      const int64_t nch = (D + (gate.fmt == kWBF16 ? 7 : 3)) / (gate.fmt == kWBF16 ? 8 : 4);
+      const int64_t most = 32 * kGateLaneChunks;
+      const int64_t slices = (nch + most - 1) / most;
       GateRouteArgs g;
+      g.slice_chunks = (nch + slices - 1) / slices;
+      // Sized for kGateMaxT tokens whatever Tc, so that decode steps of 1..8 tokens share one
+      // buffer (a reallocation drops the recorded decode graphs).
+      g.part = ws.get<float>(kWsMoeGatePart, static_cast<size_t>(slices * kGateMaxT * E));
       g.gate = gate;
       g.x = xc.data;
       g.ldx = x.stride;
@@ -977,7 +1060,6 @@ void moe(cudaStream_t s, Workspace& ws, Tensor x, const MoeArgs& a, const DevBat
       g.ids = b.token_ids + c0;
       g.bias = bias;
       g.routed_scale = a.routed_scale;
-      g.logits = logits;
       g.eidx = eidx;
       g.ew = ew;
       g.meta = meta;
@@ -985,12 +1067,19 @@ void moe(cudaStream_t s, Workspace& ws, Tensor x, const MoeArgs& a, const DevBat
       g.pos_of = pos_of;
       g.counter = reinterpret_cast<unsigned*>(static_cast<uint8_t*>(L.table.data) +
                                               L.table.rows * L.table.stride);
-      const unsigned grid =
-          static_cast<unsigned>((E + kGateThreads / 32 - 1) / (kGateThreads / 32));
-      if (x_bf16)
-        moe_gate_route_kernel<__nv_bfloat16><<<grid, kGateThreads, 0, s>>>(g);
-      else
-        moe_gate_route_kernel<float><<<grid, kGateThreads, 0, s>>>(g);
+      const dim3 grid(static_cast<unsigned>((E + kGateRows - 1) / kGateRows),
+                      static_cast<unsigned>(slices));
+      if (gate.fmt == kWBF16) {
+        if (x_bf16)
+          moe_gate_route_kernel<kWBF16, __nv_bfloat16><<<grid, kGateThreads, 0, s>>>(g);
+        else
+          moe_gate_route_kernel<kWBF16, float><<<grid, kGateThreads, 0, s>>>(g);
+      } else {
+        if (x_bf16)
+          moe_gate_route_kernel<kWF32, __nv_bfloat16><<<grid, kGateThreads, 0, s>>>(g);
+        else
+          moe_gate_route_kernel<kWF32, float><<<grid, kGateThreads, 0, s>>>(g);
+      }
       SP_CUDA_LAUNCH();
     } else if (Tc <= kRouteSortMaxT && E <= kRouteSortMaxE) {
       linear(s, ws, xc, L.gate, Tensor{logits, Tc, E, E, DType::kF32, Device::kCuda});
@@ -1014,8 +1103,8 @@ void moe(cudaStream_t s, Workspace& ws, Tensor x, const MoeArgs& a, const DevBat
     // At most min(E, T*K) routed experts are hit, plus the shared one.
     const unsigned slots = static_cast<unsigned>(std::min<int64_t>(E, TK) + 1);
     const int64_t ldh = (Imax + 3) / 4 * 4;
-    float* h = ws.get<float>(kWsH, static_cast<size_t>(npairs * ldh));
-    float* o = ws.get<float>(kWsO, static_cast<size_t>(npairs * D));
+    float* h = ws.get<float>(kWsMoeH, static_cast<size_t>(npairs * ldh));
+    float* o = ws.get<float>(kWsMoeO, static_cast<size_t>(npairs * D));
     ExpertArgs ea;
     ea.tab = tab;
     ea.meta = meta;
@@ -1107,9 +1196,18 @@ void moe(cudaStream_t s, Workspace& ws, Tensor x, const MoeArgs& a, const DevBat
       ts.o = o;
       moe_tc(s, ws, ts);
     }
-    moe_combine_kernel<<<static_cast<unsigned>(Tc), 256, 0, s>>>(
-        o, D, eidx, ew, pos_of, static_cast<int>(Tc), static_cast<int>(K), yc.data, y.stride,
-        y.dtype == DType::kBF16 ? 1 : 0);
+    const dim3 comb_grid(
+        static_cast<unsigned>((D + 4 * kCombineThreads - 1) / (4 * kCombineThreads)),
+        static_cast<unsigned>(Tc));
+    // o rows (D floats from a 256-byte aligned base) take float4 loads when D % 4 == 0.
+    if (D % 4 == 0)
+      moe_combine_kernel<true><<<comb_grid, kCombineThreads, 0, s>>>(
+          o, D, eidx, ew, pos_of, static_cast<int>(Tc), static_cast<int>(K), yc.data, y.stride,
+          y.dtype == DType::kBF16 ? 1 : 0);
+    else
+      moe_combine_kernel<false><<<comb_grid, kCombineThreads, 0, s>>>(
+          o, D, eidx, ew, pos_of, static_cast<int>(Tc), static_cast<int>(K), yc.data, y.stride,
+          y.dtype == DType::kBF16 ? 1 : 0);
     SP_CUDA_LAUNCH();
   }
 }

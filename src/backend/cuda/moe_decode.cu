@@ -34,8 +34,7 @@ constexpr int kTcKParts = 2;                              // warps splitting a r
 constexpr int kTcTileRows = 16 * (kTcWarps / kTcKParts);  // rows of a block tile (64)
 constexpr int kTcSmallTok = 8;                            // one n tile: 2..8 tokens
 constexpr int kTcAhead = 8;  // steps a warp prefetches into L2 ahead of its loads (even: its own)
-constexpr int64_t kTcTargetBlocks = 528;       // four per SM of an H100 / H200
-constexpr int kWsStageX = 16, kWsStageH = 17;  // workspace slots (moe.cu: 9..14)
+constexpr int64_t kTcTargetBlocks = 528;  // four per SM of an H100 / H200
 
 struct TcArgs {
   const DevExpert* tab = nullptr;
@@ -417,7 +416,7 @@ void moe_tc(cudaStream_t s, Workspace& ws, const MoeTcStep& st) {
   // The tokens, staged (rows of ldp values, zero past D; chunks never read past D rounded to 32).
   const int64_t ldp = (st.D + 31) / 32 * 32;
   __nv_bfloat16* xh =
-      ws.get<__nv_bfloat16>(kWsStageX, static_cast<size_t>((lo_x ? 2 : 1) * T * ldp));
+      ws.get<__nv_bfloat16>(kWsMoeStageX, static_cast<size_t>((lo_x ? 2 : 1) * T * ldp));
   __nv_bfloat16* xl = lo_x ? xh + T * ldp : nullptr;
   {
     const unsigned grid = static_cast<unsigned>(std::min<int64_t>((T * ldp + 255) / 256, 1024));
@@ -431,7 +430,7 @@ void moe_tc(cudaStream_t s, Workspace& ws, const MoeTcStep& st) {
   }
   // h as hi + lo in stage order, a row per (expert, token) pair.
   const int64_t ldh = (st.Imax + 31) / 32 * 32;
-  __nv_bfloat16* hh = ws.get<__nv_bfloat16>(kWsStageH, static_cast<size_t>(2 * npairs * ldh));
+  __nv_bfloat16* hh = ws.get<__nv_bfloat16>(kWsMoeStageH, static_cast<size_t>(2 * npairs * ldh));
   __nv_bfloat16* hl = hh + npairs * ldh;
 
   TcArgs a;
