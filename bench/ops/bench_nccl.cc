@@ -1,8 +1,10 @@
 // bench_nccl: the boundary transfer's hardware reference. Two GPUs of this machine (0 and 1, or
 // the two given), one thread each, a two-rank NCCL communicator as the pipeline's links use;
-// ping-pong of the boundary tensor's sizes: one-way time = round trip / 2 (host-timed, each hop
-// enqueued and synchronised as a pipeline stage does), and bandwidth = bytes / one-way time.
-// Not a test. Usage: bench_nccl [GPU_A GPU_B]   (NCCL_NVLS_ENABLE=0 as the engine runs it)
+// ping-pong of the boundary tensor's sizes: one-way time = round trip / 2 (host-timed), and
+// bandwidth = bytes / one-way time. Two ways: a blocking communicator with each hop's stream
+// synchronised, and as the pipeline's NCCL link does it (a non-blocking communicator, each call
+// polled with ncclCommGetAsyncError until it is no longer in progress, completion polled with
+// cudaEventQuery and sched_yield). Not a test. Usage: bench_nccl [GPU_A GPU_B]   (NCCL_NVLS_ENABLE=0 as the engine runs it)
 #include <cuda_runtime.h>
 #include <nccl.h>
 
@@ -11,6 +13,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <sched.h>
 #include <thread>
 #include <vector>
 
@@ -58,13 +61,29 @@ int main(int argc, char** argv) {
   ncclUniqueId id;
   NK(ncclGetUniqueId(&id));
   std::barrier sync(2);
-  std::vector<double> one_way_us(tokens.size());
-  auto worker = [&](int rank) {
+  std::vector<double> one_way_us(tokens.size()), polled_us(tokens.size());
+  // Until the communicator has no call in progress (non-blocking communicators).
+  auto settle = [](ncclComm_t comm) {
+    ncclResult_t st = ncclInProgress;
+    while (st == ncclInProgress) NK(ncclCommGetAsyncError(comm, &st));
+    NK(st);
+  };
+  auto worker = [&](int rank, bool polled) {
     CK(cudaSetDevice(dev[rank]));
     ncclComm_t comm;
-    NK(ncclCommInitRank(&comm, 2, id, rank));
+    if (polled) {
+      ncclConfig_t cfg = NCCL_CONFIG_INITIALIZER;
+      cfg.blocking = 0;
+      const ncclResult_t r = ncclCommInitRankConfig(&comm, 2, id, rank, &cfg);
+      if (r != ncclInProgress) NK(r);
+      settle(comm);
+    } else {
+      NK(ncclCommInitRank(&comm, 2, id, rank));
+    }
     cudaStream_t s;
     CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    cudaEvent_t done;
+    CK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
     void* buf = nullptr;
     CK(cudaMalloc(&buf, max_bytes));
     CK(cudaMemset(buf, 0, max_bytes));
@@ -72,9 +91,19 @@ int main(int argc, char** argv) {
       const size_t bytes = row * static_cast<size_t>(tokens[k]);
       const int iters = tokens[k] <= 256 ? 200 : 20;
       auto hop = [&](bool send) {
-        NK(send ? ncclSend(buf, bytes, ncclUint8, 1 - rank, comm, s)
-                : ncclRecv(buf, bytes, ncclUint8, 1 - rank, comm, s));
-        CK(cudaStreamSynchronize(s));
+        const ncclResult_t r = send ? ncclSend(buf, bytes, ncclUint8, 1 - rank, comm, s)
+                                    : ncclRecv(buf, bytes, ncclUint8, 1 - rank, comm, s);
+        if (!polled) {
+          NK(r);
+          CK(cudaStreamSynchronize(s));
+          return;
+        }
+        if (r != ncclInProgress) NK(r);
+        settle(comm);
+        CK(cudaEventRecord(done, s));
+        cudaError_t e;
+        while ((e = cudaEventQuery(done)) == cudaErrorNotReady) sched_yield();
+        CK(e);
       };
       for (int w = 0; w < 5; ++w) {  // warm-up round trips (connections made on first use)
         hop(rank == 0);
@@ -87,21 +116,28 @@ int main(int argc, char** argv) {
         hop(rank != 0);
       }
       const double rt = std::chrono::duration<double>(Clock::now() - t0).count() / iters;
-      if (rank == 0) one_way_us[k] = rt / 2 * 1e6;
+      if (rank == 0) (polled ? polled_us : one_way_us)[k] = rt / 2 * 1e6;
       sync.arrive_and_wait();
     }
     CK(cudaFree(buf));
+    CK(cudaEventDestroy(done));
     CK(cudaStreamDestroy(s));
+    if (polled) settle(comm);
     NK(ncclCommDestroy(comm));
   };
-  std::thread a(worker, 0), b(worker, 1);
-  a.join();
-  b.join();
-  std::printf("%10s %12s %14s %12s\n", "tokens", "bytes", "one-way us", "GB/s");
+  for (bool polled : {false, true}) {
+    if (polled) NK(ncclGetUniqueId(&id));
+    std::thread a(worker, 0, polled), b(worker, 1, polled);
+    a.join();
+    b.join();
+  }
+  std::printf("%10s %12s %14s %12s %18s %12s\n", "tokens", "bytes", "one-way us", "GB/s",
+              "link-style us", "GB/s");
   for (size_t k = 0; k < tokens.size(); ++k) {
     const double bytes = static_cast<double>(row) * tokens[k];
-    std::printf("%10d %12.0f %14.1f %12.1f\n", tokens[k], bytes, one_way_us[k],
-                bytes / (one_way_us[k] * 1e-6) / 1e9);
+    std::printf("%10d %12.0f %14.1f %12.1f %18.1f %12.1f\n", tokens[k], bytes, one_way_us[k],
+                bytes / (one_way_us[k] * 1e-6) / 1e9, polled_us[k],
+                bytes / (polled_us[k] * 1e-6) / 1e9);
   }
   return 0;
 }
