@@ -160,7 +160,8 @@ BatchView batch_of(int T, int vocab, uint64_t seed) {
 }
 
 // tc_mins: the GPU runs once per entry with that tensor-core minimum (set_moe_tc_min_tokens), each
-// against the one CPU result; empty: once with the backend's setting. gpu_out: the last run's.
+// against the one CPU result; empty: once with the backend's setting. gpu_out: the outputs of the
+// GPU runs one after another.
 double check_moe(Backends& be, MoeLayer& L, const MoeShape& s, int T, DType xd, DType yd,
                  uint64_t seed, std::vector<float>* gpu_out = nullptr,
                  std::vector<int> tc_mins = {}) {
@@ -179,6 +180,7 @@ double check_moe(Backends& be, MoeLayer& L, const MoeShape& s, int T, DType xd, 
   auto ref = read_f32(*be.cpu, yc);
   if (yd == DType::kBF16) ref = round_bf16(ref);
   if (tc_mins.empty()) tc_mins.push_back(0);
+  if (gpu_out) gpu_out->clear();
   double worst = 0.0;
   for (int tc_min : tc_mins) {
     if (tc_min > 0) cuda::set_moe_tc_min_tokens(*be.gpu, tc_min);
@@ -202,7 +204,7 @@ double check_moe(Backends& be, MoeLayer& L, const MoeShape& s, int T, DType xd, 
     EXPECT_LE(err, tol) << (s.hash ? "hash" : "learned") << " T=" << T << " x=" << dtype_name(xd)
                         << " y=" << dtype_name(yd) << " tc_min=" << tc_min;
     worst = std::max(worst, err);
-    if (gpu_out) *gpu_out = std::move(got);
+    if (gpu_out) gpu_out->insert(gpu_out->end(), got.begin(), got.end());
   }
   if (tc_mins.back() > 0) cuda::set_moe_tc_min_tokens(*be.gpu, cuda::kMoeTcMinTokens);
   return worst;
@@ -264,7 +266,7 @@ TEST(CudaMoe, FlashMixedPaths) {
 // tensor cores (1), against one CPU result: T = 1 (the tensor cores at one token), 2 and 3 (one n
 // tile), 17 (the hot and the shared expert: 3 n tiles), 64, 65 (two token groups of the hot and
 // the shared expert, the second of one token), 300 (five groups, the last of 44 tokens; routed
-// experts in all three ranges); then the bits of T = 300 twice for each minimum.
+// experts in all three ranges); then the bits of T = 300, two runs with each minimum.
 TEST(CudaMoe, FlashWorkList) {
   SP_REQUIRE_GPU();
   Backends be;
@@ -276,13 +278,12 @@ TEST(CudaMoe, FlashWorkList) {
     check_moe(be, L, s, T, DType::kF32, DType::kF32, 1500 + T, nullptr, {2, 1});
   for (int T : {1, 3, 65, 300})
     check_moe(be, L, s, T, DType::kBF16, DType::kBF16, 1600 + T, nullptr, {2, 1});
-  for (int tc_min : {2, 1}) {
-    std::vector<float> a, b;
-    check_moe(be, L, s, 300, DType::kBF16, DType::kF32, 1700, &a, {tc_min});
-    check_moe(be, L, s, 300, DType::kBF16, DType::kF32, 1700, &b, {tc_min});
-    ASSERT_EQ(a.size(), b.size());
-    EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0) << tc_min;
-  }
+  std::vector<float> r;  // four runs: tc_min 2 twice, then 1 twice
+  check_moe(be, L, s, 300, DType::kBF16, DType::kF32, 1700, &r, {2, 2, 1, 1});
+  const size_t n = size_t{300} * s.D;
+  ASSERT_EQ(r.size(), 4 * n);
+  EXPECT_EQ(std::memcmp(r.data(), r.data() + n, n * sizeof(float)), 0) << "tc_min 2";
+  EXPECT_EQ(std::memcmp(r.data() + 2 * n, r.data() + 3 * n, n * sizeof(float)), 0) << "tc_min 1";
 }
 
 // A prefill step of 4,096 tokens at V4-Flash shapes (four chunks of 1,024 tokens): the hot expert
@@ -295,11 +296,11 @@ TEST(CudaMoe, FlashPrefill) {
   MoeShape s{256, 4096, 2048, 6, false, 4096};
   MoeLayer L;
   build_layer(be, s, 25, 8, L, 1);
-  std::vector<float> a, b;
-  check_moe(be, L, s, 4096, DType::kBF16, DType::kBF16, 1800, &a, {2, 1});
-  check_moe(be, L, s, 4096, DType::kBF16, DType::kBF16, 1800, &b, {1});
-  ASSERT_EQ(a.size(), b.size());
-  EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0);
+  std::vector<float> r;  // three runs: tc_min 2, then 1 twice
+  check_moe(be, L, s, 4096, DType::kBF16, DType::kBF16, 1800, &r, {2, 1, 1});
+  const size_t n = size_t{4096} * s.D;
+  ASSERT_EQ(r.size(), 3 * n);
+  EXPECT_EQ(std::memcmp(r.data() + n, r.data() + 2 * n, n * sizeof(float)), 0);
 }
 
 // Scales outside the exact range of the bf16 scale multiply take the fp32 route of the decode (the
@@ -370,12 +371,12 @@ TEST(CudaMoe, Deterministic) {
     ASSERT_EQ(a.size(), b.size());
     EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0) << "T=" << T;
   }
-  for (int T : {1, 3, 100}) {  // one-token experts on the tensor cores too
-    std::vector<float> a, b;
-    check_moe(be, L, s, T, DType::kBF16, DType::kF32, 6, &a, {1});
-    check_moe(be, L, s, T, DType::kBF16, DType::kF32, 6, &b, {1});
-    ASSERT_EQ(a.size(), b.size());
-    EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0) << "T=" << T;
+  for (int T : {1, 3, 100}) {  // one-token experts on the tensor cores too: two runs
+    std::vector<float> r;
+    check_moe(be, L, s, T, DType::kBF16, DType::kF32, 6, &r, {1, 1});
+    const size_t n = static_cast<size_t>(T) * s.D;
+    ASSERT_EQ(r.size(), 2 * n);
+    EXPECT_EQ(std::memcmp(r.data(), r.data() + n, n * sizeof(float)), 0) << "T=" << T;
   }
 }
 
