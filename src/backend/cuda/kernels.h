@@ -83,6 +83,7 @@ enum WsSlot : int {
   kWsGemmX = 15,         // gemm.cu: activations converted to bf16 (hi, lo)
   kWsMoeStageX = 16,     // moe_decode.cu: staged x (bf16 hi, lo)
   kWsMoeStageH = 17,     // moe_decode.cu: staged hidden activations
+  kWsMoeTcClaims = 18,   // moe_decode.cu: the work lists' item counters (8 ints)
   kWsHc = 20,            // elementwise.cu: mHC partial mix sums
   kWsArgmax = 24,        // elementwise.cu: greedy sampling's per-slice best [rows, slices]
   kWsMoeGatePart = 25,   // moe.cu: the decode gate's partial logits [slices, T, E]

@@ -24,11 +24,13 @@
 // group of up to 8 NT tokens, ordered (expert, row tile, token group), so the token groups of one
 // weight tile are neighbours (blocks running at once share its reads through L2). Each block
 // builds the list from the sorted step metadata on the device (the in-range experts in ascending
-// id with the index of their first item: a scan in shared memory), then its items are
-// blockIdx.x, + gridDim.x, ... (persistent blocks, as many as are resident at once, found by a
-// binary search over the list). The grid depends on T and the shapes only (CUDA graphs replay
-// it) and every item does the arithmetic it would do in any other block, so the bits do not
-// depend on the routing's spread.
+// id with the index of their first item: a scan in shared memory). Persistent blocks (as many as
+// are resident at once) take item blockIdx.x first, then the next unclaimed one (an integer
+// counter per launch, zeroed by the staging kernel of the same call), so a block that starts late
+// (SMs busy with other work) or gets cheap items takes fewer; a binary search over the list finds
+// an item's expert. The grid depends on T and the shapes only (CUDA graphs replay it) and every
+// item does the same arithmetic in whichever block runs it, so the bits depend neither on the
+// routing's spread nor on the claiming order.
 #include <algorithm>
 #include <limits>
 
@@ -41,7 +43,8 @@ namespace {
 constexpr int kTcThreads = 256, kTcWarps = kTcThreads / 32;
 constexpr int kTcKParts = 2;                              // warps splitting a row tile's K
 constexpr int kTcTileRows = 16 * (kTcWarps / kTcKParts);  // rows of a block tile (64)
-constexpr int kTcAhead = 8;  // steps a warp prefetches into L2 ahead of its loads (even: its own)
+constexpr int kTcAhead = 8;   // steps a warp prefetches into L2 ahead of its loads (even: its own)
+constexpr int kTcClaims = 8;  // work-list counters of one moe_tc call (2 passes x 3 ranges used)
 
 struct TcArgs {
   const DevExpert* tab = nullptr;
@@ -63,6 +66,7 @@ struct TcArgs {
   // Rows of the launch's matrices (W1 / W3 for up, W2 for down): the routed experts' (all of one
   // shape, as moe() sizes h by the first) and the shared expert's.
   int64_t rows_routed = 0, rows_shared = 0;
+  int* claim = nullptr;  // the launch's item counter (0 at launch): items claimed past the first
 };
 
 __device__ __forceinline__ void mma_bf16_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
@@ -358,7 +362,8 @@ __device__ __forceinline__ void tc_expert(const TcArgs& a, const DevExpert& ex, 
 
 // Persistent blocks over the launch's work list (the file's header): item it of expert ex[j]
 // (first[j] <= it < first[j + 1]) is row tile (it - first[j]) / groups, token group
-// (it - first[j]) % groups of that expert.
+// (it - first[j]) % groups of that expert. A block's first item is blockIdx.x, each next one
+// gridDim.x + a claim on a.claim (made while the current item runs).
 template <bool kUp, int NT, bool LO>
 __global__ void __launch_bounds__(kTcThreads, NT <= 2 ? 2 : 1) moe_tc_kernel(TcArgs a) {
   constexpr int G = kUp ? 2 : 1;
@@ -367,7 +372,11 @@ __global__ void __launch_bounds__(kTcThreads, NT <= 2 ? 2 : 1) moe_tc_kernel(TcA
   int total = 0;
   const int n = tc_work_list<NT>(a, ex_s, first_s, &total);
   const int E1 = a.E + 1;
-  for (int it = static_cast<int>(blockIdx.x); it < total; it += static_cast<int>(gridDim.x)) {
+  __shared__ int next_s;
+  int it = static_cast<int>(blockIdx.x);
+  while (it < total) {
+    int claimed = 0;  // thread 0: the claim, awaited only after the item
+    if (threadIdx.x == 0) claimed = atomicAdd(a.claim, 1);
     int lo = 0, hi = n - 1;  // the last j with first_s[j] <= it (first_s increases strictly)
     while (lo < hi) {
       const int mid = (lo + hi + 1) >> 1;
@@ -390,14 +399,19 @@ __global__ void __launch_bounds__(kTcThreads, NT <= 2 ? 2 : 1) moe_tc_kernel(TcA
       tc_expert<kWFP4, kUp, NT, LO>(a, ex, count, start, n_begin, n_end, m_begin, m_end, red);
     else
       tc_expert<kWFP8, kUp, NT, LO>(a, ex, count, start, n_begin, n_end, m_begin, m_end, red);
+    if (threadIdx.x == 0) next_s = static_cast<int>(gridDim.x) + claimed;
+    __syncthreads();
+    it = next_s;
+    __syncthreads();  // every thread has read next_s before thread 0 writes it again
   }
 }
 
 // xh[m, c] = bf16(x[m, src(c)]) and xl the rest (f32 x), src the inverse of stage_pos inside each
-// 8 columns; zero from cols on.
+// 8 columns; zero from cols on. Also zeroes zero[0, nzero) (the call's work-list counters).
 template <typename XT>
 __global__ void tc_stage_kernel(const XT* x, int64_t ldx, int64_t cols, int64_t M, int64_t ldp,
-                                __nv_bfloat16* xh, __nv_bfloat16* xl) {
+                                __nv_bfloat16* xh, __nv_bfloat16* xl, int* zero, int nzero) {
+  if (blockIdx.x == 0 && static_cast<int>(threadIdx.x) < nzero) zero[threadIdx.x] = 0;
   const int64_t total = M * ldp;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -482,17 +496,19 @@ void moe_tc(cudaStream_t s, Workspace& ws, const MoeTcStep& st) {
   const bool lo_x = !st.x_bf16;
   // The tokens, staged (rows of ldp values, zero past D; chunks never read past D rounded to 32).
   const int64_t ldp = (st.D + 31) / 32 * 32;
+  // The work-list counters of the call's launches (pass x range), zeroed by the staging kernel.
+  int* claims = ws.get<int>(kWsMoeTcClaims, kTcClaims);
   __nv_bfloat16* xh =
       ws.get<__nv_bfloat16>(kWsMoeStageX, static_cast<size_t>((lo_x ? 2 : 1) * T * ldp));
   __nv_bfloat16* xl = lo_x ? xh + T * ldp : nullptr;
   {
     const unsigned grid = static_cast<unsigned>(std::min<int64_t>((T * ldp + 255) / 256, 1024));
     if (st.x_bf16)
-      tc_stage_kernel<__nv_bfloat16><<<grid, 256, 0, s>>>(static_cast<const __nv_bfloat16*>(st.x),
-                                                          st.ldx, st.D, T, ldp, xh, xl);
+      tc_stage_kernel<__nv_bfloat16><<<grid, 256, 0, s>>>(
+          static_cast<const __nv_bfloat16*>(st.x), st.ldx, st.D, T, ldp, xh, xl, claims, kTcClaims);
     else
-      tc_stage_kernel<float>
-          <<<grid, 256, 0, s>>>(static_cast<const float*>(st.x), st.ldx, st.D, T, ldp, xh, xl);
+      tc_stage_kernel<float><<<grid, 256, 0, s>>>(static_cast<const float*>(st.x), st.ldx, st.D, T,
+                                                  ldp, xh, xl, claims, kTcClaims);
     SP_CUDA_LAUNCH();
   }
   // h as hi + lo in stage order, a row per (expert, token) pair.
@@ -548,6 +564,7 @@ void moe_tc(cudaStream_t s, Workspace& ws, const MoeTcStep& st) {
     for (int r = 0; r < nr; ++r) {
       a.cmin = ranges[r].cmin;
       a.cmax = ranges[r].cmax;
+      a.claim = claims + pass * 3 + r;
       if (up)
         launch_tc<true>(s, a, rows, npairs, ranges[r].experts, lo_x);
       else
