@@ -229,7 +229,7 @@ class CudaBackend final : public Backend {
   }
   // cuda::set_moe_tc_min_tokens (kernels.h).
   void set_moe_tc_min_tokens(int n) {
-    SP_CHECK(n >= 1 && n <= 8, "moe tensor-core minimum ", n, " (1..8)");
+    SP_CHECK(n >= 0 && n <= 8, "moe tensor-core minimum ", n, " (0: by the step, or 1..8)");
     if (n == ws_->moe_tc_min_tokens) return;
     SP_CUDA(cudaStreamSynchronize(stream_));
     clear_graphs();

@@ -13,7 +13,8 @@
 // Three pairs of up/down kernels, chosen per expert by its token count (so the result depends on
 // the routing, never on the run):
 // - decode (count <= dec_max, FP4 / FP8 experts only; with the tensor-core kernels on, the experts
-//   below their minimum, ws.moe_tc_min_tokens: one token by default, none when it is 1):
+//   below their minimum, ws.moe_tc_min_tokens; by default one token in a one-token step, none
+//   in larger steps):
 //   each warp owns whole rows (2 rows of W1 and W3, or 4 rows of W2) and streams them in 16-byte
 //   chunks, every lane with 4-8 chunk loads (and their scales) in flight before any use; the
 //   expert's tokens (up to 8) are staged in shared memory once per block, in f32, swizzled so a
@@ -1021,7 +1022,11 @@ void moe(cudaStream_t s, Workspace& ws, Tensor x, const MoeArgs& a, const DevBat
   }
   // With the tensor-core kernels (moe_decode.cu): experts below tc_min tokens on the decode
   // kernels, the others on the tensor cores (the general kernels then take nothing).
-  const int tc_min = ws.moe_tc_min_tokens;
+  // The default (0): in a step of one token every expert has that one token, and the decode
+  // kernels stream it faster (about 130 against 195 us for V4-Flash's layer on an H200); in a step
+  // of 2 tokens or more one-token experts take the tensor cores too (faster at every T measured
+  // from 2 to 16,384: docs/benchmarks.md).
+  const int tc_min = ws.moe_tc_min_tokens > 0 ? ws.moe_tc_min_tokens : (T >= 2 ? 1 : 2);
   SP_CHECK(tc_min >= 1 && tc_min <= kTcSmallTok, "moe: tensor-core minimum ", tc_min);
   if (dec_max < tc_min - 1) tc_ok = false;  // someone must take the experts below tc_min
   if (tc_ok) dec_max = tc_min - 1;
