@@ -79,11 +79,14 @@ void bench_linear(cudaStream_t s, Workspace& ws, int64_t l2, double copy_gbs) {
 }
 
 // The whole moe() call (gate, route, sort, experts, combine) on V4-Flash shapes: FP4 routed
-// experts, FP8 shared expert, learned routing. GB/s counts the weight bytes a call touches (the
-// experts hit, the shared expert, the gate), each once; "of copy" is that against the copy
-// bandwidth measured at start-up.
+// experts, FP8 shared expert, learned routing, for both tensor-core minimums ("tc": experts of one
+// token on the CUDA-core decode kernels at 2, on the tensor cores at 1). GB/s counts the weight
+// bytes a call touches (the experts hit, the shared expert, the gate), each once per chunk of
+// 1,024 tokens (above 1,024 tokens: the last chunk's hit count times the chunks); "of copy" is
+// that against the copy bandwidth measured at start-up; TFLOP/s counts the experts' multiply-adds
+// (2 T (K + 1) 3 I D).
 void bench_moe(cudaStream_t s, Workspace& ws, double copy_gbs) {
-  const int E = 256, D = 4096, I = 2048, K = 6, vocab = 4096;
+  const int E = 256, D = 4096, I = 2048, K = 6, vocab = 4096, most_tokens = 16384;
   MoeWeights w;
   w.kind = MlpKind::kMoe;
   w.gate = device_matrix(WeightFormat::kFloat, E, D, 11);
@@ -101,7 +104,7 @@ void bench_moe(cudaStream_t s, Workspace& ws, double copy_gbs) {
   SP_CUDA(cudaMemcpy(bias_d, bias.data(), E * 4, cudaMemcpyHostToDevice));
   w.gate_bias = Tensor{bias_d, 1, E, E, DType::kF32, Device::kCuda};
   prepare_moe(w, s);
-  std::vector<int32_t> ids(4096);
+  std::vector<int32_t> ids(most_tokens);
   std::mt19937 rng(3);
   for (auto& v : ids) v = static_cast<int32_t>(rng() % vocab);
   int32_t* ids_d = nullptr;
@@ -117,37 +120,48 @@ void bench_moe(cudaStream_t s, Workspace& ws, double copy_gbs) {
     cudaFree(x.data);
     cudaFree(lg.data);
   }
-  std::printf("%-14s %6s %5s %10s %12s %9s %8s\n", "moe (Flash)", "T", "x", "us", "experts hit",
-              "GB/s", "of copy");
-  for (DType xd : {DType::kBF16, DType::kF32}) {
-    for (int T : {1, 2, 4, 8, 16, 32, 64}) {
-      constexpr int kInputs = 8;  // distinct inputs hit distinct experts
-      std::vector<Tensor> xs;
-      for (int i = 0; i < kInputs; ++i) xs.push_back(device_tensor(T, D, xd, 40 + i));
-      Tensor y = device_tensor(T, D, xd, 9);
-      BatchView host;
-      host.num_tokens = T;
-      DevBatch b;
-      b.num_tokens = T;
-      b.token_ids = ids_d;
-      b.host = &host;
-      MoeArgs a{&w, K, 1.5f, 10.0f};
-      const float ms = time_ms(s, 40, [&](int i) { moe(s, ws, xs[i % kInputs], a, b, y); });
-      // Hit count of the last call (the sort's metadata: the active count follows 3 (E + 1)
-      // ints).
-      moe(s, ws, xs[0], a, b, y);
-      int nact = 0;
-      const int* meta = static_cast<const int*>(ws.get(kWsMoeMeta, 0));
-      SP_CUDA(cudaMemcpyAsync(&nact, meta + 3 * (E + 1), 4, cudaMemcpyDeviceToHost, s));
-      SP_CUDA(cudaStreamSynchronize(s));
-      const double bytes = (nact - 1) * expert_bytes + shared_bytes + w.gate.nbytes();
-      const double gbs = bytes / (ms * 1e-3) / 1e9;
-      std::printf("%-14s %6d %5s %10.1f %12d %9.0f %7.0f%%\n", "moe", T, dtype_name(xd), ms * 1e3,
-                  nact - 1, gbs, 100.0 * gbs / copy_gbs);
-      for (auto& x : xs) cudaFree(x.data);
-      cudaFree(y.data);
+  std::printf("%-14s %3s %6s %5s %10s %12s %9s %8s %9s\n", "moe (Flash)", "tc", "T", "x", "us",
+              "experts hit", "GB/s", "of copy", "TFLOP/s");
+  const int tc_default = ws.moe_tc_min_tokens;
+  for (int tc_min : {2, 1}) {
+    ws.moe_tc_min_tokens = tc_min;
+    for (DType xd : {DType::kBF16, DType::kF32}) {
+      for (int T : {1, 2, 4, 8, 16, 32, 64, 4096, most_tokens}) {
+        const bool big = T > 1024;
+        const int inputs = big ? 2 : 8;  // distinct inputs hit distinct experts
+        std::vector<Tensor> xs;
+        for (int i = 0; i < inputs; ++i) xs.push_back(device_tensor(T, D, xd, 40 + i));
+        Tensor y = device_tensor(T, D, xd, 9);
+        BatchView host;
+        host.num_tokens = T;
+        DevBatch b;
+        b.num_tokens = T;
+        b.token_ids = ids_d;
+        b.host = &host;
+        MoeArgs a{&w, K, 1.5f, 10.0f};
+        const float ms =
+            time_ms(s, big ? 5 : 40, [&](int i) { moe(s, ws, xs[i % inputs], a, b, y); });
+        // Hit count of the last call's last chunk (the sort's metadata: the active count follows
+        // 3 (E + 1) ints).
+        moe(s, ws, xs[0], a, b, y);
+        int nact = 0;
+        const int* meta = static_cast<const int*>(ws.get(kWsMoeMeta, 0));
+        SP_CUDA(cudaMemcpyAsync(&nact, meta + 3 * (E + 1), 4, cudaMemcpyDeviceToHost, s));
+        SP_CUDA(cudaStreamSynchronize(s));
+        const int chunks = (T + 1023) / 1024;
+        const double bytes = chunks * ((nact - 1) * expert_bytes + shared_bytes +
+                                       static_cast<double>(w.gate.nbytes()));
+        const double gbs = bytes / (ms * 1e-3) / 1e9;
+        const double flop = 2.0 * T * (K + 1) * 3.0 * I * D;
+        std::printf("%-14s %3d %6d %5s %10.1f %12d %9.0f %7.0f%% %9.1f\n", "moe", tc_min, T,
+                    dtype_name(xd), ms * 1e3, nact - 1, gbs, 100.0 * gbs / copy_gbs,
+                    flop / (ms * 1e-3) / 1e12);
+        for (auto& x : xs) cudaFree(x.data);
+        cudaFree(y.data);
+      }
     }
   }
+  ws.moe_tc_min_tokens = tc_default;
 }
 
 // mHC pre (hc_pre) and hc_head on V4-Flash shapes (hc_mult 4, hidden 4096: fn [24, 16384] f32,

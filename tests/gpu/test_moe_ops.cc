@@ -1,11 +1,15 @@
 // Parity of the CUDA MoE (routing, routed experts, shared expert) against the CPU backend: hash and
 // learned routing, small and V4-Flash shapes, f32 / bf16 activations, and bitwise determinism.
 // Every expert path runs. Layers of FP4 routed / FP8 shared experts with E8M0 scales (V4-Flash's
-// formats) have the tensor-core kernels on: the CUDA-core decode kernels take the experts of one
-// token (all of them at T = 1), the tensor-core kernels (moe_decode.cu) those of 2..8 tokens (one n
-// tile), of 9..64 tokens (up to 8 n tiles: the shared expert, which has every token, from T = 9 to
-// 64) and of more (64 at a time: the shared expert from T = 65 on, routed experts at the small
-// shape's T = 300 and in FlashMixedPaths, whose gate bias sends every token to three hot experts).
+// formats) have the tensor-core kernels on: by default the CUDA-core decode kernels take the
+// experts of one token (all of them at T = 1), the tensor-core kernels (moe_decode.cu) those of
+// 2..8 tokens (one n tile), of 9..64 tokens (up to 8 n tiles: the shared expert, which has every
+// token, from T = 9 to 64) and of more (64 at a time: the shared expert from T = 65 on, routed
+// experts at the small shape's T = 300 and in FlashMixedPaths, whose gate bias sends every token
+// to three hot experts). With the tensor-core minimum at 1 (set_moe_tc_min_tokens) the experts of
+// one token take the tensor cores too: the tests marked tc_min run both settings against the one
+// CPU result (FlashWorkList and FlashPrefill: V4-Flash shapes with one hot expert, so one expert
+// has every token while most others have one).
 // ScaleRoutes gives some experts E8M0 scales outside the range of the bf16 scale multiply, so the
 // fp32 route of the decode runs too. WithoutTensorCores gives the shared expert F32 scales, which
 // leaves the layer to the decode kernels (up to 8 tokens) and the general kernels.
@@ -15,6 +19,7 @@
 #include <cstdio>
 #include <thread>
 
+#include "backend/cuda/kernels.h"
 #include "core/dtype.h"
 #include "tests/gpu/op_harness.h"
 
@@ -154,8 +159,12 @@ BatchView batch_of(int T, int vocab, uint64_t seed) {
   return b;
 }
 
+// tc_mins: the GPU runs once per entry with that tensor-core minimum (set_moe_tc_min_tokens), each
+// against the one CPU result; empty: once with the backend's setting. gpu_out: the outputs of the
+// GPU runs one after another.
 double check_moe(Backends& be, MoeLayer& L, const MoeShape& s, int T, DType xd, DType yd,
-                 uint64_t seed, std::vector<float>* gpu_out = nullptr) {
+                 uint64_t seed, std::vector<float>* gpu_out = nullptr,
+                 std::vector<int> tc_mins = {}) {
   BatchView b = batch_of(T, s.vocab, seed);
   be.cpu->begin_step(b);
   be.gpu->begin_step(b);
@@ -164,31 +173,41 @@ double check_moe(Backends& be, MoeLayer& L, const MoeShape& s, int T, DType xd, 
   Tensor xc = make_tensor(*be.cpu, xv, T, s.D, DType::kF32);
   Tensor xg = make_tensor(*be.gpu, xv, T, s.D, xd);
   Tensor yc = be.cpu->alloc(T, s.D, DType::kF32);
-  Tensor yg =
-      make_tensor(*be.gpu, std::vector<float>(static_cast<size_t>(T) * s.D, NAN), T, s.D, yd);
   const float routed_scale = 1.5f, limit = 10.0f;
   MoeArgs ac{&L.cpu, s.K, routed_scale, limit};
   MoeArgs ag{&L.gpu, s.K, routed_scale, limit};
   be.cpu->moe(xc, ac, b, yc);
-  be.gpu->moe(xg, ag, b, yg);
-  be.gpu->synchronize();
   auto ref = read_f32(*be.cpu, yc);
-  auto got = read_f32(*be.gpu, yg);
   if (yd == DType::kBF16) ref = round_bf16(ref);
-  int64_t unwritten = 0;
-  for (float v : got) unwritten += std::isfinite(v) ? 0 : 1;
-  const double err = rel_l2(got, ref);
-  // fp32 output: experts of two or more tokens run on the tensor cores with each fp32 activation
-  // split into bf16 hi + lo (about 2^-17 relative), through two chained projections and SwiGLU:
-  // up to ~2e-5 measured on an H200 at awkward scales, so 3e-5 here (fp32 ops elsewhere: 1e-5).
-  const double tol = yd == DType::kBF16 ? 1e-2 : 3e-5;
-  std::printf("  moe E=%d D=%d I=%d K=%d %s T=%-4d x=%s y=%s  rel_l2=%.3g\n", s.E, s.D, s.I, s.K,
-              s.hash ? "hash   " : "learned", T, dtype_name(xd), dtype_name(yd), err);
-  EXPECT_EQ(unwritten, 0) << "T=" << T;
-  EXPECT_LE(err, tol) << (s.hash ? "hash" : "learned") << " T=" << T << " x=" << dtype_name(xd)
-                      << " y=" << dtype_name(yd);
-  if (gpu_out) *gpu_out = std::move(got);
-  return err;
+  if (tc_mins.empty()) tc_mins.push_back(0);
+  if (gpu_out) gpu_out->clear();
+  double worst = 0.0;
+  for (int tc_min : tc_mins) {
+    if (tc_min > 0) cuda::set_moe_tc_min_tokens(*be.gpu, tc_min);
+    Tensor yg =
+        make_tensor(*be.gpu, std::vector<float>(static_cast<size_t>(T) * s.D, NAN), T, s.D, yd);
+    be.gpu->moe(xg, ag, b, yg);
+    be.gpu->synchronize();
+    auto got = read_f32(*be.gpu, yg);
+    int64_t unwritten = 0;
+    for (float v : got) unwritten += std::isfinite(v) ? 0 : 1;
+    const double err = rel_l2(got, ref);
+    // fp32 output: experts of two or more tokens run on the tensor cores with each fp32
+    // activation split into bf16 hi + lo (about 2^-17 relative), through two chained projections
+    // and SwiGLU: up to ~2e-5 measured on an H200 at awkward scales, so 3e-5 here (fp32 ops
+    // elsewhere: 1e-5).
+    const double tol = yd == DType::kBF16 ? 1e-2 : 3e-5;
+    std::printf("  moe E=%d D=%d I=%d K=%d %s T=%-4d x=%s y=%s tc_min=%d  rel_l2=%.3g\n", s.E, s.D,
+                s.I, s.K, s.hash ? "hash   " : "learned", T, dtype_name(xd), dtype_name(yd), tc_min,
+                err);
+    EXPECT_EQ(unwritten, 0) << "T=" << T << " tc_min=" << tc_min;
+    EXPECT_LE(err, tol) << (s.hash ? "hash" : "learned") << " T=" << T << " x=" << dtype_name(xd)
+                        << " y=" << dtype_name(yd) << " tc_min=" << tc_min;
+    worst = std::max(worst, err);
+    if (gpu_out) gpu_out->insert(gpu_out->end(), got.begin(), got.end());
+  }
+  if (tc_mins.back() > 0) cuda::set_moe_tc_min_tokens(*be.gpu, cuda::kMoeTcMinTokens);
+  return worst;
 }
 
 TEST(CudaMoe, SmallHashAndLearned) {
@@ -203,7 +222,8 @@ TEST(CudaMoe, SmallHashAndLearned) {
     uint64_t seed = 100;
     for (int T : {1, 2, 3, 5, 9, 64, 300})
       for (DType xd : {DType::kF32, DType::kBF16})
-        for (DType yd : {DType::kF32, DType::kBF16}) check_moe(be, L, s, T, xd, yd, seed++);
+        for (DType yd : {DType::kF32, DType::kBF16})
+          check_moe(be, L, s, T, xd, yd, seed++, nullptr, {2, 1});
   }
 }
 
@@ -240,9 +260,53 @@ TEST(CudaMoe, FlashMixedPaths) {
   }
 }
 
+// The work list of the tensor-core kernels at V4-Flash shapes with a skewed gate (expert 0 takes
+// every token; the other five choices spread over 255 experts: mostly one token each, a few more
+// at T = 300), each T with the one-token experts on the decode kernels (tc_min 2) and on the
+// tensor cores (1), against one CPU result: T = 1 (the tensor cores at one token), 2 and 3 (one n
+// tile), 17 (the hot and the shared expert: 3 n tiles), 64, 65 (two token groups of the hot and
+// the shared expert, the second of one token), 300 (five groups, the last of 44 tokens; routed
+// experts in all three ranges); then the bits of T = 300, two runs with each minimum.
+TEST(CudaMoe, FlashWorkList) {
+  SP_REQUIRE_GPU();
+  Backends be;
+  use_fast_cpu(be);
+  MoeShape s{256, 4096, 2048, 6, false, 4096};
+  MoeLayer L;
+  build_layer(be, s, 24, 8, L, 1);
+  for (int T : {1, 2, 3, 17, 64, 65, 300})
+    check_moe(be, L, s, T, DType::kF32, DType::kF32, 1500 + T, nullptr, {2, 1});
+  for (int T : {1, 3, 65, 300})
+    check_moe(be, L, s, T, DType::kBF16, DType::kBF16, 1600 + T, nullptr, {2, 1});
+  std::vector<float> r;  // four runs: tc_min 2 twice, then 1 twice
+  check_moe(be, L, s, 300, DType::kBF16, DType::kF32, 1700, &r, {2, 2, 1, 1});
+  const size_t n = size_t{300} * s.D;
+  ASSERT_EQ(r.size(), 4 * n);
+  EXPECT_EQ(std::memcmp(r.data(), r.data() + n, n * sizeof(float)), 0) << "tc_min 2";
+  EXPECT_EQ(std::memcmp(r.data() + 2 * n, r.data() + 3 * n, n * sizeof(float)), 0) << "tc_min 1";
+}
+
+// A prefill step of 4,096 tokens at V4-Flash shapes (four chunks of 1,024 tokens): the hot expert
+// and the shared expert take 16 groups of 64 tokens each per chunk, spread with the other experts'
+// items over the persistent blocks; bf16 activations, both minimums, and the bits twice.
+TEST(CudaMoe, FlashPrefill) {
+  SP_REQUIRE_GPU();
+  Backends be;
+  use_fast_cpu(be);
+  MoeShape s{256, 4096, 2048, 6, false, 4096};
+  MoeLayer L;
+  build_layer(be, s, 25, 8, L, 1);
+  std::vector<float> r;  // three runs: tc_min 2, then 1 twice
+  check_moe(be, L, s, 4096, DType::kBF16, DType::kBF16, 1800, &r, {2, 1, 1});
+  const size_t n = size_t{4096} * s.D;
+  ASSERT_EQ(r.size(), 3 * n);
+  EXPECT_EQ(std::memcmp(r.data() + n, r.data() + 2 * n, n * sizeof(float)), 0);
+}
+
 // Scales outside the exact range of the bf16 scale multiply take the fp32 route of the decode (the
 // CUDA-core kernels and the tensor-core kernels both): T = 1 (decode kernels), 3 and 12 (tensor
-// cores, one and two n tiles); every token goes to the odd experts through hash routing.
+// cores, one and two n tiles; T = 1 on the tensor cores too with the minimum at 1: tc_min); every
+// token goes to the odd experts through hash routing.
 TEST(CudaMoe, ScaleRoutes) {
   SP_REQUIRE_GPU();
   Backends be;
@@ -257,12 +321,13 @@ TEST(CudaMoe, ScaleRoutes) {
   }
   uint64_t seed = 1100;
   for (int T : {1, 3, 12})
-    for (DType xd : {DType::kF32, DType::kBF16}) check_moe(be, L, s, T, xd, DType::kF32, seed++);
+    for (DType xd : {DType::kF32, DType::kBF16})
+      check_moe(be, L, s, T, xd, DType::kF32, seed++, nullptr, {2, 1});
 }
 
 // The FP8 (shared) expert's scales outside the bf16 multiply's exact range take the fp32 route too
 // (its output, scaled up by 2^7..2^9, dominates the layer's here): T = 1 (decode kernels), 3, 12
-// and 70 (tensor cores: one n tile, two, and more than 64 tokens).
+// and 70 (tensor cores: one n tile, two, and more than 64 tokens); tc_min 2 and 1.
 TEST(CudaMoe, ScaleRoutesFp8) {
   SP_REQUIRE_GPU();
   Backends be;
@@ -271,7 +336,8 @@ TEST(CudaMoe, ScaleRoutesFp8) {
   build_layer(be, s, 61, 4, L, 0, false, false, true);
   uint64_t seed = 1300;
   for (int T : {1, 3, 12, 70})
-    for (DType xd : {DType::kF32, DType::kBF16}) check_moe(be, L, s, T, xd, DType::kF32, seed++);
+    for (DType xd : {DType::kF32, DType::kBF16})
+      check_moe(be, L, s, T, xd, DType::kF32, seed++, nullptr, {2, 1});
 }
 
 // A layer the tensor-core kernels do not take (F32 scales on the shared expert): the decode kernels
@@ -304,6 +370,13 @@ TEST(CudaMoe, Deterministic) {
     check_moe(be, L, s, T, DType::kBF16, DType::kF32, 5, &b);
     ASSERT_EQ(a.size(), b.size());
     EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0) << "T=" << T;
+  }
+  for (int T : {1, 3, 100}) {  // one-token experts on the tensor cores too: two runs
+    std::vector<float> r;
+    check_moe(be, L, s, T, DType::kBF16, DType::kF32, 6, &r, {1, 1});
+    const size_t n = static_cast<size_t>(T) * s.D;
+    ASSERT_EQ(r.size(), 2 * n);
+    EXPECT_EQ(std::memcmp(r.data(), r.data() + n, n * sizeof(float)), 0) << "T=" << T;
   }
 }
 

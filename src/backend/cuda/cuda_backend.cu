@@ -227,6 +227,14 @@ class CudaBackend final : public Backend {
     cuda::prepare_moe(moe, stream_);
     SP_CUDA(cudaStreamSynchronize(stream_));
   }
+  // cuda::set_moe_tc_min_tokens (kernels.h).
+  void set_moe_tc_min_tokens(int n) {
+    SP_CHECK(n >= 0 && n <= 8, "moe tensor-core minimum ", n, " (0: by the step, or 1..8)");
+    if (n == ws_->moe_tc_min_tokens) return;
+    SP_CUDA(cudaStreamSynchronize(stream_));
+    clear_graphs();
+    ws_->moe_tc_min_tokens = n;
+  }
 
   void begin_step(const BatchView& b) override {
     // The stage's thread owns this device, but a step may be driven from another thread (the
@@ -618,6 +626,12 @@ int cuda_device_count() {
     return 0;
   }
   return n;
+}
+
+void cuda::set_moe_tc_min_tokens(Backend& b, int n) {
+  auto* c = dynamic_cast<CudaBackend*>(&b);
+  SP_CHECK(c != nullptr, "set_moe_tc_min_tokens: ", b.name(), " is not the CUDA backend");
+  c->set_moe_tc_min_tokens(n);
 }
 
 double cuda_copy_bandwidth_gbs(int device, size_t bytes) {

@@ -59,6 +59,11 @@ __device__ __forceinline__ int64_t dev_entry_row(const DevBatch& b, const SeqChu
 
 class LtGemm;  // gemm_lt.h
 
+// The default of Workspace::moe_tc_min_tokens, 0: by the step's token count (a one-token step's
+// experts stay on the CUDA-core decode kernels, every expert of larger steps takes the tensor
+// cores; moe.cu).
+constexpr int kMoeTcMinTokens = 0;
+
 // Scratch device memory, reused across ops. get(slot, bytes) returns a buffer of at least `bytes`
 // that stays valid until the next get() of the same slot; different slots never overlap. It grows
 // (cudaMalloc, after synchronising the stream) only when a request is larger than any before, so a
@@ -80,6 +85,7 @@ enum WsSlot : int {
   kWsGemmX = 15,         // gemm.cu: activations converted to bf16 (hi, lo)
   kWsMoeStageX = 16,     // moe_decode.cu: staged x (bf16 hi, lo)
   kWsMoeStageH = 17,     // moe_decode.cu: staged hidden activations
+  kWsMoeTcClaims = 18,   // moe_decode.cu: the work lists' item counters (8 ints)
   kWsHc = 20,            // elementwise.cu: mHC partial mix sums
   kWsArgmax = 24,        // elementwise.cu: greedy sampling's per-slice best [rows, slices]
   kWsMoeGatePart = 25,   // moe.cu: the decode gate's partial logits [slices, T, E]
@@ -107,6 +113,11 @@ class Workspace {
   // The FP8 projections through cuBLASLt (--activation-quant fp8), set by the backend that owns
   // both; null: every projection runs on this backend's own kernels.
   LtGemm* fp8_gemm = nullptr;
+  // The MoE's experts of at least this many tokens (1..8) take the tensor-core kernels where the
+  // layer's formats allow (moe_decode.cu); fewer, the CUDA-core decode kernels (moe.cu); 0 (the
+  // default): 2 in a one-token step, 1 otherwise. Set by the backend (set_moe_tc_min_tokens);
+  // bench_ops times 1 and 2 side by side.
+  int moe_tc_min_tokens = kMoeTcMinTokens;
 
  private:
   cudaStream_t stream_;
@@ -155,6 +166,10 @@ void moe(cudaStream_t s, Workspace& ws, Tensor x, const MoeArgs& a, const DevBat
 // What moe() needs precomputed once per layer (device pointer tables of the experts), stored in
 // moe.table by the backend at upload.
 void prepare_moe(MoeWeights& moe, cudaStream_t s);
+// Sets the MoE's tensor-core minimum (Workspace::moe_tc_min_tokens, 0..8) of a backend made by
+// make_cuda_backend, and drops its recorded step graphs (their launches depend on it). For the
+// parity tests and measurements; the results agree with the CPU either way.
+void set_moe_tc_min_tokens(Backend& b, int n);
 
 // ---- attention.cu: compressed KV, indexer, attention --------------------------------------------
 void compress(cudaStream_t s, Workspace& ws, Tensor a, Tensor g, const CompressorArgs& args,

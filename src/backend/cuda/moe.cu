@@ -12,17 +12,21 @@
 //   combine  y[t] = sum over the token's experts in ascending id of w * o, then + shared o
 // Three pairs of up/down kernels, chosen per expert by its token count (so the result depends on
 // the routing, never on the run):
-// - decode (count <= dec_max, FP4 / FP8 experts only; with the tensor-core kernels on, one token):
+// - decode (count <= dec_max, FP4 / FP8 experts only; with the tensor-core kernels on, the experts
+//   below their minimum, ws.moe_tc_min_tokens; by default one token in a one-token step, none
+//   in larger steps):
 //   each warp owns whole rows (2 rows of W1 and W3, or 4 rows of W2) and streams them in 16-byte
 //   chunks, every lane with 4-8 chunk loads (and their scales) in flight before any use; the
 //   expert's tokens (up to 8) are staged in shared memory once per block, in f32, swizzled so a
 //   quarter-warp's 16-byte reads hit distinct banks, and applied 1, 2 or 4 at a time (a template
 //   parameter, so one token does not pay for four); a warp-shuffle reduction per row.
-// - tensor cores (kTcMinTok tokens or more, every expert FP4 / FP8 with E8M0 scales):
-//   moe_decode.cu, mma.sync with the expert's rows as M and its tokens as N.
+// - tensor cores (ws.moe_tc_min_tokens tokens or more, every expert FP4 / FP8 with E8M0 scales):
+//   moe_decode.cu, mma.sync with the expert's rows as M and its tokens as N, persistent blocks
+//   over a work list of (expert, row tile, token group) items built on the device.
 // - general (larger counts of other formats): per (hit expert, 2 rows of W1/W3 or 4 rows of W2),
 //   each weight chunk read once and applied to 8 tokens at a time, block-wide reductions.
-// Grids are sized for the most experts a step can hit; blocks of slots past the hit count exit.
+// The decode and general grids are sized for the most experts a step can hit; blocks of slots past
+// the hit count exit.
 // Every sum has a fixed order (no float atomics), so results are bitwise reproducible.
 #include <algorithm>
 #include <limits>
@@ -986,6 +990,8 @@ void moe(cudaStream_t s, Workspace& ws, Tensor x, const MoeArgs& a, const DevBat
   if (T == 0) return;
   const int64_t I = L.w1.empty() ? 0 : L.w1[0].out;
   const int64_t Imax = std::max(I, L.sw1.out);
+  SP_CHECK(L.sw2.out == D && (L.w2.empty() || L.w2[0].out == D), "moe: expert outputs of ",
+           L.sw2.out, " columns, hidden size ", D);
   const DevExpert* tab = static_cast<const DevExpert*>(L.table.data);
   int up_threads = gemv_threads(dev_mat(L.sw1).fmt, D);
   int down_threads = gemv_threads(dev_mat(L.sw2).fmt, L.sw2.in);
@@ -1014,10 +1020,16 @@ void moe(cudaStream_t s, Workspace& ws, Tensor x, const MoeArgs& a, const DevBat
     dec_max = kDecMaxTok;
     while (dec_max > 0 && dec_max * std::max(kpad_up, kpad_down) * 4 > kDecSmemBudget) dec_max /= 2;
   }
-  // With the tensor-core kernels (moe_decode.cu): one token on the decode kernels, more on the
-  // tensor cores (the general kernels then take nothing).
-  if (dec_max < kTcMinTok - 1) tc_ok = false;  // someone must take the experts of one token
-  if (tc_ok) dec_max = kTcMinTok - 1;
+  // With the tensor-core kernels (moe_decode.cu): experts below tc_min tokens on the decode
+  // kernels, the others on the tensor cores (the general kernels then take nothing).
+  // The default (0): in a step of one token every expert has that one token, and the decode
+  // kernels stream it faster (about 130 against 195 us for V4-Flash's layer on an H200); in a step
+  // of 2 tokens or more one-token experts take the tensor cores too (faster at every T measured
+  // from 2 to 16,384: docs/benchmarks.md).
+  const int tc_min = ws.moe_tc_min_tokens > 0 ? ws.moe_tc_min_tokens : (T >= 2 ? 1 : 2);
+  SP_CHECK(tc_min >= 1 && tc_min <= kTcSmallTok, "moe: tensor-core minimum ", tc_min);
+  if (dec_max < tc_min - 1) tc_ok = false;  // someone must take the experts below tc_min
+  if (tc_ok) dec_max = tc_min - 1;
   // The general kernels take the experts of more tokens.
   const int general_min = tc_ok ? std::numeric_limits<int>::max() : dec_max;
 
@@ -1187,11 +1199,14 @@ void moe(cudaStream_t s, Workspace& ws, Tensor x, const MoeArgs& a, const DevBat
       ts.T = static_cast<int>(Tc);
       ts.K = static_cast<int>(K);
       ts.E = static_cast<int>(E);
+      ts.min_tok = tc_min;
       ts.x = xc.data;
       ts.ldx = x.stride;
       ts.x_bf16 = x_bf16;
       ts.D = D;
       ts.Imax = Imax;
+      ts.I = I;
+      ts.Is = L.sw1.out;
       ts.limit = a.swiglu_limit;
       ts.o = o;
       moe_tc(s, ws, ts);

@@ -1,4 +1,4 @@
-// Tensor-core kernels for the routed and shared experts of 2 tokens and more (decode steps,
+// Tensor-core kernels for the routed and shared experts of min_tok tokens and more (decode steps,
 // speculative verify steps, prefill).
 //
 // The expert's weight rows are the M side of mma.sync m16n8k16 (bf16 operands, fp32 accumulate),
@@ -17,9 +17,20 @@
 // once per step (tc_stage_kernel), h is written by the up kernel as hi + lo directly.
 //
 // Fixed reduction order: the two warps of a row tile (the two halves of K's steps, interleaved)
-// add through shared memory, lower half first; no float atomics. The expert of a block is found
-// from the sorted step metadata on the device (the n-th expert whose token count is in the
-// kernel's range), so the grid depends on the token count T only (CUDA graphs replay it).
+// add through shared memory, lower half first; no float atomics.
+//
+// Work list: a launch takes the experts whose token count is in its range (min_tok..8: one n
+// tile; 9..64: up to 8; more: 64 at a time) and cuts each into items of one 64-row tile x one
+// group of up to 8 NT tokens, ordered (expert, row tile, token group), so the token groups of one
+// weight tile are neighbours (blocks running at once share its reads through L2). Each block
+// builds the list from the sorted step metadata on the device (the in-range experts in ascending
+// id with the index of their first item: a scan in shared memory). Persistent blocks (as many as
+// are resident at once) take item blockIdx.x first, then the next unclaimed one (an integer
+// counter per launch, zeroed by the staging kernel of the same call), so a block that starts late
+// (SMs busy with other work) or gets cheap items takes fewer; a binary search over the list finds
+// an item's expert. The grid depends on T and the shapes only (CUDA graphs replay it) and every
+// item does the same arithmetic in whichever block runs it, so the bits depend neither on the
+// routing's spread nor on the claiming order.
 #include <algorithm>
 #include <limits>
 
@@ -32,9 +43,8 @@ namespace {
 constexpr int kTcThreads = 256, kTcWarps = kTcThreads / 32;
 constexpr int kTcKParts = 2;                              // warps splitting a row tile's K
 constexpr int kTcTileRows = 16 * (kTcWarps / kTcKParts);  // rows of a block tile (64)
-constexpr int kTcSmallTok = 8;                            // one n tile: 2..8 tokens
-constexpr int kTcAhead = 8;  // steps a warp prefetches into L2 ahead of its loads (even: its own)
-constexpr int64_t kTcTargetBlocks = 528;  // four per SM of an H100 / H200
+constexpr int kTcAhead = 8;   // steps a warp prefetches into L2 ahead of its loads (even: its own)
+constexpr int kTcClaims = 8;  // work-list counters of one moe_tc call (2 passes x 3 ranges used)
 
 struct TcArgs {
   const DevExpert* tab = nullptr;
@@ -53,7 +63,10 @@ struct TcArgs {
   float* o = nullptr;  // down: [pairs, ldo]
   int64_t ldo = 0;
   float limit = 0.0f;
-  int rows_per_block = 0;  // a multiple of kTcTileRows
+  // Rows of the launch's matrices (W1 / W3 for up, W2 for down): the routed experts' (all of one
+  // shape, as moe() sizes h by the first) and the shared expert's.
+  int64_t rows_routed = 0, rows_shared = 0;
+  int* claim = nullptr;  // the launch's item counter (0 at launch): items claimed past the first
 };
 
 __device__ __forceinline__ void mma_bf16_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2,
@@ -114,46 +127,71 @@ __device__ __forceinline__ void dec_group(const uint4& c, int j, uint32_t s, uin
   }
 }
 
-// The expert of this block: the blockIdx.y-th (in expert order) of those with cmin <= count <=
-// cmax, or -1. Every thread gets the answer.
-__device__ int nth_expert(const TcArgs& a) {
-  __shared__ int wcnt[kTcWarps];
-  __shared__ int found;
+// Items of expert e (count tokens) in a launch of NT n tiles: its 64-row tiles x token groups.
+template <int NT>
+__device__ __forceinline__ int tc_items(const TcArgs& a, int e, int count) {
+  const int64_t rows = e == a.E ? a.rows_shared : a.rows_routed;
+  const int tiles = static_cast<int>((rows + kTcTileRows - 1) / kTcTileRows);
+  return tiles * ((count + 8 * NT - 1) / (8 * NT));
+}
+
+// The launch's work list, built by every block: ex[0, n) the experts with cmin <= count <= cmax in
+// ascending id, first[j] the index of ex[j]'s first item (first[n]: the total). Returns n; every
+// thread gets n and the total (*total).
+template <int NT>
+__device__ int tc_work_list(const TcArgs& a, int* ex, int* first, int* total) {
+  __shared__ int wcnt[kTcWarps], wsum[kTcWarps];
   const int E1 = a.E + 1, nact = a.meta[3 * E1];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int want = static_cast<int>(blockIdx.y);
-  if (threadIdx.x == 0) found = -1;
-  int base = 0;
+  int base_n = 0, base_items = 0;
   for (int i0 = 0; i0 < nact; i0 += kTcThreads) {
     const int i = i0 + static_cast<int>(threadIdx.x);
-    int e = -1;
+    int e = -1, items = 0;
     bool in = false;
     if (i < nact) {
       e = a.meta[2 * E1 + i];
       const int c = a.meta[e];
       in = c >= a.cmin && c <= a.cmax;
+      if (in) items = tc_items<NT>(a, e, c);
     }
     const unsigned bal = __ballot_sync(0xffffffffu, in);
+    int incl = items;  // inclusive scan of the items over the warp
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int y = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += y;
+    }
+    if (lane == 31) wsum[warp] = incl;
     if (lane == 0) wcnt[warp] = __popc(bal);
     __syncthreads();
-    int before = 0, total = 0;
+    int before_n = 0, before_items = 0, tot_n = 0, tot_items = 0;
     for (int w = 0; w < kTcWarps; ++w) {
-      before += w < warp ? wcnt[w] : 0;
-      total += wcnt[w];
+      before_n += w < warp ? wcnt[w] : 0;
+      before_items += w < warp ? wsum[w] : 0;
+      tot_n += wcnt[w];
+      tot_items += wsum[w];
     }
-    if (in && base + before + __popc(bal & ((1u << lane) - 1u)) == want) found = e;
-    base += total;
-    __syncthreads();
-    if (base > want) break;  // uniform: every thread has the same base
+    if (in) {
+      const int pos = base_n + before_n + __popc(bal & ((1u << lane) - 1u));
+      ex[pos] = e;
+      first[pos] = base_items + before_items + incl - items;
+    }
+    base_n += tot_n;  // uniform: every thread has the same sums
+    base_items += tot_items;
+    __syncthreads();  // wcnt / wsum are rewritten by the next round
   }
+  if (threadIdx.x == 0) first[base_n] = base_items;
   __syncthreads();
-  return found;
+  *total = base_items;
+  return base_n;
 }
 
-// Rows [n_begin, n_end) of one expert's W1 and W3 (kUp: SwiGLU fused, h written as hi + lo) or W2.
+// Rows [n_begin, n_end) of one expert's W1 and W3 (kUp: SwiGLU fused, h written as hi + lo) or W2,
+// for its tokens [m_begin, m_end) (m_begin a multiple of 8 NT; count: all its tokens).
 template <int F, bool kUp, int NT, bool LO>
 __device__ __forceinline__ void tc_expert(const TcArgs& a, const DevExpert& ex, int count,
-                                          int start, int64_t n_begin, int64_t n_end, float* red) {
+                                          int start, int64_t n_begin, int64_t n_end, int m_begin,
+                                          int m_end, float* red) {
   constexpr int G = kUp ? 2 : 1;
   constexpr int V = FmtTraits<F>::kVals, NG = V / 8;  // values and 8-value groups per chunk
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
@@ -165,7 +203,7 @@ __device__ __forceinline__ void tc_expert(const TcArgs& a, const DevExpert& ex, 
   const int TK = a.T * a.K;
 
   for (int64_t tb = n_begin; tb < n_end; tb += kTcTileRows)
-    for (int m0 = 0; m0 < count; m0 += 8 * NT) {  // more than 8 NT tokens: weights again from L2
+    for (int m0 = m_begin; m0 < m_end; m0 += 8 * NT) {  // > 8 NT tokens: weights again from L2
       const int64_t r0 = tb + rt * 16;
       const int nts = (count - m0 + 7) / 8 < NT ? (count - m0 + 7) / 8 : NT;
       // This lane's token of each n tile: its activation row offset, or -1 past the expert's
@@ -322,32 +360,58 @@ __device__ __forceinline__ void tc_expert(const TcArgs& a, const DevExpert& ex, 
     }
 }
 
-// grid (row blocks, expert slots): block (x, y) takes rows [x rows_per_block, ...) of the y-th
-// expert of the launch's token range.
+// Persistent blocks over the launch's work list (the file's header): item it of expert ex[j]
+// (first[j] <= it < first[j + 1]) is row tile (it - first[j]) / groups, token group
+// (it - first[j]) % groups of that expert. A block's first item is blockIdx.x, each next one
+// gridDim.x + a claim on a.claim (made while the current item runs).
 template <bool kUp, int NT, bool LO>
 __global__ void __launch_bounds__(kTcThreads, NT <= 2 ? 2 : 1) moe_tc_kernel(TcArgs a) {
   constexpr int G = kUp ? 2 : 1;
   __shared__ float red[(kTcWarps / kTcKParts) * G * NT * 4 * 32];
-  const int e = nth_expert(a);
-  if (e < 0) return;
+  __shared__ int ex_s[kTcMaxExperts], first_s[kTcMaxExperts + 1];
+  int total = 0;
+  const int n = tc_work_list<NT>(a, ex_s, first_s, &total);
   const int E1 = a.E + 1;
-  const int count = a.meta[e], start = a.meta[E1 + e];
-  const DevExpert& ex = a.tab[e];
-  const DevMat& w = kUp ? ex.w1 : ex.w2;
-  const int64_t n_begin = static_cast<int64_t>(blockIdx.x) * a.rows_per_block;
-  if (n_begin >= w.out) return;
-  const int64_t n_end = n_begin + a.rows_per_block < w.out ? n_begin + a.rows_per_block : w.out;
-  if (w.fmt == kWFP4)
-    tc_expert<kWFP4, kUp, NT, LO>(a, ex, count, start, n_begin, n_end, red);
-  else
-    tc_expert<kWFP8, kUp, NT, LO>(a, ex, count, start, n_begin, n_end, red);
+  __shared__ int next_s;
+  int it = static_cast<int>(blockIdx.x);
+  while (it < total) {
+    int claimed = 0;  // thread 0: the claim, awaited only after the item
+    if (threadIdx.x == 0) claimed = atomicAdd(a.claim, 1);
+    int lo = 0, hi = n - 1;  // the last j with first_s[j] <= it (first_s increases strictly)
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) >> 1;
+      if (first_s[mid] <= it)
+        lo = mid;
+      else
+        hi = mid - 1;
+    }
+    const int e = ex_s[lo], local = it - first_s[lo];
+    const int count = a.meta[e], start = a.meta[E1 + e];
+    const int groups = (count + 8 * NT - 1) / (8 * NT);
+    const int tile = local / groups, grp = local - tile * groups;
+    const DevExpert& ex = a.tab[e];
+    const DevMat& w = kUp ? ex.w1 : ex.w2;
+    const int64_t n_begin = static_cast<int64_t>(tile) * kTcTileRows;
+    const int64_t n_end = n_begin + kTcTileRows < w.out ? n_begin + kTcTileRows : w.out;
+    const int m_begin = grp * 8 * NT;
+    const int m_end = m_begin + 8 * NT < count ? m_begin + 8 * NT : count;
+    if (w.fmt == kWFP4)
+      tc_expert<kWFP4, kUp, NT, LO>(a, ex, count, start, n_begin, n_end, m_begin, m_end, red);
+    else
+      tc_expert<kWFP8, kUp, NT, LO>(a, ex, count, start, n_begin, n_end, m_begin, m_end, red);
+    if (threadIdx.x == 0) next_s = static_cast<int>(gridDim.x) + claimed;
+    __syncthreads();
+    it = next_s;
+    __syncthreads();  // every thread has read next_s before thread 0 writes it again
+  }
 }
 
 // xh[m, c] = bf16(x[m, src(c)]) and xl the rest (f32 x), src the inverse of stage_pos inside each
-// 8 columns; zero from cols on.
+// 8 columns; zero from cols on. Also zeroes zero[0, nzero) (the call's work-list counters).
 template <typename XT>
 __global__ void tc_stage_kernel(const XT* x, int64_t ldx, int64_t cols, int64_t M, int64_t ldp,
-                                __nv_bfloat16* xh, __nv_bfloat16* xl) {
+                                __nv_bfloat16* xh, __nv_bfloat16* xl, int* zero, int nzero) {
+  if (blockIdx.x == 0 && static_cast<int>(threadIdx.x) < nzero) zero[threadIdx.x] = 0;
   const int64_t total = M * ldp;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -360,9 +424,25 @@ __global__ void tc_stage_kernel(const XT* x, int64_t ldx, int64_t cols, int64_t 
   }
 }
 
-// lo: the activations have lo halves (f32 tokens; h always).
+// The launch's grid: persistent blocks, as many as are resident at once (the launch bounds'
+// minimum per SM), fewer when the launch has fewer items at most. An expert of the range has
+// ceil(count / 8 NT) <= count / 8 NT + 1 token groups, so the items are at most
+// (npairs / 8 NT + experts) x tiles. Depends on the shapes and T only.
+template <int NT>
+unsigned tc_grid(int64_t rows, int64_t npairs, int64_t experts) {
+  const int64_t tiles = (rows + kTcTileRows - 1) / kTcTileRows;
+  const int64_t items = (npairs / (8 * NT) + experts) * tiles;
+  SP_CHECK(items < std::numeric_limits<int>::max(), "moe_tc: ", items, " work items");
+  const int64_t resident = int64_t{num_sms()} * (NT <= 2 ? 2 : 1);
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min(items, resident)));
+}
+
+// lo: the activations have lo halves (f32 tokens; h always). rows: the most rows of the launch's
+// matrices; experts: the most experts its range can hold.
 template <bool kUp, int NT>
-void launch_tc_nt(cudaStream_t s, const TcArgs& a, dim3 grid, bool lo) {
+void launch_tc_nt(cudaStream_t s, const TcArgs& a, int64_t rows, int64_t npairs, int64_t experts,
+                  bool lo) {
+  const dim3 grid(tc_grid<NT>(rows, npairs, experts));
   if constexpr (kUp) {
     if (!lo) {
       moe_tc_kernel<true, NT, false><<<grid, kTcThreads, 0, s>>>(a);
@@ -376,56 +456,59 @@ void launch_tc_nt(cudaStream_t s, const TcArgs& a, dim3 grid, bool lo) {
 
 // NT: n tiles of 8 tokens for the launch's largest count (1, 2, 4 or 8).
 template <bool kUp>
-void launch_tc(cudaStream_t s, const TcArgs& a, dim3 grid, bool lo) {
+void launch_tc(cudaStream_t s, const TcArgs& a, int64_t rows, int64_t npairs, int64_t experts,
+               bool lo) {
   const int nt = (std::min(a.cmax, a.T) + 7) / 8;
   if (nt <= 1)
-    launch_tc_nt<kUp, 1>(s, a, grid, lo);
+    launch_tc_nt<kUp, 1>(s, a, rows, npairs, experts, lo);
   else if (nt <= 2)
-    launch_tc_nt<kUp, 2>(s, a, grid, lo);
+    launch_tc_nt<kUp, 2>(s, a, rows, npairs, experts, lo);
   else if (nt <= 4)
-    launch_tc_nt<kUp, 4>(s, a, grid, lo);
+    launch_tc_nt<kUp, 4>(s, a, rows, npairs, experts, lo);
   else
-    launch_tc_nt<kUp, 8>(s, a, grid, lo);
-}
-
-// Rows per block: about kTcTargetBlocks blocks over the slots, a multiple of kTcTileRows.
-int tc_rows_per_block(int64_t rows, int64_t slots) {
-  const int64_t tiles = (rows + kTcTileRows - 1) / kTcTileRows;
-  const int64_t per_expert = std::clamp<int64_t>((kTcTargetBlocks + slots - 1) / slots, 1, tiles);
-  return static_cast<int>((tiles + per_expert - 1) / per_expert * kTcTileRows);
+    launch_tc_nt<kUp, 8>(s, a, rows, npairs, experts, lo);
 }
 
 }  // namespace
 
 bool tc_experts_ok(const DevExpert* h, int64_t n) {
+  if (n > kTcMaxExperts) return false;
   for (int64_t i = 0; i < n; ++i) {
     for (const DevMat* m : {&h[i].w1, &h[i].w2, &h[i].w3}) {
       if ((m->fmt != kWFP4 && m->fmt != kWFP8) || m->scale_f32) return false;
     }
     // h is read back by whole chunks: every chunk of W2's rows written by the up kernel.
     if (h[i].w2.in % 16 != 0 || h[i].w3.fmt != h[i].w1.fmt) return false;
+    // The work lists take the routed experts' rows from the first (TcArgs::rows_routed).
+    if (i + 1 < n && (h[i].w1.out != h[0].w1.out || h[i].w2.out != h[0].w2.out)) return false;
   }
   return true;
 }
 
 void moe_tc(cudaStream_t s, Workspace& ws, const MoeTcStep& st) {
   const int T = st.T;
-  if (T < kTcMinTok) return;
+  SP_CHECK(st.min_tok >= 1 && st.min_tok <= kTcSmallTok, "moe_tc: min_tok ", st.min_tok);
+  SP_CHECK(st.E + 1 <= kTcMaxExperts, "moe_tc: ", st.E, " experts");
+  SP_CHECK(st.I <= st.Imax && st.Is <= st.Imax, "moe_tc: intermediate sizes ", st.I, ", ", st.Is,
+           " above ", st.Imax);
+  if (T < st.min_tok) return;
   const int64_t TK = int64_t{T} * st.K, npairs = TK + T;
   const bool lo_x = !st.x_bf16;
   // The tokens, staged (rows of ldp values, zero past D; chunks never read past D rounded to 32).
   const int64_t ldp = (st.D + 31) / 32 * 32;
+  // The work-list counters of the call's launches (pass x range), zeroed by the staging kernel.
+  int* claims = ws.get<int>(kWsMoeTcClaims, kTcClaims);
   __nv_bfloat16* xh =
       ws.get<__nv_bfloat16>(kWsMoeStageX, static_cast<size_t>((lo_x ? 2 : 1) * T * ldp));
   __nv_bfloat16* xl = lo_x ? xh + T * ldp : nullptr;
   {
     const unsigned grid = static_cast<unsigned>(std::min<int64_t>((T * ldp + 255) / 256, 1024));
     if (st.x_bf16)
-      tc_stage_kernel<__nv_bfloat16><<<grid, 256, 0, s>>>(static_cast<const __nv_bfloat16*>(st.x),
-                                                          st.ldx, st.D, T, ldp, xh, xl);
+      tc_stage_kernel<__nv_bfloat16><<<grid, 256, 0, s>>>(
+          static_cast<const __nv_bfloat16*>(st.x), st.ldx, st.D, T, ldp, xh, xl, claims, kTcClaims);
     else
-      tc_stage_kernel<float>
-          <<<grid, 256, 0, s>>>(static_cast<const float*>(st.x), st.ldx, st.D, T, ldp, xh, xl);
+      tc_stage_kernel<float><<<grid, 256, 0, s>>>(static_cast<const float*>(st.x), st.ldx, st.D, T,
+                                                  ldp, xh, xl, claims, kTcClaims);
     SP_CUDA_LAUNCH();
   }
   // h as hi + lo in stage order, a row per (expert, token) pair.
@@ -447,16 +530,17 @@ void moe_tc(cudaStream_t s, Workspace& ws, const MoeTcStep& st) {
   a.o = st.o;
   a.ldo = st.D;
   // Three token ranges, so the experts of a few tokens (the common case in decode) do not carry
-  // the registers of the widest n tiles: 2..8 tokens (slots: every expert that can be hit), 9..64
-  // (at most TK / 9 routed experts, plus the shared expert) and more (TK / 65 + 1; groups of 64
-  // tokens, each group's pass over a row tile re-reading its weights from L2).
+  // the registers of the widest n tiles: min_tok..8 tokens (experts: every one that can be hit),
+  // 9..64 (at most TK / 9 routed experts, plus the shared expert) and more (TK / 65 + 1; groups
+  // of 64 tokens, the groups of a row tile neighbours in the work list so that their re-reads of
+  // its weights come from L2).
   struct Range {
     int cmin, cmax;
-    int64_t slots;
+    int64_t experts;
   };
   Range ranges[3];
   int nr = 0;
-  ranges[nr++] = {kTcMinTok, kTcSmallTok, std::min<int64_t>(st.E, TK) + 1};
+  ranges[nr++] = {st.min_tok, kTcSmallTok, std::min<int64_t>(st.E, TK) + 1};
   if (T > kTcSmallTok)
     ranges[nr++] = {kTcSmallTok + 1, kTcMaxTok,
                     std::min<int64_t>(st.E, TK / (kTcSmallTok + 1)) + 1};
@@ -466,6 +550,8 @@ void moe_tc(cudaStream_t s, Workspace& ws, const MoeTcStep& st) {
   for (int pass = 0; pass < 2; ++pass) {
     const bool up = pass == 0;
     const int64_t rows = up ? st.Imax : st.D;
+    a.rows_routed = up ? st.I : st.D;
+    a.rows_shared = up ? st.Is : st.D;
     if (up) {
       a.xh = xh;
       a.xl = xl;
@@ -478,13 +564,11 @@ void moe_tc(cudaStream_t s, Workspace& ws, const MoeTcStep& st) {
     for (int r = 0; r < nr; ++r) {
       a.cmin = ranges[r].cmin;
       a.cmax = ranges[r].cmax;
-      a.rows_per_block = tc_rows_per_block(rows, ranges[r].slots);
-      const dim3 grid(static_cast<unsigned>((rows + a.rows_per_block - 1) / a.rows_per_block),
-                      static_cast<unsigned>(ranges[r].slots));
+      a.claim = claims + pass * 3 + r;
       if (up)
-        launch_tc<true>(s, a, grid, lo_x);
+        launch_tc<true>(s, a, rows, npairs, ranges[r].experts, lo_x);
       else
-        launch_tc<false>(s, a, grid, true);
+        launch_tc<false>(s, a, rows, npairs, ranges[r].experts, true);
     }
   }
 }

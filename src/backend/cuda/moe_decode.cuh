@@ -11,20 +11,16 @@ struct DevExpert {
   DevMat w1, w2, w3;
 };
 
-// Experts of kTcMinTok tokens or more take the tensor-core kernels (kTcMaxTok at a time) when
-// every expert of the layer is FP4 / FP8 with E8M0 scales and an intermediate size that is a
-// multiple of 16 (tc_experts_ok); fewer tokens take the CUDA-core decode kernels of moe.cu, other
-// formats the decode and general kernels. One token stays on the CUDA-core kernel by default (an
-// m16n8k16 MMA spends 7 of its 8 token columns on nothing there, and that kernel applies the
-// decoded weights straight from registers); whether the tensor cores' cheaper decode wins at one
-// token too is a measurement (build with -DSP_MOE_TC_MIN_TOKENS=1 to route single tokens to the
-// tensor cores).
-#ifndef SP_MOE_TC_MIN_TOKENS
-#define SP_MOE_TC_MIN_TOKENS 2
-#endif
-constexpr int kTcMinTok = SP_MOE_TC_MIN_TOKENS, kTcMaxTok = 64;
-static_assert(kTcMinTok >= 1 && kTcMinTok <= 8,
-              "the first tensor-core launch takes up to 8 tokens");
+// Experts of min_tok tokens or more (MoeTcStep::min_tok: 1 or 2, the workspace's
+// moe_tc_min_tokens) take the tensor-core kernels (8 NT tokens at a time) when every expert of the
+// layer is FP4 / FP8 with E8M0 scales, the intermediate sizes are multiples of 16 and the layer
+// has at most kTcMaxExperts experts with the shared one (tc_experts_ok); fewer tokens take the
+// CUDA-core decode kernels of moe.cu, other formats the decode and general kernels. Whether one
+// token is better served by the CUDA-core kernel (which applies the decoded weights straight from
+// registers) or by the tensor cores (an m16n8k16 MMA spends 7 of its 8 token columns on nothing
+// there, but the decode is cheaper) is a measurement: bench_ops times both.
+constexpr int kTcMaxTok = 64, kTcSmallTok = 8;
+constexpr int kTcMaxExperts = 1024;  // routed + shared: the work list of a launch (shared memory)
 
 bool tc_experts_ok(const DevExpert* h, int64_t n);
 
@@ -33,17 +29,19 @@ struct MoeTcStep {
   const int* meta = nullptr;       // cnt | off | act | nact (moe.cu's sort_pairs)
   const int* pairs = nullptr;
   int T = 0, K = 0, E = 0;  // tokens of the chunk, top-k, routed experts
+  int min_tok = 2;          // experts of fewer tokens are left to the decode kernels (1..8)
   const void* x = nullptr;  // [T, ldx] the chunk's tokens, f32 or bf16
   int64_t ldx = 0;
   bool x_bf16 = false;
   int64_t D = 0, Imax = 0;  // hidden size; the largest intermediate size (routed, shared)
+  int64_t I = 0, Is = 0;    // the routed experts' intermediate size (all alike), the shared one's
   float limit = 0.0f;       // SwiGLU clamp
   float* o = nullptr;       // [pairs, D] f32: the rows of the experts this path takes
 };
 
 // Enqueues the staging of the tokens, the up kernels (h = SwiGLU(W1 x, W3 x), kept as bf16 hi + lo)
-// and the down kernels (o = W2 h) for the experts of kTcMinTok tokens or more. Launch sizes depend
-// on T, K, E, D and Imax only.
+// and the down kernels (o = W2 h) for the experts of min_tok tokens or more. Launch sizes depend
+// on T, K, E, D, Imax and min_tok only.
 void moe_tc(cudaStream_t s, Workspace& ws, const MoeTcStep& st);
 
 }  // namespace sp::cuda
