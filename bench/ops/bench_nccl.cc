@@ -4,16 +4,17 @@
 // bandwidth = bytes / one-way time. Two ways: a blocking communicator with each hop's stream
 // synchronised, and as the pipeline's NCCL link does it (a non-blocking communicator, each call
 // polled with ncclCommGetAsyncError until it is no longer in progress, completion polled with
-// cudaEventQuery and sched_yield). Not a test. Usage: bench_nccl [GPU_A GPU_B]   (NCCL_NVLS_ENABLE=0 as the engine runs it)
+// cudaEventQuery and sched_yield). Not a test.
+// Usage: bench_nccl [GPU_A GPU_B]   (NCCL_NVLS_ENABLE=0, as the engine runs it)
 #include <cuda_runtime.h>
 #include <nccl.h>
+#include <sched.h>
 
 #include <algorithm>
 #include <barrier>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
-#include <sched.h>
 #include <thread>
 #include <vector>
 
