@@ -2,12 +2,16 @@
 //
 // Kernels chosen by M and the weight format (the result may depend on M, never on the run):
 // - gemv1 (M = 1, every format): a warp (or a few warps splitting K) streams 4 rows in 16-byte
-//   chunks with several loads in flight per lane; warp shuffles reduce.
+//   chunks with several loads in flight per lane; warp shuffles reduce. With
+//   set_one_row_path(OneRowPath::kTensorCore), M = 1 with FP8/FP4 E8M0 weights goes to tc_skinny
+//   instead (one token: 7 of the MMA's 8 columns are zeros).
 // - tc_skinny (M = 2..64, weights exact in bf16: BF16, FP8/FP4 with E8M0 scales): the weights are
 //   the MMA's M side (mma.sync m16n8k16, fp32 accumulate) and every weight byte is read once;
 //   tokens are the N side in tiles of 8. Activations are converted to bf16 by a pre-pass; fp32
 //   activations are split x = hi + lo (two bf16) and multiplied as two MMAs into one accumulator,
-//   which keeps close to fp32 accuracy.
+//   which keeps close to fp32 accuracy. FP8/FP4 decode to bf16 pairs by bit moves and one exact
+//   bf16x2 multiply by the scale (fp_bits.h; an fp32 route for other scales and NaN codes); a
+//   block starts its next row tile's bytes moving into L2 when it begins a tile.
 // - mma (M > 64, weights exact in bf16): a 128-wide tile of weight rows is dequantised to bf16 into
 //   shared memory (double-buffered through registers) and multiplied on the tensor cores with a
 //   tile of 64 or 128 tokens (fp32 activations: hi and lo tiles, two MMAs). When the M x N tiles
@@ -17,8 +21,10 @@
 //   shapes the others cannot tile): each block owns R = 4 output rows and streams them once,
 //   applying each decoded chunk to up to 8 activation rows held in registers.
 #include <algorithm>
+#include <atomic>
 #include <utility>
 
+#include "backend/cuda/fp_bits.h"
 #include "backend/cuda/gemm_core.cuh"
 
 namespace sp::cuda {
@@ -676,11 +682,12 @@ void launch_mma_f(cudaStream_t s, const MmaArgs& p, int bm, dim3 grid) {
 // fragments of V / 4 m16n8k16 MMAs. The dot product's k order inside a step is a permutation of the
 // step's k: the same lane supplies both the A and the B values of a virtual k, so the activations
 // are read at the same real k (V contiguous values of token g at the lane's chunk). Tokens are the
-// N side, NT tiles of 8. Activations come as bf16 from a pre-pass (padded rows, zero past the
-// columns); fp32 activations as hi = bf16(x) and lo = bf16(x - hi), two MMAs into one fp32
-// accumulator. kTcWK warps split a block's steps (warp w takes w, w + kTcWK, ...) and add their
-// accumulators in a fixed tree through shared memory; K splits across blocks go through ordered
-// fp32 partials.
+// N side, NT tiles of 8. FP8/FP4 pairs come in fp_bits.h's order (values i and i + 4 of each 8
+// together) and the activation pairs are regrouped to match (byte permutes). Activations come as
+// bf16 from a pre-pass (padded rows, zero past the columns); fp32 activations as hi = bf16(x) and
+// lo = bf16(x - hi), two MMAs into one fp32 accumulator. kTcWK warps split a block's steps (warp w
+// takes w, w + kTcWK, ...) and add their accumulators in a fixed tree through shared memory; K
+// splits across blocks go through ordered fp32 partials.
 
 constexpr int kTcWarps = 8, kTcWK = 4, kTcRT = 2;
 constexpr int kTcRows = 16 * kTcRT * (kTcWarps / kTcWK);  // rows per block (64)
@@ -714,6 +721,65 @@ __device__ __forceinline__ void dequant_pairs(const uint4& c, float s,
       o[2 * p + 1] = pack_bf16(v[2], v[3]);
     }
   }
+}
+
+// a * b per bf16 half, round to nearest (exact where used: b is a power of two, the product a
+// normal bf16).
+__device__ __forceinline__ uint32_t bf16x2_mul_exact(uint32_t a, uint32_t b) {
+  uint32_t d;
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(0x80008000u));
+  return d;
+}
+
+// FP8/FP4 with E8M0 scales: the V values of a chunk as V / 2 bf16 pairs in fp_bits.h's order:
+// pair 4j + p (p = 0..3) holds values 8j + p (low half) and 8j + p + 4 (high half). s is the
+// chunk's scale as chunk_scale gives it (FP4: times 2^14). The fast route decodes by bit moves
+// (the value times 2^-120 / 2^-126) and multiplies each pair by the scale times the inverse power
+// in one exact bf16x2 multiply; chunks whose scale is outside that multiply's exact range, padding
+// (scale 0) and FP8 chunks holding a NaN code take the fp32 route (decode4: NaN codes decode to
+// NaN, as on the CPU). Both routes give the exact scaled weight (bf16 holds every scaled e4m3 /
+// e2m1 value that is a normal or subnormal bf16; the fp32 route rounds once, like the old decode).
+template <int F>
+__device__ __forceinline__ void dequant_pairs_perm(const uint4& c, float s,
+                                                   uint32_t (&o)[FmtTraits<F>::kVals / 2]) {
+  constexpr int G = FmtTraits<F>::kVals / 8;  // groups of 8 values
+  const uint32_t e = (__float_as_uint(s) >> 23) & 0xffu;
+  bool fast;
+  uint32_t fac = 0;
+  if constexpr (F == kWFP8) {
+    fast = fpbits::fp8_scale_fast(e) && !chunk_has_e4m3_nan(c);
+    if (fast) fac = fpbits::pair_scale(e, fpbits::kFp8Shift);
+  } else {
+    const uint32_t sb = e - 14u;  // chunk_scale folds 2^14 in; e >= 14 for every finite scale
+    fast = e >= 14u && fpbits::fp4_scale_fast(sb);
+    if (fast) fac = fpbits::pair_scale(sb, fpbits::kFp4Shift);
+  }
+  if (fast) {
+#pragma unroll
+    for (int j = 0; j < G; ++j) {
+      uint32_t q[4];
+      if constexpr (F == kWFP8)
+        fpbits::e4m3x8_to_bf16(word_of(c, 2 * j), word_of(c, 2 * j + 1), q);
+      else
+        fpbits::e2m1x8_to_bf16(word_of(c, j), q);
+#pragma unroll
+      for (int p = 0; p < 4; ++p) o[4 * j + p] = bf16x2_mul_exact(q[p], fac);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < G; ++j) {
+      float v0[4], v1[4];
+      decode4<F>(c, 2 * j, s, v0);
+      decode4<F>(c, 2 * j + 1, s, v1);
+#pragma unroll
+      for (int p = 0; p < 4; ++p) o[4 * j + p] = pack_bf16(v0[p], v1[p]);
+    }
+  }
+}
+
+// Starts moving [p, p + bytes) into L2 (no registers held). p and bytes: multiples of 16.
+__device__ __forceinline__ void prefetch_l2_bulk(const void* p, uint32_t bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
 }
 
 template <int F, int NT, bool LO>
@@ -784,6 +850,17 @@ __global__ void __launch_bounds__(kTcWarps * 32, NT <= 2 ? 2 : 1) tc_skinny_kern
       tile += gridDim.x;
     }
     if (tile < tiles) load(tile, it);  // in flight while this unit computes
+    if (cit == 0 && wvec) {
+      // The block's next tile (rows contiguous, 16-byte aligned): its bytes of this K split start
+      // moving into L2 now, one row per thread, so the loads of the next tile find them there.
+      const int64_t nt = ctile + gridDim.x;
+      const int64_t n = nt * kTcRows + threadIdx.x;
+      const int64_t b0 = s0 * KS * kBytesPerVal2 / 2;
+      const int64_t b1e = s1 * KS * kBytesPerVal2 / 2;
+      const int64_t b1 = b1e < a.w.row_bytes ? b1e : a.w.row_bytes;
+      if (nt < tiles && threadIdx.x < kTcRows && n < N && b1 > b0)
+        prefetch_l2_bulk(a.w.data + n * a.w.row_bytes + b0, static_cast<uint32_t>(b1 - b0));
+    }
 
     // Activations of this lane's tokens at the tile's group.
     const int64_t col0 = (ctile * kTcRows / a.rows_per_group) * a.gstride + tq * V;
@@ -795,7 +872,12 @@ __global__ void __launch_bounds__(kTcWarps * 32, NT <= 2 ? 2 : 1) tc_skinny_kern
 #pragma unroll
       for (int rt = 0; rt < kTcRT; ++rt)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) dequant_pairs<F>(cur[u][rt][h], cs[u][rt][h], aw[rt][h]);
+        for (int h = 0; h < 2; ++h) {
+          if constexpr (F == kWBF16)
+            dequant_pairs<F>(cur[u][rt][h], cs[u][rt][h], aw[rt][h]);
+          else
+            dequant_pairs_perm<F>(cur[u][rt][h], cs[u][rt][h], aw[rt][h]);
+        }
       const int64_t xo = col0 + su * KS;
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
@@ -811,8 +893,19 @@ __global__ void __launch_bounds__(kTcWarps * 32, NT <= 2 ? 2 : 1) tc_skinny_kern
 #pragma unroll
           for (int jj = 0; jj < 2; ++jj) {
             const int j = 2 * q + jj;
-            const uint32_t b[2] = {jj ? bh.z : bh.x, jj ? bh.w : bh.y};
-            const uint32_t bb[2] = {jj ? bl.z : bl.x, jj ? bl.w : bl.y};
+            // BF16 weights: pairs in k order (values 8q + 4jj .. + 3). FP8/FP4: pairs 4q + 2jj and
+            // 4q + 2jj + 1 hold values (8q + 2jj, 8q + 2jj + 4) and (8q + 2jj + 1, 8q + 2jj + 5):
+            // the activations regrouped the same way.
+            uint32_t b[2], bb[2];
+            if constexpr (F == kWBF16) {
+              b[0] = jj ? bh.z : bh.x, b[1] = jj ? bh.w : bh.y;
+              bb[0] = jj ? bl.z : bl.x, bb[1] = jj ? bl.w : bl.y;
+            } else {
+              b[0] = __byte_perm(jj ? bh.y : bh.x, jj ? bh.w : bh.z, 0x5410);
+              b[1] = __byte_perm(jj ? bh.y : bh.x, jj ? bh.w : bh.z, 0x7632);
+              bb[0] = __byte_perm(jj ? bl.y : bl.x, jj ? bl.w : bl.z, 0x5410);
+              bb[1] = __byte_perm(jj ? bl.y : bl.x, jj ? bl.w : bl.z, 0x7632);
+            }
 #pragma unroll
             for (int rt = 0; rt < kTcRT; ++rt) {
               const uint32_t af[4] = {aw[rt][0][2 * j], aw[rt][1][2 * j], aw[rt][0][2 * j + 1],
@@ -961,7 +1054,13 @@ void run_linear(cudaStream_t s, Workspace& ws, Tensor x, const Matrix& w, Tensor
                      reinterpret_cast<uintptr_t>(x.data) % (4 * x.elem_size()) == 0)
                         ? 1
                         : 0;
-  if (M == 1) {
+  // Weights exact in bf16 go to the tensor cores (fp32 activations as two bf16 halves).
+  const bool exact_w = dm.fmt == kWBF16 || ((dm.fmt == kWFP8 || dm.fmt == kWFP4) && !dm.scale_f32);
+  const bool skinny_tiles = gstride == 0 || (rows_per_group % kTcRows == 0 && gstride % 8 == 0);
+  // M = 1: the one-row GEMV, or (one_row_path()) the skinny kernel for FP8/FP4 with E8M0 scales.
+  const bool one_row_tc = one_row_path() == OneRowPath::kTensorCore &&
+                          (dm.fmt == kWFP8 || dm.fmt == kWFP4) && !dm.scale_f32 && skinny_tiles;
+  if (M == 1 && !one_row_tc) {
     Gemv1Args a;
     a.w = dm;
     a.x = x.data;
@@ -973,10 +1072,7 @@ void run_linear(cudaStream_t s, Workspace& ws, Tensor x, const Matrix& w, Tensor
     launch_gemv1(s, a, x_bf16);
     return;
   }
-  // Weights exact in bf16 go to the tensor cores (fp32 activations as two bf16 halves).
-  const bool exact_w = dm.fmt == kWBF16 || ((dm.fmt == kWFP8 || dm.fmt == kWFP4) && !dm.scale_f32);
-  const bool skinny_ok =
-      exact_w && M <= 64 && (gstride == 0 || (rows_per_group % kTcRows == 0 && gstride % 8 == 0));
+  const bool skinny_ok = exact_w && M <= 64 && skinny_tiles;
   const bool mma_ok = exact_w && M > 64 && (gstride == 0 || rows_per_group % kBN == 0) &&
                       (dm.fmt != kWFP4 || dm.vec);
   if (skinny_ok) {
@@ -1137,7 +1233,17 @@ __global__ void embed_kernel(DevMat w, const int32_t* ids, void* out, int64_t ld
   }
 }
 
+std::atomic<int> g_one_row_path{static_cast<int>(OneRowPath::kGemv)};
+
 }  // namespace
+
+void set_one_row_path(OneRowPath p) {
+  g_one_row_path.store(static_cast<int>(p), std::memory_order_relaxed);
+}
+
+OneRowPath one_row_path() {
+  return static_cast<OneRowPath>(g_one_row_path.load(std::memory_order_relaxed));
+}
 
 void linear(cudaStream_t s, Workspace& ws, Tensor x, const Matrix& w, Tensor y) {
   SP_CHECK(x.cols == w.in && y.cols == w.out && x.rows == y.rows, w.name, ": x ", x.rows, "x",
