@@ -2,7 +2,7 @@
 // the device; each case rotates among enough weight copies to exceed 4x the L2 cache). Prints one
 // table: time per call, GB/s of weight bytes, TFLOP/s; then mHC pre / hc_head and the small decode
 // kernels (bench_small.cu: norms, sampling, the non-finite check, gate and combine).
-// BENCH_GEMV_ONLY=1 times the batch-1 projections on both M = 1 kernels alone (bench_one_row);
+// BENCH_GEMV_ONLY=1 times the batch-1 projections on every M = 1 kernel alone (bench_one_row);
 // BENCH_MOE_ONLY=1 skips the projections, mHC and the small kernels; BENCH_HC_ONLY=1 runs mHC
 // alone; BENCH_SMALL_ONLY=1 the small kernels alone; BENCH_COPY_ONLY=1 measures the copy bandwidth
 // alone.
@@ -79,9 +79,9 @@ void bench_linear(cudaStream_t s, Workspace& ws, int64_t l2, double copy_gbs) {
   }
 }
 
-// The batch-1 projections on both M = 1 kernels (OneRowPath: the one-row GEMV and the skinny
-// tensor-core kernel) in one run, with the skinny kernel at M = 2, 4, 8 for reference; the same
-// columns as bench_linear. BENCH_GEMV_ONLY=1 runs this table alone.
+// The batch-1 projections on every M = 1 kernel (OneRowPath: the one-row GEMV, the same with the L2
+// prefetch, the skinny tensor-core kernel) in one run, with the skinny kernel at M = 2, 4, 8 for
+// reference; the same columns as bench_linear. BENCH_GEMV_ONLY=1 runs this table alone.
 void bench_one_row(cudaStream_t s, Workspace& ws, int64_t l2, double copy_gbs) {
   const Shape shapes[] = {
       {"wq_a fp8", WeightFormat::kFP8, 1024, 4096, 1},
@@ -110,11 +110,10 @@ void bench_one_row(cudaStream_t s, Workspace& ws, int64_t l2, double copy_gbs) {
         OneRowPath path;
         const char* kernel;
       };
-      const Run runs[] = {{1, OneRowPath::kGemv, "gemv1"},
-                          {1, OneRowPath::kTensorCore, "tc"},
-                          {2, OneRowPath::kGemv, "tc"},
-                          {4, OneRowPath::kGemv, "tc"},
-                          {8, OneRowPath::kGemv, "tc"}};
+      const Run runs[] = {
+          {1, OneRowPath::kGemv, "gemv1"},    {1, OneRowPath::kGemvPrefetch, "gemv1p"},
+          {1, OneRowPath::kTensorCore, "tc"}, {2, OneRowPath::kGemv, "tc"},
+          {4, OneRowPath::kGemv, "tc"},       {8, OneRowPath::kGemv, "tc"}};
       for (const Run& r : runs) {
         set_one_row_path(r.path);
         Tensor x = device_tensor(r.M, sh.K * sh.groups, xd, 7);

@@ -69,11 +69,13 @@ struct OneRowPathScope {
   cuda::OneRowPath old;
 };
 
-constexpr cuda::OneRowPath kOneRowPaths[] = {cuda::OneRowPath::kGemv,
-                                             cuda::OneRowPath::kTensorCore};
+constexpr cuda::OneRowPath kOneRowPaths[] = {
+    cuda::OneRowPath::kGemv, cuda::OneRowPath::kGemvPrefetch, cuda::OneRowPath::kTensorCore};
 
 const char* path_name(cuda::OneRowPath p) {
-  return p == cuda::OneRowPath::kGemv ? "gemv1" : "tc";
+  return p == cuda::OneRowPath::kGemv           ? "gemv1"
+         : p == cuda::OneRowPath::kGemvPrefetch ? "gemv1p"
+                                                : "tc";
 }
 
 Tensor poisoned(Backend& be, int64_t rows, int64_t cols, DType dt) {
@@ -324,13 +326,14 @@ TEST(CudaLinear, OneRowIntegerDecode) {
   }
 }
 
-// M = 1 on both kernels (OneRowPath) and every format: with kTensorCore, FP8/FP4 with E8M0
+// M = 1 on every OneRowPath and every format: kGemvPrefetch adds the L2 prefetch to the one-row
+// GEMV for FP8/FP4 with E8M0 scales (rows 16-byte aligned); with kTensorCore, FP8/FP4 with E8M0
 // scales run on the skinny tensor-core kernel (activations split hi + lo for f32 x), the other
 // formats, F32 scales and groups the skinny kernel cannot tile (rows per group not a multiple of
 // 64, or a group stride not a multiple of 8) keep the one-row GEMV. N = 1, 7 (under one 16-row
 // MMA tile), 301; K not a multiple of 128 and rows not a multiple of 16 bytes (FP8 K = 200, 131:
 // byte loads), strided x, every x / y dtype, grouped shapes on both sides of the tiling rule.
-TEST(CudaLinear, OneRowBothPathsEveryFormat) {
+TEST(CudaLinear, OneRowEveryPathEveryFormat) {
   SP_REQUIRE_GPU();
   Backends be;
   uint64_t seed = 7000;
@@ -419,6 +422,28 @@ TEST(CudaLinear, SkinnyScaleRoutes) {
         EXPECT_LE(err, 1e-5) << f.name << " scale " << sv << " M=" << M;
       }
   }
+}
+
+// The L2 prefetch changes no arithmetic: kGemvPrefetch gives kGemv's bits.
+TEST(CudaLinear, OneRowPrefetchSameBits) {
+  SP_REQUIRE_GPU();
+  Backends be;
+  for (const Fmt& f : {kFormats[3], kFormats[5]})
+    for (DType xd : {DType::kF32, DType::kBF16}) {
+      LinearCase c{f, 1, 4096, 2048, xd, DType::kF32, 1, 0, 91};
+      std::vector<float> a, b;
+      {
+        OneRowPathScope scope(cuda::OneRowPath::kGemv);
+        check_linear(be, c, &a);
+      }
+      {
+        OneRowPathScope scope(cuda::OneRowPath::kGemvPrefetch);
+        check_linear(be, c, &b);
+      }
+      ASSERT_EQ(a.size(), b.size());
+      EXPECT_EQ(std::memcmp(a.data(), b.data(), a.size() * sizeof(float)), 0)
+          << f.name << " x=" << dtype_name(xd);
+    }
 }
 
 TEST(CudaLinear, Deterministic) {

@@ -2,9 +2,10 @@
 //
 // Kernels chosen by M and the weight format (the result may depend on M, never on the run):
 // - gemv1 (M = 1, every format): a warp (or a few warps splitting K) streams 4 rows in 16-byte
-//   chunks with several loads in flight per lane; warp shuffles reduce. With
-//   set_one_row_path(OneRowPath::kTensorCore), M = 1 with FP8/FP4 E8M0 weights goes to tc_skinny
-//   instead (one token: 7 of the MMA's 8 columns are zeros).
+//   chunks with several loads in flight per lane; warp shuffles reduce. set_one_row_path picks, for
+//   FP8/FP4 with E8M0 scales: kGemv (this), kGemvPrefetch (this, each block starting its next row
+//   tile's bytes moving into L2) or kTensorCore (tc_skinny: one token, 7 of the MMA's 8 columns
+//   zeros).
 // - tc_skinny (M = 2..64, weights exact in bf16: BF16, FP8/FP4 with E8M0 scales): the weights are
 //   the MMA's M side (mma.sync m16n8k16, fp32 accumulate) and every weight byte is read once;
 //   tokens are the N side in tiles of 8. Activations are converted to bf16 by a pre-pass; fp32
@@ -29,6 +30,11 @@
 
 namespace sp::cuda {
 namespace {
+
+// Starts moving [p, p + bytes) into L2 (no registers held). p and bytes: multiples of 16.
+__device__ __forceinline__ void prefetch_l2_bulk(const void* p, uint32_t bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+}
 
 struct GemvArgs {
   DevMat w;
@@ -221,7 +227,9 @@ __device__ __forceinline__ void gemv1_chunk(const uint4 (&cw)[R], const float (&
   }
 }
 
-template <int F, typename XT, int R, bool S32>
+// PF: when a block begins a row tile, its threads start the next tile's rows moving into L2 (one
+// row each; rows 16-byte aligned), so more bytes are in flight than the registers hold.
+template <int F, typename XT, int R, bool S32, bool PF>
 __global__ void __launch_bounds__(kG1Threads, 2) gemv1_kernel(Gemv1Args a) {
   constexpr int V = FmtTraits<F>::kVals;
   constexpr int kBytesPerVal2 = F == kWF32 ? 8 : F == kWFP8 ? 2 : F == kWFP4 ? 1 : 4;
@@ -287,6 +295,13 @@ __global__ void __launch_bounds__(kG1Threads, 2) gemv1_kernel(Gemv1Args a) {
       tile += gridDim.x;
     }
     if (tile < ntiles) load(tile, it);  // in flight while this unit computes
+    if constexpr (PF) {
+      const int64_t nt = ctile + gridDim.x;
+      const int64_t rows = int64_t{gpb} * R;  // <= 32
+      const int64_t n = nt * rows + threadIdx.x;
+      if (cit == 0 && wvec && nt < ntiles && threadIdx.x < rows && n < N)
+        prefetch_l2_bulk(a.w.data + n * a.w.row_bytes, static_cast<uint32_t>(a.w.row_bytes));
+    }
 
     const int64_t n0 = (ctile * gpb + rg) * R;
     const int nv = n0 >= N ? 0 : (N - n0 < R ? static_cast<int>(N - n0) : R);
@@ -354,7 +369,7 @@ int resident_blocks(Kern k, int threads) {
   return std::max(1, sms * std::max(1, per_sm));
 }
 
-template <int F, typename XT, bool S32>
+template <int F, typename XT, bool S32, bool PF>
 void launch_gemv1_x(cudaStream_t s, Gemv1Args a, bool one_row) {
   const int V = F == kWF32 ? 4 : F == kWFP8 ? 16 : F == kWFP4 ? 32 : 8;
   const int R = one_row ? 1 : 4;
@@ -367,51 +382,56 @@ void launch_gemv1_x(cudaStream_t s, Gemv1Args a, bool one_row) {
   a.wk = wk;
   const int64_t rows_per_block = int64_t{kG1Threads / 32 / wk} * R;
   const int64_t tiles = (a.w.out + rows_per_block - 1) / rows_per_block;
-  auto kern = one_row ? gemv1_kernel<F, XT, 1, S32> : gemv1_kernel<F, XT, 4, S32>;
-  static const int resident1 = resident_blocks(gemv1_kernel<F, XT, 1, S32>, kG1Threads);
-  static const int resident4 = resident_blocks(gemv1_kernel<F, XT, 4, S32>, kG1Threads);
+  auto kern = one_row ? gemv1_kernel<F, XT, 1, S32, PF> : gemv1_kernel<F, XT, 4, S32, PF>;
+  static const int resident1 = resident_blocks(gemv1_kernel<F, XT, 1, S32, PF>, kG1Threads);
+  static const int resident4 = resident_blocks(gemv1_kernel<F, XT, 4, S32, PF>, kG1Threads);
   const unsigned grid =
       static_cast<unsigned>(std::min<int64_t>(tiles, one_row ? resident1 : resident4));
   kern<<<grid, kG1Threads, 0, s>>>(a);
   SP_CUDA_LAUNCH();
 }
 
-template <int F, bool S32>
+template <int F, bool S32, bool PF = false>
 void launch_gemv1_s(cudaStream_t s, const Gemv1Args& a, bool x_bf16, bool one_row) {
   if (x_bf16)
-    launch_gemv1_x<F, __nv_bfloat16, S32>(s, a, one_row);
+    launch_gemv1_x<F, __nv_bfloat16, S32, PF>(s, a, one_row);
   else
-    launch_gemv1_x<F, float, S32>(s, a, one_row);
+    launch_gemv1_x<F, float, S32, PF>(s, a, one_row);
 }
 
 template <int F>
-void launch_gemv1_f(cudaStream_t s, const Gemv1Args& a, bool x_bf16, bool one_row) {
+void launch_gemv1_f(cudaStream_t s, const Gemv1Args& a, bool x_bf16, bool one_row, bool pf) {
   if constexpr (F == kWFP8 || F == kWFP4) {
     if (a.w.scale_f32) {
       launch_gemv1_s<F, true>(s, a, x_bf16, one_row);
+      return;
+    }
+    if (pf) {
+      launch_gemv1_s<F, false, true>(s, a, x_bf16, one_row);
       return;
     }
   }
   launch_gemv1_s<F, false>(s, a, x_bf16, one_row);
 }
 
-void launch_gemv1(cudaStream_t s, const Gemv1Args& a, bool x_bf16) {
+// pf: the L2-prefetching variant, for FP8/FP4 with E8M0 scales (others ignore it).
+void launch_gemv1(cudaStream_t s, const Gemv1Args& a, bool x_bf16, bool pf) {
   const bool one_row = a.gstride != 0 && a.rows_per_group % 4 != 0;
   switch (a.w.fmt) {
     case kWF32:
-      launch_gemv1_f<kWF32>(s, a, x_bf16, one_row);
+      launch_gemv1_f<kWF32>(s, a, x_bf16, one_row, pf);
       break;
     case kWBF16:
-      launch_gemv1_f<kWBF16>(s, a, x_bf16, one_row);
+      launch_gemv1_f<kWBF16>(s, a, x_bf16, one_row, pf);
       break;
     case kWF16:
-      launch_gemv1_f<kWF16>(s, a, x_bf16, one_row);
+      launch_gemv1_f<kWF16>(s, a, x_bf16, one_row, pf);
       break;
     case kWFP8:
-      launch_gemv1_f<kWFP8>(s, a, x_bf16, one_row);
+      launch_gemv1_f<kWFP8>(s, a, x_bf16, one_row, pf);
       break;
     default:
-      launch_gemv1_f<kWFP4>(s, a, x_bf16, one_row);
+      launch_gemv1_f<kWFP4>(s, a, x_bf16, one_row, pf);
       break;
   }
 }
@@ -777,11 +797,6 @@ __device__ __forceinline__ void dequant_pairs_perm(const uint4& c, float s,
   }
 }
 
-// Starts moving [p, p + bytes) into L2 (no registers held). p and bytes: multiples of 16.
-__device__ __forceinline__ void prefetch_l2_bulk(const void* p, uint32_t bytes) {
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
-}
-
 template <int F, int NT, bool LO>
 __global__ void __launch_bounds__(kTcWarps * 32, NT <= 2 ? 2 : 1) tc_skinny_kernel(TcArgs a) {
   constexpr int V = FmtTraits<F>::kVals, KS = 4 * V;
@@ -1057,7 +1072,8 @@ void run_linear(cudaStream_t s, Workspace& ws, Tensor x, const Matrix& w, Tensor
   // Weights exact in bf16 go to the tensor cores (fp32 activations as two bf16 halves).
   const bool exact_w = dm.fmt == kWBF16 || ((dm.fmt == kWFP8 || dm.fmt == kWFP4) && !dm.scale_f32);
   const bool skinny_tiles = gstride == 0 || (rows_per_group % kTcRows == 0 && gstride % 8 == 0);
-  // M = 1: the one-row GEMV, or (one_row_path()) the skinny kernel for FP8/FP4 with E8M0 scales.
+  // M = 1: the one-row GEMV (kGemvPrefetch: with the L2 prefetch for FP8/FP4 with E8M0 scales),
+  // or (kTensorCore) the skinny kernel for FP8/FP4 with E8M0 scales.
   const bool one_row_tc = one_row_path() == OneRowPath::kTensorCore &&
                           (dm.fmt == kWFP8 || dm.fmt == kWFP4) && !dm.scale_f32 && skinny_tiles;
   if (M == 1 && !one_row_tc) {
@@ -1069,7 +1085,7 @@ void run_linear(cudaStream_t s, Workspace& ws, Tensor x, const Matrix& w, Tensor
     a.y_bf16 = y_bf16 ? 1 : 0;
     a.rows_per_group = rows_per_group;
     a.gstride = gstride;
-    launch_gemv1(s, a, x_bf16);
+    launch_gemv1(s, a, x_bf16, one_row_path() == OneRowPath::kGemvPrefetch);
     return;
   }
   const bool skinny_ok = exact_w && M <= 64 && skinny_tiles;
