@@ -3,7 +3,7 @@
 // Kernels chosen by M and the weight format (the result may depend on M, never on the run):
 // - gemv1 (M = 1, every format): a warp (or a few warps splitting K) streams 4 rows in 16-byte
 //   chunks with several loads in flight per lane; warp shuffles reduce. set_one_row_path picks, for
-//   FP8/FP4 with E8M0 scales: kGemv (this), kGemvPrefetch (this, each block starting its next row
+//   FP8/FP4 with E8M0 scales: kGemv (this), kGemvPrefetch (this, each block starting a later row
 //   tile's bytes moving into L2) or kTensorCore (tc_skinny: one token, 7 of the MMA's 8 columns
 //   zeros).
 // - tc_skinny (M = 2..64, weights exact in bf16: BF16, FP8/FP4 with E8M0 scales): the weights are
@@ -12,7 +12,8 @@
 //   activations are split x = hi + lo (two bf16) and multiplied as two MMAs into one accumulator,
 //   which keeps close to fp32 accuracy. FP8/FP4 decode to bf16 pairs by bit moves and one exact
 //   bf16x2 multiply by the scale (fp_bits.h; an fp32 route for other scales and NaN codes); a
-//   block starts its next row tile's bytes moving into L2 when it begins a tile.
+//   block starts a later row tile's bytes moving into L2 when it begins a tile (the next tile, or
+//   the one after it when the loads in flight already cover the next).
 // - mma (M > 64, weights exact in bf16): a 128-wide tile of weight rows is dequantised to bf16 into
 //   shared memory (double-buffered through registers) and multiplied on the tensor cores with a
 //   tile of 64 or 128 tokens (fp32 activations: hi and lo tiles, two MMAs). When the M x N tiles
@@ -227,7 +228,7 @@ __device__ __forceinline__ void gemv1_chunk(const uint4 (&cw)[R], const float (&
   }
 }
 
-// PF: when a block begins a row tile, its threads start the next tile's rows moving into L2 (one
+// PF: when a block begins a row tile, its threads start a later tile's rows moving into L2 (one
 // row each; rows 16-byte aligned), so more bytes are in flight than the registers hold.
 template <int F, typename XT, int R, bool S32, bool PF>
 __global__ void __launch_bounds__(kG1Threads, 2) gemv1_kernel(Gemv1Args a) {
@@ -296,7 +297,9 @@ __global__ void __launch_bounds__(kG1Threads, 2) gemv1_kernel(Gemv1Args a) {
     }
     if (tile < ntiles) load(tile, it);  // in flight while this unit computes
     if constexpr (PF) {
-      const int64_t nt = ctile + gridDim.x;
+      // The registers hold the loads of unit (ctile, 1), or with one unit a tile those of the
+      // next tile: prefetch the tile after them.
+      const int64_t nt = ctile + (iters == 1 ? 2 : 1) * int64_t{gridDim.x};
       const int64_t rows = int64_t{gpb} * R;  // <= 32
       const int64_t n = nt * rows + threadIdx.x;
       if (cit == 0 && wvec && nt < ntiles && threadIdx.x < rows && n < N)
@@ -866,9 +869,10 @@ __global__ void __launch_bounds__(kTcWarps * 32, NT <= 2 ? 2 : 1) tc_skinny_kern
     }
     if (tile < tiles) load(tile, it);  // in flight while this unit computes
     if (cit == 0 && wvec) {
-      // The block's next tile (rows contiguous, 16-byte aligned): its bytes of this K split start
-      // moving into L2 now, one row per thread, so the loads of the next tile find them there.
-      const int64_t nt = ctile + gridDim.x;
+      // A later tile of the block (rows 16-byte aligned): its bytes of this K split start moving
+      // into L2 now, one row per thread, so its loads find them there. The registers hold the
+      // loads of unit (ctile, 1), or with one unit a tile those of the next tile: the tile after.
+      const int64_t nt = ctile + (iters == 1 ? 2 : 1) * int64_t{gridDim.x};
       const int64_t n = nt * kTcRows + threadIdx.x;
       const int64_t b0 = s0 * KS * kBytesPerVal2 / 2;
       const int64_t b1e = s1 * KS * kBytesPerVal2 / 2;

@@ -140,7 +140,7 @@ void linear(cudaStream_t s, Workspace& ws, Tensor x, const Matrix& w, Tensor y);
 // [G, N/G, K] (w.out = N, w.in = K = x.cols / G).
 void grouped_linear(cudaStream_t s, Workspace& ws, Tensor x, const Matrix& w, int groups, Tensor y);
 // The kernel linear() / grouped_linear() run at M = 1 for FP8/FP4 weights with E8M0 scales: the
-// one-row CUDA-core GEMV (kGemv), the same with the next row tile prefetched into L2
+// one-row CUDA-core GEMV (kGemv), the same with a later row tile prefetched into L2
 // (kGemvPrefetch: the same bits as kGemv) or the skinny tensor-core kernel of M = 2..64
 // (kTensorCore). All are exact to fp32 rounding; the tensor-core path's bits differ from the
 // GEMV's. A process-wide setting for the parity tests and bench_ops (not a user option); CUDA
