@@ -89,6 +89,7 @@ struct LinearCase {
   int groups = 1;
   int64_t x_pad = 0;
   uint64_t seed = 1;
+  int64_t y_pad = 0;  // y a view of the first N columns of [M, N + y_pad] (the rest must stay NaN)
 };
 
 // Runs one case on both backends; returns the relative L2 error (checks it against the bound).
@@ -102,7 +103,8 @@ double check_linear(Backends& be, const LinearCase& c, std::vector<float>* gpu_o
   Tensor xc = make_tensor(*be.cpu, xv, c.M, xcols, DType::kF32);
   Tensor xg = make_strided(*be.gpu, xv, c.M, xcols, c.x_pad, c.x_dt);
   Tensor yc = be.cpu->alloc(c.M, c.N, DType::kF32);
-  Tensor yg = poisoned(*be.gpu, c.M, c.N, c.y_dt);
+  Tensor ywide = poisoned(*be.gpu, c.M, c.N + c.y_pad, c.y_dt);
+  Tensor yg = ywide.slice_cols(0, c.N);
   if (c.groups > 1) {
     be.cpu->grouped_linear(xc, mc, c.groups, yc);
     be.gpu->grouped_linear(xg, mg, c.groups, yg);
@@ -114,8 +116,14 @@ double check_linear(Backends& be, const LinearCase& c, std::vector<float>* gpu_o
   auto ref = read_f32(*be.cpu, yc);
   auto got = read_f32(*be.gpu, yg);
   if (c.y_dt == DType::kBF16) ref = round_bf16(ref);
-  int64_t unwritten = 0;
+  int64_t unwritten = 0, overwritten = 0;
   for (float v : got) unwritten += std::isfinite(v) ? 0 : 1;
+  if (c.y_pad > 0) {
+    const auto wide = read_f32(*be.gpu, ywide);
+    for (int64_t m = 0; m < c.M; ++m)
+      for (int64_t j = c.N; j < c.N + c.y_pad; ++j)
+        overwritten += std::isnan(wide[m * (c.N + c.y_pad) + j]) ? 0 : 1;
+  }
   const double err = rel_l2(got, ref);
   const double tol = c.y_dt == DType::kBF16 ? 1e-2 : 1e-5;
   std::printf("  %-9s M=%-5lld N=%-6lld K=%-5lld G=%d x=%s y=%s pad=%lld  rel_l2=%.3g\n",
@@ -123,6 +131,7 @@ double check_linear(Backends& be, const LinearCase& c, std::vector<float>* gpu_o
               static_cast<long long>(c.K), c.groups, dtype_name(c.x_dt), dtype_name(c.y_dt),
               static_cast<long long>(c.x_pad), err);
   EXPECT_EQ(unwritten, 0) << c.fmt.name << " M=" << c.M << " N=" << c.N << " K=" << c.K;
+  EXPECT_EQ(overwritten, 0) << c.fmt.name << " M=" << c.M << " N=" << c.N << " K=" << c.K;
   EXPECT_LE(err, tol) << c.fmt.name << " M=" << c.M << " N=" << c.N << " K=" << c.K
                       << " x=" << dtype_name(c.x_dt) << " y=" << dtype_name(c.y_dt);
   if (gpu_out) *gpu_out = std::move(got);
@@ -332,7 +341,8 @@ TEST(CudaLinear, OneRowIntegerDecode) {
 // formats, F32 scales and groups the skinny kernel cannot tile (rows per group not a multiple of
 // 64, or a group stride not a multiple of 8) keep the one-row GEMV. N = 1, 7 (under one 16-row
 // MMA tile), 301; K not a multiple of 128 and rows not a multiple of 16 bytes (FP8 K = 200, 131:
-// byte loads), strided x, every x / y dtype, grouped shapes on both sides of the tiling rule.
+// byte loads), strided x (N = 7) and y (N = 301; the columns past N must stay untouched), every
+// x / y dtype, grouped shapes on both sides of the tiling rule.
 TEST(CudaLinear, OneRowEveryPathEveryFormat) {
   SP_REQUIRE_GPU();
   Backends be;
@@ -346,7 +356,7 @@ TEST(CudaLinear, OneRowEveryPathEveryFormat) {
         for (int64_t N : {1, 7, 301})
           for (DType xd : {DType::kF32, DType::kBF16})
             for (DType yd : {DType::kF32, DType::kBF16})
-              check_linear(be, {f, 1, N, K, xd, yd, 1, N == 7 ? 3 : 0, seed++});
+              check_linear(be, {f, 1, N, K, xd, yd, 1, N == 7 ? 3 : 0, seed++, N == 301 ? 5 : 0});
       // 4 groups of 128 rows (tileable when K % 8 == 0) and of 75 rows (never).
       const int64_t gk = fp4 ? 64 : 200;
       check_linear(be, {f, 1, 512, gk, DType::kF32, DType::kF32, 4, 0, seed++});
