@@ -276,12 +276,25 @@ __global__ void __launch_bounds__(kG1Threads, 2) gemv1_kernel(Gemv1Args a) {
     }
   };
 
+  // PF: starts tile nt's rows moving into L2, one row per thread.
+  auto prefetch = [&](int64_t nt) {
+    const int64_t rows = int64_t{gpb} * R;  // <= 32
+    const int64_t n = nt * rows + threadIdx.x;
+    if (wvec && nt < ntiles && threadIdx.x < rows && n < N)
+      prefetch_l2_bulk(a.w.data + n * a.w.row_bytes, static_cast<uint32_t>(a.w.row_bytes));
+  };
+
   float acc[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) acc[r] = 0.0f;
   int64_t tile = blockIdx.x;
   int it = 0;
   if (tile < ntiles) load(tile, it);
+  if constexpr (PF) {
+    // With one unit a tile, the first unit waits for these loads before it issues the next
+    // tile's: that tile starts moving now.
+    if (iters == 1) prefetch(tile + gridDim.x);
+  }
   while (tile < ntiles) {
     uint4 cw[U][R];
     float cs[U][R];
@@ -299,11 +312,7 @@ __global__ void __launch_bounds__(kG1Threads, 2) gemv1_kernel(Gemv1Args a) {
     if constexpr (PF) {
       // The registers hold the loads of unit (ctile, 1), or with one unit a tile those of the
       // next tile: prefetch the tile after them.
-      const int64_t nt = ctile + (iters == 1 ? 2 : 1) * int64_t{gridDim.x};
-      const int64_t rows = int64_t{gpb} * R;  // <= 32
-      const int64_t n = nt * rows + threadIdx.x;
-      if (cit == 0 && wvec && nt < ntiles && threadIdx.x < rows && n < N)
-        prefetch_l2_bulk(a.w.data + n * a.w.row_bytes, static_cast<uint32_t>(a.w.row_bytes));
+      if (cit == 0) prefetch(ctile + (iters == 1 ? 2 : 1) * int64_t{gridDim.x});
     }
 
     const int64_t n0 = (ctile * gpb + rg) * R;
@@ -849,9 +858,23 @@ __global__ void __launch_bounds__(kTcWarps * 32, NT <= 2 ? 2 : 1) tc_skinny_kern
 #pragma unroll
       for (int q = 0; q < 4; ++q) acc[rt][nt][q] = 0.0f;
 
+  // A later tile of the block (rows 16-byte aligned): its bytes of this K split start moving into
+  // L2, one row per thread, so its loads find them there.
+  auto prefetch = [&](int64_t nt) {
+    const int64_t n = nt * kTcRows + threadIdx.x;
+    const int64_t b0 = s0 * KS * kBytesPerVal2 / 2;
+    const int64_t b1e = s1 * KS * kBytesPerVal2 / 2;
+    const int64_t b1 = b1e < a.w.row_bytes ? b1e : a.w.row_bytes;
+    if (wvec && nt < tiles && threadIdx.x < kTcRows && n < N && b1 > b0)
+      prefetch_l2_bulk(a.w.data + n * a.w.row_bytes + b0, static_cast<uint32_t>(b1 - b0));
+  };
+
   int64_t tile = blockIdx.x;
   int it = 0;
   if (tile < tiles && iters > 0) load(tile, it);
+  // With one unit a tile, the first unit waits for these loads before it issues the next tile's:
+  // that tile starts moving now.
+  if (iters == 1) prefetch(tile + gridDim.x);
   while (tile < tiles && iters > 0) {
     uint4 cur[U][kTcRT][2];
     float cs[U][kTcRT][2];
@@ -868,18 +891,9 @@ __global__ void __launch_bounds__(kTcWarps * 32, NT <= 2 ? 2 : 1) tc_skinny_kern
       tile += gridDim.x;
     }
     if (tile < tiles) load(tile, it);  // in flight while this unit computes
-    if (cit == 0 && wvec) {
-      // A later tile of the block (rows 16-byte aligned): its bytes of this K split start moving
-      // into L2 now, one row per thread, so its loads find them there. The registers hold the
-      // loads of unit (ctile, 1), or with one unit a tile those of the next tile: the tile after.
-      const int64_t nt = ctile + (iters == 1 ? 2 : 1) * int64_t{gridDim.x};
-      const int64_t n = nt * kTcRows + threadIdx.x;
-      const int64_t b0 = s0 * KS * kBytesPerVal2 / 2;
-      const int64_t b1e = s1 * KS * kBytesPerVal2 / 2;
-      const int64_t b1 = b1e < a.w.row_bytes ? b1e : a.w.row_bytes;
-      if (nt < tiles && threadIdx.x < kTcRows && n < N && b1 > b0)
-        prefetch_l2_bulk(a.w.data + n * a.w.row_bytes + b0, static_cast<uint32_t>(b1 - b0));
-    }
+    // The registers hold the loads of unit (ctile, 1), or with one unit a tile those of the next
+    // tile: prefetch the tile after them.
+    if (cit == 0) prefetch(ctile + (iters == 1 ? 2 : 1) * int64_t{gridDim.x});
 
     // Activations of this lane's tokens at the tile's group.
     const int64_t col0 = (ctile * kTcRows / a.rows_per_group) * a.gstride + tq * V;
