@@ -738,23 +738,6 @@ struct TcArgs {
   int splits = 1;
 };
 
-// The V values of a 16-byte chunk as V / 2 bf16 pairs (value 2i in the low half of word i).
-template <int F>
-__device__ __forceinline__ void dequant_pairs(const uint4& c, float s,
-                                              uint32_t (&o)[FmtTraits<F>::kVals / 2]) {
-  if constexpr (F == kWBF16) {
-    o[0] = c.x, o[1] = c.y, o[2] = c.z, o[3] = c.w;
-  } else {
-#pragma unroll
-    for (int p = 0; p < FmtTraits<F>::kVals / 4; ++p) {
-      float v[4];
-      decode4<F>(c, p, s, v);
-      o[2 * p] = pack_bf16(v[0], v[1]);
-      o[2 * p + 1] = pack_bf16(v[2], v[3]);
-    }
-  }
-}
-
 // a * b per bf16 half, round to nearest (exact where used: b is a power of two, the product a
 // normal bf16).
 __device__ __forceinline__ uint32_t bf16x2_mul_exact(uint32_t a, uint32_t b) {
@@ -763,49 +746,47 @@ __device__ __forceinline__ uint32_t bf16x2_mul_exact(uint32_t a, uint32_t b) {
   return d;
 }
 
-// FP8/FP4 with E8M0 scales: the V values of a chunk as V / 2 bf16 pairs in fp_bits.h's order:
-// pair 4j + p (p = 0..3) holds values 8j + p (low half) and 8j + p + 4 (high half). s is the
-// chunk's scale as chunk_scale gives it (FP4: times 2^14). The fast route decodes by bit moves
-// (the value times 2^-120 / 2^-126) and multiplies each pair by the scale times the inverse power
-// in one exact bf16x2 multiply; chunks whose scale is outside that multiply's exact range, padding
-// (scale 0) and FP8 chunks holding a NaN code take the fp32 route (decode4: NaN codes decode to
-// NaN, as on the CPU). Both routes give the exact scaled weight (bf16 holds every scaled e4m3 /
-// e2m1 value that is a normal or subnormal bf16; the fp32 route rounds once, like the old decode).
+// FP8/FP4 with E8M0 scales, decoded to bf16 pairs in fp_bits.h's order. The fast route decodes by
+// bit moves (the value times 2^-120 / 2^-126) and multiplies each pair by the scale times the
+// inverse power in one exact bf16x2 multiply; chunks whose scale is outside that multiply's exact
+// range, padding (scale 0) and FP8 chunks holding a NaN code take the fp32 route (decode4: NaN
+// codes decode to NaN, as on the CPU). Both give the exact scaled weight (the fp32 route rounds
+// once to bf16, like the old decode, which is exact for normal bf16 results).
+//
+// The fast route's pair factor of a chunk with scale s as chunk_scale gives it (FP4: times 2^14),
+// or 0 for the fp32 route (a factor is never 0).
 template <int F>
-__device__ __forceinline__ void dequant_pairs_perm(const uint4& c, float s,
-                                                   uint32_t (&o)[FmtTraits<F>::kVals / 2]) {
-  constexpr int G = FmtTraits<F>::kVals / 8;  // groups of 8 values
+__device__ __forceinline__ uint32_t pair_factor(const uint4& c, float s) {
   const uint32_t e = (__float_as_uint(s) >> 23) & 0xffu;
-  bool fast;
-  uint32_t fac = 0;
   if constexpr (F == kWFP8) {
-    fast = fpbits::fp8_scale_fast(e) && !chunk_has_e4m3_nan(c);
-    if (fast) fac = fpbits::pair_scale(e, fpbits::kFp8Shift);
+    return fpbits::fp8_scale_fast(e) && !chunk_has_e4m3_nan(c)
+               ? fpbits::pair_scale(e, fpbits::kFp8Shift)
+               : 0u;
   } else {
     const uint32_t sb = e - 14u;  // chunk_scale folds 2^14 in; e >= 14 for every finite scale
-    fast = e >= 14u && fpbits::fp4_scale_fast(sb);
-    if (fast) fac = fpbits::pair_scale(sb, fpbits::kFp4Shift);
+    return e >= 14u && fpbits::fp4_scale_fast(sb) ? fpbits::pair_scale(sb, fpbits::kFp4Shift) : 0u;
   }
-  if (fast) {
+}
+
+// Group j (values 8j .. 8j + 7) of a chunk as 4 bf16 pairs: pair p holds values 8j + p (low half)
+// and 8j + p + 4 (high half). fac: pair_factor of the chunk.
+template <int F>
+__device__ __forceinline__ void dequant_group(const uint4& c, int j, float s, uint32_t fac,
+                                              uint32_t (&o)[4]) {
+  if (fac != 0u) {
+    uint32_t q[4];
+    if constexpr (F == kWFP8)
+      fpbits::e4m3x8_to_bf16(word_of(c, 2 * j), word_of(c, 2 * j + 1), q);
+    else
+      fpbits::e2m1x8_to_bf16(word_of(c, j), q);
 #pragma unroll
-    for (int j = 0; j < G; ++j) {
-      uint32_t q[4];
-      if constexpr (F == kWFP8)
-        fpbits::e4m3x8_to_bf16(word_of(c, 2 * j), word_of(c, 2 * j + 1), q);
-      else
-        fpbits::e2m1x8_to_bf16(word_of(c, j), q);
-#pragma unroll
-      for (int p = 0; p < 4; ++p) o[4 * j + p] = bf16x2_mul_exact(q[p], fac);
-    }
+    for (int p = 0; p < 4; ++p) o[p] = bf16x2_mul_exact(q[p], fac);
   } else {
+    float v0[4], v1[4];
+    decode4<F>(c, 2 * j, s, v0);
+    decode4<F>(c, 2 * j + 1, s, v1);
 #pragma unroll
-    for (int j = 0; j < G; ++j) {
-      float v0[4], v1[4];
-      decode4<F>(c, 2 * j, s, v0);
-      decode4<F>(c, 2 * j + 1, s, v1);
-#pragma unroll
-      for (int p = 0; p < 4; ++p) o[4 * j + p] = pack_bf16(v0[p], v1[p]);
-    }
+    for (int p = 0; p < 4; ++p) o[p] = pack_bf16(v0[p], v1[p]);
   }
 }
 
@@ -901,22 +882,34 @@ __global__ void __launch_bounds__(kTcWarps * 32, NT <= 2 ? 2 : 1) tc_skinny_kern
     for (int u = 0; u < U; ++u) {
       const int64_t su = s0 + wk + (static_cast<int64_t>(cit) * U + u) * kTcWK;
       if (su >= s1) break;
-      uint32_t aw[kTcRT][2][V / 2];
+      // FP8/FP4: the scale route of each chunk (0: fp32), then one 8-value group at a time (few
+      // registers live): pairs 2jj and 2jj + 1 of group q hold values (8q + 2jj, 8q + 2jj + 4)
+      // and (8q + 2jj + 1, 8q + 2jj + 5), the activations regrouped the same way. BF16: the
+      // chunk's four words, pairs in k order.
+      uint32_t fac[kTcRT][2];
 #pragma unroll
       for (int rt = 0; rt < kTcRT; ++rt)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          if constexpr (F == kWBF16)
-            dequant_pairs<F>(cur[u][rt][h], cs[u][rt][h], aw[rt][h]);
-          else
-            dequant_pairs_perm<F>(cur[u][rt][h], cs[u][rt][h], aw[rt][h]);
-        }
+        for (int h = 0; h < 2; ++h)
+          fac[rt][h] = F == kWBF16 ? 0u : pair_factor<F>(cur[u][rt][h], cs[u][rt][h]);
       const int64_t xo = col0 + su * KS;
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const int64_t m = nt * 8 + g;
+      for (int q = 0; q < V / 8; ++q) {
+        uint32_t aw[kTcRT][2][4];
 #pragma unroll
-        for (int q = 0; q < V / 8; ++q) {
+        for (int rt = 0; rt < kTcRT; ++rt)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            if constexpr (F == kWBF16) {
+              const uint4& c = cur[u][rt][h];
+              aw[rt][h][0] = c.x, aw[rt][h][1] = c.y, aw[rt][h][2] = c.z, aw[rt][h][3] = c.w;
+            } else {
+              dequant_group<F>(cur[u][rt][h], q, cs[u][rt][h], fac[rt][h], aw[rt][h]);
+            }
+          }
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          const int64_t m = nt * 8 + g;
           uint4 bh = make_uint4(0, 0, 0, 0), bl = make_uint4(0, 0, 0, 0);
           if (m < a.M) {
             bh = __ldg(reinterpret_cast<const uint4*>(a.xh + m * a.ldp + xo + 8 * q));
@@ -925,10 +918,6 @@ __global__ void __launch_bounds__(kTcWarps * 32, NT <= 2 ? 2 : 1) tc_skinny_kern
           }
 #pragma unroll
           for (int jj = 0; jj < 2; ++jj) {
-            const int j = 2 * q + jj;
-            // BF16 weights: pairs in k order (values 8q + 4jj .. + 3). FP8/FP4: pairs 4q + 2jj and
-            // 4q + 2jj + 1 hold values (8q + 2jj, 8q + 2jj + 4) and (8q + 2jj + 1, 8q + 2jj + 5):
-            // the activations regrouped the same way.
             uint32_t b[2], bb[2];
             if constexpr (F == kWBF16) {
               b[0] = jj ? bh.z : bh.x, b[1] = jj ? bh.w : bh.y;
@@ -941,8 +930,8 @@ __global__ void __launch_bounds__(kTcWarps * 32, NT <= 2 ? 2 : 1) tc_skinny_kern
             }
 #pragma unroll
             for (int rt = 0; rt < kTcRT; ++rt) {
-              const uint32_t af[4] = {aw[rt][0][2 * j], aw[rt][1][2 * j], aw[rt][0][2 * j + 1],
-                                      aw[rt][1][2 * j + 1]};
+              const uint32_t af[4] = {aw[rt][0][2 * jj], aw[rt][1][2 * jj], aw[rt][0][2 * jj + 1],
+                                      aw[rt][1][2 * jj + 1]};
               mma_bf16(acc[rt][nt], af, b);
               if constexpr (LO) mma_bf16(acc[rt][nt], af, bb);
             }
