@@ -382,7 +382,7 @@ TEST(CudaLinear, OneRowTensorCoreFlashShapes) {
     int groups;
   };
   const S shapes[] = {{fp8, 1024, 4096, 1}, {fp8, 32768, 1024, 1}, {fp8, 512, 4096, 1},
-                      {fp8, 8192, 512, 8},  {fp8, 4096, 8192, 1},  {fp8, 2048, 4096, 1},
+                      {fp8, 8192, 4096, 8}, {fp8, 4096, 8192, 1},  {fp8, 2048, 4096, 1},
                       {fp8, 4096, 2048, 1}, {fp8, 8192, 1024, 1},  {fp4, 2048, 4096, 1},
                       {fp4, 4096, 2048, 1}};
   for (const S& sh : shapes) {
