@@ -13,6 +13,7 @@
 #include <random>
 #include <vector>
 
+#include "backend/cuda/moe_decode.cuh"
 #include "bench_util.cuh"
 
 namespace sp::cuda {
@@ -156,6 +157,32 @@ void bench_moe(cudaStream_t s, Workspace& ws, double copy_gbs) {
         std::printf("%-14s %3d %6d %5s %10.1f %12d %9.0f %7.0f%% %9.1f\n", "moe", tc_min, T,
                     dtype_name(xd), ms * 1e3, nact - 1, gbs, 100.0 * gbs / copy_gbs,
                     flop / (ms * 1e-3) / 1e12);
+        if (T > 1024) {
+          // The expert kernels alone (moe_tc: staging, up and down passes over every token range)
+          // on the routing of the last call's last chunk (1,024 tokens, left in the workspace):
+          // the tensor-core kernels' TFLOP/s without the gate, the sort and the combine.
+          MoeTcStep ts;
+          ts.tab = static_cast<const DevExpert*>(w.table.data);
+          ts.meta = meta;
+          ts.pairs = static_cast<const int*>(ws.get(kWsMoePairs, 0));
+          ts.T = 1024;
+          ts.K = K;
+          ts.E = E;
+          ts.min_tok = tc_min;
+          ts.x = xs[0].data;
+          ts.ldx = xs[0].stride;
+          ts.x_bf16 = xd == DType::kBF16;
+          ts.D = D;
+          ts.Imax = I;
+          ts.I = I;
+          ts.Is = I;
+          ts.limit = 10.0f;
+          ts.o = static_cast<float*>(ws.get(kWsMoeO, 0));
+          const float ems = time_ms(s, 10, [&](int) { moe_tc(s, ws, ts); });
+          const double eflop = 2.0 * 1024 * (K + 1) * 3.0 * I * D;
+          std::printf("%-14s %3d %6d %5s %10.1f %12s %9s %8s %9.1f\n", "moe experts", tc_min, 1024,
+                      dtype_name(xd), ems * 1e3, "-", "-", "-", eflop / (ems * 1e-3) / 1e12);
+        }
         for (auto& x : xs) cudaFree(x.data);
         cudaFree(y.data);
       }
