@@ -4,7 +4,8 @@
 // formats) have the tensor-core kernels on: by default the CUDA-core decode kernels take the
 // experts of one token (all of them at T = 1), the tensor-core kernels (moe_decode.cu) those of
 // 2..8 tokens (one n tile), of 9..64 tokens (up to 8 n tiles: the shared expert, which has every
-// token, from T = 9 to 64) and of more (the prefill kernel, 128 x 128 block tiles: the shared
+// token, from T = 9 to 64; in steps of more than 64 tokens the prefill kernel's 64-token tiles)
+// and of more (the prefill kernel, 128 x 128 block tiles: the shared
 // expert from T = 65 on, routed experts at the small shape's T = 300, in FlashMixedPaths, whose
 // gate bias sends every token to three hot experts, and in FlashPrefillTiles / FlashPrefill). With
 // the tensor-core minimum at 1 (set_moe_tc_min_tokens) the experts of one token take the tensor
@@ -306,10 +307,10 @@ TEST(CudaMoe, FlashPrefill) {
 // The prefill kernel (experts of more than 64 tokens: 128-row x 128-token block tiles) at V4-Flash
 // shapes with a skewed gate (expert 0 and the shared expert take every token, most others one):
 // T = 65 (one partial token group), 129 (two, the second of one token), 300 (three, the last of
-// 44), every pairing of f32 / bf16 activations and outputs, tc_min 2 and 1 (the work lists of the
-// other ranges beside it); a layer without a hot expert at T = 600 (the routed experts of 9..64
-// tokens in the 64-token tiles of a prefill step); then the bits of T = 129 with f32 tokens (the
-// hi + lo MMAs), twice.
+// 44), f32 / bf16 activations and outputs (every pairing at T = 129), tc_min 2 and 1 (the work
+// lists of the other ranges beside it); a layer without a hot expert at T = 600 (the routed experts
+// of 9..64 tokens in the 64-token tiles of a prefill step); then the bits of T = 129 with f32
+// tokens (the hi + lo MMAs), twice.
 TEST(CudaMoe, FlashPrefillTiles) {
   SP_REQUIRE_GPU();
   Backends be;
@@ -321,7 +322,7 @@ TEST(CudaMoe, FlashPrefillTiles) {
   for (int T : {65, 129, 300})
     for (DType xd : {DType::kF32, DType::kBF16})
       for (DType yd : {DType::kF32, DType::kBF16})
-        check_moe(be, L, s, T, xd, yd, seed++, nullptr, {2, 1});
+        if (T == 129 || xd == yd) check_moe(be, L, s, T, xd, yd, seed++, nullptr, {2, 1});
   // No hot expert at T = 600: ~14 tokens per routed expert, most of them in 64-token tiles.
   MoeLayer L2;
   build_layer(be, s, 28, 8, L2);
