@@ -410,15 +410,16 @@ __global__ void __launch_bounds__(kTcThreads, NT <= 2 ? 2 : 1) moe_tc_kernel(TcA
   }
 }
 
-// ---- The prefill kernel: experts of more than kTcMaxTok tokens
-// -----------------------------------
+// The prefill kernel (moe_pf_kernel): experts of more than kTcMaxTok tokens in 128-token tiles,
+// and in steps of more than kTcMaxTok tokens those of 9..64 in 64-token tiles.
 //
 // A block tile of 128 weight rows (up: 64 rows of W1 and the same 64 of W3, so SwiGLU has both in
-// one thread; down: 128 rows of W2) x 128 tokens, K stepped 64 values at a time. Each step the
-// block decodes its weight tile ONCE into shared memory as bf16 (each thread one FP4 chunk or two
-// FP8 chunks, loaded from global memory during the previous step's MMAs), while the next step's
+// one thread; down: 128 rows of W2) x 128 (or 64) tokens, K stepped 64 values at a time. Each step
+// the block decodes its weight tile ONCE into shared memory as bf16 (each thread one FP4 chunk or
+// two FP8 chunks, loaded from global memory during the previous step's MMAs), while the next step's
 // activation tile (the staged hi, and lo for fp32 tokens, 8 values per 16-byte piece) lands in the
-// other of two shared buffers through cp.async. Warps 2 (rows) x 4 (32 tokens each); a warp's
+// other of two shared buffers through cp.async (zeros past the tokens and past K). Warps 2 (rows)
+// x 4 (32 tokens each; 4 x 2 for 64-token tiles), n tiles past the item's tokens skipped; a warp's
 // fragments come from shared memory by ldmatrix and go to mma.sync m16n8k16 (bf16, fp32
 // accumulate; two MMAs, hi and lo, for fp32 activations). Both operands sit in the decoders' pair
 // order inside each 8 values (stage_pos), the k permutation of the decode kernels. Shared rows
