@@ -14,6 +14,7 @@
 #include <random>
 #include <vector>
 
+#include "backend/cuda/moe_decode.cuh"
 #include "bench_util.cuh"
 
 namespace sp::cuda {
@@ -219,6 +220,34 @@ void bench_moe(cudaStream_t s, Workspace& ws, double copy_gbs) {
         std::printf("%-14s %3d %6d %5s %10.1f %12d %9.0f %7.0f%% %9.1f\n", "moe", tc_min, T,
                     dtype_name(xd), ms * 1e3, nact - 1, gbs, 100.0 * gbs / copy_gbs,
                     flop / (ms * 1e-3) / 1e12);
+        if (T >= 8) {
+          // The tensor-core expert kernels alone (moe_tc: staging, up and down passes over every
+          // token range) on the routing of the last call's last chunk (up to 1,024 tokens, left
+          // in the workspace): without the gate, the sort, the combine and (tc 2) the one-token
+          // experts' decode kernels; TFLOP/s counts every pair's multiply-adds.
+          const int Tc = std::min(T, 1024);
+          MoeTcStep ts;
+          ts.tab = static_cast<const DevExpert*>(w.table.data);
+          ts.meta = meta;
+          ts.pairs = static_cast<const int*>(ws.get(kWsMoePairs, 0));
+          ts.T = Tc;
+          ts.K = K;
+          ts.E = E;
+          ts.min_tok = tc_min;
+          ts.x = xs[0].data;
+          ts.ldx = xs[0].stride;
+          ts.x_bf16 = xd == DType::kBF16;
+          ts.D = D;
+          ts.Imax = I;
+          ts.I = I;
+          ts.Is = I;
+          ts.limit = 10.0f;
+          ts.o = static_cast<float*>(ws.get(kWsMoeO, 0));
+          const float ems = time_ms(s, big ? 10 : 40, [&](int) { moe_tc(s, ws, ts); });
+          const double eflop = 2.0 * Tc * (K + 1) * 3.0 * I * D;
+          std::printf("%-14s %3d %6d %5s %10.1f %12s %9s %8s %9.1f\n", "moe experts", tc_min, Tc,
+                      dtype_name(xd), ems * 1e3, "-", "-", "-", eflop / (ems * 1e-3) / 1e12);
+        }
         for (auto& x : xs) cudaFree(x.data);
         cudaFree(y.data);
       }
