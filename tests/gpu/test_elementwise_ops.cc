@@ -2,7 +2,10 @@
 // backend, on random inputs of awkward and V4-Flash shapes.
 #include <cmath>
 #include <cstring>
+#include <tuple>
+#include <vector>
 
+#include "backend/cuda/kernels.h"
 #include "tests/gpu/op_harness.h"
 
 namespace sp::test {
@@ -178,6 +181,57 @@ TEST(CudaElementwise, MhcPreAndHead) {
                                     {2, 1, 64, 0, 0},  // hc_mult 1: a one-value Sinkhorn
                                     {8200, 2, 50, 0, 0}})  // one chunk, T past 8192 partial rows
     check_mhc(be, T, hc, D, pad, off);
+}
+
+// Decode sizes at hc_mult 4 through the one-launch path (every T up to its limit of 4), against
+// the CPU; then the same bits as the two launches (the partial sums and the collapse are the same
+// arithmetic in both). The default limit (2) is restored however the test ends.
+TEST(CudaElementwise, MhcOneLaunch) {
+  SP_REQUIRE_GPU();
+  Backends be;
+  struct Restore {
+    int prev = cuda::set_hc_fuse_max_tokens(4);
+    ~Restore() { cuda::set_hc_fuse_max_tokens(prev); }
+  } restore;
+  const std::tuple<int64_t, int64_t, int64_t> shapes[] = {
+      {4096, 0, 0}, {4096, 3, 1}, {256, 0, 0}, {1100, 0, 0}, {45, 2, 0}};
+  for (auto [D, pad, off] : shapes)
+    for (int T : {1, 2, 3, 4}) check_mhc(be, T, 4, D, pad, off);
+  // One launch against two, the same bits.
+  for (auto [D, pad, off] : shapes) {
+    for (int T : {1, 2, 4}) {
+      SCOPED_TRACE(testing::Message() << "one vs two launches: T " << T << " D " << D << " pad "
+                                      << pad << " off " << off);
+      const int hc = 4;
+      const int64_t W = hc * D, ld = W + pad;
+      auto Xv = round_bf16(random_vec(T * ld, 77 + T, 1.0f));
+      HcSet pre = make_hc(be, hc, D, false, 21), head = make_hc(be, hc, D, true, 22);
+      for (DType xd : {DType::kF32, DType::kBF16}) {
+        Tensor Xg = make_tensor(*be.gpu, Xv, T, ld, xd).slice_cols(off, W);
+        for (DType od : {DType::kF32, DType::kBF16}) {
+          SCOPED_TRACE(testing::Message() << "X " << dtype_name(xd) << " out " << dtype_name(od));
+          std::vector<float> got[2][4];
+          for (int limit : {4, 0}) {
+            cuda::set_hc_fuse_max_tokens(limit);
+            Tensor xg = nan_tensor(*be.gpu, T, D, od), hg = nan_tensor(*be.gpu, T, D, od);
+            Tensor pg = nan_tensor(*be.gpu, T, hc, DType::kF32);
+            Tensor cg = nan_tensor(*be.gpu, T, hc * hc, DType::kF32);
+            be.gpu->hc_pre(Xg, pre.gpu, hc, 20, 1e-6f, 1e-6f, xg, pg, cg);
+            be.gpu->hc_head(Xg, head.gpu, hc, 1e-6f, 1e-6f, hg);
+            auto& g = got[limit == 0];
+            g[0] = read_f32(*be.gpu, xg);
+            g[1] = read_f32(*be.gpu, pg);
+            g[2] = read_f32(*be.gpu, cg);
+            g[3] = read_f32(*be.gpu, hg);
+          }
+          for (int i = 0; i < 4; ++i) {
+            EXPECT_TRUE(same_bits(got[0][i], got[1][i])) << "output " << i;
+            for (float v : got[0][i]) ASSERT_TRUE(std::isfinite(v)) << "output " << i;
+          }
+        }
+      }
+    }
+  }
 }
 
 TEST(CudaElementwise, MhcPost) {

@@ -54,6 +54,8 @@ void* Workspace::get(int slot, size_t bytes) {
     if (ptr_[slot]) SP_CUDA(cudaFree(ptr_[slot]));
     size_t n = std::max<size_t>(bytes, 256);
     SP_CUDA(cudaMalloc(&ptr_[slot], n));
+    SP_CUDA(cudaMemsetAsync(ptr_[slot], 0, n, stream_));
+    SP_CUDA(cudaStreamSynchronize(stream_));
     size_[slot] = n;
     ++epoch_;
   }

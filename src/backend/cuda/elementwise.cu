@@ -3,6 +3,7 @@
 #include <cuda_bf16.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 
@@ -240,12 +241,12 @@ __device__ __forceinline__ float affine(float a, float s, float b) {
 
 // Kernel 1. X: [T, W] rows of stride xs; fn: [mix, W] rows of stride fs; chunk c covers columns
 // [c kc, min(W, (c + 1) kc)), kc a multiple of kHcStep; part: [T, gridDim.x, mix + 1].
+// The block's work: chunk c (of nchunk) of the tile of tokens from t0.
 template <typename TI, bool Vec>
-__global__ void __launch_bounds__(kThreads)
-    hc_mix_kernel(const TI* X, int64_t xs, int64_t T, const float* fn, int64_t fs, int mix,
-                  int64_t W, int64_t kc, float* part) {
-  const int c = blockIdx.x, nchunk = gridDim.x, P = mix + 1;
-  const int64_t t0 = static_cast<int64_t>(blockIdx.y) * kHcTile;
+__device__ __forceinline__ void hc_mix_block(const TI* X, int64_t xs, int64_t T, const float* fn,
+                                             int64_t fs, int mix, int64_t W, int64_t kc,
+                                             float* part, int c, int nchunk, int64_t t0) {
+  const int P = mix + 1;
   const int nt = static_cast<int>(min(static_cast<int64_t>(kHcTile), T - t0));
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t kbeg = c * kc, kend = min(W, kbeg + kc);
@@ -293,16 +294,26 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+template <typename TI, bool Vec>
+__global__ void __launch_bounds__(kThreads)
+    hc_mix_kernel(const TI* X, int64_t xs, int64_t T, const float* fn, int64_t fs, int mix,
+                  int64_t W, int64_t kc, float* part) {
+  hc_mix_block<TI, Vec>(X, xs, T, fn, fs, mix, W, kc, part, blockIdx.x, gridDim.x,
+                        static_cast<int64_t>(blockIdx.y) * kHcTile);
+}
+
 // One token's comb through the Sinkhorn iterations, element e = j hc + k held by thread e (e <
 // hc^2; the other threads take part in the exchanges with a value nobody reads); returns the
 // thread's element. Operations and their order are the CPU backend's: row softmax over the last
 // index plus hc_eps, a column normalisation, then (iters - 1) row and column normalisations, each
-// sum in index order. Warp: hc^2 <= 32, warp 0 alone, values exchanged by shuffles; otherwise every
-// thread of the block, through `buf` ([2][kThreads] floats of shared memory, one buffer written
-// while the other is read, so one barrier per step).
-template <bool Warp>
-__device__ float sinkhorn_comb(float v, int hc, int iters, float hc_eps, float* buf) {
-  const int e = threadIdx.x;
+// sum in index order. Warp: hc^2 <= 32, one warp alone (e its lane), values exchanged by shuffles;
+// otherwise every thread of the block (e its thread index), through `buf` ([2][kThreads] floats of
+// shared memory, one buffer written while the other is read, so one barrier per step). HC > 0:
+// hc == HC known at compile time, so each sum's shuffles are unrolled and in flight at once (the
+// iterations are a chain of dependent steps: their latency is the kernel's).
+template <bool Warp, int HC>
+__device__ float sinkhorn_comb(float v, int e, int hc_rt, int iters, float hc_eps, float* buf) {
+  const int hc = HC > 0 ? HC : hc_rt;
   const bool act = e < hc * hc;
   const int j = act ? e / hc : 0, k = act ? e % hc : 0;
   int phase = 0;
@@ -322,6 +333,20 @@ __device__ float sinkhorn_comb(float v, int hc, int iters, float hc_eps, float* 
     else
       return buf[phase * kThreads + i];
   };
+  // Sum of the hc values at first, first + stride, ... in index order.
+  auto sum = [&](int first, int stride) {
+    float c = 0.0f;
+    if constexpr (HC > 0) {
+      float r[HC];
+#pragma unroll
+      for (int q = 0; q < HC; ++q) r[q] = read(first + q * stride);
+#pragma unroll
+      for (int q = 0; q < HC; ++q) c += r[q];
+    } else {
+      for (int q = 0; q < hc; ++q) c += read(first + q * stride);
+    }
+    return c;
+  };
   publish(v);
   float mx = -INFINITY;
   for (int q = 0; q < hc; ++q) mx = fmaxf(mx, read(j * hc + q));
@@ -330,15 +355,11 @@ __device__ float sinkhorn_comb(float v, int hc, int iters, float hc_eps, float* 
   v = expf(v - mx) / s + hc_eps;
   auto col_norm = [&] {
     publish(v);
-    float c = 0.0f;
-    for (int q = 0; q < hc; ++q) c += read(q * hc + k);
-    v = v / (c + hc_eps);
+    v = v / (sum(k, hc) + hc_eps);
   };
   auto row_norm = [&] {
     publish(v);
-    float c = 0.0f;
-    for (int q = 0; q < hc; ++q) c += read(j * hc + q);
-    v = v / (c + hc_eps);
+    v = v / (sum(j * hc, 1) + hc_eps);
   };
   col_norm();
   for (int it = 0; it < iters - 1; ++it) {
@@ -348,10 +369,46 @@ __device__ float sinkhorn_comb(float v, int hc, int iters, float hc_eps, float* 
   return v;
 }
 
+// Columns d0 + i0, d0 + i0 + ni, ... below d1 of x = sum_j pre_j u_j for one token (src: its
+// row of X, out: its row of the output), each sum in j order. HC > 0: kHcBatch columns' loads in
+// flight at once.
+constexpr int kHcBatch = 4;
+template <int HC, typename TI, typename TO>
+__device__ __forceinline__ void hc_collapse_cols(const TI* src, int hc, int64_t D, const float* pre,
+                                                 int64_t d0, int64_t d1, int i0, int ni, TO* out) {
+  if constexpr (HC > 0) {
+    for (int64_t d = d0 + i0; d < d1; d += static_cast<int64_t>(kHcBatch) * ni) {
+      float u[kHcBatch][HC];
+#pragma unroll
+      for (int b = 0; b < kHcBatch; ++b) {
+        const int64_t e = d + static_cast<int64_t>(b) * ni;
+#pragma unroll
+        for (int j = 0; j < HC; ++j) u[b][j] = e < d1 ? ld(src, j * D + e) : 0.0f;
+      }
+#pragma unroll
+      for (int b = 0; b < kHcBatch; ++b) {
+        const int64_t e = d + static_cast<int64_t>(b) * ni;
+        if (e >= d1) break;
+        float s = 0.0f;
+#pragma unroll
+        for (int j = 0; j < HC; ++j) s += pre[j] * u[b][j];
+        st(out, e, s);
+      }
+    }
+  } else {
+    for (int64_t d = d0 + i0; d < d1; d += ni) {
+      float s = 0.0f;
+#pragma unroll 4
+      for (int j = 0; j < hc; ++j) s += pre[j] * ld(src, j * D + d);
+      st(out, d, s);
+    }
+  }
+}
+
 // Kernel 2. Block (t, y): y < gridDim.y - sinkhorn forms x[t] over columns [y kHcSlice, ...);
 // with `sinkhorn` (hc_pre) the last y forms post[t] and comb[t] instead. mix = (2 + hc) hc for
 // hc_pre, hc for hc_head (pre only).
-template <typename TI, typename TO>
+template <typename TI, typename TO, int HC>
 __global__ void __launch_bounds__(kThreads)
     hc_collapse_kernel(const TI* X, int64_t xs, const float* part, int nchunk, int hc, int mix,
                        int64_t D, const float* base, const float* scale, int iters, float hc_eps,
@@ -388,9 +445,9 @@ __global__ void __launch_bounds__(kThreads)
     float v;
     if (n <= 32) {
       if (e >= 32) return;
-      v = sinkhorn_comb<true>(logit, hc, iters, hc_eps, nullptr);
+      v = sinkhorn_comb<true, HC>(logit, e, hc, iters, hc_eps, nullptr);
     } else {
-      v = sinkhorn_comb<false>(logit, hc, iters, hc_eps, &cb[0][0]);
+      v = sinkhorn_comb<false, HC>(logit, e, hc, iters, hc_eps, &cb[0][0]);
     }
     if (e < n) comb[t * cs + e] = v;
     return;
@@ -398,15 +455,79 @@ __global__ void __launch_bounds__(kThreads)
   const int tid = threadIdx.x;
   if (tid < hc) pre[tid] = sigmoidf(affine(m[tid] * r, scale[0], base[tid])) + hc_eps;
   __syncthreads();
-  const TI* src = X + t * xs;
-  const int64_t d1 = min(D, (blockIdx.y + 1) * static_cast<int64_t>(kHcSlice));
-  for (int64_t d = blockIdx.y * static_cast<int64_t>(kHcSlice) + threadIdx.x; d < d1;
-       d += kThreads) {
+  const int64_t d0 = blockIdx.y * static_cast<int64_t>(kHcSlice);
+  hc_collapse_cols<HC>(X + t * xs, hc, D, pre, d0, min(D, d0 + kHcSlice), tid, kThreads,
+                       out + t * os);
+}
+
+// Small T at hc_mult 4 (decode): both launches in one. Every block does kernel 1's work for its
+// chunk (T <= kHcFuseMaxTokens: one tile), then counts itself done on an integer counter in the
+// workspace (zero between launches: the last block resets it); the last block sums each token's
+// partials as kernel 2 does (the same bits), then with `sinkhorn` (hc_pre) warp t forms post[t]
+// and comb[t] (in registers and shuffles) while the other warps form x over the whole of D for
+// every token; hc_head: every warp forms x.
+constexpr int kHcFuseMaxTokens = 4, kHcFuseHc = 4;
+constexpr int kHcFuseP = (2 + kHcFuseHc) * kHcFuseHc + 1;
+static_assert(kHcFuseMaxTokens <= kHcTile && kHcFuseMaxTokens < kWarps, "fused mHC: one tile");
+template <typename TI, typename TO, bool Vec>
+__global__ void __launch_bounds__(kThreads)
+    hc_fused_kernel(const TI* X, int64_t xs, int T, const float* fn, int64_t fs, int mix, int64_t W,
+                    int64_t kc, float* part, unsigned* counter, int64_t D, const float* base,
+                    const float* scale, int iters, float hc_eps, float norm_eps, bool sinkhorn,
+                    TO* out, int64_t os, float* post, int64_t ps, float* comb, int64_t cs) {
+  constexpr int hc = kHcFuseHc;
+  __shared__ float m[kHcFuseMaxTokens][kHcFuseP];
+  __shared__ float pre[kHcFuseMaxTokens][hc];
+  __shared__ bool last;
+  const int nchunk = static_cast<int>(gridDim.x), P = mix + 1;
+  hc_mix_block<TI, Vec>(X, xs, T, fn, fs, mix, W, kc, part, static_cast<int>(blockIdx.x), nchunk,
+                        0);
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  if (threadIdx.x == 0) *counter = 0;
+  // Value i = t P + j of the T tokens: 8 lanes, the chunk order and shuffle tree of kernel 2.
+  const int TP = T * P;
+  for (int i0 = 0; i0 < TP; i0 += kThreads / 8) {
+    const int i = i0 + static_cast<int>(threadIdx.x) / 8, sub = threadIdx.x % 8;
+    const int t = i / P, j = i % P;
     float s = 0.0f;
-#pragma unroll 4
-    for (int j = 0; j < hc; ++j) s += pre[j] * ld(src, j * D + d);
-    st(out + t * os, d, s);
+    if (i < TP) {
+      const float* pt = part + static_cast<int64_t>(t) * nchunk * P;
+#pragma unroll 16
+      for (int c = sub; c < nchunk; c += 8) s += __ldcg(pt + static_cast<int64_t>(c) * P + j);
+    }
+    s += __shfl_xor_sync(0xffffffffu, s, 4);
+    s += __shfl_xor_sync(0xffffffffu, s, 2);
+    s += __shfl_xor_sync(0xffffffffu, s, 1);
+    if (sub == 0 && i < TP) m[t][j] = s;
   }
+  __syncthreads();
+  const int tid = threadIdx.x;
+  auto rho = [&](int t) { return 1.0f / sqrtf(m[t][mix] / static_cast<float>(hc * D) + norm_eps); };
+  if (tid < T * hc) {
+    const int t = tid / hc, j = tid % hc;
+    pre[t][j] = sigmoidf(affine(m[t][j] * rho(t), scale[0], base[j])) + hc_eps;
+  }
+  __syncthreads();
+  const int xw = sinkhorn ? T : 0;  // warps below xw: post and comb of token `warp`
+  const int warp = tid / 32;
+  if (warp < xw) {
+    const int t = warp, e = tid % 32, n = hc * hc;
+    const float r = rho(t);
+    if (e < hc)
+      post[t * ps + e] = 2.0f * sigmoidf(affine(m[t][hc + e] * r, scale[1], base[hc + e]));
+    const float logit = e < n ? affine(m[t][2 * hc + e] * r, scale[2], base[2 * hc + e]) : 0.0f;
+    const float v = sinkhorn_comb<true, hc>(logit, e, hc, iters, hc_eps, nullptr);
+    if (e < n) comb[t * cs + e] = v;
+    return;
+  }
+  for (int t = 0; t < T; ++t)
+    hc_collapse_cols<hc>(X + t * xs, hc, D, pre[t], 0, D, tid - 32 * xw, kThreads - 32 * xw,
+                         out + t * os);
 }
 
 template <typename TF, typename TX>
@@ -614,6 +735,8 @@ void rope(cudaStream_t s, Tensor x, int head_dim, const RopeView& r, const DevBa
 
 namespace {
 
+std::atomic<int> g_hc_fuse_max_tokens{2};
+
 void hc_launch(cudaStream_t s, Workspace& ws, Tensor X, const HcWeights& p, int hc, int iters,
                float hc_eps, float norm_eps, bool head, Tensor out, Tensor post, Tensor comb) {
   SP_CHECK(hc >= 1 && hc <= kHcMaxHc, "CUDA mHC supports hc_mult up to ", kHcMaxHc, ", got ", hc);
@@ -644,11 +767,26 @@ void hc_launch(cudaStream_t s, Workspace& ws, Tensor X, const HcWeights& p, int 
   const float* fn = p.fn.f32();
   const int64_t slices = (D + kHcSlice - 1) / kHcSlice;
   const bool sinkhorn = !head;
+  // One launch at decode sizes (see hc_fused_kernel); the counter is zero from its allocation on.
+  const bool fused = hc == kHcFuseHc && T <= g_hc_fuse_max_tokens.load(std::memory_order_relaxed);
+  unsigned* counter = fused ? ws.get<unsigned>(kWsHcCounter, 64) : nullptr;
   dispatch_act(X.dtype, [&](auto ti) {
     using TI = decltype(ti);
     const bool vec = W % 4 == 0 && xs % 4 == 0 && fs % 4 == 0 &&
                      reinterpret_cast<uintptr_t>(X.data) % (4 * sizeof(TI)) == 0 &&
                      reinterpret_cast<uintptr_t>(fn) % 16 == 0;
+    if (fused) {
+      dispatch_act(out.dtype, [&](auto to) {
+        using TO = decltype(to);
+        auto kern = vec ? hc_fused_kernel<TI, TO, true> : hc_fused_kernel<TI, TO, false>;
+        kern<<<static_cast<unsigned>(nchunk), kThreads, 0, s>>>(
+            X.ptr<TI>(), xs, static_cast<int>(T), fn, fs, mix, W, per * kHcStep, part, counter, D,
+            p.base.f32(), p.scale.f32(), iters, hc_eps, norm_eps, sinkhorn, out.ptr<TO>(),
+            out.stride, sinkhorn ? post.f32() : nullptr, sinkhorn ? post.stride : 0,
+            sinkhorn ? comb.f32() : nullptr, sinkhorn ? comb.stride : 0);
+      });
+      return;
+    }
     const dim3 g1(static_cast<unsigned>(nchunk), static_cast<unsigned>(tiles));
     if (vec)
       hc_mix_kernel<TI, true>
@@ -660,17 +798,22 @@ void hc_launch(cudaStream_t s, Workspace& ws, Tensor X, const HcWeights& p, int 
     dispatch_act(out.dtype, [&](auto to) {
       using TO = decltype(to);
       const dim3 g2(static_cast<unsigned>(T), static_cast<unsigned>(slices + (sinkhorn ? 1 : 0)));
-      hc_collapse_kernel<TI, TO><<<g2, kThreads, 0, s>>>(
-          X.ptr<TI>(), xs, part, static_cast<int>(nchunk), hc, mix, D, p.base.f32(), p.scale.f32(),
-          iters, hc_eps, norm_eps, sinkhorn, out.ptr<TO>(), out.stride,
-          sinkhorn ? post.f32() : nullptr, sinkhorn ? post.stride : 0,
-          sinkhorn ? comb.f32() : nullptr, sinkhorn ? comb.stride : 0);
+      auto kern = hc == 4 ? hc_collapse_kernel<TI, TO, 4> : hc_collapse_kernel<TI, TO, 0>;
+      kern<<<g2, kThreads, 0, s>>>(X.ptr<TI>(), xs, part, static_cast<int>(nchunk), hc, mix, D,
+                                   p.base.f32(), p.scale.f32(), iters, hc_eps, norm_eps, sinkhorn,
+                                   out.ptr<TO>(), out.stride, sinkhorn ? post.f32() : nullptr,
+                                   sinkhorn ? post.stride : 0, sinkhorn ? comb.f32() : nullptr,
+                                   sinkhorn ? comb.stride : 0);
     });
   });
   SP_CUDA_LAUNCH();
 }
 
 }  // namespace
+
+int set_hc_fuse_max_tokens(int n) {
+  return g_hc_fuse_max_tokens.exchange(std::clamp(n, 0, kHcFuseMaxTokens));
+}
 
 void hc_pre(cudaStream_t s, Workspace& ws, Tensor X, const HcWeights& p, int hc, int iters,
             float hc_eps, float norm_eps, Tensor x, Tensor post, Tensor comb) {
