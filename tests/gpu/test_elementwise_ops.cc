@@ -234,6 +234,81 @@ TEST(CudaElementwise, MhcOneLaunch) {
   }
 }
 
+// hc_pre_norm / hc_head_norm (mHC collapse, then the sublayer's input norm / the final norm in
+// place) at hc_mult 4 against the CPU backend (its default: the two calls), and the same bits as
+// the CUDA backend's two calls (hc_pre + rms_norm, hc_head + rms_norm). The norm runs inside the
+// one-launch mHC when that path and rms_norm's register path both apply (D a multiple of 4 up to
+// 8192: norm blocks of 96, 256 and 512 threads below), else as a second call (D = 45, 16384, T
+// over the limit).
+void check_mhc_norm(Backends& be, int T, int64_t D, int64_t pad, int64_t off) {
+  SCOPED_TRACE(testing::Message() << "norm: T " << T << " D " << D << " pad " << pad << " off "
+                                  << off);
+  const int hc = 4;
+  const int64_t W = hc * D, ld = W + pad;
+  auto Xv = round_bf16(random_vec(T * ld, 300 + T, 1.0f));
+  auto wv = random_vec(D, 301, 0.2f);
+  for (auto& v : wv) v += 1.0f;
+  HcSet pre = make_hc(be, hc, D, false, 31), head = make_hc(be, hc, D, true, 32);
+  Tensor Xc = make_tensor(*be.cpu, Xv, T, ld, DType::kF32).slice_cols(off, W);
+  Tensor wc = make_tensor(*be.cpu, wv, 1, D, DType::kF32),
+         wg = make_tensor(*be.gpu, wv, 1, D, DType::kF32);
+  Tensor xc = be.cpu->alloc(T, D, DType::kF32), xnc = be.cpu->alloc(T, D, DType::kF32);
+  Tensor hh = be.cpu->alloc(T, D, DType::kF32);
+  Tensor pc = be.cpu->alloc(T, hc, DType::kF32), cc = be.cpu->alloc(T, hc * hc, DType::kF32);
+  be.cpu->hc_pre_norm(Xc, pre.cpu, hc, 20, 1e-6f, 1e-6f, &wc, xc, xnc, pc, cc);
+  be.cpu->hc_head_norm(Xc, head.cpu, hc, 1e-6f, 1e-6f, &wc, hh);
+  const auto xn_ref = read_f32(*be.cpu, xnc), h_ref = read_f32(*be.cpu, hh);
+  for (DType xd : {DType::kF32, DType::kBF16}) {
+    Tensor Xg = make_tensor(*be.gpu, Xv, T, ld, xd).slice_cols(off, W);
+    for (DType od : {DType::kF32, DType::kBF16}) {
+      SCOPED_TRACE(testing::Message() << "X " << dtype_name(xd) << " out " << dtype_name(od));
+      const double tol = od == DType::kF32 ? 1e-5 : 1e-2;
+      std::vector<float> got[2][5];
+      for (int way = 0; way < 2; ++way) {
+        Tensor xg = nan_tensor(*be.gpu, T, D, od), xng = nan_tensor(*be.gpu, T, D, od);
+        Tensor hg = nan_tensor(*be.gpu, T, D, od);
+        Tensor pg = nan_tensor(*be.gpu, T, hc, DType::kF32);
+        Tensor cg = nan_tensor(*be.gpu, T, hc * hc, DType::kF32);
+        if (way == 0) {
+          be.gpu->hc_pre_norm(Xg, pre.gpu, hc, 20, 1e-6f, 1e-6f, &wg, xg, xng, pg, cg);
+          be.gpu->hc_head_norm(Xg, head.gpu, hc, 1e-6f, 1e-6f, &wg, hg);
+        } else {
+          be.gpu->hc_pre(Xg, pre.gpu, hc, 20, 1e-6f, 1e-6f, xg, pg, cg);
+          be.gpu->rms_norm(xg, &wg, static_cast<int>(D), 1e-6f, xng);
+          be.gpu->hc_head(Xg, head.gpu, hc, 1e-6f, 1e-6f, hg);
+          be.gpu->rms_norm(hg, &wg, static_cast<int>(D), 1e-6f, hg);
+        }
+        got[way][0] = read_f32(*be.gpu, xng);
+        got[way][1] = read_f32(*be.gpu, hg);
+        got[way][2] = read_f32(*be.gpu, xg);
+        got[way][3] = read_f32(*be.gpu, pg);
+        got[way][4] = read_f32(*be.gpu, cg);
+      }
+      EXPECT_LE(rel_l2(got[0][0], xn_ref), tol) << "xn";
+      EXPECT_LE(rel_l2(got[0][1], h_ref), tol) << "head";
+      for (int i = 0; i < 5; ++i) EXPECT_TRUE(same_bits(got[0][i], got[1][i])) << "output " << i;
+    }
+  }
+}
+
+TEST(CudaElementwise, MhcNorm) {
+  SP_REQUIRE_GPU();
+  Backends be;
+  for (int T : {1, 2, 3, 17, 64, 300}) check_mhc_norm(be, T, 4096, 0, 0);
+  for (int T : {1, 2}) {
+    check_mhc_norm(be, T, 4096, 3, 1);
+    check_mhc_norm(be, T, 1100, 0, 0);
+    check_mhc_norm(be, T, 8192, 0, 0);
+    check_mhc_norm(be, T, 45, 0, 0);
+  }
+  check_mhc_norm(be, 1, 16384, 0, 0);
+  struct Restore {
+    int prev = cuda::set_hc_fuse_max_tokens(4);
+    ~Restore() { cuda::set_hc_fuse_max_tokens(prev); }
+  } restore;
+  for (int T : {3, 4}) check_mhc_norm(be, T, 4096, 0, 0);
+}
+
 TEST(CudaElementwise, MhcPost) {
   SP_REQUIRE_GPU();
   Backends be;

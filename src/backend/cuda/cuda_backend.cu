@@ -398,6 +398,14 @@ class CudaBackend final : public Backend {
                Tensor h) override {
     cuda::hc_head(stream_, *ws_, X, p, hc, hc_eps, norm_eps, h);
   }
+  void hc_pre_norm(Tensor X, const HcWeights& p, int hc, int iters, float hc_eps, float norm_eps,
+                   const Tensor* weight, Tensor x, Tensor xn, Tensor post, Tensor comb) override {
+    cuda::hc_pre_norm(stream_, *ws_, X, p, hc, iters, hc_eps, norm_eps, weight, x, xn, post, comb);
+  }
+  void hc_head_norm(Tensor X, const HcWeights& p, int hc, float hc_eps, float norm_eps,
+                    const Tensor* weight, Tensor h) override {
+    cuda::hc_head_norm(stream_, *ws_, X, p, hc, hc_eps, norm_eps, weight, h);
+  }
   void compress(Tensor a, Tensor g, const CompressorArgs& args, const BatchView& b, Tensor buf,
                 Tensor cache) override {
     cuda::compress(stream_, *ws_, a, g, args, batch(b), buf, cache);

@@ -106,6 +106,15 @@ __device__ __forceinline__ void st4(__nv_bfloat16* p, float4 v) {
   *reinterpret_cast<uint2*>(p) = u;
 }
 
+// ss + the squares of v's four values in order, each an FMA (the fused mHC + norm repeats this
+// sum: the same instructions, the same bits).
+__device__ __forceinline__ float sum_squares4(float4 v, float ss) {
+  ss = fmaf(v.x, v.x, ss);
+  ss = fmaf(v.y, v.y, ss);
+  ss = fmaf(v.z, v.z, ss);
+  return fmaf(v.w, v.w, ss);
+}
+
 // RMS norm of one group per block, the group's values held in registers between the sum of squares
 // and the scaling (one read of x, every load of a thread in flight at once): thread i takes the
 // 4-value vectors i, i + blockDim, ... (at most kNormVecs). The host sizes the block so that the
@@ -131,12 +140,7 @@ __global__ void __launch_bounds__(kNormMaxThreads)
   }
   float ss = 0;
 #pragma unroll
-  for (int j = 0; j < kNormVecs; ++j) {
-    ss += v[j].x * v[j].x;
-    ss += v[j].y * v[j].y;
-    ss += v[j].z * v[j].z;
-    ss += v[j].w * v[j].w;
-  }
+  for (int j = 0; j < kNormVecs; ++j) ss = sum_squares4(v[j], ss);
   ss = block_sum(ss, red);
   const float r = 1.0f / sqrtf(ss / static_cast<float>(group) + eps);
   // In place (y == x) is safe: each thread writes only the values it read into registers.
@@ -467,6 +471,7 @@ __global__ void __launch_bounds__(kThreads)
 // and comb[t] (in registers and shuffles) while the other warps form x over the whole of D for
 // every token; hc_head: every warp forms x.
 constexpr int kHcFuseMaxTokens = 4, kHcFuseHc = 4;
+constexpr int kHcNormVirt = 2;  // the fused RMS norm: up to 2 x kThreads threads of rms_norm_vec
 constexpr int kHcFuseP = (2 + kHcFuseHc) * kHcFuseHc + 1;
 static_assert(kHcFuseMaxTokens <= kHcTile && kHcFuseMaxTokens < kWarps, "fused mHC: one tile");
 template <typename TI, typename TO, bool Vec>
@@ -474,7 +479,8 @@ __global__ void __launch_bounds__(kThreads)
     hc_fused_kernel(const TI* X, int64_t xs, int T, const float* fn, int64_t fs, int mix, int64_t W,
                     int64_t kc, float* part, unsigned* counter, int64_t D, const float* base,
                     const float* scale, int iters, float hc_eps, float norm_eps, bool sinkhorn,
-                    TO* out, int64_t os, float* post, int64_t ps, float* comb, int64_t cs) {
+                    TO* out, int64_t os, float* post, int64_t ps, float* comb, int64_t cs,
+                    int norm_threads, const float* nw, TO* y, int64_t ys) {
   constexpr int hc = kHcFuseHc;
   __shared__ float m[kHcFuseMaxTokens][kHcFuseP];
   __shared__ float pre[kHcFuseMaxTokens][hc];
@@ -523,11 +529,59 @@ __global__ void __launch_bounds__(kThreads)
     const float logit = e < n ? affine(m[t][2 * hc + e] * r, scale[2], base[2 * hc + e]) : 0.0f;
     const float v = sinkhorn_comb<true, hc>(logit, e, hc, iters, hc_eps, nullptr);
     if (e < n) comb[t * cs + e] = v;
-    return;
+  } else {
+    for (int t = 0; t < T; ++t)
+      hc_collapse_cols<hc>(X + t * xs, hc, D, pre[t], 0, D, tid - 32 * xw, kThreads - 32 * xw,
+                           out + t * os);
   }
-  for (int t = 0; t < T; ++t)
-    hc_collapse_cols<hc>(X + t * xs, hc, D, pre[t], 0, D, tid - 32 * xw, kThreads - 32 * xw,
-                         out + t * os);
+  if (norm_threads == 0) return;
+  // y = rms_norm(x) with rms_norm_vec_kernel's partition of a norm_threads-thread block (thread
+  // tid plays its threads tid and tid + kThreads), so the bits are the separate launch's; x is read
+  // back as stored. In place (y == out) is safe: each thread writes only what it read.
+  __shared__ float red[kHcNormVirt * kWarps];
+  __syncthreads();  // x complete
+  const int V = norm_threads, nvec = static_cast<int>(D / 4), lane = tid % 32;
+  for (int t = 0; t < T; ++t) {
+    const TO* xr = out + t * os;
+    TO* yr = y + t * ys;
+    float ss[kHcNormVirt];
+#pragma unroll
+    for (int k = 0; k < kHcNormVirt; ++k) {
+      const int vt = tid + kThreads * k;
+      float4 v[kNormVecs];
+#pragma unroll
+      for (int j = 0; j < kNormVecs; ++j) {
+        const int i = vt + j * V;
+        v[j] = vt < V && i < nvec ? ld4(xr + 4 * i) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      }
+      ss[k] = 0.0f;
+#pragma unroll
+      for (int j = 0; j < kNormVecs; ++j) ss[k] = sum_squares4(v[j], ss[k]);
+      ss[k] = warp_sum(ss[k]);
+      if (lane == 0 && vt < V) red[warp + kWarps * k] = ss[k];
+    }
+    __syncthreads();
+    float tot = 0.0f;
+    for (int w = 0; w < V / 32; ++w) tot += red[w];
+    const float r = 1.0f / sqrtf(tot / static_cast<float>(D) + norm_eps);
+#pragma unroll
+    for (int k = 0; k < kHcNormVirt; ++k) {
+      const int vt = tid + kThreads * k;
+#pragma unroll
+      for (int j = 0; j < kNormVecs; ++j) {
+        const int i = vt + j * V;
+        if (vt >= V || i >= nvec) continue;
+        const float4 v = ld4(xr + 4 * i);
+        float4 o = make_float4(v.x * r, v.y * r, v.z * r, v.w * r);
+        if (nw) {
+          const float4 wv = *reinterpret_cast<const float4*>(nw + 4 * i);
+          o = make_float4(wv.x * o.x, wv.y * o.y, wv.z * o.z, wv.w * o.w);
+        }
+        st4(yr + 4 * i, o);
+      }
+    }
+    __syncthreads();  // red is the next token's
+  }
 }
 
 template <typename TF, typename TX>
@@ -687,23 +741,32 @@ void expand_streams(cudaStream_t s, Tensor e, int hc, Tensor X) {
   SP_CUDA_LAUNCH();
 }
 
-void rms_norm(cudaStream_t s, Tensor x, const Tensor* weight, int group, float eps, Tensor y) {
-  check_device(x, "rms_norm");
-  const int groups = static_cast<int>(x.cols / group);
-  const int64_t blocks = x.rows * groups;
-  if (blocks == 0) return;
-  const float* w = weight ? weight->f32() : nullptr;
-  // The register path: groups of whole 4-value vectors that fit one block, every row and the weight
-  // aligned for the vector loads. The block is as small as holds the group in kNormVecs vectors a
-  // thread (a 4096-wide row: 256 threads, every load in flight at once).
+namespace {
+
+// The register path of rms_norm (rms_norm_vec_kernel): groups of whole 4-value vectors that fit one
+// block, every row and the weight aligned for the vector loads. The block is as small as holds the
+// group in kNormVecs vectors a thread (a 4096-wide row: 256 threads, every load in flight at
+// once). Returns its thread count, 0 when the path does not apply.
+int norm_vec_threads(const Tensor& x, const float* w, int group, const Tensor& y) {
   auto aligned = [](const Tensor& t) {
     return t.stride % 4 == 0 && reinterpret_cast<uintptr_t>(t.data) % (4 * t.elem_size()) == 0;
   };
   const bool vec = group % 4 == 0 && group <= 4 * kNormVecs * kNormMaxThreads && aligned(x) &&
                    aligned(y) && (!w || reinterpret_cast<uintptr_t>(w) % 16 == 0);
   const int nvec = group / 4;
-  const int vec_threads =
-      std::clamp(((nvec + kNormVecs - 1) / kNormVecs + 31) & ~31, 32, kNormMaxThreads);
+  return vec ? std::clamp(((nvec + kNormVecs - 1) / kNormVecs + 31) & ~31, 32, kNormMaxThreads) : 0;
+}
+
+}  // namespace
+
+void rms_norm(cudaStream_t s, Tensor x, const Tensor* weight, int group, float eps, Tensor y) {
+  check_device(x, "rms_norm");
+  const int groups = static_cast<int>(x.cols / group);
+  const int64_t blocks = x.rows * groups;
+  if (blocks == 0) return;
+  const float* w = weight ? weight->f32() : nullptr;
+  const int vec_threads = norm_vec_threads(x, w, group, y);
+  const bool vec = vec_threads > 0;
   dispatch_act(x.dtype, [&](auto ti) {
     dispatch_act(y.dtype, [&](auto to) {
       using TI = decltype(ti);
@@ -737,8 +800,12 @@ namespace {
 
 std::atomic<int> g_hc_fuse_max_tokens{2};
 
-void hc_launch(cudaStream_t s, Workspace& ws, Tensor X, const HcWeights& p, int hc, int iters,
-               float hc_eps, float norm_eps, bool head, Tensor out, Tensor post, Tensor comb) {
+// With `norm` (hc_pre_norm, hc_head_norm): returns true when the launch also wrote
+// y = rms_norm(out, norm_w) (the one-launch path, a norm that rms_norm would run on its register
+// path within kHcNormVirt blocks' worth of threads, y of out's dtype); false: the caller runs it.
+bool hc_launch(cudaStream_t s, Workspace& ws, Tensor X, const HcWeights& p, int hc, int iters,
+               float hc_eps, float norm_eps, bool head, Tensor out, Tensor post, Tensor comb,
+               bool norm = false, const float* norm_w = nullptr, Tensor y = Tensor{}) {
   SP_CHECK(hc >= 1 && hc <= kHcMaxHc, "CUDA mHC supports hc_mult up to ", kHcMaxHc, ", got ", hc);
   const int64_t T = X.rows, W = X.cols, D = W / hc;
   const int mix = head ? hc : (2 + hc) * hc;
@@ -749,7 +816,7 @@ void hc_launch(cudaStream_t s, Workspace& ws, Tensor X, const HcWeights& p, int 
   SP_CHECK(head || (post.rows >= T && post.cols >= hc && comb.rows >= T && comb.cols >= hc * hc),
            "mHC shapes: post ", post.rows, "x", post.cols, ", comb ", comb.rows, "x", comb.cols,
            " for ", T, " tokens of hc ", hc);
-  if (T == 0) return;
+  if (T == 0) return norm;
   // Launch sizes from T and the shapes only: about kHcTargetBlocks blocks in kernel 1.
   const int64_t tiles = (T + kHcTile - 1) / kHcTile;
   SP_CHECK(tiles <= 65535, "mHC: ", T, " tokens in one call");
@@ -770,6 +837,11 @@ void hc_launch(cudaStream_t s, Workspace& ws, Tensor X, const HcWeights& p, int 
   // One launch at decode sizes (see hc_fused_kernel); the counter is zero from its allocation on.
   const bool fused = hc == kHcFuseHc && T <= g_hc_fuse_max_tokens.load(std::memory_order_relaxed);
   unsigned* counter = fused ? ws.get<unsigned>(kWsHcCounter, 64) : nullptr;
+  int norm_threads = 0;
+  if (fused && norm && y.dtype == out.dtype && y.rows >= T && y.cols == D) {
+    norm_threads = norm_vec_threads(out, norm_w, static_cast<int>(D), y);
+    if (norm_threads > kHcNormVirt * kThreads) norm_threads = 0;
+  }
   dispatch_act(X.dtype, [&](auto ti) {
     using TI = decltype(ti);
     const bool vec = W % 4 == 0 && xs % 4 == 0 && fs % 4 == 0 &&
@@ -783,7 +855,8 @@ void hc_launch(cudaStream_t s, Workspace& ws, Tensor X, const HcWeights& p, int 
             X.ptr<TI>(), xs, static_cast<int>(T), fn, fs, mix, W, per * kHcStep, part, counter, D,
             p.base.f32(), p.scale.f32(), iters, hc_eps, norm_eps, sinkhorn, out.ptr<TO>(),
             out.stride, sinkhorn ? post.f32() : nullptr, sinkhorn ? post.stride : 0,
-            sinkhorn ? comb.f32() : nullptr, sinkhorn ? comb.stride : 0);
+            sinkhorn ? comb.f32() : nullptr, sinkhorn ? comb.stride : 0, norm_threads, norm_w,
+            norm_threads ? y.ptr<TO>() : nullptr, norm_threads ? y.stride : 0);
       });
       return;
     }
@@ -807,6 +880,7 @@ void hc_launch(cudaStream_t s, Workspace& ws, Tensor X, const HcWeights& p, int 
     });
   });
   SP_CUDA_LAUNCH();
+  return norm_threads > 0;
 }
 
 }  // namespace
@@ -819,6 +893,22 @@ void hc_pre(cudaStream_t s, Workspace& ws, Tensor X, const HcWeights& p, int hc,
             float hc_eps, float norm_eps, Tensor x, Tensor post, Tensor comb) {
   SP_CHECK(post.dtype == DType::kF32 && comb.dtype == DType::kF32, "hc_pre: post/comb not f32");
   hc_launch(s, ws, X, p, hc, iters, hc_eps, norm_eps, false, x, post, comb);
+}
+
+void hc_pre_norm(cudaStream_t s, Workspace& ws, Tensor X, const HcWeights& p, int hc, int iters,
+                 float hc_eps, float norm_eps, const Tensor* weight, Tensor x, Tensor xn,
+                 Tensor post, Tensor comb) {
+  SP_CHECK(post.dtype == DType::kF32 && comb.dtype == DType::kF32, "hc_pre: post/comb not f32");
+  const float* w = weight ? weight->f32() : nullptr;
+  if (!hc_launch(s, ws, X, p, hc, iters, hc_eps, norm_eps, false, x, post, comb, true, w, xn))
+    rms_norm(s, x, weight, static_cast<int>(x.cols), norm_eps, xn);
+}
+
+void hc_head_norm(cudaStream_t s, Workspace& ws, Tensor X, const HcWeights& p, int hc, float hc_eps,
+                  float norm_eps, const Tensor* weight, Tensor h) {
+  const float* w = weight ? weight->f32() : nullptr;
+  if (!hc_launch(s, ws, X, p, hc, 0, hc_eps, norm_eps, true, h, Tensor{}, Tensor{}, true, w, h))
+    rms_norm(s, h, weight, static_cast<int>(h.cols), norm_eps, h);
 }
 
 void hc_head(cudaStream_t s, Workspace& ws, Tensor X, const HcWeights& p, int hc, float hc_eps,

@@ -178,6 +178,14 @@ void hc_pre(cudaStream_t s, Workspace& ws, Tensor X, const HcWeights& p, int hc,
 void hc_post(cudaStream_t s, Tensor f, Tensor post, Tensor comb, int hc, Tensor X);
 void hc_head(cudaStream_t s, Workspace& ws, Tensor X, const HcWeights& p, int hc, float hc_eps,
              float norm_eps, Tensor h);
+// hc_pre, then xn = rms_norm(x, weight, x.cols, norm_eps); hc_head, then h = rms_norm(h, weight,
+// h.cols, norm_eps) in place: one launch where hc_pre / hc_head run in one and the norm takes
+// rms_norm's register path (the same bits as the separate calls), else the two calls.
+void hc_pre_norm(cudaStream_t s, Workspace& ws, Tensor X, const HcWeights& p, int hc, int iters,
+                 float hc_eps, float norm_eps, const Tensor* weight, Tensor x, Tensor xn,
+                 Tensor post, Tensor comb);
+void hc_head_norm(cudaStream_t s, Workspace& ws, Tensor X, const HcWeights& p, int hc, float hc_eps,
+                  float norm_eps, const Tensor* weight, Tensor h);
 // hc_pre / hc_head of at most n tokens at hc_mult 4 run in one launch instead of two (default 2;
 // 0: always two, for tests and benchmarks to compare; at most 4). Returns the previous value.
 int set_hc_fuse_max_tokens(int n);
