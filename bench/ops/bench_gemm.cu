@@ -197,10 +197,27 @@ void bench_hc(cudaStream_t s, Workspace& ws, int64_t l2, double copy_gbs) {
           const float ms = time_batch_ms(s, 10, std::max(copies, 16), call);
           const float ms1 = time_ms(s, 20, call);
           const double gbs = bytes / (ms * 1e-3) / 1e9;
-          set_hc_fuse_max_tokens(prev_limit);
           std::printf("%-14s %6lld %5s %9.1f %9.1f %9.0f %7.0f%%\n", label,
                       static_cast<long long>(T), dtype_name(xd), ms * 1e3, ms1 * 1e3, gbs,
                       100.0 * gbs / copy_gbs);
+          // The same followed by the sublayer's RMS norm of x (hc_pre_norm / hc_head_norm: inside
+          // the one launch where it runs, else a second call).
+          Tensor xn = device_tensor(T, D, xd, 83);
+          Tensor nw = device_tensor(1, D, DType::kF32, 84, 4);
+          auto call_norm = [&](int i) {
+            const int c = i % copies;
+            if (head)
+              hc_head_norm(s, ws, Xs[c], ps[c], hc, 1e-6f, 1e-6f, &nw, x);
+            else
+              hc_pre_norm(s, ws, Xs[c], ps[c], hc, 20, 1e-6f, 1e-6f, &nw, x, xn, post, comb);
+          };
+          const float msn = time_batch_ms(s, 10, std::max(copies, 16), call_norm);
+          const float msn1 = time_ms(s, 20, call_norm);
+          std::printf("%-14s %6lld %5s %9.1f %9.1f\n", "  + rms norm", static_cast<long long>(T),
+                      dtype_name(xd), msn * 1e3, msn1 * 1e3);
+          set_hc_fuse_max_tokens(prev_limit);
+          cudaFree(xn.data);
+          cudaFree(nw.data);
           cudaFree(x.data);
           cudaFree(post.data);
           cudaFree(comb.data);
