@@ -584,21 +584,31 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename TF, typename TX>
+// HC > 0: hc == HC known at compile time (the streams in registers, every load unrolled and in
+// flight at once); 0: any hc up to 16. The same arithmetic either way.
+template <typename TF, typename TX, int HC>
 __global__ void hc_post_kernel(const TF* f, int64_t fs, const float* post, int64_t ps,
-                               const float* comb, int64_t cs, int hc, int64_t D, TX* X, int64_t xs,
-                               int64_t n) {
+                               const float* comb, int64_t cs, int hc_rt, int64_t D, TX* X,
+                               int64_t xs, int64_t n) {
+  constexpr int kMax = HC > 0 ? HC : 16;
+  const int hc = HC > 0 ? HC : hc_rt;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t t = i / D, d = i % D;
     TX* x = X + t * xs;
-    float in[16];
-    for (int j = 0; j < hc; ++j) in[j] = ld(x, j * D + d);
+    float in[kMax];
+#pragma unroll
+    for (int j = 0; j < kMax; ++j)
+      if (j < hc) in[j] = ld(x, j * D + d);
     const float fv = ld(f + t * fs, d);
     const float* c = comb + t * cs;
-    for (int k = 0; k < hc; ++k) {
+#pragma unroll
+    for (int k = 0; k < kMax; ++k) {
+      if (k >= hc) break;
       float s = 0;
-      for (int j = 0; j < hc; ++j) s += c[j * hc + k] * in[j];
+#pragma unroll
+      for (int j = 0; j < kMax; ++j)
+        if (j < hc) s += c[j * hc + k] * in[j];
       st(x, k * D + d, post[t * ps + k] * fv + s);
     }
   }
@@ -924,9 +934,10 @@ void hc_post(cudaStream_t s, Tensor f, Tensor post, Tensor comb, int hc, Tensor 
     dispatch_act(X.dtype, [&](auto tx) {
       using TF = decltype(tf);
       using TX = decltype(tx);
-      hc_post_kernel<<<grid_for(n), kThreads, 0, s>>>(f.ptr<TF>(), f.stride, post.f32(),
-                                                      post.stride, comb.f32(), comb.stride, hc,
-                                                      f.cols, X.ptr<TX>(), X.stride, n);
+      auto kern = hc == 4 ? hc_post_kernel<TF, TX, 4> : hc_post_kernel<TF, TX, 0>;
+      kern<<<grid_for(n), kThreads, 0, s>>>(f.ptr<TF>(), f.stride, post.f32(), post.stride,
+                                            comb.f32(), comb.stride, hc, f.cols, X.ptr<TX>(),
+                                            X.stride, n);
     });
   });
   SP_CUDA_LAUNCH();
