@@ -54,6 +54,8 @@ void* Workspace::get(int slot, size_t bytes) {
     if (ptr_[slot]) SP_CUDA(cudaFree(ptr_[slot]));
     size_t n = std::max<size_t>(bytes, 256);
     SP_CUDA(cudaMalloc(&ptr_[slot], n));
+    SP_CUDA(cudaMemsetAsync(ptr_[slot], 0, n, stream_));
+    SP_CUDA(cudaStreamSynchronize(stream_));
     size_[slot] = n;
     ++epoch_;
   }
@@ -403,6 +405,14 @@ class CudaBackend final : public Backend {
   void hc_head(Tensor X, const HcWeights& p, int hc, float hc_eps, float norm_eps,
                Tensor h) override {
     cuda::hc_head(stream_, *ws_, X, p, hc, hc_eps, norm_eps, h);
+  }
+  void hc_pre_norm(Tensor X, const HcWeights& p, int hc, int iters, float hc_eps, float norm_eps,
+                   const Tensor* weight, Tensor x, Tensor xn, Tensor post, Tensor comb) override {
+    cuda::hc_pre_norm(stream_, *ws_, X, p, hc, iters, hc_eps, norm_eps, weight, x, xn, post, comb);
+  }
+  void hc_head_norm(Tensor X, const HcWeights& p, int hc, float hc_eps, float norm_eps,
+                    const Tensor* weight, Tensor h) override {
+    cuda::hc_head_norm(stream_, *ws_, X, p, hc, hc_eps, norm_eps, weight, h);
   }
   void compress(Tensor a, Tensor g, const CompressorArgs& args, const BatchView& b, Tensor buf,
                 Tensor cache) override {

@@ -65,7 +65,8 @@ class LtGemm;  // gemm_lt.h
 constexpr int kMoeTcMinTokens = 0;
 
 // Scratch device memory, reused across ops. get(slot, bytes) returns a buffer of at least `bytes`
-// that stays valid until the next get() of the same slot; different slots never overlap. It grows
+// that stays valid until the next get() of the same slot; different slots never overlap. A new
+// buffer starts zeroed (a slot may hold counters that its kernels return to zero). It grows
 // (cudaMalloc, after synchronising the stream) only when a request is larger than any before, so a
 // warmed-up decode step allocates nothing.
 struct GraphCaptureAbort {};
@@ -87,6 +88,7 @@ enum WsSlot : int {
   kWsMoeStageH = 17,     // moe_decode.cu: staged hidden activations
   kWsMoeTcClaims = 18,   // moe_decode.cu: the work lists' item counters (8 ints)
   kWsHc = 20,            // elementwise.cu: mHC partial mix sums
+  kWsHcCounter = 21,     // elementwise.cu: the one-launch mHC's block counter (0 between calls)
   kWsArgmax = 24,        // elementwise.cu: greedy sampling's per-slice best [rows, slices]
   kWsMoeGatePart = 25,   // moe.cu: the decode gate's partial logits [slices, T, E]
   kWsLtQ = 40,           // gemm_lt.cu: quantised activations
@@ -200,6 +202,17 @@ void hc_pre(cudaStream_t s, Workspace& ws, Tensor X, const HcWeights& p, int hc,
 void hc_post(cudaStream_t s, Tensor f, Tensor post, Tensor comb, int hc, Tensor X);
 void hc_head(cudaStream_t s, Workspace& ws, Tensor X, const HcWeights& p, int hc, float hc_eps,
              float norm_eps, Tensor h);
+// hc_pre, then xn = rms_norm(x, weight, x.cols, norm_eps); hc_head, then h = rms_norm(h, weight,
+// h.cols, norm_eps) in place: one launch where hc_pre / hc_head run in one and the norm takes
+// rms_norm's register path (the same bits as the separate calls), else the two calls.
+void hc_pre_norm(cudaStream_t s, Workspace& ws, Tensor X, const HcWeights& p, int hc, int iters,
+                 float hc_eps, float norm_eps, const Tensor* weight, Tensor x, Tensor xn,
+                 Tensor post, Tensor comb);
+void hc_head_norm(cudaStream_t s, Workspace& ws, Tensor X, const HcWeights& p, int hc, float hc_eps,
+                  float norm_eps, const Tensor* weight, Tensor h);
+// hc_pre / hc_head of at most n tokens at hc_mult 4 run in one launch instead of two (default 2;
+// 0: always two, for tests and benchmarks to compare; at most 4). Returns the previous value.
+int set_hc_fuse_max_tokens(int n);
 void gather_rows(cudaStream_t s, Tensor x, const DevBatch& b, Tensor out);
 void copy(cudaStream_t s, Tensor src, Tensor dst);
 // Rows [dst_row, +n) of t = rows [src_row, +n): device to device on the stream.
