@@ -2,7 +2,6 @@
 // the device; each case rotates among enough weight copies to exceed 4x the L2 cache). Prints one
 // table: time per call, GB/s of weight bytes, TFLOP/s; then mHC pre / hc_head and the small decode
 // kernels (bench_small.cu: norms, sampling, the non-finite check, gate and combine).
-// BENCH_GEMV_ONLY=1 times the batch-1 projections on every M = 1 kernel alone (bench_one_row);
 // BENCH_MOE_ONLY=1 skips the projections, mHC and the small kernels; BENCH_HC_ONLY=1 runs mHC
 // alone; BENCH_SMALL_ONLY=1 the small kernels alone; BENCH_COPY_ONLY=1 measures the copy bandwidth
 // alone.
@@ -78,68 +77,6 @@ void bench_linear(cudaStream_t s, Workspace& ws, int64_t l2, double copy_gbs) {
     }
     for (Matrix& m : ws_m) free_matrix(m);
   }
-}
-
-// The batch-1 projections on every M = 1 kernel (OneRowPath: the one-row GEMV, the same with the L2
-// prefetch, the skinny tensor-core kernel) in one run, with the skinny kernel at M = 2, 4, 8 for
-// reference; the same columns as bench_linear. BENCH_GEMV_ONLY=1 runs this table alone.
-void bench_one_row(cudaStream_t s, Workspace& ws, int64_t l2, double copy_gbs) {
-  const Shape shapes[] = {
-      {"wq_a fp8", WeightFormat::kFP8, 1024, 4096, 1},
-      {"wq_b fp8", WeightFormat::kFP8, 32768, 1024, 1},
-      {"wkv fp8", WeightFormat::kFP8, 512, 4096, 1},
-      {"wo_a fp8 g8", WeightFormat::kFP8, 8192, 4096, 8},
-      {"wo_b fp8", WeightFormat::kFP8, 4096, 8192, 1},
-      {"shared w1 fp8", WeightFormat::kFP8, 2048, 4096, 1},
-      {"shared w2 fp8", WeightFormat::kFP8, 4096, 2048, 1},
-      {"idx_wq_b fp8", WeightFormat::kFP8, 8192, 1024, 1},
-      {"expert w1 fp4", WeightFormat::kFP4, 2048, 4096, 1},
-      {"expert w2 fp4", WeightFormat::kFP4, 4096, 2048, 1},
-  };
-  const OneRowPath saved = one_row_path();
-  std::printf("%-14s %4s %6s %-6s %7s %6s %9s %9s %9s %7s\n", "one-row", "x", "M", "kernel", "N",
-              "K", "us", "us 1", "GB/s", "of copy");
-  for (const Shape& sh : shapes) {
-    Matrix probe = device_matrix(sh.f, sh.N, sh.K, 1);
-    const int64_t bytes = probe.nbytes();
-    const int copies = static_cast<int>(std::max<int64_t>(1, (4 * l2 + bytes - 1) / bytes + 1));
-    std::vector<Matrix> ws_m{probe};
-    for (int c = 1; c < copies; ++c) ws_m.push_back(device_matrix(sh.f, sh.N, sh.K, 1 + c));
-    for (DType xd : {DType::kF32, DType::kBF16}) {
-      struct Run {
-        int64_t M;
-        OneRowPath path;
-        const char* kernel;
-      };
-      const Run runs[] = {
-          {1, OneRowPath::kGemv, "gemv1"},    {1, OneRowPath::kGemvPrefetch, "gemv1p"},
-          {1, OneRowPath::kTensorCore, "tc"}, {2, OneRowPath::kGemv, "tc"},
-          {4, OneRowPath::kGemv, "tc"},       {8, OneRowPath::kGemv, "tc"}};
-      for (const Run& r : runs) {
-        set_one_row_path(r.path);
-        Tensor x = device_tensor(r.M, sh.K * sh.groups, xd, 7);
-        Tensor y = device_tensor(r.M, sh.N, xd, 8);
-        auto call = [&](int i) {
-          if (sh.groups > 1)
-            grouped_linear(s, ws, x, ws_m[i % copies], sh.groups, y);
-          else
-            linear(s, ws, x, ws_m[i % copies], y);
-        };
-        const float ms = time_batch_ms(s, 10, std::max(copies, 32), call);
-        const float ms1 = time_ms(s, 20, call);
-        const double gbs = bytes / (ms * 1e-3) / 1e9;
-        std::printf("%-14s %4s %6lld %-6s %7lld %6lld %9.2f %9.2f %9.0f %6.0f%%\n", sh.name,
-                    dtype_name(xd), static_cast<long long>(r.M), r.kernel,
-                    static_cast<long long>(sh.N), static_cast<long long>(sh.K), ms * 1e3, ms1 * 1e3,
-                    gbs, 100.0 * gbs / copy_gbs);
-        cudaFree(x.data);
-        cudaFree(y.data);
-      }
-    }
-    for (Matrix& m : ws_m) free_matrix(m);
-  }
-  set_one_row_path(saved);
-  std::printf("\n");
 }
 
 // The whole moe() call (gate, route, sort, experts, combine) on V4-Flash shapes: FP4 routed
@@ -363,17 +300,12 @@ int main() {
     cudaFree(a);
     cudaFree(b);
     // BENCH_COPY_ONLY=1: the ceiling alone (the floors of the whole-model benchmarks use it).
-    if (getenv("BENCH_GEMV_ONLY")) {
-      bench_one_row(s, ws, prop.l2CacheSize, copy_gbs);
-    } else if (getenv("BENCH_HC_ONLY")) {
+    if (getenv("BENCH_HC_ONLY")) {
       bench_hc(s, ws, prop.l2CacheSize, copy_gbs);
     } else if (getenv("BENCH_SMALL_ONLY")) {
       bench_small(s, ws, copy_gbs);
     } else if (!getenv("BENCH_COPY_ONLY")) {
-      if (!getenv("BENCH_MOE_ONLY")) {
-        bench_one_row(s, ws, prop.l2CacheSize, copy_gbs);
-        bench_linear(s, ws, prop.l2CacheSize, copy_gbs);
-      }
+      if (!getenv("BENCH_MOE_ONLY")) bench_linear(s, ws, prop.l2CacheSize, copy_gbs);
       bench_moe(s, ws, copy_gbs);
       if (!getenv("BENCH_MOE_ONLY")) {
         bench_hc(s, ws, prop.l2CacheSize, copy_gbs);

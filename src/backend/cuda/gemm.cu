@@ -2,18 +2,12 @@
 //
 // Kernels chosen by M and the weight format (the result may depend on M, never on the run):
 // - gemv1 (M = 1, every format): a warp (or a few warps splitting K) streams 4 rows in 16-byte
-//   chunks with several loads in flight per lane; warp shuffles reduce. set_one_row_path picks, for
-//   FP8/FP4 with E8M0 scales: kGemv (this), kGemvPrefetch (this, each block starting a later row
-//   tile's bytes moving into L2) or kTensorCore (tc_skinny: one token, 7 of the MMA's 8 columns
-//   zeros).
+//   chunks with several loads in flight per lane; warp shuffles reduce.
 // - tc_skinny (M = 2..64, weights exact in bf16: BF16, FP8/FP4 with E8M0 scales): the weights are
 //   the MMA's M side (mma.sync m16n8k16, fp32 accumulate) and every weight byte is read once;
 //   tokens are the N side in tiles of 8. Activations are converted to bf16 by a pre-pass; fp32
 //   activations are split x = hi + lo (two bf16) and multiplied as two MMAs into one accumulator,
-//   which keeps close to fp32 accuracy. FP8/FP4 decode to bf16 pairs by bit moves and one exact
-//   bf16x2 multiply by the scale (fp_bits.h; an fp32 route for other scales and NaN codes); a
-//   block starts a later row tile's bytes moving into L2 when it begins a tile (the next tile, or
-//   the one after it when the loads in flight already cover the next).
+//   which keeps close to fp32 accuracy.
 // - mma (M > 64, weights exact in bf16): a 128-wide tile of weight rows is dequantised to bf16 into
 //   shared memory (double-buffered through registers) and multiplied on the tensor cores with a
 //   tile of 64 or 128 tokens (fp32 activations: hi and lo tiles, two MMAs). When the M x N tiles
@@ -23,19 +17,12 @@
 //   shapes the others cannot tile): each block owns R = 4 output rows and streams them once,
 //   applying each decoded chunk to up to 8 activation rows held in registers.
 #include <algorithm>
-#include <atomic>
 #include <utility>
 
-#include "backend/cuda/fp_bits.h"
 #include "backend/cuda/gemm_core.cuh"
 
 namespace sp::cuda {
 namespace {
-
-// Starts moving [p, p + bytes) into L2 (no registers held). p and bytes: multiples of 16.
-__device__ __forceinline__ void prefetch_l2_bulk(const void* p, uint32_t bytes) {
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
-}
 
 struct GemvArgs {
   DevMat w;
@@ -228,9 +215,7 @@ __device__ __forceinline__ void gemv1_chunk(const uint4 (&cw)[R], const float (&
   }
 }
 
-// PF: when a block begins a row tile, its threads start a later tile's rows moving into L2 (one
-// row each; rows 16-byte aligned), so more bytes are in flight than the registers hold.
-template <int F, typename XT, int R, bool S32, bool PF>
+template <int F, typename XT, int R, bool S32>
 __global__ void __launch_bounds__(kG1Threads, 2) gemv1_kernel(Gemv1Args a) {
   constexpr int V = FmtTraits<F>::kVals;
   constexpr int kBytesPerVal2 = F == kWF32 ? 8 : F == kWFP8 ? 2 : F == kWFP4 ? 1 : 4;
@@ -276,25 +261,12 @@ __global__ void __launch_bounds__(kG1Threads, 2) gemv1_kernel(Gemv1Args a) {
     }
   };
 
-  // PF: starts tile nt's rows moving into L2, one row per thread.
-  auto prefetch = [&](int64_t nt) {
-    const int64_t rows = int64_t{gpb} * R;  // <= 32
-    const int64_t n = nt * rows + threadIdx.x;
-    if (wvec && nt < ntiles && threadIdx.x < rows && n < N)
-      prefetch_l2_bulk(a.w.data + n * a.w.row_bytes, static_cast<uint32_t>(a.w.row_bytes));
-  };
-
   float acc[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) acc[r] = 0.0f;
   int64_t tile = blockIdx.x;
   int it = 0;
   if (tile < ntiles) load(tile, it);
-  if constexpr (PF) {
-    // With one unit a tile, the first unit waits for these loads before it issues the next
-    // tile's: that tile starts moving now.
-    if (iters == 1) prefetch(tile + gridDim.x);
-  }
   while (tile < ntiles) {
     uint4 cw[U][R];
     float cs[U][R];
@@ -309,11 +281,6 @@ __global__ void __launch_bounds__(kG1Threads, 2) gemv1_kernel(Gemv1Args a) {
       tile += gridDim.x;
     }
     if (tile < ntiles) load(tile, it);  // in flight while this unit computes
-    if constexpr (PF) {
-      // The registers hold the loads of unit (ctile, 1), or with one unit a tile those of the
-      // next tile: prefetch the tile after them.
-      if (cit == 0) prefetch(ctile + (iters == 1 ? 2 : 1) * int64_t{gridDim.x});
-    }
 
     const int64_t n0 = (ctile * gpb + rg) * R;
     const int nv = n0 >= N ? 0 : (N - n0 < R ? static_cast<int>(N - n0) : R);
@@ -381,7 +348,7 @@ int resident_blocks(Kern k, int threads) {
   return std::max(1, sms * std::max(1, per_sm));
 }
 
-template <int F, typename XT, bool S32, bool PF>
+template <int F, typename XT, bool S32>
 void launch_gemv1_x(cudaStream_t s, Gemv1Args a, bool one_row) {
   const int V = F == kWF32 ? 4 : F == kWFP8 ? 16 : F == kWFP4 ? 32 : 8;
   const int R = one_row ? 1 : 4;
@@ -394,56 +361,51 @@ void launch_gemv1_x(cudaStream_t s, Gemv1Args a, bool one_row) {
   a.wk = wk;
   const int64_t rows_per_block = int64_t{kG1Threads / 32 / wk} * R;
   const int64_t tiles = (a.w.out + rows_per_block - 1) / rows_per_block;
-  auto kern = one_row ? gemv1_kernel<F, XT, 1, S32, PF> : gemv1_kernel<F, XT, 4, S32, PF>;
-  static const int resident1 = resident_blocks(gemv1_kernel<F, XT, 1, S32, PF>, kG1Threads);
-  static const int resident4 = resident_blocks(gemv1_kernel<F, XT, 4, S32, PF>, kG1Threads);
+  auto kern = one_row ? gemv1_kernel<F, XT, 1, S32> : gemv1_kernel<F, XT, 4, S32>;
+  static const int resident1 = resident_blocks(gemv1_kernel<F, XT, 1, S32>, kG1Threads);
+  static const int resident4 = resident_blocks(gemv1_kernel<F, XT, 4, S32>, kG1Threads);
   const unsigned grid =
       static_cast<unsigned>(std::min<int64_t>(tiles, one_row ? resident1 : resident4));
   kern<<<grid, kG1Threads, 0, s>>>(a);
   SP_CUDA_LAUNCH();
 }
 
-template <int F, bool S32, bool PF = false>
+template <int F, bool S32>
 void launch_gemv1_s(cudaStream_t s, const Gemv1Args& a, bool x_bf16, bool one_row) {
   if (x_bf16)
-    launch_gemv1_x<F, __nv_bfloat16, S32, PF>(s, a, one_row);
+    launch_gemv1_x<F, __nv_bfloat16, S32>(s, a, one_row);
   else
-    launch_gemv1_x<F, float, S32, PF>(s, a, one_row);
+    launch_gemv1_x<F, float, S32>(s, a, one_row);
 }
 
 template <int F>
-void launch_gemv1_f(cudaStream_t s, const Gemv1Args& a, bool x_bf16, bool one_row, bool pf) {
+void launch_gemv1_f(cudaStream_t s, const Gemv1Args& a, bool x_bf16, bool one_row) {
   if constexpr (F == kWFP8 || F == kWFP4) {
     if (a.w.scale_f32) {
       launch_gemv1_s<F, true>(s, a, x_bf16, one_row);
-      return;
-    }
-    if (pf) {
-      launch_gemv1_s<F, false, true>(s, a, x_bf16, one_row);
       return;
     }
   }
   launch_gemv1_s<F, false>(s, a, x_bf16, one_row);
 }
 
-// pf: the L2-prefetching variant, for FP8/FP4 with E8M0 scales (others ignore it).
-void launch_gemv1(cudaStream_t s, const Gemv1Args& a, bool x_bf16, bool pf) {
+void launch_gemv1(cudaStream_t s, const Gemv1Args& a, bool x_bf16) {
   const bool one_row = a.gstride != 0 && a.rows_per_group % 4 != 0;
   switch (a.w.fmt) {
     case kWF32:
-      launch_gemv1_f<kWF32>(s, a, x_bf16, one_row, pf);
+      launch_gemv1_f<kWF32>(s, a, x_bf16, one_row);
       break;
     case kWBF16:
-      launch_gemv1_f<kWBF16>(s, a, x_bf16, one_row, pf);
+      launch_gemv1_f<kWBF16>(s, a, x_bf16, one_row);
       break;
     case kWF16:
-      launch_gemv1_f<kWF16>(s, a, x_bf16, one_row, pf);
+      launch_gemv1_f<kWF16>(s, a, x_bf16, one_row);
       break;
     case kWFP8:
-      launch_gemv1_f<kWFP8>(s, a, x_bf16, one_row, pf);
+      launch_gemv1_f<kWFP8>(s, a, x_bf16, one_row);
       break;
     default:
-      launch_gemv1_f<kWFP4>(s, a, x_bf16, one_row, pf);
+      launch_gemv1_f<kWFP4>(s, a, x_bf16, one_row);
       break;
   }
 }
@@ -714,12 +676,11 @@ void launch_mma_f(cudaStream_t s, const MmaArgs& p, int bm, dim3 grid) {
 // fragments of V / 4 m16n8k16 MMAs. The dot product's k order inside a step is a permutation of the
 // step's k: the same lane supplies both the A and the B values of a virtual k, so the activations
 // are read at the same real k (V contiguous values of token g at the lane's chunk). Tokens are the
-// N side, NT tiles of 8. FP8/FP4 pairs come in fp_bits.h's order (values i and i + 4 of each 8
-// together) and the activation pairs are regrouped to match (byte permutes). Activations come as
-// bf16 from a pre-pass (padded rows, zero past the columns); fp32 activations as hi = bf16(x) and
-// lo = bf16(x - hi), two MMAs into one fp32 accumulator. kTcWK warps split a block's steps (warp w
-// takes w, w + kTcWK, ...) and add their accumulators in a fixed tree through shared memory; K
-// splits across blocks go through ordered fp32 partials.
+// N side, NT tiles of 8. Activations come as bf16 from a pre-pass (padded rows, zero past the
+// columns); fp32 activations as hi = bf16(x) and lo = bf16(x - hi), two MMAs into one fp32
+// accumulator. kTcWK warps split a block's steps (warp w takes w, w + kTcWK, ...) and add their
+// accumulators in a fixed tree through shared memory; K splits across blocks go through ordered
+// fp32 partials.
 
 constexpr int kTcWarps = 8, kTcWK = 4, kTcRT = 2;
 constexpr int kTcRows = 16 * kTcRT * (kTcWarps / kTcWK);  // rows per block (64)
@@ -738,55 +699,20 @@ struct TcArgs {
   int splits = 1;
 };
 
-// a * b per bf16 half, round to nearest (exact where used: b is a power of two, the product a
-// normal bf16).
-__device__ __forceinline__ uint32_t bf16x2_mul_exact(uint32_t a, uint32_t b) {
-  uint32_t d;
-  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(0x80008000u));
-  return d;
-}
-
-// FP8/FP4 with E8M0 scales, decoded to bf16 pairs in fp_bits.h's order. The fast route decodes by
-// bit moves (the value times 2^-120 / 2^-126) and multiplies each pair by the scale times the
-// inverse power in one exact bf16x2 multiply; chunks whose scale is outside that multiply's exact
-// range, padding (scale 0) and FP8 chunks holding a NaN code take the fp32 route (decode4: NaN
-// codes decode to NaN, as on the CPU). Both give the exact scaled weight (the fp32 route rounds
-// once to bf16, like the old decode, which is exact for normal bf16 results).
-//
-// The fast route's pair factor of a chunk with scale s as chunk_scale gives it (FP4: times 2^14),
-// or 0 for the fp32 route (a factor is never 0).
+// The V values of a 16-byte chunk as V / 2 bf16 pairs (value 2i in the low half of word i).
 template <int F>
-__device__ __forceinline__ uint32_t pair_factor(const uint4& c, float s) {
-  const uint32_t e = (__float_as_uint(s) >> 23) & 0xffu;
-  if constexpr (F == kWFP8) {
-    return fpbits::fp8_scale_fast(e) && !chunk_has_e4m3_nan(c)
-               ? fpbits::pair_scale(e, fpbits::kFp8Shift)
-               : 0u;
+__device__ __forceinline__ void dequant_pairs(const uint4& c, float s,
+                                              uint32_t (&o)[FmtTraits<F>::kVals / 2]) {
+  if constexpr (F == kWBF16) {
+    o[0] = c.x, o[1] = c.y, o[2] = c.z, o[3] = c.w;
   } else {
-    const uint32_t sb = e - 14u;  // chunk_scale folds 2^14 in; e >= 14 for every finite scale
-    return e >= 14u && fpbits::fp4_scale_fast(sb) ? fpbits::pair_scale(sb, fpbits::kFp4Shift) : 0u;
-  }
-}
-
-// Group j (values 8j .. 8j + 7) of a chunk as 4 bf16 pairs: pair p holds values 8j + p (low half)
-// and 8j + p + 4 (high half). fac: pair_factor of the chunk.
-template <int F>
-__device__ __forceinline__ void dequant_group(const uint4& c, int j, float s, uint32_t fac,
-                                              uint32_t (&o)[4]) {
-  if (fac != 0u) {
-    uint32_t q[4];
-    if constexpr (F == kWFP8)
-      fpbits::e4m3x8_to_bf16(word_of(c, 2 * j), word_of(c, 2 * j + 1), q);
-    else
-      fpbits::e2m1x8_to_bf16(word_of(c, j), q);
 #pragma unroll
-    for (int p = 0; p < 4; ++p) o[p] = bf16x2_mul_exact(q[p], fac);
-  } else {
-    float v0[4], v1[4];
-    decode4<F>(c, 2 * j, s, v0);
-    decode4<F>(c, 2 * j + 1, s, v1);
-#pragma unroll
-    for (int p = 0; p < 4; ++p) o[p] = pack_bf16(v0[p], v1[p]);
+    for (int p = 0; p < FmtTraits<F>::kVals / 4; ++p) {
+      float v[4];
+      decode4<F>(c, p, s, v);
+      o[2 * p] = pack_bf16(v[0], v[1]);
+      o[2 * p + 1] = pack_bf16(v[2], v[3]);
+    }
   }
 }
 
@@ -839,23 +765,9 @@ __global__ void __launch_bounds__(kTcWarps * 32, NT <= 2 ? 2 : 1) tc_skinny_kern
 #pragma unroll
       for (int q = 0; q < 4; ++q) acc[rt][nt][q] = 0.0f;
 
-  // A later tile of the block (rows 16-byte aligned): its bytes of this K split start moving into
-  // L2, one row per thread, so its loads find them there.
-  auto prefetch = [&](int64_t nt) {
-    const int64_t n = nt * kTcRows + threadIdx.x;
-    const int64_t b0 = s0 * KS * kBytesPerVal2 / 2;
-    const int64_t b1e = s1 * KS * kBytesPerVal2 / 2;
-    const int64_t b1 = b1e < a.w.row_bytes ? b1e : a.w.row_bytes;
-    if (wvec && nt < tiles && threadIdx.x < kTcRows && n < N && b1 > b0)
-      prefetch_l2_bulk(a.w.data + n * a.w.row_bytes + b0, static_cast<uint32_t>(b1 - b0));
-  };
-
   int64_t tile = blockIdx.x;
   int it = 0;
   if (tile < tiles && iters > 0) load(tile, it);
-  // With one unit a tile, the first unit waits for these loads before it issues the next tile's:
-  // that tile starts moving now.
-  if (iters == 1) prefetch(tile + gridDim.x);
   while (tile < tiles && iters > 0) {
     uint4 cur[U][kTcRT][2];
     float cs[U][kTcRT][2];
@@ -872,9 +784,6 @@ __global__ void __launch_bounds__(kTcWarps * 32, NT <= 2 ? 2 : 1) tc_skinny_kern
       tile += gridDim.x;
     }
     if (tile < tiles) load(tile, it);  // in flight while this unit computes
-    // The registers hold the loads of unit (ctile, 1), or with one unit a tile those of the next
-    // tile: prefetch the tile after them.
-    if (cit == 0) prefetch(ctile + (iters == 1 ? 2 : 1) * int64_t{gridDim.x});
 
     // Activations of this lane's tokens at the tile's group.
     const int64_t col0 = (ctile * kTcRows / a.rows_per_group) * a.gstride + tq * V;
@@ -882,34 +791,17 @@ __global__ void __launch_bounds__(kTcWarps * 32, NT <= 2 ? 2 : 1) tc_skinny_kern
     for (int u = 0; u < U; ++u) {
       const int64_t su = s0 + wk + (static_cast<int64_t>(cit) * U + u) * kTcWK;
       if (su >= s1) break;
-      // FP8/FP4: the scale route of each chunk (0: fp32), then one 8-value group at a time (few
-      // registers live): pairs 2jj and 2jj + 1 of group q hold values (8q + 2jj, 8q + 2jj + 4)
-      // and (8q + 2jj + 1, 8q + 2jj + 5), the activations regrouped the same way. BF16: the
-      // chunk's four words, pairs in k order.
-      uint32_t fac[kTcRT][2];
+      uint32_t aw[kTcRT][2][V / 2];
 #pragma unroll
       for (int rt = 0; rt < kTcRT; ++rt)
 #pragma unroll
-        for (int h = 0; h < 2; ++h)
-          fac[rt][h] = F == kWBF16 ? 0u : pair_factor<F>(cur[u][rt][h], cs[u][rt][h]);
+        for (int h = 0; h < 2; ++h) dequant_pairs<F>(cur[u][rt][h], cs[u][rt][h], aw[rt][h]);
       const int64_t xo = col0 + su * KS;
 #pragma unroll
-      for (int q = 0; q < V / 8; ++q) {
-        uint32_t aw[kTcRT][2][4];
+      for (int nt = 0; nt < NT; ++nt) {
+        const int64_t m = nt * 8 + g;
 #pragma unroll
-        for (int rt = 0; rt < kTcRT; ++rt)
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            if constexpr (F == kWBF16) {
-              const uint4& c = cur[u][rt][h];
-              aw[rt][h][0] = c.x, aw[rt][h][1] = c.y, aw[rt][h][2] = c.z, aw[rt][h][3] = c.w;
-            } else {
-              dequant_group<F>(cur[u][rt][h], q, cs[u][rt][h], fac[rt][h], aw[rt][h]);
-            }
-          }
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          const int64_t m = nt * 8 + g;
+        for (int q = 0; q < V / 8; ++q) {
           uint4 bh = make_uint4(0, 0, 0, 0), bl = make_uint4(0, 0, 0, 0);
           if (m < a.M) {
             bh = __ldg(reinterpret_cast<const uint4*>(a.xh + m * a.ldp + xo + 8 * q));
@@ -918,20 +810,13 @@ __global__ void __launch_bounds__(kTcWarps * 32, NT <= 2 ? 2 : 1) tc_skinny_kern
           }
 #pragma unroll
           for (int jj = 0; jj < 2; ++jj) {
-            uint32_t b[2], bb[2];
-            if constexpr (F == kWBF16) {
-              b[0] = jj ? bh.z : bh.x, b[1] = jj ? bh.w : bh.y;
-              bb[0] = jj ? bl.z : bl.x, bb[1] = jj ? bl.w : bl.y;
-            } else {
-              b[0] = __byte_perm(jj ? bh.y : bh.x, jj ? bh.w : bh.z, 0x5410);
-              b[1] = __byte_perm(jj ? bh.y : bh.x, jj ? bh.w : bh.z, 0x7632);
-              bb[0] = __byte_perm(jj ? bl.y : bl.x, jj ? bl.w : bl.z, 0x5410);
-              bb[1] = __byte_perm(jj ? bl.y : bl.x, jj ? bl.w : bl.z, 0x7632);
-            }
+            const int j = 2 * q + jj;
+            const uint32_t b[2] = {jj ? bh.z : bh.x, jj ? bh.w : bh.y};
+            const uint32_t bb[2] = {jj ? bl.z : bl.x, jj ? bl.w : bl.y};
 #pragma unroll
             for (int rt = 0; rt < kTcRT; ++rt) {
-              const uint32_t af[4] = {aw[rt][0][2 * jj], aw[rt][1][2 * jj], aw[rt][0][2 * jj + 1],
-                                      aw[rt][1][2 * jj + 1]};
+              const uint32_t af[4] = {aw[rt][0][2 * j], aw[rt][1][2 * j], aw[rt][0][2 * j + 1],
+                                      aw[rt][1][2 * j + 1]};
               mma_bf16(acc[rt][nt], af, b);
               if constexpr (LO) mma_bf16(acc[rt][nt], af, bb);
             }
@@ -1076,14 +961,7 @@ void run_linear(cudaStream_t s, Workspace& ws, Tensor x, const Matrix& w, Tensor
                      reinterpret_cast<uintptr_t>(x.data) % (4 * x.elem_size()) == 0)
                         ? 1
                         : 0;
-  // Weights exact in bf16 go to the tensor cores (fp32 activations as two bf16 halves).
-  const bool exact_w = dm.fmt == kWBF16 || ((dm.fmt == kWFP8 || dm.fmt == kWFP4) && !dm.scale_f32);
-  const bool skinny_tiles = gstride == 0 || (rows_per_group % kTcRows == 0 && gstride % 8 == 0);
-  // M = 1: the one-row GEMV (kGemvPrefetch: with the L2 prefetch for FP8/FP4 with E8M0 scales),
-  // or (kTensorCore) the skinny kernel for FP8/FP4 with E8M0 scales.
-  const bool one_row_tc = one_row_path() == OneRowPath::kTensorCore &&
-                          (dm.fmt == kWFP8 || dm.fmt == kWFP4) && !dm.scale_f32 && skinny_tiles;
-  if (M == 1 && !one_row_tc) {
+  if (M == 1) {
     Gemv1Args a;
     a.w = dm;
     a.x = x.data;
@@ -1092,10 +970,13 @@ void run_linear(cudaStream_t s, Workspace& ws, Tensor x, const Matrix& w, Tensor
     a.y_bf16 = y_bf16 ? 1 : 0;
     a.rows_per_group = rows_per_group;
     a.gstride = gstride;
-    launch_gemv1(s, a, x_bf16, one_row_path() == OneRowPath::kGemvPrefetch);
+    launch_gemv1(s, a, x_bf16);
     return;
   }
-  const bool skinny_ok = exact_w && M <= 64 && skinny_tiles;
+  // Weights exact in bf16 go to the tensor cores (fp32 activations as two bf16 halves).
+  const bool exact_w = dm.fmt == kWBF16 || ((dm.fmt == kWFP8 || dm.fmt == kWFP4) && !dm.scale_f32);
+  const bool skinny_ok =
+      exact_w && M <= 64 && (gstride == 0 || (rows_per_group % kTcRows == 0 && gstride % 8 == 0));
   const bool mma_ok = exact_w && M > 64 && (gstride == 0 || rows_per_group % kBN == 0) &&
                       (dm.fmt != kWFP4 || dm.vec);
   if (skinny_ok) {
@@ -1256,17 +1137,7 @@ __global__ void embed_kernel(DevMat w, const int32_t* ids, void* out, int64_t ld
   }
 }
 
-std::atomic<int> g_one_row_path{static_cast<int>(OneRowPath::kGemv)};
-
 }  // namespace
-
-void set_one_row_path(OneRowPath p) {
-  g_one_row_path.store(static_cast<int>(p), std::memory_order_relaxed);
-}
-
-OneRowPath one_row_path() {
-  return static_cast<OneRowPath>(g_one_row_path.load(std::memory_order_relaxed));
-}
 
 void linear(cudaStream_t s, Workspace& ws, Tensor x, const Matrix& w, Tensor y) {
   SP_CHECK(x.cols == w.in && y.cols == w.out && x.rows == y.rows, w.name, ": x ", x.rows, "x",

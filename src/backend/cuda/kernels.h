@@ -152,15 +152,6 @@ void linear(cudaStream_t s, Workspace& ws, Tensor x, const Matrix& w, Tensor y);
 // Block-diagonal grouped projection: y[:, g*N/G:(g+1)*N/G] = x[:, g*K:(g+1)*K] W_g^T with W viewed
 // [G, N/G, K] (w.out = N, w.in = K = x.cols / G).
 void grouped_linear(cudaStream_t s, Workspace& ws, Tensor x, const Matrix& w, int groups, Tensor y);
-// The kernel linear() / grouped_linear() run at M = 1 for FP8/FP4 weights with E8M0 scales: the
-// one-row CUDA-core GEMV (kGemv), the same with a later row tile prefetched into L2
-// (kGemvPrefetch: the same bits as kGemv) or the skinny tensor-core kernel of M = 2..64
-// (kTensorCore). All are exact to fp32 rounding; the tensor-core path's bits differ from the
-// GEMV's. A process-wide setting for the parity tests and bench_ops (not a user option); CUDA
-// graphs keep the kernel they were recorded with.
-enum class OneRowPath : int { kGemv = 0, kGemvPrefetch = 1, kTensorCore = 2 };
-void set_one_row_path(OneRowPath p);
-OneRowPath one_row_path();
 // The --activation-quant fp8 path of linear() (gemm_lt.cu): true when it computed y (FP8 weight,
 // ws.fp8_gemm set, M large enough and a shape cuBLASLt takes), false with nothing enqueued.
 bool fp8_linear(cudaStream_t s, Workspace& ws, Tensor x, const Matrix& w, Tensor y);
