@@ -808,7 +808,7 @@ void rope(cudaStream_t s, Tensor x, int head_dim, const RopeView& r, const DevBa
 
 namespace {
 
-std::atomic<int> g_hc_fuse_max_tokens{2};
+std::atomic<int> g_hc_fuse_max_tokens{1};
 
 // With `norm` (hc_pre_norm, hc_head_norm): returns true when the launch also wrote
 // y = rms_norm(out, norm_w) (the one-launch path, a norm that rms_norm would run on its register

@@ -139,8 +139,9 @@ void check_cuda(cudaError_t e, const char* what, const char* file, int line);
 // Lets `func` (a __global__ function) launch with up to `bytes` of dynamic shared memory on the
 // current device: raises its limit to `bytes` when that is above the limit set so far for this
 // (function, device), and never lowers it (a recorded graph's launches keep the limit they were
-// recorded with; a process-wide "done" flag would miss the other GPUs of a threads pipeline). An
-// error when `bytes` is over the device's maximum.
+// recorded with; a process-wide "done" flag would miss the other GPUs of a threads pipeline).
+// The kernel's static shared memory counts too: without the attribute a block may use 48 KiB of
+// static and dynamic together. An error when the two are over the device's maximum.
 void allow_dynamic_smem(const void* func, size_t bytes);
 // Streaming multiprocessors of the GPU (launch sizing: a fixed count for a given card, so results
 // do not depend on the run).
@@ -201,7 +202,8 @@ void hc_pre_norm(cudaStream_t s, Workspace& ws, Tensor X, const HcWeights& p, in
                  Tensor post, Tensor comb);
 void hc_head_norm(cudaStream_t s, Workspace& ws, Tensor X, const HcWeights& p, int hc, float hc_eps,
                   float norm_eps, const Tensor* weight, Tensor h);
-// hc_pre / hc_head of at most n tokens at hc_mult 4 run in one launch instead of two (default 2;
+// hc_pre / hc_head of at most n tokens at hc_mult 4 run in one launch instead of two (default 1:
+// on an H200 one launch was faster at T = 1 and slower at T = 2 than two;
 // 0: always two, for tests and benchmarks to compare; at most 4). Returns the previous value.
 int set_hc_fuse_max_tokens(int n);
 void gather_rows(cudaStream_t s, Tensor x, const DevBatch& b, Tensor out);
