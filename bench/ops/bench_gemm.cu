@@ -13,6 +13,7 @@
 #include <random>
 #include <vector>
 
+#include "backend/cuda/moe_decode.cuh"
 #include "bench_util.cuh"
 
 namespace sp::cuda {
@@ -156,6 +157,34 @@ void bench_moe(cudaStream_t s, Workspace& ws, double copy_gbs) {
         std::printf("%-14s %3d %6d %5s %10.1f %12d %9.0f %7.0f%% %9.1f\n", "moe", tc_min, T,
                     dtype_name(xd), ms * 1e3, nact - 1, gbs, 100.0 * gbs / copy_gbs,
                     flop / (ms * 1e-3) / 1e12);
+        if (T >= 8) {
+          // The tensor-core expert kernels alone (moe_tc: staging, up and down passes over every
+          // token range) on the routing of the last call's last chunk (up to 1,024 tokens, left
+          // in the workspace): without the gate, the sort, the combine and (tc 2) the one-token
+          // experts' decode kernels; TFLOP/s counts every pair's multiply-adds.
+          const int Tc = std::min(T, 1024);
+          MoeTcStep ts;
+          ts.tab = static_cast<const DevExpert*>(w.table.data);
+          ts.meta = meta;
+          ts.pairs = static_cast<const int*>(ws.get(kWsMoePairs, 0));
+          ts.T = Tc;
+          ts.K = K;
+          ts.E = E;
+          ts.min_tok = tc_min;
+          ts.x = xs[0].data;
+          ts.ldx = xs[0].stride;
+          ts.x_bf16 = xd == DType::kBF16;
+          ts.D = D;
+          ts.Imax = I;
+          ts.I = I;
+          ts.Is = I;
+          ts.limit = 10.0f;
+          ts.o = static_cast<float*>(ws.get(kWsMoeO, 0));
+          const float ems = time_ms(s, big ? 10 : 40, [&](int) { moe_tc(s, ws, ts); });
+          const double eflop = 2.0 * Tc * (K + 1) * 3.0 * I * D;
+          std::printf("%-14s %3d %6d %5s %10.1f %12s %9s %8s %9.1f\n", "moe experts", tc_min, Tc,
+                      dtype_name(xd), ems * 1e3, "-", "-", "-", eflop / (ems * 1e-3) / 1e12);
+        }
         for (auto& x : xs) cudaFree(x.data);
         cudaFree(y.data);
       }
@@ -175,7 +204,7 @@ void bench_hc(cudaStream_t s, Workspace& ws, int64_t l2, double copy_gbs) {
               "of copy");
   for (bool head : {false, true}) {
     const int mix = head ? hc : (2 + hc) * hc;
-    for (int64_t T : {1, 8, 64, 4096}) {
+    for (int64_t T : {1, 2, 8, 64, 4096}) {
       if (head && T > 8) continue;  // hc_head runs on the sampled rows only
       const double bytes = 4.0 * (mix * W + T * W + T * D);
       const int copies = static_cast<int>(std::max<int64_t>(
@@ -190,27 +219,52 @@ void bench_hc(cudaStream_t s, Workspace& ws, int64_t l2, double copy_gbs) {
         ps.push_back(p);
         Xs.push_back(device_tensor(T, W, DType::kF32, 70 + c, 4));
       }
-      for (DType xd : {DType::kF32, DType::kBF16}) {
-        Tensor x = device_tensor(T, D, xd, 80);
-        Tensor post = device_tensor(T, hc, DType::kF32, 81, 4);
-        Tensor comb = device_tensor(T, hc * hc, DType::kF32, 82, 4);
-        auto call = [&](int i) {
-          const int c = i % copies;
-          if (head)
-            hc_head(s, ws, Xs[c], ps[c], hc, 1e-6f, 1e-6f, x);
-          else
-            hc_pre(s, ws, Xs[c], ps[c], hc, 20, 1e-6f, 1e-6f, x, post, comb);
-        };
-        const float ms = time_batch_ms(s, 10, std::max(copies, 16), call);
-        const float ms1 = time_ms(s, 20, call);
-        const double gbs = bytes / (ms * 1e-3) / 1e9;
-        std::printf("%-14s %6lld %5s %9.1f %9.1f %9.0f %7.0f%%\n", head ? "hc_head" : "hc_pre",
-                    static_cast<long long>(T), dtype_name(xd), ms * 1e3, ms1 * 1e3, gbs,
-                    100.0 * gbs / copy_gbs);
-        cudaFree(x.data);
-        cudaFree(post.data);
-        cudaFree(comb.data);
-      }
+      // Up to 2 tokens: the one-launch path ("fused", the default) and the two launches ("split").
+      for (int limit : {2, 0})
+        for (DType xd : {DType::kF32, DType::kBF16}) {
+          if (limit == 0 && T > 2) continue;
+          const int prev_limit = set_hc_fuse_max_tokens(limit);
+          const char* label = T > 2   ? (head ? "hc_head" : "hc_pre")
+                              : limit ? (head ? "hc_head fused" : "hc_pre fused")
+                                      : (head ? "hc_head split" : "hc_pre split");
+          Tensor x = device_tensor(T, D, xd, 80);
+          Tensor post = device_tensor(T, hc, DType::kF32, 81, 4);
+          Tensor comb = device_tensor(T, hc * hc, DType::kF32, 82, 4);
+          auto call = [&](int i) {
+            const int c = i % copies;
+            if (head)
+              hc_head(s, ws, Xs[c], ps[c], hc, 1e-6f, 1e-6f, x);
+            else
+              hc_pre(s, ws, Xs[c], ps[c], hc, 20, 1e-6f, 1e-6f, x, post, comb);
+          };
+          const float ms = time_batch_ms(s, 10, std::max(copies, 16), call);
+          const float ms1 = time_ms(s, 20, call);
+          const double gbs = bytes / (ms * 1e-3) / 1e9;
+          std::printf("%-14s %6lld %5s %9.1f %9.1f %9.0f %7.0f%%\n", label,
+                      static_cast<long long>(T), dtype_name(xd), ms * 1e3, ms1 * 1e3, gbs,
+                      100.0 * gbs / copy_gbs);
+          // The same followed by the sublayer's RMS norm of x (hc_pre_norm / hc_head_norm: inside
+          // the one launch where it runs, else a second call).
+          Tensor xn = device_tensor(T, D, xd, 83);
+          Tensor nw = device_tensor(1, D, DType::kF32, 84, 4);
+          auto call_norm = [&](int i) {
+            const int c = i % copies;
+            if (head)
+              hc_head_norm(s, ws, Xs[c], ps[c], hc, 1e-6f, 1e-6f, &nw, x);
+            else
+              hc_pre_norm(s, ws, Xs[c], ps[c], hc, 20, 1e-6f, 1e-6f, &nw, x, xn, post, comb);
+          };
+          const float msn = time_batch_ms(s, 10, std::max(copies, 16), call_norm);
+          const float msn1 = time_ms(s, 20, call_norm);
+          std::printf("%-14s %6lld %5s %9.1f %9.1f\n", "  + rms norm", static_cast<long long>(T),
+                      dtype_name(xd), msn * 1e3, msn1 * 1e3);
+          set_hc_fuse_max_tokens(prev_limit);
+          cudaFree(xn.data);
+          cudaFree(nw.data);
+          cudaFree(x.data);
+          cudaFree(post.data);
+          cudaFree(comb.data);
+        }
       for (int c = 0; c < copies; ++c) {
         cudaFree(ps[c].fn.data);
         cudaFree(ps[c].base.data);

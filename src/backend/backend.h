@@ -326,6 +326,21 @@ class Backend {
   // Final collapse: h = sum_j (sigmoid(mix_j scale + base_j) + eps) X[j]     h: [T, D]
   virtual void hc_head(Tensor X, const HcWeights& p, int hc, float hc_eps, float norm_eps,
                        Tensor h) = 0;
+  // hc_pre, then the sublayer's input norm xn = rms_norm(x, weight, x.cols, norm_eps) (norm_eps:
+  // both eps). A backend may do both in one pass (the same results); by default the two calls.
+  virtual void hc_pre_norm(Tensor X, const HcWeights& p, int hc, int sinkhorn_iters, float hc_eps,
+                           float norm_eps, const Tensor* weight, Tensor x, Tensor xn, Tensor post,
+                           Tensor comb) {
+    hc_pre(X, p, hc, sinkhorn_iters, hc_eps, norm_eps, x, post, comb);
+    rms_norm(x, weight, static_cast<int>(x.cols), norm_eps, xn);
+  }
+  // hc_head, then the final norm h = rms_norm(h, weight, h.cols, norm_eps) in place; by default
+  // the two calls.
+  virtual void hc_head_norm(Tensor X, const HcWeights& p, int hc, float hc_eps, float norm_eps,
+                            const Tensor* weight, Tensor h) {
+    hc_head(X, p, hc, hc_eps, norm_eps, h);
+    rms_norm(h, weight, static_cast<int>(h.cols), norm_eps, h);
+  }
   // Compressor: feeds projected values a and gates g ([T, k*dim] f32) of every chunk's tokens into
   // the slot's input ring `buf` (args.ring rows per slot) and writes an entry (norm + rope at the
   // window's first position) to `cache` (a per-entry pool, see entry_row) for every window that

@@ -384,14 +384,14 @@ void Model::decoder_block(const LayerView& L, LayerState& st, const BatchView& b
   const int T = b.num_tokens;
   Tensor x = ws_x_.slice_rows(0, T), xn = ws_xn_.slice_rows(0, T), f = ws_f_.slice_rows(0, T);
   Tensor post = ws_post_.slice_rows(0, T), comb = ws_comb_.slice_rows(0, T);
-  const int hc = c_.hc_mult, D = static_cast<int>(c_.hidden_size);
+  const int hc = c_.hc_mult;
   const float eps = c_.rms_norm_eps;
-  be_.hc_pre(X, L.hc_attn, hc, c_.hc_sinkhorn_iters, c_.hc_eps, eps, x, post, comb);
-  be_.rms_norm(x, &L.attn_norm, D, eps, xn);
+  be_.hc_pre_norm(X, L.hc_attn, hc, c_.hc_sinkhorn_iters, c_.hc_eps, eps, &L.attn_norm, x, xn, post,
+                  comb);
   attention_block(L, st, b, xn, f);
   be_.hc_post(f, post, comb, hc, X);
-  be_.hc_pre(X, L.hc_ffn, hc, c_.hc_sinkhorn_iters, c_.hc_eps, eps, x, post, comb);
-  be_.rms_norm(x, &L.ffn_norm, D, eps, xn);
+  be_.hc_pre_norm(X, L.hc_ffn, hc, c_.hc_sinkhorn_iters, c_.hc_eps, eps, &L.ffn_norm, x, xn, post,
+                  comb);
   be_.moe(xn,
           MoeArgs{&L.moe, c_.experts_per_tok, static_cast<float>(c_.routed_scaling_factor),
                   c_.swiglu_limit},
@@ -432,8 +432,7 @@ Tensor Model::head_rows(const BatchView& b, Tensor X, const HcWeights& hc, const
   Tensor xs = ws_hsel_.slice_rows(0, n), h = ws_h_.slice_rows(0, n),
          logits = ws_logits_.slice_rows(0, n);
   be_.gather_logit_rows(X, b, xs);
-  be_.hc_head(xs, hc, c_.hc_mult, c_.hc_eps, c_.rms_norm_eps, h);
-  be_.rms_norm(h, &norm, static_cast<int>(c_.hidden_size), c_.rms_norm_eps, h);
+  be_.hc_head_norm(xs, hc, c_.hc_mult, c_.hc_eps, c_.rms_norm_eps, &norm, h);
   be_.linear(h, head_, logits);
   be_.note_non_finite(logits, Backend::kNonFiniteHead);
   return logits;

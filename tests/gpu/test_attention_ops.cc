@@ -585,5 +585,28 @@ TEST(CudaAttention, FlashSizes) {
   run_attention({64, 512, 128, 0, AttnKind::kSliding, 0, DType::kBF16, DType::kBF16, 4, seqs});
 }
 
+// Decode tokens whose rows are split over blocks and merged by the combine kernel (132 SMs: about
+// 264 blocks): one CSA token of V4-Flash's shapes (20 splits, every one with rows), one HCA token
+// at ratio 4 and position 3999 (36 tiles: 33 splits, 15 of them empty), two HCA tokens of very
+// different lengths (17 splits, most of the short token's empty), a head_dim below the combine's
+// block (72) with 5 splits.
+TEST(CudaAttention, DecodeSplitsCombine) {
+  SP_REQUIRE_GPU();
+  run_attention(
+      {64, 512, 128, 4, AttnKind::kCSA, 512, DType::kF32, DType::kF32, 1, {{0, 2999, 1}}});
+  run_attention({64, 512, 128, 4, AttnKind::kHCA, 0, DType::kF32, DType::kF32, 1, {{0, 3999, 1}}});
+  run_attention({64,
+                 512,
+                 128,
+                 4,
+                 AttnKind::kHCA,
+                 0,
+                 DType::kBF16,
+                 DType::kBF16,
+                 2,
+                 {{0, 3999, 1}, {1, 10, 1}}});
+  run_attention({5, 72, 7, 4, AttnKind::kHCA, 0, DType::kF32, DType::kF32, 1, {{0, 500, 1}}});
+}
+
 }  // namespace
 }  // namespace sp::test

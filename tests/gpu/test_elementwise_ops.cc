@@ -2,7 +2,10 @@
 // backend, on random inputs of awkward and V4-Flash shapes.
 #include <cmath>
 #include <cstring>
+#include <tuple>
+#include <vector>
 
+#include "backend/cuda/kernels.h"
 #include "tests/gpu/op_harness.h"
 
 namespace sp::test {
@@ -180,14 +183,150 @@ TEST(CudaElementwise, MhcPreAndHead) {
     check_mhc(be, T, hc, D, pad, off);
 }
 
+// Decode sizes at hc_mult 4 through the one-launch path (every T up to its limit of 4), against
+// the CPU; then the same bits as the two launches (the partial sums and the collapse are the same
+// arithmetic in both). The default limit (2) is restored however the test ends.
+TEST(CudaElementwise, MhcOneLaunch) {
+  SP_REQUIRE_GPU();
+  Backends be;
+  struct Restore {
+    int prev = cuda::set_hc_fuse_max_tokens(4);
+    ~Restore() { cuda::set_hc_fuse_max_tokens(prev); }
+  } restore;
+  const std::tuple<int64_t, int64_t, int64_t> shapes[] = {
+      {4096, 0, 0}, {4096, 3, 1}, {256, 0, 0}, {1100, 0, 0}, {45, 2, 0}};
+  for (auto [D, pad, off] : shapes)
+    for (int T : {1, 2, 3, 4}) check_mhc(be, T, 4, D, pad, off);
+  // One launch against two, the same bits.
+  for (auto [D, pad, off] : shapes) {
+    for (int T : {1, 2, 4}) {
+      SCOPED_TRACE(testing::Message() << "one vs two launches: T " << T << " D " << D << " pad "
+                                      << pad << " off " << off);
+      const int hc = 4;
+      const int64_t W = hc * D, ld = W + pad;
+      auto Xv = round_bf16(random_vec(T * ld, 77 + T, 1.0f));
+      HcSet pre = make_hc(be, hc, D, false, 21), head = make_hc(be, hc, D, true, 22);
+      for (DType xd : {DType::kF32, DType::kBF16}) {
+        Tensor Xg = make_tensor(*be.gpu, Xv, T, ld, xd).slice_cols(off, W);
+        for (DType od : {DType::kF32, DType::kBF16}) {
+          SCOPED_TRACE(testing::Message() << "X " << dtype_name(xd) << " out " << dtype_name(od));
+          std::vector<float> got[2][4];
+          for (int limit : {4, 0}) {
+            cuda::set_hc_fuse_max_tokens(limit);
+            Tensor xg = nan_tensor(*be.gpu, T, D, od), hg = nan_tensor(*be.gpu, T, D, od);
+            Tensor pg = nan_tensor(*be.gpu, T, hc, DType::kF32);
+            Tensor cg = nan_tensor(*be.gpu, T, hc * hc, DType::kF32);
+            be.gpu->hc_pre(Xg, pre.gpu, hc, 20, 1e-6f, 1e-6f, xg, pg, cg);
+            be.gpu->hc_head(Xg, head.gpu, hc, 1e-6f, 1e-6f, hg);
+            auto& g = got[limit == 0];
+            g[0] = read_f32(*be.gpu, xg);
+            g[1] = read_f32(*be.gpu, pg);
+            g[2] = read_f32(*be.gpu, cg);
+            g[3] = read_f32(*be.gpu, hg);
+          }
+          for (int i = 0; i < 4; ++i) {
+            EXPECT_TRUE(same_bits(got[0][i], got[1][i])) << "output " << i;
+            for (float v : got[0][i]) ASSERT_TRUE(std::isfinite(v)) << "output " << i;
+          }
+        }
+      }
+    }
+  }
+}
+
+// hc_pre_norm / hc_head_norm (mHC collapse, then the sublayer's input norm / the final norm in
+// place) at hc_mult 4 against the CPU backend (its default: the two calls), and the same bits as
+// the CUDA backend's two calls (hc_pre + rms_norm, hc_head + rms_norm). The norm runs inside the
+// one-launch mHC when that path and rms_norm's register path both apply (D a multiple of 4 up to
+// 8192: norm blocks of 96, 256 and 512 threads below), else as a second call (D = 45, 16384, T
+// over the limit).
+void check_mhc_norm(Backends& be, int T, int64_t D, int64_t pad, int64_t off) {
+  SCOPED_TRACE(testing::Message() << "norm: T " << T << " D " << D << " pad " << pad << " off "
+                                  << off);
+  const int hc = 4;
+  const int64_t W = hc * D, ld = W + pad;
+  auto Xv = round_bf16(random_vec(T * ld, 300 + T, 1.0f));
+  auto wv = random_vec(D, 301, 0.2f);
+  for (auto& v : wv) v += 1.0f;
+  HcSet pre = make_hc(be, hc, D, false, 31), head = make_hc(be, hc, D, true, 32);
+  Tensor Xc = make_tensor(*be.cpu, Xv, T, ld, DType::kF32).slice_cols(off, W);
+  Tensor wc = make_tensor(*be.cpu, wv, 1, D, DType::kF32),
+         wg = make_tensor(*be.gpu, wv, 1, D, DType::kF32);
+  Tensor xc = be.cpu->alloc(T, D, DType::kF32), xnc = be.cpu->alloc(T, D, DType::kF32);
+  Tensor hh = be.cpu->alloc(T, D, DType::kF32);
+  Tensor pc = be.cpu->alloc(T, hc, DType::kF32), cc = be.cpu->alloc(T, hc * hc, DType::kF32);
+  be.cpu->hc_pre_norm(Xc, pre.cpu, hc, 20, 1e-6f, 1e-6f, &wc, xc, xnc, pc, cc);
+  be.cpu->hc_head_norm(Xc, head.cpu, hc, 1e-6f, 1e-6f, &wc, hh);
+  const auto xn_ref = read_f32(*be.cpu, xnc), h_ref = read_f32(*be.cpu, hh);
+  for (DType xd : {DType::kF32, DType::kBF16}) {
+    Tensor Xg = make_tensor(*be.gpu, Xv, T, ld, xd).slice_cols(off, W);
+    for (DType od : {DType::kF32, DType::kBF16}) {
+      SCOPED_TRACE(testing::Message() << "X " << dtype_name(xd) << " out " << dtype_name(od));
+      const double tol = od == DType::kF32 ? 1e-5 : 1e-2;
+      std::vector<float> got[2][5];
+      for (int way = 0; way < 2; ++way) {
+        Tensor xg = nan_tensor(*be.gpu, T, D, od), xng = nan_tensor(*be.gpu, T, D, od);
+        Tensor hg = nan_tensor(*be.gpu, T, D, od);
+        Tensor pg = nan_tensor(*be.gpu, T, hc, DType::kF32);
+        Tensor cg = nan_tensor(*be.gpu, T, hc * hc, DType::kF32);
+        if (way == 0) {
+          be.gpu->hc_pre_norm(Xg, pre.gpu, hc, 20, 1e-6f, 1e-6f, &wg, xg, xng, pg, cg);
+          be.gpu->hc_head_norm(Xg, head.gpu, hc, 1e-6f, 1e-6f, &wg, hg);
+        } else {
+          be.gpu->hc_pre(Xg, pre.gpu, hc, 20, 1e-6f, 1e-6f, xg, pg, cg);
+          be.gpu->rms_norm(xg, &wg, static_cast<int>(D), 1e-6f, xng);
+          be.gpu->hc_head(Xg, head.gpu, hc, 1e-6f, 1e-6f, hg);
+          be.gpu->rms_norm(hg, &wg, static_cast<int>(D), 1e-6f, hg);
+        }
+        got[way][0] = read_f32(*be.gpu, xng);
+        got[way][1] = read_f32(*be.gpu, hg);
+        got[way][2] = read_f32(*be.gpu, xg);
+        got[way][3] = read_f32(*be.gpu, pg);
+        got[way][4] = read_f32(*be.gpu, cg);
+      }
+      EXPECT_LE(rel_l2(got[0][0], xn_ref), tol) << "xn";
+      EXPECT_LE(rel_l2(got[0][1], h_ref), tol) << "head";
+      for (int i = 0; i < 5; ++i) EXPECT_TRUE(same_bits(got[0][i], got[1][i])) << "output " << i;
+    }
+  }
+}
+
+TEST(CudaElementwise, MhcNorm) {
+  SP_REQUIRE_GPU();
+  Backends be;
+  for (int T : {1, 2, 3, 17, 64, 300}) check_mhc_norm(be, T, 4096, 0, 0);
+  for (int T : {1, 2}) {
+    check_mhc_norm(be, T, 4096, 3, 1);
+    check_mhc_norm(be, T, 1100, 0, 0);
+    check_mhc_norm(be, T, 8192, 0, 0);
+    check_mhc_norm(be, T, 45, 0, 0);
+  }
+  check_mhc_norm(be, 1, 16384, 0, 0);
+  struct Restore {
+    int prev = cuda::set_hc_fuse_max_tokens(4);
+    ~Restore() { cuda::set_hc_fuse_max_tokens(prev); }
+  } restore;
+  for (int T : {3, 4}) check_mhc_norm(be, T, 4096, 0, 0);
+}
+
+// X stored f32 (fp32 tolerance) and bf16; hc_mult 4 (the unrolled kernel) at decode and prefill
+// sizes, other hc_mult (the generic one); each GPU call twice from the same X: the same bits.
 TEST(CudaElementwise, MhcPost) {
   SP_REQUIRE_GPU();
   Backends be;
-  for (auto [T, hc, D] : {std::tuple{1, 4, 4096}, {3, 4, 256}, {65, 4, 4096}, {2, 7, 96}}) {
+  for (auto [T, hc, D] : {std::tuple{1, 4, 4096},
+                          {2, 4, 4096},
+                          {3, 4, 256},
+                          {17, 4, 4096},
+                          {64, 4, 4096},
+                          {65, 4, 4096},
+                          {300, 4, 1100},
+                          {2, 7, 96},
+                          {17, 16, 64},
+                          {5, 1, 64}}) {
     const int64_t W = int64_t{hc} * D;
     auto Xv = round_bf16(random_vec(T * W, T + hc, 1.0f));
     Tensor Xc = make_tensor(*be.cpu, Xv, T, W, DType::kF32);
-    Tensor Xg = make_tensor(*be.gpu, Xv, T, W, DType::kBF16);
     auto pv = random_vec(T * hc, 7, 1.0f), cv = random_vec(T * hc * hc, 8, 0.5f);
     Tensor pc = make_tensor(*be.cpu, pv, T, hc, DType::kF32);
     Tensor cc = make_tensor(*be.cpu, cv, T, hc * hc, DType::kF32);
@@ -196,10 +335,25 @@ TEST(CudaElementwise, MhcPost) {
     // The same sublayer output (rounded to bf16) on both sides.
     auto fv = round_bf16(random_vec(T * D, 99, 1.0f));
     Tensor fc = make_tensor(*be.cpu, fv, T, D, DType::kF32);
-    Tensor fg = make_tensor(*be.gpu, fv, T, D, DType::kBF16);
     be.cpu->hc_post(fc, pc, cc, hc, Xc);
-    be.gpu->hc_post(fg, pg, cg, hc, Xg);
-    EXPECT_LE(rel_l2(read_f32(*be.gpu, Xg), read_f32(*be.cpu, Xc)), 1e-2) << "post X " << T;
+    const auto want = read_f32(*be.cpu, Xc);
+    for (DType xd : {DType::kF32, DType::kBF16}) {
+      SCOPED_TRACE(testing::Message()
+                   << "T " << T << " hc " << hc << " D " << D << " X " << dtype_name(xd));
+      Tensor fg = make_tensor(*be.gpu, fv, T, D, xd);
+      std::vector<float> first;
+      for (int run = 0; run < 2; ++run) {
+        Tensor Xg = make_tensor(*be.gpu, Xv, T, W, xd);
+        be.gpu->hc_post(fg, pg, cg, hc, Xg);
+        auto got = read_f32(*be.gpu, Xg);
+        if (run == 0) {
+          EXPECT_LE(rel_l2(got, want), xd == DType::kF32 ? 1e-5 : 1e-2) << "post X";
+          first = std::move(got);
+        } else {
+          EXPECT_TRUE(same_bits(got, first));
+        }
+      }
+    }
   }
 }
 

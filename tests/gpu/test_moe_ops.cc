@@ -4,17 +4,18 @@
 // formats) have the tensor-core kernels on: by default the CUDA-core decode kernels take the
 // experts of one token (all of them at T = 1), the tensor-core kernels (moe_decode.cu) those of
 // 2..8 tokens (one n tile), of 9..64 tokens (up to 8 n tiles: the shared expert, which has every
-// token, from T = 9 to 64) and of more (64 at a time: the shared expert from T = 65 on, routed
-// experts at the small shape's T = 300 and in FlashMixedPaths, whose gate bias sends every token
-// to three hot experts). With the tensor-core minimum at 1 (set_moe_tc_min_tokens) the experts of
-// one token take the tensor cores too: the tests marked tc_min run both settings against the one
-// CPU result (FlashWorkList and FlashPrefill: V4-Flash shapes with one hot expert, so one expert
-// has every token while most others have one).
-// ScaleRoutes gives some experts E8M0 scales outside the range of the bf16 scale multiply, so the
-// fp32 route of the decode runs too. WithoutTensorCores gives the shared expert F32 scales, which
-// leaves the layer to the decode kernels (up to 8 tokens) and the general kernels.
-// Routing decisions are compared through the output: a different expert choice moves a token's
-// output far beyond the bound (random scores have no ties within 1e-6 at these sizes).
+// token, from T = 9 to 64; in steps of more than 64 tokens the prefill kernel's 64-token tiles)
+// and of more (the prefill kernel, 128 x 128 block tiles: the shared
+// expert from T = 65 on, routed experts at the small shape's T = 300, in FlashMixedPaths, whose
+// gate bias sends every token to three hot experts, and in FlashPrefillTiles / FlashPrefill). With
+// the tensor-core minimum at 1 (set_moe_tc_min_tokens) the experts of one token take the tensor
+// cores too: the tests marked tc_min run both settings against the one CPU result (FlashWorkList
+// and FlashPrefill: V4-Flash shapes with one hot expert, so one expert has every token while most
+// others have one). ScaleRoutes gives some experts E8M0 scales outside the range of the bf16 scale
+// multiply, so the fp32 route of the decode runs too. WithoutTensorCores gives the shared expert
+// F32 scales, which leaves the layer to the decode kernels (up to 8 tokens) and the general
+// kernels. Routing decisions are compared through the output: a different expert choice moves a
+// token's output far beyond the bound (random scores have no ties within 1e-6 at these sizes).
 #include <algorithm>
 #include <cstdio>
 #include <thread>
@@ -303,10 +304,54 @@ TEST(CudaMoe, FlashPrefill) {
   EXPECT_EQ(std::memcmp(r.data() + n, r.data() + 2 * n, n * sizeof(float)), 0);
 }
 
+// The prefill kernel (experts of more than 64 tokens: 128-row x 128-token block tiles) at V4-Flash
+// shapes with a skewed gate (expert 0 and the shared expert take every token, most others one):
+// T = 65 (one partial token group), 129 (two, the second of one token), 300 (three, the last of
+// 44), f32 / bf16 activations and outputs (every pairing at T = 129), tc_min 2 and 1 (the work
+// lists of the other ranges beside it); a layer without a hot expert at T = 600 (the routed experts
+// of 9..64 tokens in the 64-token tiles of a prefill step); then the bits of T = 129 with f32
+// tokens (the hi + lo MMAs), twice.
+TEST(CudaMoe, FlashPrefillTiles) {
+  SP_REQUIRE_GPU();
+  Backends be;
+  use_fast_cpu(be);
+  MoeShape s{256, 4096, 2048, 6, false, 4096};
+  MoeLayer L;
+  build_layer(be, s, 26, 8, L, 1);
+  uint64_t seed = 2000;
+  for (int T : {65, 129, 300})
+    for (DType xd : {DType::kF32, DType::kBF16})
+      for (DType yd : {DType::kF32, DType::kBF16})
+        if (T == 129 || xd == yd) check_moe(be, L, s, T, xd, yd, seed++, nullptr, {2, 1});
+  // No hot expert at T = 600: ~14 tokens per routed expert, most of them in 64-token tiles.
+  MoeLayer L2;
+  build_layer(be, s, 28, 8, L2);
+  check_moe(be, L2, s, 600, DType::kF32, DType::kF32, 2050, nullptr, {2, 1});
+  check_moe(be, L2, s, 600, DType::kBF16, DType::kBF16, 2051, nullptr, {2, 1});
+  std::vector<float> r;
+  check_moe(be, L, s, 129, DType::kF32, DType::kF32, 2100, &r, {1, 1});
+  const size_t n = size_t{129} * s.D;
+  ASSERT_EQ(r.size(), 2 * n);
+  EXPECT_EQ(std::memcmp(r.data(), r.data() + n, n * sizeof(float)), 0);
+}
+
+// The 4,096-token prefill step with f32 activations and output (the prefill kernel's hi + lo
+// MMAs at the fp32 bound), both minimums.
+TEST(CudaMoe, FlashPrefillF32) {
+  SP_REQUIRE_GPU();
+  Backends be;
+  use_fast_cpu(be);
+  MoeShape s{256, 4096, 2048, 6, false, 4096};
+  MoeLayer L;
+  build_layer(be, s, 27, 8, L, 1);
+  check_moe(be, L, s, 4096, DType::kF32, DType::kF32, 2200, nullptr, {2, 1});
+}
+
 // Scales outside the exact range of the bf16 scale multiply take the fp32 route of the decode (the
 // CUDA-core kernels and the tensor-core kernels both): T = 1 (decode kernels), 3 and 12 (tensor
-// cores, one and two n tiles; T = 1 on the tensor cores too with the minimum at 1: tc_min); every
-// token goes to the odd experts through hash routing.
+// cores, one and two n tiles; T = 1 on the tensor cores too with the minimum at 1: tc_min), 70
+// and 140 (the prefill kernel: one and two token groups); every token goes to the odd experts
+// through hash routing.
 TEST(CudaMoe, ScaleRoutes) {
   SP_REQUIRE_GPU();
   Backends be;
@@ -320,7 +365,7 @@ TEST(CudaMoe, ScaleRoutes) {
     mw->tid2eid = b.upload(Tensor::of(L.tid2eid.data(), s.vocab, s.K, DType::kI32));
   }
   uint64_t seed = 1100;
-  for (int T : {1, 3, 12})
+  for (int T : {1, 3, 12, 70, 140})
     for (DType xd : {DType::kF32, DType::kBF16})
       check_moe(be, L, s, T, xd, DType::kF32, seed++, nullptr, {2, 1});
 }
@@ -364,7 +409,9 @@ TEST(CudaMoe, Deterministic) {
   MoeShape s{32, 256, 128, 6, false, 100};
   MoeLayer L;
   build_layer(be, s, 31, 4, L);
-  for (int T : {3, 33, 64, 100}) {  // tensor cores: 2..8, 9..64 and > 64 tokens
+  // Tensor cores: 2..8, 9..64 and > 64 tokens (the prefill kernel; at 200 the shared expert in
+  // two token groups).
+  for (int T : {3, 33, 64, 100, 200}) {
     std::vector<float> a, b;
     check_moe(be, L, s, T, DType::kBF16, DType::kF32, 5, &a);
     check_moe(be, L, s, T, DType::kBF16, DType::kF32, 5, &b);

@@ -304,27 +304,73 @@ __global__ void __launch_bounds__(kThreads, 2) attention_kernel(AttnParams P, De
   }
 }
 
-// Merges the splits of each (token, head) in split order, the sink included.
-__global__ void attention_combine_kernel(AttnParams P) {
-  const int t = blockIdx.x, head = blockIdx.y;
-  const float* part = P.part + (static_cast<int64_t>(t) * P.H + head) * P.splits * (P.dh + 2);
-  const float sink = P.sink[head];
-  float M = sink;
-  for (int s = 0; s < P.splits; ++s) M = fmaxf(M, part[s * (P.dh + 2)]);
-  float denom = expf(sink - M);
-  for (int s = 0; s < P.splits; ++s) {
-    const float m = part[s * (P.dh + 2)];
-    if (m != -INFINITY) denom += part[s * (P.dh + 2) + 1] * expf(m - M);
+// Merges the splits of each (token, head) in split order, the sink included. The splits' (m, l)
+// pairs go to shared memory first (one load each, all in flight) and warp 0 forms the max M, each
+// split's weight exp(m - M) and the denominator (in split order); then each thread forms its
+// columns (at most kCombineCols: head_dim <= kCombineThreads * kCombineCols) over the splits in
+// order, kCombineUnroll splits' loads in flight at once. The arithmetic is the per-column loop's
+// (max, weights, sums in split order), its loads no longer one dependent chain per split.
+constexpr int kCombineThreads = 256, kCombineCols = 2, kCombineUnroll = 8;
+static_assert(kCombineThreads * kCombineCols >= 512, "combine: head_dim up to 512");
+__global__ void __launch_bounds__(kCombineThreads) attention_combine_kernel(AttnParams P) {
+  __shared__ float m_sh[kMaxSplits], l_sh[kMaxSplits], w_sh[kMaxSplits];
+  __shared__ float inv_sh;
+  const int t = blockIdx.x, head = blockIdx.y, tid = threadIdx.x;
+  const int64_t stride = P.dh + 2;
+  const float* part = P.part + (static_cast<int64_t>(t) * P.H + head) * P.splits * stride;
+  const int splits = P.splits;
+  if (tid < splits) {
+    m_sh[tid] = part[tid * stride];
+    l_sh[tid] = part[tid * stride + 1];
   }
-  const float inv = 1.0f / denom;
-  void* orow = static_cast<uint8_t*>(P.o) + t * P.o_stride * (P.o_bf ? 2 : 4);
-  for (int c = threadIdx.x; c < P.dh; c += blockDim.x) {
-    float o = 0.0f;
-    for (int s = 0; s < P.splits; ++s) {
-      const float m = part[s * (P.dh + 2)];
-      if (m != -INFINITY) o += part[s * (P.dh + 2) + 2 + c] * expf(m - M);
+  __syncthreads();
+  if (tid < 32) {
+    const float sink = P.sink[head];
+    // The max over the sink and the splits (exact whatever the order).
+    float M = sink;
+    for (int s = tid; s < splits; s += 32) M = fmaxf(M, m_sh[s]);
+#pragma unroll
+    for (int o = 16; o >= 1; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+    for (int s = tid; s < splits; s += 32) {
+      const float m = m_sh[s];
+      w_sh[s] = m == -INFINITY ? 0.0f : expf(m - M);
     }
-    store_f(orow, static_cast<int64_t>(head) * P.dh + c, o * inv, P.o_bf);
+    __syncwarp();
+    if (tid == 0) {
+      float denom = expf(sink - M);
+      for (int s = 0; s < splits; ++s)
+        if (m_sh[s] != -INFINITY) denom += l_sh[s] * w_sh[s];
+      inv_sh = 1.0f / denom;
+    }
+  }
+  __syncthreads();
+  const float inv = inv_sh;
+  float o[kCombineCols];
+#pragma unroll
+  for (int k = 0; k < kCombineCols; ++k) o[k] = 0.0f;
+  for (int s0 = 0; s0 < splits; s0 += kCombineUnroll) {
+    float a[kCombineUnroll][kCombineCols];
+#pragma unroll
+    for (int u = 0; u < kCombineUnroll; ++u)
+#pragma unroll
+      for (int k = 0; k < kCombineCols; ++k) {
+        const int c = tid + kCombineThreads * k;
+        a[u][k] = s0 + u < splits && c < P.dh ? part[(s0 + u) * stride + 2 + c] : 0.0f;
+      }
+#pragma unroll
+    for (int u = 0; u < kCombineUnroll; ++u) {
+      if (s0 + u >= splits) break;
+      if (m_sh[s0 + u] == -INFINITY) continue;
+      const float w = w_sh[s0 + u];
+#pragma unroll
+      for (int k = 0; k < kCombineCols; ++k) o[k] += a[u][k] * w;
+    }
+  }
+  void* orow = static_cast<uint8_t*>(P.o) + t * P.o_stride * (P.o_bf ? 2 : 4);
+#pragma unroll
+  for (int k = 0; k < kCombineCols; ++k) {
+    const int c = tid + kCombineThreads * k;
+    if (c < P.dh) store_f(orow, static_cast<int64_t>(head) * P.dh + c, o[k] * inv, P.o_bf);
   }
 }
 
@@ -423,7 +469,7 @@ void attention(cudaStream_t s, Workspace& ws, Tensor q, Tensor kv, const Attenti
       break;
   }
   if (splits > 1) {
-    attention_combine_kernel<<<dim3(T, P.H), 128, 0, s>>>(P);
+    attention_combine_kernel<<<dim3(T, P.H), kCombineThreads, 0, s>>>(P);
     SP_CUDA_LAUNCH();
   }
 }

@@ -54,6 +54,8 @@ void* Workspace::get(int slot, size_t bytes) {
     if (ptr_[slot]) SP_CUDA(cudaFree(ptr_[slot]));
     size_t n = std::max<size_t>(bytes, 256);
     SP_CUDA(cudaMalloc(&ptr_[slot], n));
+    SP_CUDA(cudaMemsetAsync(ptr_[slot], 0, n, stream_));
+    SP_CUDA(cudaStreamSynchronize(stream_));
     size_[slot] = n;
     ++epoch_;
   }
@@ -71,29 +73,40 @@ int num_sms() {
 }
 
 void allow_dynamic_smem(const void* func, size_t bytes) {
-  if (bytes <= 48 * 1024) return;  // the default limit
+  if (bytes == 0) return;
+  struct Limit {
+    size_t static_bytes = 0;  // the kernel's own __shared__ arrays
+    size_t dynamic = 0;       // the dynamic limit raised so far (0: the default)
+  };
   static std::mutex mu;
-  static std::map<std::pair<const void*, int>, size_t> raised;  // (function, device) -> limit
+  static std::map<std::pair<const void*, int>, Limit> raised;  // (function, device)
   static std::map<int, int> optin;
   int dev = 0;
   SP_CUDA(cudaGetDevice(&dev));
   std::lock_guard<std::mutex> lock(mu);
+  auto [lim, fresh] = raised.try_emplace({func, dev});
+  if (fresh) {
+    cudaFuncAttributes at{};
+    SP_CUDA(cudaFuncGetAttributes(&at, func));
+    lim->second.static_bytes = at.sharedSizeBytes;
+  }
+  Limit& l = lim->second;
+  // Without the attribute a block may use 48 KiB in all, static and dynamic together.
+  if (bytes + l.static_bytes <= 48 * 1024 || bytes <= l.dynamic) return;
   auto it = optin.find(dev);
   if (it == optin.end()) {
     int v = 0;
     SP_CUDA(cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
     it = optin.emplace(dev, v).first;
   }
-  SP_CHECK(bytes <= static_cast<size_t>(it->second), "a kernel needs ", bytes,
-           " bytes of shared memory, GPU ", dev, " allows ", it->second);
+  SP_CHECK(bytes + l.static_bytes <= static_cast<size_t>(it->second), "a kernel needs ", bytes,
+           " bytes of dynamic and ", l.static_bytes, " of static shared memory, GPU ", dev,
+           " allows ", it->second, " in all");
   // The limit asked for, not the device's maximum: a kernel with static shared memory as well may
   // not raise its dynamic limit past the maximum less that (cudaErrorInvalidValue).
-  size_t& limit = raised[{func, dev}];
-  if (bytes > limit) {
-    SP_CUDA(cudaFuncSetAttribute(func, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 static_cast<int>(bytes)));
-    limit = bytes;
-  }
+  SP_CUDA(cudaFuncSetAttribute(func, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(bytes)));
+  l.dynamic = bytes;
 }
 
 }  // namespace cuda
@@ -403,6 +416,14 @@ class CudaBackend final : public Backend {
   void hc_head(Tensor X, const HcWeights& p, int hc, float hc_eps, float norm_eps,
                Tensor h) override {
     cuda::hc_head(stream_, *ws_, X, p, hc, hc_eps, norm_eps, h);
+  }
+  void hc_pre_norm(Tensor X, const HcWeights& p, int hc, int iters, float hc_eps, float norm_eps,
+                   const Tensor* weight, Tensor x, Tensor xn, Tensor post, Tensor comb) override {
+    cuda::hc_pre_norm(stream_, *ws_, X, p, hc, iters, hc_eps, norm_eps, weight, x, xn, post, comb);
+  }
+  void hc_head_norm(Tensor X, const HcWeights& p, int hc, float hc_eps, float norm_eps,
+                    const Tensor* weight, Tensor h) override {
+    cuda::hc_head_norm(stream_, *ws_, X, p, hc, hc_eps, norm_eps, weight, h);
   }
   void compress(Tensor a, Tensor g, const CompressorArgs& args, const BatchView& b, Tensor buf,
                 Tensor cache) override {

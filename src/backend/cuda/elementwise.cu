@@ -3,6 +3,7 @@
 #include <cuda_bf16.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 
@@ -105,6 +106,15 @@ __device__ __forceinline__ void st4(__nv_bfloat16* p, float4 v) {
   *reinterpret_cast<uint2*>(p) = u;
 }
 
+// ss + the squares of v's four values in order, each an FMA (the fused mHC + norm repeats this
+// sum: the same instructions, the same bits).
+__device__ __forceinline__ float sum_squares4(float4 v, float ss) {
+  ss = fmaf(v.x, v.x, ss);
+  ss = fmaf(v.y, v.y, ss);
+  ss = fmaf(v.z, v.z, ss);
+  return fmaf(v.w, v.w, ss);
+}
+
 // RMS norm of one group per block, the group's values held in registers between the sum of squares
 // and the scaling (one read of x, every load of a thread in flight at once): thread i takes the
 // 4-value vectors i, i + blockDim, ... (at most kNormVecs). The host sizes the block so that the
@@ -130,12 +140,7 @@ __global__ void __launch_bounds__(kNormMaxThreads)
   }
   float ss = 0;
 #pragma unroll
-  for (int j = 0; j < kNormVecs; ++j) {
-    ss += v[j].x * v[j].x;
-    ss += v[j].y * v[j].y;
-    ss += v[j].z * v[j].z;
-    ss += v[j].w * v[j].w;
-  }
+  for (int j = 0; j < kNormVecs; ++j) ss = sum_squares4(v[j], ss);
   ss = block_sum(ss, red);
   const float r = 1.0f / sqrtf(ss / static_cast<float>(group) + eps);
   // In place (y == x) is safe: each thread writes only the values it read into registers.
@@ -240,12 +245,12 @@ __device__ __forceinline__ float affine(float a, float s, float b) {
 
 // Kernel 1. X: [T, W] rows of stride xs; fn: [mix, W] rows of stride fs; chunk c covers columns
 // [c kc, min(W, (c + 1) kc)), kc a multiple of kHcStep; part: [T, gridDim.x, mix + 1].
+// The block's work: chunk c (of nchunk) of the tile of tokens from t0.
 template <typename TI, bool Vec>
-__global__ void __launch_bounds__(kThreads)
-    hc_mix_kernel(const TI* X, int64_t xs, int64_t T, const float* fn, int64_t fs, int mix,
-                  int64_t W, int64_t kc, float* part) {
-  const int c = blockIdx.x, nchunk = gridDim.x, P = mix + 1;
-  const int64_t t0 = static_cast<int64_t>(blockIdx.y) * kHcTile;
+__device__ __forceinline__ void hc_mix_block(const TI* X, int64_t xs, int64_t T, const float* fn,
+                                             int64_t fs, int mix, int64_t W, int64_t kc,
+                                             float* part, int c, int nchunk, int64_t t0) {
+  const int P = mix + 1;
   const int nt = static_cast<int>(min(static_cast<int64_t>(kHcTile), T - t0));
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t kbeg = c * kc, kend = min(W, kbeg + kc);
@@ -293,16 +298,26 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+template <typename TI, bool Vec>
+__global__ void __launch_bounds__(kThreads)
+    hc_mix_kernel(const TI* X, int64_t xs, int64_t T, const float* fn, int64_t fs, int mix,
+                  int64_t W, int64_t kc, float* part) {
+  hc_mix_block<TI, Vec>(X, xs, T, fn, fs, mix, W, kc, part, blockIdx.x, gridDim.x,
+                        static_cast<int64_t>(blockIdx.y) * kHcTile);
+}
+
 // One token's comb through the Sinkhorn iterations, element e = j hc + k held by thread e (e <
 // hc^2; the other threads take part in the exchanges with a value nobody reads); returns the
 // thread's element. Operations and their order are the CPU backend's: row softmax over the last
 // index plus hc_eps, a column normalisation, then (iters - 1) row and column normalisations, each
-// sum in index order. Warp: hc^2 <= 32, warp 0 alone, values exchanged by shuffles; otherwise every
-// thread of the block, through `buf` ([2][kThreads] floats of shared memory, one buffer written
-// while the other is read, so one barrier per step).
-template <bool Warp>
-__device__ float sinkhorn_comb(float v, int hc, int iters, float hc_eps, float* buf) {
-  const int e = threadIdx.x;
+// sum in index order. Warp: hc^2 <= 32, one warp alone (e its lane), values exchanged by shuffles;
+// otherwise every thread of the block (e its thread index), through `buf` ([2][kThreads] floats of
+// shared memory, one buffer written while the other is read, so one barrier per step). HC > 0:
+// hc == HC known at compile time, so each sum's shuffles are unrolled and in flight at once (the
+// iterations are a chain of dependent steps: their latency is the kernel's).
+template <bool Warp, int HC>
+__device__ float sinkhorn_comb(float v, int e, int hc_rt, int iters, float hc_eps, float* buf) {
+  const int hc = HC > 0 ? HC : hc_rt;
   const bool act = e < hc * hc;
   const int j = act ? e / hc : 0, k = act ? e % hc : 0;
   int phase = 0;
@@ -322,6 +337,20 @@ __device__ float sinkhorn_comb(float v, int hc, int iters, float hc_eps, float* 
     else
       return buf[phase * kThreads + i];
   };
+  // Sum of the hc values at first, first + stride, ... in index order.
+  auto sum = [&](int first, int stride) {
+    float c = 0.0f;
+    if constexpr (HC > 0) {
+      float r[HC];
+#pragma unroll
+      for (int q = 0; q < HC; ++q) r[q] = read(first + q * stride);
+#pragma unroll
+      for (int q = 0; q < HC; ++q) c += r[q];
+    } else {
+      for (int q = 0; q < hc; ++q) c += read(first + q * stride);
+    }
+    return c;
+  };
   publish(v);
   float mx = -INFINITY;
   for (int q = 0; q < hc; ++q) mx = fmaxf(mx, read(j * hc + q));
@@ -330,15 +359,11 @@ __device__ float sinkhorn_comb(float v, int hc, int iters, float hc_eps, float* 
   v = expf(v - mx) / s + hc_eps;
   auto col_norm = [&] {
     publish(v);
-    float c = 0.0f;
-    for (int q = 0; q < hc; ++q) c += read(q * hc + k);
-    v = v / (c + hc_eps);
+    v = v / (sum(k, hc) + hc_eps);
   };
   auto row_norm = [&] {
     publish(v);
-    float c = 0.0f;
-    for (int q = 0; q < hc; ++q) c += read(j * hc + q);
-    v = v / (c + hc_eps);
+    v = v / (sum(j * hc, 1) + hc_eps);
   };
   col_norm();
   for (int it = 0; it < iters - 1; ++it) {
@@ -348,10 +373,46 @@ __device__ float sinkhorn_comb(float v, int hc, int iters, float hc_eps, float* 
   return v;
 }
 
+// Columns d0 + i0, d0 + i0 + ni, ... below d1 of x = sum_j pre_j u_j for one token (src: its
+// row of X, out: its row of the output), each sum in j order. HC > 0: kHcBatch columns' loads in
+// flight at once.
+constexpr int kHcBatch = 4;
+template <int HC, typename TI, typename TO>
+__device__ __forceinline__ void hc_collapse_cols(const TI* src, int hc, int64_t D, const float* pre,
+                                                 int64_t d0, int64_t d1, int i0, int ni, TO* out) {
+  if constexpr (HC > 0) {
+    for (int64_t d = d0 + i0; d < d1; d += static_cast<int64_t>(kHcBatch) * ni) {
+      float u[kHcBatch][HC];
+#pragma unroll
+      for (int b = 0; b < kHcBatch; ++b) {
+        const int64_t e = d + static_cast<int64_t>(b) * ni;
+#pragma unroll
+        for (int j = 0; j < HC; ++j) u[b][j] = e < d1 ? ld(src, j * D + e) : 0.0f;
+      }
+#pragma unroll
+      for (int b = 0; b < kHcBatch; ++b) {
+        const int64_t e = d + static_cast<int64_t>(b) * ni;
+        if (e >= d1) break;
+        float s = 0.0f;
+#pragma unroll
+        for (int j = 0; j < HC; ++j) s += pre[j] * u[b][j];
+        st(out, e, s);
+      }
+    }
+  } else {
+    for (int64_t d = d0 + i0; d < d1; d += ni) {
+      float s = 0.0f;
+#pragma unroll 4
+      for (int j = 0; j < hc; ++j) s += pre[j] * ld(src, j * D + d);
+      st(out, d, s);
+    }
+  }
+}
+
 // Kernel 2. Block (t, y): y < gridDim.y - sinkhorn forms x[t] over columns [y kHcSlice, ...);
 // with `sinkhorn` (hc_pre) the last y forms post[t] and comb[t] instead. mix = (2 + hc) hc for
 // hc_pre, hc for hc_head (pre only).
-template <typename TI, typename TO>
+template <typename TI, typename TO, int HC>
 __global__ void __launch_bounds__(kThreads)
     hc_collapse_kernel(const TI* X, int64_t xs, const float* part, int nchunk, int hc, int mix,
                        int64_t D, const float* base, const float* scale, int iters, float hc_eps,
@@ -388,9 +449,9 @@ __global__ void __launch_bounds__(kThreads)
     float v;
     if (n <= 32) {
       if (e >= 32) return;
-      v = sinkhorn_comb<true>(logit, hc, iters, hc_eps, nullptr);
+      v = sinkhorn_comb<true, HC>(logit, e, hc, iters, hc_eps, nullptr);
     } else {
-      v = sinkhorn_comb<false>(logit, hc, iters, hc_eps, &cb[0][0]);
+      v = sinkhorn_comb<false, HC>(logit, e, hc, iters, hc_eps, &cb[0][0]);
     }
     if (e < n) comb[t * cs + e] = v;
     return;
@@ -398,32 +459,156 @@ __global__ void __launch_bounds__(kThreads)
   const int tid = threadIdx.x;
   if (tid < hc) pre[tid] = sigmoidf(affine(m[tid] * r, scale[0], base[tid])) + hc_eps;
   __syncthreads();
-  const TI* src = X + t * xs;
-  const int64_t d1 = min(D, (blockIdx.y + 1) * static_cast<int64_t>(kHcSlice));
-  for (int64_t d = blockIdx.y * static_cast<int64_t>(kHcSlice) + threadIdx.x; d < d1;
-       d += kThreads) {
+  const int64_t d0 = blockIdx.y * static_cast<int64_t>(kHcSlice);
+  hc_collapse_cols<HC>(X + t * xs, hc, D, pre, d0, min(D, d0 + kHcSlice), tid, kThreads,
+                       out + t * os);
+}
+
+// Small T at hc_mult 4 (decode): both launches in one. Every block does kernel 1's work for its
+// chunk (T <= kHcFuseMaxTokens: one tile), then counts itself done on an integer counter in the
+// workspace (zero between launches: the last block resets it); the last block sums each token's
+// partials as kernel 2 does (the same bits), then with `sinkhorn` (hc_pre) warp t forms post[t]
+// and comb[t] (in registers and shuffles) while the other warps form x over the whole of D for
+// every token; hc_head: every warp forms x.
+constexpr int kHcFuseMaxTokens = 4, kHcFuseHc = 4;
+constexpr int kHcNormVirt = 2;  // the fused RMS norm: up to 2 x kThreads threads of rms_norm_vec
+constexpr int kHcFuseP = (2 + kHcFuseHc) * kHcFuseHc + 1;
+static_assert(kHcFuseMaxTokens <= kHcTile && kHcFuseMaxTokens < kWarps, "fused mHC: one tile");
+template <typename TI, typename TO, bool Vec>
+__global__ void __launch_bounds__(kThreads)
+    hc_fused_kernel(const TI* X, int64_t xs, int T, const float* fn, int64_t fs, int mix, int64_t W,
+                    int64_t kc, float* part, unsigned* counter, int64_t D, const float* base,
+                    const float* scale, int iters, float hc_eps, float norm_eps, bool sinkhorn,
+                    TO* out, int64_t os, float* post, int64_t ps, float* comb, int64_t cs,
+                    int norm_threads, const float* nw, TO* y, int64_t ys) {
+  constexpr int hc = kHcFuseHc;
+  __shared__ float m[kHcFuseMaxTokens][kHcFuseP];
+  __shared__ float pre[kHcFuseMaxTokens][hc];
+  __shared__ bool last;
+  const int nchunk = static_cast<int>(gridDim.x), P = mix + 1;
+  hc_mix_block<TI, Vec>(X, xs, T, fn, fs, mix, W, kc, part, static_cast<int>(blockIdx.x), nchunk,
+                        0);
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(counter, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  if (threadIdx.x == 0) *counter = 0;
+  // Value i = t P + j of the T tokens: 8 lanes, the chunk order and shuffle tree of kernel 2.
+  const int TP = T * P;
+  for (int i0 = 0; i0 < TP; i0 += kThreads / 8) {
+    const int i = i0 + static_cast<int>(threadIdx.x) / 8, sub = threadIdx.x % 8;
+    const int t = i / P, j = i % P;
     float s = 0.0f;
-#pragma unroll 4
-    for (int j = 0; j < hc; ++j) s += pre[j] * ld(src, j * D + d);
-    st(out + t * os, d, s);
+    if (i < TP) {
+      const float* pt = part + static_cast<int64_t>(t) * nchunk * P;
+#pragma unroll 16
+      for (int c = sub; c < nchunk; c += 8) s += __ldcg(pt + static_cast<int64_t>(c) * P + j);
+    }
+    s += __shfl_xor_sync(0xffffffffu, s, 4);
+    s += __shfl_xor_sync(0xffffffffu, s, 2);
+    s += __shfl_xor_sync(0xffffffffu, s, 1);
+    if (sub == 0 && i < TP) m[t][j] = s;
+  }
+  __syncthreads();
+  const int tid = threadIdx.x;
+  auto rho = [&](int t) { return 1.0f / sqrtf(m[t][mix] / static_cast<float>(hc * D) + norm_eps); };
+  if (tid < T * hc) {
+    const int t = tid / hc, j = tid % hc;
+    pre[t][j] = sigmoidf(affine(m[t][j] * rho(t), scale[0], base[j])) + hc_eps;
+  }
+  __syncthreads();
+  const int xw = sinkhorn ? T : 0;  // warps below xw: post and comb of token `warp`
+  const int warp = tid / 32;
+  if (warp < xw) {
+    const int t = warp, e = tid % 32, n = hc * hc;
+    const float r = rho(t);
+    if (e < hc)
+      post[t * ps + e] = 2.0f * sigmoidf(affine(m[t][hc + e] * r, scale[1], base[hc + e]));
+    const float logit = e < n ? affine(m[t][2 * hc + e] * r, scale[2], base[2 * hc + e]) : 0.0f;
+    const float v = sinkhorn_comb<true, hc>(logit, e, hc, iters, hc_eps, nullptr);
+    if (e < n) comb[t * cs + e] = v;
+  } else {
+    for (int t = 0; t < T; ++t)
+      hc_collapse_cols<hc>(X + t * xs, hc, D, pre[t], 0, D, tid - 32 * xw, kThreads - 32 * xw,
+                           out + t * os);
+  }
+  if (norm_threads == 0) return;
+  // y = rms_norm(x) with rms_norm_vec_kernel's partition of a norm_threads-thread block (thread
+  // tid plays its threads tid and tid + kThreads), so the bits are the separate launch's; x is read
+  // back as stored. In place (y == out) is safe: each thread writes only what it read.
+  __shared__ float red[kHcNormVirt * kWarps];
+  __syncthreads();  // x complete
+  const int V = norm_threads, nvec = static_cast<int>(D / 4), lane = tid % 32;
+  for (int t = 0; t < T; ++t) {
+    const TO* xr = out + t * os;
+    TO* yr = y + t * ys;
+    float ss[kHcNormVirt];
+#pragma unroll
+    for (int k = 0; k < kHcNormVirt; ++k) {
+      const int vt = tid + kThreads * k;
+      float4 v[kNormVecs];
+#pragma unroll
+      for (int j = 0; j < kNormVecs; ++j) {
+        const int i = vt + j * V;
+        v[j] = vt < V && i < nvec ? ld4(xr + 4 * i) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      }
+      ss[k] = 0.0f;
+#pragma unroll
+      for (int j = 0; j < kNormVecs; ++j) ss[k] = sum_squares4(v[j], ss[k]);
+      ss[k] = warp_sum(ss[k]);
+      if (lane == 0 && vt < V) red[warp + kWarps * k] = ss[k];
+    }
+    __syncthreads();
+    float tot = 0.0f;
+    for (int w = 0; w < V / 32; ++w) tot += red[w];
+    const float r = 1.0f / sqrtf(tot / static_cast<float>(D) + norm_eps);
+#pragma unroll
+    for (int k = 0; k < kHcNormVirt; ++k) {
+      const int vt = tid + kThreads * k;
+#pragma unroll
+      for (int j = 0; j < kNormVecs; ++j) {
+        const int i = vt + j * V;
+        if (vt >= V || i >= nvec) continue;
+        const float4 v = ld4(xr + 4 * i);
+        float4 o = make_float4(v.x * r, v.y * r, v.z * r, v.w * r);
+        if (nw) {
+          const float4 wv = *reinterpret_cast<const float4*>(nw + 4 * i);
+          o = make_float4(wv.x * o.x, wv.y * o.y, wv.z * o.z, wv.w * o.w);
+        }
+        st4(yr + 4 * i, o);
+      }
+    }
+    __syncthreads();  // red is the next token's
   }
 }
 
-template <typename TF, typename TX>
+// HC > 0: hc == HC known at compile time (the streams in registers, every load unrolled and in
+// flight at once); 0: any hc up to 16. The same arithmetic either way.
+template <typename TF, typename TX, int HC>
 __global__ void hc_post_kernel(const TF* f, int64_t fs, const float* post, int64_t ps,
-                               const float* comb, int64_t cs, int hc, int64_t D, TX* X, int64_t xs,
-                               int64_t n) {
+                               const float* comb, int64_t cs, int hc_rt, int64_t D, TX* X,
+                               int64_t xs, int64_t n) {
+  constexpr int kMax = HC > 0 ? HC : 16;
+  const int hc = HC > 0 ? HC : hc_rt;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t t = i / D, d = i % D;
     TX* x = X + t * xs;
-    float in[16];
-    for (int j = 0; j < hc; ++j) in[j] = ld(x, j * D + d);
+    float in[kMax];
+#pragma unroll
+    for (int j = 0; j < kMax; ++j)
+      if (j < hc) in[j] = ld(x, j * D + d);
     const float fv = ld(f + t * fs, d);
     const float* c = comb + t * cs;
-    for (int k = 0; k < hc; ++k) {
+#pragma unroll
+    for (int k = 0; k < kMax; ++k) {
+      if (k >= hc) break;
       float s = 0;
-      for (int j = 0; j < hc; ++j) s += c[j * hc + k] * in[j];
+#pragma unroll
+      for (int j = 0; j < kMax; ++j)
+        if (j < hc) s += c[j * hc + k] * in[j];
       st(x, k * D + d, post[t * ps + k] * fv + s);
     }
   }
@@ -566,23 +751,32 @@ void expand_streams(cudaStream_t s, Tensor e, int hc, Tensor X) {
   SP_CUDA_LAUNCH();
 }
 
-void rms_norm(cudaStream_t s, Tensor x, const Tensor* weight, int group, float eps, Tensor y) {
-  check_device(x, "rms_norm");
-  const int groups = static_cast<int>(x.cols / group);
-  const int64_t blocks = x.rows * groups;
-  if (blocks == 0) return;
-  const float* w = weight ? weight->f32() : nullptr;
-  // The register path: groups of whole 4-value vectors that fit one block, every row and the weight
-  // aligned for the vector loads. The block is as small as holds the group in kNormVecs vectors a
-  // thread (a 4096-wide row: 256 threads, every load in flight at once).
+namespace {
+
+// The register path of rms_norm (rms_norm_vec_kernel): groups of whole 4-value vectors that fit one
+// block, every row and the weight aligned for the vector loads. The block is as small as holds the
+// group in kNormVecs vectors a thread (a 4096-wide row: 256 threads, every load in flight at
+// once). Returns its thread count, 0 when the path does not apply.
+int norm_vec_threads(const Tensor& x, const float* w, int group, const Tensor& y) {
   auto aligned = [](const Tensor& t) {
     return t.stride % 4 == 0 && reinterpret_cast<uintptr_t>(t.data) % (4 * t.elem_size()) == 0;
   };
   const bool vec = group % 4 == 0 && group <= 4 * kNormVecs * kNormMaxThreads && aligned(x) &&
                    aligned(y) && (!w || reinterpret_cast<uintptr_t>(w) % 16 == 0);
   const int nvec = group / 4;
-  const int vec_threads =
-      std::clamp(((nvec + kNormVecs - 1) / kNormVecs + 31) & ~31, 32, kNormMaxThreads);
+  return vec ? std::clamp(((nvec + kNormVecs - 1) / kNormVecs + 31) & ~31, 32, kNormMaxThreads) : 0;
+}
+
+}  // namespace
+
+void rms_norm(cudaStream_t s, Tensor x, const Tensor* weight, int group, float eps, Tensor y) {
+  check_device(x, "rms_norm");
+  const int groups = static_cast<int>(x.cols / group);
+  const int64_t blocks = x.rows * groups;
+  if (blocks == 0) return;
+  const float* w = weight ? weight->f32() : nullptr;
+  const int vec_threads = norm_vec_threads(x, w, group, y);
+  const bool vec = vec_threads > 0;
   dispatch_act(x.dtype, [&](auto ti) {
     dispatch_act(y.dtype, [&](auto to) {
       using TI = decltype(ti);
@@ -614,8 +808,14 @@ void rope(cudaStream_t s, Tensor x, int head_dim, const RopeView& r, const DevBa
 
 namespace {
 
-void hc_launch(cudaStream_t s, Workspace& ws, Tensor X, const HcWeights& p, int hc, int iters,
-               float hc_eps, float norm_eps, bool head, Tensor out, Tensor post, Tensor comb) {
+std::atomic<int> g_hc_fuse_max_tokens{1};
+
+// With `norm` (hc_pre_norm, hc_head_norm): returns true when the launch also wrote
+// y = rms_norm(out, norm_w) (the one-launch path, a norm that rms_norm would run on its register
+// path within kHcNormVirt blocks' worth of threads, y of out's dtype); false: the caller runs it.
+bool hc_launch(cudaStream_t s, Workspace& ws, Tensor X, const HcWeights& p, int hc, int iters,
+               float hc_eps, float norm_eps, bool head, Tensor out, Tensor post, Tensor comb,
+               bool norm = false, const float* norm_w = nullptr, Tensor y = Tensor{}) {
   SP_CHECK(hc >= 1 && hc <= kHcMaxHc, "CUDA mHC supports hc_mult up to ", kHcMaxHc, ", got ", hc);
   const int64_t T = X.rows, W = X.cols, D = W / hc;
   const int mix = head ? hc : (2 + hc) * hc;
@@ -626,7 +826,7 @@ void hc_launch(cudaStream_t s, Workspace& ws, Tensor X, const HcWeights& p, int 
   SP_CHECK(head || (post.rows >= T && post.cols >= hc && comb.rows >= T && comb.cols >= hc * hc),
            "mHC shapes: post ", post.rows, "x", post.cols, ", comb ", comb.rows, "x", comb.cols,
            " for ", T, " tokens of hc ", hc);
-  if (T == 0) return;
+  if (T == 0) return norm;
   // Launch sizes from T and the shapes only: about kHcTargetBlocks blocks in kernel 1.
   const int64_t tiles = (T + kHcTile - 1) / kHcTile;
   SP_CHECK(tiles <= 65535, "mHC: ", T, " tokens in one call");
@@ -644,11 +844,32 @@ void hc_launch(cudaStream_t s, Workspace& ws, Tensor X, const HcWeights& p, int 
   const float* fn = p.fn.f32();
   const int64_t slices = (D + kHcSlice - 1) / kHcSlice;
   const bool sinkhorn = !head;
+  // One launch at decode sizes (see hc_fused_kernel); the counter is zero from its allocation on.
+  const bool fused = hc == kHcFuseHc && T <= g_hc_fuse_max_tokens.load(std::memory_order_relaxed);
+  unsigned* counter = fused ? ws.get<unsigned>(kWsHcCounter, 64) : nullptr;
+  int norm_threads = 0;
+  if (fused && norm && y.dtype == out.dtype && y.rows >= T && y.cols == D) {
+    norm_threads = norm_vec_threads(out, norm_w, static_cast<int>(D), y);
+    if (norm_threads > kHcNormVirt * kThreads) norm_threads = 0;
+  }
   dispatch_act(X.dtype, [&](auto ti) {
     using TI = decltype(ti);
     const bool vec = W % 4 == 0 && xs % 4 == 0 && fs % 4 == 0 &&
                      reinterpret_cast<uintptr_t>(X.data) % (4 * sizeof(TI)) == 0 &&
                      reinterpret_cast<uintptr_t>(fn) % 16 == 0;
+    if (fused) {
+      dispatch_act(out.dtype, [&](auto to) {
+        using TO = decltype(to);
+        auto kern = vec ? hc_fused_kernel<TI, TO, true> : hc_fused_kernel<TI, TO, false>;
+        kern<<<static_cast<unsigned>(nchunk), kThreads, 0, s>>>(
+            X.ptr<TI>(), xs, static_cast<int>(T), fn, fs, mix, W, per * kHcStep, part, counter, D,
+            p.base.f32(), p.scale.f32(), iters, hc_eps, norm_eps, sinkhorn, out.ptr<TO>(),
+            out.stride, sinkhorn ? post.f32() : nullptr, sinkhorn ? post.stride : 0,
+            sinkhorn ? comb.f32() : nullptr, sinkhorn ? comb.stride : 0, norm_threads, norm_w,
+            norm_threads ? y.ptr<TO>() : nullptr, norm_threads ? y.stride : 0);
+      });
+      return;
+    }
     const dim3 g1(static_cast<unsigned>(nchunk), static_cast<unsigned>(tiles));
     if (vec)
       hc_mix_kernel<TI, true>
@@ -660,22 +881,44 @@ void hc_launch(cudaStream_t s, Workspace& ws, Tensor X, const HcWeights& p, int 
     dispatch_act(out.dtype, [&](auto to) {
       using TO = decltype(to);
       const dim3 g2(static_cast<unsigned>(T), static_cast<unsigned>(slices + (sinkhorn ? 1 : 0)));
-      hc_collapse_kernel<TI, TO><<<g2, kThreads, 0, s>>>(
-          X.ptr<TI>(), xs, part, static_cast<int>(nchunk), hc, mix, D, p.base.f32(), p.scale.f32(),
-          iters, hc_eps, norm_eps, sinkhorn, out.ptr<TO>(), out.stride,
-          sinkhorn ? post.f32() : nullptr, sinkhorn ? post.stride : 0,
-          sinkhorn ? comb.f32() : nullptr, sinkhorn ? comb.stride : 0);
+      auto kern = hc == 4 ? hc_collapse_kernel<TI, TO, 4> : hc_collapse_kernel<TI, TO, 0>;
+      kern<<<g2, kThreads, 0, s>>>(X.ptr<TI>(), xs, part, static_cast<int>(nchunk), hc, mix, D,
+                                   p.base.f32(), p.scale.f32(), iters, hc_eps, norm_eps, sinkhorn,
+                                   out.ptr<TO>(), out.stride, sinkhorn ? post.f32() : nullptr,
+                                   sinkhorn ? post.stride : 0, sinkhorn ? comb.f32() : nullptr,
+                                   sinkhorn ? comb.stride : 0);
     });
   });
   SP_CUDA_LAUNCH();
+  return norm_threads > 0;
 }
 
 }  // namespace
+
+int set_hc_fuse_max_tokens(int n) {
+  return g_hc_fuse_max_tokens.exchange(std::clamp(n, 0, kHcFuseMaxTokens));
+}
 
 void hc_pre(cudaStream_t s, Workspace& ws, Tensor X, const HcWeights& p, int hc, int iters,
             float hc_eps, float norm_eps, Tensor x, Tensor post, Tensor comb) {
   SP_CHECK(post.dtype == DType::kF32 && comb.dtype == DType::kF32, "hc_pre: post/comb not f32");
   hc_launch(s, ws, X, p, hc, iters, hc_eps, norm_eps, false, x, post, comb);
+}
+
+void hc_pre_norm(cudaStream_t s, Workspace& ws, Tensor X, const HcWeights& p, int hc, int iters,
+                 float hc_eps, float norm_eps, const Tensor* weight, Tensor x, Tensor xn,
+                 Tensor post, Tensor comb) {
+  SP_CHECK(post.dtype == DType::kF32 && comb.dtype == DType::kF32, "hc_pre: post/comb not f32");
+  const float* w = weight ? weight->f32() : nullptr;
+  if (!hc_launch(s, ws, X, p, hc, iters, hc_eps, norm_eps, false, x, post, comb, true, w, xn))
+    rms_norm(s, x, weight, static_cast<int>(x.cols), norm_eps, xn);
+}
+
+void hc_head_norm(cudaStream_t s, Workspace& ws, Tensor X, const HcWeights& p, int hc, float hc_eps,
+                  float norm_eps, const Tensor* weight, Tensor h) {
+  const float* w = weight ? weight->f32() : nullptr;
+  if (!hc_launch(s, ws, X, p, hc, 0, hc_eps, norm_eps, true, h, Tensor{}, Tensor{}, true, w, h))
+    rms_norm(s, h, weight, static_cast<int>(h.cols), norm_eps, h);
 }
 
 void hc_head(cudaStream_t s, Workspace& ws, Tensor X, const HcWeights& p, int hc, float hc_eps,
@@ -691,9 +934,10 @@ void hc_post(cudaStream_t s, Tensor f, Tensor post, Tensor comb, int hc, Tensor 
     dispatch_act(X.dtype, [&](auto tx) {
       using TF = decltype(tf);
       using TX = decltype(tx);
-      hc_post_kernel<<<grid_for(n), kThreads, 0, s>>>(f.ptr<TF>(), f.stride, post.f32(),
-                                                      post.stride, comb.f32(), comb.stride, hc,
-                                                      f.cols, X.ptr<TX>(), X.stride, n);
+      auto kern = hc == 4 ? hc_post_kernel<TF, TX, 4> : hc_post_kernel<TF, TX, 0>;
+      kern<<<grid_for(n), kThreads, 0, s>>>(f.ptr<TF>(), f.stride, post.f32(), post.stride,
+                                            comb.f32(), comb.stride, hc, f.cols, X.ptr<TX>(),
+                                            X.stride, n);
     });
   });
   SP_CUDA_LAUNCH();

@@ -65,7 +65,8 @@ class LtGemm;  // gemm_lt.h
 constexpr int kMoeTcMinTokens = 0;
 
 // Scratch device memory, reused across ops. get(slot, bytes) returns a buffer of at least `bytes`
-// that stays valid until the next get() of the same slot; different slots never overlap. It grows
+// that stays valid until the next get() of the same slot; different slots never overlap. A new
+// buffer starts zeroed (a slot may hold counters that its kernels return to zero). It grows
 // (cudaMalloc, after synchronising the stream) only when a request is larger than any before, so a
 // warmed-up decode step allocates nothing.
 struct GraphCaptureAbort {};
@@ -87,6 +88,7 @@ enum WsSlot : int {
   kWsMoeStageH = 17,     // moe_decode.cu: staged hidden activations
   kWsMoeTcClaims = 18,   // moe_decode.cu: the work lists' item counters (8 ints)
   kWsHc = 20,            // elementwise.cu: mHC partial mix sums
+  kWsHcCounter = 21,     // elementwise.cu: the one-launch mHC's block counter (0 between calls)
   kWsArgmax = 24,        // elementwise.cu: greedy sampling's per-slice best [rows, slices]
   kWsMoeGatePart = 25,   // moe.cu: the decode gate's partial logits [slices, T, E]
   kWsLtQ = 40,           // gemm_lt.cu: quantised activations
@@ -137,8 +139,9 @@ void check_cuda(cudaError_t e, const char* what, const char* file, int line);
 // Lets `func` (a __global__ function) launch with up to `bytes` of dynamic shared memory on the
 // current device: raises its limit to `bytes` when that is above the limit set so far for this
 // (function, device), and never lowers it (a recorded graph's launches keep the limit they were
-// recorded with; a process-wide "done" flag would miss the other GPUs of a threads pipeline). An
-// error when `bytes` is over the device's maximum.
+// recorded with; a process-wide "done" flag would miss the other GPUs of a threads pipeline).
+// The kernel's static shared memory counts too: without the attribute a block may use 48 KiB of
+// static and dynamic together. An error when the two are over the device's maximum.
 void allow_dynamic_smem(const void* func, size_t bytes);
 // Streaming multiprocessors of the GPU (launch sizing: a fixed count for a given card, so results
 // do not depend on the run).
@@ -191,6 +194,18 @@ void hc_pre(cudaStream_t s, Workspace& ws, Tensor X, const HcWeights& p, int hc,
 void hc_post(cudaStream_t s, Tensor f, Tensor post, Tensor comb, int hc, Tensor X);
 void hc_head(cudaStream_t s, Workspace& ws, Tensor X, const HcWeights& p, int hc, float hc_eps,
              float norm_eps, Tensor h);
+// hc_pre, then xn = rms_norm(x, weight, x.cols, norm_eps); hc_head, then h = rms_norm(h, weight,
+// h.cols, norm_eps) in place: one launch where hc_pre / hc_head run in one and the norm takes
+// rms_norm's register path (the same bits as the separate calls), else the two calls.
+void hc_pre_norm(cudaStream_t s, Workspace& ws, Tensor X, const HcWeights& p, int hc, int iters,
+                 float hc_eps, float norm_eps, const Tensor* weight, Tensor x, Tensor xn,
+                 Tensor post, Tensor comb);
+void hc_head_norm(cudaStream_t s, Workspace& ws, Tensor X, const HcWeights& p, int hc, float hc_eps,
+                  float norm_eps, const Tensor* weight, Tensor h);
+// hc_pre / hc_head of at most n tokens at hc_mult 4 run in one launch instead of two (default 1:
+// on an H200 one launch was faster at T = 1 and slower at T = 2 than two;
+// 0: always two, for tests and benchmarks to compare; at most 4). Returns the previous value.
+int set_hc_fuse_max_tokens(int n);
 void gather_rows(cudaStream_t s, Tensor x, const DevBatch& b, Tensor out);
 void copy(cudaStream_t s, Tensor src, Tensor dst);
 // Rows [dst_row, +n) of t = rows [src_row, +n): device to device on the stream.

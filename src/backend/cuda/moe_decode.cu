@@ -1,5 +1,8 @@
 // Tensor-core kernels for the routed and shared experts of min_tok tokens and more (decode steps,
-// speculative verify steps, prefill).
+// speculative verify steps, prefill). Two kernels: the split-K kernel below (moe_tc_kernel, for
+// the experts of a few tokens: bandwidth) and the prefill kernel (moe_pf_kernel, "The prefill
+// kernel" further down: shared-memory block tiles of 128 rows x 128 or 64 tokens) for the experts
+// of more than 64 tokens, and of 9..64 in steps of more than 64 tokens.
 //
 // The expert's weight rows are the M side of mma.sync m16n8k16 (bf16 operands, fp32 accumulate),
 // its tokens the N side in tiles of 8 (up to 8 tiles; more tokens go 64 at a time, the weight
@@ -20,9 +23,9 @@
 // add through shared memory, lower half first; no float atomics.
 //
 // Work list: a launch takes the experts whose token count is in its range (min_tok..8: one n
-// tile; 9..64: up to 8; more: 64 at a time) and cuts each into items of one 64-row tile x one
-// group of up to 8 NT tokens, ordered (expert, row tile, token group), so the token groups of one
-// weight tile are neighbours (blocks running at once share its reads through L2). Each block
+// tile; 9..64: up to 8; more: the prefill kernel's) and cuts each into items of one 64-row tile x
+// one group of up to 8 NT tokens, ordered (expert, row tile, token group), so the token groups of
+// one weight tile are neighbours (blocks running at once share its reads through L2). Each block
 // builds the list from the sorted step metadata on the device (the in-range experts in ascending
 // id with the index of their first item: a scan in shared memory). Persistent blocks (as many as
 // are resident at once) take item blockIdx.x first, then the next unclaimed one (an integer
@@ -127,18 +130,19 @@ __device__ __forceinline__ void dec_group(const uint4& c, int j, uint32_t s, uin
   }
 }
 
-// Items of expert e (count tokens) in a launch of NT n tiles: its 64-row tiles x token groups.
-template <int NT>
+// Items of expert e (count tokens) in a launch of TR-row tiles and TG-token groups: its row tiles
+// x token groups.
+template <int TR, int TG>
 __device__ __forceinline__ int tc_items(const TcArgs& a, int e, int count) {
   const int64_t rows = e == a.E ? a.rows_shared : a.rows_routed;
-  const int tiles = static_cast<int>((rows + kTcTileRows - 1) / kTcTileRows);
-  return tiles * ((count + 8 * NT - 1) / (8 * NT));
+  const int tiles = static_cast<int>((rows + TR - 1) / TR);
+  return tiles * ((count + TG - 1) / TG);
 }
 
 // The launch's work list, built by every block: ex[0, n) the experts with cmin <= count <= cmax in
 // ascending id, first[j] the index of ex[j]'s first item (first[n]: the total). Returns n; every
-// thread gets n and the total (*total).
-template <int NT>
+// thread gets n and the total (*total). TR, TG: the launch's row tile and token group.
+template <int TR, int TG>
 __device__ int tc_work_list(const TcArgs& a, int* ex, int* first, int* total) {
   __shared__ int wcnt[kTcWarps], wsum[kTcWarps];
   const int E1 = a.E + 1, nact = a.meta[3 * E1];
@@ -152,7 +156,7 @@ __device__ int tc_work_list(const TcArgs& a, int* ex, int* first, int* total) {
       e = a.meta[2 * E1 + i];
       const int c = a.meta[e];
       in = c >= a.cmin && c <= a.cmax;
-      if (in) items = tc_items<NT>(a, e, c);
+      if (in) items = tc_items<TR, TG>(a, e, c);
     }
     const unsigned bal = __ballot_sync(0xffffffffu, in);
     int incl = items;  // inclusive scan of the items over the warp
@@ -370,7 +374,7 @@ __global__ void __launch_bounds__(kTcThreads, NT <= 2 ? 2 : 1) moe_tc_kernel(TcA
   __shared__ float red[(kTcWarps / kTcKParts) * G * NT * 4 * 32];
   __shared__ int ex_s[kTcMaxExperts], first_s[kTcMaxExperts + 1];
   int total = 0;
-  const int n = tc_work_list<NT>(a, ex_s, first_s, &total);
+  const int n = tc_work_list<kTcTileRows, 8 * NT>(a, ex_s, first_s, &total);
   const int E1 = a.E + 1;
   __shared__ int next_s;
   int it = static_cast<int>(blockIdx.x);
@@ -403,6 +407,321 @@ __global__ void __launch_bounds__(kTcThreads, NT <= 2 ? 2 : 1) moe_tc_kernel(TcA
     __syncthreads();
     it = next_s;
     __syncthreads();  // every thread has read next_s before thread 0 writes it again
+  }
+}
+
+// The prefill kernel (moe_pf_kernel): experts of more than kTcMaxTok tokens in 128-token tiles,
+// and in steps of more than kTcMaxTok tokens those of 9..64 in 64-token tiles.
+//
+// A block tile of 128 weight rows (up: 64 rows of W1 and the same 64 of W3, so SwiGLU has both in
+// one thread; down: 128 rows of W2) x 128 (or 64) tokens, K stepped 64 values at a time. Each step
+// the block decodes its weight tile ONCE into shared memory as bf16 (each thread one FP4 chunk or
+// two FP8 chunks, loaded from global memory during the previous step's MMAs), while the next step's
+// activation tile (the staged hi, and lo for fp32 tokens, 8 values per 16-byte piece) lands in the
+// other of two shared buffers through cp.async (zeros past the tokens and past K). Warps 2 (rows)
+// x 4 (32 tokens each; 4 x 2 for 64-token tiles), n tiles past the item's tokens skipped; a warp's
+// fragments come from shared memory by ldmatrix and go to mma.sync m16n8k16 (bf16, fp32
+// accumulate; two MMAs, hi and lo, for fp32 activations). Both operands sit in the decoders' pair
+// order inside each 8 values (stage_pos), the k permutation of the decode kernels. Shared rows
+// are 64 values (eight 16-byte pieces), piece j stored at j ^ (row & 7): the eight rows an
+// ldmatrix reads at once fall in eight different bank groups. Each output is one thread's sum in
+// a fixed K order (deterministic).
+constexpr int kPfRows = 128, kPfK = 64;           // block tile: weight rows; K step (values)
+constexpr int kPfTileBytes = kPfRows * kPfK * 2;  // the bf16 weight tile (128 rows x 64)
+
+// Shared bytes of a prefill block of TOK tokens: the weight tile, then two activation buffers
+// (hi, and lo) of TOK rows x 64.
+constexpr size_t pf_smem_bytes(int tok, bool lo) {
+  return static_cast<size_t>(kPfTileBytes) + size_t{2} * (lo ? 2 : 1) * tok * kPfK * 2;
+}
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared; src_bytes 0 writes zeros (src must still be a valid address).
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, uint32_t src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t addr, uint32_t (&r)[4]) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// Byte offset of 16-byte piece j (0..7) of row r in a shared tile.
+__device__ __forceinline__ uint32_t pf_piece(int r, int j) {
+  return static_cast<uint32_t>((r * 8 + (j ^ (r & 7))) * 16);
+}
+
+// One item: weight rows [n0, n0 + 64 (up) or 128 (down)) of one expert for its tokens
+// [m0, min(m0 + TOK, count)). Warps: 8 / WN (rows) x WN (32 tokens each), WN = TOK / 32; a warp
+// has MT = WN m tiles (up: MT / 2 of W1 and the same rows of W3).
+template <int F, bool kUp, bool LO, int TOK>
+__device__ __forceinline__ void pf_item(const TcArgs& a, const DevExpert& ex, int count, int start,
+                                        int64_t n0, int m0, uint8_t* smem) {
+  constexpr int V = FmtTraits<F>::kVals, NG = V / 8;  // values, 8-value groups of a chunk
+  constexpr int CPR = kPfK / V;                       // chunks of a row per K step (2 or 4)
+  constexpr int CH = kPfRows * CPR / kTcThreads;      // chunks a thread decodes (1 or 2)
+  static_assert(CH * kTcThreads == kPfRows * CPR, "chunks of a step over the threads");
+  constexpr int WN = TOK / 32, WR = kTcWarps / WN, MT = WN, RW = kPfRows / WR;  // RW: warp rows
+  constexpr int ARows = TOK / 32;  // activation rows a thread stages per K step
+  constexpr int kBTile = TOK * kPfK * 2;
+  static_assert((TOK == 64 || TOK == 128) && MT * 16 == RW, "warp tiles");
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int wr = warp / WN, wn = warp % WN;  // warp tile: rows (WR) x tokens (WN x 32)
+  const DevMat& wa = kUp ? ex.w1 : ex.w2;
+  const int64_t N = wa.out, Kin = wa.in;
+  const int64_t nchunks = (Kin + V - 1) / V;
+  const int nk = static_cast<int>((Kin + kPfK - 1) / kPfK);
+  const int64_t kval = (Kin + 7) / 8 * 8;  // activation columns read (zero past it)
+  const int TK = a.T * a.K;
+  const int mcount = count - m0 < TOK ? count - m0 : TOK;
+
+  // The decode: thread tid takes shared row tid / 2 (up: rows 0..63 of W1, 64..127 of W3) and its
+  // chunks (tid & 1) * CH + i of each K step.
+  const int drow = tid >> 1;
+  const DevMat& dw = (kUp && drow >= 64) ? ex.w3 : wa;
+  const int64_t dn = n0 + (kUp ? (drow & 63) : drow);
+  const bool drow_ok = dn < N;
+  const uint8_t* dptr = dw.data + (drow_ok ? dn : 0) * dw.row_bytes;
+  const bool dvec = dw.vec != 0;
+
+  // The activations: thread tid stages piece tid & 7 of token rows tid / 8 + 32 i (i < ARows).
+  const int apiece = tid & 7;
+  int arow[ARows];  // activation rows (tokens or pairs), -1 past the item's tokens
+#pragma unroll
+  for (int i = 0; i < ARows; ++i) {
+    const int r = (tid >> 3) + 32 * i;
+    arow[i] = -1;
+    if (r < mcount) {
+      const int m = m0 + r;
+      if constexpr (kUp) {
+        const int p = a.pairs[start + m];
+        arow[i] = p < TK ? p / a.K : p - TK;
+      } else {
+        arow[i] = start + m;
+      }
+    }
+  }
+
+  uint8_t* sA = smem;
+  uint8_t* sB = smem + kPfTileBytes;  // [buffer][hi, lo]
+  constexpr int kBufBytes = kBTile * (LO ? 2 : 1);
+
+  uint4 raw[CH];
+  uint32_t rsc[CH];
+  auto gload = [&](int kc) {
+#pragma unroll
+    for (int i = 0; i < CH; ++i) {
+      const int64_t c = int64_t{kc} * CPR + (tid & 1) * CH + i;
+      raw[i] = make_uint4(0, 0, 0, 0);
+      rsc[i] = 127;  // any fast-route scale: the values are zero
+      if (drow_ok && c < nchunks) {
+        raw[i] = ld_chunk(dptr, c * 16, dw.row_bytes, dvec);
+        const int64_t si = F == kWFP4 ? dn * dw.scale_cols + c : (dn / 128) * dw.scale_cols + c / 8;
+        rsc[i] = __ldg(dw.scale + si);
+      }
+    }
+  };
+  // L2 prefetch of a later step's row bytes (64 values: 32 bytes FP4, 64 FP8), one row a thread.
+  auto prefetch = [&](int kc) {
+    if ((tid & 1) != 0 || !drow_ok || !dvec || kc >= nk) return;
+    const int64_t b0 = int64_t{kc} * (kPfK * 16 / V);
+    int64_t b1 = b0 + kPfK * 16 / V;
+    b1 = (b1 < dw.row_bytes ? b1 : dw.row_bytes) & ~int64_t{15};
+    if (b1 > b0) prefetch_l2(dptr + b0, static_cast<uint32_t>(b1 - b0));
+  };
+  auto bload = [&](int kc, int buf) {
+    const int64_t k = int64_t{kc} * kPfK + apiece * 8;
+    uint8_t* dst = sB + buf * kBufBytes;
+#pragma unroll
+    for (int i = 0; i < ARows; ++i) {
+      const int r = (tid >> 3) + 32 * i;
+      const bool ok = arow[i] >= 0 && k < kval;
+      const int64_t off = ok ? static_cast<int64_t>(arow[i]) * a.ldx + k : 0;
+      const uint32_t d = smem_u32(dst + pf_piece(r, apiece));
+      cp_async16(d, a.xh + off, ok ? 16u : 0u);
+      if constexpr (LO) cp_async16(d + kBTile, a.xl + off, ok ? 16u : 0u);
+    }
+  };
+
+  float acc[MT][4][4];  // [m tile][n tile][fragment]
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.0f;
+  // The warp's m tiles (shared rows): up W1 rows wr * RW / 2 + 16 i (i < MT / 2), W3 64 + the
+  // same; down wr * RW + 16 i. Its tokens: shared rows wn * 32 + [0, 32), of which the first ntv
+  // n tiles hold real ones (uniform per warp: the others' MMAs are skipped; none: no MMAs).
+  const int ntv = (mcount - wn * 32 + 7) / 8;
+  const bool wact = ntv > 0;
+  const int lr = lane & 7, lm = lane >> 3;
+
+  for (int p = 0; p < 4; ++p) prefetch(p);
+  gload(0);
+  bload(0, 0);
+  cp_async_commit();
+  for (int kc = 0; kc < nk; ++kc) {
+    const int buf = kc & 1;
+    // Decode this step's chunks into the weight tile (free: the previous step ended in a barrier).
+#pragma unroll
+    for (int i = 0; i < CH; ++i) {
+      const uint32_t fac = fast_factor<F>(rsc[i]);
+      const int sub = (tid & 1) * CH + i;
+#pragma unroll
+      for (int j = 0; j < NG; ++j) {
+        uint32_t o[4];
+        dec_group<F>(raw[i], j, rsc[i], fac, o);
+        *reinterpret_cast<uint4*>(sA + pf_piece(drow, sub * NG + j)) =
+            make_uint4(o[0], o[1], o[2], o[3]);
+      }
+    }
+    if (kc + 1 < nk) {  // the next step's loads, in flight during this step's MMAs
+      prefetch(kc + 4);
+      gload(kc + 1);
+      bload(kc + 1, buf ^ 1);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();  // this step's activation pieces of this thread have landed
+    __syncthreads();     // ... and every thread's, and the weight tile
+    if (wact) {
+      const uint8_t* bb = sB + buf * kBufBytes;
+#pragma unroll
+      for (int kk = 0; kk < kPfK / 16; ++kk) {
+        // B fragments of 2 n tiles: x4 = (tokens +0..7, k lo), (+0..7, k hi), (+8..15, k lo),
+        // (+8..15, k hi). A fragment of an m tile: x4 = (rows +0..7, k lo), (+8..15, k lo),
+        // (+0..7, k hi), (+8..15, k hi).
+        auto ld_b = [&](int np, uint32_t(&bh)[4], uint32_t(&bl)[4]) {
+          const int r = wn * 32 + np * 16 + (lm >> 1) * 8 + lr;
+          const uint32_t off = pf_piece(r, kk * 2 + (lm & 1));
+          ldsm_x4(smem_u32(bb + off), bh);
+          if constexpr (LO) ldsm_x4(smem_u32(bb + kBTile + off), bl);
+        };
+        auto ld_a = [&](int mt, uint32_t(&af)[4]) {
+          const int rb =
+              kUp ? (mt / (MT / 2)) * 64 + wr * (RW / 2) + (mt % (MT / 2)) * 16 : wr * RW + mt * 16;
+          ldsm_x4(smem_u32(sA + pf_piece(rb + (lm & 1) * 8 + lr, kk * 2 + (lm >> 1))), af);
+        };
+        if constexpr (LO) {
+          // hi and lo: one pair of n tiles at a time (registers), A fragments loaded twice.
+#pragma unroll
+          for (int np = 0; np < 2; ++np) {
+            if (2 * np >= ntv) break;
+            uint32_t bh[4], bl[4];
+            ld_b(np, bh, bl);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+              uint32_t af[4];
+              ld_a(mt, af);
+#pragma unroll
+              for (int h = 0; h < 2; ++h) {
+                if (2 * np + h >= ntv) break;
+                float(&c)[4] = acc[mt][2 * np + h];
+                mma_bf16_16816(c, af[0], af[1], af[2], af[3], bh[2 * h], bh[2 * h + 1]);
+                mma_bf16_16816(c, af[0], af[1], af[2], af[3], bl[2 * h], bl[2 * h + 1]);
+              }
+            }
+          }
+        } else {
+          uint32_t bh[2][4], unused[4];
+#pragma unroll
+          for (int np = 0; np < 2; ++np)
+            if (2 * np < ntv) ld_b(np, bh[np], unused);
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            uint32_t af[4];
+            ld_a(mt, af);
+#pragma unroll
+            for (int nt = 0; nt < 4; ++nt) {
+              if (nt >= ntv) break;
+              const int np = nt >> 1, h = (nt & 1) * 2;
+              mma_bf16_16816(acc[mt][nt], af[0], af[1], af[2], af[3], bh[np][h], bh[np][h + 1]);
+            }
+          }
+        }
+      }
+    }
+    __syncthreads();  // the tiles are rewritten by the next step
+  }
+  cp_async_wait<0>();  // nothing is in flight (the last group is empty)
+
+  if (!wact) return;
+  const int g = lane >> 2, tq = lane & 3;
+#pragma unroll
+  for (int mt = 0; mt < (kUp ? MT / 2 : MT); ++mt)
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const int64_t n = n0 + (kUp ? wr * (RW / 2) : wr * RW) + mt * 16 + g + (q >= 2 ? 8 : 0);
+        const int ml = wn * 32 + nt * 8 + 2 * tq + (q & 1);
+        if (n >= N || ml >= mcount) continue;
+        const int m = m0 + ml;
+        if constexpr (kUp) {
+          const float gt = fminf(acc[mt][nt][q], a.limit);
+          const float up = fminf(fmaxf(acc[mt + MT / 2][nt][q], -a.limit), a.limit);
+          const float hv = gt * (1.0f / (1.0f + expf(-gt))) * up;
+          const int64_t at = static_cast<int64_t>(start + m) * a.ldh +
+                             ((n & ~int64_t{7}) | fpbits::stage_pos(static_cast<int>(n & 7)));
+          const __nv_bfloat16 hi = __float2bfloat16_rn(hv);
+          a.hh[at] = hi;
+          a.hl[at] = __float2bfloat16_rn(hv - __bfloat162float(hi));
+        } else {
+          a.o[static_cast<int64_t>(start + m) * a.ldo + n] = acc[mt][nt][q];
+        }
+      }
+}
+
+// Persistent blocks over the work list of (expert, row tile of 64 (up) or 128 (down) rows, group
+// of TOK tokens) items, claimed as moe_tc_kernel does.
+template <bool kUp, bool LO, int TOK>
+__global__ void __launch_bounds__(kTcThreads, 2) moe_pf_kernel(TcArgs a) {
+  constexpr int TR = kUp ? kPfRows / 2 : kPfRows;
+  extern __shared__ __align__(128) uint8_t pf_smem[];
+  __shared__ int ex_s[kTcMaxExperts], first_s[kTcMaxExperts + 1];
+  __shared__ int next_s;
+  int total = 0;
+  const int n = tc_work_list<TR, TOK>(a, ex_s, first_s, &total);
+  const int E1 = a.E + 1;
+  int it = static_cast<int>(blockIdx.x);
+  while (it < total) {
+    int claimed = 0;
+    if (threadIdx.x == 0) claimed = atomicAdd(a.claim, 1);
+    int lo = 0, hi = n - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) >> 1;
+      if (first_s[mid] <= it)
+        lo = mid;
+      else
+        hi = mid - 1;
+    }
+    const int e = ex_s[lo], local = it - first_s[lo];
+    const int count = a.meta[e], start = a.meta[E1 + e];
+    const int groups = (count + TOK - 1) / TOK;
+    const int tile = local / groups, grp = local - tile * groups;
+    const DevExpert& ex = a.tab[e];
+    const int fmt = kUp ? ex.w1.fmt : ex.w2.fmt;
+    const int64_t n0 = static_cast<int64_t>(tile) * TR;
+    if (fmt == kWFP4)
+      pf_item<kWFP4, kUp, LO, TOK>(a, ex, count, start, n0, grp * TOK, pf_smem);
+    else
+      pf_item<kWFP8, kUp, LO, TOK>(a, ex, count, start, n0, grp * TOK, pf_smem);
+    if (threadIdx.x == 0) next_s = static_cast<int>(gridDim.x) + claimed;
+    __syncthreads();
+    it = next_s;
+    __syncthreads();
   }
 }
 
@@ -467,6 +786,31 @@ void launch_tc(cudaStream_t s, const TcArgs& a, int64_t rows, int64_t npairs, in
     launch_tc_nt<kUp, 4>(s, a, rows, npairs, experts, lo);
   else
     launch_tc_nt<kUp, 8>(s, a, rows, npairs, experts, lo);
+}
+
+// The prefill launch (block tiles of TOK tokens): persistent blocks, two per SM, fewer when the
+// launch has fewer items at most ((npairs / TOK + experts) x row tiles).
+template <bool kUp, int TOK>
+void launch_pf(cudaStream_t s, const TcArgs& a, int64_t rows, int64_t npairs, int64_t experts,
+               bool lo) {
+  const int64_t tr = kUp ? kPfRows / 2 : kPfRows;
+  const int64_t items = (npairs / TOK + experts) * ((rows + tr - 1) / tr);
+  SP_CHECK(items < std::numeric_limits<int>::max(), "moe_tc: ", items, " work items");
+  const dim3 grid(
+      static_cast<unsigned>(std::max<int64_t>(1, std::min(items, int64_t{num_sms()} * 2))));
+  auto go = [&](auto kernel, bool with_lo) {
+    const size_t bytes = pf_smem_bytes(TOK, with_lo);
+    allow_dynamic_smem(reinterpret_cast<const void*>(kernel), bytes);
+    kernel<<<grid, kTcThreads, bytes, s>>>(a);
+    SP_CUDA_LAUNCH();
+  };
+  if constexpr (kUp) {
+    if (!lo) {
+      go(moe_pf_kernel<true, false, TOK>, false);
+      return;
+    }
+  }
+  go(moe_pf_kernel<kUp, true, TOK>, true);
 }
 
 }  // namespace
@@ -565,10 +909,19 @@ void moe_tc(cudaStream_t s, Workspace& ws, const MoeTcStep& st) {
       a.cmin = ranges[r].cmin;
       a.cmax = ranges[r].cmax;
       a.claim = claims + pass * 3 + r;
-      if (up)
-        launch_tc<true>(s, a, rows, npairs, ranges[r].experts, lo_x);
+      // The prefill kernel: experts of more than 64 tokens in 128-token tiles, and in a step of
+      // more than 64 tokens (prefill) those of 9..64 tokens in 64-token tiles; the decode-sized
+      // steps keep the split-K kernel for them (few experts, bandwidth-bound).
+      const bool lo = up ? lo_x : true;
+      if (a.cmin > kTcMaxTok)
+        up ? launch_pf<true, 128>(s, a, rows, npairs, ranges[r].experts, lo)
+           : launch_pf<false, 128>(s, a, rows, npairs, ranges[r].experts, lo);
+      else if (a.cmin > kTcSmallTok && T > kTcMaxTok)
+        up ? launch_pf<true, 64>(s, a, rows, npairs, ranges[r].experts, lo)
+           : launch_pf<false, 64>(s, a, rows, npairs, ranges[r].experts, lo);
       else
-        launch_tc<false>(s, a, rows, npairs, ranges[r].experts, true);
+        up ? launch_tc<true>(s, a, rows, npairs, ranges[r].experts, lo)
+           : launch_tc<false>(s, a, rows, npairs, ranges[r].experts, lo);
     }
   }
 }

@@ -40,8 +40,9 @@ struct MoeTcStep {
 };
 
 // Enqueues the staging of the tokens, the up kernels (h = SwiGLU(W1 x, W3 x), kept as bf16 hi + lo)
-// and the down kernels (o = W2 h) for the experts of min_tok tokens or more. Launch sizes depend
-// on T, K, E, D, Imax and min_tok only.
+// and the down kernels (o = W2 h) for the experts of min_tok tokens or more (the split-K kernel,
+// or the prefill kernel's shared-memory block tiles above 64 tokens, and from 9 tokens in steps of
+// more than 64). Launch sizes depend on T, K, E, D, Imax and min_tok only.
 void moe_tc(cudaStream_t s, Workspace& ws, const MoeTcStep& st);
 
 }  // namespace sp::cuda
