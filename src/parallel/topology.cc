@@ -1,6 +1,7 @@
 #include "parallel/topology.h"
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <sstream>
 
@@ -96,6 +97,11 @@ double layer_time(const Config& c, int l, const LayerBytes& b, const CostModelOp
   return b.dense + b.per_expert * hit + kv * o.batch;
 }
 
+// hc_head, the final norm and the head's bytes (the MTP layer aside).
+double head_bytes(const Config& c) {
+  return static_cast<double>(c.vocab_size) * c.hidden_size * 2.0 + c.hc_mult * c.hc_dim() * 4.0;
+}
+
 }  // namespace
 
 double layer_time_cost(const Config& c, int l, const CostModelOptions& o) {
@@ -107,7 +113,7 @@ double embed_time_cost(const Config& c, const CostModelOptions& o) {
 }
 
 double head_time_cost(const Config& c, const CostModelOptions& o) {
-  double t = static_cast<double>(c.vocab_size) * c.hidden_size * 2.0 + c.hc_mult * c.hc_dim() * 4.0;
+  double t = o.head_cost * head_bytes(c);
   if (o.mtp) {  // the draft layer: a sliding-window layer of the same width
     Config m = c;
     m.attn_kinds[0] = AttnKind::kSliding;
@@ -202,6 +208,36 @@ std::vector<int> auto_partition(const Config& c, int pp, const CostModelOptions&
     i = cut[s][i];
   }
   return p;
+}
+
+Result<double> fit_head_cost(const Config& c, const std::vector<int>& partition,
+                             const std::vector<double>& stage_ms, const CostModelOptions& o) {
+  const size_t P = partition.size();
+  if (P < 2)
+    return Status::error("--stage-ms: fitting the head's cost needs at least 2 stages (--pp 2)");
+  if (stage_ms.size() != P)
+    return Status::error(str("--stage-ms: ", stage_ms.size(), " times for ", P,
+                             " stages; expected one per stage, in stage order"));
+  for (size_t s = 0; s < P; ++s)
+    if (!(stage_ms[s] > 0) || !std::isfinite(stage_ms[s]))
+      return Status::error(str("--stage-ms: stage ", s, "'s time ", stage_ms[s],
+                               " is not a positive number of milliseconds"));
+  CostModelOptions bytes = o;
+  bytes.head_cost = 1.0;
+  const double head = head_bytes(c);
+  std::vector<StageCost> sc = stage_costs(c, partition, bytes);
+  sc.back().time -= head;  // the last stage's layers (and MTP layer) alone
+  double ms = 0, cost = 0;
+  for (size_t s = 0; s + 1 < P; ++s) ms += stage_ms[s], cost += sc[s].time;
+  const double per_cost = ms / cost;  // measured ms per predicted byte of the layers
+  const double layers_last = per_cost * sc.back().time;
+  const double head_ms = stage_ms.back() - layers_last;
+  if (!(head_ms > 0))
+    return Status::error(str("--stage-ms: the last stage (", stage_ms.back(),
+                             " ms) is no slower than its layers alone predict from the other "
+                             "stages (",
+                             layers_last, " ms), so the head's cost cannot be measured this way"));
+  return head_ms / (per_cost * head);
 }
 
 Result<Topology> make_topology(const Config& c, int pp, int rank, const std::string& partition,

@@ -38,6 +38,10 @@ struct CostModelOptions {
   int batch = 16;          // sequences decoding together (--max-num-seqs)
   int64_t context = 4096;  // tokens of context each attends over (--max-model-len)
   bool mtp = false;        // MTP draft layer on the last stage
+  // The head's time per predicted byte relative to a layer's (--pp-head-cost; 1: bytes alone).
+  // Kernels that run the head closer to the copy bandwidth than the layers make it less than 1;
+  // fit_head_cost measures it from a run's stage times.
+  double head_cost = 1.0;
 };
 struct StageCost {
   int first_layer = 0, end_layer = 0;
@@ -55,6 +59,14 @@ std::vector<StageCost> stage_costs(const Config& c, const std::vector<int>& part
 // Contiguous partition minimising the largest stage share, a stage's share being the larger of its
 // share of predicted time and its share of memory (weights + state at the given batch and context).
 std::vector<int> auto_partition(const Config& c, int pp, const CostModelOptions& o);
+
+// Fits CostModelOptions::head_cost to measured stage times (`stage_ms`, one per stage of
+// `partition`, at least 2 stages, the batch and context of `o`): a stage's time is taken as a x its
+// predicted layer (and embedding) cost, plus b x the head's predicted cost on the last stage; a
+// comes from the stages before the last, and head_cost = b / a. An error when the times cannot
+// give it (a wrong count, a time not positive, a last stage no slower than its layers predict).
+Result<double> fit_head_cost(const Config& c, const std::vector<int>& partition,
+                             const std::vector<double>& stage_ms, const CostModelOptions& o);
 
 // Resolves --pp and --pp-partition ("" for vLLM's split, "auto", or a list).
 Result<Topology> make_topology(const Config& c, int pp, int rank, const std::string& partition,

@@ -211,6 +211,10 @@ std::vector<FlagSpec> pipeline_flags() {
   specs[1].validate = validate_pp_partition;
   specs[4].validate = validate_fault_inject;
   specs.back().validate = validate_devices;
+  specs.push_back({"pp-head-cost", FlagKind::kFloat, "1",
+                   "for --pp-partition auto: the head's time per byte relative to a layer's (1: "
+                   "bytes alone); `seekpipe inspect --stage-ms` fits it from a run's stage times",
+                   0.01, 100});
   return specs;
 }
 
@@ -1118,7 +1122,13 @@ int run_job(const Flags& f, const Job& job) {
                                   static_cast<int>(f.i64("max-num-batched-tokens")),
                                   f.i64("max-model-len"), c.vocab_size});
   const Status requests_ok = job.add_requests(probe);
-  CostModelOptions co{static_cast<int>(f.i64("max-num-seqs")), f.i64("max-model-len"), false};
+  CostModelOptions co{static_cast<int>(f.i64("max-num-seqs")), f.i64("max-model-len"), false,
+                      f.f64("pp-head-cost")};
+  if (f.given("pp-head-cost") && part != "auto")
+    return fail(
+        Status::error(str("--pp-head-cost: used only by --pp-partition auto (the split "
+                          "here is ",
+                          part.empty() ? "vllm" : part, ")")));
 
   if (launched_by_mpi()) {
     auto tr = make_mpi_transport(nullptr, nullptr);

@@ -35,7 +35,8 @@ int64_t clamp_i64(double v) {
   return static_cast<int64_t>(v);
 }
 
-// Splits on ',' keeping empty items (so "1,,2" and "1," are errors, not skipped).
+}  // namespace
+
 std::vector<std::string> split_commas(const std::string& text) {
   std::vector<std::string> items;
   size_t start = 0;
@@ -47,8 +48,6 @@ std::vector<std::string> split_commas(const std::string& text) {
   }
   return items;
 }
-
-}  // namespace
 
 Result<std::vector<int32_t>> parse_int_list(const std::string& flag, const std::string& text) {
   std::vector<int32_t> out;

@@ -54,6 +54,8 @@ Result<std::vector<int32_t>> parse_int_list(const std::string& flag, const std::
 constexpr int kMaxStages = 4096;
 constexpr int kMaxLayersPerStage = 1 << 20;
 Status validate_pp_partition(const std::string& flag, const std::string& value);
+// Splits on ',' keeping empty items (so "1,,2" and "1," are errors, not skipped).
+std::vector<std::string> split_commas(const std::string& text);
 // --fault-inject: STAGE:STEP[:kill|error|stall|cuda|nccl], STAGE in [0, kMaxStages), STEP in [0,
 // 2^62].
 Status validate_fault_inject(const std::string& flag, const std::string& value);

@@ -6,6 +6,7 @@
 #include <cinttypes>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <iostream>
 #include <map>
@@ -480,9 +481,33 @@ int print_pipeline_plan(const Flags& f, const Config& c) {
   const int pp = static_cast<int>(f.i64("pp"));
   const std::string part = f.str("pp-partition") == "vllm" ? "" : f.str("pp-partition");
   CostModelOptions co{static_cast<int>(f.i64("max-num-seqs")), f.i64("max-model-len"),
-                      f.str("speculative") == "mtp"};
+                      f.str("speculative") == "mtp", f.f64("pp-head-cost")};
   auto topo = make_topology(c, pp, 0, part, co);
   if (!topo) return fail(topo.status());
+  if (f.given("stage-ms")) {
+    // Measured stage times of a run at this split: the head's cost they imply, and the split
+    // --pp-partition auto makes with it.
+    std::vector<double> ms;
+    for (const std::string& v : split_commas(f.str("stage-ms"))) {
+      char* end = nullptr;
+      const double x = std::strtod(v.c_str(), &end);
+      if (v.empty() || end != v.c_str() + v.size())
+        return fail(Status::error(str("--stage-ms: '", v,
+                                      "' is not a number of milliseconds "
+                                      "(expected a list like 9.11,9.11,9.16,9.32)")));
+      ms.push_back(x);
+    }
+    auto k = fit_head_cost(c, topo->layers, ms, co);
+    if (!k) return fail(k.status());
+    CostModelOptions fitted = co;
+    fitted.head_cost = *k;
+    Topology t = *topo;
+    t.layers = auto_partition(c, pp, fitted);
+    std::printf(
+        "\nfitted to --stage-ms at partition %s: --pp-head-cost %.3f (the head costs "
+        "%.2fx its bytes' share next to the layers); --pp-partition auto with it: %s\n",
+        topo->partition_string().c_str(), *k, *k, t.partition_string().c_str());
+  }
   auto costs = stage_costs(c, topo->layers, co);
   double total = 0;
   for (auto& s : costs) total += s.time;
@@ -524,7 +549,11 @@ int print_pipeline_plan(const Flags& f, const Config& c) {
 int cmd_inspect(const std::vector<std::string>& args) {
   auto specs = common_flags();
   for (auto& p : pipeline_flags())
-    if (p.name == "pp" || p.name == "pp-partition") specs.push_back(p);
+    if (p.name == "pp" || p.name == "pp-partition" || p.name == "pp-head-cost") specs.push_back(p);
+  specs.push_back({"stage-ms", FlagKind::kString, "",
+                   "with --pp: measured stage times (ms, one per stage, e.g. the compute medians "
+                   "of bench/trace_summary.py) of a run at this split; prints the --pp-head-cost "
+                   "they imply and the auto split with it"});
   Flags f(specs);
   for (auto& a : args)
     if (a == "--help" || a == "-h") {
@@ -532,6 +561,10 @@ int cmd_inspect(const std::vector<std::string>& args) {
       return 0;
     }
   if (Status st = f.parse(args); !st) return fail(st);
+  if (f.given("stage-ms") && !f.given("pp"))
+    return fail(
+        Status::error("--stage-ms needs --pp (and the --pp-partition the times were "
+                      "measured at)"));
   auto cfg = read_config(f);
   if (!cfg) return fail(cfg.status());
   const Config& c = *cfg;

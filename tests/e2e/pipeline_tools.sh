@@ -42,6 +42,17 @@ grep -q "+head" <<<"$plan" || fail "inspect plan lacks the head: $plan"
 plan=$("$bin" inspect --model "$data/configs/deepseek-v4-flash" --load-format dummy --pp 4 --pp-partition auto --max-num-seqs 1)
 grep -q "(cost model)" <<<"$plan" || fail "auto plan: $plan"
 echo "ok: inspect plans the full-size model from its config"
+# Measured stage times fit the head's cost (--pp-head-cost) and give the auto split with it.
+fit=$("$bin" inspect --model "$data/configs/deepseek-v4-flash" --load-format dummy --pp 4 --pp-partition 11,11,11,10 --max-num-seqs 1 --stage-ms 9.11,9.11,9.16,9.32) || fail "inspect --stage-ms: $fit"
+grep -q "^fitted to --stage-ms at partition 11,11,11,10: --pp-head-cost 0\.[0-9]*" <<<"$fit" || fail "fit: $fit"
+k=$(sed -n 's/.*--pp-head-cost \([0-9.]*\) .*/\1/p' <<<"$fit")
+plan=$("$bin" inspect --model "$data/configs/deepseek-v4-flash" --load-format dummy --pp 4 --pp-partition auto --max-num-seqs 1 --pp-head-cost "$k")
+grep -q "partition $(sed -n 's/.*auto with it: \([0-9,]*\)$/\1/p' <<<"$fit") (cost model)" <<<"$plan" || fail "auto with --pp-head-cost $k: $plan"
+echo "ok: inspect --stage-ms fits --pp-head-cost $k, and auto uses it"
+expect_error 2 "--stage-ms: 3 times for 4 stages" -- "$bin" inspect --model "$data/configs/deepseek-v4-flash" --load-format dummy --pp 4 --stage-ms 1,2,3
+expect_error 2 "--stage-ms: 'x' is not a number" -- "$bin" inspect --model "$data/configs/deepseek-v4-flash" --load-format dummy --pp 2 --stage-ms 1,x
+expect_error 2 "--stage-ms needs --pp" -- "$bin" inspect --model "$data/configs/deepseek-v4-flash" --load-format dummy --stage-ms 1,2
+expect_error 2 "--pp-head-cost: used only by --pp-partition auto" -- "$bin" generate --device cpu --model "$data/tiny" --prompt-ids 1 --pp 2 --pp-head-cost 0.5
 expect_error 2 "covers 44 layers" -- "$bin" inspect --model "$data/configs/deepseek-v4-flash" --load-format dummy --pp 4 --pp-partition 11,11,11,11
 expect_error 2 "--trace: cannot write /nonexistent/t.json" -- "$bin" generate --device cpu --model "$data/tiny" --prompt-ids 1 --trace /nonexistent/t.json
 expect_error 2 "expected vllm, auto, or positive integers" -- "$bin" generate --device cpu --model "$data/tiny" --prompt-ids 1 --pp 2 --pp-partition balanced

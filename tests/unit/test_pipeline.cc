@@ -75,6 +75,31 @@ TEST(Topology, AutoPartitionBalancesTheCostModel) {
   EXPECT_LT(p4[3], 10);
 }
 
+// The head's cost fitted from stage times made with a known factor comes back; with it, auto
+// gives the last stage more layers as the head gets cheaper.
+TEST(Topology, FitHeadCostRecoversTheFactor) {
+  Config c = flash();
+  const CostModelOptions bytes{1, 8192, false};
+  const std::vector<int> part = vllm_partition(43, 4);
+  for (double k : {0.25, 1.0, 2.0}) {
+    CostModelOptions o = bytes;
+    o.head_cost = k;
+    std::vector<double> ms;
+    for (const StageCost& s : stage_costs(c, part, o)) ms.push_back(s.time * 3e-9);  // any a
+    auto fit = fit_head_cost(c, part, ms, bytes);
+    ASSERT_TRUE(fit.is_ok()) << fit.status().message();
+    EXPECT_NEAR(*fit, k, 1e-9 * k);
+  }
+  CostModelOptions cheap = bytes;
+  cheap.head_cost = 0.25;
+  EXPECT_GE(auto_partition(c, 4, cheap)[3], auto_partition(c, 4, bytes)[3]);
+  // What cannot be fitted is an error.
+  EXPECT_FALSE(fit_head_cost(c, part, {1, 1, 1}, bytes).is_ok());      // a time per stage
+  EXPECT_FALSE(fit_head_cost(c, {43}, {1}, bytes).is_ok());            // 2 stages at least
+  EXPECT_FALSE(fit_head_cost(c, part, {1, 1, -1, 1}, bytes).is_ok());  // positive times
+  EXPECT_FALSE(fit_head_cost(c, part, {9, 9, 9, 5}, bytes).is_ok());   // head no cost
+}
+
 TEST(Topology, LayerKindsCostDifferently) {
   Config c = flash();
   CostModelOptions o{1, 65536, false};
