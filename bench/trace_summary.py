@@ -6,6 +6,8 @@ kernels have finished), "receive" (waiting for the boundary tensor: on the NCCL 
 as the receiving stage sees it), "send", and "wait" (waiting for the previous stage's descriptor,
 or stage 0 for sampled tokens). The summary is over a window: from the start of step --from-step
 (default: the first step) to the end of the last span, so warm-up or prefill steps can be left out.
+With two stages or more it ends with the stages' compute medians as `--stage-ms` for
+`seekpipe inspect` (fitting the cost model's --pp-head-cost).
 
   python3 bench/trace_summary.py trace.json [--from-step N] [--json]
 """
@@ -82,6 +84,9 @@ def main():
         print(f"| {r['stage']} | {r['steps']} | {100 * r['busy']:.1f}% | {r['compute_median_ms']:.3f} |"
               f" {r['step_period_median_ms']:.3f} | {r['receive_median_ms']:.3f} |"
               f" {r['send_median_ms']:.3f} | {r['wait_median_ms']:.3f} |")
+    # The stage times `seekpipe inspect --stage-ms` fits the head's cost to (--pp-head-cost).
+    if len(s["stages"]) >= 2:
+        print("--stage-ms " + ",".join(f"{r['compute_median_ms']:.3f}" for r in s["stages"]))
 
 
 if __name__ == "__main__":
